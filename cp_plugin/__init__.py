@@ -1,0 +1,6 @@
+"""cp_plugin: exact context-parallel training of diffusion transformers."""
+
+from cp_plugin.config import ParallelConfig
+from cp_plugin.mesh import ParallelMesh
+
+__all__ = ["ParallelConfig", "ParallelMesh"]

@@ -1,0 +1,49 @@
+"""Context-parallel attention: Ulysses all-to-all inside, ring across, any factorisation of cp.
+
+Every function here takes and returns the diffusers dispatch layout ``(batch, seq, heads, head_dim)``
+with the sequence sharded over the CP group in ``cp_rank`` order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cp_plugin.attention.ulysses import heads_to_seq, seq_to_heads
+from cp_plugin.mesh import ParallelMesh
+
+
+def context_parallel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mesh: ParallelMesh,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Full-sequence softmax attention of local shards ``(B, S/cp, H, D)``, returned as local shards.
+
+    Ulysses turns the ``S/cp`` tokens of all heads into ``S/ring`` tokens of ``H/ulysses`` heads;
+    the ring then covers the remaining ``ring`` blocks of the sequence.
+    """
+    if mesh.ulysses_size > 1:
+        query, key, value = seq_to_heads(torch.stack((query, key, value)), mesh.ulysses_group).unbind(0)
+    if mesh.ring_size > 1:
+        from cp_plugin.attention.ring import ring_attention
+
+        out = ring_attention(
+            query,
+            key,
+            value,
+            group=mesh.ring_group,
+            scale=scale,
+            rotate_method=mesh.config.rotate_method,
+            convert_to_fp32=mesh.config.convert_to_fp32,
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+        ).transpose(1, 2)
+    if mesh.ulysses_size > 1:
+        out = heads_to_seq(out, mesh.ulysses_group)
+    return out

@@ -1,0 +1,138 @@
+"""The one description of a parallel layout: ``ParallelConfig``.
+
+Everything downstream (mesh, attention, reduction, adapters) reads the layout from here, so every
+setting is validated once, in one place, with an error that names the setting and a fix. It is a
+plain dataclass so Hydra can use it as a structured config (group ``parallel``) and a user can
+build it in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+ROTATE_METHODS = ("p2p", "allgather")
+
+
+def divisors(n: int) -> list[int]:
+    """Divisors of ``n``, used to suggest valid degrees in error messages."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def format_choices(values: list[int]) -> str:
+    """``[1, 2, 3, 6]`` -> ``"1, 2, 3 or 6"`` for error messages."""
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
+
+
+@dataclass
+class ParallelConfig:
+    """Context-parallel layout of a training run: ``world = dp_degree * ring_degree * ulysses_degree``.
+
+    Args:
+        ring_degree: ranks that pass KV blocks around a ring (memory per rank falls as 1/ring).
+        ulysses_degree: ranks that exchange heads for sequence with all-to-all (must divide the
+            attention head count).
+        convert_to_fp32: merge ring partial outputs and log-sum-exps in float32 (exact for
+            bf16/fp16 inputs).
+        rotate_method: how ring KV blocks travel: ``"p2p"`` (double-buffered point-to-point,
+            at most two KV blocks per rank) or ``"allgather"`` (all KV at once, for comparison).
+        dp_degree: data-parallel replicas; ``None`` means ``world_size // (ring * ulysses)``.
+    """
+
+    ring_degree: int = 1
+    ulysses_degree: int = 1
+    convert_to_fp32: bool = True
+    rotate_method: str = "p2p"
+    dp_degree: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ring_degree", "ulysses_degree", "dp_degree"):
+            value = getattr(self, name)
+            if value is None and name == "dp_degree":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1; use e.g. {name}=1 or {name}=2")
+        if self.rotate_method not in ROTATE_METHODS:
+            raise ValueError(
+                f"rotate_method={self.rotate_method!r} is not supported; use one of {', '.join(map(repr, ROTATE_METHODS))}"
+            )
+
+    @property
+    def cp_degree(self) -> int:
+        """Ranks that share one sequence (ring x ulysses)."""
+        return self.ring_degree * self.ulysses_degree
+
+    def resolve(self, world_size: int) -> ParallelConfig:
+        """Return a copy with ``dp_degree`` filled in, or raise if the layout cannot fill ``world_size``."""
+        cp = self.cp_degree
+        if world_size % cp != 0:
+            raise ValueError(
+                f"ring_degree={self.ring_degree} x ulysses_degree={self.ulysses_degree} = {cp} does not divide "
+                f"world_size={world_size}; use degrees whose product is {format_choices(divisors(world_size))}, "
+                f"or launch a multiple of {cp} processes (e.g. devices={cp})"
+            )
+        dp = world_size // cp
+        if self.dp_degree is not None and self.dp_degree != dp:
+            raise ValueError(
+                f"dp_degree={self.dp_degree} x ring_degree={self.ring_degree} x ulysses_degree={self.ulysses_degree} "
+                f"= {self.dp_degree * cp} != world_size={world_size}; use dp_degree={dp} or dp_degree=null "
+                f"(derived), or launch {self.dp_degree * cp} processes"
+            )
+        return replace(self, dp_degree=dp)
+
+    def to_diffusers(self) -> Any:
+        """The equivalent ``diffusers.ParallelConfig`` (context parallelism only).
+
+        diffusers only knows ``rotate_method="allgather"``; the rotate method is ours to honour
+        (cp_plugin's attention backend runs the ring), so it is not passed on.
+        """
+        from diffusers import ContextParallelConfig
+        from diffusers import ParallelConfig as DiffusersParallelConfig
+
+        if self.cp_degree == 1:
+            raise ValueError(
+                "to_diffusers() needs context parallelism: ring_degree=1 and ulysses_degree=1 describe plain data "
+                "parallelism; set ring_degree or ulysses_degree > 1"
+            )
+        return DiffusersParallelConfig(
+            context_parallel_config=ContextParallelConfig(
+                ring_degree=self.ring_degree,
+                ulysses_degree=self.ulysses_degree,
+                convert_to_fp32=self.convert_to_fp32,
+            )
+        )
+
+    @classmethod
+    def from_any(cls, config: Any) -> ParallelConfig:
+        """Accept our config, a diffusers ``ParallelConfig``/``ContextParallelConfig``, a mapping or ``None``."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            return cls(**config)
+        cp_config = getattr(config, "context_parallel_config", config)
+        if cp_config is None or not hasattr(cp_config, "ring_degree"):
+            raise TypeError(
+                f"parallel_config of type {type(config).__name__} is not understood; pass cp_plugin.ParallelConfig, "
+                "diffusers.ParallelConfig(context_parallel_config=...) or diffusers.ContextParallelConfig"
+            )
+        if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
+            raise ValueError(
+                "ulysses_anything/ring_anything are not supported by cp_plugin; leave them False and use a "
+                "sequence length divisible by ring_degree * ulysses_degree"
+            )
+        return cls(
+            ring_degree=cp_config.ring_degree or 1,
+            ulysses_degree=cp_config.ulysses_degree or 1,
+            convert_to_fp32=cp_config.convert_to_fp32,
+            rotate_method=cp_config.rotate_method,
+        )
+
+
+def register_configs() -> None:
+    """Register ``ParallelConfig`` as the Hydra structured-config schema of group ``parallel``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="parallel", name="schema", node=ParallelConfig)

@@ -1,0 +1,110 @@
+"""``ParallelMesh``: the device mesh of a run and everything derived from it, on one screen.
+
+Layout ``("dp", "ring", "ulysses")`` with context parallelism innermost, so the ranks that share a
+sequence are neighbours (one node, fastest links), and Ulysses innermost of all, because its
+all-to-all moves the most bytes. The flattened ``"cp"`` dimension is the group that splits one
+sequence; diffusers' hooks shard and gather over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from cp_plugin.config import ParallelConfig
+
+MESH_DIMS = ("dp", "ring", "ulysses")
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """A built mesh plus the resolved config it came from (``config.dp_degree`` is set).
+
+    ``cp_mesh`` is the flattened ``("ring", "ulysses")`` mesh, kept here because torch deprecates
+    slicing a flattened dimension back out of the root mesh.
+    """
+
+    config: ParallelConfig
+    device_mesh: DeviceMesh
+    cp_mesh: DeviceMesh
+
+    @classmethod
+    def build(cls, config: ParallelConfig, device_type: str) -> ParallelMesh:
+        """Build the mesh over the default process group (which must exist)."""
+        resolved = config.resolve(dist.get_world_size())
+        mesh = init_device_mesh(
+            device_type,
+            (resolved.dp_degree, resolved.ring_degree, resolved.ulysses_degree),
+            mesh_dim_names=MESH_DIMS,
+        )
+        return cls(resolved, mesh, mesh["ring", "ulysses"]._flatten("cp"))
+
+    # sizes -----------------------------------------------------------------------------------
+    @property
+    def dp_size(self) -> int:
+        return self.config.dp_degree
+
+    @property
+    def cp_size(self) -> int:
+        return self.config.cp_degree
+
+    @property
+    def ring_size(self) -> int:
+        return self.config.ring_degree
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.config.ulysses_degree
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp_size > 1
+
+    # ranks -----------------------------------------------------------------------------------
+    @cached_property
+    def dp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("dp")
+
+    @cached_property
+    def cp_rank(self) -> int:
+        """Position of this rank's shard in the sequence: ``ring_rank * ulysses_size + ulysses_rank``."""
+        return self.cp_mesh.get_local_rank()
+
+    @cached_property
+    def ring_rank(self) -> int:
+        return self.device_mesh.get_local_rank("ring")
+
+    @cached_property
+    def ulysses_rank(self) -> int:
+        return self.device_mesh.get_local_rank("ulysses")
+
+    # groups ----------------------------------------------------------------------------------
+    @cached_property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("dp")
+
+    @cached_property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.cp_mesh.get_group()
+
+    @cached_property
+    def ring_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("ring")
+
+    @cached_property
+    def ulysses_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("ulysses")
+
+    # derived settings ------------------------------------------------------------------------
+    @property
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """``DistributedSampler`` arguments: every rank of a CP group must read the same samples."""
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
+
+    def seed(self, base_seed: int) -> int:
+        """Per-rank RNG seed: equal inside a CP group (same noise for one sequence), distinct across dp."""
+        return base_seed + self.dp_rank
