@@ -1,0 +1,82 @@
+"""Route diffusers' attention calls to cp_plugin inside a context-parallel model.
+
+diffusers' attention processors call ``dispatch_attention_fn(..., parallel_config=processor._parallel_config)``,
+which looks the active backend up in ``_AttentionBackendRegistry`` and passes the config on. We
+give CP models a :class:`RoutedParallelConfig` (a diffusers ``ParallelConfig`` that also carries our
+mesh) and wrap each registered backend once: a call carrying a routed config runs
+:func:`cp_plugin.attention.context_parallel_attention` (true ring, any device); every other call
+goes to the backend unchanged, so models outside cp_plugin and diffusers' own CP keep working.
+This is the one place that touches diffusers' dispatch; models stay untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+from cp_plugin.attention import context_parallel_attention
+from cp_plugin.mesh import ParallelMesh
+
+
+@dataclass
+class RoutedParallelConfig(diffusers.ParallelConfig):
+    """diffusers' ``ParallelConfig`` plus the cp_plugin mesh whose attention replaces the backend's."""
+
+    cp_mesh: ParallelMesh | None = None
+
+
+def _routed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mesh: ParallelMesh,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """Check what context-parallel attention supports, then run it."""
+    unsupported = {
+        "attn_mask": attn_mask is not None,
+        "dropout_p": dropout_p != 0.0,
+        "is_causal": is_causal,
+        "enable_gqa": enable_gqa or key.shape[2] != query.shape[2],
+        "return_lse": return_lse,
+    }
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(
+            f"context-parallel attention got {', '.join(bad)} set; cp_plugin's attention supports full "
+            "non-causal attention without dropout, masks or grouped KV heads. Call the model without them or "
+            "train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
+        )
+    return context_parallel_attention(query, key, value, mesh, scale=scale)
+
+
+def _route(backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(backend_fn)
+    def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        config = kwargs.get("_parallel_config")
+        if isinstance(config, RoutedParallelConfig):
+            return _routed_attention(*args, mesh=config.cp_mesh, **kwargs)
+        return backend_fn(*args, **kwargs)
+
+    routed.cp_plugin_routed = True
+    return routed
+
+
+def install_attention_routing() -> None:
+    """Wrap every registered diffusers attention backend once (idempotent)."""
+    backends = _AttentionBackendRegistry._backends
+    for name, fn in list(backends.items()):
+        if not getattr(fn, "cp_plugin_routed", False):
+            backends[name] = _route(fn)

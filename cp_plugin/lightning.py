@@ -1,0 +1,239 @@
+"""``ContextParallelStrategy``: Lightning's DDP strategy, plus a context-parallel mesh and model hooks.
+
+Everything Lightning already does well (launching, process groups, DDP's bucketed all-reduce,
+gradient accumulation and clipping, precision, checkpoints written by rank 0) is inherited from
+``DDPStrategy``. This adapter adds only what context parallelism changes:
+
+- the ``("dp", "ring", "ulysses")`` mesh, validated against the world size before any collective;
+- diffusers models made context parallel during ``setup`` (``cp_plugin.model``);
+- samplers over dp ranks only and RNG streams equal inside a CP group, so every rank of a group
+  sees the same samples and draws the same noise;
+- optional batch sharding after transfer and a cheap per-step check that a CP group's ranks hold
+  the same batch.
+
+Gradients need no special reduction: the collectives' backwards are exact adjoints
+(``cp_plugin.sequence``), so DDP's mean over all ranks gives the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.distributed.device_mesh import DeviceMesh
+
+from cp_plugin.config import ParallelConfig
+from cp_plugin.mesh import ParallelMesh
+from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
+
+
+class ContextParallelStrategy(DDPStrategy):
+    """Train a diffusers DiT with context parallelism (Ulysses, ring, or both) times data parallelism.
+
+    Args:
+        parallel_config: the layout: ``cp_plugin.ParallelConfig``, a diffusers ``ParallelConfig`` or
+            ``ContextParallelConfig``, or a dict. Keyword degrees below override its fields.
+        cp_plan: ``{attribute path: plan}`` to supply or override diffusers ``_cp_plan`` s, e.g.
+            ``{"transformer": {...}}``. By default every diffusers model with a ``_cp_plan`` is used.
+        shard_batch: ``{batch key: sequence dim}``: shard these entries of each (dict) batch after
+            transfer, so no rank holds the full sequence. The models then receive
+            ``presharded_inputs`` already sharded and, unless ``gather_outputs=True``, return local
+            shards: take the loss on local tokens, or ``strategy.gather`` what you need.
+        presharded_inputs: model forward arguments that arrive sharded when ``shard_batch`` is set.
+        gather_outputs: gather model outputs over the CP group (default: unless ``shard_batch``).
+        check_batches: compare a fingerprint of each batch across the CP group (one tiny
+            all-gather per step) and raise if ranks of a group were fed different data.
+        Remaining arguments are ``DDPStrategy`` 's (accelerator, parallel_devices,
+        cluster_environment, checkpoint_io, precision_plugin, process_group_backend, timeout,
+        start_method, DDP keyword arguments).
+    """
+
+    strategy_name = "context_parallel"
+
+    def __init__(
+        self,
+        parallel_config: Any = None,
+        *,
+        ring_degree: int | None = None,
+        ulysses_degree: int | None = None,
+        dp_degree: int | None = None,
+        rotate_method: str | None = None,
+        convert_to_fp32: bool | None = None,
+        cp_plan: Mapping[str, Plan] | None = None,
+        shard_batch: Mapping[str, int] | None = None,
+        presharded_inputs: Sequence[str] = ("hidden_states",),
+        gather_outputs: bool | None = None,
+        check_batches: bool = True,
+        timeout: timedelta | None = default_pg_timeout,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(timeout=timeout, **kwargs)
+        overrides = {
+            "ring_degree": ring_degree,
+            "ulysses_degree": ulysses_degree,
+            "dp_degree": dp_degree,
+            "rotate_method": rotate_method,
+            "convert_to_fp32": convert_to_fp32,
+        }
+        base = ParallelConfig.from_any(parallel_config)
+        self.parallel_config = ParallelConfig(**{**vars(base), **{k: v for k, v in overrides.items() if v is not None}})
+        self.cp_plan = cp_plan
+        self.shard_batch_dims = dict(shard_batch) if shard_batch else None
+        self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
+        self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
+        self.check_batches = check_batches
+        self._mesh: ParallelMesh | None = None
+        self._hooked: torch.nn.Module | None = None
+
+    # layout ----------------------------------------------------------------------------------
+    @property
+    def parallel_mesh(self) -> ParallelMesh:
+        if self._mesh is None:
+            raise RuntimeError("the context-parallel mesh exists once the Trainer has set up the strategy")
+        return self._mesh
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """torch ``DeviceMesh`` with dims ``("dp", "ring", "ulysses")``; ``parallel_mesh.cp_mesh`` is ``"cp"``."""
+        return self.parallel_mesh.device_mesh
+
+    @property
+    def dp_rank(self) -> int:
+        return self.parallel_mesh.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.parallel_mesh.dp_size
+
+    @property
+    def cp_rank(self) -> int:
+        return self.parallel_mesh.cp_rank
+
+    @property
+    def cp_size(self) -> int:
+        return self.parallel_mesh.cp_size
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return self.parallel_mesh.sampler_kwargs
+
+    # sequence tensors ------------------------------------------------------------------------
+    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of a full-sequence tensor (same on every CP rank) along ``dim``."""
+        return local_shard(tensor, dim, self.parallel_mesh)
+
+    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
+        return gather_sequence(tensor, dim, self.parallel_mesh)
+
+    # Lightning hooks -------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        # Validate the layout against the world size before the process group exists, so every
+        # rank raises the same error and none waits in a collective.
+        self.parallel_config.resolve(self.num_nodes * self.num_processes)
+        super().setup_environment()
+        self._mesh = ParallelMesh.build(self.parallel_config, self.root_device.type)
+        self._seed_rng()
+
+    def setup(self, trainer: Any) -> None:
+        if self.parallel_mesh.cp_enabled and self._hooked is not self.model:
+            apply_context_parallel(
+                self.model,
+                self.parallel_mesh,
+                cp_plan=self.cp_plan,
+                presharded_inputs=self.presharded_inputs,
+                gather_outputs=self.gather_outputs,
+            )
+            self._hooked = self.model
+        super().setup(trainer)
+
+    def _register_ddp_hooks(self) -> None:
+        # DDP comm hooks work with gloo too; Lightning only registers them on CUDA.
+        if self._ddp_comm_hook is not None or self.root_device.type == "cuda":
+            super()._register_ddp_hooks()
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # Lightning seeds data workers by *global* rank; a CP group must draw the same augmentations.
+        if int(os.environ.get("PL_SEED_WORKERS", 0)) and getattr(dataloader, "worker_init_fn", 0) is None:
+            dataloader.worker_init_fn = partial(pl_worker_init_function, rank=self.dp_rank)
+        return dataloader
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        if not self.parallel_mesh.cp_enabled:
+            return batch
+        if self.check_batches:
+            self._check_batch_consistency(batch)
+        if self.shard_batch_dims:
+            batch = shard_batch(batch, self.shard_batch_dims, self.parallel_mesh)
+        return batch
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Context parallelism (Ulysses/ring) x data parallelism for DiTs"
+        )
+        strategy_registry.register(
+            f"{cls.strategy_name}_spawn",
+            cls,
+            description="Context parallelism, processes started with torch.multiprocessing spawn",
+            start_method="spawn",
+        )
+
+    # helpers ---------------------------------------------------------------------------------
+    def _seed_rng(self) -> None:
+        """Seed torch, numpy and random with ``base + dp_rank``: equal in a CP group, distinct across dp."""
+        if "PL_GLOBAL_SEED" in os.environ:
+            base = int(os.environ["PL_GLOBAL_SEED"])
+        else:
+            rank_zero_warn("no seed set (lightning.seed_everything); ContextParallelStrategy draws one on rank 0")
+            seed = torch.randint(0, 2**31 - 1, (1,), device=self.root_device)
+            dist.broadcast(seed, src=0)
+            base = int(seed.item())
+        seed = self.parallel_mesh.seed(base)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _check_batch_consistency(self, batch: Any) -> None:
+        """All-gather a 4-number fingerprint of the batch over the CP group; raise if ranks differ."""
+        tensors: list[torch.Tensor] = []
+        apply_to_collection(batch, torch.Tensor, tensors.append)
+        fingerprint = torch.tensor(
+            [
+                len(tensors),
+                sum(sum((i + 1) * s for i, s in enumerate(t.shape)) for t in tensors),
+                sum(float(t.double().sum()) for t in tensors),
+                sum(float(t.double().abs().sum()) for t in tensors),
+            ],
+            dtype=torch.float64,
+            device=self.root_device,
+        )
+        mesh = self.parallel_mesh
+        everyone = torch.empty(mesh.cp_size * fingerprint.numel(), dtype=torch.float64, device=self.root_device)
+        dist.all_gather_into_tensor(everyone, fingerprint, group=mesh.cp_group)
+        everyone = everyone.view(mesh.cp_size, -1)
+        if not torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=1e-9, atol=0.0):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(
+                f"the ranks of context-parallel group {dist.get_process_group_ranks(mesh.cp_group)} received different "
+                f"batches (this rank {dist.get_rank()}: shapes {shapes}); every rank of a CP group must read the same "
+                "samples: let the strategy build the DistributedSampler (it samples over dp ranks only) and do not "
+                "seed data augmentation by global rank"
+            )
+
+
+ContextParallelStrategy.register_strategies(StrategyRegistry)

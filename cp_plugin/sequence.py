@@ -1,0 +1,52 @@
+"""Split and gather sequence tensors over the context-parallel group, with exact adjoints.
+
+Exactness rests on one rule: every collective's backward is its true adjoint. Taking a shard of a
+tensor every CP rank holds is a slice (backward: the gradient in place, zeros elsewhere); gathering
+shards is an all-gather whose adjoint is a *reduce-scatter* (sum of every rank's gradient for that
+shard), not "keep my own slice" as diffusers' inference gather does. With exact adjoints each rank's
+gradient is its share of the gradient of the mean of the per-rank losses, so a plain average over
+all ranks (DDP) is right whether the loss is taken on gathered outputs, on local tokens, or mixes
+both, and parameters used after the gather (loss heads) are right too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+from cp_plugin.mesh import ParallelMesh
+
+
+def local_shard(tensor: torch.Tensor, dim: int, mesh: ParallelMesh, *, name: str = "tensor") -> torch.Tensor:
+    """This rank's contiguous ``1/cp`` slice of ``tensor`` along ``dim`` (a view)."""
+    length = tensor.size(dim)
+    if length % mesh.cp_size:
+        raise ValueError(
+            f"sequence length {length} of {name} (dim {dim}, shape {tuple(tensor.shape)}) is not divisible by the "
+            f"context-parallel size {mesh.cp_size} (ring_degree x ulysses_degree); use a length that is a multiple "
+            f"of {mesh.cp_size} (e.g. {length + mesh.cp_size - length % mesh.cp_size})"
+        )
+    return tensor.chunk(mesh.cp_size, dim)[mesh.cp_rank]
+
+
+def gather_sequence(tensor: torch.Tensor, dim: int, mesh: ParallelMesh) -> torch.Tensor:
+    """Concatenate every CP rank's shard along ``dim``; the backward reduce-scatters (sums) gradients."""
+    gathered = funcol.all_gather_single_autograd(tensor.contiguous(), dim, mesh.cp_group)
+    return funcol.wait_tensor(gathered)
+
+
+def shard_batch(batch: Any, dims: Mapping[str, int], mesh: ParallelMesh) -> Any:
+    """Shard the named entries of a dict batch along their sequence dims; other entries pass through."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"shard_batch={dict(dims)} needs batches that are dicts of tensors, got {type(batch).__name__}; "
+            "return a dict from your dataset/collate_fn or drop shard_batch"
+        )
+    missing = [key for key in dims if key not in batch]
+    if missing:
+        raise KeyError(f"shard_batch names {missing}, which are not in the batch (keys: {sorted(batch)})")
+    return {key: local_shard(value, dims[key], mesh, name=f"batch['{key}']") if key in dims else value
+            for key, value in batch.items()}

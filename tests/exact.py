@@ -1,0 +1,176 @@
+"""Shared pieces of the exactness tests: data, a single-process LightningModule, and the reference.
+
+The LightningModule is written as a user would write it for one process: it calls the model on
+the full sequence and takes a flow-matching loss on the full output. The data carries each
+sample's noise and timestep, so a single-process reference can reproduce any layout's global
+batches exactly; the reference trains on the batches Lightning's DistributedSampler gives the
+dp ranks, concatenated in rank order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+from cp_plugin.recipes.models import tiny_flux, tiny_wan
+
+TEXT_TOKENS = 8
+TEXT_DIM = 32
+LATENT_SHAPES = {"flux": (64, 16), "wan": (4, 4, 8, 8)}  # flux: (tokens, channels); wan: (C, F, H, W)
+
+
+class SyntheticFlowData(Dataset):
+    """Seeded latents, text embeddings, and each sample's own noise and timestep."""
+
+    def __init__(self, kind: str, size: int = 16, seed: int = 1234, seq_tokens: int | None = None) -> None:
+        shape = LATENT_SHAPES[kind]
+        if seq_tokens is not None:
+            shape = (seq_tokens, shape[1])
+        g = torch.Generator().manual_seed(seed)
+        self.latents = torch.randn(size, *shape, generator=g)
+        self.noise = torch.randn(size, *shape, generator=g)
+        self.text = torch.randn(size, TEXT_TOKENS, TEXT_DIM, generator=g)
+        self.t = torch.rand(size, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"latents": self.latents[i], "noise": self.noise[i], "text": self.text[i], "t": self.t[i]}
+
+
+def flux_ids(tokens: int) -> torch.Tensor:
+    """Flux position ids of a square latent grid: rows ``(0, y, x)``."""
+    side = int(tokens**0.5)
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([torch.zeros_like(y), y, x], -1).reshape(-1, 3).float()
+
+
+class FlowMatchingModule(L.LightningModule):
+    """Rectified-flow training of a tiny DiT, written for one process."""
+
+    def __init__(self, kind: str = "flux", optimizer: str = "adamw", lr: float = 3e-4) -> None:
+        super().__init__()
+        self.kind, self.optimizer_name, self.lr = kind, optimizer, lr
+        self.transformer = tiny_flux() if kind == "flux" else tiny_wan()
+        self.step_losses: list[float] = []
+        self.logged_losses: list[float] = []
+        self.first_grads: dict[str, torch.Tensor] | None = None
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x0, noise, t = batch["latents"], batch["noise"], batch["t"]
+        t_b = t.view(-1, *([1] * (x0.dim() - 1)))
+        noisy = (1 - t_b) * x0 + t_b * noise
+        if self.kind == "flux":
+            pred = self.transformer(
+                hidden_states=noisy,
+                encoder_hidden_states=batch["text"],
+                pooled_projections=batch["text"].mean(1),
+                timestep=t,
+                img_ids=flux_ids(x0.shape[1]),
+                txt_ids=torch.zeros(TEXT_TOKENS, 3),
+            ).sample
+        else:
+            pred = self.transformer(noisy, t * 1000, batch["text"]).sample
+        return F.mse_loss(pred, noise - x0)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.step_losses.append(loss.item())
+        self.log("loss", loss, sync_dist=True, on_step=True, prog_bar=False)
+        return loss
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.logged_losses.append(float(self.trainer.callback_metrics["loss"]))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.first_grads is None:
+            self.first_grads = {n: p.grad.detach().clone() for n, p in self.transformer.named_parameters()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            # SGD exposes any error in gradient scale (AdamW normalises it away).
+            return torch.optim.SGD(self.parameters(), lr=30 * self.lr)
+        # Adam divides by sqrt(v) + eps: with eps=1e-8 a gradient entry of 4e-8 turns its fp32 rounding
+        # (1e-7 of the largest entry) into a 5% different step; eps=1e-6 and a small lr keep it below 1e-5.
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, eps=1e-6, weight_decay=0.01)
+
+
+def global_batches(dataset: Dataset, dp: int, per_rank: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The global batch of each step: every dp rank's DistributedSampler batch, concatenated by rank."""
+    orders = [list(DistributedSampler(dataset, num_replicas=dp, rank=r, shuffle=True, seed=seed)) for r in range(dp)]
+    return [
+        default_collate([dataset[i] for r in range(dp) for i in orders[r][k * per_rank : (k + 1) * per_rank]])
+        for k in range(steps)
+    ]
+
+
+def reference_run(
+    kind: str, optimizer: str, dp: int, per_rank: int, steps: int, clip: float | None = None, **data_kwargs: Any
+) -> dict[str, Any]:
+    """Train one process on the same global batches a ``dp``-way run sees; return losses, grads, weights."""
+    module = FlowMatchingModule(kind, optimizer)
+    opt = module.configure_optimizers()
+    losses, first_grads = [], None
+    for batch in global_batches(SyntheticFlowData(kind, **data_kwargs), dp, per_rank, steps):
+        loss = module.loss(batch)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+        if first_grads is None:
+            first_grads = {n: p.grad.detach().clone() for n, p in module.transformer.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "grads": first_grads, "state": module.transformer.state_dict()}
+
+
+def lightning_run(
+    kind: str,
+    optimizer: str,
+    strategy_kwargs: dict[str, Any],
+    per_rank: int,
+    steps: int,
+    trainer_kwargs: dict[str, Any] | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rank body: fit ``FlowMatchingModule`` under ``ContextParallelStrategy`` on torchrun's environment."""
+    from cp_plugin import ContextParallelStrategy
+
+    world = int(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 0) or int(
+        __import__("os").environ["WORLD_SIZE"]
+    )
+    module = FlowMatchingModule(kind, optimizer)
+    loader = DataLoader(SyntheticFlowData(kind, **(data_kwargs or {})), batch_size=per_rank, shuffle=True)
+    strategy = ContextParallelStrategy(**strategy_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **(trainer_kwargs or {}),
+    )
+    trainer.fit(module, loader)
+    return {
+        "losses": module.step_losses,
+        "logged": module.logged_losses,
+        "grads": module.first_grads,
+        "state": module.transformer.state_dict(),
+        "dp_rank": strategy.dp_rank,
+        "cp_rank": strategy.cp_rank,
+    }
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """Max abs difference relative to the max abs expected value (robust for tiny entries)."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = float((actual - expected).abs().max() / scale)
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
