@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from cp_plugin.comm import count_backward, count_sent
 from cp_plugin.mesh import ParallelMesh
 
 
@@ -34,8 +35,9 @@ def local_shard(tensor: torch.Tensor, dim: int, mesh: ParallelMesh, *, name: str
 
 def gather_sequence(tensor: torch.Tensor, dim: int, mesh: ParallelMesh) -> torch.Tensor:
     """Concatenate every CP rank's shard along ``dim``; the backward reduce-scatters (sums) gradients."""
-    gathered = funcol.all_gather_single_autograd(tensor.contiguous(), dim, mesh.cp_group)
-    return funcol.wait_tensor(gathered)
+    count_sent("all_gather", tensor.nbytes * (mesh.cp_size - 1))
+    gathered = funcol.wait_tensor(funcol.all_gather_single_autograd(tensor.contiguous(), dim, mesh.cp_group))
+    return count_backward(gathered, "all_gather", (mesh.cp_size - 1) / mesh.cp_size)
 
 
 def shard_batch(batch: Any, dims: Mapping[str, int], mesh: ParallelMesh) -> Any:

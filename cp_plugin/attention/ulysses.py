@@ -12,10 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from cp_plugin.comm import count_backward, count_sent
+
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Differentiable all-to-all of equal chunks along dim 0 (chunk ``j`` goes to rank ``j``)."""
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x, None, None, group))
+    kept = 1 / dist.get_world_size(group)  # the chunk addressed to ourselves never leaves
+    count_sent("all_to_all", int(x.nbytes * (1 - kept)))
+    out = funcol.wait_tensor(funcol.all_to_all_single_autograd(x, None, None, group))
+    return count_backward(out, "all_to_all", 1 - kept)
 
 
 def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
