@@ -9,6 +9,7 @@ dp ranks, concatenated in rank order.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -101,31 +102,57 @@ class FlowMatchingModule(L.LightningModule):
 
 
 def global_batches(dataset: Dataset, dp: int, per_rank: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
-    """The global batch of each step: every dp rank's DistributedSampler batch, concatenated by rank."""
-    orders = [list(DistributedSampler(dataset, num_replicas=dp, rank=r, shuffle=True, seed=seed)) for r in range(dp)]
-    return [
-        default_collate([dataset[i] for r in range(dp) for i in orders[r][k * per_rank : (k + 1) * per_rank]])
-        for k in range(steps)
-    ]
+    """The global batch of each step: every dp rank's DistributedSampler batch, concatenated by rank.
+
+    Follows Lightning across epoch boundaries (``set_epoch`` reshuffles; the last partial batch is kept).
+    """
+    samplers = [DistributedSampler(dataset, num_replicas=dp, rank=r, shuffle=True, seed=seed) for r in range(dp)]
+    batches: list[dict[str, Any]] = []
+    epoch = 0
+    while len(batches) < steps:
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        orders = [list(sampler) for sampler in samplers]
+        for k in range(0, len(orders[0]), per_rank):
+            batches.append(default_collate([dataset[i] for order in orders for i in order[k : k + per_rank]]))
+        epoch += 1
+    return batches[:steps]
 
 
 def reference_run(
-    kind: str, optimizer: str, dp: int, per_rank: int, steps: int, clip: float | None = None, **data_kwargs: Any
+    kind: str,
+    optimizer: str,
+    dp: int,
+    per_rank: int,
+    steps: int,
+    *,
+    clip: float | None = None,
+    accumulate: int = 1,
+    bf16: bool = False,
+    data_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one process on the same global batches a ``dp``-way run sees; return losses, grads, weights."""
+    """Train one process on the global batches a ``dp``-way run sees; return losses, grads, weights.
+
+    Mirrors Lightning's order: accumulate ``loss / accumulate``, record gradients (as
+    ``on_before_optimizer_step`` does), clip by norm, step.
+    """
     module = FlowMatchingModule(kind, optimizer)
     opt = module.configure_optimizers()
     losses, first_grads = [], None
-    for batch in global_batches(SyntheticFlowData(kind, **data_kwargs), dp, per_rank, steps):
-        loss = module.loss(batch)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+    batches = global_batches(SyntheticFlowData(kind, **(data_kwargs or {})), dp, per_rank, steps * accumulate)
+    for i, batch in enumerate(batches):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.loss(batch)
+        (loss / accumulate).backward()
+        losses.append(loss.item())
+        if (i + 1) % accumulate:
+            continue
         if first_grads is None:
             first_grads = {n: p.grad.detach().clone() for n, p in module.transformer.named_parameters()}
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
     return {"losses": losses, "grads": first_grads, "state": module.transformer.state_dict()}
 
 
@@ -141,15 +168,12 @@ def lightning_run(
     """Rank body: fit ``FlowMatchingModule`` under ``ContextParallelStrategy`` on torchrun's environment."""
     from cp_plugin import ContextParallelStrategy
 
-    world = int(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 0) or int(
-        __import__("os").environ["WORLD_SIZE"]
-    )
     module = FlowMatchingModule(kind, optimizer)
     loader = DataLoader(SyntheticFlowData(kind, **(data_kwargs or {})), batch_size=per_rank, shuffle=True)
     strategy = ContextParallelStrategy(**strategy_kwargs)
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=world,
+        devices=int(os.environ["LOCAL_WORLD_SIZE"]),  # Lightning deletes WORLD_SIZE at teardown
         strategy=strategy,
         max_steps=steps,
         logger=False,
@@ -167,6 +191,11 @@ def lightning_run(
         "dp_rank": strategy.dp_rank,
         "cp_rank": strategy.cp_rank,
     }
+
+
+def lightning_runs(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several ``lightning_run`` s in one launch (processes and the process group are reused)."""
+    return [lightning_run(**case) for case in cases]
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
