@@ -56,27 +56,37 @@ TWO_RANKS = [
     case("wan", ulysses_degree=2),
     case("flux", "sgd", ulysses_degree=2, trainer_kwargs={"gradient_clip_val": 0.05, "accumulate_grad_batches": 2}),
     case("flux", "sgd", ulysses_degree=2, trainer_kwargs={"precision": "bf16-mixed"}),
+    case("flux", ring_degree=2),
+    case("wan", ring_degree=2),
+    case("flux", "sgd", ring_degree=2, rotate_method="allgather"),
 ]
 FOUR_RANKS = [
     case("flux", ulysses_degree=2),  # dp 2 x ulysses 2
     case("wan", ulysses_degree=2),
     case("flux", "sgd", ulysses_degree=2),
     case("wan", ulysses_degree=4),
+    case("flux", ring_degree=2),  # dp 2 x ring 2
+    case("wan", "sgd", ring_degree=2),
+    case("flux", ring_degree=2, ulysses_degree=2),
+    case("wan", ring_degree=2, ulysses_degree=2),
+    case("flux", "sgd", ring_degree=4),
 ]
 
 
 @pytest.mark.timeout(300)
-def test_ulysses_two_ranks_matches_one_process() -> None:
+def test_two_ranks_match_one_process() -> None:
     results = run_distributed(lightning_runs, 2, TWO_RANKS, init_process_group=False)
     check_against_reference([r[0] for r in results], TWO_RANKS[0])
     check_against_reference([r[1] for r in results], TWO_RANKS[1])
     check_against_reference([r[2] for r in results], TWO_RANKS[2], clip=0.05, accumulate=2)
     # bf16 autocast: attention and matmuls round differently when the sequence is split.
     check_against_reference([r[3] for r in results], TWO_RANKS[3], rtol=BF16_RTOL, bf16=True)
+    for i in range(4, len(TWO_RANKS)):
+        check_against_reference([r[i] for r in results], TWO_RANKS[i])
 
 
 @pytest.mark.timeout(300)
-def test_dp_times_ulysses_four_ranks_matches_one_process() -> None:
+def test_four_ranks_match_one_process() -> None:
     results = run_distributed(lightning_runs, 4, FOUR_RANKS, init_process_group=False)
     for i, spec in enumerate(FOUR_RANKS):
         check_against_reference([r[i] for r in results], spec)

@@ -1,0 +1,202 @@
+"""One benchmark rank, launched by ``torchrun`` (so you can rerun it unchanged on your own cluster).
+
+For every sequence length and layout it builds the same seeded wide-ish Flux DiT, runs a
+forward+backward step on the same global tokens and records, per rank: step time (median of
+repeats, every step bounded by barriers so it is the slowest rank's), bytes of saved activations,
+bytes sent at cp_plugin's collectives, and the error of outputs and gradients against the
+single-process reference (written by the ``single`` layout, which must run first, on one process).
+
+    torchrun --nproc-per-node 2 -m benchmarks.worker --layouts ulysses ring_p2p --seq 1024 4096 --out raw.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from benchmarks.measure import count_saved_activations, time_steps
+from cp_plugin import ParallelConfig, ParallelMesh
+from cp_plugin.comm import COMM_STATS
+from cp_plugin.model import apply_context_parallel
+from cp_plugin.recipes.models import tiny_flux
+
+WIDE_FLUX = {"num_attention_heads": 4, "attention_head_dim": 64, "in_channels": 64, "joint_attention_dim": 64,
+             "pooled_projection_dim": 64, "axes_dims_rope": (16, 24, 24)}
+TEXT_TOKENS = 64
+PRESHARDED = ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one sequence is split: cp_plugin (ring x ulysses, rotate method) or diffusers' own hooks."""
+
+    name: str
+    ring: int
+    ulysses: int
+    rotate_method: str = "p2p"
+    diffusers: bool = False
+
+
+def layouts_for(world: int) -> dict[str, Layout]:
+    half = max(world // 2, 1)
+    return {
+        "single": Layout("single", 1, 1),
+        "ulysses": Layout("ulysses", 1, world),
+        "ring_p2p": Layout("ring_p2p", world, 1, "p2p"),
+        "ring_allgather": Layout("ring_allgather", world, 1, "allgather"),
+        "ring_x_ulysses": Layout("ring_x_ulysses", 2, half),
+        "diffusers_ulysses": Layout("diffusers_ulysses", 1, world, diffusers=True),
+        "diffusers_ring": Layout("diffusers_ring", world, 1, diffusers=True),
+    }
+
+
+def flux_inputs(seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full-sequence inputs and target, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(seq**0.5)
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    text = torch.randn(1, TEXT_TOKENS, WIDE_FLUX["joint_attention_dim"], generator=g)
+    return {
+        "hidden_states": torch.randn(1, seq, WIDE_FLUX["in_channels"], generator=g),
+        "encoder_hidden_states": text,
+        "pooled_projections": text.mean(1),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.stack([torch.zeros_like(y), y, x], -1).reshape(-1, 3).float(),
+        "txt_ids": torch.zeros(TEXT_TOKENS, 3),
+        "target": torch.randn(1, seq, WIDE_FLUX["in_channels"], generator=g),
+    }
+
+
+def shard_inputs(inputs: dict[str, torch.Tensor], mesh: ParallelMesh) -> dict[str, torch.Tensor]:
+    """What a sharded dataloader hands each rank: its slice of every sequence tensor."""
+    dims = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0, "target": 1}
+    return {k: v.chunk(mesh.cp_size, dims[k])[mesh.cp_rank] if k in dims else v for k, v in inputs.items()}
+
+
+def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
+    """diffusers' own context parallelism, by the manual path (``enable_parallelism`` fails on CPU)."""
+    from diffusers import ContextParallelConfig, ParallelConfig as DiffusersParallelConfig
+    from diffusers.hooks.context_parallel import apply_context_parallel as diffusers_apply
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cp_plugin.model import attention_modules
+
+    config = DiffusersParallelConfig(
+        context_parallel_config=ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses)
+    )
+    mesh = init_device_mesh("cpu", (layout.ring, layout.ulysses), mesh_dim_names=("ring", "ulysses"))
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    for _, attn in attention_modules(model):
+        attn.processor._parallel_config = config
+    diffusers_apply(model, config.context_parallel_config, model._cp_plan)
+
+
+def build(layout: Layout, seq: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], ParallelMesh | None]:
+    model = tiny_flux(**WIDE_FLUX)
+    inputs = flux_inputs(seq)
+    if layout.name == "single":
+        return model, inputs, None
+    if layout.diffusers:
+        apply_diffusers_cp(model, layout)
+        return model, inputs, None
+    mesh = ParallelMesh.build(
+        ParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, rotate_method=layout.rotate_method), "cpu"
+    )
+    apply_context_parallel(model, mesh, presharded_inputs=PRESHARDED, gather_outputs=False)
+    return model, shard_inputs(inputs, mesh), mesh
+
+
+def step_fn(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    kwargs = {k: v for k, v in inputs.items() if k != "target"}
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs, return_dict=False)[0]
+        F.mse_loss(out, inputs["target"]).backward()
+        return out.detach()
+
+    return step
+
+
+def reference_path(out_dir: Path, seq: int) -> Path:
+    return out_dir / f"reference_flux_{seq}.pt"
+
+
+def exactness(model: torch.nn.Module, out: torch.Tensor, layout: Layout, mesh: ParallelMesh | None, ref: dict) -> dict:
+    """Max relative error of this rank's output and of the assembled gradient vs one process."""
+    if mesh is not None:  # local loss: sum over the CP group is cp x the global-mean gradient
+        expected_out = ref["out"].chunk(mesh.cp_size, 1)[mesh.cp_rank]
+        group, scale = mesh.cp_group, 1 / mesh.cp_size
+    else:  # diffusers: loss on the gathered output, gradients are partial sums over ranks
+        expected_out, group, scale = ref["out"], None, 1.0
+    out_err = float((out - expected_out).abs().max() / expected_out.abs().max())
+    grad_err = 0.0
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad, group=group)
+        expected = ref["grads"][name]
+        grad_err = max(grad_err, float((grad * scale - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
+    return {"out_rel_err": out_err, "grad_rel_err": grad_err}
+
+
+def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str, Any]:
+    model, inputs, mesh = build(layout, seq)
+    step = step_fn(model, inputs)
+    world = dist.get_world_size()
+    with count_saved_activations(model) as saved:
+        out = model(**{k: v for k, v in inputs.items() if k != "target"}, return_dict=False)[0]
+        F.mse_loss(out, inputs["target"]).backward()
+    COMM_STATS.reset()
+    out = step()
+    sent = COMM_STATS.bytes_sent
+    record: dict[str, Any] = {**asdict(layout), "world": world, "seq": seq, "rank": dist.get_rank(),
+                              "saved_bytes": saved.total, "bytes_sent": sent, "comm_by_kind": dict(COMM_STATS.by_kind)}
+    if layout.name == "single":
+        torch.save({"out": out, "grads": {n: p.grad for n, p in model.named_parameters()}}, reference_path(out_dir, seq))
+    else:
+        record.update(exactness(model, out, layout, mesh, torch.load(reference_path(out_dir, seq))))
+    timing = time_steps(step, repeats, warmup=0, barrier=dist.barrier)
+    record.update({"time_median_s": timing.median_s, "time_low_s": timing.low_s, "time_high_s": timing.high_s})
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", required=True)
+    parser.add_argument("--seq", nargs="+", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines file; one record per rank and case")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # same cores for every layout
+    layouts = layouts_for(world)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for seq in args.seq:
+        for name in args.layouts:
+            try:
+                record = run_case(layouts[name], seq, args.repeats, args.out.parent)
+            except Exception as err:  # noqa: BLE001 - a layout that cannot run is a result ("fails")
+                record = {**asdict(layouts[name]), "world": world, "seq": seq, "rank": dist.get_rank(),
+                          "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, record)
+            if dist.get_rank() == 0:
+                with args.out.open("a") as f:
+                    for rec in gathered:
+                        f.write(json.dumps(rec) + "\n")
+                print(json.dumps({k: v for k, v in record.items() if k != "comm_by_kind"}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

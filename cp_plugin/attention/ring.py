@@ -1,0 +1,169 @@
+"""Ring attention that trains: KV blocks travel around the ring, forward and backward.
+
+Each ring rank holds one block of the sequence. In the forward pass its KV block makes a full
+turn: at every step a rank attends its queries to the block it holds (``attention_forward``,
+with LSE) and merges the partial result in float32, while the next block is already in flight
+(``RingComm`` posts the send/receive *before* the compute, so transfer overlaps compute, and at
+most two KV blocks are resident). The backward pass makes the same turn, recomputing each block's
+gradients from the saved global output and LSE; the dK/dV accumulator of a block travels with the
+block and arrives home after the last step. Only ``q, k, v, out, lse`` of the local shard are saved.
+
+``rotate_method="allgather"`` gathers every KV block at once instead (O(S) memory, no overlap),
+kept to compare against; its backward returns dK/dV to their owners with a reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cp_plugin.attention.kernels import attention_backward, attention_forward
+from cp_plugin.comm import count_sent
+
+
+class RingComm:
+    """Send one buffer to the next ring rank and receive one from the previous, asynchronously.
+
+    It owns the in-flight buffer: ``send_recv`` returns the receive buffer immediately and
+    ``wait`` completes the pair, so a caller computes on its current block in between.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, kind: str) -> None:
+        self.group, self.kind = group, kind
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.next, self.prev = (rank + 1) % size, (rank - 1) % size
+        self._pending: list[dist.Work] = []
+
+    def send_recv(self, send: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(send)
+        self._pending = dist.batch_isend_irecv(
+            [
+                dist.P2POp(dist.isend, send, group=self.group, group_peer=self.next),
+                dist.P2POp(dist.irecv, recv, group=self.group, group_peer=self.prev),
+            ]
+        )
+        count_sent(self.kind, send.nbytes)
+        return recv
+
+    def wait(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+
+
+def _merge(
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax attentions by their LSEs (the numerically stable form)."""
+    block_lse = block_lse.unsqueeze(-1)
+    if out is None:
+        return block_out, block_lse
+    out = out - torch.sigmoid(block_lse - lse) * (out - block_out)
+    lse = lse - F.logsigmoid(lse - block_lse)
+    return out, lse
+
+
+def _all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
+    """``(r, *x.shape)``: every ring rank's ``x``, in ring order."""
+    size = dist.get_world_size(group)
+    gathered = x.new_empty(size * x.shape[0], *x.shape[1:])  # gloo wants blocks concatenated on dim 0
+    dist.all_gather_into_tensor(gathered, x.contiguous(), group=group)
+    count_sent(kind, x.nbytes * (size - 1))
+    return gathered.view(size, *x.shape)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention over ``(B, H, S_local, D)`` shards; KV travels as one stacked ``(2, ...)`` buffer."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
+        acc_dtype = torch.float32 if convert_to_fp32 else q.dtype
+        kv = torch.stack((k, v))
+        out = lse = None
+        if rotate_method == "allgather":
+            for block in _all_gather_blocks(kv, group, "ring_allgather"):
+                out, lse = _merge(out, lse, *_block_forward(q, block, scale, acc_dtype))
+        else:
+            comm, size = RingComm(group, "ring_p2p"), dist.get_world_size(group)
+            for step in range(size):
+                incoming = comm.send_recv(kv) if step + 1 < size else None
+                out, lse = _merge(out, lse, *_block_forward(q, kv, scale, acc_dtype))
+                if incoming is not None:
+                    comm.wait()
+                    kv = incoming
+        out, lse = out.to(q.dtype), lse.squeeze(-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.rotate_method = group, scale, rotate_method
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        size = dist.get_world_size(group)
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        kv = torch.stack((k, v))
+        if ctx.rotate_method == "allgather":
+            blocks = _all_gather_blocks(kv, group, "ring_allgather_backward")
+            dkv_all = torch.stack([_block_backward(grad_out, q, block, out, lse, scale, dq) for block in blocks])
+            dkv = torch.empty_like(kv, dtype=torch.float32)
+            dist.reduce_scatter_tensor(dkv, dkv_all.flatten(0, 1), group=group)
+            count_sent("ring_allgather_backward", dkv_all.nbytes * (size - 1) // size)
+        else:
+            kv_comm, dkv_comm = RingComm(group, "ring_p2p_backward"), RingComm(group, "ring_p2p_backward")
+            dkv = incoming_dkv = None
+            for step in range(size):
+                incoming_kv = kv_comm.send_recv(kv) if step + 1 < size else None
+                block_dkv = _block_backward(grad_out, q, kv, out, lse, scale, dq)
+                if incoming_dkv is not None:  # the accumulator of the block we now hold
+                    dkv_comm.wait()
+                    block_dkv += incoming_dkv
+                dkv = block_dkv
+                if incoming_kv is not None:
+                    kv_comm.wait()
+                    kv = incoming_kv
+                incoming_dkv = dkv_comm.send_recv(dkv)  # follows its block to the next rank
+            dkv_comm.wait()
+            dkv = incoming_dkv  # after a full turn: the gradient of our own block
+        dk, dv = dkv.to(k.dtype).unbind(0)
+        return dq.to(q.dtype), dk, dv, None, None, None, None
+
+
+def _block_forward(
+    q: torch.Tensor, kv: torch.Tensor, scale: float, acc_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = attention_forward(q, kv[0], kv[1], scale)
+    return out.to(acc_dtype), lse
+
+
+def _block_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    dq: torch.Tensor,
+) -> torch.Tensor:
+    """Add this block's dq into ``dq`` (fp32) and return its ``(2, ...)`` dK/dV in fp32."""
+    block_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale)
+    dq += block_dq
+    return torch.stack((dk, dv)).float()
+
+
+def ring_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    group: dist.ProcessGroup,
+    scale: float | None = None,
+    rotate_method: str = "p2p",
+    convert_to_fp32: bool = True,
+) -> torch.Tensor:
+    """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``)."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    out = _RingAttention.apply(q.contiguous(), k, v, group, scale, rotate_method, convert_to_fp32)
+    return out.transpose(1, 2)
