@@ -5,8 +5,9 @@ turn: at every step a rank attends its queries to the block it holds (``attentio
 with LSE) and merges the partial result in float32, while the next block is already in flight
 (``RingComm`` posts the send/receive *before* the compute, so transfer overlaps compute, and at
 most two KV blocks are resident). The backward pass makes the same turn, recomputing each block's
-gradients from the saved global output and LSE; the dK/dV accumulator of a block travels with the
-block and arrives home after the last step. Only ``q, k, v, out, lse`` of the local shard are saved.
+gradients from the saved global output and LSE; the dK/dV accumulator of a block follows the block
+from its second holder on and reaches its owner after the last step, so dK/dV, like KV, make
+``ring - 1`` hops: the minimum traffic. Only ``q, k, v, out, lse`` of the local shard are saved.
 
 ``rotate_method="allgather"`` gathers every KV block at once instead (O(S) memory, no overlap),
 kept to compare against; its backward returns dK/dV to their owners with a reduce-scatter.
@@ -112,20 +113,23 @@ class _RingAttention(torch.autograd.Function):
             count_sent("ring_allgather_backward", dkv_all.nbytes * (size - 1) // size)
         else:
             kv_comm, dkv_comm = RingComm(group, "ring_p2p_backward"), RingComm(group, "ring_p2p_backward")
-            dkv = incoming_dkv = None
+            own_dkv = incoming_dkv = None
             for step in range(size):
                 incoming_kv = kv_comm.send_recv(kv) if step + 1 < size else None
                 block_dkv = _block_backward(grad_out, q, kv, out, lse, scale, dq)
-                if incoming_dkv is not None:  # the accumulator of the block we now hold
-                    dkv_comm.wait()
-                    block_dkv += incoming_dkv
-                dkv = block_dkv
+                if step == 0:  # our own block: keep its share until its accumulator comes home
+                    own_dkv = block_dkv
+                else:
+                    if incoming_dkv is not None:  # the accumulator of the block we now hold
+                        dkv_comm.wait()
+                        block_dkv += incoming_dkv
+                    # on to the block's next holder; after the last step that is its owner
+                    incoming_dkv = dkv_comm.send_recv(block_dkv)
                 if incoming_kv is not None:
                     kv_comm.wait()
                     kv = incoming_kv
-                incoming_dkv = dkv_comm.send_recv(dkv)  # follows its block to the next rank
             dkv_comm.wait()
-            dkv = incoming_dkv  # after a full turn: the gradient of our own block
+            dkv = own_dkv if incoming_dkv is None else own_dkv + incoming_dkv
         dk, dv = dkv.to(k.dtype).unbind(0)
         return dq.to(q.dtype), dk, dv, None, None, None, None
 
