@@ -1,0 +1,193 @@
+"""Side-by-side CPU benchmark: one process vs every context-parallel layout, in one run.
+
+    python -m benchmarks.run                      # writes benchmarks/results/{cpu.md,raw.jsonl,*.png}
+
+Launches ``benchmarks.worker`` with ``torchrun`` for 1, 2 and 4 processes on the same cores
+(one process uses every core; N processes use cores/N threads each) and the same global tokens,
+then reports per layout, as ratios to the one-process run measured in the same invocation:
+step time (median of repeats, with the min-max spread), saved activations per rank (target
+<= 1.05/cp), bytes each rank sends vs the layout's theoretical minimum, the longest sequence that
+fits an activation budget per rank, and the max relative error of outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
+from cp_plugin.recipes.models import TINY_FLUX
+
+LAYOUTS_BY_WORLD = {
+    1: ["single"],
+    2: ["ulysses", "ring_p2p", "ring_allgather", "diffusers_ulysses", "diffusers_ring"],
+    4: ["ulysses", "ring_p2p", "ring_allgather", "ring_x_ulysses", "diffusers_ulysses", "diffusers_ring"],
+}
+BUDGET_GIB = 4.0
+
+
+def theoretical_bytes(record: dict[str, Any]) -> float | None:
+    """Minimum bytes one rank must send per forward+backward step for this layout.
+
+    Per attention layer, with X the bytes of one local q/k/v shard: Ulysses exchanges q, k, v, out
+    forward and their gradients backward, keeping 1/u of each (``8 X (u-1)/u``); a ring must
+    receive the other ``r-1`` KV blocks forward and again backward, and return as many dK/dV
+    blocks (``6 X (r-1)``).
+    """
+    if record["diffusers"] or record["name"] == "single":
+        return None
+    u, r = record["ulysses"], record["ring"]
+    hidden = WIDE_FLUX["num_attention_heads"] * WIDE_FLUX["attention_head_dim"]
+    x = (record["seq"] + TEXT_TOKENS) / (u * r) * hidden * 4
+    layers = TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"]
+    return layers * (8 * x * (u - 1) / u + 6 * x * (r - 1))
+
+
+def launch(world: int, layouts: list[str], seqs: list[int], repeats: int, raw: Path) -> None:
+    cmd = ["torchrun", "--standalone", f"--nproc-per-node={world}", "-m", "benchmarks.worker",
+           "--layouts", *layouts, "--seq", *map(str, seqs), "--repeats", str(repeats), "--out", str(raw)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (world, layout, seq): worst rank's figures, as ratios to the one-process run."""
+    cases: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        cases[(rec["world"], rec["name"], rec["seq"])].append(rec)
+    single = {seq: recs[0] for (world, name, seq), recs in cases.items() if name == "single"}
+    rows = []
+    for (world, name, seq), recs in sorted(cases.items()):
+        base = single[seq]
+        row: dict[str, Any] = {"world": world, "layout": name, "seq": seq}
+        errors = [r["error"] for r in recs if "error" in r]
+        if errors:
+            rows.append({**row, "error": errors[0]})
+            continue
+        cp = recs[0]["ring"] * recs[0]["ulysses"]
+        saved = max(r["saved_bytes"] for r in recs)
+        row.update(
+            cp=cp,
+            time_ratio=recs[0]["time_median_s"] / base["time_median_s"],
+            time_spread=(recs[0]["time_low_s"] / base["time_median_s"], recs[0]["time_high_s"] / base["time_median_s"]),
+            time_s=recs[0]["time_median_s"],
+            saved_mib=saved / 2**20,
+            act_ratio=saved / base["saved_bytes"],
+            act_target=1.05 / cp,
+            sent_mib=max(r["bytes_sent"] for r in recs) / 2**20,
+            out_err=max((r.get("out_rel_err", 0.0) for r in recs), default=0.0),
+            grad_err=max((r.get("grad_rel_err", 0.0) for r in recs), default=0.0),
+        )
+        theory = theoretical_bytes(recs[0])
+        row["sent_vs_theory"] = None if theory is None else max(r["bytes_sent"] for r in recs) / theory
+        rows.append(row)
+    return rows
+
+
+def max_tokens(rows: list[dict[str, Any]]) -> dict[tuple[int, str], int]:
+    """Longest sequence whose saved activations fit ``BUDGET_GIB`` per rank (linear fit of the two longest)."""
+    fits = {}
+    by_layout: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        if "error" not in row:
+            by_layout[(row["world"], row["layout"])].append(row)
+    for key, points in by_layout.items():
+        if len(points) < 2:
+            continue
+        (s0, m0), (s1, m1) = [(p["seq"], p["saved_mib"]) for p in sorted(points, key=lambda p: p["seq"])[-2:]]
+        slope = (m1 - m0) / (s1 - s0)
+        fits[key] = int((BUDGET_GIB * 1024 - (m0 - slope * s0)) / slope)
+    return fits
+
+
+def markdown(rows: list[dict[str, Any]], fits: dict[tuple[int, str], int], command: str) -> str:
+    lines = [
+        "# CPU benchmark: context-parallel layouts vs one process",
+        "",
+        f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; model: Flux, {WIDE_FLUX['num_attention_heads']} heads x "
+        f"{WIDE_FLUX['attention_head_dim']}, {TINY_FLUX['num_layers']} double + {TINY_FLUX['num_single_layers']} "
+        f"single blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; one forward+backward step on the same global tokens.",
+        "Ratios are to the one-process run of the same invocation (same cores: 1 process x all threads vs "
+        "N processes x cores/N threads). Time: median of repeats [min-max]. Activations: saved tensors of the worst "
+        f"rank. Max tokens: longest sequence whose saved activations fit {BUDGET_GIB:g} GiB per rank (linear fit).",
+        "",
+        "| ranks | layout | tokens | step time vs 1 proc | activations/rank vs 1 proc (target <=1.05/cp) "
+        "| sent/rank MiB | sent vs theory | max tokens | max rel err out / grad |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        prefix = f"| {row['world']} | {row['layout']} | {row['seq']} |"
+        if "error" in row:
+            lines.append(f"{prefix} fails: {row['error']} | | | | | |")
+            continue
+        low, high = row["time_spread"]
+        theory = "n/a (not instrumented)" if row["sent_vs_theory"] is None else f"{row['sent_vs_theory']:.2f}"
+        sent = "" if row["layout"].startswith("diffusers") else f"{row['sent_mib']:.1f}"
+        ok = "ok" if row["act_ratio"] <= row["act_target"] else "OVER"
+        lines.append(
+            f"{prefix} {row['time_ratio']:.2f}x [{low:.2f}-{high:.2f}] | {row['act_ratio']:.3f} ({ok}, "
+            f"target {row['act_target']:.3f}) | {sent} | {theory} | {fits.get((row['world'], row['layout']), '')} "
+            f"| {row['out_err']:.1e} / {row['grad_err']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    for metric, label, fname in (("saved_mib", "saved activations per rank (MiB)", "memory.png"),
+                                 ("time_ratio", "step time vs one process", "time.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=metric == "time_ratio")
+        for ax, world in zip(axes, (2, 4)):
+            series = defaultdict(list)
+            for r in ok:
+                if r["world"] in (1, world):
+                    series[r["layout"]].append((r["seq"], r[metric] if r["layout"] != "single" or metric != "time_ratio" else 1.0))
+            for layout, points in sorted(series.items()):
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, marker="o", label=layout)
+            ax.set_title(f"{world} ranks" if world > 1 else "one process")
+            ax.set_xlabel("tokens")
+            ax.set_xscale("log", base=2)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", nargs="+", type=int, default=[1024, 4096, 9216, 16384])
+    parser.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "raw.jsonl"
+    raw.unlink(missing_ok=True)
+    for world in [1, *args.worlds]:
+        launch(world, LAYOUTS_BY_WORLD[world], args.seq, args.repeats, raw)
+    rows = summarize([json.loads(line) for line in raw.read_text().splitlines()])
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    report = markdown(rows, max_tokens(rows), command.strip())
+    (args.out / "cpu.md").write_text(report)
+    plot(rows, args.out)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
