@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from cp_plugin.recipes.models import tiny_flux, tiny_wan
+from cp_plugin.recipes.models import tiny_flux, tiny_qwenimage, tiny_wan
 
 TEXT_TOKENS = 8
 TEXT_DIM = 32
-LATENT_SHAPES = {"flux": (64, 16), "wan": (4, 4, 8, 8)}  # flux: (tokens, channels); wan: (C, F, H, W)
+LATENT_SHAPES = {"flux": (64, 16), "qwenimage": (64, 16), "wan": (4, 4, 8, 8)}  # (tokens, channels) / (C, F, H, W)
 
 
 class SyntheticFlowData(Dataset):
@@ -36,12 +36,15 @@ class SyntheticFlowData(Dataset):
         self.noise = torch.randn(size, *shape, generator=g)
         self.text = torch.randn(size, TEXT_TOKENS, TEXT_DIM, generator=g)
         self.t = torch.rand(size, generator=g)
+        # QwenImage takes a text padding mask: samples keep 3..8 of their text tokens.
+        self.text_mask = torch.arange(TEXT_TOKENS) < (3 + torch.arange(size) % 6)[:, None]
 
     def __len__(self) -> int:
         return len(self.t)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"latents": self.latents[i], "noise": self.noise[i], "text": self.text[i], "t": self.t[i]}
+        return {"latents": self.latents[i], "noise": self.noise[i], "text": self.text[i], "t": self.t[i],
+                "text_mask": self.text_mask[i]}
 
 
 def flux_ids(tokens: int) -> torch.Tensor:
@@ -51,13 +54,18 @@ def flux_ids(tokens: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(y), y, x], -1).reshape(-1, 3).float()
 
 
+def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the gradients that exist (some parameters are unused, e.g. QwenImage's spare norms)."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 class FlowMatchingModule(L.LightningModule):
     """Rectified-flow training of a tiny DiT, written for one process."""
 
     def __init__(self, kind: str = "flux", optimizer: str = "adamw", lr: float = 3e-4) -> None:
         super().__init__()
         self.kind, self.optimizer_name, self.lr = kind, optimizer, lr
-        self.transformer = tiny_flux() if kind == "flux" else tiny_wan()
+        self.transformer = {"flux": tiny_flux, "qwenimage": tiny_qwenimage, "wan": tiny_wan}[kind]()
         self.step_losses: list[float] = []
         self.logged_losses: list[float] = []
         self.first_grads: dict[str, torch.Tensor] | None = None
@@ -75,6 +83,15 @@ class FlowMatchingModule(L.LightningModule):
                 img_ids=flux_ids(x0.shape[1]),
                 txt_ids=torch.zeros(TEXT_TOKENS, 3),
             ).sample
+        elif self.kind == "qwenimage":
+            side = int(x0.shape[1] ** 0.5)
+            pred = self.transformer(
+                hidden_states=noisy,
+                encoder_hidden_states=batch["text"],
+                encoder_hidden_states_mask=batch["text_mask"],
+                timestep=t,
+                img_shapes=[(1, side, side)] * x0.shape[0],
+            ).sample
         else:
             pred = self.transformer(noisy, t * 1000, batch["text"]).sample
         return F.mse_loss(pred, noise - x0)
@@ -90,7 +107,7 @@ class FlowMatchingModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.first_grads is None:
-            self.first_grads = {n: p.grad.detach().clone() for n, p in self.transformer.named_parameters()}
+            self.first_grads = grads_of(self.transformer)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "sgd":
@@ -148,7 +165,7 @@ def reference_run(
         if (i + 1) % accumulate:
             continue
         if first_grads is None:
-            first_grads = {n: p.grad.detach().clone() for n, p in module.transformer.named_parameters()}
+            first_grads = grads_of(module.transformer)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()

@@ -24,14 +24,22 @@ def full_inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(B, S, H, D, generator=g).to(dtype) for _ in range(4))  # q, k, v, grad_out
 
 
-def reference() -> tuple[torch.Tensor, ...]:
+def key_mask() -> torch.Tensor:
+    """Sample 0 drops random keys; sample 1 drops the whole first half (fully masked ring blocks)."""
+    mask = torch.rand(B, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[1, : S // 2] = False
+    return mask
+
+
+def reference(masked: bool = False) -> tuple[torch.Tensor, ...]:
     q, k, v, grad_out = (x.requires_grad_(i < 3) for i, x in enumerate(full_inputs()))
-    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    mask = key_mask()[:, None, None, :] if masked else None
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask).transpose(1, 2)
     out.backward(grad_out)
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def run_layouts(layouts: list[tuple[int, int, str]], dtype: torch.dtype) -> list[dict]:
+def run_layouts(layouts: list[tuple[int, int, str]], dtype: torch.dtype, masked: bool = False) -> list[dict]:
     """Rank body: each layout's local output and q/k/v grads, saved bytes and bytes sent."""
     results = []
     for ring, ulysses, rotate in layouts:
@@ -40,8 +48,9 @@ def run_layouts(layouts: list[tuple[int, int, str]], dtype: torch.dtype) -> list
         q, k, v, grad_out = (x[:, shard].clone() for x in full_inputs(dtype))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         COMM_STATS.reset()
+        mask = key_mask()[:, shard] if masked else None
         with count_saved_activations(torch.nn.Module()) as saved:
-            out = context_parallel_attention(q, k, v, mesh)
+            out = context_parallel_attention(q, k, v, mesh, key_mask=mask)
         out.backward(grad_out)
         results.append({"shard": shard, "tensors": (out.detach(), q.grad, k.grad, v.grad),
                         "saved": saved.total, "sent": dict(COMM_STATS.by_kind)})
@@ -64,10 +73,11 @@ LAYOUTS = {
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "key_padding_mask"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_layouts_match_full_sequence_sdpa(world: int) -> None:
-    expected = reference()
-    results = run_distributed(run_layouts, world, LAYOUTS[world], torch.float32)
+def test_layouts_match_full_sequence_sdpa(world: int, masked: bool) -> None:
+    expected = reference(masked)
+    results = run_distributed(run_layouts, world, LAYOUTS[world], torch.float32, masked)
     for i, layout in enumerate(LAYOUTS[world]):
         assert max_rel_error(results, i, expected) < 1e-5, layout
     # teeth: attention over the local shard alone is far from the answer

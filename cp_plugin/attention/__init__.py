@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cp_plugin.attention.ulysses import heads_to_seq, seq_to_heads
+from cp_plugin.attention.ulysses import gather_key_mask, heads_to_seq, seq_to_heads
 from cp_plugin.mesh import ParallelMesh
 
 
@@ -20,14 +20,18 @@ def context_parallel_attention(
     mesh: ParallelMesh,
     *,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-sequence softmax attention of local shards ``(B, S/cp, H, D)``, returned as local shards.
 
     Ulysses turns the ``S/cp`` tokens of all heads into ``S/ring`` tokens of ``H/ulysses`` heads;
-    the ring then covers the remaining ``ring`` blocks of the sequence.
+    the ring then covers the remaining ``ring`` blocks of the sequence. ``key_mask`` (boolean
+    ``(B, S/cp)``, True = attend) is sharded like the keys and follows them.
     """
     if mesh.ulysses_size > 1:
         query, key, value = seq_to_heads(torch.stack((query, key, value)), mesh.ulysses_group).unbind(0)
+        if key_mask is not None:
+            key_mask = gather_key_mask(key_mask, mesh.ulysses_group)
     if mesh.ring_size > 1:
         from cp_plugin.attention.ring import ring_attention
 
@@ -39,10 +43,12 @@ def context_parallel_attention(
             scale=scale,
             rotate_method=mesh.config.rotate_method,
             convert_to_fp32=mesh.config.convert_to_fp32,
+            key_mask=key_mask,
         )
     else:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         ).transpose(1, 2)
     if mesh.ulysses_size > 1:
         out = heads_to_seq(out, mesh.ulysses_group)

@@ -31,6 +31,23 @@ class RoutedParallelConfig(diffusers.ParallelConfig):
     cp_mesh: ParallelMesh | None = None
 
 
+def key_padding_mask(attn_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """diffusers' key masks ``(B, S_k)`` / ``(B, 1, 1, S_k)``, boolean or additive 0/-inf -> bool ``(B, S_k)``."""
+    mask = attn_mask.reshape(attn_mask.shape[0], -1) if attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1) \
+        else attn_mask
+    if mask.dim() != 2 or mask.shape != (batch, keys):
+        raise ValueError(
+            f"context-parallel attention supports key-padding masks of shape (batch, keys) or (batch, 1, 1, keys); "
+            f"got attn_mask of shape {tuple(attn_mask.shape)} for {batch} x {keys} keys. Use a key-padding mask "
+            "(per-query masks cannot be sharded along the sequence)"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == float("-inf"))).all()):
+        raise ValueError("context-parallel attention takes boolean or 0/-inf additive masks; got other bias values")
+    return mask == 0
+
+
 def _routed_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -46,7 +63,6 @@ def _routed_attention(
 ) -> torch.Tensor:
     """Check what context-parallel attention supports, then run it."""
     unsupported = {
-        "attn_mask": attn_mask is not None,
         "dropout_p": dropout_p != 0.0,
         "is_causal": is_causal,
         "enable_gqa": enable_gqa or key.shape[2] != query.shape[2],
@@ -56,10 +72,11 @@ def _routed_attention(
     if bad:
         raise ValueError(
             f"context-parallel attention got {', '.join(bad)} set; cp_plugin's attention supports full "
-            "non-causal attention without dropout, masks or grouped KV heads. Call the model without them or "
-            "train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
+            "non-causal attention (with optional key-padding masks) without dropout or grouped KV heads. Call the "
+            "model without them or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
-    return context_parallel_attention(query, key, value, mesh, scale=scale)
+    key_mask = None if attn_mask is None else key_padding_mask(attn_mask, query.shape[0], key.shape[1])
+    return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask)
 
 
 def _route(backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cp_plugin.attention.kernels import attention_backward, attention_forward
+from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward
 from cp_plugin.comm import count_sent
 
 
@@ -56,13 +56,17 @@ class RingComm:
 def _merge(
     out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax attentions by their LSEs (the numerically stable form)."""
+    """Combine two partial softmax attentions by their LSEs, in the numerically stable form.
+
+    ``out - sigmoid(lse_i - lse) * (out - out_i)`` never exponentiates a large number; the LSE uses
+    ``logaddexp`` (the same quantity as ``lse - logsigmoid(lse - lse_i)``) because it stays finite
+    when a block, or everything so far, was fully masked (LSE ``-inf``).
+    """
     block_lse = block_lse.unsqueeze(-1)
     if out is None:
         return block_out, block_lse
-    out = out - torch.sigmoid(block_lse - lse) * (out - block_out)
-    lse = lse - F.logsigmoid(lse - block_lse)
-    return out, lse
+    weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0)  # NaN only when both are -inf: nothing to add
+    return out - weight * (out - block_out), torch.logaddexp(lse, block_lse)
 
 
 def _all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
@@ -75,39 +79,48 @@ def _all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> 
 
 
 class _RingAttention(torch.autograd.Function):
-    """Ring attention over ``(B, H, S_local, D)`` shards; KV travels as one stacked ``(2, ...)`` buffer."""
+    """Ring attention over ``(B, H, S_local, D)`` shards; KV travels as one stacked ``(2, ...)`` buffer.
+
+    ``key_masks`` is ``None`` or every ring rank's boolean key mask ``(r, B, S_local)``: masks are
+    bytes per token, so they are gathered once instead of travelling with the blocks.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
+    def forward(ctx, q, k, v, key_masks, group, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
         acc_dtype = torch.float32 if convert_to_fp32 else q.dtype
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
         kv = torch.stack((k, v))
         out = lse = None
         if rotate_method == "allgather":
-            for block in _all_gather_blocks(kv, group, "ring_allgather"):
-                out, lse = _merge(out, lse, *_block_forward(q, block, scale, acc_dtype))
+            for origin, block in enumerate(_all_gather_blocks(kv, group, "ring_allgather")):
+                out, lse = _merge(out, lse, *_block_forward(q, block, _mask_of(key_masks, origin), scale, acc_dtype))
         else:
-            comm, size = RingComm(group, "ring_p2p"), dist.get_world_size(group)
+            comm = RingComm(group, "ring_p2p")
             for step in range(size):
                 incoming = comm.send_recv(kv) if step + 1 < size else None
-                out, lse = _merge(out, lse, *_block_forward(q, kv, scale, acc_dtype))
+                mask = _mask_of(key_masks, (rank - step) % size)
+                out, lse = _merge(out, lse, *_block_forward(q, kv, mask, scale, acc_dtype))
                 if incoming is not None:
                     comm.wait()
                     kv = incoming
         out, lse = out.to(q.dtype), lse.squeeze(-1)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, key_masks)
         ctx.group, ctx.scale, ctx.rotate_method = group, scale, rotate_method
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, key_masks = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
-        size = dist.get_world_size(group)
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
         dq = torch.zeros_like(q, dtype=torch.float32)
         kv = torch.stack((k, v))
         if ctx.rotate_method == "allgather":
             blocks = _all_gather_blocks(kv, group, "ring_allgather_backward")
-            dkv_all = torch.stack([_block_backward(grad_out, q, block, out, lse, scale, dq) for block in blocks])
+            dkv_all = torch.stack(
+                [_block_backward(grad_out, q, block, _mask_of(key_masks, origin), out, lse, scale, dq)
+                 for origin, block in enumerate(blocks)]
+            )
             dkv = torch.empty_like(kv, dtype=torch.float32)
             dist.reduce_scatter_tensor(dkv, dkv_all.flatten(0, 1), group=group)
             count_sent("ring_allgather_backward", dkv_all.nbytes * (size - 1) // size)
@@ -116,7 +129,8 @@ class _RingAttention(torch.autograd.Function):
             own_dkv = incoming_dkv = None
             for step in range(size):
                 incoming_kv = kv_comm.send_recv(kv) if step + 1 < size else None
-                block_dkv = _block_backward(grad_out, q, kv, out, lse, scale, dq)
+                mask = _mask_of(key_masks, (rank - step) % size)
+                block_dkv = _block_backward(grad_out, q, kv, mask, out, lse, scale, dq)
                 if step == 0:  # our own block: keep its share until its accumulator comes home
                     own_dkv = block_dkv
                 else:
@@ -131,13 +145,19 @@ class _RingAttention(torch.autograd.Function):
             dkv_comm.wait()
             dkv = own_dkv if incoming_dkv is None else own_dkv + incoming_dkv
         dk, dv = dkv.to(k.dtype).unbind(0)
-        return dq.to(q.dtype), dk, dv, None, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+
+
+def _mask_of(key_masks: torch.Tensor | None, origin: int) -> torch.Tensor | None:
+    return None if key_masks is None else key_masks[origin]
 
 
 def _block_forward(
-    q: torch.Tensor, kv: torch.Tensor, scale: float, acc_dtype: torch.dtype
+    q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, scale: float, acc_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = attention_forward(q, kv[0], kv[1], scale)
+    out, lse = attention_forward(q, kv[0], kv[1], scale, additive_mask(key_mask, q, kv[0]))
+    if key_mask is not None:  # the kernel reports LSE 0 for a block with no valid key; it is -inf
+        lse = lse.masked_fill(~key_mask.any(-1)[:, None, None], float("-inf"))
     return out.to(acc_dtype), lse
 
 
@@ -145,13 +165,15 @@ def _block_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     kv: torch.Tensor,
+    key_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
     dq: torch.Tensor,
 ) -> torch.Tensor:
     """Add this block's dq into ``dq`` (fp32) and return its ``(2, ...)`` dK/dV in fp32."""
-    block_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale)
+    bias = additive_mask(key_mask, q, kv[0])
+    block_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale, bias)
     dq += block_dq
     return torch.stack((dk, dv)).float()
 
@@ -165,9 +187,14 @@ def ring_attention(
     scale: float | None = None,
     rotate_method: str = "p2p",
     convert_to_fp32: bool = True,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``)."""
+    """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``).
+
+    ``key_mask``: optional boolean ``(B, S_local)``, True where a key may be attended to.
+    """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    out = _RingAttention.apply(q.contiguous(), k, v, group, scale, rotate_method, convert_to_fp32)
+    key_masks = None if key_mask is None else _all_gather_blocks(key_mask, group, "ring_mask")
+    out = _RingAttention.apply(q.contiguous(), k, v, key_masks, group, scale, rotate_method, convert_to_fp32)
     return out.transpose(1, 2)

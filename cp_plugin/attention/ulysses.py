@@ -43,3 +43,12 @@ def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     x = _all_to_all(x.reshape(*lead, b, u, s // u, h_local, d).movedim(n + 1, 0).contiguous(), group)
     # chunk j now holds head group j of our tokens: put heads in order.
     return x.movedim(0, n + 2).reshape(*lead, b, s // u, u * h_local, d)
+
+
+def gather_key_mask(key_mask: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``(B, S/u)`` -> ``(B, S)`` boolean key mask in the token order :func:`seq_to_heads` produces."""
+    u = dist.get_world_size(group)
+    gathered = key_mask.new_empty(u * key_mask.shape[0], *key_mask.shape[1:])
+    dist.all_gather_into_tensor(gathered, key_mask.contiguous(), group=group)
+    count_sent("mask_all_gather", key_mask.nbytes * (u - 1))
+    return gathered.view(u, *key_mask.shape).movedim(0, 1).flatten(1, 2)

@@ -1,7 +1,7 @@
 """Tiny diffusers DiTs built from their config classes with seeded weights (no hub downloads).
 
-They keep the real architectures (joint text+image attention for Flux, 3D video patches and
-cross-attention for Wan) at a size that trains in seconds on a CPU, which is what exactness tests
+They keep the real architectures (joint text+image attention for Flux, the same with a text
+padding mask for QwenImage, 3D video patches and cross-attention for Wan) at a size that trains in seconds on a CPU, which is what exactness tests
 and the default ``train.py`` run need.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel, ModelMixin, WanTransformer3DModel
+from diffusers import FluxTransformer2DModel, ModelMixin, QwenImageTransformer2DModel, WanTransformer3DModel
 
 TINY_FLUX: dict[str, Any] = {
     "patch_size": 1,
@@ -40,6 +40,18 @@ TINY_WAN: dict[str, Any] = {
 }
 
 
+TINY_QWENIMAGE: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
 def seeded(cls: type[ModelMixin], config: dict[str, Any], seed: int) -> ModelMixin:
     """Instantiate ``cls(**config)`` with weights drawn from ``seed`` (same on every rank)."""
     with torch.random.fork_rng(devices=[]):
@@ -53,3 +65,7 @@ def tiny_flux(seed: int = 0, **overrides: Any) -> FluxTransformer2DModel:
 
 def tiny_wan(seed: int = 0, **overrides: Any) -> WanTransformer3DModel:
     return seeded(WanTransformer3DModel, {**TINY_WAN, **overrides}, seed)
+
+
+def tiny_qwenimage(seed: int = 0, **overrides: Any) -> QwenImageTransformer2DModel:
+    return seeded(QwenImageTransformer2DModel, {**TINY_QWENIMAGE, **overrides}, seed)
