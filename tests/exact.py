@@ -62,10 +62,14 @@ def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class FlowMatchingModule(L.LightningModule):
     """Rectified-flow training of a tiny DiT, written for one process."""
 
-    def __init__(self, kind: str = "flux", optimizer: str = "adamw", lr: float = 3e-4) -> None:
+    def __init__(
+        self, kind: str = "flux", optimizer: str = "adamw", lr: float = 3e-4, checkpointing: bool = False
+    ) -> None:
         super().__init__()
         self.kind, self.optimizer_name, self.lr = kind, optimizer, lr
         self.transformer = {"flux": tiny_flux, "qwenimage": tiny_qwenimage, "wan": tiny_wan}[kind]()
+        if checkpointing:  # recompute each block in backward (diffusers' activation checkpointing)
+            self.transformer.enable_gradient_checkpointing()
         self.step_losses: list[float] = []
         self.logged_losses: list[float] = []
         self.first_grads: dict[str, torch.Tensor] | None = None
@@ -181,11 +185,12 @@ def lightning_run(
     steps: int,
     trainer_kwargs: dict[str, Any] | None = None,
     data_kwargs: dict[str, Any] | None = None,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Rank body: fit ``FlowMatchingModule`` under ``ContextParallelStrategy`` on torchrun's environment."""
     from cp_plugin import ContextParallelStrategy
 
-    module = FlowMatchingModule(kind, optimizer)
+    module = FlowMatchingModule(kind, optimizer, checkpointing=checkpointing)
     loader = DataLoader(SyntheticFlowData(kind, **(data_kwargs or {})), batch_size=per_rank, shuffle=True)
     strategy = ContextParallelStrategy(**strategy_kwargs)
     trainer = L.Trainer(

@@ -19,15 +19,17 @@ STEPS, PER_RANK = 3, 2
 BF16_RTOL = 1e-2
 
 
-def case(kind: str, optimizer: str = "adamw", *, per_rank: int = PER_RANK, **layout: Any) -> dict[str, Any]:
-    trainer_kwargs = layout.pop("trainer_kwargs", None)
+def case(
+    kind: str, optimizer: str = "adamw", *, trainer_kwargs: dict | None = None, checkpointing: bool = False, **layout: Any
+) -> dict[str, Any]:
     return {
         "kind": kind,
         "optimizer": optimizer,
         "strategy_kwargs": layout,
-        "per_rank": per_rank,
+        "per_rank": PER_RANK,
         "steps": STEPS,
         "trainer_kwargs": trainer_kwargs,
+        "checkpointing": checkpointing,
     }
 
 
@@ -36,7 +38,7 @@ def check_against_reference(results: list[dict[str, Any]], spec: dict[str, Any],
     layout = spec["strategy_kwargs"]  # degrees, plus DDP options
     cp = layout.get("ring_degree", 1) * layout.get("ulysses_degree", 1)
     dp = len(results) // cp
-    reference = reference_run(spec["kind"], spec["optimizer"], dp, spec["per_rank"], STEPS, **ref)
+    reference = reference_run(spec["kind"], spec["optimizer"], dp, PER_RANK, STEPS, **ref)
     label = f"{spec['kind']} {layout} {spec['optimizer']} {ref}"
     step_losses = torch.tensor([r["losses"] for r in results])  # (world, micro-steps)
     for rank, r in enumerate(results):  # CP replicas compute the very same loss
@@ -61,6 +63,7 @@ TWO_RANKS = [
     case("flux", "sgd", ring_degree=2, rotate_method="allgather"),
     # QwenImage: joint attention with a text padding mask; its last block leaves text weights unused
     case("qwenimage", "sgd", ring_degree=2, find_unused_parameters=True),
+    case("wan", ring_degree=2, checkpointing=True),
 ]
 FOUR_RANKS = [
     case("flux", ulysses_degree=2),  # dp 2 x ulysses 2
@@ -68,7 +71,7 @@ FOUR_RANKS = [
     case("flux", "sgd", ulysses_degree=2),
     case("wan", ulysses_degree=4),
     case("flux", ring_degree=2),  # dp 2 x ring 2
-    case("wan", "sgd", ring_degree=2),
+    case("wan", ring_degree=2),
     case("flux", ring_degree=2, ulysses_degree=2),
     case("wan", ring_degree=2, ulysses_degree=2),
     case("flux", "sgd", ring_degree=4),
@@ -87,6 +90,11 @@ def test_two_ranks_match_one_process() -> None:
     check_against_reference([r[3] for r in results], TWO_RANKS[3], rtol=BF16_RTOL, bf16=True)
     for i in range(4, len(TWO_RANKS)):
         check_against_reference([r[i] for r in results], TWO_RANKS[i])
+    # activation checkpointing recomputes ring attention in the backward: same gradients as without
+    without, with_ = TWO_RANKS.index(case("wan", ring_degree=2)), len(TWO_RANKS) - 1
+    for r in results:
+        for name, grad in r[without]["grads"].items():
+            assert_close_rel(r[with_]["grads"][name], grad, 1e-6, f"checkpointed grad {name}")
 
 
 @pytest.mark.timeout(300)
