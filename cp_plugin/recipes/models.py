@@ -7,6 +7,7 @@ and the default ``train.py`` run need.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,3 +70,34 @@ def tiny_wan(seed: int = 0, **overrides: Any) -> WanTransformer3DModel:
 
 def tiny_qwenimage(seed: int = 0, **overrides: Any) -> QwenImageTransformer2DModel:
     return seeded(QwenImageTransformer2DModel, {**TINY_QWENIMAGE, **overrides}, seed)
+
+
+FAMILIES = {"flux": (FluxTransformer2DModel, TINY_FLUX), "wan": (WanTransformer3DModel, TINY_WAN),
+            "qwenimage": (QwenImageTransformer2DModel, TINY_QWENIMAGE)}
+
+
+@dataclass
+class ModelConfig:
+    """Which DiT to train (Hydra group ``model``): a diffusers family, its config, and conditioning size."""
+
+    family: str = "flux"
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the tiny config of the family
+    text_tokens: int = 8  # class-conditioning tokens fed as encoder_hidden_states
+    pretrained_path: str | None = None  # a local diffusers model directory (from_pretrained) instead
+    seed: int = 0
+
+
+def build_model(cfg: ModelConfig) -> ModelMixin:
+    """The family's tiny model with ``cfg.config`` overrides and seeded weights, or local pretrained ones."""
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"model.family={cfg.family!r} is not one of {sorted(FAMILIES)}")
+    cls, tiny = FAMILIES[cfg.family]
+    if cfg.pretrained_path is not None:
+        return cls.from_pretrained(cfg.pretrained_path, local_files_only=True)
+    return seeded(cls, {**tiny, **cfg.config}, cfg.seed)
+
+
+def text_dim(model: ModelMixin) -> int:
+    """Width of the ``encoder_hidden_states`` the model expects."""
+    config = model.config
+    return config.get("joint_attention_dim") or config.get("text_dim")

@@ -1,0 +1,61 @@
+"""Train a DiT with context parallelism: ``python train.py [group=option] [key=value ...]``.
+
+Compose the config (``conf/``), build the recipe (data, flow-matching module, callbacks, logger),
+and fit with ``ContextParallelStrategy``. Lightning starts one process per device (or joins the
+processes ``torchrun`` started).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from cp_plugin import ContextParallelStrategy
+from cp_plugin.recipes.callbacks import LossCurve, SampleGrid, TrainingMonitor
+from cp_plugin.recipes.config import register_configs, resolve_checkpoint
+from cp_plugin.recipes.data import PhotoCrops
+from cp_plugin.recipes.flow_matching import FlowMatching
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    parallel = OmegaConf.to_object(cfg.parallel)
+    parallel.resolve(cfg.trainer.devices * cfg.trainer.num_nodes)  # fail fast, before any process starts
+    L.seed_everything(cfg.seed, verbose=False)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    data = OmegaConf.to_object(cfg.data)
+    dataset = PhotoCrops(data)
+    module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes)
+    latent_shape = tuple(dataset[0]["latents"].shape)
+
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = L.Trainer(
+        **cfg.trainer,
+        strategy=ContextParallelStrategy(parallel, timeout=timedelta(seconds=cfg.timeout_s)),
+        logger=logger,
+        callbacks=[
+            TrainingMonitor(module.sequence_length(latent_shape)),
+            SampleGrid(cfg.sample_every_n_steps, latent_shape, dataset.num_classes, cfg.sample_steps, out_dir),
+            LossCurve(out_dir),
+            LearningRateMonitor(logging_interval="step"),
+            ModelCheckpoint(out_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True),
+        ],
+    )
+    loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers)
+    trainer.fit(module, loader, ckpt_path=resolve_checkpoint(cfg.resume, Path(get_original_cwd()) / "outputs"))
+
+
+if __name__ == "__main__":
+    main()
