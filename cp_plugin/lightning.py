@@ -18,25 +18,23 @@ Gradients need no special reduction: the collectives' backwards are exact adjoin
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
 
+from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
 from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
 
 
@@ -146,7 +144,9 @@ class ContextParallelStrategy(DDPStrategy):
         self.parallel_config.resolve(self.num_nodes * self.num_processes)
         super().setup_environment()
         self._mesh = ParallelMesh.build(self.parallel_config, self.root_device.type)
-        self._seed_rng()
+        if "PL_GLOBAL_SEED" not in os.environ:
+            rank_zero_warn("no seed set (lightning.seed_everything); ContextParallelStrategy draws one on rank 0")
+        seed_per_dp_rank(self._mesh, shared_base_seed(self.root_device))
 
     def setup(self, trainer: Any) -> None:
         if self.parallel_mesh.cp_enabled and self._hooked is not self.model:
@@ -176,7 +176,7 @@ class ContextParallelStrategy(DDPStrategy):
         if not self.parallel_mesh.cp_enabled:
             return batch
         if self.check_batches:
-            self._check_batch_consistency(batch)
+            check_same_batch(batch, self.parallel_mesh, self.root_device)
         if self.shard_batch_dims:
             batch = shard_batch(batch, self.shard_batch_dims, self.parallel_mesh)
         return batch
@@ -192,48 +192,6 @@ class ContextParallelStrategy(DDPStrategy):
             description="Context parallelism, processes started with torch.multiprocessing spawn",
             start_method="spawn",
         )
-
-    # helpers ---------------------------------------------------------------------------------
-    def _seed_rng(self) -> None:
-        """Seed torch, numpy and random with ``base + dp_rank``: equal in a CP group, distinct across dp."""
-        if "PL_GLOBAL_SEED" in os.environ:
-            base = int(os.environ["PL_GLOBAL_SEED"])
-        else:
-            rank_zero_warn("no seed set (lightning.seed_everything); ContextParallelStrategy draws one on rank 0")
-            seed = torch.randint(0, 2**31 - 1, (1,), device=self.root_device)
-            dist.broadcast(seed, src=0)
-            base = int(seed.item())
-        seed = self.parallel_mesh.seed(base)
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-
-    def _check_batch_consistency(self, batch: Any) -> None:
-        """All-gather a 4-number fingerprint of the batch over the CP group; raise if ranks differ."""
-        tensors: list[torch.Tensor] = []
-        apply_to_collection(batch, torch.Tensor, tensors.append)
-        fingerprint = torch.tensor(
-            [
-                len(tensors),
-                sum(sum((i + 1) * s for i, s in enumerate(t.shape)) for t in tensors),
-                sum(float(t.double().sum()) for t in tensors),
-                sum(float(t.double().abs().sum()) for t in tensors),
-            ],
-            dtype=torch.float64,
-            device=self.root_device,
-        )
-        mesh = self.parallel_mesh
-        everyone = torch.empty(mesh.cp_size * fingerprint.numel(), dtype=torch.float64, device=self.root_device)
-        dist.all_gather_into_tensor(everyone, fingerprint, group=mesh.cp_group)
-        everyone = everyone.view(mesh.cp_size, -1)
-        if not torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=1e-9, atol=0.0):
-            shapes = [tuple(t.shape) for t in tensors]
-            raise ValueError(
-                f"the ranks of context-parallel group {dist.get_process_group_ranks(mesh.cp_group)} received different "
-                f"batches (this rank {dist.get_rank()}: shapes {shapes}); every rank of a CP group must read the same "
-                "samples: let the strategy build the DistributedSampler (it samples over dp ranks only) and do not "
-                "seed data augmentation by global rank"
-            )
 
 
 ContextParallelStrategy.register_strategies(StrategyRegistry)

@@ -100,6 +100,10 @@ class FlowMatchingModule(L.LightningModule):
             pred = self.transformer(noisy, t * 1000, batch["text"]).sample
         return F.mse_loss(pred, noise - x0)
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss, so a DDP-wrapped module (Accelerate) computes it through DDP's forward."""
+        return self.loss(batch)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.step_losses.append(loss.item())
@@ -140,6 +144,12 @@ def global_batches(dataset: Dataset, dp: int, per_rank: int, steps: int, seed: i
     return batches[:steps]
 
 
+def sequential_batches(dataset: Dataset, dp: int, per_rank: int, steps: int) -> list[dict[str, Any]]:
+    """Global batches of an unshuffled loader sharded by Accelerate: rank r takes batch ``k * dp + r``."""
+    size = dp * per_rank
+    return [default_collate([dataset[i] for i in range(k * size, (k + 1) * size)]) for k in range(steps)]
+
+
 def reference_run(
     kind: str,
     optimizer: str,
@@ -151,6 +161,7 @@ def reference_run(
     accumulate: int = 1,
     bf16: bool = False,
     data_kwargs: dict[str, Any] | None = None,
+    sequential: bool = False,
 ) -> dict[str, Any]:
     """Train one process on the global batches a ``dp``-way run sees; return losses, grads, weights.
 
@@ -160,7 +171,8 @@ def reference_run(
     module = FlowMatchingModule(kind, optimizer)
     opt = module.configure_optimizers()
     losses, first_grads = [], None
-    batches = global_batches(SyntheticFlowData(kind, **(data_kwargs or {})), dp, per_rank, steps * accumulate)
+    order = sequential_batches if sequential else global_batches
+    batches = order(SyntheticFlowData(kind, **(data_kwargs or {})), dp, per_rank, steps * accumulate)
     for i, batch in enumerate(batches):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = module.loss(batch)

@@ -88,13 +88,17 @@ class FlowMatching(L.LightningModule):
         ).sample
         return out.transpose(1, 2).reshape(batch, 1, channels, height, width)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The flow-matching loss of a batch (``forward`` so DDP-wrapped loops, e.g. Accelerate's, can call it)."""
         x0, labels = batch["latents"], batch["label"]
         noise = torch.randn_like(x0)
         t = torch.sigmoid(torch.randn(len(x0), device=x0.device))  # logit-normal timesteps
         t_ = t.view(-1, 1, 1, 1, 1)
         prediction = self.velocity((1 - t_) * x0 + t_ * noise, t, labels)
-        loss = F.mse_loss(prediction.float(), (noise - x0).float())
+        return F.mse_loss(prediction.float(), (noise - x0).float())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 

@@ -1,0 +1,180 @@
+"""``ContextParallelPlugin``: the same context parallelism for Hugging Face Accelerate training loops.
+
+``cp.prepare(accelerator, *objects)`` stands in for ``accelerator.prepare(*objects)`` and adds only
+what context parallelism changes, reusing the core the Lightning strategy uses:
+
+- the mesh over the accelerator's processes, validated before any collective;
+- diffusers models made context parallel (``cp_plugin.model``) before Accelerate wraps them in DDP;
+- dataloaders sharded over *dp* ranks only (Accelerate's own ``prepare_data_loader`` with
+  ``num_processes=dp``), every batch checked across the CP group and optionally sequence-sharded;
+- RNG streams equal inside a CP group, distinct across dp;
+- ``accelerator.gather`` (and so ``gather_for_metrics``) over dp ranks only, so CP replicas are not
+  counted twice and metrics equal a single process's.
+
+Gradient reduction, accumulation, clipping and mixed precision stay Accelerate's: collectives'
+backwards are exact adjoints (``cp_plugin.sequence``), so DDP's plain mean is already right.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import recursively_apply
+from torch.utils.data import DataLoader
+
+from cp_plugin.batch import check_same_batch
+from cp_plugin.config import ParallelConfig
+from cp_plugin.mesh import ParallelMesh
+from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
+from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
+
+
+class ContextParallelDataLoader:
+    """An Accelerate-prepared loader whose batches are checked across the CP group (and sharded)."""
+
+    def __init__(self, loader: Any, plugin: ContextParallelPlugin) -> None:
+        self.loader, self.plugin = loader, plugin
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield self.plugin.process_batch(batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset, set_epoch, ... of the wrapped loader
+        return getattr(self.loader, name)
+
+
+class ContextParallelPlugin:
+    """Context parallelism (Ulysses/ring) x data parallelism for an ``Accelerator``'s training loop.
+
+    Arguments mirror ``ContextParallelStrategy``: the layout (``ParallelConfig``, a diffusers
+    config, or a dict), ``cp_plan`` to supply or override plans, ``shard_batch`` /
+    ``presharded_inputs`` / ``gather_outputs`` for loaders that shard sequences, and
+    ``check_batches`` for the per-batch CP-group consistency check.
+    """
+
+    def __init__(
+        self,
+        parallel_config: Any = None,
+        *,
+        cp_plan: Mapping[str, Plan] | None = None,
+        shard_batch: Mapping[str, int] | None = None,
+        presharded_inputs: Sequence[str] = ("hidden_states",),
+        gather_outputs: bool | None = None,
+        check_batches: bool = True,
+    ) -> None:
+        self.parallel_config = ParallelConfig.from_any(parallel_config)
+        self.cp_plan = cp_plan
+        self.shard_batch_dims = dict(shard_batch) if shard_batch else None
+        self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
+        self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
+        self.check_batches = check_batches
+        self.mesh: ParallelMesh | None = None
+        self.device: torch.device | None = None
+
+    # the one-line change ----------------------------------------------------------------------
+    def prepare(self, accelerator: Accelerator, *objects: Any) -> Any:
+        """Like ``accelerator.prepare(*objects)``: the same objects, prepared, in the order given."""
+        self._setup(accelerator)
+        staged = []
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module) and self.mesh.cp_enabled:
+                apply_context_parallel(obj, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,
+                                       gather_outputs=self.gather_outputs)
+            staged.append(self._shard_over_dp(accelerator, obj) if isinstance(obj, DataLoader) else obj)
+        prepared = accelerator.prepare(*staged)
+        prepared = list(prepared) if len(objects) > 1 else [prepared]
+        for i, obj in enumerate(objects):
+            if isinstance(obj, DataLoader):
+                prepared[i] = ContextParallelDataLoader(prepared[i], self)
+        return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+    # sequence tensors -------------------------------------------------------------------------
+    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of a full-sequence tensor (same on every CP rank) along ``dim``."""
+        return local_shard(tensor, dim, self._mesh())
+
+    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
+        return gather_sequence(tensor, dim, self._mesh())
+
+    def process_batch(self, batch: Any) -> Any:
+        """What every batch goes through: the CP-group consistency check, then optional sharding."""
+        mesh = self._mesh()
+        if not mesh.cp_enabled:
+            return batch
+        if self.check_batches:
+            check_same_batch(batch, mesh, self.device)
+        return shard_batch(batch, self.shard_batch_dims, mesh) if self.shard_batch_dims else batch
+
+    # internals --------------------------------------------------------------------------------
+    def _mesh(self) -> ParallelMesh:
+        if self.mesh is None:
+            raise RuntimeError("call ContextParallelPlugin.prepare(accelerator, ...) first")
+        return self.mesh
+
+    def _setup(self, accelerator: Accelerator) -> None:
+        if self.mesh is not None:
+            return
+        own_cp = getattr(getattr(accelerator, "parallelism_config", None), "cp_size", 1) or 1
+        if own_cp > 1:
+            raise ValueError(
+                f"Accelerator(parallelism_config=ParallelismConfig(cp_size={own_cp})) is Accelerate's own context "
+                "parallelism (causal LLMs, FSDP2); it cannot be combined with ContextParallelPlugin. Leave cp_size=1 "
+                "and set ring_degree/ulysses_degree on the plugin's ParallelConfig"
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if accelerator.num_processes == 1 and launched > 1:
+            raise ValueError(
+                f"Accelerator sees num_processes={accelerator.num_processes} but {launched} processes were launched "
+                "(WORLD_SIZE); on CPU create Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=1) so it joins them"
+            )
+        self.parallel_config.resolve(accelerator.num_processes)  # raises on every rank before any collective
+        self.device = accelerator.device
+        self.mesh = ParallelMesh.build(self.parallel_config, accelerator.device.type)
+        seed_per_dp_rank(self.mesh, shared_base_seed(accelerator.device))
+        accelerator.gather = types.MethodType(_gather_over_dp(self.mesh), accelerator)
+
+    def _shard_over_dp(self, accelerator: Accelerator, loader: DataLoader) -> Any:
+        """Accelerate's own sharding, over dp ranks: the ranks of a CP group get the same batches."""
+        mesh = self._mesh()
+        prepared = prepare_data_loader(
+            loader,
+            accelerator.device,
+            num_processes=mesh.dp_size,
+            process_index=mesh.dp_rank,
+            split_batches=accelerator.split_batches,
+            put_on_device=accelerator.device_placement,
+            rng_types=accelerator.rng_types.copy(),
+            dispatch_batches=False,  # dispatching from rank 0 would slice by global rank
+            even_batches=accelerator.even_batches,
+            use_seedable_sampler=accelerator.use_seedable_sampler,
+            data_seed=accelerator.dataloader_config.data_seed,
+            non_blocking=accelerator.non_blocking,
+            use_stateful_dataloader=accelerator.use_stateful_dataloader,
+        )
+        prepared._is_accelerate_prepared = True  # accelerator.prepare then registers it as is, unsharded again
+        return prepared
+
+
+def _gather_over_dp(mesh: ParallelMesh) -> Any:
+    """``Accelerator.gather`` over the dp group: one copy per data-parallel replica, in dp order."""
+
+    def gather(self: Accelerator, tensor: Any) -> Any:
+        def one(t: torch.Tensor) -> torch.Tensor:
+            t = t[None] if t.dim() == 0 else t
+            return funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous(), 0, mesh.dp_group))
+
+        return recursively_apply(one, tensor, error_on_other_type=True)
+
+    return gather

@@ -1,0 +1,162 @@
+"""ContextParallelPlugin: an Accelerate loop written for one process trains exactly as one process.
+
+Ranks get torchrun's environment (``tests/launcher.py``), as ``torchrun`` gives them; one test runs
+``examples/train_accelerate.py`` under ``torchrun`` itself.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, grads_of, lightning_run, reference_run
+from launcher import run_distributed
+
+STEPS, PER_RANK = 3, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_run(
+    kind: str, optimizer: str, layout: dict[str, Any], accumulate: int = 1, order: list[int] | None = None
+) -> dict[str, Any]:
+    """Rank body: the loop an Accelerate user writes for one process, plus ``cp.prepare``."""
+    from accelerate import Accelerator
+
+    from cp_plugin import ParallelConfig
+    from cp_plugin.accelerate import ContextParallelPlugin
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+    module = FlowMatchingModule(kind, optimizer)
+    opt = module.configure_optimizers()
+    loader = DataLoader(SyntheticFlowData(kind), batch_size=PER_RANK, sampler=order)  # None: sequential
+    cp = ContextParallelPlugin(ParallelConfig(**layout))
+    model, opt, loader = cp.prepare(accelerator, module, opt, loader)
+    losses, first_grads, gathered_t = [], None, []
+    for i, batch in enumerate(loader):
+        if i == STEPS * accumulate:
+            break
+        with accelerator.accumulate(model):
+            loss = model(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and first_grads is None:
+                first_grads = grads_of(module.transformer)
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+        gathered_t.append(accelerator.gather_for_metrics(batch["t"]))
+    return {"losses": losses, "grads": first_grads, "state": module.transformer.state_dict(),
+            "gathered_t": torch.cat(gathered_t), "dp_rank": cp.mesh.dp_rank}
+
+
+def accelerate_runs(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [accelerate_run(**c) for c in cases]
+
+
+def check(results: list[dict[str, Any]], kind: str, optimizer: str, layout: dict[str, int], accumulate: int = 1) -> None:
+    cp = layout.get("ring_degree", 1) * layout.get("ulysses_degree", 1)
+    dp = len(results) // cp
+    reference = reference_run(kind, optimizer, dp, PER_RANK, STEPS, accumulate=accumulate, sequential=True)
+    label = f"{kind} {layout} {optimizer} accumulate={accumulate}"
+    losses = torch.tensor([r["losses"] for r in results]).view(dp, cp, -1)[:, 0].mean(0)
+    assert_close_rel(losses, torch.tensor(reference["losses"]), 1e-5, f"{label} loss")
+    for r in results:
+        for name, expected in reference["grads"].items():
+            assert_close_rel(r["grads"][name], expected, 1e-4, f"{label} grad {name}")
+        for name, expected in reference["state"].items():
+            assert_close_rel(r["state"][name], expected, 1e-5, f"{label} weight {name}")
+    # gather_for_metrics: every sample of the global batches once, in order, on every rank
+    expected_t = SyntheticFlowData(kind).t[: STEPS * accumulate * dp * PER_RANK]
+    for r in results:
+        assert r["gathered_t"].equal(expected_t), label
+
+
+TWO = [
+    {"kind": "flux", "optimizer": "adamw", "layout": {"ulysses_degree": 2}},
+    {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2}, "accumulate": 2},
+    {"kind": "wan", "optimizer": "adamw", "layout": {"ring_degree": 2}},
+]
+FOUR = [
+    {"kind": "flux", "optimizer": "adamw", "layout": {"ring_degree": 2}},  # dp 2 x ring 2
+    {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2, "ulysses_degree": 2}},
+]
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_match_one_process() -> None:
+    results = run_distributed(accelerate_runs, 2, TWO, init_process_group=False)
+    for i, spec in enumerate(TWO):
+        check([r[i] for r in results], **spec)
+
+
+@pytest.mark.timeout(300)
+def test_four_processes_match_one_process() -> None:
+    results = run_distributed(accelerate_runs, 4, FOUR, init_process_group=False)
+    for i, spec in enumerate(FOUR):
+        check([r[i] for r in results], **spec)
+
+
+def lightning_and_accelerate() -> tuple[dict[str, Any], dict[str, Any]]:
+    lightning = lightning_run("flux", "adamw", {"ring_degree": 2}, PER_RANK, STEPS)
+    # Lightning always shuffles training data with DistributedSampler(seed=0): feed Accelerate that order
+    order = list(DistributedSampler(SyntheticFlowData("flux"), num_replicas=1, rank=0, shuffle=True, seed=0))
+    return lightning, accelerate_run("flux", "adamw", {"ring_degree": 2}, order=order)
+
+
+@pytest.mark.timeout(300)
+def test_lightning_and_accelerate_reach_the_same_weights() -> None:
+    for lightning, accelerate in run_distributed(lightning_and_accelerate, 2, init_process_group=False):
+        for name, weight in lightning["state"].items():
+            assert_close_rel(accelerate["state"][name], weight, 1e-6, f"Lightning vs Accelerate: {name}")
+
+
+def bad_configs() -> dict[str, str]:
+    from accelerate import Accelerator
+    from accelerate.utils import ParallelismConfig
+
+    from cp_plugin.accelerate import ContextParallelPlugin
+
+    messages = {}
+    cases = {
+        "degrees": lambda: ContextParallelPlugin({"ring_degree": 3}).prepare(Accelerator(cpu=True), torch.nn.Linear(2, 2)),
+        "not_joined": lambda: ContextParallelPlugin({"ring_degree": 2})._setup(
+            type("Single", (), {"num_processes": 1, "parallelism_config": None})()
+        ),
+        "accelerate_cp": lambda: ContextParallelPlugin({"ring_degree": 2})._setup(
+            type("WithCP", (), {"num_processes": 2, "parallelism_config": ParallelismConfig(cp_size=2)})()
+        ),
+    }
+    for name, case in cases.items():
+        try:
+            case()
+            messages[name] = "no error"
+        except ValueError as err:
+            messages[name] = str(err)
+    return messages
+
+
+@pytest.mark.timeout(120)
+def test_bad_configs_fail_on_every_rank_with_a_fix() -> None:
+    for messages in run_distributed(bad_configs, 2, init_process_group=False):
+        assert "ring_degree=3 x ulysses_degree=1 = 3 does not divide world_size=2" in messages["degrees"]
+        assert re.search(r"num_processes=1 but 2 processes were launched.*Accelerator\(cpu=True\)", messages["not_joined"])
+        assert "cp_size=2" in messages["accelerate_cp"] and "cannot be combined" in messages["accelerate_cp"]
+
+
+@pytest.mark.timeout(300)
+def test_example_script_under_torchrun(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "examples" / "train_accelerate.py"), "parallel=ring", "trainer.max_steps=3",
+           "trainer.accumulate_grad_batches=2", "data.image_size=16", "data.crops=16", "checkpoint_every_n_steps=2",
+           f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "no W&B offline run"
+    assert (tmp_path / "checkpoints" / "step_2").is_dir()  # accelerator.save_state
+    assert "step 3" in result.stdout
