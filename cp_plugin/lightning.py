@@ -17,7 +17,9 @@ Gradients need no special reduction: the collectives' backwards are exact adjoin
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import partial
@@ -29,13 +31,20 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils.data import DataLoader
 
 from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
+from cp_plugin.guard import check_same_config, describe_failures, gradients_finite, is_transport_error, record_failure
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.resume import KEY as RESUME_KEY
+from cp_plugin.resume import layout_state, restore_rng_state, resumable, rng_state_to_restore
 from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
 from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
+
+
+log = logging.getLogger(__name__)
 
 
 class ContextParallelStrategy(DDPStrategy):
@@ -54,6 +63,8 @@ class ContextParallelStrategy(DDPStrategy):
         gather_outputs: gather model outputs over the CP group (default: unless ``shard_batch``).
         check_batches: compare a fingerprint of each batch across the CP group (one tiny
             all-gather per step) and raise if ranks of a group were fed different data.
+        on_nonfinite: on NaN/Inf gradients (a non-finite loss on any rank), ``"raise"`` naming the
+            step and rank, or ``"skip"`` the optimizer step with a warning.
         Remaining arguments are ``DDPStrategy`` 's (accelerator, parallel_devices,
         cluster_environment, checkpoint_io, precision_plugin, process_group_backend, timeout,
         start_method, DDP keyword arguments).
@@ -75,10 +86,13 @@ class ContextParallelStrategy(DDPStrategy):
         presharded_inputs: Sequence[str] = ("hidden_states",),
         gather_outputs: bool | None = None,
         check_batches: bool = True,
+        on_nonfinite: str = "raise",
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
     ) -> None:
         super().__init__(timeout=timeout, **kwargs)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; use 'raise' or 'skip'")
         overrides = {
             "ring_degree": ring_degree,
             "ulysses_degree": ulysses_degree,
@@ -93,8 +107,11 @@ class ContextParallelStrategy(DDPStrategy):
         self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
         self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
         self.check_batches = check_batches
+        self.on_nonfinite = on_nonfinite
         self._mesh: ParallelMesh | None = None
         self._hooked: torch.nn.Module | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._loss_finite = True
 
     # layout ----------------------------------------------------------------------------------
     @property
@@ -143,6 +160,10 @@ class ContextParallelStrategy(DDPStrategy):
         # rank raises the same error and none waits in a collective.
         self.parallel_config.resolve(self.num_nodes * self.num_processes)
         super().setup_environment()
+        check_same_config(
+            parallel=self.parallel_config, shard_batch=self.shard_batch_dims, gather_outputs=self.gather_outputs,
+            cp_plan=sorted(self.cp_plan or {}), torch=torch.__version__,
+        )
         self._mesh = ParallelMesh.build(self.parallel_config, self.root_device.type)
         if "PL_GLOBAL_SEED" not in os.environ:
             rank_zero_warn("no seed set (lightning.seed_everything); ContextParallelStrategy draws one on rank 0")
@@ -169,9 +190,12 @@ class ContextParallelStrategy(DDPStrategy):
         # Lightning seeds data workers by *global* rank; a CP group must draw the same augmentations.
         if int(os.environ.get("PL_SEED_WORKERS", 0)) and getattr(dataloader, "worker_init_fn", 0) is None:
             dataloader.worker_init_fn = partial(pl_worker_init_function, rank=self.dp_rank)
-        return dataloader
+        return resumable(dataloader) if isinstance(dataloader, DataLoader) else dataloader
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if self._rng_to_restore is not None:  # resumed: continue each rank's random stream where it stopped
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         batch = super().batch_to_device(batch, device, dataloader_idx)
         if not self.parallel_mesh.cp_enabled:
             return batch
@@ -180,6 +204,56 @@ class ContextParallelStrategy(DDPStrategy):
         if self.shard_batch_dims:
             batch = shard_batch(batch, self.shard_batch_dims, self.parallel_mesh)
         return batch
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        self._loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        if not self._loss_finite:
+            step = self.lightning_module.trainer.global_step
+            log.warning(f"non-finite loss {loss.item()} at step {step} on rank {self.global_rank}")
+        return output
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        def guarded_closure() -> Any:
+            result = closure()
+            # After DDP's all-reduce every rank holds the same gradients, so all ranks decide alike.
+            if not gradients_finite(optimizer):
+                culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
+                where = f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
+                if self.on_nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"non-finite gradients at {where}; find the bad batch, lower the learning rate, or pass "
+                        "ContextParallelStrategy(on_nonfinite='skip') to skip such steps"
+                    )
+                log.warning(f"skipping the optimizer step: non-finite gradients at {where}")
+                optimizer.zero_grad(set_to_none=True)  # the optimizer steps no parameter without a gradient
+            return result
+
+        return super().optimizer_step(optimizer, guarded_closure, model, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        checkpoint[RESUME_KEY] = layout_state(self.world_size, self.parallel_mesh.dp_size)  # every rank's RNG
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._rng_to_restore = rng_state_to_restore(
+            checkpoint, self.world_size, self.parallel_mesh.dp_size, self.global_rank
+        )
+        return checkpoint
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if not torch.distributed.is_initialized():
+            return
+        if is_transport_error(exception):  # a peer went away: say which one and why
+            exception.args = (f"{exception.args[0] if exception.args else ''}\n[cp_plugin] {describe_failures()}",
+                              *exception.args[1:])
+        else:
+            record_failure(exception)
+        if self.launcher is not None:  # Lightning kills the ranks it started only on Ctrl-C; no orphans here
+            self.launcher.kill(signal.SIGKILL)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -30,18 +30,44 @@ class PlainModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(module: L.LightningModule, strategy: ContextParallelStrategy, data: SyntheticFlowData) -> None:
+def fit(module: L.LightningModule, strategy: ContextParallelStrategy, data: SyntheticFlowData, steps: int = 1) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
-        max_steps=1,
+        max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(data, batch_size=2))
+
+
+class RaggedData(SyntheticFlowData):
+    """Each rank builds a different sequence length: the ranks of a CP group disagree."""
+
+    def __init__(self) -> None:
+        super().__init__("flux", seq_tokens=64 if torch.distributed.get_rank() == 0 else 36)
+
+
+class NaNOnRankOne(FlowMatchingModule):
+    """Rank 1's loss turns NaN at step 1 (plain data parallelism, so only that rank sees it)."""
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = super().loss(batch)
+        bad = self.global_rank == 1 and self.trainer.global_step == 1
+        return loss * float("nan") if bad else loss
+
+
+def applied_twice() -> None:
+    from cp_plugin import ParallelConfig, ParallelMesh
+    from cp_plugin.model import apply_context_parallel
+
+    mesh = ParallelMesh.build(ParallelConfig(ulysses_degree=2), "cpu")
+    module = FlowMatchingModule()
+    apply_context_parallel(module, mesh)
+    apply_context_parallel(module, mesh)
 
 
 def three_head_flux() -> FlowMatchingModule:
@@ -57,13 +83,31 @@ CASES: dict[str, Callable[[], None]] = {
         FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux", seq_tokens=49)
     ),
     "no_plan": lambda: fit(PlainModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux")),
+    "ragged": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), RaggedData()),
+    "mismatch": lambda: fit(
+        FlowMatchingModule(),
+        ContextParallelStrategy(**({"ring_degree": 2} if torch.distributed.get_rank() == 0 else {"ulysses_degree": 2})),
+        SyntheticFlowData("flux"),
+    ),
+    "twice": applied_twice,
+    "nonfinite": lambda: fit(NaNOnRankOne(), ContextParallelStrategy(), SyntheticFlowData("flux"), steps=3),
+    "skip": lambda: fit(NaNOnRankOne(), ContextParallelStrategy(on_nonfinite="skip"), SyntheticFlowData("flux"), steps=3),
+    "rotate": lambda: ContextParallelStrategy(ring_degree=2, rotate_method="alltoall"),
+    "nonfinite_option": lambda: ContextParallelStrategy(on_nonfinite="ignore"),
 }
 
 EXPECTED = {
-    "degrees": r"ring_degree=3 x ulysses_degree=1 = 3 does not divide world_size=2; use degrees whose product is 1 or 2",
+    "degrees": r"ValueError: ring_degree=3 x ulysses_degree=1 = 3 does not divide world_size=2; use degrees whose product is 1 or 2",
     "heads": r"ulysses_degree=2 does not divide num_attention_heads=3 of FluxTransformer2DModel \('transformer'.*use ulysses_degree 1 or 3",
-    "sequence": r"sequence length 49 .* is not divisible by the context-parallel size 2 .*e\.g\. 50",
+    "sequence": r"ValueError: sequence length 49 .* is not divisible by the context-parallel size 2 .*e\.g\. 50",
     "no_plan": r"PlainModule has no diffusers model with a _cp_plan \(no diffusers models\).*pass cp_plan=",
+    "ragged": r"ranks of context-parallel group \[0, 1\] received different batches",
+    "mismatch": r"ranks \[1\] were started with different settings than rank 0 .*ring_degree=2.*ulysses_degree=2",
+    "twice": r"RuntimeError: context parallelism is already applied to FluxTransformer2DModel \('transformer'\)",
+    "nonfinite": r"FloatingPointError: non-finite gradients at step 1, rank [01]: (this rank's|another rank's) loss",
+    "skip": r"^no error$",  # on_nonfinite="skip": the NaN step is dropped on every rank and training goes on
+    "rotate": r"rotate_method='alltoall' is not supported; use one of 'p2p', 'allgather'",
+    "nonfinite_option": r"on_nonfinite='ignore' is not supported; use 'raise' or 'skip'",
 }
 
 
@@ -73,7 +117,7 @@ def collect_errors(names: list[str]) -> dict[str, str]:
     for name in names:
         try:
             CASES[name]()
-        except (ValueError, RuntimeError) as err:
+        except (ValueError, RuntimeError, FloatingPointError) as err:
             messages[name] = f"{type(err).__name__}: {err}"
         else:
             messages[name] = "no error"
@@ -85,5 +129,7 @@ def test_bad_configs_raise_on_every_rank_with_the_setting_and_a_fix() -> None:
     results = run_distributed(collect_errors, 2, list(CASES), init_process_group=False, pg_timeout_s=30)
     for rank, messages in enumerate(results):
         for name, pattern in EXPECTED.items():
-            assert messages[name].startswith("ValueError"), (rank, name, messages[name])
             assert re.search(pattern, messages[name]), (rank, name, messages[name])
+    # a non-finite loss is named by the rank that produced it; its peer names the other rank
+    assert "step 1, rank 1: this rank's loss was not finite" in results[1]["nonfinite"]
+    assert "step 1, rank 0: another rank's loss was not" in results[0]["nonfinite"]

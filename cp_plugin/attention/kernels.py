@@ -4,8 +4,12 @@ A ring computes attention against one KV block at a time and merges the partial 
 needs each block's log-sum-exp (LSE) and a backward that takes the *global* output and LSE.
 PyTorch exposes exactly that as ATen ops (the ones ``scaled_dot_product_attention`` dispatches
 to): the CPU flash kernel, and on CUDA the flash kernel (fp16/bf16) or the memory-efficient kernel
-(any dtype, and key masks). Layout ``(batch, heads, seq, head_dim)``; LSE ``(batch, heads, seq)``
-in float32. Key masks arrive as an additive bias (0 / -inf), the form every kernel accepts.
+(fp32, key masks, head dims flash does not take). Layout ``(batch, heads, seq, head_dim)``; LSE
+``(batch, heads, seq)`` in float32 (float64 for float64 inputs, which only the CPU kernel takes).
+Key masks arrive as an additive bias (0 / -inf), the form every kernel accepts.
+
+cuDNN attention is left out on purpose: its backward wants the forward's own sequence offsets and
+LSE layout, so a ring could not feed it the merged LSE without a device to verify against.
 """
 
 from __future__ import annotations
@@ -15,8 +19,22 @@ import torch
 aten = torch.ops.aten
 
 
-def _use_cuda_flash(q: torch.Tensor) -> bool:
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+def _backend(q: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The one place a kernel is chosen, so forward and backward always agree.
+
+    Flash needs half precision and a head dim that is a multiple of 8 up to 256, and takes no bias.
+    """
+    if q.device.type == "cpu":
+        return "cpu"
+    head_dim = q.shape[-1]
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0:
+        return "flash"
+    return "efficient"
+
+
+def _no_rng(q: torch.Tensor) -> torch.Tensor:
+    """Placeholder philox seed/offset: the CUDA backwards read them only when dropout is on."""
+    return torch.empty(0, dtype=torch.int64, device=q.device)
 
 
 def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -25,7 +43,7 @@ def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
         return None
     bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
     bias = bias[:, None, None, :]
-    # CUDA's memory-efficient kernel wants the bias at full size; the CPU kernel broadcasts.
+    # CUDA's memory-efficient kernel wants the bias at full size (a stride-0 expand is enough).
     return bias if q.device.type == "cpu" else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
@@ -33,14 +51,15 @@ def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over one KV block: ``(out, lse)``; ``bias`` from :func:`additive_mask`."""
-    if q.device.type == "cpu":
+    backend = _backend(q, bias)
+    if backend == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-    elif bias is None and _use_cuda_flash(q):
+    elif backend == "flash":
         out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
     else:
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
-        lse = lse[..., : q.shape[2]]  # some versions pad the LSE's sequence dim to a multiple of 32
-    return out, lse.float()
+        lse = lse[..., : q.shape[2]]  # the kernel pads the LSE's sequence dim to a multiple of 32
+    return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
 
 def attention_backward(
@@ -59,19 +78,20 @@ def attention_backward(
     per-block gradients simply add up (dq over blocks; dk, dv per block).
     """
     grad_out = grad_out.contiguous()
-    if q.device.type == "cpu":
+    backend = _backend(q, bias)
+    if backend == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
         )
-    # No dropout, no variable lengths: the kernels ignore the RNG state and cumulative lengths.
-    none = q.new_empty(0, dtype=torch.int64)
-    if bias is None and _use_cuda_flash(q):
+    # ``None`` is an undefined tensor to ATen: dense (not variable-length) flash, no bias. An empty
+    # tensor would be *defined* and switch the kernels to their varlen / bias paths.
+    if backend == "flash":
         return aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, none, none, q.shape[2], k.shape[2], 0.0, False, none, none, scale=scale
+            grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, _no_rng(q), _no_rng(q),
+            scale=scale,
         )
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        grad_out, q, k, v, q.new_empty(0) if bias is None else bias, out, lse.contiguous(), none, none, 0.0,
-        [True, True, True, False], False,
+        grad_out, q, k, v, bias, out, lse.contiguous(), _no_rng(q), _no_rng(q), 0.0, [True, True, True, False], False,
         scale=scale,
     )
     return dq, dk, dv

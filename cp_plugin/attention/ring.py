@@ -1,33 +1,37 @@
 """Ring attention that trains: KV blocks travel around the ring, forward and backward.
 
-Each ring rank holds one block of the sequence. In the forward pass its KV block makes a full
-turn: at every step a rank attends its queries to the block it holds (``attention_forward``,
-with LSE) and merges the partial result in float32, while the next block is already in flight
-(``RingComm`` posts the send/receive *before* the compute, so transfer overlaps compute, and at
-most two KV blocks are resident). The backward pass makes the same turn, recomputing each block's
-gradients from the saved global output and LSE; the dK/dV accumulator of a block follows the block
-from its second holder on and reaches its owner after the last step, so dK/dV, like KV, make
-``ring - 1`` hops: the minimum traffic. Only ``q, k, v, out, lse`` of the local shard are saved.
+Each ring rank holds one block of the sequence. In the forward pass the KV blocks rotate: at every
+step a rank attends its queries to the block it holds (``attention_forward``, with LSE) and merges
+the partial result by LSE (in float32 with ``convert_to_fp32``), while the next block is already
+in flight (``RingComm`` posts the send/receive *before* the compute, so transfer overlaps compute,
+and at most two KV blocks are resident). The backward pass makes the same rotation, recomputing
+each block's gradients from the saved global output and LSE; dq accumulates locally in float32,
+and the dK/dV accumulator of a block follows the block from its second holder on and reaches its
+owner after the last step, so dK/dV, like KV, make ``ring - 1`` hops: the minimum traffic. Only
+``q, k, v, out, lse`` of the local shard are saved, O(S_local) per rank.
 
 ``rotate_method="allgather"`` gathers every KV block at once instead (O(S) memory, no overlap),
 kept to compare against; its backward returns dK/dV to their owners with a reduce-scatter.
+Bytes sent are counted in :data:`cp_plugin.comm.COMM_STATS` under ``ring_p2p``/``ring_allgather``
+(forward) and ``ring_p2p_backward``/``ring_allgather_backward``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward
 from cp_plugin.comm import count_sent
 
 
 class RingComm:
-    """Send one buffer to the next ring rank and receive one from the previous, asynchronously.
+    """Double-buffered ring exchange: send to the next ring rank, receive from the previous.
 
-    It owns the in-flight buffer: ``send_recv`` returns the receive buffer immediately and
-    ``wait`` completes the pair, so a caller computes on its current block in between.
+    ``send_recv`` posts both transfers and returns the receive buffer at once, so the caller
+    computes on its current block while the next one is in flight; ``wait`` completes them. The
+    comm owns the spare buffer: a sent buffer is free once ``wait`` returns, so it receives the
+    transfer after next. With the block being computed on, that is two blocks resident, never more.
     """
 
     def __init__(self, group: dist.ProcessGroup, kind: str) -> None:
@@ -35,9 +39,15 @@ class RingComm:
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.next, self.prev = (rank + 1) % size, (rank - 1) % size
         self._pending: list[dist.Work] = []
+        self._spare: torch.Tensor | None = None
 
     def send_recv(self, send: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty_like(send)
+        """Post ``send`` to the next rank and a receive from the previous one; returns its buffer."""
+        if self._pending:
+            raise RuntimeError("RingComm.send_recv called before wait(): the spare buffer may still be in flight")
+        recv = torch.empty_like(send) if self._spare is None else self._spare
+        # One batch for both directions: every rank posts the same pair in the same order, so
+        # gloo and NCCL match them without the send-before-receive deadlock of blocking p2p.
         self._pending = dist.batch_isend_irecv(
             [
                 dist.P2POp(dist.isend, send, group=self.group, group_peer=self.next),
@@ -45,9 +55,11 @@ class RingComm:
             ]
         )
         count_sent(self.kind, send.nbytes)
+        self._spare = send
         return recv
 
     def wait(self) -> None:
+        """Complete the posted pair: the received buffer is filled, the sent one may be reused."""
         for work in self._pending:
             work.wait()
         self._pending = []
@@ -65,7 +77,9 @@ def _merge(
     block_lse = block_lse.unsqueeze(-1)
     if out is None:
         return block_out, block_lse
-    weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0)  # NaN only when both are -inf: nothing to add
+    # The weight is computed from float32 LSEs and cast to ``out``'s dtype, so ``out`` stays in the
+    # accumulation dtype the caller chose. NaN only when both LSEs are -inf: nothing to add.
+    weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0).to(out.dtype)
     return out - weight * (out - block_out), torch.logaddexp(lse, block_lse)
 
 
@@ -87,7 +101,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_masks, group, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
-        acc_dtype = torch.float32 if convert_to_fp32 else q.dtype
+        acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         kv = torch.stack((k, v))
         out = lse = None
@@ -113,7 +127,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, key_masks = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        dq = torch.zeros_like(q, dtype=torch.float32)
+        dq = torch.zeros_like(q, dtype=_wide(q.dtype))
         kv = torch.stack((k, v))
         if ctx.rotate_method == "allgather":
             blocks = _all_gather_blocks(kv, group, "ring_allgather_backward")
@@ -121,7 +135,7 @@ class _RingAttention(torch.autograd.Function):
                 [_block_backward(grad_out, q, block, _mask_of(key_masks, origin), out, lse, scale, dq)
                  for origin, block in enumerate(blocks)]
             )
-            dkv = torch.empty_like(kv, dtype=torch.float32)
+            dkv = torch.empty_like(kv, dtype=dq.dtype)
             dist.reduce_scatter_tensor(dkv, dkv_all.flatten(0, 1), group=group)
             count_sent("ring_allgather_backward", dkv_all.nbytes * (size - 1) // size)
         else:
@@ -135,7 +149,7 @@ class _RingAttention(torch.autograd.Function):
                     own_dkv = block_dkv
                 else:
                     if incoming_dkv is not None:  # the accumulator of the block we now hold
-                        dkv_comm.wait()
+                        dkv_comm.wait()  # it travelled while we computed
                         block_dkv += incoming_dkv
                     # on to the block's next holder; after the last step that is its owner
                     incoming_dkv = dkv_comm.send_recv(block_dkv)
@@ -143,9 +157,16 @@ class _RingAttention(torch.autograd.Function):
                     kv_comm.wait()
                     kv = incoming_kv
             dkv_comm.wait()
-            dkv = own_dkv if incoming_dkv is None else own_dkv + incoming_dkv
+            if incoming_dkv is not None:  # our own block's accumulator, home after ring - 1 hops
+                own_dkv += incoming_dkv
+            dkv = own_dkv
         dk, dv = dkv.to(k.dtype).unbind(0)
         return dq.to(q.dtype), dk, dv, None, None, None, None, None
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half precision, the dtype itself when it is wider."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _mask_of(key_masks: torch.Tensor | None, origin: int) -> torch.Tensor | None:
@@ -171,11 +192,11 @@ def _block_backward(
     scale: float,
     dq: torch.Tensor,
 ) -> torch.Tensor:
-    """Add this block's dq into ``dq`` (fp32) and return its ``(2, ...)`` dK/dV in fp32."""
+    """Add this block's dq into ``dq`` and return its ``(2, ...)`` dK/dV in ``dq``'s (wide) dtype."""
     bias = additive_mask(key_mask, q, kv[0])
     block_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale, bias)
     dq += block_dq
-    return torch.stack((dk, dv)).float()
+    return torch.stack((dk, dv)).to(dq.dtype)
 
 
 def ring_attention(

@@ -1,0 +1,75 @@
+"""Failing well: the same config on every rank, and a failure that names the rank that failed.
+
+When one rank raises, the others are usually blocked in a collective: gloo/NCCL then fail with a
+transport error (or a timeout) that says nothing about *why*. A failing rank therefore records its
+error in the c10d store the process group already runs on, and a rank whose collective broke looks
+the records up and says which rank failed first (or that none reported: killed or stuck).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store
+
+_FAILED = "cp_plugin/failed/"
+_TRANSPORT_ERRORS = ("Connection closed", "Connection reset", "timed out", "Timed out", "Broken pipe", "NCCL", "Gloo")
+
+
+def config_fingerprint(**settings: Any) -> str:
+    """A short hash of the settings every rank must agree on."""
+    return hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
+
+
+def check_same_config(**settings: Any) -> None:
+    """Compare every rank's settings once at start-up; raise the same error everywhere if they differ."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (config_fingerprint(**settings), settings))
+    reference = everyone[0]
+    differing = [rank for rank, got in enumerate(everyone) if got[0] != reference[0]]
+    if differing:
+        raise ValueError(
+            f"ranks {differing} were started with different settings than rank 0 (rank 0: {reference[1]}; rank "
+            f"{differing[0]}: {everyone[differing[0]][1]}); launch every rank with the same config and command line"
+        )
+
+
+def is_transport_error(error: BaseException) -> bool:
+    """A collective that broke because a peer went away or stopped answering."""
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in _TRANSPORT_ERRORS)
+
+
+def record_failure(error: BaseException) -> None:
+    """Leave this rank's error where its peers can read it (best effort: the store may be gone)."""
+    try:
+        _get_default_store().set(f"{_FAILED}{dist.get_rank()}", f"{type(error).__name__}: {error}"[:500])
+    except Exception:  # noqa: BLE001 - never mask the original error
+        pass
+
+
+def describe_failures(wait_s: float = 2.0) -> str:
+    """Which ranks recorded a failure (waiting briefly for them to do so), for a peer's error message."""
+    try:
+        store, world = _get_default_store(), dist.get_world_size()
+        deadline = time.monotonic() + wait_s
+        while True:
+            failed = [r for r in range(world) if r != dist.get_rank() and store.check([f"{_FAILED}{r}"])]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if not failed:
+            return "no other rank reported an error: a rank was killed, ran out of memory, or is stuck"
+        return "; ".join(f"rank {r} failed: {store.get(f'{_FAILED}{r}').decode()}" for r in failed)
+    except Exception as err:  # noqa: BLE001 - the store lives on rank 0; it may be gone with it
+        return (f"the failure store is unreachable ({type(err).__name__}): the launcher is shutting the job down, "
+                "or the process hosting the store died")
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one fused norm, no collective)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())

@@ -1,0 +1,76 @@
+"""Exact resume: what a Lightning checkpoint lacks for a multi-rank run to continue bit for bit.
+
+Lightning saves model, optimizer, schedulers and loop counters, but not random-number states, and
+rank 0 writes the file, while under CP every dp replica draws its own noise. We add every rank's RNG
+state (gathered into rank 0's checkpoint) and restore each rank's own just before its first step.
+Mid-epoch data position comes from ``torchdata``'s ``StatefulDataLoader``, whose state Lightning
+already saves and restores; a checkpoint from another layout still loads (weights, optimizer), with
+RNG and data position restarting from the seed and the epoch's start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+KEY = "cp_plugin"
+
+
+def _portable_rng_states() -> dict[str, Any]:
+    """Lightning's RNG states with numpy's key array as a list, so ``torch.load(weights_only=True)`` reads it."""
+    states = _collect_rng_states(include_cuda=True)
+    kind, keys, *rest = states["numpy"]
+    return {**states, "numpy": (kind, keys.tolist(), *rest)}
+
+
+def layout_state(world_size: int, dp_size: int) -> dict[str, Any]:
+    """Every rank's RNG state plus the layout it belongs to (collective: call on every rank)."""
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, _portable_rng_states())
+    return {"world_size": world_size, "dp_size": dp_size, "rng_states": states}
+
+
+def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: int, rank: int) -> dict | None:
+    """This rank's saved RNG state if the checkpoint comes from the same layout; else drop the data position.
+
+    Returns ``None`` when the layout changed: the loader's saved position is removed from the
+    checkpoint (it counts samples of another dp split), and RNG streams restart from the seed.
+    """
+    saved = checkpoint.get(KEY)
+    if saved is not None and saved["world_size"] == world_size and saved["dp_size"] == dp_size:
+        return saved["rng_states"][rank]
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    fit_loop.get("state_dict", {}).pop("combined_loader", None)
+    return None
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    kind, keys, *rest = state["numpy"]
+    _set_rng_states({**state, "numpy": (kind, np.asarray(keys, dtype=np.uint32), *rest)})
+
+
+def resumable(loader: DataLoader) -> DataLoader:
+    """The same loader as a ``StatefulDataLoader`` (mid-epoch position saved with the checkpoint)."""
+    if isinstance(loader, StatefulDataLoader) or type(loader) is not DataLoader:
+        return loader  # already stateful, or a custom loader class we must not rebuild
+    return StatefulDataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=loader.sampler if loader.batch_size is not None else None,
+        batch_sampler=None if loader.batch_size is not None else loader.batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    )

@@ -1,0 +1,65 @@
+"""Train under ContextParallelStrategy and make one rank fail at a given step (for tests/test_failures.py).
+
+    python fail_rank.py --mode raise|kill|hang --rank 1 --step 2          # Lightning starts the processes
+    torchrun --nproc-per-node 2 fail_rank.py --mode kill --rank 1 --step 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for exact.py)
+
+from cp_plugin import ContextParallelStrategy  # noqa: E402
+from exact import FlowMatchingModule, SyntheticFlowData  # noqa: E402
+
+
+class FailingModule(FlowMatchingModule):
+    def __init__(self, mode: str, rank: int, step: int) -> None:
+        super().__init__("flux")
+        self.mode, self.fail_rank, self.fail_step = mode, rank, step
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.global_rank == self.fail_rank and self.global_step == self.fail_step:
+            print(f"rank {self.global_rank} injecting '{self.mode}' at step {self.global_step} at {time.time()}", flush=True)
+            if self.mode == "raise":
+                raise ValueError("injected failure")
+            if self.mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)  # hang: the peers must give up after the process-group timeout
+        return super().training_step(batch, batch_idx)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["raise", "kill", "hang"], required=True)
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--step", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ContextParallelStrategy(ring_degree=2, timeout=timedelta(seconds=args.timeout)),
+        max_steps=args.step + 3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(FailingModule(args.mode, args.rank, args.step), DataLoader(SyntheticFlowData("flux"), batch_size=2))
+
+
+if __name__ == "__main__":
+    main()
