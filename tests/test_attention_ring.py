@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention
-from cp_plugin.attention.kernels import attention_backward, attention_forward
+from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward
 from cp_plugin.attention.ring import _merge
 from cp_plugin.comm import COMM_STATS
 from launcher import run_distributed
@@ -99,10 +99,11 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
         shard = slice(mesh.cp_rank * S // mesh.cp_size, (mesh.cp_rank + 1) * S // mesh.cp_size)
         q, k, v, grad_out = (x[:, shard].clone() for x in full_inputs(case.dtype))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
-        saved: list[int] = []
+        saved: dict[int, int] = {}  # storage -> bytes: a small view of a large buffer keeps all of it alive
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            saved.append(tensor.numel() * tensor.element_size())
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
         COMM_STATS.reset()
@@ -110,7 +111,7 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
             out = context_parallel_attention(q, k, v, mesh, key_mask=key_mask()[:, shard] if case.masked else None)
         out.backward(grad_out)
         results.append({"case": case, "shard": shard, "tensors": (out.detach(), q.grad, k.grad, v.grad),
-                        "saved": sum(saved), "sent": dict(COMM_STATS.by_kind)})
+                        "saved": sum(saved.values()), "sent": dict(COMM_STATS.by_kind)})
     return results
 
 
@@ -159,11 +160,11 @@ def test_cpu_kernels_give_sdpa_lse_and_grads(dtype: torch.dtype) -> None:
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     want = F.scaled_dot_product_attention(q64, k64, v64, scale=scale)
     want.backward(grad_out.double())
-    want_lse = torch.logsumexp(q64 @ k64.transpose(-1, -2) * scale, dim=-1)
+    want_lse = torch.logsumexp(q64.detach() @ k64.detach().transpose(-1, -2) * scale, dim=-1)
     tol = TOL[dtype]
     assert float((lse - want_lse).abs().max() / want_lse.abs().max()) < tol
     grads = attention_backward(grad_out, q, k, v, out, lse, scale)
-    for got, ref in zip((out, *grads), (want, q64.grad, k64.grad, v64.grad)):
+    for got, ref in zip((out, *grads), (want.detach(), q64.grad, k64.grad, v64.grad)):
         assert got.dtype == dtype
         assert float((got.double() - ref).abs().max() / ref.abs().max()) < tol
 
@@ -187,6 +188,10 @@ def test_lse_merge_of_blocks_is_full_attention() -> None:
     assert torch.allclose(sum(g[0] for g in per_block), dq, atol=1e-12)
     assert torch.allclose(torch.cat([g[1] for g in per_block], 2), dk, atol=1e-12)
     assert torch.allclose(torch.cat([g[2] for g in per_block], 2), dv, atol=1e-12)
+    # convert_to_fp32=False: the merge keeps the accumulator in the inputs' dtype (LSE stays fp32)
+    lse32 = full_lse.float()
+    half_out, half_lse = _merge(full_out.bfloat16(), lse32[..., None], full_out.bfloat16(), lse32)
+    assert half_out.dtype == torch.bfloat16 and half_lse.dtype == torch.float32
 
 
 class _RecordCalls(TorchDispatchMode):
@@ -216,8 +221,6 @@ def test_non_cpu_branch_follows_the_aten_schemas(dtype: torch.dtype, head_dim: i
 
     No GPU here, so this checks the plumbing only; the numbers of the CUDA kernels are untested.
     """
-    from cp_plugin.attention.kernels import additive_mask
-
     q, k, v, grad_out = (torch.empty(B, H, S, head_dim, dtype=dtype, device="meta") for _ in range(4))
     bias = additive_mask(torch.ones(B, S, dtype=torch.bool, device="meta"), q, k) if masked else None
     with _RecordCalls() as recorded:
@@ -241,6 +244,7 @@ def test_non_cpu_branch_follows_the_aten_schemas(dtype: torch.dtype, head_dim: i
 @pytest.mark.timeout(150)
 @WORLDS
 def test_fp32_layouts_match_full_sequence_sdpa(world: int) -> None:
+    """Ring, ring x Ulysses and Ulysses, p2p and allgather, with and without key masks: within 1e-5."""
     results = launch(world)
     fp32 = [case for case in results if case.dtype == torch.float32]
     assert {(c.ring, c.ulysses, c.rotate) for c in fp32} == set(_layouts(world))
@@ -261,6 +265,7 @@ def test_fp64_ring_is_exact(world: int) -> None:
 @pytest.mark.timeout(150)
 @WORLDS
 def test_half_precision_inputs_merge_in_fp32(world: int) -> None:
+    """bf16/fp16 shards (rounding of ~4e-3 / 5e-4 per value) stay within a few roundings of float64."""
     results = launch(world)
     low = [c for c in results if c.dtype in (torch.bfloat16, torch.float16) and c.fp32_merge]
     assert {c.dtype for c in low} == {torch.bfloat16, torch.float16}
@@ -268,16 +273,14 @@ def test_half_precision_inputs_merge_in_fp32(world: int) -> None:
         assert max(rel_errors(case, results[case])) < TOL[case.dtype], case
     assert local_only_error(world) > 10 * TOL[torch.bfloat16]  # teeth: moving no KV is far off
     # convert_to_fp32 matters: merging the partial outputs in bf16 rounds once per ring step.
-    fp32_merge = rel_errors(Case(world, 1, "p2p", torch.bfloat16), results[Case(world, 1, "p2p", torch.bfloat16)])
-    bf16_case = Case(world, 1, "p2p", torch.bfloat16, fp32_merge=False)
-    bf16_merge = rel_errors(bf16_case, results[bf16_case])
-    assert bf16_merge[0] > fp32_merge[0]
+    fp32_merge, bf16_merge = (Case(world, 1, "p2p", torch.bfloat16, fp32_merge=f) for f in (True, False))
+    assert rel_errors(bf16_merge, results[bf16_merge])[0] > 1.5 * rel_errors(fp32_merge, results[fp32_merge])[0]
 
 
 @pytest.mark.timeout(150)
 @WORLDS
 def test_ring_saves_only_the_local_shard(world: int) -> None:
-    """Bytes saved for backward are exactly local q, k, v, out (4 shards) and the fp32 LSE: O(S/cp)."""
+    """Storage kept for backward is exactly local q, k, v, out (4 shards) and the fp32 LSE: O(S/cp)."""
     results = launch(world)
     for case, ranks in results.items():
         if case.ring == 1:

@@ -212,10 +212,21 @@ def ring_attention(
 ) -> torch.Tensor:
     """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``).
 
-    ``key_mask``: optional boolean ``(B, S_local)``, True where a key may be attended to.
+    Returns this rank's shard of the output, ``(B, S_local, H, D)`` in the input dtype; gradients
+    flow to the local ``query``, ``key`` and ``value``.
+
+    Args:
+        group: the ring's process group; its rank order is the order of the sequence blocks.
+        scale: softmax scale, ``head_dim ** -0.5`` by default (as SDPA).
+        rotate_method: ``"p2p"`` (double-buffered ring, two KV blocks resident) or ``"allgather"``
+            (every KV block at once; for comparison).
+        convert_to_fp32: merge the partial outputs in float32; ``False`` merges in the input dtype.
+        key_mask: optional boolean ``(B, S_local)``, True where a key may be attended to.
     """
+    if rotate_method not in ("p2p", "allgather"):
+        raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     key_masks = None if key_mask is None else _all_gather_blocks(key_mask, group, "ring_mask")
-    out = _RingAttention.apply(q.contiguous(), k, v, key_masks, group, scale, rotate_method, convert_to_fp32)
+    out = _RingAttention.apply(q, k, v, key_masks, group, scale, rotate_method, convert_to_fp32)
     return out.transpose(1, 2)
