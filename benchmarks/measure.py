@@ -2,8 +2,9 @@
 
 Saved activations are what autograd keeps alive between forward and backward, i.e. what grows
 with the sequence and decides how long a sequence fits. ``saved_tensors_hooks`` sees every tensor
-autograd saves; we count each tensor once (several ops may save the same one) and leave out
-parameters, which autograd also saves but which do not depend on the sequence.
+autograd saves; we count the storage each keeps alive, once (several ops may save the same one, and a
+slice keeps its whole buffer), and leave out parameters, which autograd also saves but which do not
+depend on the sequence.
 """
 
 from __future__ import annotations
@@ -17,38 +18,41 @@ from dataclasses import dataclass, field
 import torch
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """(identity, bytes) of the memory a saved tensor keeps alive: its whole storage, not its view."""
     try:
-        return tensor.untyped_storage().data_ptr()
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
     except RuntimeError:  # wrapper subclasses (e.g. async collective results) have no own storage
-        return id(tensor)
+        return id(tensor), tensor.numel() * tensor.element_size()
 
 
 @dataclass
 class SavedBytes:
-    """Bytes of distinct activation tensors autograd saved inside a ``count_saved_activations`` block."""
+    """Bytes of distinct activation storages autograd saved inside a ``count_saved_activations`` block."""
 
     exclude: set[int]
     total: int = 0
-    _seen: set[tuple[int, int]] = field(default_factory=set)
+    _seen: set[int] = field(default_factory=set)
 
     def add(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = _storage_key(tensor)
-        key = (storage, tensor.storage_offset())
-        if storage not in self.exclude and key not in self._seen and tensor.numel():
+        key, nbytes = _storage(tensor)
+        if key not in self.exclude and key not in self._seen and nbytes:
             self._seen.add(key)
-            self.total += tensor.numel() * tensor.element_size()
+            self.total += nbytes
         return tensor
 
 
 @contextmanager
 def count_saved_activations(model: torch.nn.Module) -> Iterator[SavedBytes]:
-    """Count (view-sized) bytes of every tensor saved for backward while the block runs.
+    """Count the bytes of every storage a tensor saved for backward keeps alive while the block runs.
+
+    Whole storages, not view sizes: a saved slice of a big buffer keeps the whole buffer.
 
     Tensors that share storage with ``model``'s parameters (weights and their transposed views,
     which linear layers save) are left out: they do not depend on the sequence.
     """
-    saved = SavedBytes(exclude={_storage_key(p) for p in model.parameters()})
+    saved = SavedBytes(exclude={_storage(p)[0] for p in model.parameters()})
     with torch.autograd.graph.saved_tensors_hooks(saved.add, lambda tensor: tensor):
         yield saved
 

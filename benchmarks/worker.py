@@ -77,9 +77,9 @@ def flux_inputs(seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def shard_inputs(inputs: dict[str, torch.Tensor], mesh: ParallelMesh) -> dict[str, torch.Tensor]:
-    """What a sharded dataloader hands each rank: its slice of every sequence tensor."""
+    """What a sharded dataloader hands each rank: its own copy of its slice of every sequence tensor."""
     dims = {"hidden_states": 1, "encoder_hidden_states": 1, "img_ids": 0, "txt_ids": 0, "target": 1}
-    return {k: v.chunk(mesh.cp_size, dims[k])[mesh.cp_rank] if k in dims else v for k, v in inputs.items()}
+    return {k: v.chunk(mesh.cp_size, dims[k])[mesh.cp_rank].clone() if k in dims else v for k, v in inputs.items()}
 
 
 def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
