@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
 from cp_plugin.recipes.callbacks import LossCurve, SampleGrid, TrainingMonitor
-from cp_plugin.recipes.config import register_configs, resolve_checkpoint
+from cp_plugin.recipes.config import in_multirun, register_configs, resolve_checkpoint, run_sweep_job_as_single_run
 from cp_plugin.recipes.data import PhotoCrops
 from cp_plugin.recipes.flow_matching import FlowMatching
 
@@ -29,6 +29,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    if in_multirun():
+        return run_sweep_job_as_single_run()
     parallel = OmegaConf.to_object(cfg.parallel)
     parallel.resolve(cfg.trainer.devices * cfg.trainer.num_nodes)  # fail fast, before any process starts
     L.seed_everything(cfg.seed, verbose=False)
@@ -47,7 +49,7 @@ def main(cfg: DictConfig) -> None:
         logger=logger,
         callbacks=[
             TrainingMonitor(module.sequence_length(latent_shape)),
-            SampleGrid(cfg.sample_every_n_steps, latent_shape, dataset.num_classes, cfg.sample_steps, out_dir),
+            SampleGrid(cfg.sample_every_n_steps, dataset.examples(), cfg.sample_steps, out_dir),
             LossCurve(out_dir),
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(out_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True),

@@ -50,47 +50,51 @@ class TrainingMonitor(L.Callback):
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` (and at the end) sample one image per class and log a grid from rank 0."""
+    """Every ``every_n_steps`` (and at the end) sample each class of ``examples`` and save/log a grid from rank 0.
 
-    def __init__(self, every_n_steps: int, latent_shape: tuple[int, ...], num_classes: int, steps: int,
-                 out_dir: Path) -> None:
-        self.every_n_steps, self.latent_shape = every_n_steps, latent_shape
-        self.num_classes, self.steps, self.out_dir = num_classes, steps, out_dir
+    Top row: the training example of each class; bottom row: a sample of that class, drawn from the
+    same noise every time, so grids from successive steps show the model improving, not new noise.
+    """
+
+    def __init__(self, every_n_steps: int, examples: dict[int, torch.Tensor], steps: int, out_dir: Path) -> None:
+        self.every_n_steps, self.steps, self.out_dir = every_n_steps, steps, out_dir
+        self.labels = torch.tensor(list(examples))
+        self.examples = torch.stack(list(examples.values()))  # (N, frames, C, H, W) latents
+        self._sampled_at: int | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.log_grid(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.log_grid(trainer, module)
+        if self._sampled_at != trainer.global_step:  # the last step may already have sampled
+            self.log_grid(trainer, module)
 
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        labels = torch.arange(self.num_classes, device=module.device)
-        latents = module.sample(labels, self.latent_shape, self.steps)  # every rank: the model is context parallel
+        self._sampled_at = trainer.global_step
+        # every rank samples: the model is context parallel, its collectives need the whole CP group
+        samples = module.sample(self.labels.to(module.device), tuple(self.examples.shape[1:]), self.steps)
         if not trainer.is_global_zero:
             return
         from PIL import Image
 
-        frames = to_pixels(latents[:, 0].float().cpu())  # first frame of each sample, (N, 3, H, W)
-        columns = 4
-        rows = -(-len(frames) // columns)
-        grid = torch.ones(3, rows * frames.shape[2], columns * frames.shape[3])
-        for i, image in enumerate(frames):
-            r, c = divmod(i, columns)
-            grid[:, r * image.shape[1] : (r + 1) * image.shape[1], c * image.shape[2] : (c + 1) * image.shape[2]] = image
+        rows = [to_pixels(latents[:, 0].float().cpu()) for latents in (self.examples, samples)]  # first frames
+        grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # (3, 2 H, N W)
         picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST).save(self.out_dir / "samples.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [picture], step=trainer.global_step)
+                caption = f"step {trainer.global_step}: training examples (top), samples (bottom)"
+                logger.log_image("samples", [picture], step=trainer.global_step, caption=[caption])
 
 
 class LossCurve(L.Callback):
-    """Rank 0 keeps the synced loss of every step and plots it at the end (``loss_curve.png``)."""
+    """Rank 0 keeps the synced loss of every step and plots it, with a moving average, at the end
+    (``loss_curve.png``): the loss of one step is noisy (its timesteps are random), its trend is not."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, window: int = 20) -> None:
+        self.out_dir, self.window = out_dir, window
         self.losses: list[tuple[int, float]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -107,11 +111,19 @@ class LossCurve(L.Callback):
         import matplotlib.pyplot as plt
 
         steps, losses = zip(*self.losses)
+        window = max(1, min(self.window, len(losses)))
+        average = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        layout = trainer.strategy.parallel_mesh.config
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, losses, lw=1)
+        ax.plot(steps, losses, lw=0.8, alpha=0.4, label="per step")
+        ax.plot(steps[window - 1 :], average, lw=2, label=f"mean of {window} steps")
         ax.set_xlabel("step")
         ax.set_ylabel("flow-matching loss")
-        ax.set_title("train.py (default config)")
+        ax.set_title(
+            f"{trainer.world_size} processes: dp={layout.dp_degree} x ring={layout.ring_degree} "
+            f"x ulysses={layout.ulysses_degree}"
+        )
+        ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from typing import Any
 
 import lightning as L
@@ -73,10 +74,17 @@ class FlowMatching(L.LightningModule):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The model's velocity prediction for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)``."""
+        channels, in_channels = x_t.shape[2], self.transformer.config.in_channels
+        if channels != in_channels:
+            raise ValueError(
+                f"the data's latents have {channels} channels but the model takes in_channels={in_channels}; set "
+                f"model.config.in_channels={channels} (and out_channels for Wan), or load a model.pretrained_path "
+                "made for such latents"
+            )
         text = self.condition(labels)
         if self.family == "wan":  # video: (B, C, F, H, W), timesteps in [0, 1000]
             return self.transformer(x_t.transpose(1, 2), t * 1000, text).sample.transpose(1, 2)
-        batch, frames, channels, height, width = x_t.shape
+        batch, _, channels, height, width = x_t.shape
         tokens = x_t[:, 0].flatten(2).transpose(1, 2)  # (B, H*W, C): one token per latent pixel
         out = self.transformer(
             hidden_states=tokens,
@@ -108,7 +116,7 @@ class FlowMatching(L.LightningModule):
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(len(labels), *shape, generator=generator).to(self.device)
         times = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
-        for t, t_next in zip(times[:-1], times[1:]):
+        for t, t_next in pairwise(times):
             x = x + (t_next - t) * self.velocity(x, t.expand(len(labels)), labels)
         return x
 

@@ -94,7 +94,26 @@ def build_model(cfg: ModelConfig) -> ModelMixin:
     cls, tiny = FAMILIES[cfg.family]
     if cfg.pretrained_path is not None:
         return cls.from_pretrained(cfg.pretrained_path, local_files_only=True)
-    return seeded(cls, {**tiny, **cfg.config}, cfg.seed)
+    config = {**tiny, **cfg.config}
+    check_rope_axes(config)
+    return seeded(cls, config, cfg.seed)
+
+
+def check_rope_axes(config: dict[str, Any]) -> None:
+    """Flux-style RoPE rotates ``axes_dims_rope`` slices of each head, so they must cover it exactly.
+
+    diffusers does not check this; a mismatch fails later as a bare tensor-size error.
+    """
+    axes, head_dim = config.get("axes_dims_rope"), config["attention_head_dim"]
+    if axes is not None and sum(axes) != head_dim:
+        index_axis = head_dim // 8 * 2  # ids are (index, row, col); every axis even: RoPE rotates pairs
+        row_axis = (head_dim - index_axis) // 4 * 2
+        even = [index_axis, row_axis, head_dim - index_axis - row_axis]
+        raise ValueError(
+            f"model.config.axes_dims_rope=[{','.join(map(str, axes))}] sums to {sum(axes)} but "
+            f"model.config.attention_head_dim={head_dim}; make them agree, e.g. "
+            f"model.config.axes_dims_rope=[{','.join(map(str, even))}]"
+        )
 
 
 def text_dim(model: ModelMixin) -> int:
