@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
 from cp_plugin.recipes.callbacks import LossCurve, SampleGrid, TrainingMonitor
-from cp_plugin.recipes.config import in_multirun, register_configs, resolve_checkpoint, run_sweep_job_as_single_run
+from cp_plugin.recipes.config import (
+    check_sequence_split,
+    in_multirun,
+    register_configs,
+    resolve_checkpoint,
+    run_sweep_job_as_single_run,
+)
 from cp_plugin.recipes.data import PhotoCrops
 from cp_plugin.recipes.flow_matching import FlowMatching
 
@@ -33,6 +39,7 @@ def main(cfg: DictConfig) -> None:
         return run_sweep_job_as_single_run()
     parallel = OmegaConf.to_object(cfg.parallel)
     parallel.resolve(cfg.trainer.devices * cfg.trainer.num_nodes)  # fail fast, before any process starts
+    checkpoint = resolve_checkpoint(cfg.resume, Path(get_original_cwd()) / "outputs")
     L.seed_everything(cfg.seed, verbose=False)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
 
@@ -40,6 +47,7 @@ def main(cfg: DictConfig) -> None:
     dataset = PhotoCrops(data)
     module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes)
     latent_shape = tuple(dataset[0]["latents"].shape)
+    check_sequence_split(module, latent_shape, parallel)
 
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -56,7 +64,7 @@ def main(cfg: DictConfig) -> None:
         ],
     )
     loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers)
-    trainer.fit(module, loader, ckpt_path=resolve_checkpoint(cfg.resume, Path(get_original_cwd()) / "outputs"))
+    trainer.fit(module, loader, ckpt_path=checkpoint)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
+from cp_plugin.config import ParallelConfig
 from cp_plugin.config import register_configs as register_parallel_config
-from cp_plugin.recipes.data import DataConfig
-from cp_plugin.recipes.flow_matching import OptimizerConfig
+from cp_plugin.recipes.data import PIXEL_UNSHUFFLE, DataConfig
+from cp_plugin.recipes.flow_matching import FlowMatching, OptimizerConfig
 from cp_plugin.recipes.models import ModelConfig
 
 
@@ -38,6 +39,29 @@ def register_configs() -> None:
     store.store(group="data", name="schema", node=DataConfig)
     store.store(group="optimizer", name="schema", node=OptimizerConfig)
     OmegaConf.register_new_resolver("cp_devices", cp_devices, replace=True)
+
+
+def check_sequence_split(module: FlowMatching, latent_shape: tuple[int, ...], parallel: ParallelConfig) -> None:
+    """Fail before any process starts if a sample's sequences cannot be split over the CP group.
+
+    The strategy would catch this at the first step too, but in terms of tensors; here the error
+    names the settings to change. Text tokens count only if the model's ``_cp_plan`` splits them
+    (Flux's joint attention does, Wan's cross-attention does not).
+    """
+    cp, tokens = parallel.cp_degree, module.sequence_length(latent_shape)
+    if tokens % cp:
+        raise ValueError(
+            f"data.image_size={latent_shape[-1] * PIXEL_UNSHUFFLE} and data.frames={latent_shape[0]} give {tokens} "
+            f"tokens per sample, which ring_degree x ulysses_degree = {cp} does not divide; choose an image_size or "
+            f"frames giving a multiple of {cp} tokens, or other degrees"
+        )
+    plan = getattr(module.transformer, "_cp_plan", None) or {}
+    splits_text = any("encoder_hidden_states" in inputs for inputs in plan.values() if isinstance(inputs, dict))
+    if splits_text and module.text_tokens % cp:
+        raise ValueError(
+            f"model.text_tokens={module.text_tokens} is split over ring_degree x ulysses_degree = {cp} with the "
+            f"image tokens; use model.text_tokens={-(-module.text_tokens // cp) * cp}"
+        )
 
 
 def resolve_checkpoint(resume: str | None, runs_root: Path) -> str | None:
