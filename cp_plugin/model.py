@@ -5,8 +5,9 @@ on which dimension and which outputs to gather, and hooks apply it. We reuse tha
 diffusers' hooks, subclassed: the gather hook's backward is the exact adjoint (see ``sequence.py``),
 and the split hook
 
-- rejects a sequence the CP size does not divide with a ``ValueError`` naming it and a fix
-  (diffusers asserts), before any collective runs;
+- pads an image/video sequence the CP size does not divide and masks the padding (see
+  ``padding.py``; diffusers asserts), and rejects text it cannot pad with a ``ValueError``
+  naming it and a fix, before any collective runs;
 - lets ``return_dict=True`` outputs through (diffusers' root hook raises on
   ``Transformer2DModelOutput``), so a module written for one process runs unchanged;
 - can leave inputs the batch already sharded alone (``presharded_inputs``), for the path where a
@@ -28,7 +29,7 @@ from diffusers.hooks.context_parallel import (
     ContextParallelSplitHook,
     _get_submodule_by_name,
 )
-from diffusers.hooks.hooks import HookRegistry
+from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
@@ -36,6 +37,7 @@ from diffusers.models.attention_processor import Attention
 from cp_plugin.attention.dispatch import RoutedParallelConfig, install_attention_routing
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
+from cp_plugin.padding import SequencePadding
 from cp_plugin.sequence import gather_sequence
 
 Plan = dict[str, Any]
@@ -43,47 +45,62 @@ _HOOK_PREFIX = "cp_plugin---"
 
 
 class _GatherHook(ContextParallelGatherHook):
-    """diffusers' gather hook with the exact adjoint (reduce-scatter) in the backward; see sequence.py."""
+    """diffusers' gather hook with the exact adjoint (reduce-scatter) in the backward, minus any padding."""
 
-    def __init__(self, metadata: list[ContextParallelOutput], mesh: ParallelMesh) -> None:
+    def __init__(self, metadata: list[ContextParallelOutput], mesh: ParallelMesh, padding: SequencePadding) -> None:
         super().__init__(metadata, None)
-        self.mesh = mesh
+        self.mesh, self.padding = mesh, padding
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         outputs = [output] if isinstance(output, torch.Tensor) else list(output)
         if len(outputs) != len(self.metadata):
             raise ValueError(f"expected {len(self.metadata)} outputs to gather, got {len(outputs)}")
-        gathered = [x if cpm is None else gather_sequence(x, cpm.gather_dim, self.mesh)
+        gathered = [x if cpm is None else self.padding.trim(gather_sequence(x, cpm.gather_dim, self.mesh), cpm.gather_dim)
                     for x, cpm in zip(outputs, self.metadata)]
         return gathered[0] if isinstance(output, torch.Tensor) else type(output)(gathered)
 
 
 class _SplitHook(ContextParallelSplitHook):
-    """diffusers' split hook with a clear divisibility error and pass-through of dict outputs."""
+    """diffusers' split hook that pads uneven sequences (``padding.py``) and lets dict outputs through."""
 
-    def __init__(self, metadata: Plan, config: ContextParallelConfig, where: str) -> None:
+    def __init__(self, metadata: Plan, config: ContextParallelConfig, where: str, padding: SequencePadding) -> None:
         super().__init__(metadata, config)
-        self.where = where
+        self.where, self.padding = where, padding
+
+    def _name_of(self, cp_input: ContextParallelInput) -> object:
+        """The plan key (input name or output index) ``cp_input`` belongs to."""
+        for name, entry in self.metadata.items():
+            if entry is cp_input:
+                return name
+            if isinstance(entry, (list, tuple)) and any(e is cp_input for e in entry):
+                return [i for i, e in enumerate(entry) if e is cp_input][0]
+        return None
 
     def _prepare_cp_input(self, x: torch.Tensor, cp_input: ContextParallelInput) -> torch.Tensor:
         if cp_input.expected_dims is not None and x.dim() != cp_input.expected_dims:
             # The plan does not apply to this call (e.g. Wan's per-token timestep plan with a per-sample
             # timestep); diffusers skips it too, but its warning needs a logger method it may lack.
             return x
-        cp = self.parallel_config._flattened_mesh.size()
-        if x.size(cp_input.split_dim) % cp != 0:
-            length = x.size(cp_input.split_dim)
-            raise ValueError(
-                f"sequence length {length} (dim {cp_input.split_dim} of a {tuple(x.shape)} input to {self.where}) "
-                f"is not divisible by the context-parallel size {cp} (ring_degree x ulysses_degree); use a length "
-                f"that is a multiple of {cp} (e.g. {length + cp - length % cp}) or a cp size that divides {length}"
-            )
-        return super()._prepare_cp_input(x, cp_input)
+        name = self._name_of(cp_input)
+        self.padding.check_image_length(x, cp_input.split_dim, name, self.where)
+        return super()._prepare_cp_input(self.padding.pad(x, cp_input.split_dim, name, self.where), cp_input)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         if not any(isinstance(c, ContextParallelInput) and c.split_output for c in self.metadata.values()):
             return output
         return super().post_forward(module, output)
+
+
+class _PaddingScope(ModelHook):
+    """At a model's entry: nothing is padded yet in this forward."""
+
+    def __init__(self, padding: SequencePadding) -> None:
+        super().__init__()
+        self.padding = padding
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.padding.reset()
+        return args, kwargs
 
 
 def find_models(module: torch.nn.Module) -> dict[str, ModelMixin]:
@@ -194,23 +211,26 @@ def apply_context_parallel(
     for path, plan in plans.items():
         model = submodules[path]
         config = RoutedParallelConfig(context_parallel_config=mesh.config.to_diffusers().context_parallel_config)
-        config.cp_mesh = mesh
+        config.cp_mesh, config.padding = mesh, SequencePadding(mesh.cp_size, mesh.cp_rank)
         config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(device),
                      mesh=mesh.device_mesh)
         for _, attn in attention_modules(model):
             attn.processor._parallel_config = config
-        _attach_hooks(model, config.context_parallel_config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
+        _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
         model._cp_plugin_mesh = mesh
     return list(plans)
 
 
-def _attach_hooks(model: torch.nn.Module, config: ContextParallelConfig, mesh: ParallelMesh, plan: Plan) -> None:
+def _attach_hooks(model: torch.nn.Module, config: RoutedParallelConfig, mesh: ParallelMesh, plan: Plan) -> None:
     for module_id, entry in plan.items():
         targets = _get_submodule_by_name(model, module_id)
         for target in targets if isinstance(targets, list) else [targets]:
             if isinstance(entry, dict):
-                hook = _SplitHook(entry, config, where=f"{type(model).__name__}.{module_id or 'forward'}")
+                where = f"{type(model).__name__}.{module_id or 'forward'}"
+                hook = _SplitHook(entry, config.context_parallel_config, where, config.padding)
             else:
                 outputs = [entry] if isinstance(entry, ContextParallelOutput) else list(entry)
-                hook = _GatherHook(outputs, mesh)
+                hook = _GatherHook(outputs, mesh, config.padding)
             HookRegistry.check_if_exists_or_initialize(target).register_hook(hook, f"{_HOOK_PREFIX}{module_id}")
+    # Registered last, so it runs first: the padding state starts empty at every forward.
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_PaddingScope(config.padding), f"{_HOOK_PREFIX}padding")

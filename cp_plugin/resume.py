@@ -58,15 +58,16 @@ def resumable(loader: DataLoader) -> DataLoader:
     """The same loader as a ``StatefulDataLoader`` (mid-epoch position saved with the checkpoint)."""
     if isinstance(loader, StatefulDataLoader) or type(loader) is not DataLoader:
         return loader  # already stateful, or a custom loader class we must not rebuild
+    if loader.batch_size is None and loader.batch_sampler is not None:  # a custom batch sampler (e.g. buckets)
+        batching: dict[str, Any] = {"batch_sampler": loader.batch_sampler}
+    else:  # automatic batching, or none (batch_size=None: each item is a batch); keep the sampler either way
+        batching = {"batch_size": loader.batch_size, "sampler": loader.sampler, "drop_last": loader.drop_last}
     return StatefulDataLoader(
         loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=loader.sampler if loader.batch_size is not None else None,
-        batch_sampler=None if loader.batch_size is not None else loader.batch_sampler,
+        **batching,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context,

@@ -28,7 +28,8 @@ def local_shard(tensor: torch.Tensor, dim: int, mesh: ParallelMesh, *, name: str
         raise ValueError(
             f"sequence length {length} of {name} (dim {dim}, shape {tuple(tensor.shape)}) is not divisible by the "
             f"context-parallel size {mesh.cp_size} (ring_degree x ulysses_degree); use a length that is a multiple "
-            f"of {mesh.cp_size} (e.g. {length + mesh.cp_size - length % mesh.cp_size})"
+            f"of {mesh.cp_size} (e.g. {length + mesh.cp_size - length % mesh.cp_size}), or let the model split it "
+            "(no shard_batch): its split hooks pad uneven image/video sequences and mask the padding"
         )
     return tensor.chunk(mesh.cp_size, dim)[mesh.cp_rank]
 

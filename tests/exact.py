@@ -27,14 +27,17 @@ LATENT_SHAPES = {"flux": (64, 16), "qwenimage": (64, 16), "wan": (4, 4, 8, 8)}  
 class SyntheticFlowData(Dataset):
     """Seeded latents, text embeddings, and each sample's own noise and timestep."""
 
-    def __init__(self, kind: str, size: int = 16, seed: int = 1234, seq_tokens: int | None = None) -> None:
-        shape = LATENT_SHAPES[kind]
+    def __init__(
+        self, kind: str, size: int = 16, seed: int = 1234, seq_tokens: int | None = None,
+        shape: tuple[int, ...] | None = None, text_tokens: int = TEXT_TOKENS,
+    ) -> None:
+        shape = shape or LATENT_SHAPES[kind]
         if seq_tokens is not None:
             shape = (seq_tokens, shape[1])
         g = torch.Generator().manual_seed(seed)
         self.latents = torch.randn(size, *shape, generator=g)
         self.noise = torch.randn(size, *shape, generator=g)
-        self.text = torch.randn(size, TEXT_TOKENS, TEXT_DIM, generator=g)
+        self.text = torch.randn(size, text_tokens, TEXT_DIM, generator=g)
         self.t = torch.rand(size, generator=g)
         # QwenImage takes a text padding mask: samples keep 3..8 of their text tokens.
         self.text_mask = torch.arange(TEXT_TOKENS) < (3 + torch.arange(size) % 6)[:, None]
@@ -47,10 +50,16 @@ class SyntheticFlowData(Dataset):
                 "text_mask": self.text_mask[i]}
 
 
+def latent_grid(tokens: int) -> tuple[int, int]:
+    """``(height, width)`` of a latent grid with ``tokens`` cells, as square as ``tokens`` allows."""
+    height = max(h for h in range(1, int(tokens**0.5) + 1) if tokens % h == 0)
+    return height, tokens // height
+
+
 def flux_ids(tokens: int) -> torch.Tensor:
-    """Flux position ids of a square latent grid: rows ``(0, y, x)``."""
-    side = int(tokens**0.5)
-    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    """Flux position ids of a latent grid: rows ``(0, y, x)``."""
+    height, width = latent_grid(tokens)
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     return torch.stack([torch.zeros_like(y), y, x], -1).reshape(-1, 3).float()
 
 
@@ -85,16 +94,15 @@ class FlowMatchingModule(L.LightningModule):
                 pooled_projections=batch["text"].mean(1),
                 timestep=t,
                 img_ids=flux_ids(x0.shape[1]),
-                txt_ids=torch.zeros(TEXT_TOKENS, 3),
+                txt_ids=torch.zeros(batch["text"].shape[1], 3),
             ).sample
         elif self.kind == "qwenimage":
-            side = int(x0.shape[1] ** 0.5)
             pred = self.transformer(
                 hidden_states=noisy,
                 encoder_hidden_states=batch["text"],
                 encoder_hidden_states_mask=batch["text_mask"],
                 timestep=t,
-                img_shapes=[(1, side, side)] * x0.shape[0],
+                img_shapes=[(1, *latent_grid(x0.shape[1]))] * x0.shape[0],
             ).sample
         else:
             pred = self.transformer(noisy, t * 1000, batch["text"]).sample

@@ -80,7 +80,7 @@ CASES: dict[str, Callable[[], None]] = {
     "degrees": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ring_degree=3), SyntheticFlowData("flux")),
     "heads": lambda: fit(three_head_flux(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux")),
     "sequence": lambda: fit(
-        FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux", seq_tokens=49)
+        FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux", text_tokens=7)
     ),
     "no_plan": lambda: fit(PlainModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux")),
     "ragged": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), RaggedData()),
@@ -99,7 +99,8 @@ CASES: dict[str, Callable[[], None]] = {
 EXPECTED = {
     "degrees": r"ValueError: ring_degree=3 x ulysses_degree=1 = 3 does not divide world_size=2; use degrees whose product is 1 or 2",
     "heads": r"ulysses_degree=2 does not divide num_attention_heads=3 of FluxTransformer2DModel \('transformer'.*use ulysses_degree 1 or 3",
-    "sequence": r"ValueError: sequence length 49 .* is not divisible by the context-parallel size 2 .*e\.g\. 50",
+    "sequence": r"ValueError: encoder_hidden_states has 7 tokens .* context-parallel size 2 .* does not divide; only "
+    r"image/video tokens are padded, so pad the text to a multiple of 2 \(e\.g\. 8 tokens",
     "no_plan": r"PlainModule has no diffusers model with a _cp_plan \(no diffusers models\).*pass cp_plan=",
     "ragged": r"ranks of context-parallel group \[0, 1\] received different batches",
     "mismatch": r"ranks \[1\] were started with different settings than rank 0 .*ring_degree=2.*ulysses_degree=2",

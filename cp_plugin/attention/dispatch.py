@@ -22,6 +22,7 @@ from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.mesh import ParallelMesh
+from cp_plugin.padding import SequencePadding
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RoutedParallelConfig(diffusers.ParallelConfig):
     """diffusers' ``ParallelConfig`` plus the cp_plugin mesh whose attention replaces the backend's."""
 
     cp_mesh: ParallelMesh | None = None
+    padding: SequencePadding | None = None
 
 
 def key_padding_mask(attn_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
@@ -53,6 +55,7 @@ def _routed_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mesh: ParallelMesh,
+    padding: SequencePadding | None = None,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
@@ -75,7 +78,11 @@ def _routed_attention(
             "non-causal attention (with optional key-padding masks) without dropout or grouped KV heads. Call the "
             "model without them or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
-    key_mask = None if attn_mask is None else key_padding_mask(attn_mask, query.shape[0], key.shape[1])
+    batch, keys = key.shape[:2]
+    key_mask = None if attn_mask is None else key_padding_mask(attn_mask, batch, keys)
+    pad_mask = None if padding is None else padding.key_mask(keys, batch, key.device)
+    if pad_mask is not None:
+        key_mask = pad_mask if key_mask is None else key_mask & pad_mask
     return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask)
 
 
@@ -84,7 +91,7 @@ def _route(backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
         config = kwargs.get("_parallel_config")
         if isinstance(config, RoutedParallelConfig):
-            return _routed_attention(*args, mesh=config.cp_mesh, **kwargs)
+            return _routed_attention(*args, mesh=config.cp_mesh, padding=config.padding, **kwargs)
         return backend_fn(*args, **kwargs)
 
     routed.cp_plugin_routed = True

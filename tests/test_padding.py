@@ -1,0 +1,110 @@
+"""Mixed resolutions: every batch its own length, none of them a multiple of the CP size, still exact.
+
+Users bucket samples by resolution or duration, so consecutive batches (and the batches of the dp
+ranks in one step) have different sequence lengths. Each batch is padded on its own; the weights
+after 3 steps must equal one process trained on the same unpadded batches. Odd lengths of every
+model and layout are covered in ``test_strategy_exact.py``; the unit tests below pin the mask.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cp_plugin.padding import SequencePadding
+from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel
+from launcher import run_distributed
+
+LENGTHS = [1001, 1024, 998, 961, 1003, 1000]  # one bucket per batch; cp 2 and 4 pad all but 1024 and 1000
+STEPS, PER_BATCH, OPTIMIZER = 3, 2, "sgd"
+
+
+class BucketedFlowData(Dataset):
+    """Each item is a whole batch of one bucket (a loader with ``batch_size=None``), lengths differ.
+
+    Lightning's DistributedSampler deals the batches to dp ranks, so the ranks of one step differ too.
+    """
+
+    def __init__(self) -> None:
+        self.batches = [SyntheticFlowData("flux", size=PER_BATCH, seed=i, seq_tokens=n)[:] for i, n in enumerate(LENGTHS)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.batches[i]
+
+
+def bucketed_run(layout: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Rank body: Lightning fit on bucketed batches; the final weights."""
+    import lightning as L
+
+    from cp_plugin import ContextParallelStrategy
+
+    module = FlowMatchingModule("flux", OPTIMIZER)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=int(os.environ["LOCAL_WORLD_SIZE"]),
+        strategy=ContextParallelStrategy(**layout),
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(BucketedFlowData(), batch_size=None, shuffle=True))
+    return module.transformer.state_dict()
+
+
+def bucketed_runs(layouts: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    return [bucketed_run(layout) for layout in layouts]
+
+
+def reference_weights(dp: int) -> dict[str, torch.Tensor]:
+    """One process: each step averages the loss of the batches the dp ranks drew, as DDP averages gradients."""
+    data = BucketedFlowData()
+    orders = [list(DistributedSampler(data, num_replicas=dp, rank=r, shuffle=True, seed=0)) for r in range(dp)]
+    module = FlowMatchingModule("flux", OPTIMIZER)
+    opt = module.configure_optimizers()
+    for step in range(STEPS):
+        loss = sum(module.loss(data[order[step]]) for order in orders) / dp
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return module.transformer.state_dict()
+
+
+@pytest.mark.timeout(300)
+def test_batches_of_mixed_lengths_match_one_process() -> None:
+    layouts = [{"ring_degree": 2}, {"ring_degree": 2, "ulysses_degree": 2}]  # dp 2 x ring 2; ring 2 x ulysses 2
+    results = run_distributed(bucketed_runs, 4, layouts, init_process_group=False)
+    for i, (layout, dp) in enumerate(zip(layouts, (2, 1))):
+        expected = reference_weights(dp)
+        for rank, states in enumerate(results):
+            for name, value in expected.items():
+                assert_close_rel(states[i][name], value, 1e-5, f"{layout} rank {rank} weight {name}")
+
+
+def test_key_mask_marks_this_ranks_padding_after_the_text() -> None:
+    last = SequencePadding(cp_size=4, cp_rank=3)
+    x = last.pad(torch.ones(1, 1001, 2), 1, "hidden_states", "test")
+    assert x.shape == (1, 1004, 2) and x[:, 1001:].abs().sum() == 0
+    mask = last.key_mask(5 + 251, batch=2, device=torch.device("cpu"))  # 5 text tokens, then 251 image tokens
+    assert mask.shape == (2, 256) and mask[:, : 5 + 248].all() and not mask[:, 5 + 248 :].any()
+    assert SequencePadding(4, 0, last.length, last.padded).key_mask(251, 1, torch.device("cpu")).all()
+    assert last.trim(torch.zeros(1, 1004), 1).shape == (1, 1001)
+    last.reset()
+    assert last.key_mask(251, 1, torch.device("cpu")) is None
+
+
+def test_only_one_non_text_sequence_is_padded() -> None:
+    padding = SequencePadding(cp_size=2, cp_rank=0)
+    with pytest.raises(ValueError, match=r"txt_ids has 7 tokens .* pad the text to a multiple of 2 \(e\.g\. 8"):
+        padding.pad(torch.zeros(7, 3), 0, "txt_ids", "Model.forward")
+    padding.pad(torch.zeros(1, 7, 4), 1, 1, "Model.pos_embed")  # text RoPE: an output index, not a name
+    with pytest.raises(ValueError, match=r"sequence of 7 tokens split before hidden_states \(64 tokens\)"):
+        padding.check_image_length(torch.zeros(1, 64, 4), 1, "hidden_states", "Model.blocks.0")
