@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from cp_plugin import ContextParallelStrategy
 from cp_plugin.recipes.callbacks import LossCurve, SampleGrid, TrainingMonitor
 from cp_plugin.recipes.config import (
-    check_sequence_split,
+    check_text_split,
     in_multirun,
     register_configs,
     resolve_checkpoint,
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     dataset = PhotoCrops(data)
     module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes)
     latent_shape = tuple(dataset[0]["latents"].shape)
-    check_sequence_split(module, latent_shape, parallel)
+    check_text_split(module, parallel)
 
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cp_plugin.config import ParallelConfig
-from cp_plugin.recipes.config import check_sequence_split
+from cp_plugin.recipes.config import check_text_split
 from cp_plugin.recipes.data import DataConfig, PhotoCrops, to_latent, to_pixels
 from cp_plugin.recipes.flow_matching import FlowMatching, OptimizerConfig
 from cp_plugin.recipes.models import ModelConfig, build_model
@@ -155,13 +155,11 @@ def test_pretrained_path_loads_local_weights_and_bad_rope_axes_name_the_setting(
 
 
 @pytest.mark.timeout(60)
-def test_a_layout_that_cannot_split_the_sequences_names_the_setting_to_change() -> None:
+def test_text_tokens_that_cannot_be_split_name_the_setting_to_change() -> None:
     flux = FlowMatching(ModelConfig(family="flux", config={"in_channels": 12}, text_tokens=6), OptimizerConfig(), 8)
-    check_sequence_split(flux, (1, 12, 32, 32), ParallelConfig(ulysses_degree=2))  # 1024 image + 6 text tokens
-    with pytest.raises(ValueError, match=r"data.image_size=64 and data.frames=1 give 1024 tokens .* = 3"):
-        check_sequence_split(flux, (1, 12, 32, 32), ParallelConfig(ring_degree=3))
+    check_text_split(flux, ParallelConfig(ring_degree=3))  # 6 text tokens; image tokens are padded if needed
     with pytest.raises(ValueError, match=r"model.text_tokens=6 .* use model.text_tokens=8"):
-        check_sequence_split(flux, (1, 12, 32, 32), ParallelConfig(ring_degree=2, ulysses_degree=2))
+        check_text_split(flux, ParallelConfig(ring_degree=2, ulysses_degree=2))
     wan = FlowMatching(ModelConfig(family="wan", config={"in_channels": 12, "out_channels": 12}, text_tokens=6),
                        OptimizerConfig(), 8)
-    check_sequence_split(wan, (4, 12, 16, 16), ParallelConfig(ring_degree=4))  # Wan does not split its text
+    check_text_split(wan, ParallelConfig(ring_degree=4))  # Wan does not split its text

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from cp_plugin.config import ParallelConfig
 from cp_plugin.config import register_configs as register_parallel_config
-from cp_plugin.recipes.data import PIXEL_UNSHUFFLE, DataConfig
+from cp_plugin.recipes.data import DataConfig
 from cp_plugin.recipes.flow_matching import FlowMatching, OptimizerConfig
 from cp_plugin.recipes.models import ModelConfig
 
@@ -41,20 +41,15 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("cp_devices", cp_devices, replace=True)
 
 
-def check_sequence_split(module: FlowMatching, latent_shape: tuple[int, ...], parallel: ParallelConfig) -> None:
-    """Fail before any process starts if a sample's sequences cannot be split over the CP group.
+def check_text_split(module: FlowMatching, parallel: ParallelConfig) -> None:
+    """Fail before any process starts if the text tokens cannot be split over the CP group.
 
-    The strategy would catch this at the first step too, but in terms of tensors; here the error
-    names the settings to change. Text tokens count only if the model's ``_cp_plan`` splits them
-    (Flux's joint attention does, Wan's cross-attention does not).
+    Image/video tokens need not divide the CP size (the split hooks pad and mask them), but text
+    tokens that the model's ``_cp_plan`` splits must (Flux's joint attention splits them, Wan's
+    cross-attention does not). The strategy would catch this at the first step too, in terms of
+    tensors; here the error names the setting to change.
     """
-    cp, tokens = parallel.cp_degree, module.sequence_length(latent_shape)
-    if tokens % cp:
-        raise ValueError(
-            f"data.image_size={latent_shape[-1] * PIXEL_UNSHUFFLE} and data.frames={latent_shape[0]} give {tokens} "
-            f"tokens per sample, which ring_degree x ulysses_degree = {cp} does not divide; choose an image_size or "
-            f"frames giving a multiple of {cp} tokens, or other degrees"
-        )
+    cp = parallel.cp_degree
     plan = getattr(module.transformer, "_cp_plan", None) or {}
     splits_text = any("encoder_hidden_states" in inputs for inputs in plan.values() if isinstance(inputs, dict))
     if splits_text and module.text_tokens % cp:
