@@ -50,6 +50,7 @@ def key_padding_mask(attn_mask: torch.Tensor, batch: int, keys: int) -> torch.Te
     return mask == 0
 
 
+@torch.compiler.disable(recursive=True)
 def _routed_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -64,7 +65,12 @@ def _routed_attention(
     return_lse: bool = False,
     **_: Any,
 ) -> torch.Tensor:
-    """Check what context-parallel attention supports, then run it."""
+    """Check what context-parallel attention supports, then run it.
+
+    Excluded from ``torch.compile``: the ring's point-to-point exchange and the traffic counters
+    are not traceable, so a compiled block graph-breaks here and runs attention eagerly, while its
+    projections, norms and MLP stay compiled.
+    """
     unsupported = {
         "dropout_p": dropout_p != 0.0,
         "is_causal": is_causal,
