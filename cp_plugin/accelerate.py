@@ -74,6 +74,11 @@ class ContextParallelPlugin:
         check_batches: bool = True,
     ) -> None:
         self.parallel_config = ParallelConfig.from_any(parallel_config)
+        if self.parallel_config.fsdp:
+            raise ValueError(
+                "ParallelConfig(fsdp=True) is implemented by the Lightning ContextParallelStrategy only; with "
+                "Accelerate leave fsdp=False (weights replicated under Accelerate's DDP)"
+            )
         self.cp_plan = cp_plan
         self.shard_batch_dims = dict(shard_batch) if shard_batch else None
         self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()

@@ -38,6 +38,9 @@ class ParallelConfig:
         rotate_method: how ring KV blocks travel: ``"p2p"`` (double-buffered point-to-point,
             at most two KV blocks per rank) or ``"allgather"`` (all KV at once, for comparison).
         dp_degree: data-parallel replicas; ``None`` means ``world_size // (ring * ulysses)``.
+        fsdp: shard parameters, gradients and optimizer state over all ``dp x ring x ulysses`` ranks
+            with FSDP2 instead of replicating them under DDP (memory per rank for them falls as
+            1/world; CP ranks hold the same weights, so they can share them just as dp ranks do).
     """
 
     ring_degree: int = 1
@@ -45,6 +48,7 @@ class ParallelConfig:
     convert_to_fp32: bool = True
     rotate_method: str = "p2p"
     dp_degree: int | None = None
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ring_degree", "ulysses_degree", "dp_degree"):
@@ -53,6 +57,8 @@ class ParallelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1; use e.g. {name}=1 or {name}=2")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp={self.fsdp!r} must be True or False (Hydra: parallel.fsdp=true)")
         if self.rotate_method not in ROTATE_METHODS:
             raise ValueError(
                 f"rotate_method={self.rotate_method!r} is not supported; use one of {', '.join(map(repr, ROTATE_METHODS))}"

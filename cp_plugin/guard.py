@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store
+from torch.distributed.tensor import DTensor
 
 _FAILED = "cp_plugin/failed/"
 _TRANSPORT_ERRORS = ("Connection closed", "Connection reset", "timed out", "Timed out", "Broken pipe", "NCCL", "Gloo")
@@ -70,6 +71,19 @@ def describe_failures(wait_s: float = 2.0) -> str:
 
 
 def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer would apply is finite (one fused norm, no collective)."""
+    """Whether every gradient the optimizer would apply is finite, decided alike on every rank.
+
+    One fused norm over this rank's gradients. DDP leaves every rank the same gradients, so that is
+    everyone's answer; FSDP2 leaves each rank a shard (DTensor), so one all-reduce of a flag over the
+    shards' mesh makes a NaN in any shard stop (or skip) every rank's step.
+    """
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    if not grads:
+        return True
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(local))).all()
+    sharded = next((g for g in grads if isinstance(g, DTensor)), None)
+    if sharded is not None:
+        finite = finite.to(torch.int32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=sharded.device_mesh.get_group())
+    return bool(finite)

@@ -12,7 +12,10 @@ gradient accumulation and clipping, precision, checkpoints written by rank 0) is
   the same batch.
 
 Gradients need no special reduction: the collectives' backwards are exact adjoints
-(``cp_plugin.sequence``), so DDP's mean over all ranks gives the single-process gradient.
+(``cp_plugin.sequence``), so DDP's mean over all ranks gives the single-process gradient. With
+``ParallelConfig(fsdp=True)`` FSDP2 replaces DDP (``cp_plugin.fsdp``): the same mean, reduce-scattered
+so each rank keeps a shard of the weights, gradients and optimizer state, and checkpoints gathered
+into the one-process layout.
 """
 
 from __future__ import annotations
@@ -28,13 +31,23 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
+from cp_plugin.fsdp import (
+    check_compatible,
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+    shard_module,
+)
 from cp_plugin.guard import check_same_config, describe_failures, gradients_finite, is_transport_error, record_failure
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
@@ -45,6 +58,9 @@ from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
 
 
 log = logging.getLogger(__name__)
+
+# LightningModule methods Lightning calls instead of ``forward``: under FSDP2 they gather the root's weights.
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
 class ContextParallelStrategy(DDPStrategy):
@@ -81,6 +97,7 @@ class ContextParallelStrategy(DDPStrategy):
         dp_degree: int | None = None,
         rotate_method: str | None = None,
         convert_to_fp32: bool | None = None,
+        fsdp: bool | None = None,
         cp_plan: Mapping[str, Plan] | None = None,
         shard_batch: Mapping[str, int] | None = None,
         presharded_inputs: Sequence[str] = ("hidden_states",),
@@ -99,6 +116,7 @@ class ContextParallelStrategy(DDPStrategy):
             "dp_degree": dp_degree,
             "rotate_method": rotate_method,
             "convert_to_fp32": convert_to_fp32,
+            "fsdp": fsdp,
         }
         base = ParallelConfig.from_any(parallel_config)
         self.parallel_config = ParallelConfig(**{**vars(base), **{k: v for k, v in overrides.items() if v is not None}})
@@ -159,6 +177,13 @@ class ContextParallelStrategy(DDPStrategy):
         # Validate the layout against the world size before the process group exists, so every
         # rank raises the same error and none waits in a collective.
         self.parallel_config.resolve(self.num_nodes * self.num_processes)
+        if self.parallel_config.fsdp:
+            check_compatible(
+                {**self._ddp_kwargs, "ddp_comm_hook": self._ddp_comm_hook, "model_averaging_period":
+                 self._model_averaging_period},
+                self._start_method,
+                grad_scaler=getattr(self.precision_plugin, "scaler", None) is not None,
+            )
         super().setup_environment()
         check_same_config(
             parallel=self.parallel_config, shard_batch=self.shard_batch_dims, gather_outputs=self.gather_outputs,
@@ -180,6 +205,17 @@ class ContextParallelStrategy(DDPStrategy):
             )
             self._hooked = self.model
         super().setup(trainer)
+
+    def configure_ddp(self) -> None:
+        if not self.parallel_config.fsdp:
+            super().configure_ddp()
+            return
+        # Sharded in place: DDPStrategy.setup then builds the optimizers on the DTensor parameters.
+        shard_module(self.model, self.parallel_mesh.shard_mesh, forward_methods=STEP_METHODS)
+        # A later validate/test/predict broadcasts rank 0's parameters (DDPStrategy.setup); shards differ by design.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self.model, [name for name, _ in self.model.named_parameters()]
+        )
 
     def _register_ddp_hooks(self) -> None:
         # DDP comm hooks work with gloo too; Lightning only registers them on CUDA.
@@ -217,7 +253,7 @@ class ContextParallelStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         def guarded_closure() -> Any:
             result = closure()
-            # After DDP's all-reduce every rank holds the same gradients, so all ranks decide alike.
+            # All ranks decide alike: DDP leaves them the same gradients; FSDP2 shards are checked together.
             if not gradients_finite(optimizer):
                 culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
                 where = f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
@@ -231,6 +267,31 @@ class ContextParallelStrategy(DDPStrategy):
             return result
 
         return super().optimizer_step(optimizer, guarded_closure, model, **kwargs)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not self.parallel_config.fsdp:
+            return super().lightning_module_state_dict()
+        return full_model_state(self.lightning_module)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        if not self.parallel_config.fsdp:
+            return super().optimizer_state(optimizer)
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return full_optimizer_state(self.lightning_module, optimizer)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not self.parallel_config.fsdp:
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if not self.parallel_config.fsdp:
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_full_optimizer_state(self.lightning_module, optimizer, state)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint[RESUME_KEY] = layout_state(self.world_size, self.parallel_mesh.dp_size)  # every rank's RNG

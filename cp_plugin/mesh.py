@@ -92,6 +92,14 @@ class ParallelMesh:
         return self.cp_mesh.get_group()
 
     @cached_property
+    def shard_mesh(self) -> DeviceMesh:
+        """Every rank as one flattened ``"dp_cp"`` dimension, over which FSDP2 shards the weights.
+
+        Built on first use (creating its group is a collective: every rank must ask for it).
+        """
+        return self.device_mesh._flatten("dp_cp")
+
+    @cached_property
     def ring_group(self) -> dist.ProcessGroup:
         return self.device_mesh.get_group("ring")
 
