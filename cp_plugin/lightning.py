@@ -294,7 +294,7 @@ class ContextParallelStrategy(DDPStrategy):
             load_full_optimizer_state(self.lightning_module, optimizer, state)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        checkpoint[RESUME_KEY] = layout_state(self.world_size, self.parallel_mesh.dp_size)  # every rank's RNG
+        checkpoint[RESUME_KEY] = layout_state(self.world_size, self.parallel_mesh.dp_size, checkpoint)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

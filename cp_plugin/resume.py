@@ -3,9 +3,10 @@
 Lightning saves model, optimizer, schedulers and loop counters, but not random-number states, and
 rank 0 writes the file, while under CP every dp replica draws its own noise. We add every rank's RNG
 state (gathered into rank 0's checkpoint) and restore each rank's own just before its first step.
-Mid-epoch data position comes from ``torchdata``'s ``StatefulDataLoader``, whose state Lightning
-already saves and restores; a checkpoint from another layout still loads (weights, optimizer), with
-RNG and data position restarting from the seed and the epoch's start.
+Mid-epoch data position comes from ``torchdata``'s ``StatefulDataLoader``; Lightning saves its state,
+and we keep it in our own entry of the checkpoint, so the file still loads into a plain one-process
+run. A checkpoint from another layout still loads (weights, optimizer), with RNG and data position
+restarting from the seed and the epoch's start.
 """
 
 from __future__ import annotations
@@ -28,24 +29,36 @@ def _portable_rng_states() -> dict[str, Any]:
     return {**states, "numpy": (kind, keys.tolist(), *rest)}
 
 
-def layout_state(world_size: int, dp_size: int) -> dict[str, Any]:
-    """Every rank's RNG state plus the layout it belongs to (collective: call on every rank)."""
+def _fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+
+
+def layout_state(world_size: int, dp_size: int, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's RNG state, the layout it belongs to, and the loader's mid-epoch position.
+
+    The position moves out of Lightning's loop state into ours: a one-process ``Trainer`` with a plain
+    ``DataLoader`` refuses a checkpoint holding a loader state it has no stateful loader for, and the
+    position counts one dp rank's samples, meaningful only under the same layout. Collective: call on
+    every rank.
+    """
     states: list[Any] = [None] * world_size
     dist.all_gather_object(states, _portable_rng_states())
-    return {"world_size": world_size, "dp_size": dp_size, "rng_states": states}
+    loader = _fit_loop_state(checkpoint).pop("combined_loader", None)
+    return {"world_size": world_size, "dp_size": dp_size, "rng_states": states, "loader": loader}
 
 
 def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: int, rank: int) -> dict | None:
-    """This rank's saved RNG state if the checkpoint comes from the same layout; else drop the data position.
+    """This rank's saved RNG state, with the loader position put back, if the checkpoint has our layout.
 
-    Returns ``None`` when the layout changed: the loader's saved position is removed from the
-    checkpoint (it counts samples of another dp split), and RNG streams restart from the seed.
+    Returns ``None`` when the layout changed (or the file comes from elsewhere): RNG streams restart
+    from the seed and the data from the epoch's start.
     """
     saved = checkpoint.get(KEY)
     if saved is not None and saved["world_size"] == world_size and saved["dp_size"] == dp_size:
+        if saved.get("loader") is not None:
+            _fit_loop_state(checkpoint)["combined_loader"] = saved["loader"]
         return saved["rng_states"][rank]
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    fit_loop.get("state_dict", {}).pop("combined_loader", None)
+    _fit_loop_state(checkpoint).pop("combined_loader", None)  # e.g. from a plain Lightning run
     return None
 
 

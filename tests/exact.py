@@ -197,6 +197,15 @@ def reference_run(
     return {"losses": losses, "grads": first_grads, "state": module.transformer.state_dict()}
 
 
+def quiet_trainer(strategy: Any, max_steps: int, devices: int | None = None, **kwargs: Any) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary; ``devices`` defaults to
+    torchrun's local world (``LOCAL_WORLD_SIZE``: Lightning deletes ``WORLD_SIZE`` at teardown)."""
+    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+               "enable_model_summary": False, **kwargs}
+    devices = devices or int(os.environ["LOCAL_WORLD_SIZE"])
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, **options)
+
+
 def lightning_run(
     kind: str,
     optimizer: str,
@@ -213,17 +222,7 @@ def lightning_run(
     module = FlowMatchingModule(kind, optimizer, checkpointing=checkpointing)
     loader = DataLoader(SyntheticFlowData(kind, **(data_kwargs or {})), batch_size=per_rank, shuffle=True)
     strategy = ContextParallelStrategy(**strategy_kwargs)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=int(os.environ["LOCAL_WORLD_SIZE"]),  # Lightning deletes WORLD_SIZE at teardown
-        strategy=strategy,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **(trainer_kwargs or {}),
-    )
+    trainer = quiet_trainer(strategy, steps, **(trainer_kwargs or {}))
     trainer.fit(module, loader)
     return {
         "losses": module.step_losses,

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def accelerate_run(
-    kind: str, optimizer: str, layout: dict[str, Any], accumulate: int = 1, order: list[int] | None = None
+    kind: str, optimizer: str, layout: dict[str, Any], accumulate: int = 1, order: list[int] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rank body: the loop an Accelerate user writes for one process, plus ``cp.prepare``."""
     from accelerate import Accelerator
@@ -35,7 +36,7 @@ def accelerate_run(
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     module = FlowMatchingModule(kind, optimizer)
     opt = module.configure_optimizers()
-    loader = DataLoader(SyntheticFlowData(kind), batch_size=PER_RANK, sampler=order)  # None: sequential
+    loader = DataLoader(SyntheticFlowData(kind, **(data or {})), batch_size=PER_RANK, sampler=order)  # None: sequential
     cp = ContextParallelPlugin(ParallelConfig(**layout))
     model, opt, loader = cp.prepare(accelerator, module, opt, loader)
     losses, first_grads, gathered_t = [], None, []
@@ -59,10 +60,13 @@ def accelerate_runs(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [accelerate_run(**c) for c in cases]
 
 
-def check(results: list[dict[str, Any]], kind: str, optimizer: str, layout: dict[str, int], accumulate: int = 1) -> None:
+def check(
+    results: list[dict[str, Any]], kind: str, optimizer: str, layout: dict[str, int], accumulate: int = 1,
+    data: dict[str, Any] | None = None,
+) -> None:
     cp = layout.get("ring_degree", 1) * layout.get("ulysses_degree", 1)
     dp = len(results) // cp
-    reference = reference_run(kind, optimizer, dp, PER_RANK, STEPS, accumulate=accumulate, sequential=True)
+    reference = reference_run(kind, optimizer, dp, PER_RANK, STEPS, accumulate=accumulate, sequential=True, data_kwargs=data)
     label = f"{kind} {layout} {optimizer} accumulate={accumulate}"
     losses = torch.tensor([r["losses"] for r in results]).view(dp, cp, -1)[:, 0].mean(0)
     assert_close_rel(losses, torch.tensor(reference["losses"]), 1e-5, f"{label} loss")
@@ -72,7 +76,7 @@ def check(results: list[dict[str, Any]], kind: str, optimizer: str, layout: dict
         for name, expected in reference["state"].items():
             assert_close_rel(r["state"][name], expected, 1e-5, f"{label} weight {name}")
     # gather_for_metrics: every sample of the global batches once, in order, on every rank
-    expected_t = SyntheticFlowData(kind).t[: STEPS * accumulate * dp * PER_RANK]
+    expected_t = SyntheticFlowData(kind, **(data or {})).t[: STEPS * accumulate * dp * PER_RANK]
     for r in results:
         assert r["gathered_t"].equal(expected_t), label
 
@@ -85,6 +89,7 @@ TWO = [
 FOUR = [
     {"kind": "flux", "optimizer": "adamw", "layout": {"ring_degree": 2}},  # dp 2 x ring 2
     {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2, "ulysses_degree": 2}},
+    {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2}, "data": {"seq_tokens": 1001}},  # padded
 ]
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
 from cp_plugin.recipes.models import tiny_flux
-from exact import FlowMatchingModule, SyntheticFlowData
+from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 from launcher import run_distributed
 
 
@@ -31,16 +31,7 @@ class PlainModule(L.LightningModule):
 
 
 def fit(module: L.LightningModule, strategy: ContextParallelStrategy, data: SyntheticFlowData, steps: int = 1) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(strategy, steps, 2)
     trainer.fit(module, DataLoader(data, batch_size=2))
 
 

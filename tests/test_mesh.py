@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy, ParallelConfig, ParallelMesh
-from exact import FlowMatchingModule, SyntheticFlowData
+from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 from launcher import run_distributed
 
 LAYOUTS = [(2, 1, 2), (1, 2, 2), (2, 2, 1), (1, 1, 4), (4, 1, 1)]  # (dp, ring, ulysses) on 4 ranks
@@ -64,16 +64,7 @@ def record_samples_and_randomness(seed: int | None) -> list[dict[str, torch.Tens
     if seed is not None:
         L.seed_everything(seed, verbose=False)
     module = RecordingModule()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=4,
-        strategy=ContextParallelStrategy(ulysses_degree=2),
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(ContextParallelStrategy(ulysses_degree=2), 2, 4)
     trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True))
     return module.seen
 

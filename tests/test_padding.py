@@ -8,7 +8,6 @@ model and layout are covered in ``test_strategy_exact.py``; the unit tests below
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cp_plugin.padding import SequencePadding
-from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel
+from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, quiet_trainer
 from launcher import run_distributed
 
 LENGTHS = [1001, 1024, 998, 961, 1003, 1000]  # one bucket per batch; cp 2 and 4 pad all but 1024 and 1000
@@ -41,21 +40,10 @@ class BucketedFlowData(Dataset):
 
 def bucketed_run(layout: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Rank body: Lightning fit on bucketed batches; the final weights."""
-    import lightning as L
-
     from cp_plugin import ContextParallelStrategy
 
     module = FlowMatchingModule("flux", OPTIMIZER)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=int(os.environ["LOCAL_WORLD_SIZE"]),
-        strategy=ContextParallelStrategy(**layout),
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(ContextParallelStrategy(**layout), STEPS)
     trainer.fit(module, DataLoader(BucketedFlowData(), batch_size=None, shuffle=True))
     return module.transformer.state_dict()
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
-from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel
+from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, quiet_trainer
 from launcher import run_distributed
 
 STEPS, STOP = 6, 3  # 16 samples / (2 per rank) / dp: the stop is mid-epoch
@@ -40,17 +40,7 @@ def fit(layout: dict[str, int], max_steps: int, ckpt_dir: Path | None = None, re
     L.seed_everything(0, verbose=False)
     module = RandomDrawsModule("flux")
     callbacks = [ModelCheckpoint(ckpt_dir, every_n_train_steps=STOP, save_top_k=-1)] if ckpt_dir else []
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=int(__import__("os").environ["LOCAL_WORLD_SIZE"]),
-        strategy=ContextParallelStrategy(**layout),
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=bool(ckpt_dir),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(ContextParallelStrategy(**layout), max_steps, enable_checkpointing=bool(ckpt_dir), callbacks=callbacks)
     trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True), ckpt_path=resume)
     return {"state": module.transformer.state_dict(), "step": trainer.global_step}
 

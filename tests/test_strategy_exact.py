@@ -123,23 +123,13 @@ def test_four_ranks_match_one_process() -> None:
 
 def fit_and_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """Rank body: train 2 steps under ulysses 2, save a checkpoint (rank 0 writes), return the weights."""
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from cp_plugin import ContextParallelStrategy
-    from exact import FlowMatchingModule, SyntheticFlowData
+    from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 
     module = FlowMatchingModule("flux")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ContextParallelStrategy(ulysses_degree=2),
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(ContextParallelStrategy(ulysses_degree=2), 2, 2)
     trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True))
     trainer.save_checkpoint(path)
     return module.transformer.state_dict()
@@ -160,23 +150,13 @@ def test_checkpoint_written_by_rank_zero_loads_into_one_process(tmp_path) -> Non
 @pytest.mark.timeout(300)
 def test_lightning_spawn_launcher_trains_exactly() -> None:
     """``Trainer(devices=2, strategy="context_parallel_spawn")``-style launch from this very process."""
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from cp_plugin import ContextParallelStrategy
-    from exact import FlowMatchingModule, SyntheticFlowData
+    from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 
     module = FlowMatchingModule("flux", "sgd")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ContextParallelStrategy(ulysses_degree=2, start_method="spawn"),
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(ContextParallelStrategy(ulysses_degree=2, start_method="spawn"), STEPS, 2)
     trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=PER_RANK, shuffle=True))
     reference = reference_run("flux", "sgd", 1, PER_RANK, STEPS)
     for name, expected in reference["state"].items():  # the launcher hands rank 0's weights back

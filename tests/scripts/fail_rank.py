@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for exact.py)
 
 from cp_plugin import ContextParallelStrategy  # noqa: E402
-from exact import FlowMatchingModule, SyntheticFlowData  # noqa: E402
+from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer  # noqa: E402
 
 
 class FailingModule(FlowMatchingModule):
@@ -48,16 +48,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ContextParallelStrategy(ring_degree=2, timeout=timedelta(seconds=args.timeout)),
-        max_steps=args.step + 3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(ContextParallelStrategy(ring_degree=2, timeout=timedelta(seconds=args.timeout)), args.step + 3, 2)
     trainer.fit(FailingModule(args.mode, args.rank, args.step), DataLoader(SyntheticFlowData("flux"), batch_size=2))
 
 
