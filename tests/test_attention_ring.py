@@ -19,8 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention
-from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward
-from cp_plugin.attention.ring import _merge
+from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, merge_partial
 from cp_plugin.comm import COMM_STATS
 from launcher import run_distributed
 
@@ -177,7 +176,7 @@ def test_lse_merge_of_blocks_is_full_attention() -> None:
     blocks = [(k[:, :, i : i + S // 2], v[:, :, i : i + S // 2]) for i in (0, S // 2)]
     out = lse = None
     for kb, vb in blocks:
-        out, lse = _merge(out, lse, *attention_forward(q, kb, vb, scale))
+        out, lse = merge_partial(out, lse, *attention_forward(q, kb, vb, scale))
     lse = lse.squeeze(-1)
     full_out, full_lse = attention_forward(q, k, v, scale)
     assert torch.allclose(out, full_out, atol=1e-12) and torch.allclose(lse, full_lse, atol=1e-12)
@@ -190,7 +189,7 @@ def test_lse_merge_of_blocks_is_full_attention() -> None:
     assert torch.allclose(torch.cat([g[2] for g in per_block], 2), dv, atol=1e-12)
     # convert_to_fp32=False: the merge keeps the accumulator in the inputs' dtype (LSE stays fp32)
     lse32 = full_lse.float()
-    half_out, half_lse = _merge(full_out.bfloat16(), lse32[..., None], full_out.bfloat16(), lse32)
+    half_out, half_lse = merge_partial(full_out.bfloat16(), lse32[..., None], full_out.bfloat16(), lse32)
     assert half_out.dtype == torch.bfloat16 and half_lse.dtype == torch.float32
 
 

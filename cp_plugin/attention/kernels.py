@@ -6,7 +6,8 @@ PyTorch exposes exactly that as ATen ops (the ones ``scaled_dot_product_attentio
 to): the CPU flash kernel, and on CUDA the flash kernel (fp16/bf16) or the memory-efficient kernel
 (fp32, key masks, head dims flash does not take). Layout ``(batch, heads, seq, head_dim)``; LSE
 ``(batch, heads, seq)`` in float32 (float64 for float64 inputs, which only the CPU kernel takes).
-Key masks arrive as an additive bias (0 / -inf), the form every kernel accepts.
+Key masks arrive as an additive bias (0 / -inf), the form every kernel accepts. ``merge_partial``
+combines the per-block results; ``benchmarks.blockwise`` runs the same three pieces on one device.
 
 cuDNN attention is left out on purpose: its backward wants the forward's own sequence offsets and
 LSE layout, so a ring could not feed it the merged LSE without a device to verify against.
@@ -95,3 +96,21 @@ def attention_backward(
         scale=scale,
     )
     return dq, dk, dv
+
+
+def merge_partial(
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax attentions by their LSEs, in the numerically stable form.
+
+    ``out - sigmoid(lse_i - lse) * (out - out_i)`` never exponentiates a large number; the LSE uses
+    ``logaddexp`` (the same quantity as ``lse - logsigmoid(lse - lse_i)``) because it stays finite
+    when a block, or everything so far, was fully masked (LSE ``-inf``).
+    """
+    block_lse = block_lse.unsqueeze(-1)
+    if out is None:
+        return block_out, block_lse
+    # The weight is computed from float32 LSEs and cast to ``out``'s dtype, so ``out`` stays in the
+    # accumulation dtype the caller chose. NaN only when both LSEs are -inf: nothing to add.
+    weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0).to(out.dtype)
+    return out - weight * (out - block_out), torch.logaddexp(lse, block_lse)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward
+from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, merge_partial
 from cp_plugin.comm import count_sent
 
 
@@ -65,24 +65,6 @@ class RingComm:
         self._pending = []
 
 
-def _merge(
-    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax attentions by their LSEs, in the numerically stable form.
-
-    ``out - sigmoid(lse_i - lse) * (out - out_i)`` never exponentiates a large number; the LSE uses
-    ``logaddexp`` (the same quantity as ``lse - logsigmoid(lse - lse_i)``) because it stays finite
-    when a block, or everything so far, was fully masked (LSE ``-inf``).
-    """
-    block_lse = block_lse.unsqueeze(-1)
-    if out is None:
-        return block_out, block_lse
-    # The weight is computed from float32 LSEs and cast to ``out``'s dtype, so ``out`` stays in the
-    # accumulation dtype the caller chose. NaN only when both LSEs are -inf: nothing to add.
-    weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0).to(out.dtype)
-    return out - weight * (out - block_out), torch.logaddexp(lse, block_lse)
-
-
 def _all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
     """``(r, *x.shape)``: every ring rank's ``x``, in ring order."""
     size = dist.get_world_size(group)
@@ -107,13 +89,13 @@ class _RingAttention(torch.autograd.Function):
         out = lse = None
         if rotate_method == "allgather":
             for origin, block in enumerate(_all_gather_blocks(kv, group, "ring_allgather")):
-                out, lse = _merge(out, lse, *_block_forward(q, block, _mask_of(key_masks, origin), scale, acc_dtype))
+                out, lse = merge_partial(out, lse, *_block_forward(q, block, _mask_of(key_masks, origin), scale, acc_dtype))
         else:
             comm = RingComm(group, "ring_p2p")
             for step in range(size):
                 incoming = comm.send_recv(kv) if step + 1 < size else None
                 mask = _mask_of(key_masks, (rank - step) % size)
-                out, lse = _merge(out, lse, *_block_forward(q, kv, mask, scale, acc_dtype))
+                out, lse = merge_partial(out, lse, *_block_forward(q, kv, mask, scale, acc_dtype))
                 if incoming is not None:
                     comm.wait()
                     kv = incoming
