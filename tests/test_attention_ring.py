@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention
-from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, merge_partial
+from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
 from cp_plugin.comm import COMM_STATS
 from launcher import run_distributed
 
@@ -234,6 +234,15 @@ def test_non_cpu_branch_follows_the_aten_schemas(dtype: torch.dtype, head_dim: i
         assert backward_args[6] is None and backward_args[7] is None  # cum_seq_q/k undefined: dense kernel
     else:
         assert (backward_args[4] is None) == (not masked)  # attn_bias undefined unless there is a mask
+
+
+def test_dtypes_no_kernel_takes_are_named_with_a_fix() -> None:
+    """float64 rings run on CPU; on an accelerator (meta stands in) the error names the precision to use."""
+    check_dtype(torch.empty(1, dtype=torch.float64))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        check_dtype(torch.empty(1, dtype=dtype, device="meta"))
+    with pytest.raises(ValueError, match=r"ring attention on meta takes .*got torch.float64.*precision='32-true'"):
+        check_dtype(torch.empty(1, dtype=torch.float64, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,20 @@ import torch
 aten = torch.ops.aten
 
 
+def check_dtype(q: torch.Tensor) -> None:
+    """Raise, naming the fix, for inputs no attention-with-LSE kernel of ``q``'s device takes.
+
+    The CPU kernel takes every float dtype; CUDA's flash and memory-efficient kernels stop at float32.
+    Called before a ring moves any block, so every rank (same model, same dtype) raises at one point.
+    """
+    if q.device.type != "cpu" and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"ring attention on {q.device.type} takes float16, bfloat16 or float32 inputs (the kernels with "
+            f"log-sum-exp stop there); got {q.dtype}. Train in float32 or bf16 (Trainer(precision='32-true' or "
+            "'bf16-mixed')), or split the sequence with ulysses_degree alone (ring_degree=1)"
+        )
+
+
 def _backend(q: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The one place a kernel is chosen, so forward and backward always agree.
 

@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, merge_partial
+from cp_plugin.attention.kernels import (
+    additive_mask,
+    attention_backward,
+    attention_forward,
+    check_dtype,
+    merge_partial,
+)
 from cp_plugin.comm import count_sent
 
 
@@ -207,6 +213,7 @@ def ring_attention(
     """
     if rotate_method not in ("p2p", "allgather"):
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
+    check_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     key_masks = None if key_mask is None else _all_gather_blocks(key_mask, group, "ring_mask")
