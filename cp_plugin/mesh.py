@@ -8,6 +8,7 @@ sequence; diffusers' hooks shard and gather over it.
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -18,6 +19,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from cp_plugin.config import ParallelConfig
 
 MESH_DIMS = ("dp", "ring", "ulysses")
+
+
+def _destroy_process_groups() -> None:
+    """Tear the process groups down before the interpreter does.
+
+    A mesh adds process groups, each with live gloo threads (``pt_gloo_runloop``, ``gloo_tcp_loop``).
+    Left to interpreter finalization, their destruction order is arbitrary and can end a finished
+    run in ``terminate called without an active exception`` (SIGABRT): a spawn or torchrun launcher
+    then reports a failed rank. Lightning registers the same teardown only for NCCL.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,8 @@ class ParallelMesh:
     def build(cls, config: ParallelConfig, device_type: str) -> ParallelMesh:
         """Build the mesh over the default process group (which must exist)."""
         resolved = config.resolve(dist.get_world_size())
+        atexit.unregister(_destroy_process_groups)  # once per process, however many meshes are built
+        atexit.register(_destroy_process_groups)
         mesh = init_device_mesh(
             device_type,
             (resolved.dp_degree, resolved.ring_degree, resolved.ulysses_degree),
