@@ -24,10 +24,11 @@ MESH_DIMS = ("dp", "ring", "ulysses")
 def _destroy_process_groups() -> None:
     """Tear the process groups down before the interpreter does.
 
-    A mesh adds process groups, each with live gloo threads (``pt_gloo_runloop``, ``gloo_tcp_loop``).
-    Left to interpreter finalization, their destruction order is arbitrary and can end a finished
-    run in ``terminate called without an active exception`` (SIGABRT): a spawn or torchrun launcher
-    then reports a failed rank. Lightning registers the same teardown only for NCCL.
+    Each process group runs gloo worker threads (``pt_gloo_runloop``) that drop an op's tensors
+    after the op has returned; dropping a tensor Python no longer holds takes the GIL. If the
+    interpreter is already finalizing, that thread cannot, and the rank ends a finished run in
+    ``terminate called without an active exception`` (SIGABRT): a spawn or torchrun launcher then
+    reports a failed rank. Lightning registers the same teardown only for NCCL.
     """
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks.failures import CASES, PG_TIMEOUT_S, leftover_ranks, run
-from launcher import free_port
 
 LIMITS_S = {  # seconds from the injected failure to the last exit
     ("raise", False): 5.0,
@@ -42,8 +41,7 @@ def test_a_finished_run_exits_zero() -> None:
     script = Path(__file__).parent / "scripts" / "clean_exit.py"
     for _ in range(3):
         result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
-             str(script)],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(script)],
             capture_output=True, text=True, timeout=100,
         )
         assert result.returncode == 0, result.stderr[-3000:]
