@@ -1,9 +1,12 @@
-"""Bytes each rank sends, counted at cp_plugin's own collective call sites.
+"""cp_plugin's collectives, each counting the bytes of the tensor it hands over.
 
 Training logs and benchmarks compare communication against theory (e.g. a ring moves
-``(ring - 1) / ring`` of the KV per layer). Counting where we issue each collective is exact for
-our traffic and costs one integer add; DDP's gradient all-reduce is not ours and is not counted.
-Backward traffic is counted when the gradient reaches the collective (a tensor hook).
+``(ring - 1) / ring`` of the KV per layer). So that the comparison can fail, the count is not a
+formula: every collective cp_plugin issues goes through a function here (or through
+``RingComm``, which counts each send), and what is recorded is the part of the very tensor handed
+to the collective that is addressed to other ranks. Backward passes issue their collectives
+through the same functions, so they are counted the same way. DDP's gradient all-reduce is not
+ours and is not counted.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -33,12 +37,41 @@ COMM_STATS = CommStats()
 
 
 def count_sent(kind: str, nbytes: int) -> None:
-    """Record ``nbytes`` sent by this rank for a collective of ``kind`` (forward pass)."""
+    """Record ``nbytes`` sent by this rank for a collective of ``kind``."""
     COMM_STATS.record(kind, nbytes)
 
 
-def count_backward(output: torch.Tensor, kind: str, fraction: float) -> torch.Tensor:
-    """Record ``fraction`` of the gradient's bytes as sent when ``output``'s gradient arrives."""
-    if output.requires_grad:
-        output.register_hook(lambda grad: COMM_STATS.record(f"{kind}_backward", int(grad.nbytes * fraction)))
-    return output
+def _to_others(x: torch.Tensor, group: dist.ProcessGroup) -> int:
+    """Bytes of ``x`` that leave this rank when dim 0 is split into one equal chunk per rank.
+
+    The chunk addressed to this rank stays (all-to-all, reduce-scatter); every other chunk is sent.
+    """
+    return x.nbytes - x.chunk(dist.get_world_size(group))[dist.get_rank(group)].nbytes
+
+
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
+    """Equal chunks of ``x`` along dim 0, chunk ``j`` to rank ``j``; chunk ``j`` of the result came from rank ``j``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    count_sent(kind, _to_others(x, group))
+    return out
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, in rank order (gloo wants dim 0); ``x`` goes to each peer."""
+    x = x.contiguous()
+    size = dist.get_world_size(group)
+    out = x.new_empty(size * x.shape[0], *x.shape[1:])
+    dist.all_gather_into_tensor(out, x, group=group)
+    count_sent(kind, x.nbytes * (size - 1))
+    return out
+
+
+def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
+    """Sum over ranks of ``x``, split along dim 0: this rank gets the sum of every rank's chunk ``rank``."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
+    dist.reduce_scatter_tensor(out, x, group=group)
+    count_sent(kind, _to_others(x, group))
+    return out

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as funcol
+import torch.distributed as dist
 
-from cp_plugin.comm import count_backward, count_sent
+from cp_plugin.comm import all_gather, reduce_scatter
 from cp_plugin.mesh import ParallelMesh
 
 
@@ -34,11 +34,23 @@ def local_shard(tensor: torch.Tensor, dim: int, mesh: ParallelMesh, *, name: str
     return tensor.chunk(mesh.cp_size, dim)[mesh.cp_rank]
 
 
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along ``dim``; the backward reduce-scatters the gradient, issuing (and counting) it itself."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.dim, ctx.group = dim, group
+        # Collectives split dim 0: move the sequence dim there and back.
+        return all_gather(x.movedim(dim, 0), group, "all_gather").movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return reduce_scatter(grad.movedim(ctx.dim, 0), ctx.group, "all_gather_backward").movedim(0, ctx.dim), None, None
+
+
 def gather_sequence(tensor: torch.Tensor, dim: int, mesh: ParallelMesh) -> torch.Tensor:
     """Concatenate every CP rank's shard along ``dim``; the backward reduce-scatters (sums) gradients."""
-    count_sent("all_gather", tensor.nbytes * (mesh.cp_size - 1))
-    gathered = funcol.wait_tensor(funcol.all_gather_single_autograd(tensor.contiguous(), dim, mesh.cp_group))
-    return count_backward(gathered, "all_gather", (mesh.cp_size - 1) / mesh.cp_size)
+    return _GatherSequence.apply(tensor, dim % tensor.dim(), mesh.cp_group)
 
 
 def shard_batch(batch: Any, dims: Mapping[str, int], mesh: ParallelMesh) -> Any:

@@ -18,6 +18,8 @@ Bytes sent are counted in :data:`cp_plugin.comm.COMM_STATS` under ``ring_p2p``/`
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 
@@ -28,7 +30,7 @@ from cp_plugin.attention.kernels import (
     check_dtype,
     merge_partial,
 )
-from cp_plugin.comm import count_sent
+from cp_plugin.comm import all_gather, count_sent, reduce_scatter
 
 
 class RingComm:
@@ -71,33 +73,73 @@ class RingComm:
         self._pending = []
 
 
-def _all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
-    """``(r, *x.shape)``: every ring rank's ``x``, in ring order."""
-    size = dist.get_world_size(group)
-    gathered = x.new_empty(size * x.shape[0], *x.shape[1:])  # gloo wants blocks concatenated on dim 0
-    dist.all_gather_into_tensor(gathered, x.contiguous(), group=group)
-    count_sent(kind, x.nbytes * (size - 1))
-    return gathered.view(size, *x.shape)
+class BlockExchange(Protocol):
+    """One double-buffered rotation: post a send and a receive, compute, then wait (``RingComm``)."""
+
+    def send_recv(self, send: torch.Tensor) -> torch.Tensor: ...
+
+    def wait(self) -> None: ...
+
+
+class RingTransport(Protocol):
+    """Everything ``_RingAttention`` asks of communication, so the one ring loop runs over any transport.
+
+    :class:`GroupTransport` is the real one (a process group). ``benchmarks.loopback`` supplies one
+    that plays the other ranks from full tensors on one device, so the library's own loop, kernels,
+    masks and accumulators can be timed without a second device.
+    """
+
+    rank: int
+    size: int
+
+    def exchange(self, travels: str, kind: str) -> BlockExchange:
+        """A rotation of ``travels`` (``"kv"`` blocks, or ``"dkv"`` accumulators), bytes counted as ``kind``."""
+
+    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """``(size, *x.shape)``: every ring rank's ``x`` (a KV block), in ring order."""
+
+    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+        """``blocks[j]`` summed over ring ranks arrives at rank ``j``; returns this rank's sum."""
+
+
+class GroupTransport:
+    """The ring over a process group: point-to-point ``RingComm`` rotations and cp_plugin's counted collectives."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+
+    def exchange(self, travels: str, kind: str) -> RingComm:
+        return RingComm(self.group, kind)
+
+    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        return all_gather(x, self.group, kind).view(self.size, *x.shape)
+
+    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+        return reduce_scatter(blocks.flatten(0, 1), self.group, kind)
 
 
 class _RingAttention(torch.autograd.Function):
     """Ring attention over ``(B, H, S_local, D)`` shards; KV travels as one stacked ``(2, ...)`` buffer.
+
+    Communication goes through ``transport`` (a :class:`RingTransport`), the only thing that
+    differs between training (:class:`GroupTransport`) and ``benchmarks.blockwise`` (loopback).
 
     ``key_masks`` is ``None`` or every ring rank's boolean key mask ``(r, B, S_local)``: masks are
     bytes per token, so they are gathered once instead of travelling with the blocks.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_masks, group, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
+    def forward(ctx, q, k, v, key_masks, transport, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
         acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        rank, size = transport.rank, transport.size
         kv = torch.stack((k, v))
         out = lse = None
         if rotate_method == "allgather":
-            for origin, block in enumerate(_all_gather_blocks(kv, group, "ring_allgather")):
+            for origin, block in enumerate(transport.all_gather(kv, "ring_allgather")):
                 out, lse = merge_partial(out, lse, *_block_forward(q, block, _mask_of(key_masks, origin), scale, acc_dtype))
         else:
-            comm = RingComm(group, "ring_p2p")
+            comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
                 incoming = comm.send_recv(kv) if step + 1 < size else None
                 mask = _mask_of(key_masks, (rank - step) % size)
@@ -107,27 +149,26 @@ class _RingAttention(torch.autograd.Function):
                     kv = incoming
         out, lse = out.to(q.dtype), lse.squeeze(-1)
         ctx.save_for_backward(q, k, v, out, lse, key_masks)
-        ctx.group, ctx.scale, ctx.rotate_method = group, scale, rotate_method
+        ctx.transport, ctx.scale, ctx.rotate_method = transport, scale, rotate_method
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, key_masks = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        transport, scale = ctx.transport, ctx.scale
+        rank, size = transport.rank, transport.size
         dq = torch.zeros_like(q, dtype=_wide(q.dtype))
         kv = torch.stack((k, v))
         if ctx.rotate_method == "allgather":
-            blocks = _all_gather_blocks(kv, group, "ring_allgather_backward")
+            blocks = transport.all_gather(kv, "ring_allgather_backward")
             dkv_all = torch.stack(
                 [_block_backward(grad_out, q, block, _mask_of(key_masks, origin), out, lse, scale, dq)
                  for origin, block in enumerate(blocks)]
             )
-            dkv = torch.empty_like(kv, dtype=dq.dtype)
-            dist.reduce_scatter_tensor(dkv, dkv_all.flatten(0, 1), group=group)
-            count_sent("ring_allgather_backward", dkv_all.nbytes * (size - 1) // size)
+            dkv = transport.reduce_scatter(dkv_all, "ring_allgather_backward")
         else:
-            kv_comm, dkv_comm = RingComm(group, "ring_p2p_backward"), RingComm(group, "ring_p2p_backward")
+            kv_comm = transport.exchange("kv", "ring_p2p_backward")
+            dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
             own_dkv = incoming_dkv = None
             for step in range(size):
                 incoming_kv = kv_comm.send_recv(kv) if step + 1 < size else None
@@ -216,6 +257,7 @@ def ring_attention(
     check_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    key_masks = None if key_mask is None else _all_gather_blocks(key_mask, group, "ring_mask")
-    out = _RingAttention.apply(q, k, v, key_masks, group, scale, rotate_method, convert_to_fp32)
+    transport = GroupTransport(group)
+    key_masks = None if key_mask is None else transport.all_gather(key_mask, "ring_mask")
+    out = _RingAttention.apply(q, k, v, key_masks, transport, scale, rotate_method, convert_to_fp32)
     return out.transpose(1, 2)
