@@ -9,7 +9,11 @@ what context parallelism changes, reusing the core the Lightning strategy uses:
   ``num_processes=dp``), every batch checked across the CP group and optionally sequence-sharded;
 - RNG streams equal inside a CP group, distinct across dp;
 - ``accelerator.gather`` (and so ``gather_for_metrics``) over dp ranks only, so CP replicas are not
-  counted twice and metrics equal a single process's.
+  counted twice and metrics equal a single process's;
+- exact mid-epoch resume with Accelerate's own calls: ``accelerator.skip_first_batches`` keeps the
+  loader context parallel, and the RNG states ``accelerator.load_state`` restores are set again at
+  the first batch, because starting an epoch's iterator draws from the global RNG (as the
+  uninterrupted run did before its first step, not after the saved one).
 
 Gradient reduction, accumulation, clipping and mixed precision stay Accelerate's: collectives'
 backwards are exact adjoints (``cp_plugin.sequence``), so DDP's plain mean is already right.
@@ -17,6 +21,7 @@ backwards are exact adjoints (``cp_plugin.sequence``), so DDP's plain mean is al
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +38,7 @@ from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.resume import restore_rng_state, rng_state
 from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
 from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
 
@@ -86,6 +92,7 @@ class ContextParallelPlugin:
         self.check_batches = check_batches
         self.mesh: ParallelMesh | None = None
         self.device: torch.device | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # the one-line change ----------------------------------------------------------------------
     def prepare(self, accelerator: Accelerator, *objects: Any) -> Any:
@@ -115,6 +122,9 @@ class ContextParallelPlugin:
 
     def process_batch(self, batch: Any) -> Any:
         """What every batch goes through: the CP-group consistency check, then optional sharding."""
+        if self._rng_to_restore is not None:  # resumed: continue each rank's random stream where it was saved
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         mesh = self._mesh()
         if not mesh.cp_enabled:
             return batch
@@ -149,6 +159,30 @@ class ContextParallelPlugin:
         self.mesh = ParallelMesh.build(self.parallel_config, accelerator.device.type)
         seed_per_dp_rank(self.mesh, shared_base_seed(accelerator.device))
         accelerator.gather = types.MethodType(_gather_over_dp(self.mesh), accelerator)
+        accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
+        accelerator.load_state = self._load_state(accelerator.load_state)
+
+    def _skip_first_batches(self, skip: Any) -> Any:
+        """``accelerator.skip_first_batches`` that returns a loader still checked (and sharded) over CP."""
+
+        @functools.wraps(skip)
+        def skip_first_batches(dataloader: Any, num_batches: int = 0) -> Any:
+            if isinstance(dataloader, ContextParallelDataLoader):
+                return ContextParallelDataLoader(skip(dataloader.loader, num_batches), self)
+            return skip(dataloader, num_batches)
+
+        return skip_first_batches
+
+    def _load_state(self, load_state: Any) -> Any:
+        """``accelerator.load_state`` that keeps the RNG states it restored for the next batch."""
+
+        @functools.wraps(load_state)
+        def load(*args: Any, **kwargs: Any) -> Any:
+            result = load_state(*args, **kwargs)
+            self._rng_to_restore = rng_state()
+            return result
+
+        return load
 
     def _shard_over_dp(self, accelerator: Accelerator, loader: DataLoader) -> Any:
         """Accelerate's own sharding, over dp ranks: the ranks of a CP group get the same batches."""

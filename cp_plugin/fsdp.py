@@ -129,6 +129,14 @@ def load_full_model_state(module: torch.nn.Module, state: Mapping[str, Any], str
 def load_full_optimizer_state(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load a one-process ``optimizer.state_dict()`` (every rank holds it), keeping this rank's shards."""
+    """Load a one-process ``optimizer.state_dict()`` (every rank holds it), keeping this rank's shards.
+
+    An optimizer without per-parameter state (plain SGD) has nothing to shard, and torch's
+    ``set_optimizer_state_dict`` cannot place what does not exist (it asserts on the missing
+    device), so its hyperparameters load directly: the one-process numbering is this optimizer's.
+    """
+    if not state["state"]:
+        optimizer.load_state_dict(state)
+        return
     named = _renamed(state, dict(enumerate(param_names(module, optimizer))))
     set_optimizer_state_dict(module, optimizer, named, options=StateDictOptions(full_state_dict=True))

@@ -3,48 +3,89 @@
 Lightning saves model, optimizer, schedulers and loop counters, but not random-number states, and
 rank 0 writes the file, while under CP every dp replica draws its own noise. We add every rank's RNG
 state (gathered into rank 0's checkpoint) and restore each rank's own just before its first step.
-Mid-epoch data position comes from ``torchdata``'s ``StatefulDataLoader``; Lightning saves its state,
-and we keep it in our own entry of the checkpoint, so the file still loads into a plain one-process
-run. A checkpoint from another layout still loads (weights, optimizer), with RNG and data position
-restarting from the seed and the epoch's start.
+
+The data position is the number of batches the fit loop has *processed* in the current epoch,
+taken from the loop's progress counters when the checkpoint is written. The loader cannot know it:
+Lightning fetches one batch ahead, and once ``fit`` ends it resets the loader's iterator, so a
+``trainer.save_checkpoint`` after ``fit`` would see a fresh epoch. A resumed loader then leaves out
+that many batches of the epoch's index order (:class:`SkipFirst`), which costs no data loading and
+works with any number of workers. The position lives in our own entry of the checkpoint, so the
+file still loads into a plain one-process run. A checkpoint from another layout still loads
+(weights, optimizer), with RNG and data position restarting from the seed and the epoch's start.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 KEY = "cp_plugin"
 
 
-def _portable_rng_states() -> dict[str, Any]:
-    """Lightning's RNG states with numpy's key array as a list, so ``torch.load(weights_only=True)`` reads it."""
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (Lightning's collection) with numpy's key array as a list, so ``torch.load(weights_only=True)`` reads it."""
     states = _collect_rng_states(include_cuda=True)
     kind, keys, *rest = states["numpy"]
     return {**states, "numpy": (kind, keys.tolist(), *rest)}
 
 
+def _fit_loop(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return checkpoint.get("loops", {}).get("fit_loop", {})
+
+
 def _fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    return _fit_loop(checkpoint).get("state_dict", {})
+
+
+def processed_batches(checkpoint: dict[str, Any]) -> int:
+    """Batches of the current epoch whose training step ran, by the fit loop's own progress counters."""
+    return _fit_loop(checkpoint).get("epoch_loop.batch_progress", {}).get("current", {}).get("processed", 0)
+
+
+def reopen_interrupted_epoch(checkpoint: dict[str, Any]) -> None:
+    """Count an epoch that ``fit`` left at ``max_steps`` as unfinished, as a save inside it would.
+
+    When ``max_steps`` ends ``fit`` mid-epoch, Lightning's fit loop still marks the epoch completed,
+    so a ``trainer.save_checkpoint`` after ``fit`` would resume in the *next* epoch (a new shuffle)
+    at the batch index where this one stopped. The batch counters say whether the epoch really
+    ended (its last batch was processed); if not, the epoch counters go back one step.
+    """
+    loop = _fit_loop(checkpoint)
+    batches, epochs = loop.get("epoch_loop.batch_progress"), loop.get("epoch_progress")
+    if not batches or not epochs or batches.get("is_last_batch", True) or not batches["current"]["processed"]:
+        return
+    if epochs["current"]["ready"] and epochs["current"]["completed"] == epochs["current"]["ready"]:
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] -= 1
+            counts["completed"] -= 1
+        checkpoint["epoch"] = epochs["current"]["completed"]
 
 
 def layout_state(world_size: int, dp_size: int, checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """Every rank's RNG state, the layout it belongs to, and the loader's mid-epoch position.
+    """Every rank's RNG state, the layout it belongs to, and the loaders' mid-epoch position.
+
+    Also reopens an epoch that ``fit`` left unfinished (:func:`reopen_interrupted_epoch`), so the
+    position counts batches of the right epoch.
 
     The position moves out of Lightning's loop state into ours: a one-process ``Trainer`` with a plain
     ``DataLoader`` refuses a checkpoint holding a loader state it has no stateful loader for, and the
-    position counts one dp rank's samples, meaningful only under the same layout. Collective: call on
+    position counts one dp rank's batches, meaningful only under the same layout. Collective: call on
     every rank.
     """
+    reopen_interrupted_epoch(checkpoint)
     states: list[Any] = [None] * world_size
-    dist.all_gather_object(states, _portable_rng_states())
-    loader = _fit_loop_state(checkpoint).pop("combined_loader", None)
-    return {"world_size": world_size, "dp_size": dp_size, "rng_states": states, "loader": loader}
+    dist.all_gather_object(states, rng_state())
+    loaders = _fit_loop_state(checkpoint).pop("combined_loader", None)
+    if loaders is not None:
+        position = processed_batches(checkpoint)
+        loaders = [{**state, "batches": position} if ResumableLoader.owns(state) else state for state in loaders]
+    return {"world_size": world_size, "dp_size": dp_size, "rng_states": states, "loader": loaders}
 
 
 def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: int, rank: int) -> dict | None:
@@ -63,19 +104,70 @@ def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: i
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set every RNG this process draws from to ``state`` (from :func:`rng_state`)."""
     kind, keys, *rest = state["numpy"]
     _set_rng_states({**state, "numpy": (kind, np.asarray(keys, dtype=np.uint32), *rest)})
 
 
+class SkipFirst:
+    """A (batch) sampler whose next pass leaves out its first ``skip`` items: a resumed epoch's rest.
+
+    Indices are drawn in the main process whatever ``num_workers`` is, so skipping them costs no
+    data loading. Other attributes (``sampler``, ``set_epoch``) are the wrapped sampler's, so
+    Lightning still sets the epoch of a ``DistributedSampler`` inside.
+    """
+
+    def __init__(self, indices: Iterable[Any]) -> None:
+        self.indices = indices
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.skip = self.skip, 0  # only the resumed epoch is shortened
+        return itertools.islice(iter(self.indices), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.indices)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "indices":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.indices, name)
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` Lightning treats as resumable (``state_dict`` / ``load_state_dict``).
+
+    Its state is the number of batches to leave out when the interrupted epoch resumes. The loader
+    reports ``None``: only the fit loop knows how many batches it processed (:func:`layout_state`
+    fills it in).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        skipper = self.batch_sampler if isinstance(self.batch_sampler, SkipFirst) else self.sampler
+        batches = state.get("batches") or 0
+        skipper.skip = batches if batches < len(skipper) else 0  # a finished epoch resumes at the next one
+
+    @staticmethod
+    def owns(state: Any) -> bool:
+        """Whether a saved loader state is one of ours (others' states are kept as they are)."""
+        return isinstance(state, dict) and set(state) == {"batches"}
+
+
 def resumable(loader: DataLoader) -> DataLoader:
-    """The same loader as a ``StatefulDataLoader`` (mid-epoch position saved with the checkpoint)."""
-    if isinstance(loader, StatefulDataLoader) or type(loader) is not DataLoader:
-        return loader  # already stateful, or a custom loader class we must not rebuild
-    if loader.batch_size is None and loader.batch_sampler is not None:  # a custom batch sampler (e.g. buckets)
-        batching: dict[str, Any] = {"batch_sampler": loader.batch_sampler}
-    else:  # automatic batching, or none (batch_size=None: each item is a batch); keep the sampler either way
-        batching = {"batch_size": loader.batch_size, "sampler": loader.sampler, "drop_last": loader.drop_last}
-    return StatefulDataLoader(
+    """The same loader as a :class:`ResumableLoader` (mid-epoch position restored on resume).
+
+    Custom loader classes and iterable datasets are returned unchanged: their order is not ours to skip.
+    """
+    if type(loader) is not DataLoader or isinstance(loader.dataset, IterableDataset):
+        return loader
+    if loader.batch_sampler is not None:  # automatic batching: a batch size or a custom batch sampler
+        batching: dict[str, Any] = {"batch_sampler": SkipFirst(loader.batch_sampler)}
+    else:  # batch_size=None: each index is a batch
+        batching = {"batch_size": None, "sampler": SkipFirst(loader.sampler)}
+    return ResumableLoader(
         loader.dataset,
         **batching,
         num_workers=loader.num_workers,
