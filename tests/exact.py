@@ -170,13 +170,19 @@ def reference_run(
     bf16: bool = False,
     data_kwargs: dict[str, Any] | None = None,
     sequential: bool = False,
+    module: FlowMatchingModule | None = None,
 ) -> dict[str, Any]:
     """Train one process on the global batches a ``dp``-way run sees; return losses, grads, weights.
 
     Mirrors Lightning's order: accumulate ``loss / accumulate``, record gradients (as
-    ``on_before_optimizer_step`` does), clip by norm, step.
+    ``on_before_optimizer_step`` does), clip by norm, step. ``module`` trains that instance (a
+    subclass with parameters outside the transformer) instead of ``FlowMatchingModule(kind, optimizer)``;
+    the grads and weights returned are then all of its own, not only the transformer's.
     """
-    module = FlowMatchingModule(kind, optimizer)
+    measured = module
+    if module is None:
+        module = FlowMatchingModule(kind, optimizer)
+        measured = module.transformer
     opt = module.configure_optimizers()
     losses, first_grads = [], None
     order = sequential_batches if sequential else global_batches
@@ -189,12 +195,12 @@ def reference_run(
         if (i + 1) % accumulate:
             continue
         if first_grads is None:
-            first_grads = grads_of(module.transformer)
+            first_grads = grads_of(measured)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()
         opt.zero_grad()
-    return {"losses": losses, "grads": first_grads, "state": module.transformer.state_dict()}
+    return {"losses": losses, "grads": first_grads, "state": measured.state_dict()}
 
 
 def quiet_trainer(strategy: Any, max_steps: int, devices: int | None = None, **kwargs: Any) -> L.Trainer:
@@ -244,3 +250,22 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     scale = expected.abs().max().clamp_min(1e-12)
     err = float((actual - expected).abs().max() / scale)
     assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def assert_update_close(
+    after: torch.Tensor, expected_after: torch.Tensor, before: torch.Tensor, rtol: float, steps: int, what: str
+) -> None:
+    """The update ``after - before`` matches the expected one to ``rtol`` of its largest entry.
+
+    Weights that barely move in a few steps pass a weight tolerance even when a step is skipped or
+    wrong; their updates do not. An update is known only to the resolution of the weights: every
+    step rounds each weight twice at most (decay, then step), by half an ulp, in both runs, so up to
+    ``2 * steps`` ulps of ``max|before|`` are allowed on top (this covers weights that do not move at all).
+    """
+    expected = expected_after - before
+    floor = 2 * steps * torch.finfo(before.dtype).eps * float(before.abs().max())
+    scale, err = float(expected.abs().max()), float((after - expected_after).abs().max())
+    assert err <= rtol * scale + floor, (
+        f"{what}: update differs by {err:.2e} > {rtol:.0e} x largest update {scale:.2e} + resolution {floor:.1e}"
+    )
+
