@@ -1,36 +1,35 @@
 """A failing rank never leaves the others hanging: every rank exits, promptly, saying which rank failed.
 
 Real launchers: Lightning's own (``python script.py``, it starts the other ranks) and ``torchrun``.
-Rank 1 raises, is SIGKILLed, or hangs at step 2 of ring-attention training (``scripts/fail_rank.py``).
+Rank 1 raises, is SIGKILLed, or hangs at step 2 of ring-attention training (``scripts/fail_rank.py``),
+which writes a checkpoint after every step. What is asserted is behaviour: a non-zero exit, within
+the case's bound, no rank left running, a message that names the failed rank or says that a peer
+vanished (any of the correct wordings: which process notices first is a race), and every checkpoint
+written before the failure still loads.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.failures import CASES, PG_TIMEOUT_S, leftover_ranks, run
-
-LIMITS_S = {  # seconds from the injected failure to the last exit
-    ("raise", False): 5.0,
-    ("kill", False): 10.0,  # Lightning's child-process observer polls every 5 s
-    ("hang", False): PG_TIMEOUT_S + 5.0,  # the peers give up at the process-group timeout
-    ("kill", True): 10.0,
-}
+from benchmarks.failures import CASES, Case, leftover_ranks, loads, run
 
 
-@pytest.mark.timeout(200)
-@pytest.mark.parametrize(("mode", "torchrun", "message"), CASES, ids=[f"{m}-{'torchrun' if t else 'lightning'}" for m, t, _ in CASES])
-def test_every_rank_exits_promptly_naming_the_failure(mode: str, torchrun: bool, message: str) -> None:
-    result, seconds = run(mode, torchrun)
-    assert result.returncode != 0
-    assert re.search(message, result.stderr), result.stderr[-3000:]
-    assert seconds < LIMITS_S[(mode, torchrun)], f"{mode}: {seconds:.1f}s from failure to exit"
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_rank_exits_promptly_naming_the_failure(case: Case, tmp_path: Path) -> None:
+    outcome = run(case, tmp_path)
+    assert outcome.seconds is not None, f"rank 1 never reached step 2:\n{outcome.output[-3000:]}"
+    assert outcome.returncode != 0
+    assert outcome.message(case), f"no message names the failure ({case.messages}):\n{outcome.output[-3000:]}"
+    assert outcome.seconds < case.limit_s, f"{case.name}: {outcome.seconds:.1f}s from failure to exit"
     assert leftover_ranks() == []
+    written = [c.name for c in outcome.checkpoints]
+    assert len(written) >= 2 and all(loads(c) for c in outcome.checkpoints), written  # steps 1 and 2
 
 
 @pytest.mark.timeout(120)

@@ -1,7 +1,10 @@
 """Train under ContextParallelStrategy and make one rank fail at a given step (for tests/test_failures.py).
 
-    python fail_rank.py --mode raise|kill|hang --rank 1 --step 2          # Lightning starts the processes
-    torchrun --nproc-per-node 2 fail_rank.py --mode kill --rank 1 --step 2
+    python fail_rank.py --mode raise|kill|hang --rank 1 --step 2 --ckpt-dir DIR   # Lightning starts the processes
+    torchrun --nproc-per-node 2 fail_rank.py --mode kill --rank 1 --step 2 --ckpt-dir DIR
+
+A checkpoint is written after every step (``DIR/step=N.ckpt``), so the test can check that the
+ones written before the failure survive it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for exact.py)
@@ -46,9 +50,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--step", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--ckpt-dir", type=Path, required=True)
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
-    trainer = quiet_trainer(ContextParallelStrategy(ring_degree=2, timeout=timedelta(seconds=args.timeout)), args.step + 3, 2)
+    every_step = ModelCheckpoint(args.ckpt_dir, "{step}", every_n_train_steps=1, save_top_k=-1)
+    strategy = ContextParallelStrategy(ring_degree=2, timeout=timedelta(seconds=args.timeout))
+    trainer = quiet_trainer(strategy, args.step + 3, 2, enable_checkpointing=True, callbacks=[every_step])
     trainer.fit(FailingModule(args.mode, args.rank, args.step), DataLoader(SyntheticFlowData("flux"), batch_size=2))
 
 
