@@ -1,60 +1,138 @@
-"""Measuring instruments shared by the benchmarks: saved-activation bytes and robust step timing.
+"""Measuring instruments shared by the benchmarks: saved-activation bytes, peak memory, robust step timing.
 
 Saved activations are what autograd keeps alive between forward and backward, i.e. what grows
 with the sequence and decides how long a sequence fits. ``saved_tensors_hooks`` sees every tensor
-autograd saves; we count the storage each keeps alive, once (several ops may save the same one, and a
-slice keeps its whole buffer), and leave out parameters, which autograd also saves but which do not
-depend on the sequence.
+autograd saves; we count the storage each keeps alive while it is alive, once (several ops may save
+the same one, and a slice keeps its whole buffer), and leave out parameters, which autograd also
+saves but which do not depend on the sequence.
+
+Saved tensors are not all a step holds: transient buffers (a gathered KV, a received block, the
+gradients being formed) come and go between them, and they are where a ring's p2p and all-gather
+variants differ. :class:`PeakMemory` measures the high-water mark of every tensor the step
+allocates, on any device, CPU included (which has no allocator statistics to read).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
 
 
-def _storage(tensor: torch.Tensor) -> tuple[int, int]:
-    """(identity, bytes) of the memory a saved tensor keeps alive: its whole storage, not its view."""
-    try:
-        storage = tensor.untyped_storage()
-        return storage.data_ptr(), storage.nbytes()
-    except RuntimeError:  # wrapper subclasses (e.g. async collective results) have no own storage
-        return id(tensor), tensor.numel() * tensor.element_size()
+class _LiveStorages:
+    """Bytes of distinct storages that are still alive, and their high-water mark.
+
+    A storage is known by its ``StorageImpl`` (``_cdata``) and forgotten when it is freed (a weakref
+    callback), so a later storage at the same address is a new one, not a repeat.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def add(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._sizes or not storage.nbytes():
+            return
+        self._sizes[key] = storage.nbytes()
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
 
 
-@dataclass
-class SavedBytes:
-    """Bytes of distinct activation storages autograd saved inside a ``count_saved_activations`` block."""
+class SavedBytes(_LiveStorages):
+    """High-water mark of the distinct activation storages autograd holds for backward.
 
-    exclude: set[int]
-    total: int = 0
-    _seen: set[int] = field(default_factory=set)
+    ``total`` is the most that was held at once (at the end of the forward, for one step): a
+    storage saved by several ops counts once, one freed before backward (a branch whose graph was
+    dropped) stops counting, and parameters (``exclude``) never count.
+    """
 
-    def add(self, tensor: torch.Tensor) -> torch.Tensor:
-        key, nbytes = _storage(tensor)
-        if key not in self.exclude and key not in self._seen and nbytes:
-            self._seen.add(key)
-            self.total += nbytes
+    def __init__(self, exclude: set[int]) -> None:
+        super().__init__()
+        self.exclude = exclude
+
+    @property
+    def total(self) -> int:
+        return self.peak
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Tensors saved while a backward runs (a recomputing backward) are not held between the passes.
+        if torch._C._current_graph_task_id() == -1:
+            for storage in storages(tensor):
+                if storage._cdata not in self.exclude:
+                    self.add(storage)
         return tensor
+
+
+def storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages a tensor keeps alive (whole buffers, not views), through wrapper subclasses.
+
+    diffusers' gathered outputs are ``AsyncCollectiveTensor`` wrappers: the memory is their inner tensor's.
+    """
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [storage for name in names for storage in storages(getattr(tensor, name))]
+    return [tensor.untyped_storage()]
 
 
 @contextmanager
 def count_saved_activations(model: torch.nn.Module) -> Iterator[SavedBytes]:
-    """Count the bytes of every storage a tensor saved for backward keeps alive while the block runs.
+    """Track the storages kept alive by tensors saved for backward while the block runs.
 
     Whole storages, not view sizes: a saved slice of a big buffer keeps the whole buffer.
 
     Tensors that share storage with ``model``'s parameters (weights and their transposed views,
     which linear layers save) are left out: they do not depend on the sequence.
     """
-    saved = SavedBytes(exclude={_storage(p)[0] for p in model.parameters()})
-    with torch.autograd.graph.saved_tensors_hooks(saved.add, lambda tensor: tensor):
+    saved = SavedBytes(exclude={p.untyped_storage()._cdata for p in model.parameters()})
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
         yield saved
+
+
+class PeakMemory(TorchDispatchMode):
+    """High-water mark of the bytes held by tensors that ops allocate while the mode is active.
+
+    Every op's output whose storage is new (not shared with an input: views and in-place ops
+    allocate nothing) is counted until that storage is freed. Tensors that existed before the block
+    (parameters, inputs) are not counted, so ``peak`` is what the measured code adds on top of them.
+    Autograd runs CPU backward ops on the calling thread, so a backward inside the block is seen.
+    Not seen: scratch memory a kernel or a communication backend allocates internally.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._storages = _LiveStorages()
+
+    @property
+    def peak(self) -> int:
+        return self._storages.peak
+
+    @property
+    def live(self) -> int:
+        return self._storages.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {s._cdata for t in tensors for s in storages(t)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                for storage in storages(tensor):
+                    if storage._cdata not in inputs:
+                        self._storages.add(storage)
+        return out
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.measure import _storage
+from benchmarks.measure import storages
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.fsdp import shard_module
@@ -40,8 +40,8 @@ def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a DTensor counts its local shard)."""
     seen: dict[int, int] = {}
     for tensor in tensors:
-        key, nbytes = _storage(tensor.to_local() if isinstance(tensor, DTensor) else tensor)
-        seen[key] = nbytes
+        for storage in storages(tensor.to_local() if isinstance(tensor, DTensor) else tensor):
+            seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
 
 

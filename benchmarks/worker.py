@@ -3,8 +3,19 @@
 For every sequence length and layout it builds the same seeded wide-ish Flux DiT, runs a
 forward+backward step on the same global tokens and records, per rank: step time (median of
 repeats, every step bounded by barriers so it is the slowest rank's), bytes of saved activations,
-bytes sent at cp_plugin's collectives, and the error of outputs and gradients against the
-single-process reference (written by the ``single`` layout, which must run first, on one process).
+peak bytes allocated during the step, bytes sent at cp_plugin's collectives, and the error of
+outputs and gradients against the single-process reference (written by the ``single`` layout,
+which must run first, on one process).
+
+Each layout runs one of two paths, named in its record:
+
+- ``module``: what a LightningModule written for one process does: full inputs in, the output
+  gathered, the same loss on the full output on every rank (diffusers' CP only runs this path);
+- ``sharded``: the batch arrives sharded (``shard_batch``), the model returns local shards and the
+  loss is taken on local tokens: no rank ever holds the full sequence.
+
+``--search-mib B`` instead searches, per layout, the longest sequence whose measured step peak
+stays within ``B`` MiB on every rank (probing lengths and measuring each; see :func:`search`).
 
     torchrun --nproc-per-node 2 -m benchmarks.worker --layouts ulysses ring_p2p --seq 1024 4096 --out raw.jsonl
 """
@@ -23,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks.measure import count_saved_activations, time_steps
+from benchmarks.measure import PeakMemory, count_saved_activations, time_steps
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
 from cp_plugin.model import apply_context_parallel
@@ -37,26 +48,28 @@ PRESHARDED = ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids")
 
 @dataclass(frozen=True)
 class Layout:
-    """How one sequence is split: cp_plugin (ring x ulysses, rotate method) or diffusers' own hooks."""
+    """How one sequence is split (cp_plugin's ring x ulysses and rotate method, or diffusers' own
+    hooks) and which path the step takes (``module`` or ``sharded``, see the module docstring)."""
 
     name: str
     ring: int
     ulysses: int
     rotate_method: str = "p2p"
     diffusers: bool = False
+    path: str = "module"
 
 
 def layouts_for(world: int) -> dict[str, Layout]:
-    half = max(world // 2, 1)
-    return {
-        "single": Layout("single", 1, 1),
-        "ulysses": Layout("ulysses", 1, world),
-        "ring_p2p": Layout("ring_p2p", world, 1, "p2p"),
-        "ring_allgather": Layout("ring_allgather", world, 1, "allgather"),
-        "ring_x_ulysses": Layout("ring_x_ulysses", 2, half),
-        "diffusers_ulysses": Layout("diffusers_ulysses", 1, world, diffusers=True),
-        "diffusers_ring": Layout("diffusers_ring", world, 1, diffusers=True),
-    }
+    """Layouts by name; ``<layout>/module`` and ``<layout>/sharded`` run cp_plugin's two paths."""
+    splits = {"ulysses": (1, world, "p2p"), "ring_p2p": (world, 1, "p2p"), "ring_allgather": (world, 1, "allgather"),
+              "ring_x_ulysses": (2, max(world // 2, 1), "p2p")}
+    layouts = {"single": Layout("single", 1, 1),
+               "diffusers_ulysses": Layout("diffusers_ulysses", 1, world, diffusers=True),
+               "diffusers_ring": Layout("diffusers_ring", world, 1, diffusers=True)}
+    for split, (ring, ulysses, rotate) in splits.items():
+        for path in ("module", "sharded"):
+            layouts[f"{split}/{path}"] = Layout(f"{split}/{path}", ring, ulysses, rotate, path=path)
+    return layouts
 
 
 def flux_inputs(seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -100,19 +113,28 @@ def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
     diffusers_apply(model, config.context_parallel_config, model._cp_plan)
 
 
-def build(layout: Layout, seq: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], ParallelMesh | None]:
+def build(layout: Layout) -> tuple[torch.nn.Module, ParallelMesh | None]:
+    """The seeded model, made context parallel as ``layout`` says; the mesh for cp_plugin layouts."""
     model = tiny_flux(**WIDE_FLUX)
-    inputs = flux_inputs(seq)
     if layout.name == "single":
-        return model, inputs, None
+        return model, None
     if layout.diffusers:
         apply_diffusers_cp(model, layout)
-        return model, inputs, None
+        return model, None
     mesh = ParallelMesh.build(
         ParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, rotate_method=layout.rotate_method), "cpu"
     )
-    apply_context_parallel(model, mesh, presharded_inputs=PRESHARDED, gather_outputs=False)
-    return model, shard_inputs(inputs, mesh), mesh
+    if layout.path == "sharded":
+        apply_context_parallel(model, mesh, presharded_inputs=PRESHARDED, gather_outputs=False)
+    else:
+        apply_context_parallel(model, mesh)
+    return model, mesh
+
+
+def inputs_for(layout: Layout, seq: int, mesh: ParallelMesh | None) -> dict[str, torch.Tensor]:
+    """Full inputs on every rank (``module`` path), or this rank's shards of them (``sharded``)."""
+    inputs = flux_inputs(seq)
+    return shard_inputs(inputs, mesh) if layout.path == "sharded" and mesh is not None else inputs
 
 
 def step_fn(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -133,8 +155,9 @@ def reference_path(out_dir: Path, seq: int) -> Path:
 
 def exactness(model: torch.nn.Module, out: torch.Tensor, layout: Layout, mesh: ParallelMesh | None, ref: dict) -> dict:
     """Max relative error of this rank's output and of the assembled gradient vs one process."""
-    if mesh is not None:  # local loss: sum over the CP group is cp x the global-mean gradient
-        expected_out = ref["out"].chunk(mesh.cp_size, 1)[mesh.cp_rank]
+    if mesh is not None:  # cp_plugin: the sum over the CP group is the gradient of cp x the global loss
+        sharded = layout.path == "sharded"
+        expected_out = ref["out"].chunk(mesh.cp_size, 1)[mesh.cp_rank] if sharded else ref["out"]
         group, scale = mesh.cp_group, 1 / mesh.cp_size
     else:  # diffusers: loss on the gathered output, gradients are partial sums over ranks
         expected_out, group, scale = ref["out"], None, 1.0
@@ -148,18 +171,22 @@ def exactness(model: torch.nn.Module, out: torch.Tensor, layout: Layout, mesh: P
     return {"out_rel_err": out_err, "grad_rel_err": grad_err}
 
 
-def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str, Any]:
-    model, inputs, mesh = build(layout, seq)
-    step = step_fn(model, inputs)
-    world = dist.get_world_size()
-    with count_saved_activations(model) as saved:
-        out = model(**{k: v for k, v in inputs.items() if k != "target"}, return_dict=False)[0]
-        F.mse_loss(out, inputs["target"]).backward()
+def measured_step(model: torch.nn.Module, step: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One untimed step, instrumented: saved activations, peak bytes allocated, bytes sent by kind."""
     COMM_STATS.reset()
-    out = step()
-    sent = COMM_STATS.bytes_sent
-    record: dict[str, Any] = {**asdict(layout), "world": world, "seq": seq, "rank": dist.get_rank(),
-                              "saved_bytes": saved.total, "bytes_sent": sent, "comm_by_kind": dict(COMM_STATS.by_kind)}
+    with count_saved_activations(model) as saved, PeakMemory() as peak:
+        out = step()
+    return out, {"saved_bytes": saved.total, "peak_bytes": peak.peak, "bytes_sent": COMM_STATS.bytes_sent,
+                 "comm_by_kind": dict(COMM_STATS.by_kind)}
+
+
+def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str, Any]:
+    model, mesh = build(layout)
+    inputs = inputs_for(layout, seq, mesh)
+    step = step_fn(model, inputs)
+    out, measured = measured_step(model, step)
+    record: dict[str, Any] = {**asdict(layout), "world": dist.get_world_size(), "seq": seq, "rank": dist.get_rank(),
+                              **measured}
     if layout.name == "single":
         torch.save({"out": out, "grads": {n: p.grad for n, p in model.named_parameters()}}, reference_path(out_dir, seq))
     else:
@@ -169,11 +196,69 @@ def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str,
     return record
 
 
+SIDE_STEP = 4  # search lengths are side x side tokens (Flux's image grid), side a multiple of 4 (every cp size)
+
+
+def probe_peak(model: torch.nn.Module, layout: Layout, mesh: ParallelMesh | None, side: int) -> int:
+    """The largest step peak (bytes) over all ranks at ``side * side`` tokens, the same on every rank."""
+    step = step_fn(model, inputs_for(layout, side * side, mesh))
+    with PeakMemory() as peak:
+        step()
+    worst = torch.tensor([peak.peak], dtype=torch.int64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return int(worst)
+
+
+def search(layout: Layout, budget: int) -> dict[str, Any]:
+    """The longest ``side * side`` sequence whose measured step peak fits ``budget`` bytes on every rank.
+
+    A run, not a fit: two short probes only estimate bytes per token (peaks grow linearly, as flash
+    attention keeps no S x S scores) to pick where to start; from there every length is measured,
+    one side step at a time, until one fits and the next does not. Both are reported.
+    """
+    model, mesh = build(layout)
+    probes: dict[int, int] = {}
+
+    def peak(side: int) -> int:
+        if side not in probes:
+            probes[side] = probe_peak(model, layout, mesh, side)
+        return probes[side]
+
+    small, large = 4 * SIDE_STEP, 8 * SIDE_STEP
+    per_token = (peak(large) - peak(small)) / (large**2 - small**2)
+    estimate = large**2 + (budget - peak(large)) / per_token
+    side = max(SIDE_STEP, int(max(estimate, 0) ** 0.5) // SIDE_STEP * SIDE_STEP)
+    while peak(side) <= budget:
+        side += SIDE_STEP
+    while side > SIDE_STEP and peak(side - SIDE_STEP) > budget:
+        side -= SIDE_STEP
+    fits = side - SIDE_STEP  # measured within budget (0: not even the shortest length fits)
+    return {"budget_bytes": budget, "fits_seq": fits * fits, "fits_peak": probes.get(fits, 0),
+            "next_seq": side * side, "next_peak": probes[side],
+            "probes": [[s * s, p] for s, p in sorted(probes.items())]}
+
+
+def write(records: list[dict[str, Any]], out: Path) -> None:
+    """Append records to the JSON lines file (rank 0 only) and echo the last one."""
+    if dist.get_rank() == 0:
+        with out.open("a") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        print(json.dumps({k: v for k, v in records[-1].items() if k not in ("comm_by_kind", "probes")}), flush=True)
+
+
+def failure(layout: Layout, err: Exception) -> dict[str, Any]:
+    """A layout that cannot run is a result ("fails"): its record names the error."""
+    return {**asdict(layout), "world": dist.get_world_size(), "rank": dist.get_rank(),
+            "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", nargs="+", required=True)
-    parser.add_argument("--seq", nargs="+", type=int, required=True)
+    parser.add_argument("--seq", nargs="+", type=int, default=[])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--search-mib", type=float, help="search the longest sequence within this step peak per rank")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines file; one record per rank and case")
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -186,15 +271,17 @@ def main() -> None:
             try:
                 record = run_case(layouts[name], seq, args.repeats, args.out.parent)
             except Exception as err:  # noqa: BLE001 - a layout that cannot run is a result ("fails")
-                record = {**asdict(layouts[name]), "world": world, "seq": seq, "rank": dist.get_rank(),
-                          "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+                record = {**failure(layouts[name], err), "seq": seq}
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, record)
-            if dist.get_rank() == 0:
-                with args.out.open("a") as f:
-                    for rec in gathered:
-                        f.write(json.dumps(rec) + "\n")
-                print(json.dumps({k: v for k, v in record.items() if k != "comm_by_kind"}), flush=True)
+            write(gathered, args.out)
+    if args.search_mib:
+        for name in args.layouts:
+            try:  # the search's figures are all-reduced: rank 0's record speaks for every rank
+                record = {**asdict(layouts[name]), "world": world, **search(layouts[name], int(args.search_mib * 2**20))}
+            except Exception as err:  # noqa: BLE001
+                record = failure(layouts[name], err)
+            write([{**record, "search": True}], args.out)
     dist.destroy_process_group()
 
 

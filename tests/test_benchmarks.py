@@ -1,29 +1,47 @@
 """The benchmark instruments measure what they claim: a benchmark that computes the wrong thing is worse than none.
 
-Only correctness here (tiny sizes, one process); timings and ratios live in ``benchmarks/``.
+Only correctness here (tiny sizes); timings and ratios live in ``benchmarks/``. Covered: the
+loopback ring (the library's ``_RingAttention`` on one device) against fused SDPA, the peak-memory
+tracker and the saved-activation counter against known allocations, the p2p/all-gather peak
+difference in KV blocks, and the bytes cp_plugin's collectives count against the tensors actually
+handed to gloo and against ``benchmarks.run``'s separate theory formula.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from benchmarks import blockwise
+from benchmarks import blockwise, run, worker
+from benchmarks.measure import PeakMemory, count_saved_activations
+from launcher import run_distributed
+
+MIB = 2**20
+
+
+def _attention_inputs(ring: int, dtype: torch.dtype, seq: int = 256) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 2, seq, 32, generator=g).to(dtype) for _ in range(2))
+    q, grad_out = (torch.randn(1, 2, seq // ring, 32, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, grad_out
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("ring", [2, 4])
-def test_blockwise_step_equals_fused_sdpa(dtype: torch.dtype, tol: float, ring: int) -> None:
-    """One ring rank's blockwise compute gives the fused SDPA's output and q/k/v gradients."""
-    g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(1, 2, 256, 32, generator=g).to(dtype) for _ in range(2))
-    q, grad_out = (torch.randn(1, 2, 256 // ring, 32, generator=g).to(dtype) for _ in range(2))
-    got = blockwise.blockwise_step(q, k, v, grad_out, ring)
-    want = blockwise.fused_step(q, k, v, grad_out)
+@pytest.mark.parametrize("rotate", ["p2p", "allgather"])
+@pytest.mark.parametrize("masked", [0.0, 0.3])
+def test_loopback_ring_equals_fused_sdpa(dtype: torch.dtype, tol: float, ring: int, rotate: str, masked: float) -> None:
+    """The library's ring on a loopback transport gives the fused SDPA's output and q/k/v gradients."""
+    q, k, v, grad_out = _attention_inputs(ring, dtype)
+    mask = blockwise.key_mask(1, k.shape[2], masked, k.device)
+    got = blockwise.ring_step(q, k, v, grad_out, ring, rotate, mask)
+    want = blockwise.fused_step(q, k, v, grad_out, mask)
     assert [t.shape for t in got] == [t.shape for t in want]
     assert blockwise.max_rel_error(got, want) < tol
     # teeth: the error measure sees a wrong gradient (dk zeroed)
@@ -31,12 +49,128 @@ def test_blockwise_step_equals_fused_sdpa(dtype: torch.dtype, tol: float, ring: 
     assert blockwise.max_rel_error(truncated, want) > 0.5
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_blockwise_benchmark_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = ["blockwise", "--device", "cpu", "--dtype", "fp32", "--seq", "256", "--ring", "2", "--heads", "2",
-            "--head-dim", "32", "--repeats", "1", "--out", str(tmp_path)]
+    argv = ["blockwise", "--device", "cpu", "--dtype", "fp32", "--seq", "256", "--ring", "2", "--rotate", "p2p",
+            "allgather", "--heads", "2", "--head-dim", "32", "--repeats", "1", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     blockwise.main()
     table = (tmp_path / "blockwise_cpu.md").read_text()
-    row = [line for line in table.splitlines() if line.startswith("| 256 | 2 |")]
-    assert len(row) == 1 and float(row[0].split("|")[-2]) < 1e-5  # the error column
+    rows = [line for line in table.splitlines() if line.startswith("| 256 | 2 |")]
+    assert len(rows) == 2 and all(float(row.split("|")[-2]) < 1e-5 for row in rows)  # the error column
+
+
+@pytest.mark.timeout(30)
+def test_peak_memory_tracks_allocations_and_frees() -> None:
+    """Peak and live bytes of known allocations; views, in-place ops and earlier tensors add nothing."""
+    before = torch.ones(MIB // 4)  # 1 MiB that exists before the block: not counted
+    with PeakMemory() as peak:
+        a = torch.empty(MIB // 4)  # 1 MiB
+        a.add_(1)
+        view = a.view(-1)[:10]
+        before.mul_(2)
+        b = torch.empty(MIB // 2)  # 2 MiB -> 3 MiB live
+        del a, view
+        assert peak.live == 2 * MIB
+        c = torch.empty(MIB)  # 4 MiB -> 6 MiB live, the peak
+        del b, c
+        assert peak.live == 0
+        x = torch.randn(MIB // 4, requires_grad=True)  # 1 MiB
+        (x * 3).sum().backward()  # backward ops are seen: x.grad (1 MiB) stays
+    assert peak.peak == 6 * MIB
+    assert peak.live == 2 * MIB  # x and x.grad (the loss was freed)
+
+
+@pytest.mark.timeout(30)
+def test_saved_activations_count_forward_storages_once() -> None:
+    """A storage saved by several ops counts once, parameters never, backward-time saves not at all."""
+    layer = torch.nn.Linear(256, 256, bias=False)
+    x = torch.randn(64, 256, requires_grad=True)
+    with count_saved_activations(layer) as saved:
+        h = layer(x)  # saves x (64 KiB) and the weight (excluded)
+        y = (h * h).sum()  # saves h twice: one 64 KiB storage
+        y.backward()
+    assert saved.total == 2 * x.nbytes
+    # teeth: a backward that recomputes (and saves) under grad does not count as held between passes
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):  # type: ignore[override]
+            ctx.save_for_backward(t)
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            (t,) = ctx.saved_tensors
+            with torch.enable_grad():
+                u = t.detach().requires_grad_()
+                (again,) = torch.autograd.grad((u.exp() * u).sum(), u)
+            return grad * 2 + 0 * again
+
+    with count_saved_activations(layer) as saved:
+        Recompute.apply(x).sum().backward()
+    assert saved.total == x.nbytes
+
+
+@pytest.mark.timeout(60)
+def test_p2p_ring_peak_stays_flat_while_allgather_grows() -> None:
+    """Theory: p2p holds two KV blocks (and a few dK/dV blocks) whatever the ring; all-gather holds
+    every KV block and every dK/dV block, 2r blocks. Measured in KV-block units on the loopback ring."""
+    seq = 512
+
+    def blocks(ring: int, rotate: str) -> float:
+        q, k, v, grad_out = _attention_inputs(ring, torch.float32, seq)
+        with PeakMemory() as peak:
+            blockwise.ring_step(q, k, v, grad_out, ring, rotate, record=False)
+        return peak.peak / (2 * k.nbytes / ring)
+
+    p2p, allgather = {r: blocks(r, "p2p") for r in (4, 8)}, {r: blocks(r, "allgather") for r in (4, 8)}
+    assert abs(p2p[8] - p2p[4]) < 0.25
+    assert allgather[8] - allgather[4] > 2 * (8 - 4) - 0.25
+    assert allgather[8] - p2p[8] > 2 * 8 - 8
+
+
+def _count_handed_bytes(layouts: list[str], seq: int) -> list[dict[str, Any]]:
+    """Rank body: each layout's counted bytes, the bytes of the tensors gloo was handed, and theory."""
+    handed: list[int] = []
+    rank, world = dist.get_rank(), dist.get_world_size()
+    originals = {name: getattr(dist, name) for name in ("all_to_all_single", "all_gather_into_tensor",
+                                                        "reduce_scatter_tensor", "batch_isend_irecv")}
+
+    def recorder(name: str):  # type: ignore[no-untyped-def]
+        def call(*args: Any, **kwargs: Any) -> Any:
+            group = kwargs.get("group")
+            size, me = dist.get_world_size(group), dist.get_rank(group)
+            if name == "batch_isend_irecv":  # bytes this rank sends: its isend ops' tensors
+                handed.append(sum(op.tensor.nbytes for op in args[0] if op.op is dist.isend))
+            elif name == "all_gather_into_tensor":  # our tensor, to every peer
+                handed.append(args[1].nbytes * (size - 1))
+            else:  # dim-0 chunks addressed to the other ranks
+                handed.append(args[1].nbytes - args[1].chunk(size)[me].nbytes)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in originals:
+        setattr(dist, name, recorder(name))
+    results = []
+    for name in layouts:
+        layout = worker.layouts_for(world)[name]
+        model, mesh = worker.build(layout)
+        handed.clear()
+        _, measured = worker.measured_step(model, worker.step_fn(model, worker.inputs_for(layout, seq, mesh)))
+        record = {**worker.asdict(layout), "seq": seq}
+        results.append({"name": name, "counted": measured["bytes_sent"], "handed": sum(handed),
+                        "theory": run.theoretical_bytes(record), "rank": rank})
+    return results
+
+
+@pytest.mark.timeout(60)
+def test_counted_bytes_are_the_tensors_handed_to_gloo_and_match_theory() -> None:
+    """Forward and backward: COMM_STATS equals the bytes of the tensors handed to each collective,
+    and both equal run.theoretical_bytes (a separate formula), on both paths."""
+    layouts = ["ulysses/module", "ulysses/sharded", "ring_p2p/module", "ring_allgather/sharded"]
+    for rank_results in run_distributed(_count_handed_bytes, 2, layouts, 64, timeout=50):
+        for result in rank_results:
+            assert result["counted"] > 0 and result["counted"] == result["handed"], result
+            assert result["counted"] == pytest.approx(result["theory"], rel=1e-9), result

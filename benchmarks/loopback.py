@@ -1,0 +1,76 @@
+"""One ring rank on one device: a ``RingTransport`` that plays the other ranks from the full tensors.
+
+``benchmarks.blockwise`` times the ring the library runs (``_RingAttention``: its loop, kernels,
+masks and wide accumulators) without a second device. Communication becomes local copies: a KV
+rotation copies the block the previous rank would send into the receive buffer; a dK/dV rotation
+records what this rank sends (its contribution to that block's gradient) and receives zeros, since
+the other ranks are not computing. The all-gather variant stacks every block; its reduce-scatter
+records each block's contribution and keeps this rank's own. So after a step this rank's
+``q.grad`` is exact, and ``dk_dv`` assembles what its queries contribute to every key block: the
+gradients one fused SDPA of the same queries over all keys gives. With ``record=False`` (timing,
+peak memory) nothing is kept that a real ring would have let go.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LoopbackExchange:
+    """A ``RingComm`` whose peer is the full tensor: ``block`` is the index this rank sends next."""
+
+    def __init__(self, ring: LoopbackRing, travels: str) -> None:
+        # KV rotates from our own block on; dK/dV accumulators start at a block's second holder.
+        self.ring, self.travels = ring, travels
+        self.block = ring.rank if travels == "kv" else ring.rank - 1
+        self._spare: torch.Tensor | None = None
+
+    def send_recv(self, send: torch.Tensor) -> torch.Tensor:
+        size = self.ring.size
+        if self.travels == "kv":  # the previous rank's block, copied into the spare buffer as a receive would
+            recv = torch.empty_like(send) if self._spare is None else self._spare
+            for held, block in zip(recv, self.ring.kv_blocks[(self.block - 1) % size]):
+                held.copy_(block)
+            self._spare = send
+        else:  # our share of the block's gradient leaves; the other ranks add nothing
+            self.ring.keep(self.block % size, send)
+            recv = torch.zeros_like(send)
+        self.block -= 1
+        return recv
+
+    def wait(self) -> None:
+        """Nothing in flight: copies are done when ``send_recv`` returns."""
+
+
+class LoopbackRing:
+    """Rank ``rank`` of a ``size``-rank ring whose KV is ``k``, ``v`` (full ``(B, H, S, D)`` tensors)."""
+
+    def __init__(self, rank: int, size: int, k: torch.Tensor, v: torch.Tensor, record: bool = True) -> None:
+        self.rank, self.size, self.record = rank, size, record
+        # views, so that the loopback itself allocates nothing a real rank would not
+        self.kv_blocks = list(zip(k.chunk(size, dim=-2), v.chunk(size, dim=-2)))
+        self.sent_dkv: dict[int, torch.Tensor] = {}
+
+    def keep(self, block: int, dkv: torch.Tensor) -> None:
+        """Record this rank's dK/dV contribution to ``block`` (only when recording)."""
+        if self.record:
+            self.sent_dkv[block] = dkv
+
+    def exchange(self, travels: str, kind: str) -> _LoopbackExchange:
+        return _LoopbackExchange(self, travels)
+
+    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        block = torch.stack(self.kv_blocks[0])
+        if x.shape != block.shape:
+            raise ValueError(f"the loopback ring gathers KV blocks of shape {tuple(block.shape)}, got {tuple(x.shape)}")
+        return torch.stack([torch.stack(kv) for kv in self.kv_blocks])
+
+    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+        for block, dkv in enumerate(blocks):
+            self.keep(block, dkv)
+        return blocks[self.rank].clone()
+
+    def dk_dv(self, own: torch.Tensor) -> torch.Tensor:
+        """``(2, B, H, S, D)``: this rank's dK/dV contributions to every block, ``own`` for its own block."""
+        parts = {**self.sent_dkv, self.rank: own}
+        return torch.cat([parts[j].to(own.dtype) for j in range(self.size)], dim=-2)
