@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> None:
         strategy=ContextParallelStrategy(parallel, timeout=timedelta(seconds=cfg.timeout_s)),
         logger=logger,
         callbacks=[
-            TrainingMonitor(module.sequence_length(latent_shape)),
+            TrainingMonitor(module.sequence_length(latent_shape), out_dir),
             SampleGrid(cfg.sample_every_n_steps, dataset.examples(), cfg.sample_steps, out_dir),
             LossCurve(out_dir),
             LearningRateMonitor(logging_interval="step"),

@@ -96,6 +96,9 @@ def test_multirun_trains_each_layout_in_two_processes_with_a_wandb_offline_run(t
             assert row["comm/bytes_sent_per_step"] > 0, (layout, row)  # the model really ran context parallel
         assert steps[2]["samples/_type"] == "images/separated" and steps[2]["samples/count"] == 1, steps[2]
         assert (run / "samples.png").is_file() and (run / "loss_curve.png").is_file()
+        throughput = json.loads((run / "throughput.json").read_text())  # what benchmarks.default_run reports
+        assert throughput["steps"] == 2 and throughput["tokens_per_s_after_first_step"] > 0, throughput
+        assert len(json.loads((run / "loss_curve.json").read_text())["loss"]) == 2
         assert last_global_step(run) == 2
 
 

@@ -6,6 +6,7 @@ collectives need all of them); only rank 0 writes files or talks to the logger.
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from pathlib import Path
@@ -27,11 +28,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class TrainingMonitor(L.Callback):
-    """Logs step time, tokens/s (global), bytes this rank sent at CP collectives, per-rank peak memory."""
+    """Logs step time, tokens/s (global), bytes this rank sent at CP collectives, per-rank peak memory.
 
-    def __init__(self, tokens_per_sample: int) -> None:
-        self.tokens_per_sample = tokens_per_sample
+    At the end rank 0 writes ``throughput.json`` to ``out_dir`` (steps, seconds in training steps,
+    tokens/s over the steps after the first, which includes warm-up), the figures
+    ``benchmarks.default_run`` reports.
+    """
+
+    def __init__(self, tokens_per_sample: int, out_dir: Path | None = None) -> None:
+        self.tokens_per_sample, self.out_dir = tokens_per_sample, out_dir
         self._start = 0.0
+        self._steps: list[tuple[float, int]] = []  # (seconds, global tokens) of each step
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         COMM_STATS.reset()
@@ -41,12 +48,22 @@ class TrainingMonitor(L.Callback):
                            batch_idx: int) -> None:
         step_time = time.perf_counter() - self._start
         samples = len(batch["label"]) * trainer.strategy.distributed_sampler_kwargs["num_replicas"]
+        self._steps.append((step_time, samples * self.tokens_per_sample))
         module.log("perf/step_time_s", step_time, sync_dist=True, reduce_fx="max")
         module.log("perf/tokens_per_s", samples * self.tokens_per_sample / step_time, prog_bar=True)
         module.log("comm/bytes_sent_per_step", float(COMM_STATS.bytes_sent), sync_dist=True, reduce_fx="max")
         peaks = module.all_gather(torch.tensor(peak_memory_mb(module.device), device=module.device))
         for rank, peak in enumerate(peaks.reshape(-1).tolist()):
             module.log(f"memory/peak_mb_rank{rank}", peak, rank_zero_only=True)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.out_dir is None or not trainer.is_global_zero or len(self._steps) < 2:
+            return
+        seconds, tokens = (sum(column) for column in zip(*self._steps[1:]))
+        summary = {"steps": len(self._steps), "train_step_seconds": sum(s for s, _ in self._steps),
+                   "tokens_per_s_after_first_step": tokens / seconds, "world_size": trainer.world_size}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "throughput.json").write_text(json.dumps(summary, indent=1))
 
 
 class SampleGrid(L.Callback):
@@ -129,3 +146,4 @@ class LossCurve(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.out_dir / "loss_curve.png", dpi=110)
         plt.close(fig)
+        (self.out_dir / "loss_curve.json").write_text(json.dumps({"step": steps, "loss": losses, "mean": average}))
