@@ -19,12 +19,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, global_batches, reference_run
+from exact import (
+    FlowMatchingModule,
+    SyntheticFlowData,
+    assert_close_rel,
+    assert_update_close,
+    global_batches,
+    reference_run,
+)
 from launcher import run_distributed
 
 STEPS, PER_RANK, WORLD = 3, 2, 4
 LAYOUT = {"ring_degree": 2, "fsdp": True}  # 4 ranks: dp 2 x ring 2, everything sharded 4 ways
-BF16_RTOL = 1e-2
+# bf16-mixed AdamW against one process under the same autocast. Measured: first-step gradients within
+# 1.1e-2 of the largest entry; updates (after minus before, 3 steps at lr 3e-4) within 2.9e-2 in norm per
+# tensor (entry by entry they differ by up to 0.64 of the largest: AdamW's first steps are ~lr * sign(grad),
+# and entries whose gradient is at bf16's rounding noise flip sign). A skipped step moves them by 0.52.
+BF16_GRAD_RTOL, BF16_UPDATE_RTOL = 3e-2, 0.1
 
 
 def trainer(max_steps: int, devices: int, strategy: Any = "auto", callbacks: list | None = None, **kwargs: Any) -> L.Trainer:
@@ -110,8 +121,13 @@ def test_fsdp_ring_matches_one_process_and_checkpoints_round_trip(tmp_path: Path
     for r in clipped:
         check_weights(r, reference, 1e-5, "fsdp sgd, clip 0.05, accumulate 2")
     reference = reference_run("flux", "adamw", dp, PER_RANK, STEPS, bf16=True)
+    before = FlowMatchingModule("flux").transformer.state_dict()
     for r in bf16:  # autocast rounds attention and matmuls differently when the sequence is split
-        check_weights(r, reference, BF16_RTOL, "fsdp adamw bf16-mixed")
+        for name, expected in reference["grads"].items():
+            assert_close_rel(r["grads"][name], expected, BF16_GRAD_RTOL, f"fsdp adamw bf16-mixed: first-step grad {name}")
+        for name, after in reference["state"].items():
+            assert_update_close(r["state"][name], after, before[name], BF16_UPDATE_RTOL, STEPS,
+                                f"fsdp adamw bf16-mixed: {name}", norm=True)
 
     for in_fit, afterwards in validated:  # validation runs on the sharded weights, in and after fit
         assert in_fit == afterwards and in_fit == validated[0][0]
