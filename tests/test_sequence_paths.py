@@ -12,7 +12,7 @@ run of the same module on the same global batches, with SGD and AdamW:
 The last two are where an inexact adjoint shows: diffusers' inference gather keeps only the local
 slice of the gradient, which scales the model's gradients by ``1/cp`` but not the loss head's. The
 local-loss paths use no output gather; they rest on DDP's mean over every rank, CP ranks included
-(averaging over dp only, or summing over the CP group as diffusers advises, is wrong there).
+(averaging over dp only, or summing over the CP group on top, is wrong there).
 First-step gradients catch a wrong scale under either optimizer (AdamW normalises it away in the
 weights); the weight *updates* (after minus before, not the weights, which barely move in 3 steps)
 catch a wrong or skipped step.
@@ -34,6 +34,7 @@ from exact import (
     assert_close_rel,
     assert_update_close,
     flux_ids,
+    grads_of,
     quiet_trainer,
     reference_run,
 )
@@ -107,7 +108,7 @@ class SequencePathModule(FlowMatchingModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.first_grads is None:  # every parameter's, the embedding's and the head's too
-            self.first_grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+            self.first_grads = grads_of(self)
 
 
 def case(path: str, optimizer: str, **layout: int) -> dict[str, Any]:
