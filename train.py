@@ -19,16 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
-from cp_plugin.recipes.callbacks import LossCurve, SampleGrid, TrainingMonitor
-from cp_plugin.recipes.config import (
+from recipe.callbacks import LossCurve, SampleGrid, TrainingMonitor
+from recipe.config import (
     check_text_split,
     in_multirun,
     register_configs,
     resolve_checkpoint,
     run_sweep_job_as_single_run,
 )
-from cp_plugin.recipes.data import PhotoCrops
-from cp_plugin.recipes.flow_matching import FlowMatching
+from recipe.data import PhotoCrops
+from recipe.flow_matching import FlowMatching
 
 register_configs()
 

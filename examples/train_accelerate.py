@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cp_plugin.accelerate import ContextParallelPlugin  # noqa: E402
-from cp_plugin.recipes.config import register_configs  # noqa: E402
-from cp_plugin.recipes.data import PhotoCrops  # noqa: E402
-from cp_plugin.recipes.flow_matching import FlowMatching  # noqa: E402
+from recipe.config import register_configs  # noqa: E402
+from recipe.data import PhotoCrops  # noqa: E402
+from recipe.flow_matching import FlowMatching  # noqa: E402
 
 register_configs()
 

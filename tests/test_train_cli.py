@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from cp_plugin.config import ParallelConfig
-from cp_plugin.recipes.config import check_text_split
-from cp_plugin.recipes.data import DataConfig, PhotoCrops, to_latent, to_pixels
-from cp_plugin.recipes.flow_matching import FlowMatching, OptimizerConfig
-from cp_plugin.recipes.models import ModelConfig, build_model
+from recipe.config import check_text_split
+from recipe.data import DataConfig, PhotoCrops, to_latent, to_pixels
+from recipe.flow_matching import FlowMatching, OptimizerConfig
+from recipe.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=16", "data.crops=16", "sample_steps=2", "sample_every_n_steps=0", "timeout_s=60",

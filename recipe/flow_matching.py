@@ -21,7 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from cp_plugin.recipes.models import ModelConfig, build_model, text_dim
+from recipe.models import ModelConfig, build_model, text_dim
 
 
 @dataclass

@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 
 from cp_plugin.config import ParallelConfig
 from cp_plugin.config import register_configs as register_parallel_config
-from cp_plugin.recipes.data import DataConfig
-from cp_plugin.recipes.flow_matching import FlowMatching, OptimizerConfig
-from cp_plugin.recipes.models import ModelConfig
+from recipe.data import DataConfig
+from recipe.flow_matching import FlowMatching, OptimizerConfig
+from recipe.models import ModelConfig
 
 
 def cp_devices(ring_degree: int, ulysses_degree: int, dp_degree: int | None) -> int:

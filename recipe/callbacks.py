@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from cp_plugin.comm import COMM_STATS
-from cp_plugin.recipes.data import to_pixels
+from recipe.data import to_pixels
 
 
 def peak_memory_mb(device: torch.device) -> float:
