@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
-from recipe.models import TINY_FLUX
+from fixtures.models import TINY_FLUX
 
 _BOTH_PATHS = ["ulysses/module", "ulysses/sharded", "ring_p2p/module", "ring_p2p/sharded", "ring_allgather/sharded"]
 LAYOUTS_BY_WORLD = {

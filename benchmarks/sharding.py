@@ -31,7 +31,7 @@ from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.fsdp import shard_module
 from cp_plugin.model import apply_context_parallel
-from recipe.models import tiny_flux
+from fixtures.models import tiny_flux
 
 KINDS = ("parameters", "gradients", "optimizer state")
 

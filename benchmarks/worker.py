@@ -38,7 +38,7 @@ from benchmarks.measure import PeakMemory, count_saved_activations, time_steps
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
 from cp_plugin.model import apply_context_parallel
-from recipe.models import tiny_flux
+from fixtures.models import tiny_flux
 
 WIDE_FLUX = {"num_attention_heads": 4, "attention_head_dim": 64, "in_channels": 64, "joint_attention_dim": 64,
              "pooled_projection_dim": 64, "axes_dims_rope": (16, 24, 24)}

@@ -1,76 +1,13 @@
-"""Tiny diffusers DiTs built from their config classes with seeded weights (no hub downloads).
-
-They keep the real architectures (joint text+image attention for Flux, the same with a text
-padding mask for QwenImage, 3D video patches and cross-attention for Wan) at a size that trains in seconds on a CPU, which is what exactness tests
-and the default ``train.py`` run need.
-"""
+"""Which DiT the recipe trains (Hydra group ``model``): a family's tiny fixture or local weights."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from diffusers import FluxTransformer2DModel, ModelMixin, QwenImageTransformer2DModel, WanTransformer3DModel
 
-TINY_FLUX: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 16,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
-    "axes_dims_rope": (4, 6, 6),
-}
-
-TINY_WAN: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 4,
-    "attention_head_dim": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 32,
-    "freq_dim": 32,
-    "ffn_dim": 64,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 32,
-}
-
-
-TINY_QWENIMAGE: dict[str, Any] = {
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 4,
-    "num_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 32,
-    "axes_dims_rope": (4, 6, 6),
-}
-
-
-def seeded(cls: type[ModelMixin], config: dict[str, Any], seed: int) -> ModelMixin:
-    """Instantiate ``cls(**config)`` with weights drawn from ``seed`` (same on every rank)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(**config)
-
-
-def tiny_flux(seed: int = 0, **overrides: Any) -> FluxTransformer2DModel:
-    return seeded(FluxTransformer2DModel, {**TINY_FLUX, **overrides}, seed)
-
-
-def tiny_wan(seed: int = 0, **overrides: Any) -> WanTransformer3DModel:
-    return seeded(WanTransformer3DModel, {**TINY_WAN, **overrides}, seed)
-
-
-def tiny_qwenimage(seed: int = 0, **overrides: Any) -> QwenImageTransformer2DModel:
-    return seeded(QwenImageTransformer2DModel, {**TINY_QWENIMAGE, **overrides}, seed)
-
+from fixtures.models import TINY_FLUX, TINY_QWENIMAGE, TINY_WAN, seeded
 
 FAMILIES = {"flux": (FluxTransformer2DModel, TINY_FLUX), "wan": (WanTransformer3DModel, TINY_WAN),
             "qwenimage": (QwenImageTransformer2DModel, TINY_QWENIMAGE)}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from recipe.models import tiny_flux, tiny_qwenimage, tiny_wan
+from fixtures.models import tiny_flux, tiny_qwenimage, tiny_wan
 
 TEXT_TOKENS = 8
 TEXT_DIM = 32

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
-from recipe.models import tiny_flux
+from fixtures.models import tiny_flux
 from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 from launcher import run_distributed
 
