@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (for exact.py)
+sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (1, 2)]  # tests/ (exact.py), the checkout (fixtures/)
 
 from cp_plugin import ContextParallelStrategy  # noqa: E402
 from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer  # noqa: E402
