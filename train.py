@@ -1,8 +1,8 @@
 """Train a DiT with context parallelism: ``python train.py [group=option] [key=value ...]``.
 
-Compose the config (``conf/``), build the recipe (data, flow-matching module, callbacks, logger),
-and fit with ``ContextParallelStrategy``. Lightning starts one process per device (or joins the
-processes ``torchrun`` started).
+Compose the config (``conf/``), build the recipe (data, flow-matching module and callbacks from
+``recipe/``, the logger), and fit with ``ContextParallelStrategy``. Lightning starts one process per
+device (or joins the processes ``torchrun`` started).
 """
 
 from __future__ import annotations

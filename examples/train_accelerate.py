@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: recipe/ and fixtures/ are not installed
 
 from cp_plugin.accelerate import ContextParallelPlugin  # noqa: E402
 from recipe.config import register_configs  # noqa: E402
