@@ -139,6 +139,6 @@ class ParallelConfig:
 
 def register_configs() -> None:
     """Register ``ParallelConfig`` as the Hydra structured-config schema of group ``parallel``."""
-    from hydra.core.config_store import ConfigStore
+    from hydra.core.config_store import ConfigStore  # here, not at the top: the library runs without Hydra
 
     ConfigStore.instance().store(group="parallel", name="schema", node=ParallelConfig)
