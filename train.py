@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from cp_plugin import ContextParallelStrategy
 from recipe.callbacks import LossCurve, SampleGrid, TrainingMonitor
 from recipe.config import (
-    check_text_split,
     in_multirun,
     register_configs,
     resolve_checkpoint,
@@ -47,7 +46,6 @@ def main(cfg: DictConfig) -> None:
     dataset = PhotoCrops(data)
     module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes)
     latent_shape = tuple(dataset[0]["latents"].shape)
-    check_text_split(module, parallel)
 
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

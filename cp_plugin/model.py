@@ -5,9 +5,8 @@ on which dimension and which outputs to gather, and hooks apply it. We reuse tha
 diffusers' hooks, subclassed: the gather hook's backward is the exact adjoint (see ``sequence.py``),
 and the split hook
 
-- pads an image/video sequence the CP size does not divide and masks the padding (see
-  ``padding.py``; diffusers asserts), and rejects text it cannot pad with a ``ValueError``
-  naming it and a fix, before any collective runs;
+- pads image/video and text sequences the CP size does not divide and masks the padding (see
+  ``padding.py``; diffusers asserts);
 - lets ``return_dict=True`` outputs through (diffusers' root hook raises on
   ``Transformer2DModelOutput``), so a module written for one process runs unchanged;
 - can leave inputs the batch already sharded alone (``presharded_inputs``), for the path where a
@@ -81,9 +80,8 @@ class _SplitHook(ContextParallelSplitHook):
             # The plan does not apply to this call (e.g. Wan's per-token timestep plan with a per-sample
             # timestep); diffusers skips it too, but its warning needs a logger method it may lack.
             return x
-        name = self._name_of(cp_input)
-        self.padding.check_image_length(x, cp_input.split_dim, name, self.where)
-        return super()._prepare_cp_input(self.padding.pad(x, cp_input.split_dim, name, self.where), cp_input)
+        padded = self.padding.pad(x, cp_input.split_dim, self._name_of(cp_input), self.where)
+        return super()._prepare_cp_input(padded, cp_input)
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         if not any(isinstance(c, ContextParallelInput) and c.split_output for c in self.metadata.values()):
@@ -101,6 +99,26 @@ class _PaddingScope(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.padding.reset()
         return args, kwargs
+
+
+class _AttentionScope(ModelHook):
+    """Around an attention module: whether it was given ``encoder_hidden_states`` (cross or joint attention).
+
+    The padding mask needs it only when local text and image lengths are equal (see ``padding.py``).
+    """
+
+    def __init__(self, padding: SequencePadding) -> None:
+        super().__init__()
+        self.padding = padding
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self.padding.attending_text = text is not None
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.padding.attending_text = False
+        return output
 
 
 def find_models(module: torch.nn.Module) -> dict[str, ModelMixin]:
@@ -216,6 +234,9 @@ def apply_context_parallel(
                      mesh=mesh.device_mesh)
         for _, attn in attention_modules(model):
             attn.processor._parallel_config = config
+            HookRegistry.check_if_exists_or_initialize(attn).register_hook(
+                _AttentionScope(config.padding), f"{_HOOK_PREFIX}attention_scope"
+            )
         _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
         model._cp_plugin_mesh = mesh
     return list(plans)

@@ -18,10 +18,9 @@ from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
-from cp_plugin.config import ParallelConfig
 from cp_plugin.config import register_configs as register_parallel_config
 from recipe.data import DataConfig
-from recipe.flow_matching import FlowMatching, OptimizerConfig
+from recipe.flow_matching import OptimizerConfig
 from recipe.models import ModelConfig
 
 
@@ -39,24 +38,6 @@ def register_configs() -> None:
     store.store(group="data", name="schema", node=DataConfig)
     store.store(group="optimizer", name="schema", node=OptimizerConfig)
     OmegaConf.register_new_resolver("cp_devices", cp_devices, replace=True)
-
-
-def check_text_split(module: FlowMatching, parallel: ParallelConfig) -> None:
-    """Fail before any process starts if the text tokens cannot be split over the CP group.
-
-    Image/video tokens need not divide the CP size (the split hooks pad and mask them), but text
-    tokens that the model's ``_cp_plan`` splits must (Flux's joint attention splits them, Wan's
-    cross-attention does not). The strategy would catch this at the first step too, in terms of
-    tensors; here the error names the setting to change.
-    """
-    cp = parallel.cp_degree
-    plan = getattr(module.transformer, "_cp_plan", None) or {}
-    splits_text = any("encoder_hidden_states" in inputs for inputs in plan.values() if isinstance(inputs, dict))
-    if splits_text and module.text_tokens % cp:
-        raise ValueError(
-            f"model.text_tokens={module.text_tokens} is split over ring_degree x ulysses_degree = {cp} with the "
-            f"image tokens; use model.text_tokens={-(-module.text_tokens // cp) * cp}"
-        )
 
 
 def resolve_checkpoint(resume: str | None, runs_root: Path) -> str | None:

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from fixtures.models import tiny_flux, tiny_qwenimage, tiny_wan
+from fixtures.models import tiny_flux, tiny_ltx, tiny_qwenimage, tiny_wan
 
 TEXT_TOKENS = 8
 TEXT_DIM = 32
-LATENT_SHAPES = {"flux": (64, 16), "qwenimage": (64, 16), "wan": (4, 4, 8, 8)}  # (tokens, channels) / (C, F, H, W)
+LTX_GRID = (2, 4, 4)  # latent frames, height, width: 32 video tokens
+LATENT_SHAPES = {"flux": (64, 16), "qwenimage": (64, 16), "wan": (4, 4, 8, 8),  # (tokens, channels) / (C, F, H, W)
+                 "ltx": (LTX_GRID[0] * LTX_GRID[1] * LTX_GRID[2], 8)}
 
 
 class SyntheticFlowData(Dataset):
@@ -40,7 +42,7 @@ class SyntheticFlowData(Dataset):
         self.text = torch.randn(size, text_tokens, TEXT_DIM, generator=g)
         self.t = torch.rand(size, generator=g)
         # QwenImage takes a text padding mask: samples keep 3..8 of their text tokens.
-        self.text_mask = torch.arange(TEXT_TOKENS) < (3 + torch.arange(size) % 6)[:, None]
+        self.text_mask = torch.arange(text_tokens) < (3 + torch.arange(size) % 6)[:, None]
 
     def __len__(self) -> int:
         return len(self.t)
@@ -76,7 +78,7 @@ class FlowMatchingModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.kind, self.optimizer_name, self.lr = kind, optimizer, lr
-        self.transformer = {"flux": tiny_flux, "qwenimage": tiny_qwenimage, "wan": tiny_wan}[kind]()
+        self.transformer = {"flux": tiny_flux, "qwenimage": tiny_qwenimage, "wan": tiny_wan, "ltx": tiny_ltx}[kind]()
         if checkpointing:  # recompute each block in backward (diffusers' activation checkpointing)
             self.transformer.enable_gradient_checkpointing()
         self.step_losses: list[float] = []
@@ -103,6 +105,17 @@ class FlowMatchingModule(L.LightningModule):
                 encoder_hidden_states_mask=batch["text_mask"],
                 timestep=t,
                 img_shapes=[(1, *latent_grid(x0.shape[1]))] * x0.shape[0],
+            ).sample
+        elif self.kind == "ltx":
+            frames, height, width = LTX_GRID
+            pred = self.transformer(
+                hidden_states=noisy,
+                encoder_hidden_states=batch["text"],
+                timestep=t * 1000,
+                encoder_attention_mask=batch["text_mask"].float(),
+                num_frames=frames,
+                height=height,
+                width=width,
             ).sample
         else:
             pred = self.transformer(noisy, t * 1000, batch["text"]).sample

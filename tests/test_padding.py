@@ -77,22 +77,40 @@ def test_batches_of_mixed_lengths_match_one_process() -> None:
                 assert_close_rel(states[i][name], value, 1e-5, f"{layout} rank {rank} weight {name}")
 
 
-def test_key_mask_marks_this_ranks_padding_after_the_text() -> None:
+def test_key_mask_marks_this_ranks_padding_in_image_text_and_joint_keys() -> None:
+    cpu = torch.device("cpu")
     last = SequencePadding(cp_size=4, cp_rank=3)
     x = last.pad(torch.ones(1, 1001, 2), 1, "hidden_states", "test")
     assert x.shape == (1, 1004, 2) and x[:, 1001:].abs().sum() == 0
-    mask = last.key_mask(5 + 251, batch=2, device=torch.device("cpu"))  # 5 text tokens, then 251 image tokens
-    assert mask.shape == (2, 256) and mask[:, : 5 + 248].all() and not mask[:, 5 + 248 :].any()
-    assert SequencePadding(4, 0, last.length, last.padded).key_mask(251, 1, torch.device("cpu")).all()
+    mask = last.key_mask(251, batch=2, device=cpu)  # self-attention: 251 local image tokens, 3 of them padding
+    assert mask.shape == (2, 251) and mask[:, :248].all() and not mask[:, 248:].any()
+    last.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # 7 text tokens -> 8: 2 per rank, 1 real here
+    joint = last.key_mask(2 + 251, batch=1, device=cpu)  # text first, then image
+    assert joint.tolist() == [[True, False] + [True] * 248 + [False] * 3]
+    assert last.key_mask(2, batch=1, device=cpu).tolist() == [[True, False]]  # cross-attention to split text
+    first = SequencePadding(4, 0)
+    first.pad(torch.ones(1, 1001, 2), 1, "hidden_states", "test")
+    assert first.key_mask(251, 1, cpu).all()
     assert last.trim(torch.zeros(1, 1004), 1).shape == (1, 1001)
+    assert last.trim(torch.zeros(1, 8), 1).shape == (1, 7)
     last.reset()
-    assert last.key_mask(251, 1, torch.device("cpu")) is None
+    assert last.key_mask(251, 1, cpu) is None
+    with pytest.raises(ValueError, match=r"got 5 keys per rank, which is neither"):
+        first.key_mask(5, 1, cpu)
 
 
-def test_only_one_non_text_sequence_is_padded() -> None:
+def test_equal_local_text_and_image_lengths_are_told_apart_by_the_attention_call() -> None:
+    padding = SequencePadding(cp_size=2, cp_rank=1)
+    padding.pad(torch.ones(1, 8, 2), 1, "hidden_states", "test")  # 4 image tokens per rank, all real
+    padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # 4 text tokens per rank, 3 real here
+    assert padding.key_mask(4, 1, torch.device("cpu")).all()  # self-attention over image keys
+    padding.attending_text = True
+    assert padding.key_mask(4, 1, torch.device("cpu")).tolist() == [[True, True, True, False]]
+
+
+def test_two_lengths_of_one_kind_in_one_forward_are_refused() -> None:
     padding = SequencePadding(cp_size=2, cp_rank=0)
-    with pytest.raises(ValueError, match=r"txt_ids has 7 tokens .* pad the text to a multiple of 2 \(e\.g\. 8"):
-        padding.pad(torch.zeros(7, 3), 0, "txt_ids", "Model.forward")
-    padding.pad(torch.zeros(1, 7, 4), 1, 1, "Model.pos_embed")  # text RoPE: an output index, not a name
-    with pytest.raises(ValueError, match=r"sequence of 7 tokens split before hidden_states \(64 tokens\)"):
-        padding.check_image_length(torch.zeros(1, 64, 4), 1, "hidden_states", "Model.blocks.0")
+    padding.pad(torch.zeros(1, 7, 4), 1, 1, "Model.pos_embed")  # RoPE outputs are named by index: matched by length
+    padding.pad(torch.zeros(7, 3), 0, "txt_ids", "Model.forward")
+    with pytest.raises(ValueError, match=r"two text sequences of 7 and 9 tokens were split in one forward"):
+        padding.pad(torch.zeros(1, 9, 4), 1, "encoder_hidden_states", "Model.blocks.0")

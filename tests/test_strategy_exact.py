@@ -102,6 +102,15 @@ TWO_RANKS = [
     case("qwenimage", "sgd", ring_degree=2, find_unused_parameters=True, data={"seq_tokens": 63}),
     case("flux", ring_degree=2, checkpointing=True, data=ODD_FLUX),
     case("flux", "sgd", ring_degree=2, trainer_kwargs=BF16),
+    # LTX-Video: its processor broadcasts an additive -10000 text mask over heads, (B, H, 1, T/cp)
+    case("ltx", "sgd", ulysses_degree=2),
+    case("ltx", ulysses_degree=2),
+    case("ltx", "sgd", ring_degree=2),
+    case("ltx", ring_degree=2),
+    # text of any length: 7 prompt tokens are padded to 8 and masked, like image tokens
+    case("flux", "sgd", ulysses_degree=2, data={"text_tokens": 7}),
+    case("qwenimage", ring_degree=2, find_unused_parameters=True, data={"text_tokens": 7, "seq_tokens": 63}),
+    case("ltx", "sgd", ring_degree=2, data={"text_tokens": 7}),
 ]
 FOUR_RANKS = [
     case("flux", ulysses_degree=2),  # dp 2 x ulysses 2
@@ -118,6 +127,7 @@ FOUR_RANKS = [
     case("flux", "sgd", ring_degree=4, data=ODD_FLUX),
     case("flux", ring_degree=2, ulysses_degree=2, data=ODD_FLUX),
     case("wan", "sgd", ring_degree=2, data=ODD_WAN),  # dp 2 x ring 2
+    case("flux", ring_degree=2, ulysses_degree=2, data={"text_tokens": 7, "seq_tokens": 1001}),
 ]
 
 

@@ -16,10 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cp_plugin.config import ParallelConfig
-from recipe.config import check_text_split
 from recipe.data import DataConfig, PhotoCrops, to_latent, to_pixels
-from recipe.flow_matching import FlowMatching, OptimizerConfig
 from recipe.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,13 +153,3 @@ def test_pretrained_path_loads_local_weights_and_bad_rope_axes_name_the_setting(
     with pytest.raises(ValueError, match=r"axes_dims_rope=\[4,6,6\] sums to 16 .*attention_head_dim=32"):
         build_model(ModelConfig(family="flux", config={"attention_head_dim": 32}))
 
-
-@pytest.mark.timeout(60)
-def test_text_tokens_that_cannot_be_split_name_the_setting_to_change() -> None:
-    flux = FlowMatching(ModelConfig(family="flux", config={"in_channels": 12}, text_tokens=6), OptimizerConfig(), 8)
-    check_text_split(flux, ParallelConfig(ring_degree=3))  # 6 text tokens; image tokens are padded if needed
-    with pytest.raises(ValueError, match=r"model.text_tokens=6 .* use model.text_tokens=8"):
-        check_text_split(flux, ParallelConfig(ring_degree=2, ulysses_degree=2))
-    wan = FlowMatching(ModelConfig(family="wan", config={"in_channels": 12, "out_channels": 12}, text_tokens=6),
-                       OptimizerConfig(), 8)
-    check_text_split(wan, ParallelConfig(ring_degree=4))  # Wan does not split its text

@@ -26,10 +26,16 @@ def context_parallel_attention(
 
     Ulysses turns the ``S/cp`` tokens of all heads into ``S/ring`` tokens of ``H/ulysses`` heads;
     the ring then covers the remaining ``ring`` blocks of the sequence. ``key_mask`` (boolean
-    ``(B, S/cp)``, True = attend) is sharded like the keys and follows them.
+    ``(B, S/cp)``, True = attend) is sharded like the keys and follows them. Keys may be a sequence
+    of another length than the queries (cross-attention to split text): then queries and key/values
+    travel in two all-to-alls instead of one.
     """
     if mesh.ulysses_size > 1:
-        query, key, value = seq_to_heads(torch.stack((query, key, value)), mesh.ulysses_group).unbind(0)
+        if query.shape == key.shape:
+            query, key, value = seq_to_heads(torch.stack((query, key, value)), mesh.ulysses_group).unbind(0)
+        else:
+            query = seq_to_heads(query, mesh.ulysses_group)
+            key, value = seq_to_heads(torch.stack((key, value)), mesh.ulysses_group).unbind(0)
         if key_mask is not None:
             key_mask = gather_key_mask(key_mask, mesh.ulysses_group)
     if mesh.ring_size > 1:

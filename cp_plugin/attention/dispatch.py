@@ -33,21 +33,43 @@ class RoutedParallelConfig(diffusers.ParallelConfig):
     padding: SequencePadding | None = None
 
 
+# An additive bias at or below this gives a key exactly zero softmax weight in every float dtype
+# (exp underflows below -746 in float64), as LTX's ``(1 - mask) * -10000`` does.
+MASKED_BIAS = -1e4
+
+
 def key_padding_mask(attn_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
-    """diffusers' key masks ``(B, S_k)`` / ``(B, 1, 1, S_k)``, boolean or additive 0/-inf -> bool ``(B, S_k)``."""
-    mask = attn_mask.reshape(attn_mask.shape[0], -1) if attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1) \
-        else attn_mask
+    """diffusers' key masks -> bool ``(B, S_k)`` (True = attend).
+
+    Accepted: ``(B, S_k)``, ``(B, 1, S_k)``, ``(B, 1, 1, S_k)`` and ``(B, H, 1, S_k)`` with the same
+    mask for every head (LTX broadcasts its text mask over heads), boolean or additive with 0 where a
+    key is attended and ``-inf`` or a bias <= ``MASKED_BIAS`` where it is not.
+    """
+    mask = attn_mask
+    if mask.dim() == 4 and mask.shape[2] == 1:
+        if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
+            raise ValueError(
+                f"context-parallel attention got an attn_mask of shape {tuple(attn_mask.shape)} that differs between "
+                "heads; cp_plugin supports one key-padding mask for all heads. Use the same mask for every head"
+            )
+        mask = mask[:, 0, 0]
+    elif mask.dim() == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
     if mask.dim() != 2 or mask.shape != (batch, keys):
         raise ValueError(
-            f"context-parallel attention supports key-padding masks of shape (batch, keys) or (batch, 1, 1, keys); "
-            f"got attn_mask of shape {tuple(attn_mask.shape)} for {batch} x {keys} keys. Use a key-padding mask "
-            "(per-query masks cannot be sharded along the sequence)"
+            f"context-parallel attention supports key-padding masks of shape (batch, keys), (batch, 1, keys), "
+            f"(batch, 1, 1, keys) or (batch, heads, 1, keys); got attn_mask of shape {tuple(attn_mask.shape)} for "
+            f"{batch} x {keys} keys. Use a key-padding mask (per-query masks cannot be sharded along the sequence)"
         )
     if mask.dtype == torch.bool:
         return mask
-    if not bool(((mask == 0) | (mask == float("-inf"))).all()):
-        raise ValueError("context-parallel attention takes boolean or 0/-inf additive masks; got other bias values")
-    return mask == 0
+    masked = mask <= MASKED_BIAS
+    if not bool(((mask == 0) | masked).all()):
+        raise ValueError(
+            "context-parallel attention takes boolean masks or additive masks of 0 (attend) and -inf or <= "
+            f"{MASKED_BIAS:g} (masked); got other bias values. Pass a key-padding mask instead of a bias"
+        )
+    return ~masked
 
 
 @torch.compiler.disable(recursive=True)
