@@ -131,7 +131,8 @@ def markdown(rows: list[dict[str, Any]], fits: dict[tuple[int, str], int], searc
         f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; model: Flux, {WIDE_FLUX['num_attention_heads']} heads x "
         f"{WIDE_FLUX['attention_head_dim']}, {TINY_FLUX['num_layers']} double + {TINY_FLUX['num_single_layers']} "
-        f"single blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; one forward+backward step on the same global tokens.",
+        f"single blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; one forward+backward step on the same global "
+        "tokens.",
         "Ratios are to the one-process run of the same invocation (same cores: 1 process x all threads vs "
         "N processes x cores/N threads). Path: `module` = full inputs, gathered output, the loss on the full output "
         "on every rank (a one-process LightningModule; diffusers' CP); `sharded` = pre-sharded inputs, local output "
@@ -218,16 +219,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--search-mib", type=float, default=128.0,
                         help="step-peak budget per rank for the measured longest-sequence search (0: skip it)")
+    parser.add_argument("--search-worlds", nargs="+", type=int, default=[1, 2],
+                        help="process counts that run the search (on 2 cores, 4 processes at the lengths that fill "
+                             "the budget take minutes per step)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--summarize-only", action="store_true", help="rewrite the report from the existing raw.jsonl")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "raw.jsonl"
-    raw.unlink(missing_ok=True)
-    for world in [1, *args.worlds]:
-        launch(world, LAYOUTS_BY_WORLD[world], args.seq, args.repeats, args.search_mib, raw)
+    if not args.summarize_only:
+        raw.unlink(missing_ok=True)
+        for world in [1, *args.worlds]:
+            search_mib = args.search_mib if world in args.search_worlds else 0.0
+            launch(world, LAYOUTS_BY_WORLD[world], args.seq, args.repeats, search_mib, raw)
     records = [json.loads(line) for line in raw.read_text().splitlines()]
     rows = summarize(records)
-    command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.run " + " ".join(a for a in sys.argv[1:] if a != "--summarize-only")
     searches = [rec for rec in records if rec.get("search")]
     report = markdown(rows, extrapolated_tokens(rows), searches, args.search_mib, command.strip())
     (args.out / "cpu.md").write_text(report)

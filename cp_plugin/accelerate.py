@@ -29,9 +29,12 @@ from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
-from accelerate import Accelerator
-from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import recursively_apply
+try:
+    from accelerate import Accelerator
+    from accelerate.data_loader import prepare_data_loader
+    from accelerate.utils import recursively_apply
+except ImportError as err:  # an optional extra: say which
+    raise ImportError('cp_plugin.accelerate needs Accelerate: pip install "cp_plugin[accelerate]"') from err
 from torch.utils.data import DataLoader
 
 from cp_plugin.batch import check_same_batch
