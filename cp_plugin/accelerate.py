@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
+from cp_plugin.guard import check_nonfinite_option, check_same_config, guard_step
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
 from cp_plugin.resume import restore_rng_state, rng_state
@@ -68,8 +69,10 @@ class ContextParallelPlugin:
 
     Arguments mirror ``ContextParallelStrategy``: the layout (``ParallelConfig``, a diffusers
     config, or a dict), ``cp_plan`` to supply or override plans, ``shard_batch`` /
-    ``presharded_inputs`` / ``gather_outputs`` for loaders that shard sequences, and
-    ``check_batches`` for the per-batch CP-group consistency check.
+    ``presharded_inputs`` / ``gather_outputs`` for loaders that shard sequences,
+    ``check_batches`` for the per-batch CP-group consistency check, and ``on_nonfinite``: on NaN/Inf
+    gradients the prepared optimizers ``"raise"`` naming the step and rank, or ``"skip"`` the step.
+    Every rank checks at start-up that all ranks were given the same settings.
     """
 
     def __init__(
@@ -81,7 +84,9 @@ class ContextParallelPlugin:
         presharded_inputs: Sequence[str] = ("hidden_states",),
         gather_outputs: bool | None = None,
         check_batches: bool = True,
+        on_nonfinite: str = "raise",
     ) -> None:
+        check_nonfinite_option(on_nonfinite)
         self.parallel_config = ParallelConfig.from_any(parallel_config)
         if self.parallel_config.fsdp:
             raise ValueError(
@@ -93,6 +98,7 @@ class ContextParallelPlugin:
         self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
         self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
         self.check_batches = check_batches
+        self.on_nonfinite = on_nonfinite
         self.mesh: ParallelMesh | None = None
         self.device: torch.device | None = None
         self._rng_to_restore: dict[str, Any] | None = None
@@ -112,6 +118,8 @@ class ContextParallelPlugin:
         for i, obj in enumerate(objects):
             if isinstance(obj, DataLoader):
                 prepared[i] = ContextParallelDataLoader(prepared[i], self)
+            elif isinstance(obj, torch.optim.Optimizer):
+                self._guard(accelerator, prepared[i])
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
     # sequence tensors -------------------------------------------------------------------------
@@ -158,12 +166,30 @@ class ContextParallelPlugin:
                 "(WORLD_SIZE); on CPU create Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=1) so it joins them"
             )
         self.parallel_config.resolve(accelerator.num_processes)  # raises on every rank before any collective
+        check_same_config(
+            parallel=self.parallel_config, shard_batch=self.shard_batch_dims, gather_outputs=self.gather_outputs,
+            cp_plan=sorted(self.cp_plan or {}), on_nonfinite=self.on_nonfinite, torch=torch.__version__,
+        )
         self.device = accelerator.device
         self.mesh = ParallelMesh.build(self.parallel_config, accelerator.device.type)
         seed_per_dp_rank(self.mesh, shared_base_seed(accelerator.device))
         accelerator.gather = types.MethodType(_gather_over_dp(self.mesh), accelerator)
         accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
         accelerator.load_state = self._load_state(accelerator.load_state)
+
+    def _guard(self, accelerator: Accelerator, optimizer: Any) -> None:
+        """Check the gradients before each real step of a prepared optimizer (``on_nonfinite``)."""
+        step, steps_taken = optimizer.step, [0]
+
+        @functools.wraps(step)
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if accelerator.sync_gradients:  # a micro-step of accumulation steps nothing
+                where = f"step {steps_taken[0]}, rank {accelerator.process_index}"
+                guard_step(optimizer, self.on_nonfinite, where, "ContextParallelPlugin(on_nonfinite='skip')")
+                steps_taken[0] += 1
+            return step(*args, **kwargs)
+
+        optimizer.step = guarded_step
 
     def _skip_first_batches(self, skip: Any) -> Any:
         """``accelerator.skip_first_batches`` that returns a loader still checked (and sharded) over CP."""

@@ -9,6 +9,7 @@ the records up and says which rank failed first (or that none reported: killed o
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -17,7 +18,10 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store
 from torch.distributed.tensor import DTensor
 
+log = logging.getLogger(__name__)
+
 _FAILED = "cp_plugin/failed/"
+NONFINITE_CHOICES = ("raise", "skip")
 _TRANSPORT_ERRORS = ("Connection closed", "Connection reset", "timed out", "Timed out", "Broken pipe", "NCCL", "Gloo")
 
 
@@ -87,3 +91,25 @@ def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
         finite = finite.to(torch.int32)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=sharded.device_mesh.get_group())
     return bool(finite)
+
+
+def check_nonfinite_option(on_nonfinite: str) -> None:
+    """Validate an adapter's ``on_nonfinite`` setting before anything runs."""
+    if on_nonfinite not in NONFINITE_CHOICES:
+        raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; use 'raise' or 'skip'")
+
+
+def guard_step(optimizer: torch.optim.Optimizer, on_nonfinite: str, where: str, option: str) -> None:
+    """Before an optimizer step: on non-finite gradients raise (naming ``where`` and the ``option`` that
+    skips instead) or drop every gradient so the step changes nothing. Every rank decides alike
+    (:func:`gradients_finite`), so no rank steps while another raises or skips.
+    """
+    if gradients_finite(optimizer):
+        return
+    if on_nonfinite == "raise":
+        raise FloatingPointError(
+            f"non-finite gradients at {where}; find the bad batch, lower the learning rate, or pass {option} to skip "
+            "such steps"
+        )
+    log.warning(f"skipping the optimizer step: non-finite gradients at {where}")
+    optimizer.zero_grad(set_to_none=True)  # the optimizer steps no parameter without a gradient

@@ -48,7 +48,14 @@ from cp_plugin.fsdp import (
     load_full_optimizer_state,
     shard_module,
 )
-from cp_plugin.guard import check_same_config, describe_failures, gradients_finite, is_transport_error, record_failure
+from cp_plugin.guard import (
+    check_nonfinite_option,
+    check_same_config,
+    describe_failures,
+    guard_step,
+    is_transport_error,
+    record_failure,
+)
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
 from cp_plugin.resume import KEY as RESUME_KEY
@@ -108,8 +115,7 @@ class ContextParallelStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(timeout=timeout, **kwargs)
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; use 'raise' or 'skip'")
+        check_nonfinite_option(on_nonfinite)
         overrides = {
             "ring_degree": ring_degree,
             "ulysses_degree": ulysses_degree,
@@ -253,17 +259,9 @@ class ContextParallelStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         def guarded_closure() -> Any:
             result = closure()
-            # All ranks decide alike: DDP leaves them the same gradients; FSDP2 shards are checked together.
-            if not gradients_finite(optimizer):
-                culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
-                where = f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
-                if self.on_nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"non-finite gradients at {where}; find the bad batch, lower the learning rate, or pass "
-                        "ContextParallelStrategy(on_nonfinite='skip') to skip such steps"
-                    )
-                log.warning(f"skipping the optimizer step: non-finite gradients at {where}")
-                optimizer.zero_grad(set_to_none=True)  # the optimizer steps no parameter without a gradient
+            culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
+            where = f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
+            guard_step(optimizer, self.on_nonfinite, where, "ContextParallelStrategy(on_nonfinite='skip')")
             return result
 
         return super().optimizer_step(optimizer, guarded_closure, model, **kwargs)

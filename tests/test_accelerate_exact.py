@@ -121,6 +121,45 @@ def test_lightning_and_accelerate_reach_the_same_weights() -> None:
             assert_close_rel(accelerate["state"][name], weight, 1e-6, f"Lightning vs Accelerate: {name}")
 
 
+def nonfinite_run(on_nonfinite: str) -> dict[str, Any]:
+    """Rank body: ring 2; rank 1's loss is NaN at step 1 (so only its gradients are), 3 steps."""
+    from accelerate import Accelerator
+
+    from cp_plugin import ParallelConfig
+    from cp_plugin.accelerate import ContextParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    module = FlowMatchingModule("flux", "sgd")
+    before = {k: v.clone() for k, v in module.transformer.state_dict().items()}
+    cp = ContextParallelPlugin(ParallelConfig(ring_degree=2), on_nonfinite=on_nonfinite)
+    model, opt, loader = cp.prepare(accelerator, module, module.configure_optimizers(),
+                                    DataLoader(SyntheticFlowData("flux"), batch_size=PER_RANK))
+    try:
+        for step, batch in enumerate(loader):
+            if step == STEPS:
+                break
+            loss = model(batch)
+            accelerator.backward(loss * float("nan") if step == 1 and accelerator.process_index == 1 else loss)
+            opt.step()
+            opt.zero_grad()
+    except FloatingPointError as err:
+        return {"error": str(err)}
+    state = module.transformer.state_dict()
+    return {"finite": all(bool(v.isfinite().all()) for v in state.values()),
+            "changed": any(not v.equal(before[k]) for k, v in state.items()), "state": state}
+
+
+@pytest.mark.timeout(200)
+def test_nonfinite_gradients_raise_or_skip_on_every_rank() -> None:
+    raised = run_distributed(nonfinite_run, 2, "raise", init_process_group=False)
+    for rank, result in enumerate(raised):  # every rank stops at the same step, naming itself
+        assert re.search(rf"non-finite gradients at step 1, rank {rank}; .*on_nonfinite='skip'", result["error"])
+    skipped = run_distributed(nonfinite_run, 2, "skip", init_process_group=False)
+    assert all(r["finite"] and r["changed"] for r in skipped)  # the NaN step dropped, the others taken
+    for name, weight in skipped[0]["state"].items():
+        assert weight.equal(skipped[1]["state"][name]), name
+
+
 def bad_configs() -> dict[str, str]:
     from accelerate import Accelerator
     from accelerate.utils import ParallelismConfig
@@ -133,6 +172,10 @@ def bad_configs() -> dict[str, str]:
         "not_joined": lambda: ContextParallelPlugin({"ring_degree": 2})._setup(
             type("Single", (), {"num_processes": 1, "parallelism_config": None})()
         ),
+        "mismatch": lambda: ContextParallelPlugin(
+            {"ring_degree": 2} if torch.distributed.get_rank() == 0 else {"ulysses_degree": 2}
+        ).prepare(Accelerator(cpu=True), torch.nn.Linear(2, 2)),
+        "nonfinite_option": lambda: ContextParallelPlugin({"ring_degree": 2}, on_nonfinite="ignore"),
         "accelerate_cp": lambda: ContextParallelPlugin({"ring_degree": 2})._setup(
             type("WithCP", (), {"num_processes": 2, "parallelism_config": ParallelismConfig(cp_size=2)})()
         ),
@@ -152,6 +195,8 @@ def test_bad_configs_fail_on_every_rank_with_a_fix() -> None:
         assert "ring_degree=3 x ulysses_degree=1 = 3 does not divide world_size=2" in messages["degrees"]
         assert re.search(r"num_processes=1 but 2 processes were launched.*Accelerator\(cpu=True\)", messages["not_joined"])
         assert "cp_size=2" in messages["accelerate_cp"] and "cannot be combined" in messages["accelerate_cp"]
+        assert re.search(r"ranks \[1\] were started with different settings than rank 0", messages["mismatch"])
+        assert "on_nonfinite='ignore' is not supported; use 'raise' or 'skip'" in messages["nonfinite_option"]
 
 
 @pytest.mark.timeout(300)
