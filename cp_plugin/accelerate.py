@@ -184,7 +184,7 @@ class ContextParallelPlugin:
         @functools.wraps(step)
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             if accelerator.sync_gradients:  # a micro-step of accumulation steps nothing
-                where = f"step {steps_taken[0]}, rank {accelerator.process_index}"
+                where = lambda: f"step {steps_taken[0]}, rank {accelerator.process_index}"  # noqa: E731
                 guard_step(optimizer, self.on_nonfinite, where, "ContextParallelPlugin(on_nonfinite='skip')")
                 steps_taken[0] += 1
             return step(*args, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,13 +100,15 @@ def check_nonfinite_option(on_nonfinite: str) -> None:
         raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; use 'raise' or 'skip'")
 
 
-def guard_step(optimizer: torch.optim.Optimizer, on_nonfinite: str, where: str, option: str) -> None:
-    """Before an optimizer step: on non-finite gradients raise (naming ``where`` and the ``option`` that
+def guard_step(optimizer: torch.optim.Optimizer, on_nonfinite: str, where: Callable[[], str], option: str) -> None:
+    """Before an optimizer step: on non-finite gradients raise (naming ``where()`` and the ``option`` that
     skips instead) or drop every gradient so the step changes nothing. Every rank decides alike
-    (:func:`gradients_finite`), so no rank steps while another raises or skips.
+    (:func:`gradients_finite`), so no rank steps while another raises or skips. ``where`` is only
+    called on a failure: describing the step costs nothing on the steps that pass.
     """
     if gradients_finite(optimizer):
         return
+    where = where()
     if on_nonfinite == "raise":
         raise FloatingPointError(
             f"non-finite gradients at {where}; find the bad batch, lower the learning rate, or pass {option} to skip "

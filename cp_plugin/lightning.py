@@ -259,12 +259,15 @@ class ContextParallelStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         def guarded_closure() -> Any:
             result = closure()
-            culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
-            where = f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
-            guard_step(optimizer, self.on_nonfinite, where, "ContextParallelStrategy(on_nonfinite='skip')")
+            guard_step(optimizer, self.on_nonfinite, self._describe_step, "ContextParallelStrategy(on_nonfinite='skip')")
             return result
 
         return super().optimizer_step(optimizer, guarded_closure, model, **kwargs)
+
+    def _describe_step(self) -> str:
+        """The step, this rank, and whether its own loss was the non-finite one (for the guard's message)."""
+        culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
+        return f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if not self.parallel_config.fsdp:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TEXT_INPUTS = ("encoder_hidden_states", "encoder_attention_mask", "txt_ids", "txt_")
+TEXT_INPUTS = ("encoder_hidden_states", "encoder_attention_mask", "txt_")
 
 
 def is_text_input(name: object) -> bool:
