@@ -101,7 +101,7 @@ def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
     from diffusers.hooks.context_parallel import apply_context_parallel as diffusers_apply
     from torch.distributed.device_mesh import init_device_mesh
 
-    from cp_plugin.model import attention_modules
+    from cp_plugin.plans import attention_modules
 
     config = DiffusersParallelConfig(
         context_parallel_config=ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses)

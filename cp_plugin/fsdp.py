@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-from cp_plugin.model import find_models
+from cp_plugin.plans import find_models
 
 # Gathered to rank 0 and moved to CPU: what one process would hold, and what rank 0 writes.
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)

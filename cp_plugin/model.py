@@ -18,11 +18,11 @@ CPU. The manual path below (set each processor's config, apply hooks) is what it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import ContextParallelConfig, ModelMixin
+from diffusers import ContextParallelConfig
 from diffusers.hooks.context_parallel import (
     ContextParallelGatherHook,
     ContextParallelSplitHook,
@@ -30,16 +30,15 @@ from diffusers.hooks.context_parallel import (
 )
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_processor import Attention
 
-from cp_plugin.attention.dispatch import RoutedParallelConfig, install_attention_routing
+from cp_plugin.attention.dispatch import AttentionCall, RoutedParallelConfig, enter_attention, exit_attention
+from cp_plugin.attention.dispatch import install_attention_routing
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
+from cp_plugin.plans import DerivedPlan, Plan, attention_modules, resolve_plans
 from cp_plugin.sequence import gather_sequence
-
-Plan = dict[str, Any]
+from cp_plugin.streams import BlockStreams, ForwardScope, OutputGather, StreamState
 _HOOK_PREFIX = "cp_plugin---"
 
 
@@ -105,66 +104,42 @@ class _AttentionScope(ModelHook):
     """Around an attention module: whether it was given ``encoder_hidden_states`` (cross or joint attention).
 
     The padding mask needs it only when local text and image lengths are equal (see ``padding.py``).
+    In a model with a derived plan it also announces the call to the attention routing while a
+    block runs (``attention/dispatch.py``), with the inputs that tell a joint call's order.
     """
 
-    def __init__(self, padding: SequencePadding) -> None:
+    def __init__(self, config: RoutedParallelConfig, derived: bool) -> None:
         super().__init__()
-        self.padding = padding
+        self.config, self.padding, self.derived = config, config.padding, derived
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         self.padding.attending_text = text is not None
+        if self.derived:
+            routed = self.padding.in_blocks > 0
+            enter_attention(AttentionCall(self.config, module, hidden, text) if routed else None)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         self.padding.attending_text = False
+        if self.derived:
+            exit_attention()
         return output
 
 
-def find_models(module: torch.nn.Module) -> dict[str, ModelMixin]:
-    """Outermost diffusers models inside ``module`` (``""`` if ``module`` is one), by attribute path."""
-    found: dict[str, ModelMixin] = {}
-    for name, sub in module.named_modules():
-        if isinstance(sub, ModelMixin) and not any(name.startswith(f"{p}.") or p == "" for p in found):
-            found[name] = sub
-    return found
+def routed_attention_modules(model: torch.nn.Module, plan: Plan | DerivedPlan) -> list[tuple[str, torch.nn.Module]]:
+    """The attention layers whose calls can be routed: those in the blocks of a derived plan, else every
+    layer whose processor carries a parallel config (diffusers' convention for its own plans)."""
+    if isinstance(plan, DerivedPlan):
+        return [(f"{name}.{sub}", attn) for name in plan.block_lists
+                for sub, attn in attention_modules(model.get_submodule(name))]
+    return [(name, attn) for name, attn in attention_modules(model) if hasattr(attn.processor, "_parallel_config")]
 
 
-def resolve_plans(module: torch.nn.Module, cp_plan: Mapping[str, Plan] | None) -> dict[str, Plan]:
-    """Which models get which plan: ``cp_plan`` (path -> plan) wins, else every model's own ``_cp_plan``.
-
-    Raises when nothing could be made context parallel, naming what was found and how to fix it.
-    """
-    models = find_models(module)
-    if cp_plan is not None:
-        missing = [path for path in cp_plan if path not in dict(module.named_modules())]
-        if missing:
-            raise ValueError(
-                f"cp_plan names {missing}, which are not submodules of {type(module).__name__}; "
-                f"use attribute paths such as {sorted(models) or ['transformer']}"
-            )
-        return dict(cp_plan)
-    plans = {path: m._cp_plan for path, m in models.items() if getattr(m, "_cp_plan", None)}
-    if not plans:
-        described = ", ".join(f"'{p}': {type(m).__name__}" for p, m in models.items()) or "no diffusers models"
-        raise ValueError(
-            f"{type(module).__name__} has no diffusers model with a _cp_plan ({described}), so nothing can be "
-            "made context parallel; pass cp_plan={'<attribute path>': {...}} (see diffusers' _cp_plan format) "
-            "or use a model class that defines _cp_plan (Flux, Flux2, QwenImage, Wan, LTX, ...)"
-        )
-    return plans
-
-
-def attention_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
-    """Attention layers whose processor dispatches through diffusers (and can carry a parallel config)."""
-    for name, sub in model.named_modules():
-        if isinstance(sub, (Attention, AttentionModuleMixin)) and hasattr(sub.processor, "_parallel_config"):
-            yield name, sub
-
-
-def check_heads(model: torch.nn.Module, path: str, ulysses_degree: int) -> None:
-    """Ulysses splits heads across ranks: every attention layer's head count must divide evenly."""
-    for name, attn in attention_modules(model):
+def check_heads(model: torch.nn.Module, path: str, plan: Plan | DerivedPlan, ulysses_degree: int) -> None:
+    """Ulysses splits heads across ranks: every routed attention layer's head count must divide evenly."""
+    for name, attn in routed_attention_modules(model, plan):
         if attn.heads % ulysses_degree:
             raise ValueError(
                 f"ulysses_degree={ulysses_degree} does not divide num_attention_heads={attn.heads} of "
@@ -184,6 +159,17 @@ def local_plan(plan: Plan, presharded_inputs: tuple[str, ...], gather_outputs: b
         elif gather_outputs:
             adjusted[module_id] = entry
     return adjusted
+
+
+def check_derived(path: str, model: torch.nn.Module, presharded_inputs: tuple[str, ...], gather_outputs: bool) -> None:
+    """A derived plan splits inside the model and gathers before its output layers: both ends stay whole."""
+    if presharded_inputs or not gather_outputs:
+        raise ValueError(
+            f"{type(model).__name__} ('{path}') has no _cp_plan; its derived plan splits the token streams where they "
+            "enter the blocks and gathers them before the output layers, so its inputs cannot arrive sharded "
+            "(presharded_inputs / shard_batch) nor its outputs stay local (gather_outputs=False); use the defaults "
+            "or pass cp_plan"
+        )
 
 
 def check_presharded(plan: Plan, path: str, model: torch.nn.Module, presharded_inputs: tuple[str, ...]) -> None:
@@ -220,8 +206,10 @@ def apply_context_parallel(
                 f"context parallelism is already applied to {type(model).__name__} ('{path}'); apply it once per "
                 "model (build a fresh model, or reuse the strategy that applied it)"
             )
-        check_heads(model, path, mesh.ulysses_size)
-        if presharded_inputs:
+        check_heads(model, path, plan, mesh.ulysses_size)
+        if isinstance(plan, DerivedPlan):
+            check_derived(path, model, presharded_inputs, gather_outputs)
+        elif presharded_inputs:
             check_presharded(plan, path, model, presharded_inputs)
 
     install_attention_routing()
@@ -232,14 +220,31 @@ def apply_context_parallel(
         config.cp_mesh, config.padding = mesh, SequencePadding(mesh.cp_size, mesh.cp_rank)
         config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(device),
                      mesh=mesh.device_mesh)
-        for _, attn in attention_modules(model):
-            attn.processor._parallel_config = config
+        derived = isinstance(plan, DerivedPlan)
+        scoped = attention_modules(model) if derived else routed_attention_modules(model, plan)
+        for _, attn in scoped:
+            if not derived:
+                attn.processor._parallel_config = config
             HookRegistry.check_if_exists_or_initialize(attn).register_hook(
-                _AttentionScope(config.padding), f"{_HOOK_PREFIX}attention_scope"
+                _AttentionScope(config, derived), f"{_HOOK_PREFIX}attention_scope"
             )
-        _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
+        if derived:
+            _attach_derived(model, plan, config, mesh)
+        else:
+            _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
         model._cp_plugin_mesh = mesh
     return list(plans)
+
+
+def _attach_derived(model: torch.nn.Module, plan: DerivedPlan, config: RoutedParallelConfig, mesh: ParallelMesh) -> None:
+    blocks = [(f"{name}.{i}", block) for name in plan.block_lists for i, block in enumerate(model.get_submodule(name))]
+    state = StreamState(plan.model, len(blocks), config.padding, mesh)
+    for name, block in blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockStreams(state, name), f"{_HOOK_PREFIX}{name}")
+    for name, child in model.named_children():
+        if name not in plan.block_lists:
+            HookRegistry.check_if_exists_or_initialize(child).register_hook(OutputGather(state, name), f"{_HOOK_PREFIX}gather")
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(ForwardScope(state), f"{_HOOK_PREFIX}streams")
 
 
 def _attach_hooks(model: torch.nn.Module, config: RoutedParallelConfig, mesh: ParallelMesh, plan: Plan) -> None:

@@ -14,9 +14,11 @@ split alongside it: position ids, RoPE tables, per-token timesteps) and the text
 (``encoder_hidden_states*``, ``txt_*``, the text mask) when a plan splits them. Inputs a plan
 names by output index (a RoPE module's outputs) are matched to a sequence by length. The local
 keys of an attention call are then the local image tokens (self-attention), the local text tokens
-(cross-attention to split text) or both, text first, as diffusers' joint attention concatenates
-them; an attention module given ``encoder_hidden_states`` settles the one ambiguous case (equal
-local text and image lengths).
+(cross-attention to split text) or both, in the order the processor concatenates them (text first
+in Flux, image first in SD3; the attention routing finds out, see ``attention/dispatch.py``); an
+attention module given ``encoder_hidden_states`` settles the one ambiguous case (equal local text
+and image lengths). Where text and image would get equal local lengths from different lengths, the
+text gets one more padded token per rank, so that a local length always names its sequence.
 
 The state lives for one forward of one model: a hook at the model's entry resets it, and it stays
 until the next forward so that activation checkpointing recomputes blocks with the same mask (run
@@ -25,6 +27,7 @@ a forward's backward before the model's next forward, as training does).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,34 +50,55 @@ class SequencePadding:
     text_length: int | None = None
     lengths: set[int] = field(default_factory=set)  # every split length, named or matched later
     attending_text: bool = False  # the running attention module was given encoder_hidden_states
+    joint_order: str | None = None  # "text_first" / "image_first" once known (it is the model's, kept)
+    in_blocks: int = 0  # > 0 while a block of a derived plan runs (its attention calls are routed)
 
     def reset(self) -> None:
         self.image_length = self.text_length = None
         self.lengths = set()
 
     def padded(self, length: int) -> int:
-        """``length`` rounded up to a multiple of the CP size."""
-        return -(-length // self.cp_size) * self.cp_size
+        """``length`` padded to a multiple of the CP size (text one block more where it would tie with the image)."""
+        rounded = -(-length // self.cp_size) * self.cp_size
+        image = self.image_length
+        if length == self.text_length and image is not None and image != length:
+            if rounded == -(-image // self.cp_size) * self.cp_size:
+                return rounded + self.cp_size
+        return rounded
+
+    def local_length(self, length: int) -> int:
+        """This rank's share of a split ``length``-token sequence, padding included."""
+        return self.padded(length) // self.cp_size
+
+    def register(self, kind: str, length: int, where: str) -> None:
+        """Note that the ``kind`` ("image" or "text") sequence of ``length`` tokens is split in this forward."""
+        known = getattr(self, f"{kind}_length")
+        if known not in (None, length):
+            raise ValueError(
+                f"two {kind} sequences of {known} and {length} tokens were split in one forward of {where}; cp_plugin "
+                "pads one image/video and one text sequence per forward. Split inputs of the same kind must have "
+                "the same length"
+            )
+        setattr(self, f"{kind}_length", length)
+        self.lengths.add(length)
+
+    def pad_to_split(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+        """``x`` (``length`` tokens along ``dim``) padded with zeros (False) to :meth:`padded` ``(length)``."""
+        extra = self.padded(length) - length
+        if not extra:
+            return x
+        shape = list(x.shape)
+        shape[dim] = extra
+        return torch.cat([x, x.new_zeros(shape)], dim)
 
     def pad(self, x: torch.Tensor, dim: int, name: object, where: str) -> torch.Tensor:
         """``x`` padded with zeros along ``dim`` to a multiple of cp (unchanged if cp divides it)."""
         length = x.size(dim)
         kind = "text" if is_text_input(name) else "image" if name == "hidden_states" else None
         if kind is not None:
-            known = getattr(self, f"{kind}_length")
-            if known not in (None, length):
-                raise ValueError(
-                    f"two {kind} sequences of {known} and {length} tokens were split in one forward of {where} "
-                    f"('{name}'); cp_plugin pads one image/video and one text sequence per forward. Split inputs of "
-                    "the same kind must have the same length"
-                )
-            setattr(self, f"{kind}_length", length)
+            self.register(kind, length, f"{where} ('{name}')")
         self.lengths.add(length)
-        if length % self.cp_size == 0:
-            return x
-        shape = list(x.shape)
-        shape[dim] = self.padded(length) - length
-        return torch.cat([x, x.new_zeros(shape)], dim)
+        return self.pad_to_split(x, dim, length)
 
     def _local_valid(self, length: int, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, padded / cp)``: which of this rank's tokens of a ``length``-token sequence are real."""
@@ -82,12 +106,15 @@ class SequencePadding:
         valid = min(max(length - self.cp_rank * local, 0), local)
         return (torch.arange(local, device=device) < valid).expand(batch, local)
 
-    def key_mask(self, keys: int, batch: int, device: torch.device) -> torch.Tensor | None:
+    def key_mask(
+        self, keys: int, batch: int, device: torch.device, joint_order: Callable[[], str] = lambda: "text_first"
+    ) -> torch.Tensor | None:
         """This rank's key-padding mask ``(batch, keys)`` (True = attend), or None if no key is padding.
 
-        The local keys are the local image tokens, the local text tokens, or text then image.
+        The local keys are the local image tokens, the local text tokens, or both in the order
+        ``joint_order()`` gives (asked only then; diffusers' own plans split text-first models).
         """
-        if all(length % self.cp_size == 0 for length in self.lengths):
+        if all(self.padded(length) == length for length in self.lengths):
             return None
         image, text = self.image_length, self.text_length
         image_local = None if image is None else self.padded(image) // self.cp_size
@@ -97,7 +124,8 @@ class SequencePadding:
         if text_local == keys:
             return self._local_valid(text, batch, device)
         if image_local is not None and text_local is not None and keys == text_local + image_local:
-            return torch.cat([self._local_valid(text, batch, device), self._local_valid(image, batch, device)], 1)
+            parts = [self._local_valid(text, batch, device), self._local_valid(image, batch, device)]
+            return torch.cat(parts[::-1] if joint_order() == "image_first" else parts, 1)
         raise ValueError(
             f"context-parallel attention got {keys} keys per rank, which is neither this rank's {image_local} image "
             f"tokens, its {text_local} text tokens, nor both; cp_plugin masks padding in self-, cross- and joint "

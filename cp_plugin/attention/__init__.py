@@ -21,6 +21,7 @@ def context_parallel_attention(
     *,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
+    full_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-sequence softmax attention of local shards ``(B, S/cp, H, D)``, returned as local shards.
 
@@ -28,7 +29,8 @@ def context_parallel_attention(
     the ring then covers the remaining ``ring`` blocks of the sequence. ``key_mask`` (boolean
     ``(B, S/cp)``, True = attend) is sharded like the keys and follows them. Keys may be a sequence
     of another length than the queries (cross-attention to split text): then queries and key/values
-    travel in two all-to-alls instead of one.
+    travel in two all-to-alls instead of one. ``full_mask`` (boolean ``(B or 1, S, S)``, every rank
+    holds all of it) masks each query row on its own, e.g. block-causally; it costs O(S^2) memory.
     """
     if mesh.ulysses_size > 1:
         if query.shape == key.shape:
@@ -50,9 +52,12 @@ def context_parallel_attention(
             rotate_method=mesh.config.rotate_method,
             convert_to_fp32=mesh.config.convert_to_fp32,
             key_mask=key_mask,
+            full_mask=full_mask,
         )
     else:
         mask = None if key_mask is None else key_mask[:, None, None, :]
+        if full_mask is not None:
+            mask = full_mask[:, None] if mask is None else full_mask[:, None] & mask
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         ).transpose(1, 2)

@@ -53,11 +53,15 @@ def _no_rng(q: torch.Tensor) -> torch.Tensor:
 
 
 def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """Boolean key mask ``(B, S_k)`` (True = attend) -> additive bias the kernels take, or ``None``."""
+    """Boolean mask (True = attend) -> additive bias the kernels take, or ``None``.
+
+    ``(B, S_k)`` is a key-padding mask (the same for every query); ``(B, S_q, S_k)`` masks each
+    query row on its own (a block of a two-dimensional mask, e.g. block-causal).
+    """
     if key_mask is None:
         return None
     bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
-    bias = bias[:, None, None, :]
+    bias = bias[:, None, None, :] if key_mask.dim() == 2 else bias[:, None]
     # CUDA's memory-efficient kernel wants the bias at full size (a stride-0 expand is enough).
     return bias if q.device.type == "cpu" else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 

@@ -125,8 +125,9 @@ class _RingAttention(torch.autograd.Function):
     Communication goes through ``transport`` (a :class:`RingTransport`), the only thing that
     differs between training (:class:`GroupTransport`) and ``benchmarks.blockwise`` (loopback).
 
-    ``key_masks`` is ``None`` or every ring rank's boolean key mask ``(r, B, S_local)``: masks are
-    bytes per token, so they are gathered once instead of travelling with the blocks.
+    ``key_masks`` is ``None`` or, per KV block ``j``, the boolean mask of our queries over it:
+    ``(r, B, S_local)`` key masks (bytes per token, so gathered once instead of travelling with the
+    blocks), or ``(r, B, S_q, S_local)`` blocks of a two-dimensional mask every rank holds.
     """
 
     @staticmethod
@@ -206,8 +207,9 @@ def _block_forward(
     q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, scale: float, acc_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = attention_forward(q, kv[0], kv[1], scale, additive_mask(key_mask, q, kv[0]))
-    if key_mask is not None:  # the kernel reports LSE 0 for a block with no valid key; it is -inf
-        lse = lse.masked_fill(~key_mask.any(-1)[:, None, None], float("-inf"))
+    if key_mask is not None:  # the kernel reports LSE 0 for a row with no valid key in the block; it is -inf
+        empty = ~key_mask.any(-1)  # (B,) for a key mask, (B, S_q) for a block of a 2-D mask
+        lse = lse.masked_fill(empty[:, None, None] if empty.dim() == 1 else empty[:, None], float("-inf"))
     return out.to(acc_dtype), lse
 
 
@@ -238,6 +240,7 @@ def ring_attention(
     rotate_method: str = "p2p",
     convert_to_fp32: bool = True,
     key_mask: torch.Tensor | None = None,
+    full_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``).
 
@@ -251,6 +254,9 @@ def ring_attention(
             (every KV block at once; for comparison).
         convert_to_fp32: merge the partial outputs in float32; ``False`` merges in the input dtype.
         key_mask: optional boolean ``(B, S_local)``, True where a key may be attended to.
+        full_mask: optional boolean ``(B or 1, S, S)`` over the whole ring sequence, held by every
+            rank (a genuinely two-dimensional mask such as a block-causal one): each step uses the
+            rows of our queries and the columns of the block in flight.
     """
     if rotate_method not in ("p2p", "allgather"):
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
@@ -259,5 +265,10 @@ def ring_attention(
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     transport = GroupTransport(group)
     key_masks = None if key_mask is None else transport.all_gather(key_mask, "ring_mask")
+    if full_mask is not None:
+        s_local = q.shape[2]
+        rows = full_mask[:, transport.rank * s_local : (transport.rank + 1) * s_local]
+        blocks = rows.unflatten(2, (transport.size, s_local)).movedim(2, 0)  # (r, B, S_q, S_local)
+        key_masks = blocks if key_masks is None else blocks & key_masks[:, :, None, :]
     out = _RingAttention.apply(q, k, v, key_masks, transport, scale, rotate_method, convert_to_fp32)
     return out.transpose(1, 2)

@@ -1,0 +1,118 @@
+"""Which plan makes each diffusers model context parallel: ``cp_plan=``, the model's own, or a derived one.
+
+diffusers ships a ``_cp_plan`` for about a dozen of its ~75 transformer classes. For the others a
+plan is derived from structure: a DiT turns its latents (and text) into token streams once, runs
+them through lists of transformer blocks, and projects the result back. So the derived plan splits
+every token stream where it enters the blocks, splits what follows it (rotary tables, per-token
+modulation, control latents, masks: found by their lengths at the first block, see
+``streams.py``), routes every attention call made inside a block (``attention/dispatch.py``), and
+gathers after the last block, before anything the model does on the whole sequence (output norm,
+projection, unpatchify).
+
+What the split cannot express is refused here, before anything runs or communicates, naming the
+model and the plan entry to write: no list of blocks with attention among the model's children,
+blocks without a ``hidden_states`` input, layers that mix tokens outside attention (convolutions,
+group norms: a split sequence would see only its own tokens), and processors that reach attention
+neither through ``dispatch_attention_fn`` nor through SDPA (linear attention, explicit scores).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import ModelMixin
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import Attention
+
+from cp_plugin.attention.dispatch import calls_attention
+
+Plan = dict[str, Any]
+# Layers that combine tokens other than through attention: under a split they see only local tokens.
+TOKEN_MIXING = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.GroupNorm)
+_WRITE_A_PLAN = (
+    "pass cp_plan={'<attribute path>': {'<block list>.0': {'hidden_states': ContextParallelInput(split_dim=1, "
+    "expected_dims=3)}, 'proj_out': ContextParallelOutput(gather_dim=1, expected_dims=3)}} (diffusers' _cp_plan "
+    "format) naming where its token sequence enters the blocks and where it leaves them"
+)
+
+
+@dataclass(frozen=True)
+class DerivedPlan:
+    """A plan derived from a model's structure: its top-level lists of transformer blocks.
+
+    Every block of these lists splits the full-length token streams it is given and the tensors
+    that follow them; the last block to run in a forward gathers what it returns (``streams.py``).
+    """
+
+    model: str
+    block_lists: tuple[str, ...]
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every diffusers attention layer of ``model`` (``Attention`` and the newer ``AttentionModuleMixin``)."""
+    return [(name, sub) for name, sub in model.named_modules() if isinstance(sub, (Attention, AttentionModuleMixin))]
+
+
+def find_models(module: torch.nn.Module) -> dict[str, ModelMixin]:
+    """Outermost diffusers models inside ``module`` (``""`` if ``module`` is one), by attribute path."""
+    found: dict[str, ModelMixin] = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, ModelMixin) and not any(name.startswith(f"{p}.") or p == "" for p in found):
+            found[name] = sub
+    return found
+
+
+def derive_plan(model: torch.nn.Module, path: str) -> DerivedPlan:
+    """The derived plan of ``model`` (at ``path``), or a ``ValueError`` saying why it cannot have one."""
+    where = f"{type(model).__name__} ('{path}')"
+    lists = [
+        (name, child) for name, child in model.named_children()
+        if isinstance(child, torch.nn.ModuleList) and len(child) and attention_modules(child)
+    ]
+    if not lists:
+        raise ValueError(f"{where} has no _cp_plan and no list of transformer blocks with attention among its "
+                         f"children, so no plan can be derived; {_WRITE_A_PLAN}")
+    for name, blocks in lists:
+        for i, block in enumerate(blocks):
+            if "hidden_states" not in inspect.signature(block.forward).parameters:
+                raise ValueError(f"{where}: block '{name}.{i}' ({type(block).__name__}) takes no hidden_states, so the "
+                                 f"token stream entering it cannot be found; {_WRITE_A_PLAN}")
+            mixing = [f"{name}.{i}.{n}" for n, m in block.named_modules() if isinstance(m, TOKEN_MIXING)]
+            if mixing:
+                raise ValueError(
+                    f"{where}: block '{name}.{i}' mixes tokens outside attention ({mixing[0]}: "
+                    f"{type(block.get_submodule(mixing[0].split('.', 2)[2])).__name__}), which a split sequence "
+                    "cannot reproduce; it cannot be trained with context parallelism (ring_degree=1, ulysses_degree=1)"
+                )
+        for attn_name, attn in attention_modules(blocks):
+            if not calls_attention(attn.processor):
+                raise ValueError(
+                    f"{where}: attention layer '{name}.{attn_name}' uses {type(attn.processor).__name__}, which computes "
+                    "attention itself (neither dispatch_attention_fn nor scaled_dot_product_attention), so it cannot "
+                    "be made context parallel; set a processor that calls one of them (attn.set_processor(...))"
+                )
+    return DerivedPlan(type(model).__name__, tuple(name for name, _ in lists))
+
+
+def resolve_plans(module: torch.nn.Module, cp_plan: Mapping[str, Plan] | None) -> dict[str, Plan | DerivedPlan]:
+    """Which models get which plan: ``cp_plan`` (path -> plan) wins, else each model's ``_cp_plan``, else a derived one.
+
+    Raises when a model can be given none, naming what was found and how to fix it.
+    """
+    models = find_models(module)
+    if cp_plan is not None:
+        missing = [path for path in cp_plan if path not in dict(module.named_modules())]
+        if missing:
+            raise ValueError(
+                f"cp_plan names {missing}, which are not submodules of {type(module).__name__}; "
+                f"use attribute paths such as {sorted(models) or ['transformer']}"
+            )
+        return dict(cp_plan)
+    if not models:
+        raise ValueError(f"{type(module).__name__} contains no diffusers model, so nothing can be made context "
+                         "parallel; pass cp_plan={'<attribute path>': {...}} (see diffusers' _cp_plan format)")
+    return {path: getattr(model, "_cp_plan", None) or derive_plan(model, path) for path, model in models.items()}

@@ -1,0 +1,82 @@
+"""Train the tiny DiTs of ``fixtures.dits`` for a few steps, on one process or under a context-parallel layout.
+
+The loop is what a data-parallel trainer does, written out: each dp rank takes its slice of the
+global batch, the model (made context parallel by ``apply_context_parallel``, its derived or own
+plan) runs on it whole, the loss is a plain MSE on the gathered output, and gradients are averaged
+over every rank (DDP's mean, CP ranks included). Inputs and targets are drawn from per-step seeds,
+so every rank and the one-process reference see the same global batch. Losses, first-step
+gradients and the weights before and after are returned for comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fixtures.dits import BATCH, CASES
+
+STEPS = 3
+
+
+def _slice(value: Any, dp_rank: int, dp: int) -> Any:
+    """This dp rank's samples of a batch input (tensors and per-sample lists with the batch first)."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == BATCH:
+        return value.chunk(dp)[dp_rank]
+    if isinstance(value, list) and len(value) == BATCH:
+        return value[dp_rank * BATCH // dp : (dp_rank + 1) * BATCH // dp]
+    return value
+
+
+def optimizer_for(name: str, params: Any) -> torch.optim.Optimizer:
+    # SGD exposes a wrong gradient scale (AdamW normalises it away); eps keeps Adam's rounding small.
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05)
+    return torch.optim.AdamW(params, lr=1e-3, eps=1e-4, weight_decay=0.01)
+
+
+def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None) -> dict[str, Any]:
+    """Train ``case_name`` for ``STEPS`` steps; ``layout`` (ParallelConfig fields) makes it context parallel."""
+    case = CASES[case_name]
+    model = case.build(seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dp, dp_rank, world = 1, 0, 1
+    if layout is not None:
+        from cp_plugin import ParallelConfig
+        from cp_plugin.mesh import ParallelMesh
+        from cp_plugin.model import apply_context_parallel
+
+        mesh = ParallelMesh.build(ParallelConfig(**layout), "cpu")
+        apply_context_parallel(model, mesh)
+        dp, dp_rank, world = mesh.dp_size, mesh.dp_rank, dist.get_world_size()
+    opt = optimizer_for(optimizer, model.parameters())
+    losses, first_grads = [], None
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        inputs = {k: _slice(v, dp_rank, dp) for k, v in case.inputs(g).items()}
+        out = model(**inputs, return_dict=False)[0]
+        target = torch.randn(BATCH, *out.shape[1:], generator=g).chunk(dp)[dp_rank]
+        loss = F.mse_loss(out, target)
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None and world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        if layout is not None and dp > 1:  # the loss of the global batch, as one process computes it
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(float(loss.detach()))
+        if first_grads is None:
+            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"losses": losses, "grads": first_grads, "before": before, "after": after}
+
+
+def train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[str, Any]]:
+    """Rank body: several (case, optimizer, layout) runs in one launch, one after another."""
+    return [train(*case) for case in cases]
