@@ -56,15 +56,14 @@ class SequencePadding:
     def reset(self) -> None:
         self.image_length = self.text_length = None
         self.lengths = set()
+        self.text_extra = 0
+
+    text_extra: int = 0  # one more token per rank for text that would tie with the image (set on registration)
 
     def padded(self, length: int) -> int:
         """``length`` padded to a multiple of the CP size (text one block more where it would tie with the image)."""
         rounded = -(-length // self.cp_size) * self.cp_size
-        image = self.image_length
-        if length == self.text_length and image is not None and image != length:
-            if rounded == -(-image // self.cp_size) * self.cp_size:
-                return rounded + self.cp_size
-        return rounded
+        return rounded + self.text_extra if length == self.text_length and length != self.image_length else rounded
 
     def local_length(self, length: int) -> int:
         """This rank's share of a split ``length``-token sequence, padding included."""
@@ -79,6 +78,9 @@ class SequencePadding:
                 "pads one image/video and one text sequence per forward. Split inputs of the same kind must have "
                 "the same length"
             )
+        if kind == "text" and known is None and self.image_length not in (None, length):
+            # Decided once, when the text is split after the image (every plan splits the image first).
+            self.text_extra = self.cp_size if self.padded(length) == self.padded(self.image_length) else 0
         setattr(self, f"{kind}_length", length)
         self.lengths.add(length)
 

@@ -9,7 +9,8 @@ block then splits, at its entry, whatever it is handed at full length:
 - every other tensor with one dimension of length ``S``, ``T`` or ``S + T``: rotary tables
   ``(S, D)``, ``(1, S, 1, D)``, ``(B, S, D)``; per-token modulation ``(B, S, C)``, ``(B, 6, S, C)``;
   control latents ``(B, S, C)``; masks ``(B, T)``, ``(B, 1, 1, S + T)``. A joint ``S + T`` tensor is
-  split part by part, in the order its values give (a mask holds its image part all True);
+  split part by part, in the order a joint mask's values give (its image part attends everything:
+  HunyuanVideo's mask is image first, Chroma's and its rotary table text first);
 - a tensor with two such dimensions (a ``(1, 1, S, S)`` block-causal mask) stays whole: the
   attention takes each rank's rows and each block's columns.
 
@@ -95,6 +96,10 @@ class BlockStreams(ModelHook):
         if padding.image_length is None:
             self._name_streams(named)
         padding.in_blocks += 1
+        for value in named.values():  # masks first: they tell the order of joint tensors (e.g. rotary tables)
+            for t in _tensors(value):
+                if t.dtype == torch.bool and not state.is_local(t):
+                    self._mask_order(t)
         args = tuple(self._split(name, value) for name, value in zip(self.params, args))
         kwargs = {name: self._split(name, value) for name, value in kwargs.items()}
         return args, kwargs
@@ -151,23 +156,38 @@ class BlockStreams(ModelHook):
         padding = self.state.padding
         return local_shard(padding.pad_to_split(x, dim, length), dim, self.state.mesh, name=f"{self.name} input")
 
+    def _mask_order(self, mask: torch.Tensor) -> None:
+        """Learn the joint order from a mask over text and image tokens: its image part attends everything."""
+        padding = self.state.padding
+        image, text = padding.image_length, padding.text_length
+        dims = [] if text is None else [d for d in range(mask.dim()) if mask.shape[d] == image + text]
+        if len(dims) != 1:
+            return
+        image_first = bool(mask.narrow(dims[0], 0, image).all())
+        text_first = bool(mask.narrow(dims[0], text, image).all())
+        if image_first != text_first:
+            padding.joint_order = "image_first" if image_first else "text_first"
+
     def _split_joint(self, name: str, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """A tensor over text and image tokens: each part split on its own, kept in the tensor's order."""
+        """A tensor over text and image tokens: each part split on its own, kept in the tensor's order.
+
+        The order is the one a joint mask showed (in this forward or an earlier one, or the one the
+        attention found); a mask that attends everything needs none.
+        """
         padding, image, text = self.state.padding, self.state.padding.image_length, self.state.padding.text_length
-        if x.dtype != torch.bool:
+        order = padding.joint_order
+        if order is None and x.dtype == torch.bool and bool(x.all()):
+            # Attends everything, in either order: this rank's part does too (our padding mask, which
+            # the attention adds in the processor's order, masks the padded keys).
+            shape = list(x.shape)
+            shape[dim] = padding.local_length(image) + padding.local_length(text)
+            return x.new_ones(shape)
+        if order is None:
             raise ValueError(
                 f"{self.state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} spans the text and "
-                "image tokens together, and only a mask (whose image part attends everything) tells their order; "
-                f"{_WRITE_A_PLAN}"
+                "image tokens together, and no mask given to the blocks tells their order (one that masks some text "
+                f"does); {_WRITE_A_PLAN}"
             )
-        image_first = bool(x.narrow(dim, 0, image).all())
-        text_first = bool(x.narrow(dim, text, image).all())
-        if not (image_first or text_first):
-            raise ValueError(f"{self.state.model}: the mask '{name}' given to block '{self.name}' masks image tokens "
-                             "in both possible orders of text and image; cp_plugin masks padding, not image tokens")
-        order = "image_first" if image_first else "text_first"
-        if image_first != text_first:
-            padding.joint_order = order
         lengths = (image, text) if order == "image_first" else (text, image)
         parts = x.split(lengths, dim)
         return torch.cat([self._shard(part, dim, length) for part, length in zip(parts, lengths)], dim)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import pytest
 import torch
+from diffusers import ModelMixin
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
@@ -17,11 +18,11 @@ from launcher import run_distributed
 
 
 class PlainModule(L.LightningModule):
-    """No diffusers model at all: nothing can be made context parallel."""
+    """No diffusers model at all (or, with ``blockless``, one without transformer blocks): nothing to make context parallel."""
 
-    def __init__(self) -> None:
+    def __init__(self, blockless: bool = False) -> None:
         super().__init__()
-        self.net = torch.nn.Linear(4, 4)
+        self.net = BlocklessModel() if blockless else torch.nn.Linear(4, 4)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.net(batch["latents"]).mean()
@@ -40,6 +41,17 @@ class RaggedData(SyntheticFlowData):
 
     def __init__(self) -> None:
         super().__init__("flux", seq_tokens=64 if torch.distributed.get_rank() == 0 else 36)
+
+
+class BlocklessModel(ModelMixin):
+    """A diffusers model with neither a ``_cp_plan`` nor a list of attention blocks to derive one from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 class NaNOnRankOne(FlowMatchingModule):
@@ -71,6 +83,7 @@ CASES: dict[str, Callable[[], None]] = {
     "degrees": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ring_degree=3), SyntheticFlowData("flux")),
     "heads": lambda: fit(three_head_flux(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux")),
     "no_plan": lambda: fit(PlainModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux")),
+    "underivable": lambda: fit(PlainModule(blockless=True), ContextParallelStrategy(ring_degree=2), SyntheticFlowData("flux")),
     "ragged": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), RaggedData()),
     "mismatch": lambda: fit(
         FlowMatchingModule(),
@@ -87,7 +100,9 @@ CASES: dict[str, Callable[[], None]] = {
 EXPECTED = {
     "degrees": r"ValueError: ring_degree=3 x ulysses_degree=1 = 3 does not divide world_size=2; use degrees whose product is 1 or 2",
     "heads": r"ulysses_degree=2 does not divide num_attention_heads=3 of FluxTransformer2DModel \('transformer'.*use ulysses_degree 1 or 3",
-    "no_plan": r"PlainModule has no diffusers model with a _cp_plan \(no diffusers models\).*pass cp_plan=",
+    "no_plan": r"PlainModule contains no diffusers model, so nothing can be made context parallel; pass cp_plan=",
+    "underivable": r"BlocklessModel \('net'\) has no _cp_plan and no list of transformer blocks with attention among its "
+                   r"children, so no plan can be derived; pass cp_plan=.*'<block list>.0'.*'proj_out'",
     "ragged": r"ranks of context-parallel group \[0, 1\] received different batches",
     "mismatch": r"ranks \[1\] were started with different settings than rank 0 .*ring_degree=2.*ulysses_degree=2",
     "twice": r"RuntimeError: context parallelism is already applied to FluxTransformer2DModel \('transformer'\)",

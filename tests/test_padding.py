@@ -99,10 +99,20 @@ def test_key_mask_marks_this_ranks_padding_in_image_text_and_joint_keys() -> Non
         first.key_mask(5, 1, cpu)
 
 
-def test_equal_local_text_and_image_lengths_are_told_apart_by_the_attention_call() -> None:
+def test_text_that_would_tie_with_the_image_gets_one_more_token_per_rank() -> None:
     padding = SequencePadding(cp_size=2, cp_rank=1)
     padding.pad(torch.ones(1, 8, 2), 1, "hidden_states", "test")  # 4 image tokens per rank, all real
-    padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # 4 text tokens per rank, 3 real here
+    text = padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # 8 would tie: 10, 5 per rank
+    assert text.shape == (1, 10, 2) and padding.local_length(7) == 5
+    assert padding.key_mask(4, 1, torch.device("cpu")).all()
+    assert padding.key_mask(5, 1, torch.device("cpu")).tolist() == [[True, True, False, False, False]]
+    assert padding.trim(torch.zeros(1, 10), 1).shape == (1, 7) and padding.trim(torch.zeros(1, 8), 1).shape == (1, 8)
+
+
+def test_equal_local_text_and_image_lengths_are_told_apart_by_the_attention_call() -> None:
+    padding = SequencePadding(cp_size=2, cp_rank=1)
+    padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # split before the image: no extra token
+    padding.pad(torch.ones(1, 8, 2), 1, "hidden_states", "test")  # 4 image tokens per rank, all real
     assert padding.key_mask(4, 1, torch.device("cpu")).all()  # self-attention over image keys
     padding.attending_text = True
     assert padding.key_mask(4, 1, torch.device("cpu")).tolist() == [[True, True, True, False]]
