@@ -12,7 +12,12 @@ gradient accumulation and clipping, precision, checkpoints written by rank 0) is
   the same batch.
 
 Gradients need no special reduction: the collectives' backwards are exact adjoints
-(``cp_plugin.sequence``), so DDP's mean over all ranks gives the single-process gradient. With
+(``cp_plugin.sequence``), so DDP's mean over all ranks gives the single-process gradient. Unless
+told otherwise (``find_unused_parameters`` / ``static_graph``), DDP runs with a static graph: some
+DiTs leave parameters unused in every step (QwenImage's and HunyuanVideo 1.5's last text branch),
+which plain DDP refuses, while one process trains them as is. DDP finds them in the first step and
+leaves their gradients ``None`` (as one process does), and after that first step a model that uses
+every parameter runs exactly as under plain DDP. With
 ``ParallelConfig(fsdp=True)`` FSDP2 replaces DDP (``cp_plugin.fsdp``): the same mean, reduce-scattered
 so each rank keeps a shard of the weights, gradients and optimizer state, and checkpoints gathered
 into the one-process layout.
@@ -126,6 +131,8 @@ class ContextParallelStrategy(DDPStrategy):
         }
         base = ParallelConfig.from_any(parallel_config)
         self.parallel_config = ParallelConfig(**{**vars(base), **{k: v for k, v in overrides.items() if v is not None}})
+        if not self.parallel_config.fsdp and not {"find_unused_parameters", "static_graph"} & set(self._ddp_kwargs):
+            self._ddp_kwargs["static_graph"] = True  # unused parameters train as on one process (module docstring)
         self.cp_plan = cp_plan
         self.shard_batch_dims = dict(shard_batch) if shard_batch else None
         self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()

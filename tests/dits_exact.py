@@ -5,17 +5,21 @@ global batch, the model (made context parallel by ``apply_context_parallel``, it
 plan) runs on it whole, the loss is a plain MSE on the gathered output, and gradients are averaged
 over every rank (DDP's mean, CP ranks included). Inputs and targets are drawn from per-step seeds,
 so every rank and the one-process reference see the same global batch. Losses, first-step
-gradients and the weights before and after are returned for comparison.
+gradients and the weights before and after are returned for comparison. :class:`DiTModule` is the
+same training as a plain LightningModule, for the strategy's own run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from exact import quiet_trainer
 from fixtures.dits import BATCH, CASES
 
 STEPS = 3
@@ -80,3 +84,35 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None) 
 def train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[str, Any]]:
     """Rank body: several (case, optimizer, layout) runs in one launch, one after another."""
     return [train(*case) for case in cases]
+
+
+class DiTModule(L.LightningModule):
+    """The same training, written for one process as a Lightning user would: step ``i`` draws step ``i``'s inputs."""
+
+    def __init__(self, case_name: str, optimizer: str) -> None:
+        super().__init__()
+        self.case, self.optimizer_name = CASES[case_name], optimizer
+        self.model = self.case.build(seed=0)
+        self.losses: list[float] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(100 + self.global_step)  # Lightning shuffles the (dummy) batches
+        out = self.model(**self.case.inputs(g), return_dict=False)[0]
+        loss = F.mse_loss(out, torch.randn(out.shape, generator=g))
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return optimizer_for(self.optimizer_name, self.parameters())
+
+
+def lightning_train(case_name: str, optimizer: str, layout: dict[str, int]) -> dict[str, Any]:
+    """Rank body: fit ``DiTModule`` under ``ContextParallelStrategy(**layout)`` with no other option."""
+    from cp_plugin import ContextParallelStrategy
+
+    module = DiTModule(case_name, optimizer)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = quiet_trainer(ContextParallelStrategy(**layout), STEPS)
+    trainer.fit(module, DataLoader(torch.arange(STEPS), batch_size=1))
+    return {"losses": module.losses, "before": before,
+            "after": {n: p.detach().clone() for n, p in module.model.named_parameters()}}

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from dits_exact import STEPS, train, train_many
+from dits_exact import STEPS, lightning_train, train, train_many
 from exact import assert_update_close
 from fixtures.dits import CASES
 from launcher import run_distributed
@@ -68,3 +68,17 @@ def test_two_ranks_every_dit_matches_one_process() -> None:
 @pytest.mark.timeout(900)
 def test_four_ranks_ring_ulysses_and_dp_match_one_process() -> None:
     _run(4, FOUR_RANKS, FOUR_RANK_MODELS)
+
+
+@pytest.mark.timeout(300)
+def test_lightning_strategy_trains_a_derived_plan_with_unused_parameters_and_no_options() -> None:
+    """A plain LightningModule and ``ContextParallelStrategy(ring_degree=2)``, nothing else: HunyuanVideo 1.5
+    has no ``_cp_plan`` and leaves its last text branch unused (plain DDP raises), and trains as one process."""
+    results = run_distributed(lightning_train, 2, "hunyuanvideo15", "adamw", {"ring_degree": 2},
+                              init_process_group=False)
+    reference = train("hunyuanvideo15", "adamw")
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL), f"rank {rank} losses"
+        for name, before in reference["before"].items():
+            assert_update_close(result["after"][name], reference["after"][name], before, UPDATE_RTOL, STEPS,
+                                f"rank {rank}: {name}")

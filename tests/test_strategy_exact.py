@@ -94,12 +94,12 @@ TWO_RANKS = [
     case("wan", ring_degree=2),
     case("flux", "sgd", ring_degree=2, rotate_method="allgather"),
     # QwenImage: joint attention with a text padding mask; its last block leaves text weights unused
-    case("qwenimage", "sgd", ring_degree=2, find_unused_parameters=True),
+    case("qwenimage", "sgd", ring_degree=2),
     case("wan", ring_degree=2, checkpointing=True),
     # uneven sequences: padded to a multiple of cp, padding masked in attention and trimmed from the output
     case("flux", "sgd", ulysses_degree=2, data=ODD_FLUX),
     case("wan", ring_degree=2, data=ODD_WAN),
-    case("qwenimage", "sgd", ring_degree=2, find_unused_parameters=True, data={"seq_tokens": 63}),
+    case("qwenimage", "sgd", ring_degree=2, data={"seq_tokens": 63}),
     case("flux", ring_degree=2, checkpointing=True, data=ODD_FLUX),
     case("flux", "sgd", ring_degree=2, trainer_kwargs=BF16),
     # LTX-Video: its processor broadcasts an additive -10000 text mask over heads, (B, H, 1, T/cp)
@@ -109,7 +109,7 @@ TWO_RANKS = [
     case("ltx", ring_degree=2),
     # text of any length: 7 prompt tokens are padded to 8 and masked, like image tokens
     case("flux", "sgd", ulysses_degree=2, data={"text_tokens": 7}),
-    case("qwenimage", ring_degree=2, find_unused_parameters=True, data={"text_tokens": 7, "seq_tokens": 63}),
+    case("qwenimage", ring_degree=2, data={"text_tokens": 7, "seq_tokens": 63}),
     case("ltx", "sgd", ring_degree=2, data={"text_tokens": 7}),
 ]
 FOUR_RANKS = [
@@ -122,8 +122,8 @@ FOUR_RANKS = [
     case("flux", ring_degree=2, ulysses_degree=2),
     case("wan", ring_degree=2, ulysses_degree=2),
     case("flux", "sgd", ring_degree=4),
-    case("qwenimage", ring_degree=2, ulysses_degree=2, find_unused_parameters=True),
-    case("qwenimage", "sgd", ulysses_degree=2, find_unused_parameters=True),
+    case("qwenimage", ring_degree=2, ulysses_degree=2),
+    case("qwenimage", "sgd", ulysses_degree=2),
     case("flux", "sgd", ring_degree=4, data=ODD_FLUX),
     case("flux", ring_degree=2, ulysses_degree=2, data=ODD_FLUX),
     case("wan", "sgd", ring_degree=2, data=ODD_WAN),  # dp 2 x ring 2
