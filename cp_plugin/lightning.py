@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -143,6 +144,7 @@ class ContextParallelStrategy(DDPStrategy):
         self._hooked: torch.nn.Module | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._loss_finite = True
+        self._static_graph_learned = False
 
     # layout ----------------------------------------------------------------------------------
     @property
@@ -229,6 +231,21 @@ class ContextParallelStrategy(DDPStrategy):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self.model, [name for name, _ in self.model.named_parameters()]
         )
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Skip gradient sync on accumulation micro-batches, except in DDP's first static-graph backward.
+
+        DDP learns a static graph in its first backward, which must be synchronised (under
+        ``no_sync`` its reducer asserts). Syncing every micro-batch of that first step instead gives the
+        same gradient: the mean is linear.
+        """
+        if getattr(self.model, "static_graph", False) and not self._static_graph_learned:
+            self._static_graph_learned = True
+            yield None
+            return
+        with super().block_backward_sync():
+            yield None
 
     def _register_ddp_hooks(self) -> None:
         # DDP comm hooks work with gloo too; Lightning only registers them on CUDA.
