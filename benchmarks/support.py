@@ -1,6 +1,6 @@
 """Which diffusers transformers train under cp_plugin: a table written by walking diffusers' classes.
 
-    python -m benchmarks.support        # writes benchmarks/results/support.md
+    python -m benchmarks.support        # writes benchmarks/results/support.md and the README's table
 
 Every ``ModelMixin`` class in ``diffusers.models.transformers`` is listed with its status:
 
@@ -37,6 +37,8 @@ from diffusers import ModelMixin
 from cp_plugin.plans import derive_plan
 
 ROOT = Path(__file__).resolve().parents[1]
+# The README carries the table between these lines (rewritten by each run).
+README_START, README_END = "<!-- support table: python -m benchmarks.support -->", "<!-- end of support table -->"
 
 
 def transformer_classes() -> list[type[ModelMixin]]:
@@ -146,6 +148,11 @@ def main() -> None:
     ])
     out = ROOT / "benchmarks" / "results" / "support.md"
     out.write_text(report)
+    readme = ROOT / "README.md"
+    before, rest = readme.read_text().split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    table = "\n".join(report.splitlines()[2:]).strip()
+    readme.write_text(f"{before}{README_START}\n{table}\n{README_END}{after}")
     print(report)
 
 

@@ -128,6 +128,21 @@ def _masks(
     return key_mask, full_mask
 
 
+def _check_split(query: torch.Tensor, key: torch.Tensor, call: AttentionCall, padding: SequencePadding) -> None:
+    """A routed call inside a block must attend over this rank's split tokens, not over tokens it holds whole."""
+    image, text = padding.image_length, padding.text_length
+    local = {padding.local_length(image)} if image is not None else set()
+    if text is not None:
+        local |= {padding.local_length(text), padding.local_length(text) + padding.local_length(image)}
+    if query.shape[1] not in local or key.shape[1] not in local:
+        raise ValueError(
+            f"{type(call.module).__name__} inside a block attends {query.shape[1]} queries to {key.shape[1]} keys, "
+            f"which are not this rank's split tokens (image {image}, text {text} tokens split over the CP group): "
+            "the block runs on a sequence the derived plan does not split (e.g. per-sample packing or extra tokens "
+            "made inside the blocks); pass cp_plan naming where that sequence enters the blocks"
+        )
+
+
 @torch.compiler.disable(recursive=True)
 def _routed_attention(
     query: torch.Tensor,
@@ -163,6 +178,8 @@ def _routed_attention(
             "model without them or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
     mesh = config.cp_mesh
+    if call is not None:
+        _check_split(query, key, call, config.padding)
     key_mask, full_mask = _masks(query, key, value, attn_mask, config.padding, call, mesh)
     enter_attention(None)  # our own attention calls SDPA: it must not be routed again
     try:
