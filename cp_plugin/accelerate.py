@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,14 +37,9 @@ except ImportError as err:  # an optional extra: say which
     raise ImportError('cp_plugin.accelerate needs Accelerate: pip install "cp_plugin[accelerate]"') from err
 from torch.utils.data import DataLoader
 
-from cp_plugin.batch import check_same_batch
-from cp_plugin.config import ParallelConfig
-from cp_plugin.guard import check_nonfinite_option, check_same_config, guard_step
+from cp_plugin.core import ContextParallelCore, SequenceShards
 from cp_plugin.mesh import ParallelMesh
-from cp_plugin.model import Plan, apply_context_parallel
-from cp_plugin.resume import restore_rng_state, rng_state
-from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
-from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
+from cp_plugin.resume import rng_state
 
 
 class ContextParallelDataLoader:
@@ -55,7 +50,7 @@ class ContextParallelDataLoader:
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield self.plugin.process_batch(batch)
+            yield self.plugin.core.process_batch(batch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -64,44 +59,28 @@ class ContextParallelDataLoader:
         return getattr(self.loader, name)
 
 
-class ContextParallelPlugin:
+class ContextParallelPlugin(SequenceShards):
     """Context parallelism (Ulysses/ring) x data parallelism for an ``Accelerator``'s training loop.
 
-    Arguments mirror ``ContextParallelStrategy``: the layout (``ParallelConfig``, a diffusers
-    config, or a dict), ``cp_plan`` to supply or override plans, ``shard_batch`` /
-    ``presharded_inputs`` / ``gather_outputs`` for loaders that shard sequences,
-    ``check_batches`` for the per-batch CP-group consistency check, and ``on_nonfinite``: on NaN/Inf
-    gradients the prepared optimizers ``"raise"`` naming the step and rank, or ``"skip"`` the step.
-    Every rank checks at start-up that all ranks were given the same settings.
+    ``parallel_config`` is the layout (``ParallelConfig``, a diffusers config, or a dict); the other
+    options are ``ContextParallelCore`` 's, the same the Lightning strategy takes: ``cp_plan`` to
+    supply or override plans, ``shard_batch`` / ``presharded_inputs`` / ``gather_outputs`` for
+    loaders that shard sequences, ``check_batches`` for the per-batch CP-group consistency check, and
+    ``on_nonfinite``: on NaN/Inf gradients the prepared optimizers ``"raise"`` naming the step and
+    rank, or ``"skip"`` the step. Every rank checks at start-up that all ranks were given the same settings.
     """
 
-    def __init__(
-        self,
-        parallel_config: Any = None,
-        *,
-        cp_plan: Mapping[str, Plan] | None = None,
-        shard_batch: Mapping[str, int] | None = None,
-        presharded_inputs: Sequence[str] = ("hidden_states",),
-        gather_outputs: bool | None = None,
-        check_batches: bool = True,
-        on_nonfinite: str = "raise",
-    ) -> None:
-        check_nonfinite_option(on_nonfinite)
-        self.parallel_config = ParallelConfig.from_any(parallel_config)
-        if self.parallel_config.fsdp:
+    def __init__(self, parallel_config: Any = None, **options: Any) -> None:
+        self.core = ContextParallelCore(parallel_config, **options)
+        if self.core.parallel_config.fsdp:
             raise ValueError(
                 "ParallelConfig(fsdp=True) is implemented by the Lightning ContextParallelStrategy only; with "
                 "Accelerate leave fsdp=False (weights replicated under Accelerate's DDP)"
             )
-        self.cp_plan = cp_plan
-        self.shard_batch_dims = dict(shard_batch) if shard_batch else None
-        self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
-        self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
-        self.check_batches = check_batches
-        self.on_nonfinite = on_nonfinite
-        self.mesh: ParallelMesh | None = None
-        self.device: torch.device | None = None
-        self._rng_to_restore: dict[str, Any] | None = None
+
+    @property
+    def mesh(self) -> ParallelMesh | None:
+        return self.core.mesh if self.core.started else None
 
     # the one-line change ----------------------------------------------------------------------
     def prepare(self, accelerator: Accelerator, *objects: Any) -> Any:
@@ -109,9 +88,8 @@ class ContextParallelPlugin:
         self._setup(accelerator)
         staged = []
         for obj in objects:
-            if isinstance(obj, torch.nn.Module) and self.mesh.cp_enabled:
-                apply_context_parallel(obj, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,
-                                       gather_outputs=self.gather_outputs)
+            if isinstance(obj, torch.nn.Module):
+                self.core.apply(obj)
             staged.append(self._shard_over_dp(accelerator, obj) if isinstance(obj, DataLoader) else obj)
         prepared = accelerator.prepare(*staged)
         prepared = list(prepared) if len(objects) > 1 else [prepared]
@@ -122,35 +100,9 @@ class ContextParallelPlugin:
                 self._guard(accelerator, prepared[i])
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
-    # sequence tensors -------------------------------------------------------------------------
-    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's slice of a full-sequence tensor (same on every CP rank) along ``dim``."""
-        return local_shard(tensor, dim, self._mesh())
-
-    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
-        return gather_sequence(tensor, dim, self._mesh())
-
-    def process_batch(self, batch: Any) -> Any:
-        """What every batch goes through: the CP-group consistency check, then optional sharding."""
-        if self._rng_to_restore is not None:  # resumed: continue each rank's random stream where it was saved
-            restore_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-        mesh = self._mesh()
-        if not mesh.cp_enabled:
-            return batch
-        if self.check_batches:
-            check_same_batch(batch, mesh, self.device)
-        return shard_batch(batch, self.shard_batch_dims, mesh) if self.shard_batch_dims else batch
-
     # internals --------------------------------------------------------------------------------
-    def _mesh(self) -> ParallelMesh:
-        if self.mesh is None:
-            raise RuntimeError("call ContextParallelPlugin.prepare(accelerator, ...) first")
-        return self.mesh
-
     def _setup(self, accelerator: Accelerator) -> None:
-        if self.mesh is not None:
+        if self.core.started:
             return
         own_cp = getattr(getattr(accelerator, "parallelism_config", None), "cp_size", 1) or 1
         if own_cp > 1:
@@ -165,15 +117,9 @@ class ContextParallelPlugin:
                 f"Accelerator sees num_processes={accelerator.num_processes} but {launched} processes were launched "
                 "(WORLD_SIZE); on CPU create Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=1) so it joins them"
             )
-        self.parallel_config.resolve(accelerator.num_processes)  # raises on every rank before any collective
-        check_same_config(
-            parallel=self.parallel_config, shard_batch=self.shard_batch_dims, gather_outputs=self.gather_outputs,
-            cp_plan=sorted(self.cp_plan or {}), on_nonfinite=self.on_nonfinite, torch=torch.__version__,
-        )
-        self.device = accelerator.device
-        self.mesh = ParallelMesh.build(self.parallel_config, accelerator.device.type)
-        seed_per_dp_rank(self.mesh, shared_base_seed(accelerator.device))
-        accelerator.gather = types.MethodType(_gather_over_dp(self.mesh), accelerator)
+        self.core.validate(accelerator.num_processes)  # raises on every rank before any collective
+        mesh = self.core.start(accelerator.device)
+        accelerator.gather = types.MethodType(_gather_over_dp(mesh), accelerator)
         accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
         accelerator.load_state = self._load_state(accelerator.load_state)
 
@@ -185,7 +131,7 @@ class ContextParallelPlugin:
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             if accelerator.sync_gradients:  # a micro-step of accumulation steps nothing
                 where = lambda: f"step {steps_taken[0]}, rank {accelerator.process_index}"  # noqa: E731
-                guard_step(optimizer, self.on_nonfinite, where, "ContextParallelPlugin(on_nonfinite='skip')")
+                self.core.guard(optimizer, where, "ContextParallelPlugin(on_nonfinite='skip')")
                 steps_taken[0] += 1
             return step(*args, **kwargs)
 
@@ -208,14 +154,14 @@ class ContextParallelPlugin:
         @functools.wraps(load_state)
         def load(*args: Any, **kwargs: Any) -> Any:
             result = load_state(*args, **kwargs)
-            self._rng_to_restore = rng_state()
+            self.core.restore_rng_at_next_batch(rng_state())
             return result
 
         return load
 
     def _shard_over_dp(self, accelerator: Accelerator, loader: DataLoader) -> Any:
         """Accelerate's own sharding, over dp ranks: the ranks of a CP group get the same batches."""
-        mesh = self._mesh()
+        mesh = self.core.mesh
         prepared = prepare_data_loader(
             loader,
             accelerator.device,

@@ -44,8 +44,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
+from cp_plugin.core import ContextParallelCore, SequenceShards
 from cp_plugin.fsdp import (
     check_compatible,
     full_model_state,
@@ -54,20 +54,11 @@ from cp_plugin.fsdp import (
     load_full_optimizer_state,
     shard_module,
 )
-from cp_plugin.guard import (
-    check_nonfinite_option,
-    check_same_config,
-    describe_failures,
-    guard_step,
-    is_transport_error,
-    record_failure,
-)
+from cp_plugin.guard import describe_failures, is_transport_error, record_failure
 from cp_plugin.mesh import ParallelMesh
-from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.model import Plan
 from cp_plugin.resume import KEY as RESUME_KEY
-from cp_plugin.resume import layout_state, restore_rng_state, resumable, rng_state_to_restore
-from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
-from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
+from cp_plugin.resume import layout_state, resumable, rng_state_to_restore
 
 
 log = logging.getLogger(__name__)
@@ -76,7 +67,7 @@ log = logging.getLogger(__name__)
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
-class ContextParallelStrategy(DDPStrategy):
+class ContextParallelStrategy(SequenceShards, DDPStrategy):
     """Train a diffusers DiT with context parallelism (Ulysses, ring, or both) times data parallelism.
 
     Args:
@@ -121,7 +112,6 @@ class ContextParallelStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(timeout=timeout, **kwargs)
-        check_nonfinite_option(on_nonfinite)
         overrides = {
             "ring_degree": ring_degree,
             "ulysses_degree": ulysses_degree,
@@ -131,27 +121,24 @@ class ContextParallelStrategy(DDPStrategy):
             "fsdp": fsdp,
         }
         base = ParallelConfig.from_any(parallel_config)
-        self.parallel_config = ParallelConfig(**{**vars(base), **{k: v for k, v in overrides.items() if v is not None}})
+        self.core = ContextParallelCore(
+            ParallelConfig(**{**vars(base), **{k: v for k, v in overrides.items() if v is not None}}),
+            cp_plan=cp_plan, shard_batch=shard_batch, presharded_inputs=presharded_inputs,
+            gather_outputs=gather_outputs, check_batches=check_batches, on_nonfinite=on_nonfinite,
+        )
         if not self.parallel_config.fsdp and not {"find_unused_parameters", "static_graph"} & set(self._ddp_kwargs):
             self._ddp_kwargs["static_graph"] = True  # unused parameters train as on one process (module docstring)
-        self.cp_plan = cp_plan
-        self.shard_batch_dims = dict(shard_batch) if shard_batch else None
-        self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
-        self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
-        self.check_batches = check_batches
-        self.on_nonfinite = on_nonfinite
-        self._mesh: ParallelMesh | None = None
-        self._hooked: torch.nn.Module | None = None
-        self._rng_to_restore: dict[str, Any] | None = None
         self._loss_finite = True
         self._static_graph_learned = False
 
-    # layout ----------------------------------------------------------------------------------
+    # layout -----------------------------------------------------------------------------------
+    @property
+    def parallel_config(self) -> ParallelConfig:
+        return self.core.parallel_config
+
     @property
     def parallel_mesh(self) -> ParallelMesh:
-        if self._mesh is None:
-            raise RuntimeError("the context-parallel mesh exists once the Trainer has set up the strategy")
-        return self._mesh
+        return self.core.mesh
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -178,20 +165,11 @@ class ContextParallelStrategy(DDPStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return self.parallel_mesh.sampler_kwargs
 
-    # sequence tensors ------------------------------------------------------------------------
-    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's slice of a full-sequence tensor (same on every CP rank) along ``dim``."""
-        return local_shard(tensor, dim, self.parallel_mesh)
-
-    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
-        return gather_sequence(tensor, dim, self.parallel_mesh)
-
-    # Lightning hooks -------------------------------------------------------------------------
+    # Lightning hooks (shard / gather for training steps come from SequenceShards)  -------------------------------------------------------------------------
     def setup_environment(self) -> None:
         # Validate the layout against the world size before the process group exists, so every
         # rank raises the same error and none waits in a collective.
-        self.parallel_config.resolve(self.num_nodes * self.num_processes)
+        self.core.validate(self.num_nodes * self.num_processes)
         if self.parallel_config.fsdp:
             check_compatible(
                 {**self._ddp_kwargs, "ddp_comm_hook": self._ddp_comm_hook, "model_averaging_period":
@@ -200,25 +178,12 @@ class ContextParallelStrategy(DDPStrategy):
                 grad_scaler=getattr(self.precision_plugin, "scaler", None) is not None,
             )
         super().setup_environment()
-        check_same_config(
-            parallel=self.parallel_config, shard_batch=self.shard_batch_dims, gather_outputs=self.gather_outputs,
-            cp_plan=sorted(self.cp_plan or {}), torch=torch.__version__,
-        )
-        self._mesh = ParallelMesh.build(self.parallel_config, self.root_device.type)
         if "PL_GLOBAL_SEED" not in os.environ:
             rank_zero_warn("no seed set (lightning.seed_everything); ContextParallelStrategy draws one on rank 0")
-        seed_per_dp_rank(self._mesh, shared_base_seed(self.root_device))
+        self.core.start(self.root_device)
 
     def setup(self, trainer: Any) -> None:
-        if self.parallel_mesh.cp_enabled and self._hooked is not self.model:
-            apply_context_parallel(
-                self.model,
-                self.parallel_mesh,
-                cp_plan=self.cp_plan,
-                presharded_inputs=self.presharded_inputs,
-                gather_outputs=self.gather_outputs,
-            )
-            self._hooked = self.model
+        self.core.apply(self.model)
         super().setup(trainer)
 
     def configure_ddp(self) -> None:
@@ -259,17 +224,7 @@ class ContextParallelStrategy(DDPStrategy):
         return resumable(dataloader) if isinstance(dataloader, DataLoader) else dataloader
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        if self._rng_to_restore is not None:  # resumed: continue each rank's random stream where it stopped
-            restore_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-        batch = super().batch_to_device(batch, device, dataloader_idx)
-        if not self.parallel_mesh.cp_enabled:
-            return batch
-        if self.check_batches:
-            check_same_batch(batch, self.parallel_mesh, self.root_device)
-        if self.shard_batch_dims:
-            batch = shard_batch(batch, self.shard_batch_dims, self.parallel_mesh)
-        return batch
+        return self.core.process_batch(super().batch_to_device(batch, device, dataloader_idx))
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().training_step(*args, **kwargs)
@@ -283,7 +238,7 @@ class ContextParallelStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         def guarded_closure() -> Any:
             result = closure()
-            guard_step(optimizer, self.on_nonfinite, self._describe_step, "ContextParallelStrategy(on_nonfinite='skip')")
+            self.core.guard(optimizer, self._describe_step, "ContextParallelStrategy(on_nonfinite='skip')")
             return result
 
         return super().optimizer_step(optimizer, guarded_closure, model, **kwargs)
@@ -324,8 +279,8 @@ class ContextParallelStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._rng_to_restore = rng_state_to_restore(
-            checkpoint, self.world_size, self.parallel_mesh.dp_size, self.global_rank
+        self.core.restore_rng_at_next_batch(
+            rng_state_to_restore(checkpoint, self.world_size, self.parallel_mesh.dp_size, self.global_rank)
         )
         return checkpoint
 

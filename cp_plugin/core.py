@@ -1,0 +1,144 @@
+"""``ContextParallelCore``: everything context parallelism needs at run time, once, for both adapters.
+
+A training run asks the same things of context parallelism whichever framework drives it: a layout
+validated before any collective, the same settings on every rank, a mesh, RNG streams equal inside
+a CP group, models made context parallel, every batch checked across the group (and sharded, if
+asked), sequence shards and gathers, gradients guarded against non-finite values, and the RNG
+states of a resumed run set again at its first batch. This object holds those and the options that
+steer them; ``ContextParallelStrategy`` (Lightning) and ``ContextParallelPlugin`` (Accelerate) only
+translate their framework's hooks into calls on it, the way torchtitan's ``ParallelDims`` is the
+one description of a layout its trainers share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from cp_plugin.batch import check_same_batch
+from cp_plugin.config import ParallelConfig
+from cp_plugin.guard import check_nonfinite_option, check_same_config, guard_step
+from cp_plugin.mesh import ParallelMesh
+from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.resume import restore_rng_state
+from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
+from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
+
+
+class ContextParallelCore:
+    """The layout, its options, and the run-time state of context parallelism for one training run.
+
+    Args:
+        parallel_config: the layout (``ParallelConfig``, a diffusers config, or a dict).
+        cp_plan: ``{attribute path: plan}`` to supply or override plans.
+        shard_batch: ``{batch key: sequence dim}`` to shard each (dict) batch after transfer; the
+            models then receive ``presharded_inputs`` sharded and, unless ``gather_outputs``, return
+            local shards.
+        presharded_inputs: model forward arguments that arrive sharded when ``shard_batch`` is set.
+        gather_outputs: gather model outputs over the CP group (default: unless ``shard_batch``).
+        check_batches: compare a fingerprint of each batch across the CP group.
+        on_nonfinite: on NaN/Inf gradients ``"raise"`` naming the step and rank, or ``"skip"`` the step.
+    """
+
+    def __init__(
+        self,
+        parallel_config: Any = None,
+        *,
+        cp_plan: Mapping[str, Plan] | None = None,
+        shard_batch: Mapping[str, int] | None = None,
+        presharded_inputs: Sequence[str] = ("hidden_states",),
+        gather_outputs: bool | None = None,
+        check_batches: bool = True,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        check_nonfinite_option(on_nonfinite)
+        self.parallel_config = ParallelConfig.from_any(parallel_config)
+        self.cp_plan = cp_plan
+        self.shard_batch_dims = dict(shard_batch) if shard_batch else None
+        self.presharded_inputs = tuple(presharded_inputs) if self.shard_batch_dims else ()
+        self.gather_outputs = (self.shard_batch_dims is None) if gather_outputs is None else gather_outputs
+        self.check_batches = check_batches
+        self.on_nonfinite = on_nonfinite
+        self.device: torch.device | None = None
+        self._mesh: ParallelMesh | None = None
+        self._applied: set[int] = set()
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # start-up --------------------------------------------------------------------------------
+    def validate(self, world_size: int) -> None:
+        """Check the layout against the world size: the same error on every rank, before any collective."""
+        self.parallel_config.resolve(world_size)
+
+    def start(self, device: torch.device) -> ParallelMesh:
+        """Once the process group exists: the same settings everywhere, the mesh, RNG streams per dp rank."""
+        check_same_config(
+            parallel=self.parallel_config, shard_batch=self.shard_batch_dims, gather_outputs=self.gather_outputs,
+            cp_plan=sorted(self.cp_plan or {}), on_nonfinite=self.on_nonfinite, check_batches=self.check_batches,
+            torch=torch.__version__,
+        )
+        self.device = device
+        self._mesh = ParallelMesh.build(self.parallel_config, device.type)
+        seed_per_dp_rank(self._mesh, shared_base_seed(device))
+        return self._mesh
+
+    @property
+    def mesh(self) -> ParallelMesh:
+        if self._mesh is None:
+            raise RuntimeError("the context-parallel mesh exists once training has started (the strategy's setup, "
+                               "or ContextParallelPlugin.prepare)")
+        return self._mesh
+
+    @property
+    def started(self) -> bool:
+        return self._mesh is not None
+
+    def apply(self, module: torch.nn.Module) -> None:
+        """Make the diffusers models in ``module`` context parallel (once per module; nothing to do at cp 1)."""
+        if self.mesh.cp_enabled and id(module) not in self._applied:
+            apply_context_parallel(module, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,
+                                   gather_outputs=self.gather_outputs)
+            self._applied.add(id(module))
+
+    # every step ------------------------------------------------------------------------------
+    def process_batch(self, batch: Any) -> Any:
+        """What every batch goes through on its device: a resumed run's RNG states, the CP-group check, sharding."""
+        if self._rng_to_restore is not None:  # resumed: continue each rank's random stream where it was saved
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        if not self.mesh.cp_enabled:
+            return batch
+        if self.check_batches:
+            check_same_batch(batch, self.mesh, self.device)
+        return shard_batch(batch, self.shard_batch_dims, self.mesh) if self.shard_batch_dims else batch
+
+    def restore_rng_at_next_batch(self, state: dict[str, Any] | None) -> None:
+        """Set these RNG states again when the next batch arrives (starting an epoch's iterator draws from them)."""
+        self._rng_to_restore = state
+
+    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of a full-sequence tensor (same on every CP rank) along ``dim``."""
+        return local_shard(tensor, dim, self.mesh)
+
+    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
+        return gather_sequence(tensor, dim, self.mesh)
+
+    def guard(self, optimizer: Any, where: Callable[[], str], skip_option: str) -> None:
+        """Before a step: raise on non-finite gradients, or drop them so the step changes nothing (``on_nonfinite``)."""
+        guard_step(optimizer, self.on_nonfinite, where, skip_option)
+
+
+class SequenceShards:
+    """What both adapters offer a training step, from their ``core``: ``shard`` and ``gather`` along a sequence dim."""
+
+    core: ContextParallelCore
+
+    def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of a full-sequence tensor (same on every CP rank) along ``dim``."""
+        return self.core.shard(tensor, dim)
+
+    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
+        return self.core.gather(tensor, dim)
