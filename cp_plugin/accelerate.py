@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as funcol
 try:
     from accelerate import Accelerator
     from accelerate.data_loader import prepare_data_loader
@@ -37,6 +36,7 @@ except ImportError as err:  # an optional extra: say which
     raise ImportError('cp_plugin.accelerate needs Accelerate: pip install "cp_plugin[accelerate]"') from err
 from torch.utils.data import DataLoader
 
+from cp_plugin.compat import all_gather_tensor, mark_prepared
 from cp_plugin.core import ContextParallelCore, SequenceShards
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.resume import rng_state
@@ -177,8 +177,7 @@ class ContextParallelPlugin(SequenceShards):
             non_blocking=accelerator.non_blocking,
             use_stateful_dataloader=accelerator.use_stateful_dataloader,
         )
-        prepared._is_accelerate_prepared = True  # accelerator.prepare then registers it as is, unsharded again
-        return prepared
+        return mark_prepared(prepared)  # accelerator.prepare then registers it as is, unsharded again
 
 
 def _gather_over_dp(mesh: ParallelMesh) -> Any:
@@ -187,7 +186,7 @@ def _gather_over_dp(mesh: ParallelMesh) -> Any:
     def gather(self: Accelerator, tensor: Any) -> Any:
         def one(t: torch.Tensor) -> torch.Tensor:
             t = t[None] if t.dim() == 0 else t
-            return funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous(), 0, mesh.dp_group))
+            return all_gather_tensor(t.contiguous(), 0, mesh.dp_group)
 
         return recursively_apply(one, tensor, error_on_other_type=True)
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _get_default_store
 from torch.distributed.tensor import DTensor
+
+from cp_plugin.compat import default_store, foreach_norm
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def is_transport_error(error: BaseException) -> bool:
 def record_failure(error: BaseException) -> None:
     """Leave this rank's error where its peers can read it (best effort: the store may be gone)."""
     try:
-        _get_default_store().set(f"{_FAILED}{dist.get_rank()}", f"{type(error).__name__}: {error}"[:500])
+        default_store().set(f"{_FAILED}{dist.get_rank()}", f"{type(error).__name__}: {error}"[:500])
     except Exception:  # noqa: BLE001 - never mask the original error
         pass
 
@@ -60,7 +61,7 @@ def record_failure(error: BaseException) -> None:
 def describe_failures(wait_s: float = 2.0) -> str:
     """Which ranks recorded a failure (waiting briefly for them to do so), for a peer's error message."""
     try:
-        store, world = _get_default_store(), dist.get_world_size()
+        store, world = default_store(), dist.get_world_size()
         deadline = time.monotonic() + wait_s
         while True:
             failed = [r for r in range(world) if r != dist.get_rank() and store.check([f"{_FAILED}{r}"])]
@@ -86,7 +87,7 @@ def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
     if not grads:
         return True
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(local))).all()
+    finite = torch.isfinite(torch.stack(foreach_norm(local))).all()
     sharded = next((g for g in grads if isinstance(g, DTensor)), None)
     if sharded is not None:
         finite = finite.to(torch.int32)

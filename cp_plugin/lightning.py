@@ -37,13 +37,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from cp_plugin.compat import ddp_ignore_parameters, ddp_kwargs, unwrap_optimizer
 from cp_plugin.config import ParallelConfig
 from cp_plugin.core import ContextParallelCore, SequenceShards
 from cp_plugin.fsdp import (
@@ -126,8 +125,8 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             cp_plan=cp_plan, shard_batch=shard_batch, presharded_inputs=presharded_inputs,
             gather_outputs=gather_outputs, check_batches=check_batches, on_nonfinite=on_nonfinite,
         )
-        if not self.parallel_config.fsdp and not {"find_unused_parameters", "static_graph"} & set(self._ddp_kwargs):
-            self._ddp_kwargs["static_graph"] = True  # unused parameters train as on one process (module docstring)
+        if not self.parallel_config.fsdp and not {"find_unused_parameters", "static_graph"} & set(ddp_kwargs(self)):
+            ddp_kwargs(self)["static_graph"] = True  # unused parameters train as on one process (module docstring)
         self._loss_finite = True
         self._static_graph_learned = False
 
@@ -172,7 +171,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         self.core.validate(self.num_nodes * self.num_processes)
         if self.parallel_config.fsdp:
             check_compatible(
-                {**self._ddp_kwargs, "ddp_comm_hook": self._ddp_comm_hook, "model_averaging_period":
+                {**ddp_kwargs(self), "ddp_comm_hook": self._ddp_comm_hook, "model_averaging_period":
                  self._model_averaging_period},
                 self._start_method,
                 grad_scaler=getattr(self.precision_plugin, "scaler", None) is not None,
@@ -193,9 +192,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         # Sharded in place: DDPStrategy.setup then builds the optimizers on the DTensor parameters.
         shard_module(self.model, self.parallel_mesh.shard_mesh, forward_methods=STEP_METHODS)
         # A later validate/test/predict broadcasts rank 0's parameters (DDPStrategy.setup); shards differ by design.
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self.model, [name for name, _ in self.model.named_parameters()]
-        )
+        ddp_ignore_parameters(self.model, [name for name, _ in self.model.named_parameters()])
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
@@ -256,9 +253,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         if not self.parallel_config.fsdp:
             return super().optimizer_state(optimizer)
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        return full_optimizer_state(self.lightning_module, optimizer)
+        return full_optimizer_state(self.lightning_module, unwrap_optimizer(optimizer))
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if not self.parallel_config.fsdp:

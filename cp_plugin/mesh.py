@@ -16,6 +16,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from cp_plugin.compat import flatten_mesh
 from cp_plugin.config import ParallelConfig
 
 MESH_DIMS = ("dp", "ring", "ulysses")
@@ -57,7 +58,7 @@ class ParallelMesh:
             (resolved.dp_degree, resolved.ring_degree, resolved.ulysses_degree),
             mesh_dim_names=MESH_DIMS,
         )
-        return cls(resolved, mesh, mesh["ring", "ulysses"]._flatten("cp"))
+        return cls(resolved, mesh, flatten_mesh(mesh["ring", "ulysses"], "cp"))
 
     # sizes -----------------------------------------------------------------------------------
     @property
@@ -113,7 +114,7 @@ class ParallelMesh:
 
         Built on first use (creating its group is a collective: every rank must ask for it).
         """
-        return self.device_mesh._flatten("dp_cp")
+        return flatten_mesh(self.device_mesh, "dp_cp")
 
     @cached_property
     def ring_group(self) -> dist.ProcessGroup:

@@ -23,16 +23,12 @@ from typing import Any
 
 import torch
 from diffusers import ContextParallelConfig
-from diffusers.hooks.context_parallel import (
-    ContextParallelGatherHook,
-    ContextParallelSplitHook,
-    _get_submodule_by_name,
-)
+from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
 from diffusers.hooks.hooks import HookRegistry, ModelHook
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
 from cp_plugin.attention.dispatch import AttentionCall, RoutedParallelConfig, enter_attention, exit_attention
 from cp_plugin.attention.dispatch import install_attention_routing
+from cp_plugin.compat import ContextParallelInput, ContextParallelOutput, submodules_by_name
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
@@ -249,7 +245,7 @@ def _attach_derived(model: torch.nn.Module, plan: DerivedPlan, config: RoutedPar
 
 def _attach_hooks(model: torch.nn.Module, config: RoutedParallelConfig, mesh: ParallelMesh, plan: Plan) -> None:
     for module_id, entry in plan.items():
-        targets = _get_submodule_by_name(model, module_id)
+        targets = submodules_by_name(model, module_id)
         for target in targets if isinstance(targets, list) else [targets]:
             if isinstance(entry, dict):
                 where = f"{type(model).__name__}.{module_id or 'forward'}"

@@ -22,15 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch.distributed as dist
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch.utils.data import DataLoader, IterableDataset
+
+from cp_plugin.compat import collect_rng_states, set_rng_states
 
 KEY = "cp_plugin"
 
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (Lightning's collection) with numpy's key array as a list, so ``torch.load(weights_only=True)`` reads it."""
-    states = _collect_rng_states(include_cuda=True)
+    states = collect_rng_states()
     kind, keys, *rest = states["numpy"]
     return {**states, "numpy": (kind, keys.tolist(), *rest)}
 
@@ -106,7 +107,7 @@ def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: i
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Set every RNG this process draws from to ``state`` (from :func:`rng_state`)."""
     kind, keys, *rest = state["numpy"]
-    _set_rng_states({**state, "numpy": (kind, np.asarray(keys, dtype=np.uint32), *rest)})
+    set_rng_states({**state, "numpy": (kind, np.asarray(keys, dtype=np.uint32), *rest)})
 
 
 class SkipFirst:

@@ -28,10 +28,10 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
+from cp_plugin.compat import attention_backends
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
 
@@ -224,7 +224,7 @@ def _routed_sdpa(
 
 def install_attention_routing() -> None:
     """Wrap every registered diffusers attention backend, and SDPA, once (idempotent)."""
-    backends = _AttentionBackendRegistry._backends
+    backends = attention_backends()
     for name, fn in list(backends.items()):
         if not getattr(fn, "cp_plugin_routed", False):
             backends[name] = _route(fn)

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-aten = torch.ops.aten
+from cp_plugin.compat import (
+    sdpa_efficient,
+    sdpa_efficient_backward,
+    sdpa_flash,
+    sdpa_flash_backward,
+    sdpa_flash_cpu,
+    sdpa_flash_cpu_backward,
+)
 
 
 def check_dtype(q: torch.Tensor) -> None:
@@ -72,11 +79,11 @@ def attention_forward(
     """Softmax attention of ``q`` over one KV block: ``(out, lse)``; ``bias`` from :func:`additive_mask`."""
     backend = _backend(q, bias)
     if backend == "cpu":
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = sdpa_flash_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     elif backend == "flash":
-        out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        out, lse, *_ = sdpa_flash(q, k, v, 0.0, False, False, scale=scale)
     else:
-        out, lse, *_ = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
+        out, lse, *_ = sdpa_efficient(q, k, v, bias, True, 0.0, False, scale=scale)
         lse = lse[..., : q.shape[2]]  # the kernel pads the LSE's sequence dim to a multiple of 32
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
@@ -99,17 +106,17 @@ def attention_backward(
     grad_out = grad_out.contiguous()
     backend = _backend(q, bias)
     if backend == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        return sdpa_flash_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
         )
     # ``None`` is an undefined tensor to ATen: dense (not variable-length) flash, no bias. An empty
     # tensor would be *defined* and switch the kernels to their varlen / bias paths.
     if backend == "flash":
-        return aten._scaled_dot_product_flash_attention_backward(
+        return sdpa_flash_backward(
             grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, _no_rng(q), _no_rng(q),
             scale=scale,
         )
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+    dq, dk, dv, _ = sdpa_efficient_backward(
         grad_out, q, k, v, bias, out, lse.contiguous(), _no_rng(q), _no_rng(q), 0.0, [True, True, True, False], False,
         scale=scale,
     )

@@ -1,0 +1,141 @@
+"""Every private API of torch, diffusers, Lightning and Accelerate that cp_plugin touches, in one place.
+
+Private names change without notice, so the library reaches them only through this module, which
+names what each is for and records the versions the test suite verified. Importing ``cp_plugin``
+warns once for each installed package whose (major, minor) version was not verified; the package
+still runs, since most releases keep these names, and the warning says what to run to check.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from diffusers.hooks.context_parallel import _get_submodule_by_name
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import _get_default_store
+from torch.nn.parallel import DistributedDataParallel
+
+# (major, minor) versions the full test suite passed on.
+VERIFIED: dict[str, tuple[str, ...]] = {
+    "torch": ("2.13",),
+    "diffusers": ("0.42",),
+    "lightning": ("2.6",),
+    "accelerate": ("1.15",),
+}
+
+__all__ = [
+    "ContextParallelInput", "ContextParallelOutput", "VERIFIED", "all_gather_tensor", "attention_backends",
+    "check_versions", "collect_rng_states", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
+    "foreach_norm", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
+    "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
+    "sdpa_efficient_backward",
+]
+
+
+def check_versions() -> list[str]:
+    """Warn once per installed package outside :data:`VERIFIED`; return the warnings given."""
+    given = []
+    for package, verified in VERIFIED.items():
+        try:
+            installed = version(package)
+        except PackageNotFoundError:  # an optional extra (accelerate) that is not installed
+            continue
+        if ".".join(installed.split("+")[0].split(".")[:2]) not in verified:
+            message = (
+                f"cp_plugin was verified with {package} {' / '.join(f'{v}.x' for v in verified)}; {package} {installed} "
+                "is installed. The private APIs it uses (cp_plugin/compat.py) may have changed: run the test suite "
+                "(python -m pytest) to check this combination"
+            )
+            warnings.warn(message, stacklevel=2)
+            given.append(message)
+    return given
+
+
+# torch ----------------------------------------------------------------------------------------
+def flatten_mesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """Several dims of a device mesh as one (``DeviceMesh._flatten``): the CP group, or dp x cp for FSDP2."""
+    return mesh._flatten(name)
+
+
+def default_store() -> Any:
+    """The default process group's key-value store (failure reports every rank can read)."""
+    return _get_default_store()
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One fused norm per tensor (``torch._foreach_norm``), for the non-finite gradient check."""
+    return torch._foreach_norm(tensors)
+
+
+def all_gather_tensor(tensor: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """A functional (traceable, waited) all-gather along ``dim`` over ``group``."""
+    return funcol.wait_tensor(funcol.all_gather_tensor(tensor, dim, group))
+
+
+def ddp_ignore_parameters(module: torch.nn.Module, names: list[str]) -> None:
+    """Tell a DDP wrapper built later to leave these parameters alone (FSDP2 already shards them)."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+# Attention kernels that also return the log-sum-exp, called with positional arguments.
+_aten = torch.ops.aten
+sdpa_flash_cpu = _aten._scaled_dot_product_flash_attention_for_cpu
+sdpa_flash_cpu_backward = _aten._scaled_dot_product_flash_attention_for_cpu_backward
+sdpa_flash = _aten._scaled_dot_product_flash_attention
+sdpa_flash_backward = _aten._scaled_dot_product_flash_attention_backward
+sdpa_efficient = _aten._scaled_dot_product_efficient_attention
+sdpa_efficient_backward = _aten._scaled_dot_product_efficient_attention_backward
+
+
+# diffusers ------------------------------------------------------------------------------------
+def attention_backends() -> dict[Any, Callable[..., torch.Tensor]]:
+    """diffusers' registry of attention backends, by name (what ``dispatch_attention_fn`` looks up)."""
+    return _AttentionBackendRegistry._backends
+
+
+def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:
+    """The submodule(s) a ``_cp_plan`` key names (``"blocks.*"`` gives a list), as diffusers resolves it."""
+    return _get_submodule_by_name(model, name)
+
+
+# ContextParallelInput / ContextParallelOutput (re-exported above): the entries of a ``_cp_plan``.
+# Also relied on, by name: the split hook overrides ``ContextParallelSplitHook._prepare_cp_input``
+# (model.py), and processors of models with their own plan get ``processor._parallel_config``.
+
+
+# Lightning ------------------------------------------------------------------------------------
+def collect_rng_states() -> dict[str, Any]:
+    from lightning.fabric.utilities.seed import _collect_rng_states
+
+    return _collect_rng_states(include_cuda=True)
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    from lightning.fabric.utilities.seed import _set_rng_states
+
+    _set_rng_states(states)
+
+
+# ContextParallelStrategy also overrides ``DDPStrategy._register_ddp_hooks`` (lightning.py).
+def ddp_kwargs(strategy: Any) -> dict[str, Any]:
+    """The keyword arguments a ``DDPStrategy`` passes to DDP (``_ddp_kwargs``), mutable."""
+    return strategy._ddp_kwargs
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a ``LightningOptimizer``."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+# Accelerate -----------------------------------------------------------------------------------
+def mark_prepared(loader: Any) -> Any:
+    """Mark a loader prepared (``_is_accelerate_prepared``) so ``accelerator.prepare`` keeps our dp sharding."""
+    loader._is_accelerate_prepared = True
+    return loader
