@@ -17,6 +17,11 @@ what context parallelism changes, reusing the core the Lightning strategy uses:
 
 Gradient reduction, accumulation, clipping and mixed precision stay Accelerate's: collectives'
 backwards are exact adjoints (``cp_plugin.sequence``), so DDP's plain mean is already right.
+With ``ParallelConfig(fsdp=True)`` the models are sharded with FSDP2 over every rank instead
+(``cp_plugin.fsdp``, as the Lightning strategy does; Accelerate's own FSDP does not run on CPU), the
+optimizers are pointed at the sharded weights, and those models are left out of
+``accelerator.prepare`` (which would wrap them in DDP); FSDP2's reduce-scatter mean is DDP's mean,
+so training stays exact. Accumulation then reduces every micro-batch (the mean is linear).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from cp_plugin.compat import all_gather_tensor, mark_prepared
 from cp_plugin.core import ContextParallelCore, SequenceShards
+from cp_plugin.fsdp import shard_module
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.resume import rng_state
 
@@ -72,11 +78,6 @@ class ContextParallelPlugin(SequenceShards):
 
     def __init__(self, parallel_config: Any = None, **options: Any) -> None:
         self.core = ContextParallelCore(parallel_config, **options)
-        if self.core.parallel_config.fsdp:
-            raise ValueError(
-                "ParallelConfig(fsdp=True) is implemented by the Lightning ContextParallelStrategy only; with "
-                "Accelerate leave fsdp=False (weights replicated under Accelerate's DDP)"
-            )
 
     @property
     def mesh(self) -> ParallelMesh | None:
@@ -86,13 +87,25 @@ class ContextParallelPlugin(SequenceShards):
     def prepare(self, accelerator: Accelerator, *objects: Any) -> Any:
         """Like ``accelerator.prepare(*objects)``: the same objects, prepared, in the order given."""
         self._setup(accelerator)
-        staged = []
+        fsdp = self.core.parallel_config.fsdp
+        staged, renamed = [], {}
         for obj in objects:
             if isinstance(obj, torch.nn.Module):
                 self.core.apply(obj)
+                if fsdp:
+                    renamed.update(self._shard_weights(obj))
             staged.append(self._shard_over_dp(accelerator, obj) if isinstance(obj, DataLoader) else obj)
-        prepared = accelerator.prepare(*staged)
-        prepared = list(prepared) if len(objects) > 1 else [prepared]
+        for obj in objects:
+            if isinstance(obj, torch.optim.Optimizer) and renamed:  # built on the weights before sharding
+                for group in obj.param_groups:
+                    group["params"] = [renamed.get(p, p) for p in group["params"]]
+        # Sharded modules stay out of accelerator.prepare: on a MULTI_CPU/MULTI_GPU run it would wrap them in DDP.
+        handed = [i for i, obj in enumerate(staged) if not (fsdp and isinstance(obj, torch.nn.Module))]
+        prepared = list(staged)
+        if handed:
+            result = accelerator.prepare(*(staged[i] for i in handed))
+            for i, obj in zip(handed, result if len(handed) > 1 else [result]):
+                prepared[i] = obj
         for i, obj in enumerate(objects):
             if isinstance(obj, DataLoader):
                 prepared[i] = ContextParallelDataLoader(prepared[i], self)
@@ -122,6 +135,13 @@ class ContextParallelPlugin(SequenceShards):
         accelerator.gather = types.MethodType(_gather_over_dp(mesh), accelerator)
         accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
         accelerator.load_state = self._load_state(accelerator.load_state)
+
+    def _shard_weights(self, module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.nn.Parameter]:
+        """FSDP2 over every rank (``cp_plugin.fsdp``); returns each old parameter's sharded replacement."""
+        before = dict(module.named_parameters())
+        shard_module(module, self.core.mesh.shard_mesh)
+        after = dict(module.named_parameters())
+        return {param: after[name] for name, param in before.items() if after[name] is not param}
 
     def _guard(self, accelerator: Accelerator, optimizer: Any) -> None:
         """Check the gradients before each real step of a prepared optimizer (``on_nonfinite``)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, grads_of, lightning_run, reference_run
@@ -52,8 +53,14 @@ def accelerate_run(
             opt.zero_grad()
         losses.append(loss.item())
         gathered_t.append(accelerator.gather_for_metrics(batch["t"]))
-    return {"losses": losses, "grads": first_grads, "state": module.transformer.state_dict(),
-            "gathered_t": torch.cat(gathered_t), "dp_rank": cp.mesh.dp_rank}
+    return {"losses": losses, "grads": _full(first_grads), "state": _full(module.transformer.state_dict()),
+            "gathered_t": torch.cat(gathered_t), "dp_rank": cp.mesh.dp_rank,
+            "sharded": all(isinstance(p, DTensor) for p in module.parameters())}
+
+
+def _full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors from FSDP2's sharded ones (DTensor), others as they are."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
 
 
 def accelerate_runs(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,6 +78,7 @@ def check(
     losses = torch.tensor([r["losses"] for r in results]).view(dp, cp, -1)[:, 0].mean(0)
     assert_close_rel(losses, torch.tensor(reference["losses"]), 1e-5, f"{label} loss")
     for r in results:
+        assert r["sharded"] == layout.get("fsdp", False), f"{label}: FSDP2 sharding {r['sharded']}"
         for name, expected in reference["grads"].items():
             assert_close_rel(r["grads"][name], expected, 1e-4, f"{label} grad {name}")
         for name, expected in reference["state"].items():
@@ -85,11 +93,13 @@ TWO = [
     {"kind": "flux", "optimizer": "adamw", "layout": {"ulysses_degree": 2}},
     {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2}, "accumulate": 2},
     {"kind": "wan", "optimizer": "adamw", "layout": {"ring_degree": 2}},
+    {"kind": "flux", "optimizer": "sgd", "layout": {"ulysses_degree": 2, "fsdp": True}, "accumulate": 2},
 ]
 FOUR = [
     {"kind": "flux", "optimizer": "adamw", "layout": {"ring_degree": 2}},  # dp 2 x ring 2
     {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2, "ulysses_degree": 2}},
     {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2}, "data": {"seq_tokens": 1001}},  # padded
+    {"kind": "flux", "optimizer": "adamw", "layout": {"ring_degree": 2, "fsdp": True}},  # FSDP2 over dp 2 x ring 2
 ]
 
 
