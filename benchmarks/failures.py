@@ -26,7 +26,8 @@ from pathlib import Path
 import psutil
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "scripts" / "fail_rank.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "tests" / "scripts"
+SCRIPT = {"lightning": SCRIPTS / "fail_rank.py", "accelerate": SCRIPTS / "fail_rank_accelerate.py"}
 # Long enough that a 2-core machine under load starts both ranks within it (process-group set-up
 # waits this long for the peer too); the hang case exits only after it.
 PG_TIMEOUT_S = 60.0
@@ -35,6 +36,7 @@ PEER_VANISHED = (r"\[cp_plugin\] no other rank reported an error: a rank was kil
                  r"|\[cp_plugin\] the failure store is unreachable")
 LAUNCHER_SAW_RANK_DIE = r"terminated with code -?\d+"
 TORCHRUN_NAMES_RANK_1 = r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9"
+TORCHRUN_NAMES_FAILED_RANK_1 = r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: 1"
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,11 @@ class Case:
     torchrun: bool
     messages: str  # alternatives, any one must appear in the output
     limit_s: float
+    adapter: str = "lightning"  # which training loop: the Lightning strategy, or an Accelerate loop (torchrun)
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-{'torchrun' if self.torchrun else 'lightning'}"
+        return f"{self.mode}-{'torchrun' if self.torchrun else 'lightning'}" + ("-accelerate" if self.adapter == "accelerate" else "")
 
 
 CASES = [
@@ -56,6 +59,8 @@ CASES = [
     Case("kill", False, f"{LAUNCHER_SAW_RANK_DIE}|{PEER_VANISHED}", 20.0),  # Lightning's child watcher polls every 5 s
     Case("hang", False, f"{PEER_VANISHED}|{LAUNCHER_SAW_RANK_DIE}", PG_TIMEOUT_S + 20.0),  # peers give up at the timeout
     Case("kill", True, f"{TORCHRUN_NAMES_RANK_1}|{PEER_VANISHED}", 20.0),
+    Case("raise", True, f"{FAILED_RANK_RECORD}|{TORCHRUN_NAMES_FAILED_RANK_1}", 20.0, "accelerate"),
+    Case("kill", True, f"{TORCHRUN_NAMES_RANK_1}|{PEER_VANISHED}", 20.0, "accelerate"),
 ]
 
 
@@ -75,18 +80,22 @@ def run(case: Case, ckpt_dir: Path) -> Outcome:
     """Run the script to its end; the output, and seconds from the injected failure to the exit."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if case.torchrun \
         else [sys.executable]
-    cmd = [*launcher, str(SCRIPT), "--mode", case.mode, "--timeout", str(PG_TIMEOUT_S), "--ckpt-dir", str(ckpt_dir)]
+    cmd = [*launcher, str(SCRIPT[case.adapter]), "--mode", case.mode, "--timeout", str(PG_TIMEOUT_S), "--ckpt-dir", str(ckpt_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=PG_TIMEOUT_S * 3)
     ended = time.time()
     output = result.stdout + result.stderr
     injected = re.search(r"injecting '\w+' at step 2 at ([\d.]+)", output)
     return Outcome(result.returncode, output, ended - float(injected.group(1)) if injected else None,
-                   sorted(ckpt_dir.glob("*.ckpt")))
+                   sorted(ckpt_dir.glob("step=*")))
 
 
 def loads(checkpoint: Path) -> bool:
-    """Whether a checkpoint file reads back whole (weights and the step it was written at)."""
+    """Whether a checkpoint reads back whole: a Lightning file (weights and its step) or an Accelerate state folder."""
     try:
+        if checkpoint.is_dir():
+            from safetensors.torch import load_file
+
+            return bool(load_file(checkpoint / "model.safetensors"))
         state = torch.load(checkpoint, weights_only=True, map_location="cpu")
     except Exception:  # noqa: BLE001 - a truncated or corrupt file is the finding
         return False
@@ -96,7 +105,8 @@ def loads(checkpoint: Path) -> bool:
 def leftover_ranks() -> list[int]:
     """PIDs of processes still running the failure script (orphans)."""
     time.sleep(0.5)
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if str(SCRIPT) in " ".join(p.info["cmdline"] or [])]
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(str(script) in " ".join(p.info["cmdline"] or []) for script in SCRIPT.values())]
 
 
 def main() -> None:
@@ -115,7 +125,8 @@ def main() -> None:
             said = outcome.message(case) or f"(no accepted message; exit {outcome.returncode})"
             seconds = "not injected" if outcome.seconds is None else f"{outcome.seconds:.1f}"
             loaded = sum(loads(c) for c in outcome.checkpoints)
-            lines.append(f"| {'torchrun' if case.torchrun else 'Lightning'} | {case.mode} | `{said}` | "
+            launcher = ("torchrun" if case.torchrun else "Lightning") + (" (Accelerate loop)" if case.adapter == "accelerate" else "")
+            lines.append(f"| {launcher} | {case.mode} | `{said}` | "
                          f"{seconds} ({case.limit_s:g}) | {len(leftover_ranks())} | {loaded} of {len(outcome.checkpoints)} |")
     report = "\n".join(lines) + "\n"
     out = Path("benchmarks/results/failures.md")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -135,6 +136,7 @@ class ContextParallelPlugin(SequenceShards):
         accelerator.gather = types.MethodType(_gather_over_dp(mesh), accelerator)
         accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
         accelerator.load_state = self._load_state(accelerator.load_state)
+        self._report_failures()
 
     def _shard_weights(self, module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.nn.Parameter]:
         """FSDP2 over every rank (``cp_plugin.fsdp``); returns each old parameter's sharded replacement."""
@@ -142,6 +144,21 @@ class ContextParallelPlugin(SequenceShards):
         shard_module(module, self.core.mesh.shard_mesh)
         after = dict(module.named_parameters())
         return {param: after[name] for name, param in before.items() if after[name] is not param}
+
+    def _report_failures(self) -> None:
+        """An error that ends the script is reported as under Lightning (``ContextParallelCore.report_failure``).
+
+        Accelerate loops have no exception hook, so the plugin chains one onto ``sys.excepthook``: the
+        failing rank records its error, and a rank whose collective broke names the failed rank. The
+        launcher (torchrun) then ends every rank.
+        """
+        previous = sys.excepthook
+
+        def report(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+            self.core.report_failure(error)
+            previous(kind, error, traceback)
+
+        sys.excepthook = report
 
     def _guard(self, accelerator: Accelerator, optimizer: Any) -> None:
         """Check the gradients before each real step of a prepared optimizer (``on_nonfinite``)."""

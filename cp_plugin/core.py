@@ -19,7 +19,14 @@ import torch
 
 from cp_plugin.batch import check_same_batch
 from cp_plugin.config import ParallelConfig
-from cp_plugin.guard import check_nonfinite_option, check_same_config, guard_step
+from cp_plugin.guard import (
+    check_nonfinite_option,
+    check_same_config,
+    describe_failures,
+    guard_step,
+    is_transport_error,
+    record_failure,
+)
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
 from cp_plugin.resume import restore_rng_state
@@ -124,6 +131,20 @@ class ContextParallelCore:
     def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """The full sequence from every CP rank's shard along ``dim`` (differentiable, exact adjoint)."""
         return gather_sequence(tensor, dim, self.mesh)
+
+    def report_failure(self, exception: BaseException) -> None:
+        """On an error that ends training: leave it for the peers to name, or, if a peer went away, say which.
+
+        A rank that fails records its error in the process group's store; a rank whose collective
+        broke because a peer vanished appends what the failed ranks recorded (or that none did).
+        """
+        if not torch.distributed.is_initialized():
+            return
+        if is_transport_error(exception):
+            exception.args = (f"{exception.args[0] if exception.args else ''}\n[cp_plugin] {describe_failures()}",
+                              *exception.args[1:])
+        else:
+            record_failure(exception)
 
     def guard(self, optimizer: Any, where: Callable[[], str], skip_option: str) -> None:
         """Before a step: raise on non-finite gradients, or drop them so the step changes nothing (``on_nonfinite``)."""

@@ -53,7 +53,6 @@ from cp_plugin.fsdp import (
     load_full_optimizer_state,
     shard_module,
 )
-from cp_plugin.guard import describe_failures, is_transport_error, record_failure
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan
 from cp_plugin.resume import KEY as RESUME_KEY
@@ -281,14 +280,8 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
-        if not torch.distributed.is_initialized():
-            return
-        if is_transport_error(exception):  # a peer went away: say which one and why
-            exception.args = (f"{exception.args[0] if exception.args else ''}\n[cp_plugin] {describe_failures()}",
-                              *exception.args[1:])
-        else:
-            record_failure(exception)
-        if self.launcher is not None:  # Lightning kills the ranks it started only on Ctrl-C; no orphans here
+        self.core.report_failure(exception)
+        if torch.distributed.is_initialized() and self.launcher is not None:  # Lightning kills the ranks it started only on Ctrl-C; no orphans here
             self.launcher.kill(signal.SIGKILL)
 
     @classmethod

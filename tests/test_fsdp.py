@@ -209,14 +209,11 @@ def test_unsupported_combinations_fail_before_any_collective() -> None:
             assert re.search(pattern, message) and not process_group, (name, message)
 
 
-def test_unsupported_launch_and_adapter_are_named() -> None:
+def test_unsupported_launch_is_named() -> None:
     from cp_plugin import ParallelConfig
-    from cp_plugin.accelerate import ContextParallelPlugin
     from cp_plugin.fsdp import check_compatible
 
     with pytest.raises(ValueError, match=r"start_method='spawn'\); launch with torchrun"):
         check_compatible({}, "spawn", grad_scaler=False)
-    with pytest.raises(ValueError, match=r"implemented by the Lightning ContextParallelStrategy only"):
-        ContextParallelPlugin(ParallelConfig(ring_degree=2, fsdp=True))
     with pytest.raises(ValueError, match=r"fsdp='yes' must be True or False"):
         ParallelConfig(fsdp="yes")
