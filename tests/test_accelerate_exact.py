@@ -94,6 +94,8 @@ TWO = [
     {"kind": "flux", "optimizer": "sgd", "layout": {"ring_degree": 2}, "accumulate": 2},
     {"kind": "wan", "optimizer": "adamw", "layout": {"ring_degree": 2}},
     {"kind": "flux", "optimizer": "sgd", "layout": {"ulysses_degree": 2, "fsdp": True}, "accumulate": 2},
+    # QwenImage leaves its last text branch unused: no DDP option needed (the plugin's static graph)
+    {"kind": "qwenimage", "optimizer": "adamw", "layout": {"ring_degree": 2}, "accumulate": 2},
 ]
 FOUR = [
     {"kind": "flux", "optimizer": "adamw", "layout": {"ring_degree": 2}},  # dp 2 x ring 2
