@@ -138,6 +138,8 @@ class ContextParallelPlugin(SequenceShards):
         accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
         accelerator.load_state = self._load_state(accelerator.load_state)
         self._report_failures()
+        if self.core.parallel_config.fsdp:
+            accelerator.save_state = _no_sharded_states(accelerator.save_state)
         if accelerator.ddp_handler is None and not self.core.parallel_config.fsdp:
             accelerator.ddp_handler = DistributedDataParallelKwargs(static_graph=True)
             accelerator.no_sync = self._first_step_synced(accelerator.no_sync)
@@ -241,6 +243,20 @@ class ContextParallelPlugin(SequenceShards):
             use_stateful_dataloader=accelerator.use_stateful_dataloader,
         )
         return mark_prepared(prepared)  # accelerator.prepare then registers it as is, unsharded again
+
+
+def _no_sharded_states(save_state: Any) -> Any:
+    """``accelerator.save_state`` refusing FSDP2-sharded models, which Accelerate would not save whole."""
+
+    @functools.wraps(save_state)
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "accelerator.save_state does not save models ContextParallelPlugin sharded with FSDP2 "
+            "(ParallelConfig(fsdp=True)); save cp_plugin.fsdp.full_model_state(model) and "
+            "full_optimizer_state(model, optimizer) with torch.save on rank 0 instead, or use fsdp=False"
+        )
+
+    return refuse
 
 
 def _gather_over_dp(mesh: ParallelMesh) -> Any:
