@@ -122,7 +122,7 @@ def main() -> None:
     for case in CASES:
         with tempfile.TemporaryDirectory() as ckpt_dir:
             outcome = run(case, Path(ckpt_dir))
-            said = outcome.message(case) or f"(no accepted message; exit {outcome.returncode})"
+            said = " ".join((outcome.message(case) or f"(no accepted message; exit {outcome.returncode})").split())
             seconds = "not injected" if outcome.seconds is None else f"{outcome.seconds:.1f}"
             loaded = sum(loads(c) for c in outcome.checkpoints)
             launcher = ("torchrun" if case.torchrun else "Lightning") + (" (Accelerate loop)" if case.adapter == "accelerate" else "")
