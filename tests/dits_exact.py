@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from exact import quiet_trainer
@@ -114,5 +115,10 @@ def lightning_train(case_name: str, optimizer: str, layout: dict[str, int]) -> d
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = quiet_trainer(ContextParallelStrategy(**layout), STEPS)
     trainer.fit(module, DataLoader(torch.arange(STEPS), batch_size=1))
-    return {"losses": module.losses, "before": before,
-            "after": {n: p.detach().clone() for n, p in module.model.named_parameters()}}
+    after = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for n, p in module.model.named_parameters()}
+    return {"losses": module.losses, "before": before, "after": after}
+
+
+def lightning_train_many(cases: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rank body: several ``lightning_train`` runs in one launch."""
+    return [lightning_train(*case) for case in cases]

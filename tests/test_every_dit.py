@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from dits_exact import STEPS, lightning_train, train, train_many
+from dits_exact import STEPS, lightning_train_many, train, train_many
 from exact import assert_update_close
 from fixtures.dits import CASES
 from launcher import run_distributed
@@ -70,15 +70,21 @@ def test_four_ranks_ring_ulysses_and_dp_match_one_process() -> None:
     _run(4, FOUR_RANKS, FOUR_RANK_MODELS)
 
 
+LIGHTNING = [
+    ("hunyuanvideo15", "adamw", {"ring_degree": 2}),  # no _cp_plan; its last text branch is unused (plain DDP raises)
+    ("sd3", "sgd", {"ulysses_degree": 2, "fsdp": True}),  # a derived plan under FSDP2
+]
+
+
 @pytest.mark.timeout(300)
-def test_lightning_strategy_trains_a_derived_plan_with_unused_parameters_and_no_options() -> None:
-    """A plain LightningModule and ``ContextParallelStrategy(ring_degree=2)``, nothing else: HunyuanVideo 1.5
-    has no ``_cp_plan`` and leaves its last text branch unused (plain DDP raises), and trains as one process."""
-    results = run_distributed(lightning_train, 2, "hunyuanvideo15", "adamw", {"ring_degree": 2},
-                              init_process_group=False)
-    reference = train("hunyuanvideo15", "adamw")
-    for rank, result in enumerate(results):
-        assert result["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL), f"rank {rank} losses"
-        for name, before in reference["before"].items():
-            assert_update_close(result["after"][name], reference["after"][name], before, UPDATE_RTOL, STEPS,
-                                f"rank {rank}: {name}")
+def test_lightning_strategy_trains_derived_plans_unused_parameters_and_fsdp_with_no_other_options() -> None:
+    """A plain LightningModule and ``ContextParallelStrategy(<degrees>)``, nothing else, trains as one process."""
+    results = run_distributed(lightning_train_many, 2, LIGHTNING, init_process_group=False)
+    for i, (model, opt, layout) in enumerate(LIGHTNING):
+        reference = train(model, opt)
+        for rank, rank_results in enumerate(results):
+            result, what = rank_results[i], f"{model} {opt} {layout} rank {rank}"
+            assert result["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL), f"{what}: losses"
+            for name, before in reference["before"].items():
+                assert_update_close(result["after"][name], reference["after"][name], before, UPDATE_RTOL, STEPS,
+                                    f"{what}: {name}")
