@@ -33,7 +33,8 @@ from cp_plugin.attention.dispatch import calls_attention
 Plan = dict[str, Any]
 # Layers that combine tokens other than through attention: under a split they see only local tokens.
 TOKEN_MIXING = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.GroupNorm)
-_WRITE_A_PLAN = (
+# The fix every refusal names: the plan entries to write, in diffusers' own format.
+PLAN_HINT = (
     "pass cp_plan={'<attribute path>': {'<block list>.0': {'hidden_states': ContextParallelInput(split_dim=1, "
     "expected_dims=3)}, 'proj_out': ContextParallelOutput(gather_dim=1, expected_dims=3)}} (diffusers' _cp_plan "
     "format) naming where its token sequence enters the blocks and where it leaves them"
@@ -75,12 +76,12 @@ def derive_plan(model: torch.nn.Module, path: str) -> DerivedPlan:
     ]
     if not lists:
         raise ValueError(f"{where} has no _cp_plan and no list of transformer blocks with attention among its "
-                         f"children, so no plan can be derived; {_WRITE_A_PLAN}")
+                         f"children, so no plan can be derived; {PLAN_HINT}")
     for name, blocks in lists:
         for i, block in enumerate(blocks):
             if "hidden_states" not in inspect.signature(block.forward).parameters:
                 raise ValueError(f"{where}: block '{name}.{i}' ({type(block).__name__}) takes no hidden_states, so the "
-                                 f"token stream entering it cannot be found; {_WRITE_A_PLAN}")
+                                 f"token stream entering it cannot be found; {PLAN_HINT}")
             mixing = [f"{name}.{i}.{n}" for n, m in block.named_modules() if isinstance(m, TOKEN_MIXING)]
             if mixing:
                 raise ValueError(

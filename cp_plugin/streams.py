@@ -34,7 +34,7 @@ from diffusers.hooks.hooks import ModelHook
 from cp_plugin.attention.masks import MASKED_BIAS
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
-from cp_plugin.plans import _WRITE_A_PLAN
+from cp_plugin.plans import PLAN_HINT
 from cp_plugin.sequence import gather_sequence, local_shard
 
 STREAMS = {"hidden_states": "image", "encoder_hidden_states": "text"}
@@ -78,6 +78,21 @@ def _map(x: Any, fn: Any) -> Any:
     return x
 
 
+def _sequence_dims(x: torch.Tensor, full: set[int]) -> list[int]:
+    """The dims of ``x`` whose size is a full stream length, less a float tensor's feature (last) dim.
+
+    The last dim of a float tensor holds features (rotary tables, modulation), unless the tensor is
+    an additive mask over keys (0 where attended, a large negative bias where not) or the keys of a
+    ``(queries, keys)`` mask.
+    """
+    dims = [d for d in range(x.dim()) if x.shape[d] in full]
+    last = x.dim() - 1
+    if x.is_floating_point() and dims and dims[-1] == last and dims[-2:] != [last - 1, last]:
+        if len(dims) > 1 or not bool(((x == 0) | (x <= MASKED_BIAS)).all()):
+            dims.pop()
+    return dims
+
+
 class BlockStreams(ModelHook):
     """On every block of a derived plan: split full-length inputs; note when the last block has run."""
 
@@ -112,7 +127,7 @@ class BlockStreams(ModelHook):
                 padding.register(kind, value.shape[1], f"{self.state.model}.{self.name}")
         if padding.image_length is None:
             raise ValueError(f"{self.state.model}: block '{self.name}' got no (batch, tokens, channels) hidden_states, "
-                             f"so the token stream to split is unknown; {_WRITE_A_PLAN}")
+                             f"so the token stream to split is unknown; {PLAN_HINT}")
 
     def _split(self, name: str, value: Any) -> Any:
         if name in STREAMS and isinstance(value, torch.Tensor):
@@ -128,13 +143,7 @@ class BlockStreams(ModelHook):
         if state.is_local(x):
             return x
         image, text = padding.image_length, padding.text_length
-        full = {image, text, None if text is None else image + text} - {None}
-        dims = [d for d in range(x.dim()) if x.shape[d] in full]
-        if x.is_floating_point() and dims and dims[-1] == x.dim() - 1 and not (x.dim() >= 2 and dims[-2:] == [x.dim() - 2, x.dim() - 1]):
-            # The last dim of a float tensor holds features (rotary tables, modulation), unless the
-            # tensor is an additive mask (0 where attended, a large negative bias where not).
-            if len(dims) > 1 or not bool(((x == 0) | (x <= MASKED_BIAS)).all()):
-                dims = dims[:-1]
+        dims = _sequence_dims(x, {image, text, None if text is None else image + text} - {None})
         if not dims:
             return x
         if len(dims) == 2 and x.shape[dims[0]] == x.shape[dims[1]] and dims[0] == x.dim() - 2:
@@ -143,7 +152,7 @@ class BlockStreams(ModelHook):
             raise ValueError(
                 f"{state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} has several dimensions "
                 f"the length of a token stream ({image} image, {text} text tokens), so which one is the sequence is "
-                f"ambiguous; {_WRITE_A_PLAN}"
+                f"ambiguous; {PLAN_HINT}"
             )
         dim, length = dims[0], x.shape[dims[0]]
         if length == image and length == text:
@@ -186,7 +195,7 @@ class BlockStreams(ModelHook):
             raise ValueError(
                 f"{self.state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} spans the text and "
                 "image tokens together, and no mask given to the blocks tells their order (one that masks some text "
-                f"does); {_WRITE_A_PLAN}"
+                f"does); {PLAN_HINT}"
             )
         lengths = (image, text) if order == "image_first" else (text, image)
         parts = x.split(lengths, dim)
@@ -240,7 +249,7 @@ class OutputGather(ModelHook):
         order = padding.joint_order
         if order is None:
             raise ValueError(f"{self.state.model}: '{self.name}' gets text and image tokens together after the blocks, "
-                             f"and their order is unknown; {_WRITE_A_PLAN}")
+                             f"and their order is unknown; {PLAN_HINT}")
         lengths = (s, t) if order == "image_first" else (t, s)
         full = (image, text) if order == "image_first" else (text, image)
         per_rank = gather_sequence(x, 1, mesh).unflatten(1, (mesh.cp_size, s + t))
@@ -274,6 +283,6 @@ class ForwardScope(ModelHook):
             raise RuntimeError(
                 f"{self.state.model} ran fewer of its {self.state.total_blocks} blocks in this forward than in its "
                 "first, so its split token streams were never gathered; run every block in every forward (e.g. no "
-                f"skip_layers) or {_WRITE_A_PLAN}"
+                f"skip_layers) or {PLAN_HINT}"
             )
         return output
