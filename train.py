@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
-from recipe.callbacks import LossCurve, SampleGrid, TrainingMonitor
+from recipe.callbacks import LoraExport, LossCurve, SampleGrid, TrainingMonitor
 from recipe.config import (
     in_multirun,
     register_configs,
@@ -44,7 +44,8 @@ def main(cfg: DictConfig) -> None:
 
     data = OmegaConf.to_object(cfg.data)
     dataset = PhotoCrops(data)
-    module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes)
+    lora = OmegaConf.to_container(cfg.lora)
+    module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes, lora)
     latent_shape = tuple(dataset[0]["latents"].shape)
 
     logger = instantiate(cfg.logger)
@@ -59,6 +60,7 @@ def main(cfg: DictConfig) -> None:
             LossCurve(out_dir),
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(out_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True),
+            *([LoraExport(module.family, out_dir)] if lora["rank"] else []),
         ],
     )
     loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers)

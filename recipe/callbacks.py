@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from cp_plugin.comm import COMM_STATS
 from recipe.data import to_pixels
+from recipe.lora import lora_layers, save_lora
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -147,3 +148,16 @@ class LossCurve(L.Callback):
         fig.savefig(self.out_dir / "loss_curve.png", dpi=110)
         plt.close(fig)
         (self.out_dir / "loss_curve.json").write_text(json.dumps({"step": steps, "loss": losses, "mean": average}))
+
+
+class LoraExport(L.Callback):
+    """At the end of training, the LoRA adapters in diffusers' format: ``<run dir>/lora/`` (``pipeline.load_lora_weights``)."""
+
+    def __init__(self, family: str, out_dir: Path) -> None:
+        self.family, self.out_dir = family, out_dir
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        layers = lora_layers(module.transformer)  # every rank: FSDP2 shards are gathered
+        if trainer.is_global_zero:
+            save_lora(module.transformer, self.family, self.out_dir / "lora", layers)
+        trainer.strategy.barrier()

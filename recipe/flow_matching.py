@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from recipe.lora import LoraSettings, add_lora
 from recipe.models import ModelConfig, build_model, text_dim
 
 
@@ -45,17 +46,21 @@ class FlowMatching(L.LightningModule):
     """Class-conditioned flow matching; batches are ``{"latents": (B, F, C, H, W), "label": (B,)}``."""
 
     def __init__(
-        self, model: ModelConfig | Mapping[str, Any], optimizer: OptimizerConfig | Mapping[str, Any], num_classes: int
+        self, model: ModelConfig | Mapping[str, Any], optimizer: OptimizerConfig | Mapping[str, Any], num_classes: int,
+        lora: LoraSettings | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optimizer = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(**optimizer)
+        lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
         # plain dicts in the checkpoint, so it loads with torch.load(weights_only=True)
-        self.save_hyperparameters({"model": asdict(model), "optimizer": asdict(optimizer), "num_classes": num_classes})
+        self.save_hyperparameters({"model": asdict(model), "optimizer": asdict(optimizer), "num_classes": num_classes,
+                                   "lora": asdict(lora)})
         self.family = model.family
         if self.family not in ("flux", "wan"):
             raise ValueError(f"model.family={self.family!r}: train.py trains 'flux' or 'wan' models")
         self.transformer = build_model(model)
+        add_lora(self.transformer, lora)  # rank 0: every weight trains
         self.text_tokens, self.text_dim = model.text_tokens, text_dim(self.transformer)
         # The conditioning lives outside the CP'd model; its gradient is exact too (see cp_plugin.sequence).
         self.class_embedding = torch.nn.Embedding(num_classes, self.text_tokens * self.text_dim)
@@ -123,7 +128,7 @@ class FlowMatching(L.LightningModule):
     def configure_optimizers(self) -> dict:
         cfg = self.optimizer_config
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)
+            [p for p in self.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)
         )
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

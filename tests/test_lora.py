@@ -1,0 +1,103 @@
+"""LoRA (``recipe/lora.py``): only the adapters train, exactly as on one process, and they reload where diffusers loads them.
+
+A tiny Flux gets rank-4 adapters with ``lora_alpha=8`` (a scale the saved file must carry) through
+``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 and with ulysses 2
+x dp 2, and is compared with the same training on one process: the adapters' updates match, the
+frozen base does not move. The adapters saved in diffusers' format load into a fresh base with
+``load_lora_adapter`` (what ``pipeline.load_lora_weights`` does for the transformer) and give the
+trained model's output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from exact import FlowMatchingModule, SyntheticFlowData, TEXT_DIM, assert_update_close, flux_ids, quiet_trainer, reference_run
+from fixtures.models import tiny_flux
+from launcher import run_distributed
+from recipe.lora import LoraSettings, add_lora, save_lora
+
+STEPS, PER_RANK = 3, 2
+LORA = LoraSettings(rank=4, alpha=8)
+
+
+class LoraFlow(FlowMatchingModule):
+    """Tiny Flux with LoRA adapters (seeded, the same on every rank); the base is frozen."""
+
+    def __init__(self, optimizer: str) -> None:
+        super().__init__("flux", optimizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            add_lora(self.transformer, LORA)
+            with torch.no_grad():  # start from non-zero adapters, so the base's gradients are not trivially zero
+                for name, weight in self.transformer.named_parameters():
+                    if "lora_B" in name:
+                        weight.normal_(0, 0.02)
+
+
+def lora_fit(optimizer: str, layout: dict[str, int], save_dir: str | None) -> dict[str, Any]:
+    """Rank body: fit ``LoraFlow`` under ``ContextParallelStrategy(**layout)``; rank 0 saves the adapters."""
+    from cp_plugin import ContextParallelStrategy
+
+    module = LoraFlow(optimizer)
+    before = {k: v.clone() for k, v in module.transformer.state_dict().items()}
+    strategy = ContextParallelStrategy(**layout)
+    trainer = quiet_trainer(strategy, STEPS)
+    trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=PER_RANK, shuffle=True))
+    if save_dir is not None and trainer.is_global_zero:
+        save_lora(module.transformer, "flux", Path(save_dir))
+    return {"losses": module.step_losses, "before": before, "state": module.transformer.state_dict(),
+            "dp_size": strategy.dp_size}
+
+
+def lora_fits(cases: list[tuple[str, dict[str, int], str | None]]) -> list[dict[str, Any]]:
+    return [lora_fit(*case) for case in cases]
+
+
+def _check(results: list[dict[str, Any]], optimizer: str, what: str) -> None:
+    reference = reference_run("flux", optimizer, results[0]["dp_size"], PER_RANK, STEPS, module=LoraFlow(optimizer))
+    dp = results[0]["dp_size"]
+    # each rank's loss is its dp rank's batch: their mean over dp is the one process's
+    losses = torch.tensor([r["losses"] for r in results]).view(dp, len(results) // dp, -1)[:, 0].mean(0)
+    assert losses.tolist() == pytest.approx(reference["losses"], rel=1e-5), f"{what}: losses"
+    for rank, result in enumerate(results):
+        for name, before in result["before"].items():
+            after = result["state"][name]
+            if "lora_" in name:
+                assert_update_close(after, reference["state"][f"transformer.{name}"], before, 1e-5, STEPS,
+                                    f"{what} rank {rank}: {name}")
+            else:
+                assert torch.equal(after, before), f"{what} rank {rank}: frozen {name} moved"
+
+
+@pytest.mark.timeout(300)
+def test_lora_trains_only_adapters_as_one_process_and_reloads_in_diffusers_format(tmp_path: Path) -> None:
+    cases = [("adamw", {"ring_degree": 2}, str(tmp_path / "lora")), ("sgd", {"ring_degree": 2}, None)]
+    results = run_distributed(lora_fits, 2, cases, init_process_group=False)
+    for i, (optimizer, layout, _) in enumerate(cases):
+        _check([r[i] for r in results], optimizer, f"{optimizer} {layout}")
+    trained = tiny_flux()
+    add_lora(trained, LORA)
+    trained.load_state_dict(results[0][0]["state"])
+    reloaded = tiny_flux()
+    reloaded.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, 64, 16, generator=g), "timestep": torch.tensor([0.3]),
+              "encoder_hidden_states": torch.randn(1, 8, TEXT_DIM, generator=g),
+              "pooled_projections": torch.randn(1, TEXT_DIM, generator=g), "img_ids": flux_ids(64),
+              "txt_ids": torch.zeros(8, 3)}
+    with torch.no_grad():
+        want, got, base = trained(**inputs).sample, reloaded(**inputs).sample, tiny_flux()(**inputs).sample
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max(), "reloaded adapters give another output"
+    assert (base - want).abs().max() > 1e-3 * want.abs().max(), "the adapters change nothing: the test cannot fail"
+
+
+@pytest.mark.timeout(300)
+def test_lora_under_ulysses_and_dp_matches_one_process() -> None:
+    results = run_distributed(lora_fits, 4, [("adamw", {"ulysses_degree": 2}, None)], init_process_group=False)
+    _check([r[0] for r in results], "adamw", "adamw ulysses 2 x dp 2")
