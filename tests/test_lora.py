@@ -1,9 +1,10 @@
 """LoRA (``recipe/lora.py``): only the adapters train, exactly as on one process, and they reload where diffusers loads them.
 
 A tiny Flux gets rank-4 adapters with ``lora_alpha=8`` (a scale the saved file must carry) through
-``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 and with ulysses 2
-x dp 2, and is compared with the same training on one process: the adapters' updates match, the
-frozen base does not move. The adapters saved in diffusers' format load into a fresh base with
+``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 (with DDP, and with
+FSDP2 sharding the frozen base), with ulysses 2 x dp 2, and under ``ContextParallelPlugin``, and is
+compared with the same training on one process: the adapters' updates match, the frozen base does
+not move. The adapters saved in diffusers' format load into a fresh base with
 ``load_lora_adapter`` (what ``pipeline.load_lora_weights`` does for the transformer) and give the
 trained model's output.
 """
@@ -15,12 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from exact import FlowMatchingModule, SyntheticFlowData, TEXT_DIM, assert_update_close, flux_ids, quiet_trainer, reference_run
 from fixtures.models import tiny_flux
 from launcher import run_distributed
-from recipe.lora import LoraSettings, add_lora, save_lora
+from recipe.lora import LoraSettings, add_lora, lora_layers, save_lora
 
 STEPS, PER_RANK = 3, 2
 LORA = LoraSettings(rank=4, alpha=8)
@@ -49,18 +51,44 @@ def lora_fit(optimizer: str, layout: dict[str, int], save_dir: str | None) -> di
     strategy = ContextParallelStrategy(**layout)
     trainer = quiet_trainer(strategy, STEPS)
     trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=PER_RANK, shuffle=True))
+    layers = lora_layers(module.transformer)  # every rank: FSDP2 shards are gathered
     if save_dir is not None and trainer.is_global_zero:
-        save_lora(module.transformer, "flux", Path(save_dir))
-    return {"losses": module.step_losses, "before": before, "state": module.transformer.state_dict(),
-            "dp_size": strategy.dp_size}
+        save_lora(module.transformer, "flux", Path(save_dir), layers)
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.transformer.state_dict().items()}
+    return {"losses": module.step_losses, "before": before, "state": state, "dp_size": strategy.dp_size}
+
+
+def lora_accelerate(optimizer: str, layout: dict[str, int]) -> dict[str, Any]:
+    """Rank body: the same training as an Accelerate loop under ``ContextParallelPlugin``."""
+    from accelerate import Accelerator
+
+    from cp_plugin.accelerate import ContextParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    module = LoraFlow(optimizer)
+    before = {k: v.clone() for k, v in module.transformer.state_dict().items()}
+    cp = ContextParallelPlugin(layout)
+    model, opt, loader = cp.prepare(accelerator, module, module.configure_optimizers(),
+                                    DataLoader(SyntheticFlowData("flux"), batch_size=PER_RANK))
+    losses = []
+    for step, batch in enumerate(loader):
+        if step == STEPS:
+            break
+        loss = model(batch)
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "before": before, "state": module.transformer.state_dict(), "dp_size": cp.mesh.dp_size}
 
 
 def lora_fits(cases: list[tuple[str, dict[str, int], str | None]]) -> list[dict[str, Any]]:
     return [lora_fit(*case) for case in cases]
 
 
-def _check(results: list[dict[str, Any]], optimizer: str, what: str) -> None:
-    reference = reference_run("flux", optimizer, results[0]["dp_size"], PER_RANK, STEPS, module=LoraFlow(optimizer))
+def _check(results: list[dict[str, Any]], optimizer: str, what: str, sequential: bool = False) -> None:
+    reference = reference_run("flux", optimizer, results[0]["dp_size"], PER_RANK, STEPS, module=LoraFlow(optimizer),
+                              sequential=sequential)
     dp = results[0]["dp_size"]
     # each rank's loss is its dp rank's batch: their mean over dp is the one process's
     losses = torch.tensor([r["losses"] for r in results]).view(dp, len(results) // dp, -1)[:, 0].mean(0)
@@ -77,7 +105,7 @@ def _check(results: list[dict[str, Any]], optimizer: str, what: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_lora_trains_only_adapters_as_one_process_and_reloads_in_diffusers_format(tmp_path: Path) -> None:
-    cases = [("adamw", {"ring_degree": 2}, str(tmp_path / "lora")), ("sgd", {"ring_degree": 2}, None)]
+    cases = [("adamw", {"ring_degree": 2, "fsdp": True}, str(tmp_path / "lora")), ("sgd", {"ring_degree": 2}, None)]
     results = run_distributed(lora_fits, 2, cases, init_process_group=False)
     for i, (optimizer, layout, _) in enumerate(cases):
         _check([r[i] for r in results], optimizer, f"{optimizer} {layout}")
@@ -101,3 +129,9 @@ def test_lora_trains_only_adapters_as_one_process_and_reloads_in_diffusers_forma
 def test_lora_under_ulysses_and_dp_matches_one_process() -> None:
     results = run_distributed(lora_fits, 4, [("adamw", {"ulysses_degree": 2}, None)], init_process_group=False)
     _check([r[0] for r in results], "adamw", "adamw ulysses 2 x dp 2")
+
+
+@pytest.mark.timeout(300)
+def test_lora_with_accelerate_matches_one_process() -> None:
+    results = run_distributed(lora_accelerate, 2, "sgd", {"ulysses_degree": 2}, init_process_group=False)
+    _check(results, "sgd", "accelerate sgd ulysses 2", sequential=True)
