@@ -1,7 +1,7 @@
 """A lean install: the library imports without the training recipe's tools.
 
 ``pip install cp_plugin`` brings torch, Lightning and diffusers only; Hydra, W&B, scikit-learn,
-matplotlib (``[train]``) and Accelerate (``[accelerate]``) are extras. These tests import the
+matplotlib, peft (``[train]``) and Accelerate (``[accelerate]``) are extras. These tests import the
 library in a fresh interpreter where those packages look uninstalled, and check statically that no
 module of ``cp_plugin`` imports them when it is loaded.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE_TOOLS = ("hydra", "omegaconf", "wandb", "sklearn", "matplotlib")
+RECIPE_TOOLS = ("hydra", "omegaconf", "wandb", "sklearn", "matplotlib", "peft", "transformers")  # peft brings transformers
 NOT_AT_IMPORT = (*RECIPE_TOOLS, "PIL")  # PIL: the recipe's; diffusers may load it, cp_plugin must not
 
 # Uninstalls packages for one interpreter: the path finder is wrapped so that the blocked packages'
@@ -106,12 +106,14 @@ def test_library_imports_without_the_recipe_tools(modules: str, blocked: tuple[s
 def test_library_loads_no_recipe_tool_when_they_are_installed() -> None:
     """With everything installed (``[test]``), importing the library still loads none of them.
 
-    matplotlib is left out of this check: torchmetrics, which Lightning imports, loads it whenever
-    it is installed; the test above shows nothing needs it.
+    Left out of this check: matplotlib, which torchmetrics (imported by Lightning) loads whenever it
+    is installed, and peft with its transformers, which diffusers' hooks load whenever installed; the
+    test above shows nothing needs them.
     """
+    loaded_by_dependencies = {"matplotlib", "peft", "transformers"}
     code = (
         "import json, sys\nimport cp_plugin, cp_plugin.lightning\n"
-        f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & {set(RECIPE_TOOLS) - {'matplotlib'}!r})))"
+        f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & {set(RECIPE_TOOLS) - loaded_by_dependencies!r})))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
