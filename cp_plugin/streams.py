@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import ModelHook
 
+from cp_plugin.attention.dispatch import reset_attention_calls
 from cp_plugin.attention.masks import MASKED_BIAS
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
@@ -276,6 +277,7 @@ class ForwardScope(ModelHook):
         self.state.reset()
         self.state.padding.reset()
         self.state.padding.in_blocks = 0
+        reset_attention_calls()
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:

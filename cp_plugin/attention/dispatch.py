@@ -67,6 +67,11 @@ def exit_attention() -> None:
     _CALLS.pop()
 
 
+def reset_attention_calls() -> None:
+    """Forget calls a failed forward left announced (its modules' exits never ran), at a model's next entry."""
+    _CALLS.clear()
+
+
 def _joint_order(call: AttentionCall | None, value: torch.Tensor, padding: SequencePadding) -> str:
     """Whether a joint call's keys hold this rank's text tokens first or its image tokens first.
 
