@@ -9,11 +9,7 @@ ones written before the failure survive it.
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (1, 2)]  # tes
 
 from cp_plugin import ContextParallelStrategy  # noqa: E402
 from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer  # noqa: E402
+from injection import inject, parse_args  # noqa: E402
 
 
 class FailingModule(FlowMatchingModule):
@@ -35,23 +32,12 @@ class FailingModule(FlowMatchingModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.fail_rank and self.global_step == self.fail_step:
-            print(f"rank {self.global_rank} injecting '{self.mode}' at step {self.global_step} at {time.time()}", flush=True)
-            if self.mode == "raise":
-                raise ValueError("injected failure")
-            if self.mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)  # hang: the peers must give up after the process-group timeout
+            inject(self.mode, self.global_rank, self.global_step)
         return super().training_step(batch, batch_idx)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["raise", "kill", "hang"], required=True)
-    parser.add_argument("--rank", type=int, default=1)
-    parser.add_argument("--step", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=10.0)
-    parser.add_argument("--ckpt-dir", type=Path, required=True)
-    args = parser.parse_args()
+    args = parse_args()
     L.seed_everything(0, verbose=False)
     every_step = ModelCheckpoint(args.ckpt_dir, "{step}", every_n_train_steps=1, save_top_k=-1)
     strategy = ContextParallelStrategy(ring_degree=2, timeout=timedelta(seconds=args.timeout))

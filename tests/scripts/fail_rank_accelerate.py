@@ -8,11 +8,7 @@ written before the failure survive it.
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,16 +22,11 @@ from accelerate.utils import InitProcessGroupKwargs  # noqa: E402
 from cp_plugin import ParallelConfig  # noqa: E402
 from cp_plugin.accelerate import ContextParallelPlugin  # noqa: E402
 from exact import FlowMatchingModule, SyntheticFlowData  # noqa: E402
+from injection import inject, parse_args  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["raise", "kill", "hang"], required=True)
-    parser.add_argument("--rank", type=int, default=1)
-    parser.add_argument("--step", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=10.0)
-    parser.add_argument("--ckpt-dir", type=Path, required=True)
-    args = parser.parse_args()
+    args = parse_args()
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))])
     module = FlowMatchingModule("flux", "sgd")
     cp = ContextParallelPlugin(ParallelConfig(ring_degree=2))
@@ -45,12 +36,7 @@ def main() -> None:
         if step == args.step + 3:
             break
         if accelerator.process_index == args.rank and step == args.step:
-            print(f"rank {args.rank} injecting '{args.mode}' at step {step} at {time.time()}", flush=True)
-            if args.mode == "raise":
-                raise ValueError("injected failure")
-            if args.mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)  # hang: the peers must give up after the process-group timeout
+            inject(args.mode, args.rank, step)
         accelerator.backward(model(batch))
         optimizer.step()
         optimizer.zero_grad()
