@@ -26,7 +26,6 @@ so training stays exact. Accumulation then reduces every micro-batch (the mean i
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
@@ -44,7 +43,7 @@ except ImportError as err:  # an optional extra: say which
 from torch.utils.data import DataLoader
 
 from cp_plugin.compat import all_gather_tensor, mark_prepared
-from cp_plugin.core import ContextParallelCore, SequenceShards
+from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
 from cp_plugin.fsdp import shard_module
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.resume import rng_state
@@ -142,7 +141,8 @@ class ContextParallelPlugin(SequenceShards):
             accelerator.save_state = _no_sharded_states(accelerator.save_state)
         if accelerator.ddp_handler is None and not self.core.parallel_config.fsdp:
             accelerator.ddp_handler = DistributedDataParallelKwargs(static_graph=True)
-            accelerator.no_sync = self._first_step_synced(accelerator.no_sync)
+            # as the Lightning strategy: DDP's first static-graph backward must sync
+            accelerator.no_sync = functools.partial(FirstBackwardSynced().skip_sync, accelerator.no_sync)
 
     def _shard_weights(self, module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.nn.Parameter]:
         """FSDP2 over every rank (``cp_plugin.fsdp``); returns each old parameter's sharded replacement."""
@@ -150,28 +150,6 @@ class ContextParallelPlugin(SequenceShards):
         shard_module(module, self.core.mesh.shard_mesh)
         after = dict(module.named_parameters())
         return {param: after[name] for name, param in before.items() if after[name] is not param}
-
-    def _first_step_synced(self, no_sync: Any) -> Any:
-        """``accelerator.no_sync`` that lets DDP's first static-graph backward synchronise.
-
-        Unless the user configured DDP (``DistributedDataParallelKwargs``), the plugin runs it with a
-        static graph, as the Lightning strategy does: models that leave parameters unused in every
-        step (QwenImage, HunyuanVideo 1.5) train as on one process. DDP learns the graph in its first
-        backward, which must not run under ``no_sync``; syncing every micro-batch of that first step
-        gives the same gradient (the mean is linear).
-        """
-        learned = [False]
-
-        @contextlib.contextmanager
-        def synced_first(model: Any = None) -> Iterator[None]:
-            if not learned[0]:
-                learned[0] = True
-                yield
-                return
-            with no_sync(model):
-                yield
-
-        return synced_first
 
     def _report_failures(self) -> None:
         """An error that ends the script is reported as under Lightning (``ContextParallelCore.report_failure``).

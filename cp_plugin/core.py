@@ -12,7 +12,8 @@ one description of a layout its trainers share.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -149,6 +150,32 @@ class ContextParallelCore:
     def guard(self, optimizer: Any, where: Callable[[], str], skip_option: str) -> None:
         """Before a step: raise on non-finite gradients, or drop them so the step changes nothing (``on_nonfinite``)."""
         guard_step(optimizer, self.on_nonfinite, where, skip_option)
+
+
+class FirstBackwardSynced:
+    """Skip gradient sync on accumulation micro-batches, except in DDP's first static-graph step.
+
+    Both adapters run DDP with a static graph by default, so that parameters a model leaves unused
+    (QwenImage, HunyuanVideo 1.5) train as on one process. DDP learns that graph in its first
+    backward, which must be synchronised (under ``no_sync`` its reducer asserts); syncing every
+    micro-batch of that first accumulation step gives the same gradient, since the mean is linear.
+    A plain object (no closure), so a strategy holding it still pickles for Lightning's spawn launcher.
+    """
+
+    def __init__(self) -> None:
+        self.learned = False
+
+    @contextmanager
+    def skip_sync(
+        self, no_sync: Callable[..., AbstractContextManager[Any]], *args: Any, **kwargs: Any
+    ) -> Iterator[None]:
+        """``no_sync(*args, **kwargs)`` (the framework's skip-sync context), except the first time."""
+        if not self.learned:
+            self.learned = True
+            yield
+            return
+        with no_sync(*args, **kwargs):
+            yield
 
 
 class SequenceShards:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Generator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from cp_plugin.compat import ddp_ignore_parameters, ddp_kwargs, unwrap_optimizer
 from cp_plugin.config import ParallelConfig
-from cp_plugin.core import ContextParallelCore, SequenceShards
+from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
 from cp_plugin.fsdp import (
     check_compatible,
     full_model_state,
@@ -127,7 +127,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         if not self.parallel_config.fsdp and not {"find_unused_parameters", "static_graph"} & set(ddp_kwargs(self)):
             ddp_kwargs(self)["static_graph"] = True  # unused parameters train as on one process (module docstring)
         self._loss_finite = True
-        self._static_graph_learned = False
+        self._first_backward = FirstBackwardSynced()
 
     # layout -----------------------------------------------------------------------------------
     @property
@@ -193,20 +193,11 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         # A later validate/test/predict broadcasts rank 0's parameters (DDPStrategy.setup); shards differ by design.
         ddp_ignore_parameters(self.model, [name for name, _ in self.model.named_parameters()])
 
-    @contextmanager
-    def block_backward_sync(self) -> Generator[None, None, None]:
-        """Skip gradient sync on accumulation micro-batches, except in DDP's first static-graph backward.
-
-        DDP learns a static graph in its first backward, which must be synchronised (under
-        ``no_sync`` its reducer asserts). Syncing every micro-batch of that first step instead gives the
-        same gradient: the mean is linear.
-        """
-        if getattr(self.model, "static_graph", False) and not self._static_graph_learned:
-            self._static_graph_learned = True
-            yield None
-            return
-        with super().block_backward_sync():
-            yield None
+    def block_backward_sync(self) -> AbstractContextManager[None]:
+        """Skip gradient sync on accumulation micro-batches, except in DDP's first static-graph backward."""
+        if getattr(self.model, "static_graph", False):
+            return self._first_backward.skip_sync(super().block_backward_sync)
+        return super().block_backward_sync()
 
     def _register_ddp_hooks(self) -> None:
         # DDP comm hooks work with gloo too; Lightning only registers them on CUDA.
