@@ -52,13 +52,12 @@ class SequencePadding:
     attending_text: bool = False  # the running attention module was given encoder_hidden_states
     joint_order: str | None = None  # "text_first" / "image_first" once known (it is the model's, kept)
     in_blocks: int = 0  # > 0 while a block of a derived plan runs (its attention calls are routed)
+    text_extra: int = 0  # one more token per rank for text that would tie with the image (set on registration)
 
     def reset(self) -> None:
         self.image_length = self.text_length = None
         self.lengths = set()
-        self.text_extra = 0
-
-    text_extra: int = 0  # one more token per rank for text that would tie with the image (set on registration)
+        self.text_extra = self.in_blocks = 0
 
     def padded(self, length: int) -> int:
         """``length`` padded to a multiple of the CP size (text one block more where it would tie with the image)."""
@@ -68,6 +67,16 @@ class SequencePadding:
     def local_length(self, length: int) -> int:
         """This rank's share of a split ``length``-token sequence, padding included."""
         return self.padded(length) // self.cp_size
+
+    def local_lengths(self) -> set[int]:
+        """What a local token count can be in this forward: this rank's image tokens, text tokens, or both."""
+        if self.image_length is None:
+            return set()
+        image = self.local_length(self.image_length)
+        if self.text_length is None:
+            return {image}
+        text = self.local_length(self.text_length)
+        return {image, text, image + text}
 
     def register(self, kind: str, length: int, where: str) -> None:
         """Note that the ``kind`` ("image" or "text") sequence of ``length`` tokens is split in this forward."""
@@ -104,7 +113,7 @@ class SequencePadding:
 
     def _local_valid(self, length: int, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, padded / cp)``: which of this rank's tokens of a ``length``-token sequence are real."""
-        local = self.padded(length) // self.cp_size
+        local = self.local_length(length)
         valid = min(max(length - self.cp_rank * local, 0), local)
         return (torch.arange(local, device=device) < valid).expand(batch, local)
 
@@ -119,8 +128,8 @@ class SequencePadding:
         if all(self.padded(length) == length for length in self.lengths):
             return None
         image, text = self.image_length, self.text_length
-        image_local = None if image is None else self.padded(image) // self.cp_size
-        text_local = None if text is None else self.padded(text) // self.cp_size
+        image_local = None if image is None else self.local_length(image)
+        text_local = None if text is None else self.local_length(text)
         if image_local == keys and not (self.attending_text and text_local == keys):
             return self._local_valid(image, batch, device)
         if text_local == keys:
@@ -131,7 +140,7 @@ class SequencePadding:
         raise ValueError(
             f"context-parallel attention got {keys} keys per rank, which is neither this rank's {image_local} image "
             f"tokens, its {text_local} text tokens, nor both; cp_plugin masks padding in self-, cross- and joint "
-            "(text first) attention over the sequences a plan splits"
+            "attention over the sequences a plan splits"
         )
 
     def trim(self, x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -112,8 +112,8 @@ class BlockStreams(ModelHook):
         if padding.image_length is None:
             self._name_streams(named)
         padding.in_blocks += 1
-        for value in named.values():  # masks first: they tell the order of joint tensors (e.g. rotary tables)
-            for t in _tensors(value):
+        for value in named.values() if padding.joint_order is None else ():
+            for t in _tensors(value):  # masks first: they tell the order of joint tensors (e.g. rotary tables)
                 if t.dtype == torch.bool and not state.is_local(t):
                     self._mask_order(t)
         args = tuple(self._split(name, value) for name, value in zip(self.params, args))
@@ -237,7 +237,7 @@ class OutputGather(ModelHook):
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         padding, mesh = self.state.padding, self.state.mesh
-        if x.dim() < 3 or not self.state.is_local(x) and x.shape[1] not in self._local_lengths():
+        if x.dim() < 3 or not self.state.is_local(x) and x.shape[1] not in padding.local_lengths():
             return x
         image, text = padding.image_length, padding.text_length
         s = padding.local_length(image)
@@ -257,14 +257,6 @@ class OutputGather(ModelHook):
         parts = per_rank.split(lengths, 2)
         return torch.cat([p.flatten(1, 2).narrow(1, 0, n) for p, n in zip(parts, full)], 1)
 
-    def _local_lengths(self) -> set[int]:
-        padding = self.state.padding
-        s = padding.local_length(padding.image_length)
-        if padding.text_length is None:
-            return {s}
-        t = padding.local_length(padding.text_length)
-        return {s, t, s + t}
-
 
 class ForwardScope(ModelHook):
     """At a derived-plan model's entry and exit: a fresh split state, and a check that the streams came back whole."""
@@ -276,7 +268,6 @@ class ForwardScope(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.state.reset()
         self.state.padding.reset()
-        self.state.padding.in_blocks = 0
         reset_attention_calls()
         return args, kwargs
 

@@ -136,9 +136,7 @@ def _masks(
 def _check_split(query: torch.Tensor, key: torch.Tensor, call: AttentionCall, padding: SequencePadding) -> None:
     """A routed call inside a block must attend over this rank's split tokens, not over tokens it holds whole."""
     image, text = padding.image_length, padding.text_length
-    local = {padding.local_length(image)} if image is not None else set()
-    if text is not None:
-        local |= {padding.local_length(text), padding.local_length(text) + padding.local_length(image)}
+    local = padding.local_lengths()
     if query.shape[1] not in local or key.shape[1] not in local:
         raise ValueError(
             f"{type(call.module).__name__} inside a block attends {query.shape[1]} queries to {key.shape[1]} keys, "
