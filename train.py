@@ -1,7 +1,7 @@
 """Train a DiT with context parallelism: ``python train.py [group=option] [key=value ...]``.
 
-Compose the config (``conf/``), build the recipe (data, flow-matching module and callbacks from
-``recipe/``, the logger), and fit with ``ContextParallelStrategy``. Lightning starts one process per
+Compose the config (``conf/``), build the recipe (data: the demo's photo crops, or with ``data=latents``
+a cache ``prepare.py`` made; the flow-matching module and callbacks from ``recipe/``; the logger), and fit with ``ContextParallelStrategy``. Lightning starts one process per
 device (or joins the processes ``torchrun`` started).
 """
 
@@ -26,8 +26,11 @@ from recipe.config import (
     resolve_checkpoint,
     run_sweep_job_as_single_run,
 )
+from recipe.cache import BucketBatches
 from recipe.data import PhotoCrops
+from recipe.latents import LatentsConfig, latent_cache
 from recipe.flow_matching import FlowMatching
+from recipe.samples import PipelineSamples, ValidationConfig
 
 register_configs()
 
@@ -43,10 +46,22 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
 
     data = OmegaConf.to_object(cfg.data)
-    dataset = PhotoCrops(data)
     lora = OmegaConf.to_container(cfg.lora)
-    module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes, lora)
-    latent_shape = tuple(dataset[0]["latents"].shape)
+    model, optimizer = OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer)
+    if isinstance(data, LatentsConfig):  # your data, cached by prepare.py, on a pretrained model
+        dataset = BucketBatches(latent_cache(data, model), data.batch_size, data.seed)
+        module = FlowMatching(model, optimizer, 0, lora, cfg.seed)
+        module.check_data(dataset.cache[0])
+        latent_shape = dataset.cache.shape(0)
+        samples = PipelineSamples(cfg.sample_every_n_steps, model, ValidationConfig(**cfg.validation), cfg.sample_steps,
+                                  out_dir)
+        loader = DataLoader(dataset, batch_size=None, shuffle=True, num_workers=data.num_workers)
+    else:  # the demo: photo crops, class-conditioned
+        dataset = PhotoCrops(data)
+        module = FlowMatching(model, optimizer, dataset.num_classes, lora, cfg.seed)
+        latent_shape = tuple(dataset[0]["latents"].shape)
+        samples = SampleGrid(cfg.sample_every_n_steps, dataset.examples(), cfg.sample_steps, out_dir)
+        loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers)
 
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -56,14 +71,13 @@ def main(cfg: DictConfig) -> None:
         logger=logger,
         callbacks=[
             TrainingMonitor(module.sequence_length(latent_shape), out_dir),
-            SampleGrid(cfg.sample_every_n_steps, dataset.examples(), cfg.sample_steps, out_dir),
+            samples,
             LossCurve(out_dir),
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(out_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True),
-            *([LoraExport(module.family, out_dir)] if lora["rank"] else []),
+            *([LoraExport(module.family.name, out_dir)] if lora["rank"] else []),
         ],
     )
-    loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers)
     trainer.fit(module, loader, ckpt_path=checkpoint)
 
 

@@ -33,7 +33,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 __all__ = [
     "ContextParallelInput", "ContextParallelOutput", "VERIFIED", "all_gather_tensor", "attention_backends",
     "check_versions", "collect_rng_states", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "foreach_norm", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "foreach_norm", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
     "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
     "sdpa_efficient_backward",
 ]
@@ -103,6 +103,14 @@ def attention_backends() -> dict[Any, Callable[..., torch.Tensor]]:
 def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:
     """The submodule(s) a ``_cp_plan`` key names (``"blocks.*"`` gives a list), as diffusers resolves it."""
     return _get_submodule_by_name(model, name)
+
+
+def flux_pack_latents(latents: torch.Tensor, batch: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """Flux latents ``(B, C, H, W)`` as tokens of 2x2 patches ``(B, H W / 4, 4 C)`` (``FluxPipeline._pack_latents``),
+    the layout a pretrained Flux transformer was trained on. Imported when called: the pipelines pull in transformers."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
 
 
 # ContextParallelInput / ContextParallelOutput (re-exported above): the entries of a ``_cp_plan``.

@@ -43,7 +43,8 @@ def main(cfg: DictConfig) -> None:
 
     data = OmegaConf.to_object(cfg.data)
     dataset = PhotoCrops(data)
-    module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes)
+    module = FlowMatching(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.optimizer), dataset.num_classes,
+                          seed=cfg.seed)
     schedule = module.configure_optimizers()
     loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers)
     cp = ContextParallelPlugin(OmegaConf.to_object(cfg.parallel))

@@ -48,7 +48,7 @@ class TrainingMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step_time = time.perf_counter() - self._start
-        samples = len(batch["label"]) * trainer.strategy.distributed_sampler_kwargs["num_replicas"]
+        samples = len(batch["latents"]) * trainer.strategy.distributed_sampler_kwargs["num_replicas"]
         self._steps.append((step_time, samples * self.tokens_per_sample))
         module.log("perf/step_time_s", step_time, sync_dist=True, reduce_fx="max")
         module.log("perf/tokens_per_s", samples * self.tokens_per_sample / step_time, prog_bar=True)

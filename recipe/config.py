@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from cp_plugin.config import register_configs as register_parallel_config
 from recipe.data import DataConfig
 from recipe.flow_matching import OptimizerConfig
+from recipe.latents import LatentsConfig
 from recipe.models import ModelConfig
 
 
@@ -36,6 +37,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(group="data", name="schema", node=DataConfig)
+    store.store(group="data", name="latents_schema", node=LatentsConfig)
     store.store(group="optimizer", name="schema", node=OptimizerConfig)
     OmegaConf.register_new_resolver("cp_devices", cp_devices, replace=True)
 

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from recipe.media import IMAGE_SUFFIXES
+
 PIXEL_UNSHUFFLE = 2  # each latent token holds a 2x2 pixel patch: 3 * 2 * 2 = 12 channels
 QUADRANTS = 4
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -126,4 +127,4 @@ class PhotoCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         latents, label = self.items[index]
-        return {"latents": latents, "label": label}
+        return {"latents": latents, "label": label, "index": index}

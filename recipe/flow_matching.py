@@ -1,4 +1,4 @@
-"""Rectified-flow training of a class-conditioned DiT, written exactly as for one process.
+"""Rectified-flow training of a DiT (class- or text-conditioned), written exactly as for one process.
 
 Nothing here knows about context parallelism: the model is called on the full sequence and the
 loss is taken on the full output. ``ContextParallelStrategy`` splits and gathers around the model,
@@ -6,7 +6,9 @@ and gives every rank of a CP group the same batch and the same random numbers (n
 so this module trains identically on one process or many.
 
 Objective as in diffusers' flow-matching training scripts: ``t ~ sigmoid(N(0, 1))`` (logit-normal),
-``x_t = (1 - t) x0 + t noise``, target velocity ``noise - x0``. Sampling integrates the velocity
+``x_t = (1 - t) x0 + t noise``, target velocity ``noise - x0``. Each sample's noise and time come
+from a generator seeded by (run seed, draw count, the sample's dataset index), so a run is the same
+whatever the layout: dp x cp ranks, one process, a resumed run (the count is in the checkpoint). Sampling integrates the velocity
 field with Euler steps from ``t = 1`` (noise) to ``t = 0``.
 """
 
@@ -21,8 +23,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from recipe.families import family
 from recipe.lora import LoraSettings, add_lora
-from recipe.models import ModelConfig, build_model, text_dim
+from recipe.models import ModelConfig, build_model
 
 
 @dataclass
@@ -36,18 +39,16 @@ class OptimizerConfig:
     beta2: float = 0.99
 
 
-def flux_ids(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """Flux position ids ``(0, row, col)`` of a ``height x width`` token grid."""
-    rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
-
-
 class FlowMatching(L.LightningModule):
-    """Class-conditioned flow matching; batches are ``{"latents": (B, F, C, H, W), "label": (B,)}``."""
+    """Flow matching on ``{"latents": (B, F, C, H, W), ...conditioning}``.
+
+    The conditioning is a class ``"label"`` (the demo data: a learned embedding stands in for text) or
+    the text tensors a latent cache holds (``"prompt_embeds"``, ...; ``num_classes=0``).
+    """
 
     def __init__(
         self, model: ModelConfig | Mapping[str, Any], optimizer: OptimizerConfig | Mapping[str, Any], num_classes: int,
-        lora: LoraSettings | Mapping[str, Any] | None = None,
+        lora: LoraSettings | Mapping[str, Any] | None = None, seed: int = 0,
     ) -> None:
         super().__init__()
         model = model if isinstance(model, ModelConfig) else ModelConfig(**model)
@@ -55,60 +56,80 @@ class FlowMatching(L.LightningModule):
         lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
         # plain dicts in the checkpoint, so it loads with torch.load(weights_only=True)
         self.save_hyperparameters({"model": asdict(model), "optimizer": asdict(optimizer), "num_classes": num_classes,
-                                   "lora": asdict(lora)})
-        self.family = model.family
-        if self.family not in ("flux", "wan"):
-            raise ValueError(f"model.family={self.family!r}: train.py trains 'flux' or 'wan' models")
+                                   "lora": asdict(lora), "seed": seed})
+        self.seed = seed
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # batches drawn for: part of the state
+        self.family = family(model.family)
         self.transformer = build_model(model)
-        add_lora(self.transformer, lora)  # rank 0: every weight trains
-        self.text_tokens, self.text_dim = model.text_tokens, text_dim(self.transformer)
-        # The conditioning lives outside the CP'd model; its gradient is exact too (see cp_plugin.sequence).
-        self.class_embedding = torch.nn.Embedding(num_classes, self.text_tokens * self.text_dim)
+        self.lora = add_lora(self.transformer, lora)  # rank 0: every weight trains
+        # A LoRA checkpoint holds the adapters only: the frozen base comes from model.pretrained_path again.
+        self.strict_loading = not self.lora
+        self.guidance_scale = model.guidance_scale
+        self.class_embedding = None
+        if num_classes:
+            # The conditioning lives outside the CP'd model; its gradient is exact too (see cp_plugin.sequence).
+            self.text_tokens, self.text_dim = model.text_tokens, self.family.text_dims(self.transformer)["prompt_embeds"]
+            self.class_embedding = torch.nn.Embedding(num_classes, self.text_tokens * self.text_dim)
         self.optimizer_config = optimizer
 
     def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
         """Image/video tokens the transformer sees for one sample of latents ``(F, C, H, W)``."""
-        frames, _, height, width = latent_shape
-        if self.family == "wan":
-            pf, ph, pw = self.transformer.config.patch_size
-            return (frames // pf) * (height // ph) * (width // pw)
-        return height * width
+        frames, channels, height, width = latent_shape
+        patch = self.transformer.config.patch_size
+        if self.family.video:
+            return (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+        if self.transformer.config.in_channels == 4 * channels:  # packed 2x2, as FluxPipeline does
+            return (height // 2) * (width // 2)
+        return height * width // patch**2
 
-    def condition(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.class_embedding(labels).view(len(labels), self.text_tokens, self.text_dim)
+    def check_data(self, sample: dict[str, torch.Tensor]) -> None:
+        """Refuse, before training, data whose latents or text this model cannot take (naming both sides)."""
+        self.velocity_inputs_fit(sample["latents"].shape[1])
+        for name, width in self.family.text_dims(self.transformer).items():
+            if name not in sample or sample[name].shape[-1] != width:
+                found = sample[name].shape[-1] if name in sample else "none"
+                raise ValueError(f"the data's {name} have width {found} but the model takes {width}: the cache was "
+                                 "made with another model; build one with this model.pretrained_path (prepare.py)")
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The model's velocity prediction for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)``."""
-        channels, in_channels = x_t.shape[2], self.transformer.config.in_channels
-        if channels != in_channels:
+    def velocity_inputs_fit(self, channels: int) -> None:
+        in_channels = self.transformer.config.in_channels
+        if in_channels not in (channels, 4 * channels) or (self.family.video and in_channels != channels):
             raise ValueError(
                 f"the data's latents have {channels} channels but the model takes in_channels={in_channels}; set "
                 f"model.config.in_channels={channels} (and out_channels for Wan), or load a model.pretrained_path "
                 "made for such latents"
             )
-        text = self.condition(labels)
-        if self.family == "wan":  # video: (B, C, F, H, W), timesteps in [0, 1000]
-            return self.transformer(x_t.transpose(1, 2), t * 1000, text).sample.transpose(1, 2)
-        batch, _, channels, height, width = x_t.shape
-        tokens = x_t[:, 0].flatten(2).transpose(1, 2)  # (B, H*W, C): one token per latent pixel
-        out = self.transformer(
-            hidden_states=tokens,
-            encoder_hidden_states=text,
-            pooled_projections=text.mean(1),
-            timestep=t,
-            img_ids=flux_ids(height, width, x_t.device),
-            txt_ids=torch.zeros(self.text_tokens, 3, device=x_t.device),
-        ).sample
-        return out.transpose(1, 2).reshape(batch, 1, channels, height, width)
+
+    def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The text conditioning of ``batch``: the cached text tensors, or the label's learned embedding."""
+        if "label" not in batch:
+            return {name: batch[name] for name in self.family.text_dims(self.transformer)}
+        labels = batch["label"]
+        text = self.class_embedding(labels).view(len(labels), self.text_tokens, self.text_dim)
+        return {"prompt_embeds": text, "pooled_prompt_embeds": text.mean(1)}
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's velocity prediction for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)``."""
+        self.velocity_inputs_fit(x_t.shape[2])
+        return self.family.velocity(self.transformer, x_t, t, text, self.guidance_scale)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flow-matching loss of a batch (``forward`` so DDP-wrapped loops, e.g. Accelerate's, can call it)."""
-        x0, labels = batch["latents"], batch["label"]
-        noise = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(len(x0), device=x0.device))  # logit-normal timesteps
+        x0 = batch["latents"].float()
+        noise, t = self.noise_and_times(batch["index"], x0)
         t_ = t.view(-1, 1, 1, 1, 1)
-        prediction = self.velocity((1 - t_) * x0 + t_ * noise, t, labels)
+        prediction = self.velocity((1 - t_) * x0 + t_ * noise, t, self.condition(batch))
         return F.mse_loss(prediction.float(), (noise - x0).float())
+
+    def noise_and_times(self, indices: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's noise and logit-normal time, from its own generator (see the module docstring)."""
+        noise, times = [], []
+        for index in indices.tolist():
+            generator = torch.Generator(x0.device).manual_seed(hash((self.seed, int(self.draws), index)) % 2**63)
+            noise.append(torch.randn(x0.shape[1:], generator=generator, device=x0.device))
+            times.append(torch.sigmoid(torch.randn((), generator=generator, device=x0.device)))
+        self.draws += 1
+        return torch.stack(noise), torch.stack(times)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
@@ -121,9 +142,16 @@ class FlowMatching(L.LightningModule):
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(len(labels), *shape, generator=generator).to(self.device)
         times = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
+        text = self.condition({"label": labels})
         for t, t_next in pairwise(times):
-            x = x + (t_next - t) * self.velocity(x, t.expand(len(labels)), labels)
+            x = x + (t_next - t) * self.velocity(x, t.expand(len(labels)), text).float()
         return x
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA, keep only what trains: the frozen base is model.pretrained_path's, and may be many GB."""
+        if self.lora:
+            frozen = {name for name, weight in self.named_parameters() if not weight.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def configure_optimizers(self) -> dict:
         cfg = self.optimizer_config

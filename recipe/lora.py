@@ -18,13 +18,7 @@ import torch
 from diffusers import ModelMixin
 from torch.distributed.tensor import DTensor
 
-# Family (recipe model group) -> the pipelines' LoRA loader, whose save_lora_weights writes the format they load.
-LORA_LOADERS = {
-    "flux": "FluxLoraLoaderMixin",
-    "wan": "WanLoraLoaderMixin",
-    "qwenimage": "QwenImageLoraLoaderMixin",
-}
-
+from recipe.families import family
 
 @dataclass
 class LoraSettings:
@@ -39,10 +33,15 @@ class LoraSettings:
             raise ValueError(f"lora.rank={self.rank} must be >= 0 (0 trains every weight)")
 
 
-def add_lora(model: ModelMixin, settings: LoraSettings) -> None:
-    """Freeze ``model`` and add trainable LoRA adapters (nothing to do for ``rank=0``)."""
+def add_lora(model: ModelMixin, settings: LoraSettings) -> bool:
+    """Freeze ``model`` and add trainable LoRA adapters (nothing to do for ``rank=0``); whether it did.
+
+    The adapters train in float32 whatever the base's dtype (``cast_training_params``, as diffusers'
+    scripts do): a bfloat16 base halves the weights' memory, but bfloat16 updates of small adapters round away.
+    """
     if settings.rank == 0:
-        return
+        return False
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     model.requires_grad_(False)
@@ -50,6 +49,8 @@ def add_lora(model: ModelMixin, settings: LoraSettings) -> None:
         r=settings.rank, lora_alpha=settings.alpha or settings.rank, init_lora_weights="gaussian",
         target_modules=list(settings.target_modules),
     ))
+    cast_training_params(model, torch.float32)
+    return True
 
 
 def lora_layers(model: ModelMixin) -> dict[str, torch.Tensor]:
@@ -60,15 +61,11 @@ def lora_layers(model: ModelMixin) -> dict[str, torch.Tensor]:
             for name, weight in get_peft_model_state_dict(model).items()}
 
 
-def save_lora(model: ModelMixin, family: str, directory: Path, layers: dict[str, torch.Tensor] | None = None) -> Path:
+def save_lora(model: ModelMixin, family_name: str, directory: Path,
+              layers: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` 's adapters (``layers``, else :func:`lora_layers`) to ``directory`` in diffusers' LoRA
-    format, with their config; returns the file."""
-    import diffusers.loaders
-
-    if family not in LORA_LOADERS:
-        raise ValueError(f"model.family={family!r} has no LoRA loader in the recipe; use one of {sorted(LORA_LOADERS)}")
-    loader = getattr(diffusers.loaders, LORA_LOADERS[family])
-    loader.save_lora_weights(
+    format (the family's pipeline loader), with their config; returns the file."""
+    family(family_name).lora_loader().save_lora_weights(
         directory,
         transformer_lora_layers=lora_layers(model) if layers is None else layers,
         transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),

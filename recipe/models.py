@@ -1,39 +1,69 @@
-"""Which DiT the recipe trains (Hydra group ``model``): a family's tiny fixture or local weights."""
+"""Which DiT the recipe trains (Hydra group ``model``): a family's tiny demo model, or pretrained weights."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from diffusers import FluxTransformer2DModel, ModelMixin, QwenImageTransformer2DModel, WanTransformer3DModel
+import torch
+from diffusers import ModelMixin
 
-from fixtures.models import TINY_FLUX, TINY_QWENIMAGE, TINY_WAN, seeded
+from fixtures.models import seeded
+from recipe.families import family
 
-FAMILIES = {"flux": (FluxTransformer2DModel, TINY_FLUX), "wan": (WanTransformer3DModel, TINY_WAN),
-            "qwenimage": (QwenImageTransformer2DModel, TINY_QWENIMAGE)}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "org/name": what from_pretrained looks up on the Hub
 
 
 @dataclass
 class ModelConfig:
-    """Which DiT to train (Hydra group ``model``): a diffusers family, its config, and conditioning size."""
+    """Which DiT to train (Hydra group ``model``): a diffusers family, its weights, how to run it."""
 
     family: str = "flux"
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the tiny config of the family
-    text_tokens: int = 8  # class-conditioning tokens fed as encoder_hidden_states
-    pretrained_path: str | None = None  # a local diffusers model directory (from_pretrained) instead
+    text_tokens: int = 8  # class-conditioning tokens fed as encoder_hidden_states (demo data)
+    pretrained_path: str | None = None  # a diffusers pipeline folder (or a transformer folder, or a Hub id)
+    dtype: str = "float32"  # of the weights; "bfloat16" halves them (LoRA adapters still train in float32)
+    gradient_checkpointing: bool = False  # recompute each block in backward: activations of one block at a time
+    guidance_scale: float = 3.5  # fed to guidance-distilled transformers (Flux dev) in training
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"model.dtype={self.dtype!r} is not a torch dtype; use float32 or bfloat16")
 
 
 def build_model(cfg: ModelConfig) -> ModelMixin:
-    """The family's tiny model with ``cfg.config`` overrides and seeded weights, or local pretrained ones."""
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"model.family={cfg.family!r} is not one of {sorted(FAMILIES)}")
-    cls, tiny = FAMILIES[cfg.family]
+    """The family's tiny model with ``cfg.config`` overrides and seeded weights, or pretrained ones."""
+    cls = family(cfg.family).transformer_class
     if cfg.pretrained_path is not None:
-        return cls.from_pretrained(cfg.pretrained_path, local_files_only=True)
-    config = {**tiny, **cfg.config}
-    check_rope_axes(config)
-    return seeded(cls, config, cfg.seed)
+        model = cls.from_pretrained(**pretrained_source(cfg.pretrained_path, "transformer"),
+                                    dtype=getattr(torch, cfg.dtype))
+    else:
+        config = {**family(cfg.family).tiny_config, **cfg.config}
+        check_rope_axes(config)
+        model = seeded(cls, config, cfg.seed).to(getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()  # from_pretrained returns it in eval mode
+
+
+def pretrained_source(path: str, subfolder: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for ``model.pretrained_path``: a pipeline folder (its ``subfolder``), a
+    folder of the model itself, or a Hub id. Checked first, so a mistyped folder is named, not fetched from the Hub."""
+    folder = Path(path)
+    if (folder / subfolder / "config.json").is_file():
+        return {"pretrained_model_name_or_path": path, "subfolder": subfolder}
+    if (folder / "config.json").is_file():
+        return {"pretrained_model_name_or_path": path}
+    if folder.exists():
+        raise FileNotFoundError(f"model.pretrained_path={path!r} holds neither {subfolder}/config.json (a diffusers "
+                                "pipeline folder) nor config.json (a model folder); point it at a save_pretrained folder")
+    if not HUB_ID.match(path) or path.startswith("."):
+        raise FileNotFoundError(f"model.pretrained_path={path!r} does not exist; point it at a diffusers pipeline "
+                                "folder, or a Hugging Face Hub id such as black-forest-labs/FLUX.1-dev")
+    return {"pretrained_model_name_or_path": path, "subfolder": subfolder}
 
 
 def check_rope_axes(config: dict[str, Any]) -> None:
@@ -52,8 +82,3 @@ def check_rope_axes(config: dict[str, Any]) -> None:
             f"model.config.axes_dims_rope=[{','.join(map(str, even))}]"
         )
 
-
-def text_dim(model: ModelMixin) -> int:
-    """Width of the ``encoder_hidden_states`` the model expects."""
-    config = model.config
-    return config.get("joint_attention_dim") or config.get("text_dim")

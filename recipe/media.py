@@ -1,0 +1,121 @@
+"""A folder of captioned images or videos, read the way the latent cache needs it.
+
+Captions come from a sidecar ``<name>.txt`` next to each file, or from one table in the folder:
+``metadata.jsonl`` (Hugging Face ``imagefolder``'s ``file_name`` + ``text``/``caption``) or
+``captions.csv`` with the same columns. Each file is fitted to the *bucket* nearest its aspect
+ratio (a list of resolutions and frame counts, ``data.resolutions`` and ``data.frames``): resized to
+cover it and centre-cropped, and a video keeps its first frames, as many as the largest frame
+count that fits. Buckets keep a batch's samples the same shape without stretching anything.
+Files that cannot be used are not fatal: each becomes a :class:`Skipped` with the reason, so one
+broken file among thousands costs that file, and the report names it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
+CAPTION_TABLES = ("metadata.jsonl", "captions.csv")
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    file: str  # relative to the media folder
+    caption: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Bucket:
+    frames: int
+    height: int
+    width: int
+
+
+class UnusableMedia(Exception):
+    """This one file cannot be cached (the message says why); the others can."""
+
+
+def list_media(folder: Path) -> tuple[list[MediaItem], list[Skipped]]:
+    """The captioned media files of ``folder`` (sorted), and those skipped for want of a caption."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.path={str(folder)!r} is not a directory; point it at a folder of images or videos")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"data.path={str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)} files")
+    table = caption_table(folder)
+    items, skipped = [], []
+    for file in files:
+        sidecar = (folder / file).with_suffix(".txt")
+        caption = sidecar.read_text().strip() if sidecar.is_file() else table.get(file)
+        if caption:
+            items.append(MediaItem(file, caption))
+        else:
+            skipped.append(Skipped(file, f"no caption: write {Path(file).with_suffix('.txt')} or a row in "
+                                         f"{' or '.join(CAPTION_TABLES)}"))
+    return items, skipped
+
+
+def caption_table(folder: Path) -> dict[str, str]:
+    """Captions by file name from ``metadata.jsonl`` or ``captions.csv`` (empty if neither exists)."""
+    rows: list[dict[str, str]] = []
+    if (folder / "metadata.jsonl").is_file():
+        lines = (folder / "metadata.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+    elif (folder / "captions.csv").is_file():
+        with open(folder / "captions.csv", newline="") as table:
+            rows = list(csv.DictReader(table))
+    captions = {}
+    for row in rows:
+        name, text = row.get("file_name"), row.get("text", row.get("caption"))
+        if name is None or text is None:
+            raise ValueError(f"{folder}: every caption row needs 'file_name' and 'text' (or 'caption'); got {sorted(row)}")
+        captions[name] = text.strip()
+    return captions
+
+
+def read_frames(path: Path) -> list[Image.Image]:
+    """The RGB frames of an image (one) or a video (diffusers' ``load_video``: GIFs by PIL, others by imageio)."""
+    from diffusers.utils import load_video
+
+    try:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as image:
+                return [image.convert("RGB")]
+        return [frame.convert("RGB") for frame in load_video(str(path))]
+    except Exception as error:  # any decoder's failure: this file is unreadable, the rest may be fine
+        raise UnusableMedia(f"cannot be read ({type(error).__name__}: {error})") from error
+
+
+def choose_bucket(frames: list[Image.Image], resolutions: list[tuple[int, int]], frame_counts: list[int]) -> Bucket:
+    """The resolution nearest the media's aspect ratio, and the most frames it has among ``frame_counts``."""
+    width, height = frames[0].size
+    aspect = math.log(height / width)
+    best_height, best_width = min(resolutions, key=lambda hw: abs(math.log(hw[0] / hw[1]) - aspect))
+    fitting = [count for count in frame_counts if count <= len(frames)]
+    if not fitting:
+        raise UnusableMedia(f"has {len(frames)} frames, fewer than the smallest of data.frames={sorted(frame_counts)}")
+    return Bucket(max(fitting), best_height, best_width)
+
+
+def to_pixels(frames: list[Image.Image], bucket: Bucket) -> torch.Tensor:
+    """The bucket's first frames, each resized to cover it and centre-cropped: ``(F, 3, H, W)`` in ``[-1, 1]``."""
+    fitted = [np.asarray(ImageOps.fit(frame, (bucket.width, bucket.height), Image.BICUBIC))
+              for frame in frames[: bucket.frames]]
+    pixels = torch.from_numpy(np.stack(fitted)).permute(0, 3, 1, 2).float()
+    return pixels / 127.5 - 1.0

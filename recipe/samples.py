@@ -1,0 +1,100 @@
+"""Validation samples from the real pipeline, generated with the transformer being trained, under CP.
+
+Every ``every_n_steps`` (and at the end) the family's pipeline (loaded once from
+``model.pretrained_path``, without a transformer of its own) generates ``validation.prompts`` with
+``module.transformer``, the live, context-parallel model: every rank runs the pipeline with the
+same seeded noise, since the transformer's collectives need its whole CP group. Rank 0 writes the
+results to ``<run dir>/samples/`` and logs them to W&B next to the loss: images, or videos (mp4
+when imageio-ffmpeg is installed, else gif) for video families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from recipe.latents import load_pipeline
+from recipe.models import ModelConfig
+
+
+@dataclass
+class ValidationConfig:
+    """What the pipeline generates while a pretrained model trains (``validation.*``)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    height: int = 512
+    width: int = 512
+    frames: int = 33  # video families
+    guidance_scale: float | None = None  # None: the pipeline's default
+    seed: int = 0
+
+
+def save_video(frames: list[Image.Image], stem: Path) -> Path:
+    """``stem.mp4`` (imageio-ffmpeg) or, without a video encoder, ``stem.gif`` (PIL)."""
+    from diffusers.utils import export_to_gif, export_to_video
+
+    if find_spec("imageio_ffmpeg"):  # export_to_video's encoder
+        return Path(export_to_video(frames, str(stem.with_suffix(".mp4")), fps=8))
+    return Path(export_to_gif(frames, str(stem.with_suffix(".gif")), fps=8))
+
+
+class PipelineSamples(L.Callback):
+    def __init__(self, every_n_steps: int, model: ModelConfig, validation: ValidationConfig, steps: int,
+                 out_dir: Path) -> None:
+        self.every_n_steps, self.model, self.validation, self.steps = every_n_steps, model, validation, steps
+        self.out_dir = out_dir / "samples"
+        self.pipeline: Any = None
+        self._sampled_at: int | None = None
+        self.written: list[Path] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.generate(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._sampled_at != trainer.global_step:  # the last step may already have sampled
+            self.generate(trainer, module)
+
+    def generate(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._sampled_at = trainer.global_step
+        if self.pipeline is None:
+            self.pipeline = load_pipeline(self.model, transformer=module.transformer).to(module.device)
+            self.pipeline.set_progress_bar_config(disable=True)
+        settings = self.validation
+        options: dict[str, Any] = {"height": settings.height, "width": settings.width}
+        if module.family.video:
+            options["num_frames"] = settings.frames
+        if settings.guidance_scale is not None:
+            options["guidance_scale"] = settings.guidance_scale
+        with torch.no_grad():
+            output = self.pipeline(
+                prompt=list(settings.prompts), num_inference_steps=self.steps, output_type="pil",
+                generator=torch.Generator().manual_seed(settings.seed), **options,
+            )
+        if trainer.is_global_zero:
+            self.publish(trainer, output.frames if module.family.video else output.images)
+
+    def publish(self, trainer: L.Trainer, results: list[Any]) -> None:
+        """Write each prompt's sample and log them all to W&B under ``samples``."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        step, prompts = trainer.global_step, list(self.validation.prompts)
+        paths = []
+        for index, result in enumerate(results):
+            stem = self.out_dir / f"step{step:06d}-{index}"
+            if isinstance(result, Image.Image):
+                result.save(stem.with_suffix(".png"))
+                paths.append(stem.with_suffix(".png"))
+            else:
+                paths.append(save_video(list(result), stem))
+        self.written += paths
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log = logger.log_image if paths[0].suffix == ".png" else logger.log_video
+                log("samples", [str(p) for p in paths], step=step, caption=prompts)
