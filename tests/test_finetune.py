@@ -281,3 +281,15 @@ def test_train_py_saves_adapters_the_pipeline_loads_and_generates_the_runs_sampl
     tuned = generate()
     assert np.abs(tuned - logged).max() <= 1, "the reloaded adapters generate another image than the run's sample"
     assert np.abs(base - logged).max() > 2, "the adapters change nothing: the test cannot fail"
+
+
+@pytest.mark.timeout(120)
+def test_bfloat16_base_keeps_float32_adapters_and_checkpointing_is_a_setting(made: dict[str, Any]) -> None:
+    case = made["flux"]
+    model = ModelConfig(family="flux", pretrained_path=str(case["pipeline"]), dtype="bfloat16", gradient_checkpointing=True)
+    module = FlowMatching(model, OPTIMIZER, 0, LORA)
+    dtypes = {(weight.requires_grad, weight.dtype) for weight in module.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}, dtypes
+    assert module.transformer.gradient_checkpointing
+    module(BucketBatches(LatentCache(case["cache"]), 2)[0]).backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in module.parameters() if w.requires_grad)
