@@ -67,7 +67,29 @@ class TrainingMonitor(L.Callback):
         (self.out_dir / "throughput.json").write_text(json.dumps(summary, indent=1))
 
 
-class SampleGrid(L.Callback):
+class PeriodicSamples(L.Callback):
+    """Calls ``generate`` every ``every_n_steps`` (0: never) and once at the end, on every rank: the model is
+    context parallel, so sampling needs its whole CP group."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = every_n_steps
+        self._sampled_at: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._sampled_at = trainer.global_step
+            self.generate(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._sampled_at != trainer.global_step:  # the last step may already have sampled
+            self._sampled_at = trainer.global_step
+            self.generate(trainer, module)
+
+    def generate(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+
+class SampleGrid(PeriodicSamples):
     """Every ``every_n_steps`` (and at the end) sample each class of ``examples`` and save/log a grid from rank 0.
 
     Top row: the training example of each class; bottom row: a sample of that class, drawn from the
@@ -75,22 +97,12 @@ class SampleGrid(L.Callback):
     """
 
     def __init__(self, every_n_steps: int, examples: dict[int, torch.Tensor], steps: int, out_dir: Path) -> None:
-        self.every_n_steps, self.steps, self.out_dir = every_n_steps, steps, out_dir
+        super().__init__(every_n_steps)
+        self.steps, self.out_dir = steps, out_dir
         self.labels = torch.tensor(list(examples))
         self.examples = torch.stack(list(examples.values()))  # (N, frames, C, H, W) latents
-        self._sampled_at: int | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.log_grid(trainer, module)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self._sampled_at != trainer.global_step:  # the last step may already have sampled
-            self.log_grid(trainer, module)
-
-    def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._sampled_at = trainer.global_step
-        # every rank samples: the model is context parallel, its collectives need the whole CP group
+    def generate(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         samples = module.sample(self.labels.to(module.device), tuple(self.examples.shape[1:]), self.steps)
         if not trainer.is_global_zero:
             return

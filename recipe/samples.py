@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from recipe.callbacks import PeriodicSamples
 from recipe.latents import load_pipeline
 from recipe.models import ModelConfig
 
@@ -45,25 +46,15 @@ def save_video(frames: list[Image.Image], stem: Path) -> Path:
     return Path(export_to_gif(frames, str(stem.with_suffix(".gif")), fps=8))
 
 
-class PipelineSamples(L.Callback):
+class PipelineSamples(PeriodicSamples):
     def __init__(self, every_n_steps: int, model: ModelConfig, validation: ValidationConfig, steps: int,
                  out_dir: Path) -> None:
-        self.every_n_steps, self.model, self.validation, self.steps = every_n_steps, model, validation, steps
+        super().__init__(every_n_steps)
+        self.model, self.validation, self.steps = model, validation, steps
         self.out_dir = out_dir / "samples"
         self.pipeline: Any = None
-        self._sampled_at: int | None = None
-        self.written: list[Path] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.generate(trainer, module)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self._sampled_at != trainer.global_step:  # the last step may already have sampled
-            self.generate(trainer, module)
 
     def generate(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._sampled_at = trainer.global_step
         if self.pipeline is None:
             self.pipeline = load_pipeline(self.model, transformer=module.transformer).to(module.device)
             self.pipeline.set_progress_bar_config(disable=True)
@@ -93,7 +84,6 @@ class PipelineSamples(L.Callback):
                 paths.append(stem.with_suffix(".png"))
             else:
                 paths.append(save_video(list(result), stem))
-        self.written += paths
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 log = logger.log_image if paths[0].suffix == ".png" else logger.log_video
