@@ -253,34 +253,50 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 
 
 @pytest.mark.timeout(600)
-def test_train_py_saves_adapters_the_pipeline_loads_and_generates_the_runs_sample(made: dict[str, Any],
-                                                                                 tmp_path: Path) -> None:
-    case = made["flux"]
-    run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), "model=flux", f"model.pretrained_path={case['pipeline']}",
+@pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan", "parallel=ulysses")])
+def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
+                                                                              family: str, layout: str) -> None:
+    from test_train_cli import wandb_run
+
+    case, run = made[family], tmp_path / "run"
+    size = ["validation.height=64", "validation.width=64"] if family == "flux" else \
+        ["validation.height=32", "validation.width=32", "validation.frames=5"]
+    command = [sys.executable, str(ROOT / "train.py"), f"model={family}", f"model.pretrained_path={case['pipeline']}",
                "model.dtype=float32", "data=latents", f"data.cache={case['cache']}", "lora.rank=4", "lora.alpha=8",
-               "parallel.ring_degree=2", "trainer.max_steps=3", "optimizer.lr=1e-2", "optimizer.warmup_steps=1",
-               "sample_every_n_steps=0", "sample_steps=2", "validation.height=64", "validation.width=64",
-               "validation.prompts=[a red cat]", "logger=csv", "timeout_s=60", f"hydra.run.dir={run}"]
+               layout, "trainer.max_steps=3", "optimizer.lr=1e-2", "optimizer.warmup_steps=1",
+               "sample_every_n_steps=2", "sample_steps=2", *size, "validation.prompts=[a red cat]", "timeout_s=60",
+               "trainer.log_every_n_steps=1", f"hydra.run.dir={run}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    logged = np.asarray(Image.open(run / "samples" / "step000003-0.png"), dtype=np.int16)
-
-    from diffusers import FluxPipeline
-
-    pipeline = FluxPipeline.from_pretrained(case["pipeline"])
+    _, history = wandb_run(run)
+    logged = [(row["trainer/global_step"], row["samples/_type"]) for row in history if "samples/_type" in row]
+    kind = "images/separated" if family == "flux" else "videos"
+    assert logged == [(2, kind), (3, kind)], logged  # every 2 steps and at the end, next to the loss
+    assert any("train/loss" in row for row in history)
+    pipeline = family_pipeline(family).from_pretrained(case["pipeline"])
+    options = {"height": 64, "width": 64} if family == "flux" else {"height": 32, "width": 32, "num_frames": 5}
 
     def generate() -> np.ndarray:
-        image = pipeline("a red cat", height=64, width=64, num_inference_steps=2,
-                         generator=torch.Generator().manual_seed(0)).images[0]
-        return np.asarray(image, dtype=np.int16)
+        out = pipeline("a red cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                       output_type="pil", **options)
+        return np.asarray(out.images[0] if family == "flux" else out.frames[0][0], dtype=np.int16)
 
     base = generate()
     pipeline.load_lora_weights(run / "lora")
     tuned = generate()
-    assert np.abs(tuned - logged).max() <= 1, "the reloaded adapters generate another image than the run's sample"
-    assert np.abs(base - logged).max() > 2, "the adapters change nothing: the test cannot fail"
+    if family == "flux":  # the run's last sample is a PNG of the same generation
+        sample = np.asarray(Image.open(run / "samples" / "step000003-0.png"), dtype=np.int16)
+        assert np.abs(tuned - sample).max() <= 1, "the reloaded adapters generate another image than the run's sample"
+        assert np.abs(base - sample).max() > 2, "the adapters change nothing: the test cannot fail"
+    else:  # a GIF's palette is lossy: check the video exists and the adapters change the generation
+        assert (run / "samples" / "step000003-0.gif").is_file()
+        assert np.abs(tuned - base).max() > 2, "the reloaded adapters change nothing"
+
+
+def family_pipeline(family: str) -> Any:
+    from recipe.families import family as find
+
+    return find(family).pipeline_class()
 
 
 @pytest.mark.timeout(120)
