@@ -41,6 +41,9 @@ class ParallelConfig:
         fsdp: shard parameters, gradients and optimizer state over all ``dp x ring x ulysses`` ranks
             with FSDP2 instead of replicating them under DDP (memory per rank for them falls as
             1/world; CP ranks hold the same weights, so they can share them just as dp ranks do).
+        hsdp: with ``fsdp``, shard inside a node and replicate across nodes (FSDP2 on a 2-D
+            ``("replicate", "shard")`` mesh): the all-gathers of weights stay on the fast links,
+            only the gradient all-reduce crosses nodes.
     """
 
     ring_degree: int = 1
@@ -49,6 +52,7 @@ class ParallelConfig:
     rotate_method: str = "p2p"
     dp_degree: int | None = None
     fsdp: bool = False
+    hsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ring_degree", "ulysses_degree", "dp_degree"):
@@ -57,8 +61,11 @@ class ParallelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1; use e.g. {name}=1 or {name}=2")
-        if not isinstance(self.fsdp, bool):
-            raise ValueError(f"fsdp={self.fsdp!r} must be True or False (Hydra: parallel.fsdp=true)")
+        for name in ("fsdp", "hsdp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False (Hydra: parallel.{name}=true)")
+        if self.hsdp and not self.fsdp:
+            raise ValueError("hsdp=True shards with FSDP2 inside each node: it needs fsdp=True (Hydra: parallel.fsdp=true)")
         if self.rotate_method not in ROTATE_METHODS:
             raise ValueError(
                 f"rotate_method={self.rotate_method!r} is not supported; use one of {', '.join(map(repr, ROTATE_METHODS))}"
