@@ -9,6 +9,7 @@ sequence; diffusers' hooks shard and gather over it.
 from __future__ import annotations
 
 import atexit
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -110,11 +111,21 @@ class ParallelMesh:
 
     @cached_property
     def shard_mesh(self) -> DeviceMesh:
-        """Every rank as one flattened ``"dp_cp"`` dimension, over which FSDP2 shards the weights.
+        """Every rank as one flattened ``"dp_cp"`` dimension, over which FSDP2 shards the weights; with
+        ``hsdp``, ``("replicate", "shard")``: shards inside each node (``LOCAL_WORLD_SIZE`` consecutive ranks,
+        as torchrun and Lightning number them), replicas across nodes, which FSDP2 runs as HSDP.
 
         Built on first use (creating its group is a collective: every rank must ask for it).
         """
-        return flatten_mesh(self.device_mesh, "dp_cp")
+        if not self.config.hsdp:
+            return flatten_mesh(self.device_mesh, "dp_cp")
+        world = dist.get_world_size()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % local:
+            raise ValueError(f"hsdp=True needs the same number of processes on every node; {world} processes "
+                             f"do not split into nodes of LOCAL_WORLD_SIZE={local}")
+        return init_device_mesh(self.device_mesh.device_type, (world // local, local),
+                                mesh_dim_names=("replicate", "shard"))
 
     @cached_property
     def ring_group(self) -> dist.ProcessGroup:
