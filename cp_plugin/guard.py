@@ -81,17 +81,17 @@ def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
 
     One fused norm over this rank's gradients. DDP leaves every rank the same gradients, so that is
     everyone's answer; FSDP2 leaves each rank a shard (DTensor), so one all-reduce of a flag over the
-    shards' mesh makes a NaN in any shard stop (or skip) every rank's step.
+    shards' mesh (every rank: FSDP2 and HSDP shard over the whole world) makes a NaN in any shard stop
+    (or skip) every rank's step.
     """
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return True
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     finite = torch.isfinite(torch.stack(foreach_norm(local))).all()
-    sharded = next((g for g in grads if isinstance(g, DTensor)), None)
-    if sharded is not None:
+    if any(isinstance(g, DTensor) for g in grads):
         finite = finite.to(torch.int32)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=sharded.device_mesh.get_group())
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite)
 
 
