@@ -22,6 +22,9 @@ With ``ParallelConfig(fsdp=True)`` the models are sharded with FSDP2 over every 
 optimizers are pointed at the sharded weights, and those models are left out of
 ``accelerator.prepare`` (which would wrap them in DDP); FSDP2's reduce-scatter mean is DDP's mean,
 so training stays exact. Accumulation then reduces every micro-batch (the mean is linear).
+``accelerator.save_state`` then writes those models' and optimizers' shards, each rank its own, with
+torch.distributed.checkpoint into ``<state dir>/sharded`` (``cp_plugin.checkpoint``; Accelerate writes
+the rest: schedulers, RNG, samplers), and ``load_state`` reads them into whatever layout loads them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,11 +46,14 @@ except ImportError as err:  # an optional extra: say which
     raise ImportError('cp_plugin.accelerate needs Accelerate: pip install "cp_plugin[accelerate]"') from err
 from torch.utils.data import DataLoader
 
-from cp_plugin.compat import all_gather_tensor, mark_prepared
+from cp_plugin import checkpoint
+from cp_plugin.compat import all_gather_tensor, hidden_optimizers, mark_prepared
 from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
 from cp_plugin.fsdp import shard_module
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.resume import rng_state
+
+SHARDED_DIR = "sharded"  # inside a save_state folder: the DCP checkpoint of FSDP2 modules and optimizers
 
 
 class ContextParallelDataLoader:
@@ -79,6 +86,8 @@ class ContextParallelPlugin(SequenceShards):
 
     def __init__(self, parallel_config: Any = None, **options: Any) -> None:
         self.core = ContextParallelCore(parallel_config, **options)
+        self._sharded: list[torch.nn.Module] = []  # FSDP2 modules and their optimizers, saved with DCP
+        self._sharded_optimizers: list[torch.optim.Optimizer] = []
 
     @property
     def mesh(self) -> ParallelMesh | None:
@@ -87,7 +96,7 @@ class ContextParallelPlugin(SequenceShards):
     # the one-line change ----------------------------------------------------------------------
     def prepare(self, accelerator: Accelerator, *objects: Any) -> Any:
         """Like ``accelerator.prepare(*objects)``: the same objects, prepared, in the order given."""
-        self._setup(accelerator)
+        self._setup(accelerator, [obj for obj in objects if isinstance(obj, torch.nn.Module)])
         fsdp = self.core.parallel_config.fsdp
         staged, renamed = [], {}
         for obj in objects:
@@ -95,11 +104,13 @@ class ContextParallelPlugin(SequenceShards):
                 self.core.apply(obj)
                 if fsdp:
                     renamed.update(self._shard_weights(obj))
+                    self._sharded.append(obj)
             staged.append(self._shard_over_dp(accelerator, obj) if isinstance(obj, DataLoader) else obj)
         for obj in objects:
             if isinstance(obj, torch.optim.Optimizer) and renamed:  # built on the weights before sharding
                 for group in obj.param_groups:
                     group["params"] = [renamed.get(p, p) for p in group["params"]]
+                self._sharded_optimizers.append(obj)
         # Sharded modules stay out of accelerator.prepare: on a MULTI_CPU/MULTI_GPU run it would wrap them in DDP.
         handed = [i for i, obj in enumerate(staged) if not (fsdp and isinstance(obj, torch.nn.Module))]
         prepared = list(staged)
@@ -115,7 +126,7 @@ class ContextParallelPlugin(SequenceShards):
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
     # internals --------------------------------------------------------------------------------
-    def _setup(self, accelerator: Accelerator) -> None:
+    def _setup(self, accelerator: Accelerator, modules: list[torch.nn.Module]) -> None:
         if self.core.started:
             return
         own_cp = getattr(getattr(accelerator, "parallelism_config", None), "cp_size", 1) or 1
@@ -131,14 +142,15 @@ class ContextParallelPlugin(SequenceShards):
                 f"Accelerator sees num_processes={accelerator.num_processes} but {launched} processes were launched "
                 "(WORLD_SIZE); on CPU create Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=1) so it joins them"
             )
-        self.core.validate(accelerator.num_processes)  # raises on every rank before any collective
+        # raises on every rank before any collective; "auto" degrees come from the models prepared first
+        self.core.validate(accelerator.num_processes, modules=modules, device_type=accelerator.device.type)
         mesh = self.core.start(accelerator.device)
         accelerator.gather = types.MethodType(_gather_over_dp(mesh), accelerator)
         accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
-        accelerator.load_state = self._load_state(accelerator.load_state)
+        accelerator.load_state = self._load_state(accelerator, accelerator.load_state)
         self._report_failures()
         if self.core.parallel_config.fsdp:
-            accelerator.save_state = _no_sharded_states(accelerator.save_state)
+            accelerator.save_state = self._save_state(accelerator, accelerator.save_state)
         if accelerator.ddp_handler is None and not self.core.parallel_config.fsdp:
             accelerator.ddp_handler = DistributedDataParallelKwargs(static_graph=True)
             # as the Lightning strategy: DDP's first static-graph backward must sync
@@ -191,12 +203,40 @@ class ContextParallelPlugin(SequenceShards):
 
         return skip_first_batches
 
-    def _load_state(self, load_state: Any) -> Any:
-        """``accelerator.load_state`` that keeps the RNG states it restored for the next batch."""
+    def _sharded_root(self) -> torch.nn.Module:
+        """The FSDP2 modules as one module (parameter names prefixed ``0.``, ``1.``, ... when several)."""
+        return self._sharded[0] if len(self._sharded) == 1 else torch.nn.ModuleList(self._sharded)
+
+    def _save_state(self, accelerator: Accelerator, save_state: Any) -> Any:
+        """``accelerator.save_state`` that writes FSDP2 modules and their optimizers as DCP shards (no gather)."""
+
+        @functools.wraps(save_state)
+        def save(output_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
+            with hidden_optimizers(accelerator, self._sharded_optimizers):  # Accelerate would save rank 0's shards
+                location = save_state(output_dir, *args, **kwargs)
+            if self._sharded:
+                root = self._sharded_root()
+                checkpoint.save(Path(location) / SHARDED_DIR, checkpoint.sharded_states(root, self._sharded_optimizers),
+                                {}, checkpoint.describe_models(root))
+            return location
+
+        return save
+
+    def _load_state(self, accelerator: Accelerator, load_state: Any) -> Any:
+        """``accelerator.load_state`` that reads FSDP2 shards (resharded to this layout) and keeps the RNG
+        states it restored for the next batch."""
 
         @functools.wraps(load_state)
-        def load(*args: Any, **kwargs: Any) -> Any:
-            result = load_state(*args, **kwargs)
+        def load(input_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
+            with hidden_optimizers(accelerator, self._sharded_optimizers):
+                result = load_state(input_dir, *args, **kwargs)
+            if self._sharded:
+                path = Path(input_dir or _newest_state(accelerator)) / SHARDED_DIR
+                checkpoint.check_complete(path)
+                root = self._sharded_root()
+                checkpoint.load_model(root, path)
+                for i, optimizer in enumerate(self._sharded_optimizers):
+                    checkpoint.load_optimizer(root, optimizer, path, i)
             self.core.restore_rng_at_next_batch(rng_state())
             return result
 
@@ -223,18 +263,10 @@ class ContextParallelPlugin(SequenceShards):
         return mark_prepared(prepared)  # accelerator.prepare then registers it as is, unsharded again
 
 
-def _no_sharded_states(save_state: Any) -> Any:
-    """``accelerator.save_state`` refusing FSDP2-sharded models, which Accelerate would not save whole."""
-
-    @functools.wraps(save_state)
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "accelerator.save_state does not save models ContextParallelPlugin sharded with FSDP2 "
-            "(ParallelConfig(fsdp=True)); save cp_plugin.fsdp.full_model_state(model) and "
-            "full_optimizer_state(model, optimizer) with torch.save on rank 0 instead, or use fsdp=False"
-        )
-
-    return refuse
+def _newest_state(accelerator: Accelerator) -> str:
+    """The folder ``load_state()`` without a path reads: the highest-numbered under ``<project_dir>/checkpoints``."""
+    folders = [p for p in (Path(accelerator.project_dir) / "checkpoints").iterdir() if p.is_dir()]
+    return str(max(folders, key=lambda p: int("".join(filter(str.isdigit, p.name)) or -1)))
 
 
 def _gather_over_dp(mesh: ParallelMesh) -> Any:

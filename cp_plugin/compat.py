@@ -9,7 +9,8 @@ still runs, since most releases keep these names, and the warning says what to r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -33,7 +34,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 __all__ = [
     "ContextParallelInput", "ContextParallelOutput", "VERIFIED", "all_gather_tensor", "attention_backends",
     "check_versions", "collect_rng_states", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "foreach_norm", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "foreach_norm", "hidden_optimizers", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
     "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
     "sdpa_efficient_backward",
 ]
@@ -147,3 +148,15 @@ def mark_prepared(loader: Any) -> Any:
     """Mark a loader prepared (``_is_accelerate_prepared``) so ``accelerator.prepare`` keeps our dp sharding."""
     loader._is_accelerate_prepared = True
     return loader
+
+
+@contextmanager
+def hidden_optimizers(accelerator: Any, optimizers: Sequence[torch.optim.Optimizer]) -> Iterator[None]:
+    """Leave these (prepared) optimizers out of ``accelerator.save_state`` / ``load_state`` for the block
+    (``Accelerator._optimizers``): cp_plugin saves and loads their FSDP2 shards itself, with DCP."""
+    kept = accelerator._optimizers
+    accelerator._optimizers = [o for o in kept if not any(getattr(o, "optimizer", o) is x for x in optimizers)]
+    try:
+        yield
+    finally:
+        accelerator._optimizers = kept

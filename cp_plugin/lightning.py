@@ -19,8 +19,11 @@ which plain DDP refuses, while one process trains them as is. DDP finds them in 
 leaves their gradients ``None`` (as one process does), and after that first step a model that uses
 every parameter runs exactly as under plain DDP. With
 ``ParallelConfig(fsdp=True)`` FSDP2 replaces DDP (``cp_plugin.fsdp``): the same mean, reduce-scattered
-so each rank keeps a shard of the weights, gradients and optimizer state, and checkpoints gathered
-into the one-process layout.
+so each rank keeps a shard of the weights, gradients and optimizer state. FSDP2 runs save as
+Lightning's ``ModelParallelStrategy`` does (``save_distributed_checkpoint``, ``cp_plugin.checkpoint``):
+a directory in which each rank writes its own shards with torch.distributed.checkpoint, no rank
+gathering a full copy; ``save_distributed_checkpoint=False`` (and DDP runs) write one file in the
+one-process layout. Either resumes under any layout, FSDP2 or DDP.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader
 
+from cp_plugin import checkpoint as sharded
 from cp_plugin.compat import ddp_ignore_parameters, ddp_kwargs, unwrap_optimizer
 from cp_plugin.config import ParallelConfig
 from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
@@ -83,6 +88,10 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             all-gather per step) and raise if ranks of a group were fed different data.
         on_nonfinite: on NaN/Inf gradients (a non-finite loss on any rank), ``"raise"`` naming the
             step and rank, or ``"skip"`` the optimizer step with a warning.
+        save_distributed_checkpoint: save a directory in which each rank writes its own shards
+            (``cp_plugin.checkpoint``, as Lightning's ``ModelParallelStrategy``) instead of one file
+            rank 0 writes. Default: ``True`` under FSDP2 (no rank gathers the model), ``False`` under DDP.
+            Loading reads both kinds, whatever this is set to.
         Remaining arguments are ``DDPStrategy`` 's (accelerator, parallel_devices,
         cluster_environment, checkpoint_io, precision_plugin, process_group_backend, timeout,
         start_method, DDP keyword arguments).
@@ -100,12 +109,14 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         rotate_method: str | None = None,
         convert_to_fp32: bool | None = None,
         fsdp: bool | None = None,
+        hsdp: bool | None = None,
         cp_plan: Mapping[str, Plan] | None = None,
         shard_batch: Mapping[str, int] | None = None,
         presharded_inputs: Sequence[str] = ("hidden_states",),
         gather_outputs: bool | None = None,
         check_batches: bool = True,
         on_nonfinite: str = "raise",
+        save_distributed_checkpoint: bool | None = None,
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
     ) -> None:
@@ -117,6 +128,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             "rotate_method": rotate_method,
             "convert_to_fp32": convert_to_fp32,
             "fsdp": fsdp,
+            "hsdp": hsdp,
         }
         base = ParallelConfig.from_any(parallel_config)
         self.core = ContextParallelCore(
@@ -128,6 +140,14 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             ddp_kwargs(self)["static_graph"] = True  # unused parameters train as on one process (module docstring)
         self._loss_finite = True
         self._first_backward = FirstBackwardSynced()
+        self._save_distributed_checkpoint = save_distributed_checkpoint
+        self._sharded_source: Path | None = None  # the sharded checkpoint being resumed from
+
+    @property
+    def save_distributed_checkpoint(self) -> bool:
+        """Whether checkpoints are sharded directories (the option, else ``True`` exactly under FSDP2)."""
+        option = self._save_distributed_checkpoint
+        return self.parallel_config.fsdp if option is None else option
 
     # layout -----------------------------------------------------------------------------------
     @property
@@ -166,8 +186,9 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
     # Lightning hooks (shard / gather for training steps come from SequenceShards)  -------------------------------------------------------------------------
     def setup_environment(self) -> None:
         # Validate the layout against the world size before the process group exists, so every
-        # rank raises the same error and none waits in a collective.
-        self.core.validate(self.num_nodes * self.num_processes)
+        # rank raises the same error and none waits in a collective ("auto" degrees: from the connected model).
+        self.core.validate(self.num_nodes * self.num_processes, modules=[self.model],
+                           processes_per_node=self.num_processes, device_type=self.root_device.type)
         if self.parallel_config.fsdp:
             check_compatible(
                 {**ddp_kwargs(self), "ddp_comm_hook": self._ddp_comm_hook, "model_averaging_period":
@@ -236,36 +257,75 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         return f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.save_distributed_checkpoint:
+            return sharded.model_state(self.lightning_module)  # this rank's shards, gathered nowhere
         if not self.parallel_config.fsdp:
             return super().lightning_module_state_dict()
         return full_model_state(self.lightning_module)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        if self.save_distributed_checkpoint:
+            return sharded.optimizer_state(self.lightning_module, unwrap_optimizer(optimizer))
         if not self.parallel_config.fsdp:
             return super().optimizer_state(optimizer)
         return full_optimizer_state(self.lightning_module, unwrap_optimizer(optimizer))
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if not self.parallel_config.fsdp:
+        if self._sharded_source is not None:
+            sharded.load_model(self.lightning_module, self._sharded_source, strict=strict)
+        elif not self.parallel_config.fsdp:
             super().load_model_state_dict(checkpoint, strict=strict)
-            return
-        load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
+        else:
+            load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if not self.parallel_config.fsdp:
+        if self._sharded_source is not None:
+            for i, optimizer in enumerate(self.optimizers):
+                sharded.load_optimizer(self.lightning_module, unwrap_optimizer(optimizer), self._sharded_source, i)
+            self._sharded_source = None  # loaded: a later fit starts from its own checkpoint
+        elif not self.parallel_config.fsdp:
             super().load_optimizer_state_dict(checkpoint)
-            return
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_full_optimizer_state(self.lightning_module, optimizer, state)
+        else:
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                load_full_optimizer_state(self.lightning_module, optimizer, state)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        checkpoint[RESUME_KEY] = layout_state(self.world_size, self.parallel_mesh.dp_size, checkpoint)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        checkpoint[RESUME_KEY] = layout_state(self.world_size, self.dp_size, checkpoint, self.dp_rank)
+        path = Path(self.broadcast(str(filepath)))  # every rank writes into rank 0's path
+        if not self.save_distributed_checkpoint:
+            self._save_one_file(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                "ContextParallelStrategy(save_distributed_checkpoint=True).save_checkpoint(..., storage_options=...): "
+                "sharded checkpoints are written with torch.distributed.checkpoint, not the CheckpointIO; "
+                "drop storage_options or set save_distributed_checkpoint=False"
+            )
+        states = {"state_dict": checkpoint.pop("state_dict")}
+        states.update({sharded.optimizer_key(i): s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        sharded.save(path, states, checkpoint, sharded.describe_models(self.lightning_module))
+
+    def _save_one_file(self, checkpoint: dict[str, Any], path: Path, storage_options: Any) -> None:
+        """Rank 0 writes the file next to ``path`` and renames it into place: never half a file under its name."""
+        if not self.is_global_zero:
+            return
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        sharded.put_in_place(partial, path)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        path = Path(self.broadcast(str(checkpoint_path)))
+        sharded.check_complete(path)
+        if sharded.is_sharded(path):  # weights and optimizers are read into the module in the load_* hooks
+            self._sharded_source = path
+            checkpoint = sharded.read_meta(path, weights_only=weights_only)
+            # Read in load_optimizer_state_dict; Lightning only checks that the entry exists.
+            checkpoint["optimizer_states"] = [None] * sharded.saved_optimizers(path)
+        else:
+            self._sharded_source = None
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self.core.restore_rng_at_next_batch(
-            rng_state_to_restore(checkpoint, self.world_size, self.parallel_mesh.dp_size, self.global_rank)
+            rng_state_to_restore(checkpoint, self.world_size, self.dp_size, self.global_rank, self.dp_rank)
         )
         return checkpoint
 

@@ -10,8 +10,11 @@ Lightning fetches one batch ahead, and once ``fit`` ends it resets the loader's 
 ``trainer.save_checkpoint`` after ``fit`` would see a fresh epoch. A resumed loader then leaves out
 that many batches of the epoch's index order (:class:`SkipFirst`), which costs no data loading and
 works with any number of workers. The position lives in our own entry of the checkpoint, so the
-file still loads into a plain one-process run. A checkpoint from another layout still loads
-(weights, optimizer), with RNG and data position restarting from the seed and the epoch's start.
+file still loads into a plain one-process run. Every rank of a CP group draws the same numbers, so
+RNG streams and data position belong to dp ranks: a run with the same dp degree continues them
+whatever its ring / ulysses degrees and world size (each rank takes the state of a saved rank with
+its dp rank). A checkpoint from another dp degree still loads (weights, optimizer), with RNG and data
+position restarting from the seed and the epoch's start.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def reopen_interrupted_epoch(checkpoint: dict[str, Any]) -> None:
         checkpoint["epoch"] = epochs["current"]["completed"]
 
 
-def layout_state(world_size: int, dp_size: int, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def layout_state(world_size: int, dp_size: int, checkpoint: dict[str, Any], dp_rank: int | None = None) -> dict[str, Any]:
     """Every rank's RNG state, the layout it belongs to, and the loaders' mid-epoch position.
 
     Also reopens an epoch that ``fit`` left unfinished (:func:`reopen_interrupted_epoch`), so the
@@ -76,30 +79,44 @@ def layout_state(world_size: int, dp_size: int, checkpoint: dict[str, Any]) -> d
 
     The position moves out of Lightning's loop state into ours: a one-process ``Trainer`` with a plain
     ``DataLoader`` refuses a checkpoint holding a loader state it has no stateful loader for, and the
-    position counts one dp rank's batches, meaningful only under the same layout. Collective: call on
-    every rank.
+    position counts one dp rank's batches, meaningful only under the same dp degree. ``dp_rank`` (this
+    rank's) is recorded with each state, so a run with the same dp degree under another CP layout finds
+    its stream. Collective: call on every rank.
     """
     reopen_interrupted_epoch(checkpoint)
-    states: list[Any] = [None] * world_size
-    dist.all_gather_object(states, rng_state())
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, (dp_rank, rng_state()))
+    states = [state for _, state in gathered]
+    dp_ranks = [rank for rank, _ in gathered]
     loaders = _fit_loop_state(checkpoint).pop("combined_loader", None)
     if loaders is not None:
         position = processed_batches(checkpoint)
         loaders = [{**state, "batches": position} if ResumableLoader.owns(state) else state for state in loaders]
-    return {"world_size": world_size, "dp_size": dp_size, "rng_states": states, "loader": loaders}
+    layout = {"world_size": world_size, "dp_size": dp_size, "rng_states": states, "loader": loaders}
+    return layout if None in dp_ranks else {**layout, "dp_ranks": dp_ranks}
 
 
-def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: int, rank: int) -> dict | None:
-    """This rank's saved RNG state, with the loader position put back, if the checkpoint has our layout.
+def rng_state_to_restore(checkpoint: dict[str, Any], world_size: int, dp_size: int, rank: int,
+                         dp_rank: int | None = None) -> dict | None:
+    """This rank's saved RNG state, with the loader position put back, if the checkpoint has our dp degree.
 
-    Returns ``None`` when the layout changed (or the file comes from elsewhere): RNG streams restart
-    from the seed and the data from the epoch's start.
+    The state is that of the first saved rank with this ``dp_rank`` (the ranks of a CP group hold the
+    same streams), so ring / ulysses degrees and the world size may differ; a checkpoint that did not
+    record dp ranks must match the world size, and gives rank ``rank`` 's state. Returns ``None``
+    when the dp degree changed (or the file comes from elsewhere): RNG streams restart from the seed
+    and the data from the epoch's start.
     """
     saved = checkpoint.get(KEY)
-    if saved is not None and saved["world_size"] == world_size and saved["dp_size"] == dp_size:
+    state = None
+    if saved is not None and saved["dp_size"] == dp_size:
+        if dp_rank is not None and "dp_ranks" in saved:
+            state = saved["rng_states"][saved["dp_ranks"].index(dp_rank)]
+        elif saved["world_size"] == world_size:
+            state = saved["rng_states"][rank]
+    if state is not None:
         if saved.get("loader") is not None:
             _fit_loop_state(checkpoint)["combined_loader"] = saved["loader"]
-        return saved["rng_states"][rank]
+        return state
     _fit_loop_state(checkpoint).pop("combined_loader", None)  # e.g. from a plain Lightning run
     return None
 
