@@ -41,9 +41,9 @@ def main(cfg: DictConfig) -> None:
         return run_sweep_job_as_single_run()
     parallel = OmegaConf.to_object(cfg.parallel)
     parallel.resolve(cfg.trainer.devices * cfg.trainer.num_nodes)  # fail fast, before any process starts
-    checkpoint = resolve_checkpoint(cfg.resume, Path(get_original_cwd()) / "outputs")
     L.seed_everything(cfg.seed, verbose=False)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint = resolve_checkpoint(cfg.resume, Path(get_original_cwd()) / "outputs", out_dir)
 
     data = OmegaConf.to_object(cfg.data)
     lora = OmegaConf.to_container(cfg.lora)
@@ -76,6 +76,7 @@ def main(cfg: DictConfig) -> None:
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(out_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True),
             *([LoraExport(module.family.name, out_dir)] if lora["rank"] else []),
+            *(instantiate(callback) for callback in cfg.callbacks),
         ],
     )
     trainer.fit(module, loader, ckpt_path=checkpoint)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -25,10 +27,17 @@ from recipe.latents import LatentsConfig
 from recipe.models import ModelConfig
 
 
-def cp_devices(ring_degree: int, ulysses_degree: int, dp_degree: int | None) -> int:
-    """Processes per node: torchrun's when launched by it, else what the layout needs."""
+def cp_devices(ring_degree: int | str, ulysses_degree: int | str, dp_degree: int | None) -> int:
+    """Processes per node: torchrun's when launched by it, else what the layout needs.
+
+    An ``"auto"`` degree is chosen from these processes later, so it asks for 2 (the fewest that give
+    it a choice): ``parallel=auto`` runs 2 processes unless ``trainer.devices`` says more.
+    """
     launched = os.environ.get("LOCAL_WORLD_SIZE")
-    return int(launched) if launched else ring_degree * ulysses_degree * (dp_degree or 1)
+    if launched:
+        return int(launched)
+    fixed = [d for d in (ring_degree, ulysses_degree) if d != "auto"]
+    return (fixed[0] * fixed[1] if len(fixed) == 2 else 2 * (fixed or [1])[0]) * (dp_degree or 1)
 
 
 def register_configs() -> None:
@@ -42,22 +51,49 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("cp_devices", cp_devices, replace=True)
 
 
-def resolve_checkpoint(resume: str | None, runs_root: Path) -> str | None:
-    """``resume`` as a checkpoint file: a file, a run directory (its ``checkpoints/last.ckpt``), or
-    ``"last"``, the newest ``last.ckpt`` under ``runs_root``."""
+def resolve_checkpoint(resume: str | None, runs_root: Path, run_dir: Path) -> str | None:
+    """``resume`` as a checkpoint to load, or ``None`` to start fresh.
+
+    ``"auto"``: the newest complete checkpoint in this run's own ``checkpoints/`` if there is one (a run
+    that ``torchrun --max-restarts`` restarted after a lost rank), else none; ``"last"``: the newest
+    ``last.ckpt`` under ``runs_root``; a run directory: its ``checkpoints/last.ckpt``; or a file.
+    """
     if resume is None:
         return None
+    if resume == "auto":
+        found = newest_complete(run_dir / "checkpoints")
+        if found is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            warnings.warn(f"resume=auto: this is restart {os.environ['TORCHELASTIC_RESTART_COUNT']} but "
+                          f"{run_dir}/checkpoints holds no complete checkpoint; training starts over. Give the run "
+                          "a fixed hydra.run.dir so that restarts find the checkpoints of the attempt before")
+        return found
     if resume == "last":
         candidates = sorted(runs_root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise FileNotFoundError(f"resume=last: no checkpoints/last.ckpt under {runs_root}; train first or pass a path")
         return str(candidates[-1])
     path = Path(resume)
-    if path.is_dir():
+    if path.is_dir() and (path / "checkpoints").is_dir():
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume!r}: {path} does not exist; pass a .ckpt file or a run directory")
+    if not path.exists():
+        raise FileNotFoundError(f"resume={resume!r}: {path} does not exist; pass a checkpoint or a run directory")
     return str(path)
+
+
+def newest_complete(folder: Path) -> str | None:
+    """The most recently written checkpoint in ``folder`` that was written to the end (see ``complete``)."""
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    return next((str(path) for path in candidates if complete(path)), None)
+
+
+def complete(path: Path) -> bool:
+    """Whether a checkpoint was written whole: a one-file checkpoint is a zip archive whose directory is
+    written last (a file cut short by a kill has none); a sharded one is a folder DCP finished."""
+    if path.is_dir():
+        from cp_plugin.checkpoint import is_complete
+
+        return is_complete(path)
+    return zipfile.is_zipfile(path)
 
 
 def in_multirun() -> bool:

@@ -1,4 +1,4 @@
-"""What the failure scripts share: their command line, and the failure injected into one rank."""
+"""What the failure scripts share: their command line, and the failure injected into one rank (also as a callback)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
 
 
 def parse_args() -> argparse.Namespace:
@@ -28,3 +31,17 @@ def inject(mode: str, rank: int, step: int) -> None:
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(3600)  # hang: the peers must give up after the process-group timeout
+
+
+
+class FailAt(Callback):
+    """Inject the failure at the start of ``step`` on ``rank`` (``train.py callbacks=[{_target_: injection.FailAt,
+    ...}]``), in the first attempt only: a run ``torchrun --max-restarts`` restarted must not fail again there."""
+
+    def __init__(self, mode: str, rank: int, step: int) -> None:
+        self.mode, self.rank, self.step = mode, rank, step
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
+        if first_attempt and trainer.global_rank == self.rank and trainer.global_step == self.step:
+            inject(self.mode, self.rank, self.step)
