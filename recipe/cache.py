@@ -113,8 +113,11 @@ class LatentCache(Dataset):
                 f"python prepare.py model=<family> model.pretrained_path=<pipeline> data.path=<media> data.cache={folder}"
             )
         self.folder, self.info = folder, json.loads((folder / INFO).read_text())
-        self.index = [(shard, position, tuple(sample["shape"]))
-                      for shard in shard_files(folder) for position, sample in enumerate(shard_samples(shard))]
+        # ordered by source file, not by shard: shard names are random, and the order (hence each sample's
+        # index, batches and noise seeds) must be the same for every cache of the same data
+        found = sorted((sample["file"], shard, position, tuple(sample["shape"]))
+                       for shard in shard_files(folder) for position, sample in enumerate(shard_samples(shard)))
+        self.index = [(shard, position, shape) for _, shard, position, shape in found]
         if not self.index:
             raise ValueError(f"data.cache={str(folder)!r} holds no samples yet; run prepare.py (it fills what is missing)")
         self._open: dict[Path, Any] = {}
