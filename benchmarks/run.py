@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
+from cp_plugin.layout import attention_bytes_sent
 from fixtures.models import TINY_FLUX
 
 _BOTH_PATHS = ["ulysses/module", "ulysses/sharded", "ring_p2p/module", "ring_p2p/sharded", "ring_allgather/sharded"]
@@ -41,21 +42,20 @@ BUDGET_GIB = 4.0
 def theoretical_bytes(record: dict[str, Any]) -> float | None:
     """Minimum bytes one rank must send per forward+backward step for this layout.
 
-    Per attention layer, with X the bytes of one local q/k/v shard: Ulysses exchanges q, k, v, out
-    forward and their gradients backward, keeping 1/u of each (``8 X (u-1)/u``); a ring must
-    receive the other ``r-1`` KV blocks forward and again backward, and return as many dK/dV
-    blocks (``6 X (r-1)``). The ``module`` path also gathers the output (image tokens x output
-    channels): every rank sends its shard to ``cp-1`` peers forward, and backward reduce-scatters
-    the full gradient, sending ``(cp-1)/cp`` of it: ``2 Y (cp-1)`` with Y the output shard's bytes.
+    Per attention layer, ``cp_plugin.layout.attention_bytes_sent`` (the formula ``parallel="auto"``
+    estimates with; with X the bytes of one local q/k/v shard, ``8 X (u-1)/u`` for Ulysses and
+    ``6 X (r-1)`` for a ring in float32). The ``module`` path also gathers the output (image tokens x
+    output channels): every rank sends its shard to ``cp-1`` peers forward, and backward
+    reduce-scatters the full gradient, sending ``(cp-1)/cp`` of it: ``2 Y (cp-1)`` with Y the output
+    shard's bytes.
     """
     if record["diffusers"] or record["name"] == "single":
         return None
     u, r = record["ulysses"], record["ring"]
     hidden = WIDE_FLUX["num_attention_heads"] * WIDE_FLUX["attention_head_dim"]
-    x = (record["seq"] + TEXT_TOKENS) / (u * r) * hidden * 4
     layers = TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"]
     gather = 2 * record["seq"] / (u * r) * WIDE_FLUX["in_channels"] * 4 * (u * r - 1) if record["path"] == "module" else 0
-    return layers * (8 * x * (u - 1) / u + 6 * x * (r - 1)) + gather
+    return layers * attention_bytes_sent(record["seq"] + TEXT_TOKENS, hidden, r, u, element_size=4) + gather
 
 
 def launch(world: int, layouts: list[str], seqs: list[int], repeats: int, search_mib: float, raw: Path) -> None:

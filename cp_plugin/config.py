@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 ROTATE_METHODS = ("p2p", "allgather")
+AUTO = "auto"  # a degree chosen from the models and the machine (``cp_plugin.layout``)
 
 
 def divisors(n: int) -> list[int]:
@@ -30,9 +31,13 @@ class ParallelConfig:
     """Context-parallel layout of a training run: ``world = dp_degree * ring_degree * ulysses_degree``.
 
     Args:
-        ring_degree: ranks that pass KV blocks around a ring (memory per rank falls as 1/ring).
+        ring_degree: ranks that pass KV blocks around a ring (memory per rank falls as 1/ring), or
+            ``"auto"``.
         ulysses_degree: ranks that exchange heads for sequence with all-to-all (must divide the
-            attention head count).
+            attention head count), or ``"auto"``. With either degree ``"auto"`` the layout is chosen
+            once the models are known, before the mesh is built (``cp_plugin.layout``): Ulysses inside
+            a node, ring across nodes, the least estimated communication time. Every process then
+            shares one sequence unless ``dp_degree`` is set (``cp = world / dp_degree``).
         convert_to_fp32: merge ring partial outputs and log-sum-exps in float32 (exact for
             bf16/fp16 inputs).
         rotate_method: how ring KV blocks travel: ``"p2p"`` (double-buffered point-to-point,
@@ -44,23 +49,41 @@ class ParallelConfig:
         hsdp: with ``fsdp``, shard inside a node and replicate across nodes (FSDP2 on a 2-D
             ``("replicate", "shard")`` mesh): the all-gathers of weights stay on the fast links,
             only the gradient all-reduce crosses nodes.
+        sequence_length: tokens per sample, for the ``"auto"`` estimates only (``None``: 4096). It
+            scales every estimate alike, so it never changes the choice.
+        intra_node_bandwidth: GB/s one process sends to another in its node, for ``"auto"``
+            (``None``: 450 on GPUs, NVLink 4; 1 on CPU, gloo).
+        inter_node_bandwidth: GB/s one process sends to another node, for ``"auto"`` (``None``: 50
+            on GPUs, one 400 Gb/s InfiniBand NIC per GPU; 1 on CPU, gloo over TCP).
     """
 
-    ring_degree: int = 1
-    ulysses_degree: int = 1
+    ring_degree: int | str = 1
+    ulysses_degree: int | str = 1
     convert_to_fp32: bool = True
     rotate_method: str = "p2p"
     dp_degree: int | None = None
     fsdp: bool = False
     hsdp: bool = False
+    sequence_length: int | None = None
+    intra_node_bandwidth: float | None = None
+    inter_node_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ring_degree", "ulysses_degree", "dp_degree"):
+        for name in ("ring_degree", "ulysses_degree", "dp_degree", "sequence_length"):
             value = getattr(self, name)
-            if value is None and name == "dp_degree":
+            if value is None and name in ("dp_degree", "sequence_length"):
+                continue
+            if value == AUTO and name in ("ring_degree", "ulysses_degree"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1; use e.g. {name}=1 or {name}=2")
+                also = " or 'auto'" if name in ("ring_degree", "ulysses_degree") else ""
+                raise ValueError(f"{name}={value!r} must be an integer >= 1{also}; use e.g. {name}=1 or {name}=2 "
+                                 f"(Hydra: parallel.{name}=2)")
+        for name in ("intra_node_bandwidth", "inter_node_bandwidth"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a number of GB/s > 0, or None for the device's default; "
+                                 f"use e.g. parallel.{name}=25")
         for name in ("fsdp", "hsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False (Hydra: parallel.{name}=true)")
@@ -72,12 +95,28 @@ class ParallelConfig:
             )
 
     @property
+    def auto(self) -> bool:
+        """Whether a degree is still ``"auto"`` (chosen by ``cp_plugin.layout`` once the models are known)."""
+        return AUTO in (self.ring_degree, self.ulysses_degree)
+
+    @property
     def cp_degree(self) -> int:
         """Ranks that share one sequence (ring x ulysses)."""
+        if self.auto:
+            raise ValueError(
+                f"ring_degree={self.ring_degree!r}, ulysses_degree={self.ulysses_degree!r}: the cp size is known once "
+                "'auto' is resolved from the models (ContextParallelCore.validate, or cp_plugin.layout.choose_layout)"
+            )
         return self.ring_degree * self.ulysses_degree
 
     def resolve(self, world_size: int) -> ParallelConfig:
-        """Return a copy with ``dp_degree`` filled in, or raise if the layout cannot fill ``world_size``."""
+        """Return a copy with ``dp_degree`` filled in, or raise if the layout cannot fill ``world_size``.
+
+        With ``"auto"`` degrees the copy keeps them (they need the models) and ``dp_degree`` defaults to
+        1; what is fixed (``dp_degree``, a fixed degree) is checked against ``world_size`` already.
+        """
+        if self.auto:
+            return self._resolve_auto(world_size)
         cp = self.cp_degree
         if world_size % cp != 0:
             raise ValueError(
@@ -92,6 +131,24 @@ class ParallelConfig:
                 f"= {self.dp_degree * cp} != world_size={world_size}; use dp_degree={dp} or dp_degree=null "
                 f"(derived), or launch {self.dp_degree * cp} processes"
             )
+        return replace(self, dp_degree=dp)
+
+    def _resolve_auto(self, world_size: int) -> ParallelConfig:
+        dp = self.dp_degree or 1
+        if world_size % dp:
+            raise ValueError(
+                f"dp_degree={dp} does not divide world_size={world_size}; use dp_degree "
+                f"{format_choices(divisors(world_size))} (or null: every process shares the sequence), or launch "
+                f"a multiple of {dp} processes"
+            )
+        cp = world_size // dp
+        for name in ("ring_degree", "ulysses_degree"):
+            value = getattr(self, name)
+            if value != AUTO and cp % value:
+                raise ValueError(
+                    f"{name}={value} does not divide the cp size {cp} (world_size={world_size} / dp_degree={dp}) "
+                    f"that 'auto' fills; use {name} {format_choices(divisors(cp))} or {name}=auto"
+                )
         return replace(self, dp_degree=dp)
 
     def to_diffusers(self) -> Any:

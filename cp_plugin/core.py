@@ -12,6 +12,9 @@ one description of a layout its trainers share.
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -28,12 +31,14 @@ from cp_plugin.guard import (
     is_transport_error,
     record_failure,
 )
+from cp_plugin.layout import LayoutChoice, choose_layout, model_attention, ulysses_placement_warning
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan, apply_context_parallel
 from cp_plugin.resume import restore_rng_state
 from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
 from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
 
+log = logging.getLogger(__name__)
 
 class ContextParallelCore:
     """The layout, its options, and the run-time state of context parallelism for one training run.
@@ -73,11 +78,32 @@ class ContextParallelCore:
         self._mesh: ParallelMesh | None = None
         self._applied: set[int] = set()
         self._rng_to_restore: dict[str, Any] | None = None
+        self.layout: LayoutChoice | None = None  # how "auto" degrees were chosen, once validate has
+        self._placement_warning: str | None = None
 
     # start-up --------------------------------------------------------------------------------
-    def validate(self, world_size: int) -> None:
-        """Check the layout against the world size: the same error on every rank, before any collective."""
+    def validate(
+        self,
+        world_size: int,
+        *,
+        modules: Sequence[torch.nn.Module | None] = (),
+        processes_per_node: int | None = None,
+        device_type: str = "cuda",
+    ) -> None:
+        """Check the layout against the world size, and choose ``"auto"`` degrees from ``modules``' models.
+
+        The same result or error on every rank, before any collective: the choice is a pure function
+        of the models, ``processes_per_node`` (default: torchrun's ``LOCAL_WORLD_SIZE``, else one
+        node) and ``device_type`` (default bandwidths). ``start`` logs it and warns, on rank 0.
+        """
+        per_node = processes_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if self.parallel_config.auto:
+            models = [m for module in modules if module is not None for m in model_attention(module, self.cp_plan)]
+            self.layout = choose_layout(self.parallel_config, models, world_size, per_node, device_type)
+            self.parallel_config = self.layout.config
         self.parallel_config.resolve(world_size)
+        if self.layout is None:  # a layout set by hand: say if its Ulysses groups cross nodes
+            self._placement_warning = ulysses_placement_warning(self.parallel_config, world_size, per_node)
 
     def start(self, device: torch.device) -> ParallelMesh:
         """Once the process group exists: the same settings everywhere, the mesh, RNG streams per dp rank."""
@@ -86,6 +112,11 @@ class ContextParallelCore:
             cp_plan=sorted(self.cp_plan or {}), on_nonfinite=self.on_nonfinite, check_batches=self.check_batches,
             torch=torch.__version__,
         )
+        if torch.distributed.get_rank() == 0:
+            if self.layout is not None:
+                log.info(self.layout.describe())
+            if self._placement_warning:
+                warnings.warn(self._placement_warning, stacklevel=2)
         self.device = device
         self._mesh = ParallelMesh.build(self.parallel_config, device.type)
         seed_per_dp_rank(self._mesh, shared_base_seed(device))

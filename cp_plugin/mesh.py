@@ -51,6 +51,12 @@ class ParallelMesh:
     @classmethod
     def build(cls, config: ParallelConfig, device_type: str) -> ParallelMesh:
         """Build the mesh over the default process group (which must exist)."""
+        if config.auto:
+            raise ValueError(
+                f"ring_degree={config.ring_degree!r}, ulysses_degree={config.ulysses_degree!r}: 'auto' is chosen from "
+                "the models before the mesh is built; let ContextParallelCore.validate(world_size, modules=...) resolve "
+                "it, or build the mesh from cp_plugin.layout.choose_layout(...).config"
+            )
         resolved = config.resolve(dist.get_world_size())
         atexit.unregister(_destroy_process_groups)  # once per process, however many meshes are built
         atexit.register(_destroy_process_groups)
