@@ -126,7 +126,7 @@ class ContextParallelPlugin(SequenceShards):
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
     # internals --------------------------------------------------------------------------------
-    def _setup(self, accelerator: Accelerator, modules: list[torch.nn.Module]) -> None:
+    def _setup(self, accelerator: Accelerator, modules: list[torch.nn.Module] | tuple[()] = ()) -> None:
         if self.core.started:
             return
         own_cp = getattr(getattr(accelerator, "parallelism_config", None), "cp_size", 1) or 1

@@ -52,6 +52,7 @@ def choose(config: ParallelConfig, heads: int | list[int], world: int, per_node:
         (AUTO, 24, 8, 8, "cuda", (1, 1, 8)),  # one 8-GPU node: Ulysses over the node
         (AUTO, 40, 32, 8, "cuda", (1, 4, 8)),  # 4 nodes: Ulysses inside each, ring across the 4
         (AUTO, 12, 16, 8, "cuda", (1, 4, 4)),  # 8 does not divide 12 heads: Ulysses 4, ring the rest
+        (AUTO, 16, 16, 2, "cuda", (1, 8, 2)),  # 16 heads, but nodes of 2: Ulysses stays in a node
         (AUTO, 4, 2, 2, "cpu", (1, 1, 2)),  # two CPU processes, tiny Flux's 4 heads
         (AUTO, 3, 2, 2, "cpu", (1, 2, 1)),  # 3 heads forbid Ulysses 2: ring
         (AUTO, [24, 20], 8, 8, "cuda", (1, 2, 4)),  # every model's heads count: gcd(24, 20, 8) = 4
