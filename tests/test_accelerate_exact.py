@@ -6,9 +6,12 @@ Ranks get torchrun's environment (``tests/launcher.py``), as ``torchrun`` gives 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +56,17 @@ def accelerate_run(
             opt.zero_grad()
         losses.append(loss.item())
         gathered_t.append(accelerator.gather_for_metrics(batch["t"]))
-    try:  # FSDP2-sharded models: Accelerate would save rank 0's shards, so the plugin refuses
-        accelerator.save_state("unused") if layout.get("fsdp") else None
-        save_refused = False
-    except NotImplementedError as err:
-        save_refused = "full_model_state" in str(err)
+    saved_sharded = False
+    if layout.get("fsdp"):  # FSDP2-sharded models: save_state writes each rank's shards with DCP
+        from cp_plugin.checkpoint import is_complete
+
+        state_dir = Path(tempfile.gettempdir()) / f"cp_plugin_state_{os.environ['MASTER_PORT']}"
+        saved_sharded = is_complete(Path(accelerator.save_state(str(state_dir))) / "sharded")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(state_dir)
     return {"losses": losses, "grads": _full(first_grads), "state": _full(module.transformer.state_dict()),
-            "save_refused": save_refused,
+            "saved_sharded": saved_sharded,
             "gathered_t": torch.cat(gathered_t), "dp_rank": cp.mesh.dp_rank,
             "sharded": all(isinstance(p, DTensor) for p in module.parameters())}
 
@@ -84,7 +91,7 @@ def check(
     losses = torch.tensor([r["losses"] for r in results]).view(dp, cp, -1)[:, 0].mean(0)
     assert_close_rel(losses, torch.tensor(reference["losses"]), 1e-5, f"{label} loss")
     for r in results:
-        assert r["sharded"] == r["save_refused"] == layout.get("fsdp", False), f"{label}: FSDP2 sharding, save_state"
+        assert r["sharded"] == r["saved_sharded"] == layout.get("fsdp", False), f"{label}: FSDP2 sharding, save_state"
         for name, expected in reference["grads"].items():
             assert_close_rel(r["grads"][name], expected, 1e-4, f"{label} grad {name}")
         for name, expected in reference["state"].items():

@@ -74,7 +74,9 @@ def fit(optimizer: str, max_steps: int = STEPS, save_to: str | None = None, resu
 
     module = FlowMatchingModule("flux", optimizer)
     save = [ModelCheckpoint(Path(save_to).parent, Path(save_to).stem, every_n_train_steps=max_steps)] if save_to else None
-    run = trainer(max_steps, int(os.environ["LOCAL_WORLD_SIZE"]), ContextParallelStrategy(**LAYOUT), save, **trainer_kwargs)
+    # The one-file layout (sharded directories are the default under FSDP2: tests/test_sharded_checkpoint.py).
+    strategy = ContextParallelStrategy(**LAYOUT, save_distributed_checkpoint=False)
+    run = trainer(max_steps, int(os.environ["LOCAL_WORLD_SIZE"]), strategy, save, **trainer_kwargs)
     run.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=PER_RANK, shuffle=True), ckpt_path=resume)
     params = list(module.parameters())
     return {

@@ -188,3 +188,43 @@ def test_accelerate_save_state_under_fsdp_is_sharded_and_resumes_exactly(tmp_pat
         sharded = tmp_path / optimizer / "sharded"
         assert is_complete(sharded) and len(list(sharded.glob("*.distcp"))) == 2
         assert not list((tmp_path / optimizer).glob("optimizer*.bin"))  # no rank-0-only optimizer file
+
+
+def lora_save(path: str) -> dict[str, torch.Tensor]:
+    """Rank body (2 ranks): train LoRA adapters on a frozen, FSDP2-sharded tiny Flux and save sharded after fit."""
+    from test_lora import LoraFlow
+
+    module = LoraFlow("adamw")
+    trainer = quiet_trainer(ContextParallelStrategy(ring_degree=2, fsdp=True), 2)
+    trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True))
+    trainer.save_checkpoint(path)
+    return weights(trainer)
+
+
+@pytest.mark.timeout(200)
+def test_convert_writes_lora_adapters_that_diffusers_loads(tmp_path: Path) -> None:
+    from cp_plugin.convert import convert
+    from exact import TEXT_DIM, flux_ids
+    from fixtures.models import tiny_flux
+    from recipe.lora import add_lora
+    from test_lora import LORA
+
+    path = tmp_path / "lora.ckpt"
+    state = run_distributed(lora_save, 2, str(path), init_process_group=False)[0]
+    written = convert(path, tmp_path / "out")
+    assert sorted(p.name for p in written["transformer"].iterdir()) == ["pytorch_lora_weights.safetensors"]
+    trained = tiny_flux()
+    add_lora(trained, LORA)
+    trained.load_state_dict(state)
+    reloaded = tiny_flux()
+    reloaded.load_lora_adapter(str(written["transformer"]), prefix="transformer",
+                               weight_name="pytorch_lora_weights.safetensors")
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, 64, 16, generator=g), "timestep": torch.tensor([0.3]),
+              "encoder_hidden_states": torch.randn(1, 8, TEXT_DIM, generator=g),
+              "pooled_projections": torch.randn(1, TEXT_DIM, generator=g), "img_ids": flux_ids(64),
+              "txt_ids": torch.zeros(8, 3)}
+    with torch.no_grad():
+        want, got, base = trained(**inputs).sample, reloaded(**inputs).sample, tiny_flux()(**inputs).sample
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max(), "converted adapters give another output"
+    assert (base - want).abs().max() > 1e-3 * want.abs().max(), "the adapters change nothing: the test cannot fail"
