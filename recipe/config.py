@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -20,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 from omegaconf import OmegaConf
 
+from cp_plugin.checkpoint import is_complete
 from cp_plugin.config import register_configs as register_parallel_config
 from recipe.data import DataConfig
 from recipe.flow_matching import OptimizerConfig
@@ -81,19 +81,10 @@ def resolve_checkpoint(resume: str | None, runs_root: Path, run_dir: Path) -> st
 
 
 def newest_complete(folder: Path) -> str | None:
-    """The most recently written checkpoint in ``folder`` that was written to the end (see ``complete``)."""
+    """The most recently written checkpoint (file or sharded folder) in ``folder`` whose save finished:
+    a kill can cut one short, and ``is_complete`` tells (``cp_plugin.checkpoint``)."""
     candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-    return next((str(path) for path in candidates if complete(path)), None)
-
-
-def complete(path: Path) -> bool:
-    """Whether a checkpoint was written whole: a one-file checkpoint is a zip archive whose directory is
-    written last (a file cut short by a kill has none); a sharded one is a folder DCP finished."""
-    if path.is_dir():
-        from cp_plugin.checkpoint import is_complete
-
-        return is_complete(path)
-    return zipfile.is_zipfile(path)
+    return next((str(path) for path in candidates if is_complete(path)), None)
 
 
 def in_multirun() -> bool:

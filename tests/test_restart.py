@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.config import complete, resolve_checkpoint
+from cp_plugin.checkpoint import is_complete
+from recipe.config import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -55,7 +56,7 @@ def test_a_killed_rank_restarts_the_group_and_the_run_ends_where_an_uninterrupte
     # what was written before the kill is still there, whole, and was not written again: the run resumed at step 4
     for step in range(1, 5):
         written = steps / f"step={step}.ckpt"
-        assert complete(written) and written.stat().st_mtime < float(injected.group(1)), written
+        assert is_complete(written) and written.stat().st_mtime < float(injected.group(1)), written
     final = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
     expected = weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     start = weights(tmp_path / "whole_steps" / "step=1.ckpt")
