@@ -106,11 +106,15 @@ class ContextParallelPlugin(SequenceShards):
                     renamed.update(self._shard_weights(obj))
                     self._sharded.append(obj)
             staged.append(self._shard_over_dp(accelerator, obj) if isinstance(obj, DataLoader) else obj)
+        sharded_params = {id(p) for module in self._sharded for p in module.parameters()}
         for obj in objects:
             if isinstance(obj, torch.optim.Optimizer) and renamed:  # built on the weights before sharding
                 for group in obj.param_groups:
                     group["params"] = [renamed.get(p, p) for p in group["params"]]
-                self._sharded_optimizers.append(obj)
+            if isinstance(obj, torch.optim.Optimizer) and all(
+                id(p) in sharded_params for group in obj.param_groups for p in group["params"]
+            ) and sharded_params:
+                self._sharded_optimizers.append(obj)  # saved with its modules' shards (save_state)
         # Sharded modules stay out of accelerator.prepare: on a MULTI_CPU/MULTI_GPU run it would wrap them in DDP.
         handed = [i for i, obj in enumerate(staged) if not (fsdp and isinstance(obj, torch.nn.Module))]
         prepared = list(staged)

@@ -280,7 +280,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         if self._sharded_source is not None:
-            for i, optimizer in enumerate(self.optimizers):
+            for i, optimizer in enumerate(self.optimizers[:len(checkpoint["optimizer_states"])]):
                 sharded.load_optimizer(self.lightning_module, unwrap_optimizer(optimizer), self._sharded_source, i)
             self._sharded_source = None  # loaded: a later fit starts from its own checkpoint
         elif not self.parallel_config.fsdp:
@@ -291,10 +291,16 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint[RESUME_KEY] = layout_state(self.world_size, self.dp_size, checkpoint, self.dp_rank)
-        path = Path(self.broadcast(str(filepath)))  # every rank writes into rank 0's path
+        target = self.broadcast(filepath)  # every rank writes into rank 0's path
         if not self.save_distributed_checkpoint:
-            self._save_one_file(checkpoint, path, storage_options)
+            self._save_one_file(checkpoint, target, storage_options)
             return
+        if not _local(target):
+            raise ValueError(
+                f"ContextParallelStrategy(save_distributed_checkpoint=True) writes sharded checkpoints to local or "
+                f"mounted paths; {target!r} is a URL: save to a mounted path or set save_distributed_checkpoint=False"
+            )
+        path = Path(target)
         if storage_options is not None:
             raise TypeError(
                 "ContextParallelStrategy(save_distributed_checkpoint=True).save_checkpoint(..., storage_options=...): "
@@ -305,25 +311,30 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         states.update({sharded.optimizer_key(i): s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         sharded.save(path, states, checkpoint, sharded.describe_models(self.lightning_module))
 
-    def _save_one_file(self, checkpoint: dict[str, Any], path: Path, storage_options: Any) -> None:
-        """Rank 0 writes the file next to ``path`` and renames it into place: never half a file under its name."""
-        if not self.is_global_zero:
+    def _save_one_file(self, checkpoint: dict[str, Any], target: Any, storage_options: Any) -> None:
+        """Rank 0 writes the file next to ``target`` and renames it into place: never half a file under its name
+        (URLs are written by the CheckpointIO as they are)."""
+        if not self.is_global_zero or not _local(target):
+            super().save_checkpoint(checkpoint, target, storage_options)  # writes on rank 0 only
             return
+        path = Path(target)
         partial = path.with_name(f".{path.name}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
         sharded.put_in_place(partial, path)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        sharded.check_complete(path)
-        if sharded.is_sharded(path):  # weights and optimizers are read into the module in the load_* hooks
+        target = self.broadcast(checkpoint_path)
+        path = Path(target) if _local(target) else None
+        if path is not None and sharded.is_sharded(path):  # weights and optimizers are read in the load_* hooks
+            sharded.check_complete(path)
             self._sharded_source = path
             checkpoint = sharded.read_meta(path, weights_only=weights_only)
-            # Read in load_optimizer_state_dict; Lightning only checks that the entry exists.
-            checkpoint["optimizer_states"] = [None] * sharded.saved_optimizers(path)
+            saved = sharded.saved_optimizers(path)
+            if saved:  # read in load_optimizer_state_dict; Lightning only checks that the entry exists
+                checkpoint["optimizer_states"] = [None] * saved
         else:
             self._sharded_source = None
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            checkpoint = super().load_checkpoint(target, weights_only=weights_only)
         self.core.restore_rng_at_next_batch(
             rng_state_to_restore(checkpoint, self.world_size, self.dp_size, self.global_rank, self.dp_rank)
         )
@@ -346,6 +357,11 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             description="Context parallelism, processes started with torch.multiprocessing spawn",
             start_method="spawn",
         )
+
+
+def _local(path: Any) -> bool:
+    """Whether a checkpoint path is on a local or mounted filesystem (not an fsspec URL like ``s3://``)."""
+    return "://" not in str(path)
 
 
 ContextParallelStrategy.register_strategies(StrategyRegistry)
