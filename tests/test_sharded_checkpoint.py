@@ -74,12 +74,14 @@ def resume_sharded(root: str) -> dict[str, Any]:
         for optimizer in OPTIMIZERS:
             trainer = fit(layout, optimizer, STEPS, resume=str(Path(root) / f"{optimizer}.ckpt"))
             runs[label, optimizer] = {"state": weights(trainer), "step": trainer.global_step}
-    return runs
+    # dp 2 x ring 2: another dp degree loads the weights (RNG and data restart from the seed; nothing trains here)
+    loaded = fit({"ring_degree": 2, "fsdp": True}, "adamw", STOP, resume=str(Path(root) / "adamw.ckpt"))
+    return {"runs": runs, "dp2 loaded": weights(loaded)}
 
 
 @pytest.mark.timeout(300)
 def test_sharded_save_resumes_exactly_under_other_layouts_and_converts(tmp_path: Path) -> None:
-    from cp_plugin.checkpoint import is_complete
+    from cp_plugin.checkpoint import check_complete, is_complete
 
     saved = run_distributed(save_sharded, 2, str(tmp_path), init_process_group=False)[0]
     initial = FlowMatchingModule("flux").transformer.state_dict()
@@ -98,7 +100,9 @@ def test_sharded_save_resumes_exactly_under_other_layouts_and_converts(tmp_path:
 
     resumed = run_distributed(resume_sharded, 4, str(tmp_path), init_process_group=False)
     for rank in resumed:
-        for (label, optimizer), run in rank.items():
+        for name, value in rank["dp2 loaded"].items():
+            assert value.equal(saved["adamw"]["at_stop"][name]), f"dp 2 x ring 2 loaded {name}"
+        for (label, optimizer), run in rank["runs"].items():
             assert run["step"] == STEPS, f"{label} {optimizer}: step {run['step']}"
             for name, after in saved[optimizer]["straight"].items():
                 assert_update_close(run["state"][name], after, initial[name], RTOL, STEPS,
@@ -109,6 +113,8 @@ def test_sharded_save_resumes_exactly_under_other_layouts_and_converts(tmp_path:
     shutil.copytree(tmp_path / "adamw.ckpt", half)
     (half / ".metadata").unlink()
     assert not is_complete(half)
+    with pytest.raises(ValueError, match="incomplete"):
+        check_complete(half)
     truncated = tmp_path / "truncated.ckpt"  # a one-file checkpoint cut short
     one_file = tmp_path / "one.ckpt"
     torch.save({"w": torch.ones(1000)}, one_file)
