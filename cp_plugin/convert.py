@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,9 @@ def load_weights(model: torch.nn.Module, path: Path, prefix: str, only_adapters:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} weights of {type(model).__name__}, e.g. {missing[:3]}; "
                          "was the model saved with only some of its weights?")
     state = {f"{prefix}{name}": value for name, value in wanted.items()}
-    dcp.load({checkpoint.MODEL_KEY: state}, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the point here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({checkpoint.MODEL_KEY: state}, checkpoint_id=path, no_dist=True)
 
 
 def write_lora(model: torch.nn.Module, entry: dict[str, Any], out: Path) -> None:
