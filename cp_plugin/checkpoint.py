@@ -78,8 +78,10 @@ def check_complete(path: str | os.PathLike) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint file or directory")
     if not is_complete(path):
+        lacking = [name for name in (DCP_METADATA, META_FILE) if not (Path(path) / name).is_file()] \
+            if is_sharded(path) else ["its zip end record"]
         raise ValueError(
-            f"checkpoint {path} is incomplete (its save was interrupted: no {DCP_METADATA if is_sharded(path) else 'zip end record'}); "
+            f"checkpoint {path} is incomplete (its save was interrupted: it lacks {', '.join(lacking)}); "
             "resume from an earlier checkpoint (cp_plugin.checkpoint.is_complete tells which are whole)"
         )
 
