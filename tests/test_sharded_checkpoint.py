@@ -1,7 +1,7 @@
 """Sharded checkpoints (issue 17): each rank writes its own shards with DCP, and any layout resumes from them.
 
 A run under FSDP2 x ring 2 saves mid-epoch into a directory (the default under FSDP2); runs under
-ring 2 x ulysses 2 on four ranks, FSDP2 and DDP, resume from it and must end where the uninterrupted
+ring 2 x ulysses 2 on four ranks, FSDP2 and DDP, resume from it (and FSDP2 from a DDP run's sharded save) and must end where the uninterrupted
 run ends, compared by updates (weights after minus before: a replayed or skipped batch, a lost
 optimizer state or LR schedule moves them by 1e-2 and more). The dp degree is the same (1), so RNG
 streams and the data position carry over. The directory must hold no full copy, a half-written one
@@ -64,6 +64,10 @@ def save_sharded(root: str) -> dict[str, Any]:
         save = SaveWeightsAt(STOP, Path(root) / f"{optimizer}.ckpt")
         straight = fit(SAVED, optimizer, STEPS, [save])
         runs[optimizer] = {"straight": weights(straight), "at_stop": save.saved}
+    # DDP can save sharded too (each replica's tensors written once, by one rank); FSDP2 resumes from it below.
+    save = SaveWeightsAt(STOP, Path(root) / "ddp_adamw.ckpt")
+    runs["ddp adamw"] = {"straight": weights(fit({"ring_degree": 2, "save_distributed_checkpoint": True}, "adamw",
+                                                 STEPS, [save]))}
     return runs
 
 
@@ -74,6 +78,8 @@ def resume_sharded(root: str) -> dict[str, Any]:
         for optimizer in OPTIMIZERS:
             trainer = fit(layout, optimizer, STEPS, resume=str(Path(root) / f"{optimizer}.ckpt"))
             runs[label, optimizer] = {"state": weights(trainer), "step": trainer.global_step}
+    trainer = fit(RESUMED["FSDP2 ring 2 x ulysses 2"], "adamw", STEPS, resume=str(Path(root) / "ddp_adamw.ckpt"))
+    runs["FSDP2 ring 2 x ulysses 2 from DDP", "ddp adamw"] = {"state": weights(trainer), "step": trainer.global_step}
     # dp 2 x ring 2: another dp degree loads the weights (RNG and data restart from the seed; nothing trains here)
     loaded = fit({"ring_degree": 2, "fsdp": True}, "adamw", STOP, resume=str(Path(root) / "adamw.ckpt"))
     return {"runs": runs, "dp2 loaded": weights(loaded)}
@@ -106,7 +112,7 @@ def test_sharded_save_resumes_exactly_under_other_layouts_and_converts(tmp_path:
             assert run["step"] == STEPS, f"{label} {optimizer}: step {run['step']}"
             for name, after in saved[optimizer]["straight"].items():
                 assert_update_close(run["state"][name], after, initial[name], RTOL, STEPS,
-                                    f"{label} {optimizer} resumed from FSDP2 ring 2: {name}")
+                                    f"{label} {optimizer} resumed from ring 2: {name}")
 
     # An interrupted save: shards written, DCP's .metadata (written last) missing.
     half = tmp_path / "half.ckpt"
