@@ -202,8 +202,9 @@ def one_process(family: str, pipeline: str, cache: str, dp: int) -> dict[str, An
 # gradients of its key projection are sums that cancel to ~1e-3 of their terms, so reordering them (over
 # sequence shards) moves them by ~1e-5 of their own size, and AdamW's first steps (about lr * sign) carry that
 # into the updates. Measured: ulysses 2 x dp 2 gradients 2e-5, updates 3e-4; ring 2 6e-5 and 2.4e-3 (of the
-# norm); dp 2 alone, 0. Flux (joint attention) meets 1e-5 everywhere. Skipping CP anywhere is off by O(1).
-TOLERANCE = {"flux": {"grads": 1e-5, "updates": 1e-5}, "wan": {"grads": 2e-4, "updates": 1e-2}}
+# norm); dp 2 alone, 0. Flux (joint attention): gradients 6e-7, updates 8e-7 (ring 2) and 1.1e-5 (ulysses 2 x
+# dp 2, AdamW again). Skipping CP anywhere is off by O(1).
+TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "wan": {"grads": 2e-4, "updates": 1e-2}}
 
 
 def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
