@@ -50,6 +50,7 @@ from cp_plugin import checkpoint as sharded
 from cp_plugin.compat import ddp_ignore_parameters, ddp_kwargs, unwrap_optimizer
 from cp_plugin.config import ParallelConfig
 from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
+from cp_plugin.elastic import init_for_restarts
 from cp_plugin.fsdp import (
     check_compatible,
     full_model_state,
@@ -182,6 +183,12 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return self.parallel_mesh.sampler_kwargs
+
+    def setup_distributed(self) -> None:
+        # under torchrun, join through a per-attempt store prefix so a restarted run connects (cp_plugin.elastic)
+        init_for_restarts(self._get_process_group_backend(), self.cluster_environment.global_rank(),
+                          self.cluster_environment.world_size(), self._timeout or default_pg_timeout, self.root_device)
+        super().setup_distributed()
 
     # Lightning hooks (shard / gather for training steps come from SequenceShards)  -------------------------------------------------------------------------
     def setup_environment(self) -> None:
