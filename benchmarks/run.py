@@ -138,8 +138,8 @@ def markdown(rows: list[dict[str, Any]], fits: dict[tuple[int, str], int], searc
         "on every rank (a one-process LightningModule; diffusers' CP); `sharded` = pre-sharded inputs, local output "
         "and loss. Time: median of repeats [min-max]. Activations: bytes saved for backward, worst rank. Peak: "
         "high-water mark of the bytes the step allocates (benchmarks.measure.PeakMemory), worst rank. Sent: bytes "
-        f"of the tensors handed to cp_plugin's collectives, vs the theoretical minimum. 4 GiB tokens: an "
-        f"EXTRAPOLATION (line through the measured peaks of the two longest sequences); the measured search is below.",
+        "of the tensors handed to cp_plugin's collectives, vs the theoretical minimum. 4 GiB tokens: an "
+        "EXTRAPOLATION (line through the measured peaks of the two longest sequences); the measured search is below.",
         "",
         "| ranks | layout | path | tokens | step time vs 1 proc | activations/rank vs 1 proc (target <=1.05/cp) "
         "| peak/rank MiB (vs 1 proc) | sent/rank MiB | sent vs theory | 4 GiB tokens (extrapolated) "

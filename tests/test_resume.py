@@ -151,9 +151,10 @@ def test_checkpoint_loads_under_another_layout(tmp_path: Path) -> None:
 
 
 def accelerate_fit(optimizer: str, max_steps: int, state_dir: str, save_at: int | None = None,
-                   resume_at: int | None = None) -> dict[str, torch.Tensor]:
+                   resume_at: int | None = None, layout: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Rank body: an Accelerate loop written for one process (``cp.prepare`` for ``accelerator.prepare``)
-    that saves its state at ``save_at``, or loads it and skips the consumed batches at ``resume_at``."""
+    under ``layout`` (ring 2 by default) that saves its state at ``save_at``, or loads it and skips the
+    consumed batches at ``resume_at``; returns the weights, FSDP2 shards gathered."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -165,7 +166,7 @@ def accelerate_fit(optimizer: str, max_steps: int, state_dir: str, save_at: int 
     module = RandomDrawsModule("flux", optimizer)
     schedule = module.configure_optimizers()
     loader = DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True)
-    cp = ContextParallelPlugin(ParallelConfig(ring_degree=2))
+    cp = ContextParallelPlugin(ParallelConfig(**(layout or {"ring_degree": 2})))
     model, opt, loader, scheduler = cp.prepare(accelerator, module, schedule["optimizer"], loader,
                                               schedule["lr_scheduler"]["scheduler"])
     step, batches = 0, loader
@@ -184,7 +185,8 @@ def accelerate_fit(optimizer: str, max_steps: int, state_dir: str, save_at: int 
             if step == max_steps:
                 break
         batches = loader
-    return {k: v.detach().clone() for k, v in module.transformer.state_dict().items()}
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach().clone()
+            for k, v in module.transformer.state_dict().items()}
 
 
 def accelerate_resumes(optimizer: str, state_root: str) -> dict[str, Any]:

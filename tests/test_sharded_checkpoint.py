@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from exact import FlowMatchingModule, SyntheticFlowData, assert_update_close, quiet_trainer
 from launcher import run_distributed
 from cp_plugin import ContextParallelStrategy
-from test_resume import STEPS, STOP, RandomDrawsModule, weights
+from test_resume import STEPS, STOP, RandomDrawsModule, accelerate_fit, weights
 
 RTOL = 2e-5  # of the update over STEPS steps (test_resume's bound)
 OPTIMIZERS = ("sgd", "adamw")
@@ -138,51 +138,14 @@ def test_sharded_save_resumes_exactly_under_other_layouts_and_converts(tmp_path:
         assert value.equal(saved["adamw"]["at_stop"][name]), name
 
 
-def accelerate_fit(optimizer: str, max_steps: int, state_dir: str, layout: dict[str, Any],
-                   save_at: int | None = None, resume_at: int | None = None) -> dict[str, torch.Tensor]:
-    """Rank body: test_resume's Accelerate loop under ``layout`` (FSDP2), saving or resuming its state."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    from cp_plugin import ParallelConfig
-    from cp_plugin.accelerate import ContextParallelPlugin
-
-    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    set_seed(0)
-    module = RandomDrawsModule("flux", optimizer)
-    schedule = module.configure_optimizers()
-    loader = DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True)
-    cp = ContextParallelPlugin(ParallelConfig(**layout))
-    model, opt, loader, scheduler = cp.prepare(accelerator, module, schedule["optimizer"], loader,
-                                              schedule["lr_scheduler"]["scheduler"])
-    step, batches = 0, loader
-    if resume_at is not None:
-        accelerator.load_state(state_dir)
-        step, batches = resume_at, accelerator.skip_first_batches(loader, resume_at)
-    while step < max_steps:
-        for batch in batches:
-            accelerator.backward(model(batch))
-            opt.step()
-            scheduler.step()
-            opt.zero_grad()
-            step += 1
-            if step == save_at:
-                accelerator.save_state(state_dir)
-            if step == max_steps:
-                break
-        batches = loader
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach().clone()
-            for k, v in module.transformer.state_dict().items()}
-
-
 def accelerate_resumes(state_root: str) -> dict[str, Any]:
     layout = {"ring_degree": 2, "fsdp": True}
     runs = {}
     for optimizer in OPTIMIZERS:
         state_dir = str(Path(state_root) / optimizer)
-        straight = accelerate_fit(optimizer, STEPS, state_dir, layout, save_at=STOP)
-        runs[optimizer] = {"straight": straight, "resumed": accelerate_fit(optimizer, STEPS, state_dir, layout,
-                                                                          resume_at=STOP)}
+        straight = accelerate_fit(optimizer, STEPS, state_dir, save_at=STOP, layout=layout)
+        runs[optimizer] = {"straight": straight,
+                           "resumed": accelerate_fit(optimizer, STEPS, state_dir, resume_at=STOP, layout=layout)}
     return runs
 
 
@@ -216,27 +179,10 @@ def lora_save(path: str) -> dict[str, torch.Tensor]:
 @pytest.mark.timeout(200)
 def test_convert_writes_lora_adapters_that_diffusers_loads(tmp_path: Path) -> None:
     from cp_plugin.convert import convert
-    from exact import TEXT_DIM, flux_ids
-    from fixtures.models import tiny_flux
-    from recipe.lora import add_lora
-    from test_lora import LORA
+    from test_lora import assert_adapters_reproduce
 
     path = tmp_path / "lora.ckpt"
     state = run_distributed(lora_save, 2, str(path), init_process_group=False)[0]
     written = convert(path, tmp_path / "out")
     assert sorted(p.name for p in written["transformer"].iterdir()) == ["pytorch_lora_weights.safetensors"]
-    trained = tiny_flux()
-    add_lora(trained, LORA)
-    trained.load_state_dict(state)
-    reloaded = tiny_flux()
-    reloaded.load_lora_adapter(str(written["transformer"]), prefix="transformer",
-                               weight_name="pytorch_lora_weights.safetensors")
-    g = torch.Generator().manual_seed(0)
-    inputs = {"hidden_states": torch.randn(1, 64, 16, generator=g), "timestep": torch.tensor([0.3]),
-              "encoder_hidden_states": torch.randn(1, 8, TEXT_DIM, generator=g),
-              "pooled_projections": torch.randn(1, TEXT_DIM, generator=g), "img_ids": flux_ids(64),
-              "txt_ids": torch.zeros(8, 3)}
-    with torch.no_grad():
-        want, got, base = trained(**inputs).sample, reloaded(**inputs).sample, tiny_flux()(**inputs).sample
-    assert (got - want).abs().max() <= 1e-6 * want.abs().max(), "converted adapters give another output"
-    assert (base - want).abs().max() > 1e-3 * want.abs().max(), "the adapters change nothing: the test cannot fail"
+    assert_adapters_reproduce(state, written["transformer"], "converted adapters")
