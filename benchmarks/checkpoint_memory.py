@@ -25,8 +25,6 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
+from benchmarks.launch import relaunch_under_torchrun
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh, checkpoint
 from cp_plugin.fsdp import full_model_state, full_optimizer_state, shard_module
@@ -174,12 +173,7 @@ def main() -> None:
     if "RANK" in os.environ:
         run_rank(args)
         return
-    command = "python -m benchmarks.checkpoint_memory " + " ".join(sys.argv[1:])
-    subprocess.run(
-        ["torchrun", "--standalone", f"--nproc-per-node={args.world}", "-m", "benchmarks.checkpoint_memory",
-         *sys.argv[1:], "--command", command.strip()],
-        check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    relaunch_under_torchrun("benchmarks.checkpoint_memory", args.world)
 
 
 if __name__ == "__main__":

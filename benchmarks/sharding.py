@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.launch import relaunch_under_torchrun
 from benchmarks.measure import storages
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh
@@ -121,12 +120,7 @@ def main() -> None:
     if "RANK" in os.environ:
         run_rank(args)
         return
-    command = "python -m benchmarks.sharding " + " ".join(sys.argv[1:])
-    subprocess.run(
-        ["torchrun", "--standalone", f"--nproc-per-node={args.world}", "-m", "benchmarks.sharding", *sys.argv[1:],
-         "--command", command.strip()],
-        check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    relaunch_under_torchrun("benchmarks.sharding", args.world)
 
 
 if __name__ == "__main__":
