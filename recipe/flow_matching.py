@@ -123,9 +123,9 @@ class FlowMatching(L.LightningModule):
 
     def noise_and_times(self, indices: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's noise and logit-normal time, from its own generator (see the module docstring)."""
-        noise, times = [], []
+        noise, times, draws = [], [], int(self.draws)  # one read of the count (a device sync on a GPU)
         for index in indices.tolist():
-            generator = torch.Generator(x0.device).manual_seed(hash((self.seed, int(self.draws), index)) % 2**63)
+            generator = torch.Generator(x0.device).manual_seed(hash((self.seed, draws, index)) % 2**63)
             noise.append(torch.randn(x0.shape[1:], generator=generator, device=x0.device))
             times.append(torch.sigmoid(torch.randn((), generator=generator, device=x0.device)))
         self.draws += 1

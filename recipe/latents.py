@@ -75,7 +75,7 @@ def latent_cache(data: LatentsConfig, model: ModelConfig) -> LatentCache:
     return cache
 
 
-def cache_settings(chosen: Family, pipeline: DiffusionPipeline, data: LatentsConfig) -> dict:
+def cache_settings(pipeline: DiffusionPipeline, data: LatentsConfig) -> dict:
     """What makes the cached tensors what they are: the encoders' configs, the prompt length, the buckets."""
     encoders = {name: {k: v for k, v in component.config.to_dict().items()
                        if not k.startswith("_") and k != "transformers_version"}
@@ -101,7 +101,7 @@ def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(model).to(device)
     check_buckets(chosen, pipeline, data)
-    settings = cache_settings(chosen, pipeline, data)
+    settings = cache_settings(pipeline, data)
     folder = Path(data.cache)
     claim(folder, {"family": chosen.name, "pretrained_path": model.pretrained_path, "settings": settings,
                    "fingerprint": fingerprint({"family": chosen.name, **settings})})
