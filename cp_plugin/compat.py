@@ -8,6 +8,7 @@ still runs, since most releases keep these names, and the warning says what to r
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,8 +21,13 @@ from diffusers.hooks.context_parallel import _get_submodule_by_name
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch.distributed.device_mesh import DeviceMesh
+from torch._decomp import decomposition_table
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.distributed_c10d import _get_default_store
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
 
 # (major, minor) versions the full test suite passed on.
 VERIFIED: dict[str, tuple[str, ...]] = {
@@ -32,7 +38,9 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
-    "ContextParallelInput", "ContextParallelOutput", "VERIFIED", "all_gather_tensor", "attention_backends",
+    "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
+    "decomposition", "quiet_fake_kernels", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
+    "tree_leaves", "tree_unflatten", "all_gather_tensor", "attention_backends",
     "check_versions", "collect_rng_states", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "foreach_norm", "hidden_optimizers", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
     "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
@@ -83,6 +91,48 @@ def all_gather_tensor(tensor: torch.Tensor, dim: int, group: Any) -> torch.Tenso
 def ddp_ignore_parameters(module: torch.nn.Module, names: list[str]) -> None:
     """Tell a DDP wrapper built later to leave these parameters alone (FSDP2 already shards them)."""
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+# The builtin behind ``F.scaled_dot_product_attention`` (which cp_plugin's routing replaces): what a
+# ``TorchFunctionMode`` sees for every SDPA call, and what routed calls fall back to.
+SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+# Symbolic probes (probe.py): fake tensors with a fresh symbol for every dimension (``ShapeEnv``
+# without duck sizing), and torch's decompositions for kernels that take no symbolic sizes.
+def symbolic_fake_mode() -> tuple[FakeTensorMode, ShapeEnv]:
+    env = ShapeEnv(duck_shape=False)
+    return FakeTensorMode(shape_env=env, allow_non_fake_inputs=True), env
+
+
+def symbolic_fake(mode: FakeTensorMode, x: torch.Tensor) -> torch.Tensor:
+    """A fake ``x`` (a real or meta tensor) whose every dimension is a new symbol, on ``x``'s device."""
+    return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim()))
+
+
+def size_expr(env: ShapeEnv, size: Any) -> Any:
+    """A (symbolic) size as a sympy expression in the probe's symbols, after the equalities found so far."""
+    import sympy
+
+    return env.simplify(size.node.expr) if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+@contextmanager
+def quiet_fake_kernels() -> Iterator[None]:
+    """Fake tensors log each kernel that fails on symbolic sizes (``torch._subclasses.fake_tensor``); the
+    probe retries those decomposed, so the log would only alarm."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def decomposition(op: Any) -> Callable[..., Any] | None:
+    """torch's decomposition of an aten op into simpler ones, if it has one."""
+    return decomposition_table.get(op)
 
 
 # Attention kernels that also return the log-sum-exp, called with positional arguments.

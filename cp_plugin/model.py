@@ -26,12 +26,11 @@ from diffusers import ContextParallelConfig
 from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
-from cp_plugin.attention.dispatch import AttentionCall, RoutedParallelConfig, enter_attention, exit_attention
-from cp_plugin.attention.dispatch import install_attention_routing
+from cp_plugin.attention.dispatch import RoutedParallelConfig, install_attention_routing
 from cp_plugin.compat import ContextParallelInput, ContextParallelOutput, submodules_by_name
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
-from cp_plugin.padding import SequencePadding
+from cp_plugin.padding import IMAGE, TEXT, SequencePadding
 from cp_plugin.plans import DerivedPlan, Plan, attention_modules, resolve_plans
 from cp_plugin.sequence import gather_sequence
 from cp_plugin.streams import BlockStreams, ForwardScope, OutputGather, StreamState
@@ -94,34 +93,6 @@ class _PaddingScope(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.padding.reset()
         return args, kwargs
-
-
-class _AttentionScope(ModelHook):
-    """Around an attention module: whether it was given ``encoder_hidden_states`` (cross or joint attention).
-
-    The padding mask needs it only when local text and image lengths are equal (see ``padding.py``).
-    In a model with a derived plan it also announces the call to the attention routing while a
-    block runs (``attention/dispatch.py``), with the inputs that tell a joint call's order.
-    """
-
-    def __init__(self, config: RoutedParallelConfig, derived: bool) -> None:
-        super().__init__()
-        self.config, self.padding, self.derived = config, config.padding, derived
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        self.padding.attending_text = text is not None
-        if self.derived:
-            routed = self.padding.in_blocks > 0
-            enter_attention(AttentionCall(self.config, module, hidden, text) if routed else None)
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.padding.attending_text = False
-        if self.derived:
-            exit_attention()
-        return output
 
 
 def routed_attention_modules(model: torch.nn.Module, plan: Plan | DerivedPlan) -> list[tuple[str, torch.nn.Module]]:
@@ -216,25 +187,20 @@ def apply_context_parallel(
         config.cp_mesh, config.padding = mesh, SequencePadding(mesh.cp_size, mesh.cp_rank)
         config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(device),
                      mesh=mesh.device_mesh)
-        derived = isinstance(plan, DerivedPlan)
-        scoped = attention_modules(model) if derived else routed_attention_modules(model, plan)
-        for _, attn in scoped:
-            if not derived:
-                attn.processor._parallel_config = config
-            HookRegistry.check_if_exists_or_initialize(attn).register_hook(
-                _AttentionScope(config, derived), f"{_HOOK_PREFIX}attention_scope"
-            )
-        if derived:
-            _attach_derived(model, plan, config, mesh)
+        if isinstance(plan, DerivedPlan):
+            _attach_derived(model, plan, config)
         else:
+            config.padding.joint_order = (TEXT, IMAGE)  # diffusers' plans split text-first models (Flux, QwenImage)
+            for _, attn in routed_attention_modules(model, plan):
+                attn.processor._parallel_config = config
             _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
         model._cp_plugin_mesh = mesh
     return list(plans)
 
 
-def _attach_derived(model: torch.nn.Module, plan: DerivedPlan, config: RoutedParallelConfig, mesh: ParallelMesh) -> None:
+def _attach_derived(model: torch.nn.Module, plan: DerivedPlan, config: RoutedParallelConfig) -> None:
     blocks = [(f"{name}.{i}", block) for name in plan.block_lists for i, block in enumerate(model.get_submodule(name))]
-    state = StreamState(plan.model, len(blocks), config.padding, mesh)
+    state = StreamState(plan.model, len(blocks), config)
     for name, block in blocks:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockStreams(state, name), f"{_HOOK_PREFIX}{name}")
     for name, child in model.named_children():

@@ -9,30 +9,30 @@ Ulysses and the ring carry along with the keys, forward and backward. Padded *qu
 nobody reads: the output gather trims them off, so the loss and every gradient are those of the
 unpadded sequences, exactly (the padded rows receive zero gradient).
 
-Two sequences may be split in one forward: the image/video tokens (``hidden_states`` and what is
-split alongside it: position ids, RoPE tables, per-token timesteps) and the text tokens
-(``encoder_hidden_states*``, ``txt_*``, the text mask) when a plan splits them. Inputs a plan
-names by output index (a RoPE module's outputs) are matched to a sequence by length. The local
-keys of an attention call are then the local image tokens (self-attention), the local text tokens
-(cross-attention to split text) or both, in the order the processor concatenates them (text first
-in Flux, image first in SD3; the attention routing finds out, see ``attention/dispatch.py``); an
-attention module given ``encoder_hidden_states`` settles the one ambiguous case (equal local text
-and image lengths). Where text and image would get equal local lengths from different lengths, the
-text gets one more padded token per rank, so that a local length always names its sequence.
+A forward may split several token streams: the image/video tokens and the text tokens of a
+``_cp_plan`` (``hidden_states`` and ``encoder_hidden_states*``/``txt_*``, named ``"image"`` and
+``"text"``), or every stream a derived plan finds entering the blocks (image and caption refiners,
+control latents), each under its own name. The local keys of an attention call are one stream's
+local tokens or several streams' together, in the model's *joint order* (text first in Flux, image
+first in SD3; learned from the model, see ``streams.py``). So that a local token count always
+names its streams, a stream whose local length would tie with an earlier stream of another length
+gets one more padded token per rank.
 
 The state lives for one forward of one model: a hook at the model's entry resets it, and it stays
 until the next forward so that activation checkpointing recomputes blocks with the same mask (run
-a forward's backward before the model's next forward, as training does).
+a forward's backward before the model's next forward, as training does). The joint order is the
+model's and is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 TEXT_INPUTS = ("encoder_hidden_states", "encoder_attention_mask", "txt_")
+IMAGE, TEXT = "image", "text"
 
 
 def is_text_input(name: object) -> bool:
@@ -42,57 +42,86 @@ def is_text_input(name: object) -> bool:
 
 @dataclass
 class SequencePadding:
-    """The sequences split in the current forward of one model, and this rank's place in the CP group."""
+    """The token streams split in the current forward of one model, and this rank's place in the CP group."""
 
     cp_size: int
     cp_rank: int
-    image_length: int | None = None  # unpadded lengths of the sequences split in this forward
-    text_length: int | None = None
-    lengths: set[int] = field(default_factory=set)  # every split length, named or matched later
-    attending_text: bool = False  # the running attention module was given encoder_hidden_states
-    joint_order: str | None = None  # "text_first" / "image_first" once known (it is the model's, kept)
+    lengths: dict[str, int] = field(default_factory=dict)  # stream -> unpadded length, in order of splitting
+    extra: dict[str, int] = field(default_factory=dict)  # stream -> padded tokens beyond the next multiple of cp
+    unnamed: set[int] = field(default_factory=set)  # lengths split under no stream's name (matched by length)
+    joint_order: tuple[str, ...] | None = None  # the order of streams in joint tensors, once known (kept)
     in_blocks: int = 0  # > 0 while a block of a derived plan runs (its attention calls are routed)
-    text_extra: int = 0  # one more token per rank for text that would tie with the image (set on registration)
 
     def reset(self) -> None:
-        self.image_length = self.text_length = None
-        self.lengths = set()
-        self.text_extra = self.in_blocks = 0
+        self.lengths, self.extra, self.unnamed = {}, {}, set()
+        self.in_blocks = 0
+
+    # lengths -------------------------------------------------------------------------------------
+    def _rounded(self, length: int) -> int:
+        return -(-length // self.cp_size) * self.cp_size
+
+    def padded_stream(self, stream: str) -> int:
+        """Stream ``stream``'s padded length: the next multiple of the CP size, plus its extra tokens."""
+        return self._rounded(self.lengths[stream]) + self.extra[stream]
+
+    def local_stream(self, stream: str) -> int:
+        """This rank's share of stream ``stream``, padding included."""
+        return self.padded_stream(stream) // self.cp_size
 
     def padded(self, length: int) -> int:
-        """``length`` padded to a multiple of the CP size (text one block more where it would tie with the image)."""
-        rounded = -(-length // self.cp_size) * self.cp_size
-        return rounded + self.text_extra if length == self.text_length and length != self.image_length else rounded
+        """A split ``length``-token sequence padded: as the stream of that length, else to a multiple of cp."""
+        for stream, known in self.lengths.items():
+            if known == length:
+                return self.padded_stream(stream)
+        return self._rounded(length)
 
     def local_length(self, length: int) -> int:
         """This rank's share of a split ``length``-token sequence, padding included."""
         return self.padded(length) // self.cp_size
 
-    def local_lengths(self) -> set[int]:
-        """What a local token count can be in this forward: this rank's image tokens, text tokens, or both."""
-        if self.image_length is None:
-            return set()
-        image = self.local_length(self.image_length)
-        if self.text_length is None:
-            return {image}
-        text = self.local_length(self.text_length)
-        return {image, text, image + text}
+    def composition(self, local: int) -> tuple[str, ...] | None:
+        """Which streams ``local`` tokens of this rank are: one stream, or all of them in the joint order."""
+        for stream in self.lengths:
+            if self.local_stream(stream) == local:
+                return (stream,)
+        order = self.joint_order
+        if order and all(s in self.lengths for s in order) and sum(map(self.local_stream, order)) == local:
+            return order
+        return None
 
-    def register(self, kind: str, length: int, where: str) -> None:
-        """Note that the ``kind`` ("image" or "text") sequence of ``length`` tokens is split in this forward."""
-        known = getattr(self, f"{kind}_length")
-        if known not in (None, length):
+    def register(self, stream: str, length: int, where: str) -> None:
+        """Note that ``stream`` (``length`` tokens) is split in this forward.
+
+        A stream whose local length would equal an earlier stream's (of another length), the sum of
+        two of them, or make a sum with one that equals another, gets one more padded token per rank
+        until it does not.
+        """
+        known = self.lengths.get(stream)
+        if known is not None:
+            if known != length:
+                raise ValueError(
+                    f"two {stream} sequences of {known} and {length} tokens were split in one forward of {where}; "
+                    f"cp_plugin pads each token stream to one length per forward. Split inputs of the same stream "
+                    "must have the same length"
+                )
+            return
+        others = [self.local_stream(s) for s in self.lengths if self.lengths[s] != length]
+        pairs = list(itertools.combinations(others, 2))
+        taken = {*others, *(a + b for a, b in pairs), *(abs(a - b) for a, b in pairs)}
+        self.lengths[stream], self.extra[stream] = length, 0
+        while self.local_stream(stream) in taken:
+            self.extra[stream] += self.cp_size
+
+    def set_joint_order(self, order: tuple[str, ...], where: str) -> None:
+        """Keep the order in which the model concatenates streams; a model that uses two orders is refused."""
+        if self.joint_order is not None and set(self.joint_order) == set(order) and self.joint_order != order:
             raise ValueError(
-                f"two {kind} sequences of {known} and {length} tokens were split in one forward of {where}; cp_plugin "
-                "pads one image/video and one text sequence per forward. Split inputs of the same kind must have "
-                "the same length"
+                f"{where} concatenates its token streams as {' + '.join(order)} after "
+                f"{' + '.join(self.joint_order)} elsewhere; cp_plugin supports one joint order per model, pass cp_plan"
             )
-        if kind == "text" and known is None and self.image_length not in (None, length):
-            # Decided once, when the text is split after the image (every plan splits the image first).
-            self.text_extra = self.cp_size if self.padded(length) == self.padded(self.image_length) else 0
-        setattr(self, f"{kind}_length", length)
-        self.lengths.add(length)
+        self.joint_order = order
 
+    # padding ------------------------------------------------------------------------------------
     def pad_to_split(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         """``x`` (``length`` tokens along ``dim``) padded with zeros (False) to :meth:`padded` ``(length)``."""
         extra = self.padded(length) - length
@@ -103,49 +132,41 @@ class SequencePadding:
         return torch.cat([x, x.new_zeros(shape)], dim)
 
     def pad(self, x: torch.Tensor, dim: int, name: object, where: str) -> torch.Tensor:
-        """``x`` padded with zeros along ``dim`` to a multiple of cp (unchanged if cp divides it)."""
+        """A ``_cp_plan`` input ``name`` padded along ``dim`` to a multiple of cp (unchanged if cp divides it)."""
         length = x.size(dim)
-        kind = "text" if is_text_input(name) else "image" if name == "hidden_states" else None
-        if kind is not None:
-            self.register(kind, length, f"{where} ('{name}')")
-        self.lengths.add(length)
+        stream = TEXT if is_text_input(name) else IMAGE if name == "hidden_states" else None
+        if stream is not None:
+            self.register(stream, length, f"{where} ('{name}')")
+        else:
+            self.unnamed.add(length)
         return self.pad_to_split(x, dim, length)
 
-    def _local_valid(self, length: int, batch: int, device: torch.device) -> torch.Tensor:
-        """``(batch, padded / cp)``: which of this rank's tokens of a ``length``-token sequence are real."""
-        local = self.local_length(length)
-        valid = min(max(length - self.cp_rank * local, 0), local)
+    def _local_valid(self, stream: str, batch: int, device: torch.device) -> torch.Tensor:
+        """``(batch, local)``: which of this rank's tokens of ``stream`` are real."""
+        local = self.local_stream(stream)
+        valid = min(max(self.lengths[stream] - self.cp_rank * local, 0), local)
         return (torch.arange(local, device=device) < valid).expand(batch, local)
 
-    def key_mask(
-        self, keys: int, batch: int, device: torch.device, joint_order: Callable[[], str] = lambda: "text_first"
-    ) -> torch.Tensor | None:
-        """This rank's key-padding mask ``(batch, keys)`` (True = attend), or None if no key is padding.
+    def needs_mask(self) -> bool:
+        """Whether any split sequence of this forward holds padding."""
+        return any(self.padded(n) != n for n in (*self.lengths.values(), *self.unnamed))
 
-        The local keys are the local image tokens, the local text tokens, or both in the order
-        ``joint_order()`` gives (asked only then; diffusers' own plans split text-first models).
-        """
-        if all(self.padded(length) == length for length in self.lengths):
+    def key_mask(self, keys: int, batch: int, device: torch.device) -> torch.Tensor | None:
+        """This rank's key-padding mask ``(batch, keys)`` (True = attend), or None if no key is padding."""
+        if not self.needs_mask():
             return None
-        image, text = self.image_length, self.text_length
-        image_local = None if image is None else self.local_length(image)
-        text_local = None if text is None else self.local_length(text)
-        if image_local == keys and not (self.attending_text and text_local == keys):
-            return self._local_valid(image, batch, device)
-        if text_local == keys:
-            return self._local_valid(text, batch, device)
-        if image_local is not None and text_local is not None and keys == text_local + image_local:
-            parts = [self._local_valid(text, batch, device), self._local_valid(image, batch, device)]
-            return torch.cat(parts[::-1] if joint_order() == "image_first" else parts, 1)
-        raise ValueError(
-            f"context-parallel attention got {keys} keys per rank, which is neither this rank's {image_local} image "
-            f"tokens, its {text_local} text tokens, nor both; cp_plugin masks padding in self-, cross- and joint "
-            "attention over the sequences a plan splits"
-        )
+        streams = self.composition(keys)
+        if streams is None:
+            raise ValueError(
+                f"context-parallel attention got {keys} keys per rank, which is neither one stream's local tokens "
+                f"({', '.join(f'{s} {self.local_stream(s)}' for s in self.lengths)}) nor all of them in the model's "
+                "joint order; cp_plugin masks padding in self-, cross- and joint attention over the streams a plan splits"
+            )
+        return torch.cat([self._local_valid(s, batch, device) for s in streams], 1)
 
     def trim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """A gathered full sequence without its padding."""
-        for length in (self.image_length, self.text_length):
-            if length is not None and x.size(dim) == self.padded(length) != length:
+        """A gathered full sequence of one stream without its padding."""
+        for stream, length in self.lengths.items():
+            if x.size(dim) == self.padded_stream(stream) != length:
                 return x.narrow(dim, 0, length)
         return x

@@ -1,101 +1,136 @@
 """A derived plan at run time: split the token streams where they enter the blocks, gather after the last.
 
-The first block to run in a forward names the streams: its ``hidden_states`` (``(B, S, C)``, the
-image/video tokens) and, if given, its ``encoder_hidden_states`` (``(B, T, C)``, the text). Every
-block then splits, at its entry, whatever it is handed at full length:
+At every block's entry, its inputs are split by their roles, which a symbolic probe of that block
+finds (``probe.py``, once per block class and input structure): which inputs index tokens, along
+which dimension, and which token sequences. A sequence the block takes attention queries from is a
+*stream*, split over the CP group; so is a sequence of keys concatenated with one. A sequence that
+only gives keys and values (the text of cross-attention) stays whole: each rank's queries attend all
+of it. Names and sizes decide nothing, so streams enter under any keyword or position (image and
+caption refiners, control blocks), and a rotary table of 16 tokens and head dim 16 is split along
+its tokens.
 
-- the streams themselves (a model may hand a forward local to several block lists, as Wan VACE
-  does to its control blocks and its main blocks);
-- every other tensor with one dimension of length ``S``, ``T`` or ``S + T``: rotary tables
-  ``(S, D)``, ``(1, S, 1, D)``, ``(B, S, D)``; per-token modulation ``(B, S, C)``, ``(B, 6, S, C)``;
-  control latents ``(B, S, C)``; masks ``(B, T)``, ``(B, 1, 1, S + T)``. A joint ``S + T`` tensor is
-  split part by part, in the order a joint mask's values give (its image part attends everything:
-  HunyuanVideo's mask is image first, Chroma's and its rotary table text first);
-- a tensor with two such dimensions (a ``(1, 1, S, S)`` block-causal mask) stays whole: the
-  attention takes each rank's rows and each block's columns.
+Each sequence of a block is bound to streams:
 
-Sequences the CP size does not divide are padded and masked (``padding.py``). A tensor this hook
-produced, or a block returned, is never split again. The last block of a forward (the one that
-completes the count of blocks, remembered for later forwards and activation-checkpoint
-recomputes) ends the split region: the first of the model's other children called after it (its
-output norm or projection) gathers the sharded tensors it is given, trimmed, so everything from
-there on runs on whole sequences, as on one process. A length that could be either stream, or a dimension that could be a
-feature, is refused with the plan entry to write instead.
+- an input this forward already split (a previous block's output, or something the model computed
+  from one: every op outside the blocks that reads a split tensor gives a split tensor) binds its
+  sequence to the streams it holds, told by its local length (``padding.py`` keeps them distinct);
+- otherwise the first input holding the sequence whole names a new stream, and is split.
+
+Every other whole input indexing a stream is split along that dimension: one stream's shard, or a
+joint sequence part by part in the block's order (a concatenation inside the block shows it, see
+``probe.py``; or, for a joint stream the model concatenated between blocks, the values of the split
+streams it was made of). A ``(queries, keys)`` mask over a whole stream stays whole: the attention
+takes this rank's rows. Sequences the CP size does not divide are padded and masked.
+
+The last block of a forward (the one that completes the count of blocks, remembered for later
+forwards and activation-checkpoint recomputes) ends the split region: the first of the model's other
+children called after it (its output norm or projection) gathers the split tensors it is given, so
+everything from there on runs on whole sequences, as on one process.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from diffusers.hooks.hooks import ModelHook
+from torch.overrides import TorchFunctionMode
 
+from cp_plugin.attention.dispatch import AttentionCall, RoutedParallelConfig, enter_attention, exit_attention
 from cp_plugin.attention.dispatch import reset_attention_calls
-from cp_plugin.attention.masks import MASKED_BIAS
-from cp_plugin.mesh import ParallelMesh
-from cp_plugin.padding import SequencePadding
+from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
 from cp_plugin.plans import PLAN_HINT
+from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, probe_block
 from cp_plugin.sequence import gather_sequence, local_shard
 
-STREAMS = {"hidden_states": "image", "encoder_hidden_states": "text"}
+
+# Probe results, by block structure and input structure: a block class with the same submodules,
+# weight shapes and processors relates its inputs the same way in every model instance.
+_ROLES: dict[Any, BlockRoles] = {}
+
+
+def _structure(block: torch.nn.Module) -> tuple:
+    """What a block's data flow depends on: its submodules, their weights' shapes and attention processors."""
+    return tuple(
+        (name, type(m).__qualname__, type(getattr(m, "processor", None)).__qualname__,
+         tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
+        for name, m in block.named_modules()
+    )
 
 
 class StreamState:
-    """What one forward of one model has split so far, shared by all its block hooks."""
+    """What one forward of one model has split so far, shared by its hooks; the block roles are kept."""
 
-    def __init__(self, model: str, total_blocks: int, padding: SequencePadding, mesh: ParallelMesh) -> None:
-        self.model, self.total_blocks, self.padding, self.mesh = model, total_blocks, padding, mesh
-        self.calls = 0
-        self.blocks_done = self.gathered = False
-        self.last_block: torch.nn.Module | None = None
-        self.local: dict[int, torch.Tensor] = {}  # id -> tensor produced under the split (never split again)
+    def __init__(self, model: str, total_blocks: int, config: RoutedParallelConfig) -> None:
+        self.model, self.total_blocks, self.config = model, total_blocks, config
+        self.padding, self.mesh = config.padding, config.cp_mesh
+        self.calls, self.last_block = 0, None
+        self.running: list[tuple[BlockRoles, Iterator[int]]] = []  # the blocks running now, innermost last
+        self.reset()
 
     def reset(self) -> None:
-        self.calls, self.blocks_done, self.gathered, self.local = 0, False, False, {}
+        self.blocks_done = self.gathered = self.tracking = False
+        self.local: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.token_dim: dict[int, int] = {}  # id of a split tensor -> the dimension that holds its tokens
+        self.outputs: list[weakref.ref[torch.Tensor]] = []  # block outputs: the parts a joint stream is made of
+        self.splits: dict[tuple[int, int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def is_local(self, x: torch.Tensor) -> bool:
-        return self.local.get(id(x)) is x
+    def is_local(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and self.local.get(id(x)) is x
 
-    def mark_local(self, x: Any) -> Any:
-        for t in _tensors(x):
-            self.local[id(t)] = t
+    def mark_local(self, x: torch.Tensor, dim: int | None) -> torch.Tensor:
+        self.local[id(x)] = x
+        if dim is not None:
+            self.token_dim[id(x)] = dim
         return x
+
+    def next_attention(self) -> tuple[Parts, Parts] | None:
+        """The probe's (queries, keys) sequences of the attention call the running block makes now."""
+        if not self.running:
+            return None
+        roles, counter = self.running[-1]
+        index = next(counter)
+        return roles.attention[index] if index < len(roles.attention) else None
+
+
+class _Locality(TorchFunctionMode):
+    """Outside the blocks, every op that reads a split tensor gives a split tensor (in the same dimension)."""
+
+    def __init__(self, state: StreamState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        state = self.state
+        if state.tracking and not state.padding.in_blocks and len(state.local):
+            source = next((x for x in _shallow(args, kwargs) if state.is_local(x)), None)
+            if source is not None:
+                dim = state.token_dim.get(id(source))
+                for t in _tensors(out):
+                    state.mark_local(t, dim if t.dim() == source.dim() else None)
+        return out
+
+
+def _shallow(args: tuple, kwargs: dict | None) -> Iterator[Any]:
+    """The arguments of an op, one level of lists and tuples deep (``torch.cat``'s tensors)."""
+    for value in itertools.chain(args, (kwargs or {}).values()):
+        if isinstance(value, (list, tuple)):
+            yield from value
+        else:
+            yield value
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for item in x for t in _tensors(item)]
-    return []
-
-
-def _map(x: Any, fn: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return fn(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map(item, fn) for item in x)
-    return x
-
-
-def _sequence_dims(x: torch.Tensor, full: set[int]) -> list[int]:
-    """The dims of ``x`` whose size is a full stream length, less a float tensor's feature (last) dim.
-
-    The last dim of a float tensor holds features (rotary tables, modulation), unless the tensor is
-    an additive mask over keys (0 where attended, a large negative bias where not) or the keys of a
-    ``(queries, keys)`` mask.
-    """
-    dims = [d for d in range(x.dim()) if x.shape[d] in full]
-    last = x.dim() - 1
-    if x.is_floating_point() and dims and dims[-1] == last and dims[-2:] != [last - 1, last]:
-        if len(dims) > 1 or not bool(((x == 0) | (x <= MASKED_BIAS)).all()):
-            dims.pop()
-    return dims
+    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
 class BlockStreams(ModelHook):
-    """On every block of a derived plan: split full-length inputs; note when the last block has run."""
+    """Around every block of a derived plan: split its whole inputs by their roles, route its attention."""
 
     def __init__(self, state: StreamState, name: str) -> None:
         super().__init__()
@@ -103,125 +138,185 @@ class BlockStreams(ModelHook):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.params = list(inspect.signature(module.forward).parameters)
+        self.structure: tuple | None = None
         return module
 
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        tracking, state.tracking = state.tracking, False
+        try:
+            args, kwargs, roles = self._enter(module, args, kwargs)
+        finally:
+            state.tracking = tracking
+        state.running.append((roles, itertools.count()))
+        state.padding.in_blocks += 1
+        enter_attention(AttentionCall(state.config, state))
+        try:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            exit_attention()
+            state.padding.in_blocks -= 1
+            state.running.pop()
+        return self._exit(module, output, roles)
+
     # entry ------------------------------------------------------------------------------------
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    def _names(self, args: tuple, kwargs: dict) -> list[str]:
+        """A readable name per flattened input: the parameter, then the place inside it."""
+        names = []
+        for path, _ in tree_flatten_with_path((args, kwargs))[0]:
+            head, rest = path[1], path[2:]
+            name = self.params[head.idx] if path[0].idx == 0 and head.idx < len(self.params) else str(
+                getattr(head, "key", getattr(head, "idx", head)))
+            names.append(name + "".join(str(p) for p in rest))
+        return names
+
+    def _enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, BlockRoles]:
+        state = self.state
+        leaves, spec = tree_flatten((args, kwargs))
+        names = self._names(args, kwargs)
+        if self.structure is None:
+            self.structure = _structure(module)
+        key = (type(module), self.structure, spec,
+               tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves))
+        roles = _ROLES.get(key)
+        if roles is None:
+            where = f"{state.model} block '{self.name}' ({type(module).__name__})"
+            shapes = [self._whole_shape(x) if state.is_local(x) else None for x in leaves]
+            try:
+                roles = probe_block(self.fn_ref.original_forward, args, kwargs, names, where, shapes)
+            except ProbeError as err:
+                raise ValueError(f"{err}; {PLAN_HINT}") from err
+            _ROLES[key] = roles
+        streams = self._bind(roles, leaves, names)
+        split = [self._split(x, dims, streams, name) for x, dims, name in zip(leaves, roles.inputs, names)]
+        new_args, new_kwargs = tree_unflatten(split, spec)
+        return new_args, new_kwargs, roles
+
+    def _whole_shape(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        """A split input's shape on one process: its token dimension as long as the streams it holds."""
+        dim = self.state.token_dim.get(id(x))
+        if dim is None:
+            return None
+        shape = list(x.shape)
+        shape[dim] = sum(self.state.padding.lengths[s] for s in self._composition(x, dim))
+        return tuple(shape)
+
+    def _bind(self, roles: BlockRoles, leaves: list[Any], names: list[str]) -> dict[str, tuple[str, ...]]:
+        """Each token sequence of the block -> the streams it is: from split inputs, else new streams."""
         state, padding = self.state, self.state.padding
-        named = {**dict(zip(self.params, args)), **kwargs}
-        if padding.image_length is None:
-            self._name_streams(named)
-        padding.in_blocks += 1
-        for value in named.values() if padding.joint_order is None else ():
-            for t in _tensors(value):  # masks first: they tell the order of joint tensors (e.g. rotary tables)
-                if t.dtype == torch.bool and not state.is_local(t):
-                    self._mask_order(t)
-        args = tuple(self._split(name, value) for name, value in zip(self.params, args))
-        kwargs = {name: self._split(name, value) for name, value in kwargs.items()}
-        return args, kwargs
+        streams: dict[str, tuple[str, ...]] = {}
+        for x, dims in zip(leaves, roles.inputs):
+            if state.is_local(x):
+                for d in dims:
+                    if len(d.parts) == 1 and d.parts[0] not in streams:
+                        streams[d.parts[0]] = self._composition(x, d.dim)
+        for sequence in roles.sequences:
+            if sequence in streams:
+                continue
+            found = next(((x, d, name) for x, dims, name in zip(leaves, roles.inputs, names) if not state.is_local(x)
+                          for d in dims if d.parts == (sequence,)), None)
+            if found is None:
+                raise ValueError(
+                    f"{state.model}: block '{self.name}' takes a token sequence only as part of joint inputs, never "
+                    f"on its own, so the stream to split is unknown; {PLAN_HINT}"
+                )
+            x, d, name = found
+            stream = f"{self.name.rsplit('.', 1)[0]}.{name}"
+            padding.register(stream, x.shape[d.dim], f"{state.model}.{self.name}")
+            streams[sequence] = (stream,)
+        joint = [d.parts for dims in roles.inputs for d in dims] + [p for call in roles.attention for p in call]
+        for parts in joint:
+            order = tuple(s for p in parts for s in streams[p])
+            if len(order) > 1:
+                padding.set_joint_order(order, f"{state.model} block '{self.name}'")
+        return streams
 
-    def _name_streams(self, named: dict[str, Any]) -> None:
+    def _composition(self, x: torch.Tensor, dim: int) -> tuple[str, ...]:
+        """The streams a split input holds along ``dim``: by its local length, or, for a joint stream the
+        model concatenated between blocks in an order not yet seen, by which block outputs its parts equal."""
         padding = self.state.padding
-        for name, kind in STREAMS.items():
-            value = named.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() == 3:
-                padding.register(kind, value.shape[1], f"{self.state.model}.{self.name}")
-        if padding.image_length is None:
-            raise ValueError(f"{self.state.model}: block '{self.name}' got no (batch, tokens, channels) hidden_states, "
-                             f"so the token stream to split is unknown; {PLAN_HINT}")
+        found = padding.composition(x.shape[dim])
+        if found is None:
+            found = self._joint_from_outputs(x, dim)
+            if found is not None:
+                padding.set_joint_order(found, f"{self.state.model} before block '{self.name}'")
+        if found is None:
+            raise ValueError(
+                f"{self.state.model}: block '{self.name}' gets {x.shape[dim]} split tokens along dim {dim}, which is "
+                f"neither one stream's share ({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}) "
+                f"nor a concatenation of them that cp_plugin can order; {PLAN_HINT}"
+            )
+        return found
 
-    def _split(self, name: str, value: Any) -> Any:
-        if name in STREAMS and isinstance(value, torch.Tensor):
-            length = getattr(self.state.padding, f"{STREAMS[name]}_length")
-            if value.dim() == 3 and value.shape[1] == length and not self.state.is_local(value):
-                return self.state.mark_local(self._shard(value, 1, length))
-            return value
-        return _map(value, lambda t: self._follow(name, t))
+    def _joint_from_outputs(self, x: torch.Tensor, dim: int) -> tuple[str, ...] | None:
+        padding = self.state.padding
+        outputs = [t for ref in self.state.outputs if (t := ref()) is not None and t.dim() == x.dim()]
+        for first, second in itertools.permutations(padding.lengths, 2):
+            head, tail = padding.local_stream(first), padding.local_stream(second)
+            if head + tail != x.shape[dim]:
+                continue
+            parts = x.narrow(dim, 0, head), x.narrow(dim, head, tail)
+            if all(any(t.shape == p.shape and torch.equal(t, p) for t in outputs) for p in parts):
+                return first, second
+        return None
 
-    def _follow(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Split ``x`` (block input ``name``) along the one dimension that has a full stream length, if any."""
-        padding, state = self.state.padding, self.state
-        if state.is_local(x):
+    def _split(self, x: Any, dims: tuple[TokenDim, ...], streams: dict[str, tuple[str, ...]], name: str) -> Any:
+        state, padding = self.state, self.state.padding
+        if not dims or not isinstance(x, torch.Tensor) or state.is_local(x):
             return x
-        image, text = padding.image_length, padding.text_length
-        dims = _sequence_dims(x, {image, text, None if text is None else image + text} - {None})
-        if not dims:
-            return x
-        if len(dims) == 2 and x.shape[dims[0]] == x.shape[dims[1]] and dims[0] == x.dim() - 2:
-            return x  # a mask over (queries, keys) of the whole sequence: the attention slices it
+        if len(dims) == 2 and [d.dim for d in dims] == [x.dim() - 2, x.dim() - 1]:
+            return x  # a (queries, keys) mask over whole streams: the attention takes this rank's rows
         if len(dims) > 1:
             raise ValueError(
-                f"{state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} has several dimensions "
-                f"the length of a token stream ({image} image, {text} text tokens), so which one is the sequence is "
-                f"ambiguous; {PLAN_HINT}"
+                f"{state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} indexes tokens along "
+                f"dims {[d.dim for d in dims]}; cp_plugin splits one dimension per input (or keeps a (queries, keys) "
+                f"mask whole); {PLAN_HINT}"
             )
-        dim, length = dims[0], x.shape[dims[0]]
-        if length == image and length == text:
-            return state.mark_local(self._shard(x, dim, length))
-        if text is not None and length == image + text:
-            return state.mark_local(self._split_joint(name, x, dim))
-        return state.mark_local(self._shard(x, dim, length))
+        dim, order = dims[0].dim, tuple(s for p in dims[0].parts for s in streams[p])
+        full = sum(padding.lengths[s] for s in order)
+        if x.shape[dim] != full:
+            raise ValueError(
+                f"{state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} indexes the tokens of "
+                f"{' + '.join(order)} along dim {dim}, which are {full} in this forward; {PLAN_HINT}"
+            )
+        cached = state.splits.get((id(x), dim, order))
+        if cached is not None:
+            return cached[1]
+        if len(order) == 1:
+            local = self._shard(x, dim, full)
+        else:
+            parts = x.split([padding.lengths[s] for s in order], dim)
+            local = torch.cat([self._shard(part, dim, padding.lengths[s]) for part, s in zip(parts, order)], dim)
+        state.splits[id(x), dim, order] = (x, local)
+        return state.mark_local(local, dim)
 
     def _shard(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         padding = self.state.padding
         return local_shard(padding.pad_to_split(x, dim, length), dim, self.state.mesh, name=f"{self.name} input")
 
-    def _mask_order(self, mask: torch.Tensor) -> None:
-        """Learn the joint order from a mask over text and image tokens: its image part attends everything."""
-        padding = self.state.padding
-        image, text = padding.image_length, padding.text_length
-        dims = [] if text is None else [d for d in range(mask.dim()) if mask.shape[d] == image + text]
-        if len(dims) != 1:
-            return
-        image_first = bool(mask.narrow(dims[0], 0, image).all())
-        text_first = bool(mask.narrow(dims[0], text, image).all())
-        if image_first != text_first:
-            padding.joint_order = "image_first" if image_first else "text_first"
-
-    def _split_joint(self, name: str, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """A tensor over text and image tokens: each part split on its own, kept in the tensor's order.
-
-        The order is the one a joint mask showed (in this forward or an earlier one, or the one the
-        attention found); a mask that attends everything needs none.
-        """
-        padding, image, text = self.state.padding, self.state.padding.image_length, self.state.padding.text_length
-        order = padding.joint_order
-        if order is None and x.dtype == torch.bool and bool(x.all()):
-            # Attends everything, in either order: this rank's part does too (our padding mask, which
-            # the attention adds in the processor's order, masks the padded keys).
-            shape = list(x.shape)
-            shape[dim] = padding.local_length(image) + padding.local_length(text)
-            return x.new_ones(shape)
-        if order is None:
-            raise ValueError(
-                f"{self.state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} spans the text and "
-                "image tokens together, and no mask given to the blocks tells their order (one that masks some text "
-                f"does); {PLAN_HINT}"
-            )
-        lengths = (image, text) if order == "image_first" else (text, image)
-        parts = x.split(lengths, dim)
-        return torch.cat([self._shard(part, dim, length) for part, length in zip(parts, lengths)], dim)
-
     # exit -------------------------------------------------------------------------------------
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+    def _exit(self, module: torch.nn.Module, output: Any, roles: BlockRoles) -> Any:
         state = self.state
-        state.padding.in_blocks -= 1
+        for t, dims in zip(tree_flatten(output)[0], itertools.chain(roles.outputs, itertools.repeat(()))):
+            if isinstance(t, torch.Tensor):
+                state.mark_local(t, dims[0].dim if dims else None)
+                state.outputs.append(weakref.ref(t))
         if state.last_block is None:
             state.calls += 1
             if state.calls == state.total_blocks:
                 state.last_block = module
         if module is state.last_block:
             state.blocks_done = True
-        return state.mark_local(output)
+        return output
 
 
 class OutputGather(ModelHook):
-    """On the model's other children: the first one called after the last block gathers its sharded inputs.
+    """On the model's other children: the first one called after the last block gathers its split inputs.
 
     That is the output norm or projection in every DiT: what the forward does between the last
     block and it (adding Wan VACE's last control hint, concatenating CogVideoX's text and image for
     its final norm, slicing Chroma's text off) is per token and runs on the shards; what follows
-    runs on whole sequences, as on one process. A joint text + image input is put back in order.
+    runs on whole sequences, as on one process. A joint input is put back in order.
     """
 
     def __init__(self, state: StreamState, name: str) -> None:
@@ -232,50 +327,65 @@ class OutputGather(ModelHook):
         state = self.state
         if not state.blocks_done or state.gathered:
             return args, kwargs
-        args, kwargs = _map(args, self._gather), {k: _map(v, self._gather) for k, v in kwargs.items()}
+        tracking, state.tracking = state.tracking, False
+        try:
+            leaves, spec = tree_flatten((args, kwargs))
+            args, kwargs = tree_unflatten([self._gather(x) for x in leaves], spec)
+        finally:
+            state.tracking = tracking
         return args, kwargs
 
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        padding, mesh = self.state.padding, self.state.mesh
-        if x.dim() < 3 or not self.state.is_local(x) and x.shape[1] not in padding.local_lengths():
+    def _gather(self, x: Any) -> Any:
+        state, padding, mesh = self.state, self.state.padding, self.state.mesh
+        if not state.is_local(x):
             return x
-        image, text = padding.image_length, padding.text_length
-        s = padding.local_length(image)
-        t = None if text is None else padding.local_length(text)
-        self.state.gathered = True
-        if x.shape[1] == s:
-            return gather_sequence(x, 1, mesh).narrow(1, 0, image)
-        if x.shape[1] == t:
-            return gather_sequence(x, 1, mesh).narrow(1, 0, text)
-        order = padding.joint_order
+        dim = state.token_dim.get(id(x))
+        if dim is None:
+            raise ValueError(f"{state.model}: '{self.name}' gets a split input of shape {tuple(x.shape)} after the "
+                             f"blocks whose token dimension is unknown; {PLAN_HINT}")
+        order = padding.composition(x.shape[dim])
         if order is None:
-            raise ValueError(f"{self.state.model}: '{self.name}' gets text and image tokens together after the blocks, "
-                             f"and their order is unknown; {PLAN_HINT}")
-        lengths = (s, t) if order == "image_first" else (t, s)
-        full = (image, text) if order == "image_first" else (text, image)
-        per_rank = gather_sequence(x, 1, mesh).unflatten(1, (mesh.cp_size, s + t))
-        parts = per_rank.split(lengths, 2)
-        return torch.cat([p.flatten(1, 2).narrow(1, 0, n) for p, n in zip(parts, full)], 1)
+            raise ValueError(f"{state.model}: '{self.name}' gets {x.shape[dim]} split tokens after the blocks, which "
+                             f"are no stream's nor a known concatenation of them; {PLAN_HINT}")
+        state.gathered = True
+        gathered = gather_sequence(x, dim, mesh)
+        if len(order) == 1:
+            return gathered.narrow(dim, 0, padding.lengths[order[0]])
+        local = [padding.local_stream(s) for s in order]
+        per_rank = gathered.unflatten(dim, (mesh.cp_size, sum(local))).split(local, dim + 1)
+        return torch.cat([p.flatten(dim, dim + 1).narrow(dim, 0, padding.lengths[s]) for p, s in zip(per_rank, order)],
+                         dim)
 
 
 class ForwardScope(ModelHook):
-    """At a derived-plan model's entry and exit: a fresh split state, and a check that the streams came back whole."""
+    """Around a derived-plan model's forward: a fresh split state, split tensors followed between blocks,
+    and a check that the streams came back whole."""
 
     def __init__(self, state: StreamState) -> None:
         super().__init__()
         self.state = state
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.state.reset()
-        self.state.padding.reset()
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        state.reset()
+        state.padding.reset()
         reset_attention_calls()
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        if self.state.padding.image_length is not None and not self.state.gathered:
+        state.tracking = True
+        try:
+            with _Locality(state):
+                output = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            state.tracking = False
+        if not state.padding.lengths:
+            raise ValueError(
+                f"{state.model}: none of its blocks takes attention queries from a token sequence that a split can "
+                "follow (its tokens are reshaped into a grid, or attention is computed without SDPA or "
+                f"dispatch_attention_fn), so context parallelism would split nothing; {PLAN_HINT}"
+            )
+        if not state.gathered:
             raise RuntimeError(
-                f"{self.state.model} ran fewer of its {self.state.total_blocks} blocks in this forward than in its "
-                "first, so its split token streams were never gathered; run every block in every forward (e.g. no "
+                f"{state.model} ran fewer of its {state.total_blocks} blocks in this forward than in its first, so "
+                f"its split token streams were never gathered; run every block in every forward (e.g. no "
                 f"skip_layers) or {PLAN_HINT}"
             )
         return output

@@ -87,6 +87,21 @@ def train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[str, A
     return [train(*case) for case in cases]
 
 
+def try_train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[str, Any]]:
+    """Rank body for a sweep: like :func:`train_many`, but a case that raises gives ``{"error": ...}``.
+
+    A case's error comes from the same check on every rank (nothing is communicated before it), so the
+    ranks go on to the next case together.
+    """
+    results = []
+    for case in cases:
+        try:
+            results.append(train(*case))
+        except Exception as err:  # noqa: BLE001 - reported per case
+            results.append({"error": f"{type(err).__name__}: {err}"})
+    return results
+
+
 class DiTModule(L.LightningModule):
     """The same training, written for one process as a Lightning user would: step ``i`` draws step ``i``'s inputs."""
 

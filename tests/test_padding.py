@@ -79,7 +79,7 @@ def test_batches_of_mixed_lengths_match_one_process() -> None:
 
 def test_key_mask_marks_this_ranks_padding_in_image_text_and_joint_keys() -> None:
     cpu = torch.device("cpu")
-    last = SequencePadding(cp_size=4, cp_rank=3)
+    last = SequencePadding(cp_size=4, cp_rank=3, joint_order=("text", "image"))
     x = last.pad(torch.ones(1, 1001, 2), 1, "hidden_states", "test")
     assert x.shape == (1, 1004, 2) and x[:, 1001:].abs().sum() == 0
     mask = last.key_mask(251, batch=2, device=cpu)  # self-attention: 251 local image tokens, 3 of them padding
@@ -95,11 +95,11 @@ def test_key_mask_marks_this_ranks_padding_in_image_text_and_joint_keys() -> Non
     assert last.trim(torch.zeros(1, 8), 1).shape == (1, 7)
     last.reset()
     assert last.key_mask(251, 1, cpu) is None
-    with pytest.raises(ValueError, match=r"got 5 keys per rank, which is neither"):
+    with pytest.raises(ValueError, match=r"got 5 keys per rank, which is neither one stream's local tokens"):
         first.key_mask(5, 1, cpu)
 
 
-def test_text_that_would_tie_with_the_image_gets_one_more_token_per_rank() -> None:
+def test_a_stream_that_would_tie_with_an_earlier_one_gets_one_more_token_per_rank() -> None:
     padding = SequencePadding(cp_size=2, cp_rank=1)
     padding.pad(torch.ones(1, 8, 2), 1, "hidden_states", "test")  # 4 image tokens per rank, all real
     text = padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # 8 would tie: 10, 5 per rank
@@ -109,13 +109,21 @@ def test_text_that_would_tie_with_the_image_gets_one_more_token_per_rank() -> No
     assert padding.trim(torch.zeros(1, 10), 1).shape == (1, 7) and padding.trim(torch.zeros(1, 8), 1).shape == (1, 8)
 
 
-def test_equal_local_text_and_image_lengths_are_told_apart_by_the_attention_call() -> None:
+def test_whichever_stream_comes_second_is_the_one_padded_further() -> None:
     padding = SequencePadding(cp_size=2, cp_rank=1)
-    padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # split before the image: no extra token
-    padding.pad(torch.ones(1, 8, 2), 1, "hidden_states", "test")  # 4 image tokens per rank, all real
-    assert padding.key_mask(4, 1, torch.device("cpu")).all()  # self-attention over image keys
-    padding.attending_text = True
+    padding.pad(torch.ones(1, 7, 2), 1, "encoder_hidden_states", "test")  # text first: 8, 4 per rank
+    padding.pad(torch.ones(1, 8, 2), 1, "hidden_states", "test")  # the image would tie at 4: 10, 5 per rank
+    assert padding.composition(4) == ("text",) and padding.composition(5) == ("image",)
     assert padding.key_mask(4, 1, torch.device("cpu")).tolist() == [[True, True, True, False]]
+    assert padding.key_mask(5, 1, torch.device("cpu")).tolist() == [[True, True, True, False, False]]
+
+
+def test_streams_of_equal_length_share_their_padding_and_a_third_avoids_their_sum() -> None:
+    padding = SequencePadding(cp_size=2, cp_rank=0)
+    padding.register("a", 8, "test")
+    padding.register("b", 8, "test")  # the same length: the same mask, no extra token
+    padding.register("c", 16, "test")  # 8 per rank would equal a + b: 10 per rank
+    assert [padding.local_stream(s) for s in "abc"] == [4, 4, 9]
 
 
 def test_two_lengths_of_one_kind_in_one_forward_are_refused() -> None:

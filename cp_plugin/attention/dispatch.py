@@ -31,9 +31,10 @@ import torch
 
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
-from cp_plugin.compat import attention_backends
+from cp_plugin.compat import SDPA, attention_backends
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
+from cp_plugin.probe import recording
 
 
 @dataclass
@@ -46,16 +47,14 @@ class RoutedParallelConfig(diffusers.ParallelConfig):
 
 @dataclass
 class AttentionCall:
-    """An attention module running inside a block of a model with a derived plan (its inputs, for the joint order)."""
+    """A block of a derived-plan model is running: its attention calls are routed by its probed roles."""
 
     config: RoutedParallelConfig
-    module: torch.nn.Module
-    hidden_states: torch.Tensor | None
-    encoder_hidden_states: torch.Tensor | None
+    state: Any  # streams.StreamState: the (queries, keys) sequences of each of the block's calls
 
 
-# The attention module running now, innermost last; ``None`` while its calls must not be routed
-# (outside the blocks, or inside cp_plugin's own attention, which calls SDPA itself).
+# The block running now, innermost last; ``None`` while calls must not be routed (inside
+# cp_plugin's own attention, which calls SDPA itself, or a call that runs plainly).
 _CALLS: list[AttentionCall | None] = []
 
 
@@ -68,81 +67,44 @@ def exit_attention() -> None:
 
 
 def reset_attention_calls() -> None:
-    """Forget calls a failed forward left announced (its modules' exits never ran), at a model's next entry."""
+    """Forget calls a failed forward left announced (its blocks' exits never ran), at a model's next entry."""
     _CALLS.clear()
 
 
-def _joint_order(call: AttentionCall | None, value: torch.Tensor, padding: SequencePadding) -> str:
-    """Whether a joint call's keys hold this rank's text tokens first or its image tokens first.
-
-    Processors concatenate in either order (Flux, CogVideoX: text first; SD3, HunyuanVideo: image
-    first), which matters for the padding mask. The module's own value projection of its image
-    input finds where those rows sit in ``value``; the answer is kept on the module.
-    """
-    if call is None:  # a model with its own plan: diffusers plans split text-first models (Flux, QwenImage)
-        return padding.joint_order or "text_first"
-    module = call.module
-    known = getattr(module, "_cp_plugin_joint_order", None) or padding.joint_order
-    if known is not None:
-        return known
-    to_v = getattr(module, "to_v", None)
-    if call.hidden_states is None or call.encoder_hidden_states is None or to_v is None:
-        raise ValueError(
-            f"context-parallel attention got {value.shape[1]} keys per rank, this rank's text and image tokens "
-            f"together, in {type(module).__name__} and cannot tell which "
-            "come first to mask their padding; use text and image lengths the CP size divides, or pass cp_plan"
-        )
-    with torch.no_grad():
-        image = to_v(call.hidden_states).flatten(2).to(value.dtype)
-    rows, text = value.flatten(2), padding.local_length(padding.text_length)
-    found = [order for order, start in (("image_first", 0), ("text_first", text))
-             if torch.allclose(rows[:, start : start + image.shape[1]], image, rtol=1e-3, atol=1e-5)]
-    if len(found) != 1:
-        raise ValueError(
-            f"cannot tell whether {type(module).__name__} puts text or image tokens first in its joint attention "
-            "(its value projection of the image tokens matches neither or both places); use text and image "
-            "lengths the CP size divides, or pass cp_plan"
-        )
-    module._cp_plugin_joint_order = padding.joint_order = found[0]
-    return found[0]
-
-
 def _masks(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-    padding: SequencePadding | None, call: AttentionCall | None, mesh: ParallelMesh,
+    query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None,
+    mesh: ParallelMesh,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(key_mask (B, keys), full_mask)`` of a routed call: the model's mask and our padding's, combined."""
     batch, queries, keys = key.shape[0], query.shape[1], key.shape[1]
     key_mask = full_mask = None
     if attn_mask is not None and attn_mask.shape[-1] == keys:
         key_mask = key_padding_mask(attn_mask, batch, queries, keys)
-    elif attn_mask is not None:  # over the whole sequence: only self-attention of the image tokens has one
-        length = None if padding is None else padding.image_length
-        if length is None or keys != padding.local_length(length):
+    elif attn_mask is not None:  # over a whole stream: only self-attention of one stream has one
+        streams = None if padding is None else padding.composition(queries)
+        if streams is None or len(streams) != 1 or keys != queries:
             raise ValueError(
                 f"context-parallel attention got attn_mask of shape {tuple(attn_mask.shape)} for {keys} keys per "
-                "rank; masks must cover this rank's keys, or the whole image sequence in self-attention"
+                "rank; masks must cover this rank's keys, or a whole stream in its self-attention"
             )
-        whole_keys, full_mask = whole_sequence_mask(attn_mask, length, keys * mesh.cp_size)
+        whole_keys, full_mask = whole_sequence_mask(attn_mask, padding.lengths[streams[0]], keys * mesh.cp_size)
         if whole_keys is not None:
             key_mask = whole_keys.expand(batch, -1).chunk(mesh.cp_size, 1)[mesh.cp_rank]
     if padding is not None:
-        pad_mask = padding.key_mask(keys, batch, key.device, lambda: _joint_order(call, value, padding))
+        pad_mask = padding.key_mask(keys, batch, key.device)
         if pad_mask is not None:
             key_mask = pad_mask if key_mask is None else key_mask & pad_mask
     return key_mask, full_mask
 
 
-def _check_split(query: torch.Tensor, key: torch.Tensor, call: AttentionCall, padding: SequencePadding) -> None:
+def _check_split(query: torch.Tensor, key: torch.Tensor, padding: SequencePadding) -> None:
     """A routed call inside a block must attend over this rank's split tokens, not over tokens it holds whole."""
-    image, text = padding.image_length, padding.text_length
-    local = padding.local_lengths()
-    if query.shape[1] not in local or key.shape[1] not in local:
+    if padding.composition(query.shape[1]) is None or padding.composition(key.shape[1]) is None:
         raise ValueError(
-            f"{type(call.module).__name__} inside a block attends {query.shape[1]} queries to {key.shape[1]} keys, "
-            f"which are not this rank's split tokens (image {image}, text {text} tokens split over the CP group): "
-            "the block runs on a sequence the derived plan does not split (e.g. per-sample packing or extra tokens "
-            "made inside the blocks); pass cp_plan naming where that sequence enters the blocks"
+            f"context-parallel attention inside a block attends {query.shape[1]} queries to {key.shape[1]} keys, which "
+            f"are not this rank's split tokens ({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}"
+            "): the block runs on a sequence the derived plan does not split (e.g. per-sample packing or tokens made "
+            "inside the blocks); pass cp_plan naming where that sequence enters the blocks"
         )
 
 
@@ -182,8 +144,8 @@ def _routed_attention(
         )
     mesh = config.cp_mesh
     if call is not None:
-        _check_split(query, key, call, config.padding)
-    key_mask, full_mask = _masks(query, key, value, attn_mask, config.padding, call, mesh)
+        _check_split(query, key, config.padding)
+    key_mask, full_mask = _masks(query, key, attn_mask, config.padding, mesh)
     enter_attention(None)  # our own attention calls SDPA: it must not be routed again
     try:
         return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
@@ -191,12 +153,26 @@ def _routed_attention(
         exit_attention()
 
 
+def _plainly(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``fn`` with no routing inside (a call whose keys every rank holds whole)."""
+    enter_attention(None)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        exit_attention()
+
+
 def _route(backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(backend_fn)
     def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if recording() is not None:  # a probe (probe.py): plain attention on fake tensors, noted there
+            return _probe_attention(*args, **kwargs)
         config = kwargs.get("_parallel_config")
         call = _CALLS[-1] if _CALLS else None
         if call is not None:
+            roles = call.state.next_attention()
+            if roles is None or not roles[1]:
+                return _plainly(backend_fn, *args, **{**kwargs, "_parallel_config": None})
             return _routed_attention(*args, config=call.config, call=call, **{**kwargs, "_parallel_config": None})
         if isinstance(config, RoutedParallelConfig) and not _CALLS:
             return _routed_attention(*args, config=config, **kwargs)
@@ -206,7 +182,16 @@ def _route(backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     return routed
 
 
-_sdpa = torch.nn.functional.scaled_dot_product_attention
+_sdpa = SDPA
+
+
+def _probe_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    scale: float | None = None, enable_gqa: bool = False, **_: Any,
+) -> torch.Tensor:
+    """A dispatch call during a probe: SDPA in the ``(B, S, H, D)`` layout (which the probe notes)."""
+    return _sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
+                 enable_gqa=enable_gqa).transpose(1, 2)
 
 
 def _routed_sdpa(
@@ -214,8 +199,9 @@ def _routed_sdpa(
     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (``(B, H, S, D)`` layout), routed inside a block of a derived-plan model."""
-    call = _CALLS[-1] if _CALLS else None
-    if call is None:
+    call = _CALLS[-1] if _CALLS and recording() is None else None
+    roles = None if call is None else call.state.next_attention()
+    if roles is None or not roles[1]:
         return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                      enable_gqa=enable_gqa)
     out = _routed_attention(

@@ -1,0 +1,264 @@
+"""Which inputs of a transformer block carry its tokens, along which dimension: the block's own code says.
+
+A derived plan splits every token stream where it enters a block, together with every tensor that is
+indexed by the same tokens (rotary tables, per-token modulation, masks, control latents), and nothing
+else. Sizes cannot say which dimension that is: 16 image tokens with head dim 16 give a ``(16, 16)``
+rotary table, and 3072 tokens of width 3072 a ``(B, 3072, 3072)`` modulation. The block's code can.
+:func:`probe_block` runs the block's forward once under ``FakeTensorMode`` (no memory, no arithmetic,
+no communication; the same on every rank) with a fresh symbol for every dimension of every input, so
+that the block's own operations relate them:
+
+- its attention calls name the token dimensions: the lengths of their queries and keys;
+- a broadcast against a rotary table, a modulation or a mask makes that input's dimension one of them;
+- a projection makes a feature dimension equal to a weight's size, a constant;
+- a concatenation of two token sequences (a joint attention's keys) shows which comes first.
+
+What comes back is data flow, decided by structure: for every input, the dimensions that index
+tokens and which sequences they index, in order; for every attention call, which sequences its
+queries and keys are. ``streams.py`` binds those sequences to the streams it splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+from torch.overrides import TorchFunctionMode
+
+from cp_plugin.compat import SDPA, FakeTensorMode, ShapeEnv, TorchDispatchMode, decomposition, size_expr
+from cp_plugin.compat import quiet_fake_kernels, symbolic_fake, symbolic_fake_mode, tree_flatten, tree_leaves, tree_unflatten
+
+Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
+
+
+@dataclass(frozen=True)
+class TokenDim:
+    """Dimension ``dim`` of a block input indexes the tokens of ``parts``, in that order."""
+
+    dim: int
+    parts: Parts
+
+
+@dataclass(frozen=True)
+class BlockRoles:
+    """What a probe of one block found: token dimensions per flattened input, and per attention call."""
+
+    inputs: tuple[tuple[TokenDim, ...], ...]  # one entry per leaf of ``tree_flatten((args, kwargs))``
+    attention: tuple[tuple[Parts, Parts], ...]  # (queries, keys) of each attention call; () = not split
+    sequences: tuple[str, ...]  # every split token sequence, in the order the inputs first show them
+    outputs: tuple[tuple[TokenDim, ...], ...]  # one entry per leaf of the output
+
+
+class _Recording(TorchFunctionMode):
+    """Attention calls and concatenations made during a probe, with their symbolic sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention: list[tuple[Any, Any]] = []
+        self.cats: list[list[Any]] = []
+        self.pads: list[tuple[Any, Any, Any]] = []  # (length before, padding before, padding after)
+
+    def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is SDPA:  # (B, H, S, D); dispatch calls arrive here too
+            self._attend(*args, **kwargs)
+        elif func in (torch.cat, torch.concat, torch.concatenate):
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            shaped = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim()]
+            if len(shaped) > 1 and isinstance(dim, int):
+                self.cats.append([t.shape[dim] for t in shaped])
+        elif func is torch.nn.functional.pad:
+            x, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
+            for i in range(0, len(pad), 2):
+                self.pads.append((x.shape[x.dim() - 1 - i // 2], pad[i], pad[i + 1]))
+        return func(*args, **kwargs)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
+        """Note one attention call; its mask must broadcast over ``(batch, heads, queries, keys)``."""
+        self.attention.append((query.shape[-2], key.shape[-2]))
+        if attn_mask is not None:
+            torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2]))
+
+
+# The probe running now, if any (a list rather than a ContextVar: compiled blocks read it without a graph break).
+_RECORDING: list[_Recording] = []
+
+
+def recording() -> _Recording | None:
+    """The probe running now, if any: attention calls are then noted and run plainly (``attention/dispatch.py``)."""
+    return _RECORDING[-1] if _RECORDING else None
+
+
+class _Decompose(TorchDispatchMode):
+    """Ops whose kernels take no symbolic sizes (``constant_pad_nd``) run through torch's decompositions."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as err:
+            decomposed = decomposition(func)
+            if decomposed is None or "concrete integers" not in str(err):
+                raise
+            return decomposed(*args, **kwargs)
+
+
+class ProbeError(ValueError):
+    """The block could not be run on symbolic shapes, or relates its tokens in a way no split can follow."""
+
+
+def probe_block(
+    forward: Callable[..., Any], args: tuple, kwargs: dict, names: Sequence[str], where: str,
+    shapes: Sequence[tuple[int, ...] | None] | None = None,
+) -> BlockRoles:
+    """Run ``forward(*args, **kwargs)`` once on symbolic shapes and return which inputs index which tokens.
+
+    ``names`` names the flattened inputs, for messages; ``shapes`` gives the shape to probe an input
+    at where it is not its own (a split input is probed whole, as one process would pass it).
+    Raises :class:`ProbeError` saying what failed.
+    """
+    leaves, spec = tree_flatten((args, kwargs))
+    fake_mode, env = symbolic_fake_mode()  # every dimension its own symbol: equal sizes prove nothing
+    fakes = [_symbolic(fake_mode, x, shape) for x, shape in zip(leaves, shapes or [None] * len(leaves))]
+    fake_args, fake_kwargs = tree_unflatten(fakes, spec)
+    record = _Recording()
+    _RECORDING.append(record)
+    try:
+        with quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(), record:
+            output = forward(*fake_args, **fake_kwargs)
+    except ProbeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the model's code under fake tensors
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ProbeError(
+            f"{where} could not be run on symbolic shapes to find which of its inputs carry tokens "
+            f"({type(err).__name__}: {message[:300]})"
+        ) from err
+    finally:
+        _RECORDING.pop()
+    return _Resolver(env, record, where, fakes).roles(fakes, names, output)
+
+
+def _symbolic(fake_mode: FakeTensorMode, x: Any, shape: tuple[int, ...] | None) -> Any:
+    """A fake copy of ``x`` (of ``shape`` if given) with a fresh symbol for every dimension."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if shape is None:
+        return symbolic_fake(fake_mode, x)
+    fake = symbolic_fake(fake_mode, torch.empty(shape, dtype=x.dtype, device="meta"))
+    with fake_mode:
+        return fake.to(x.device)
+
+
+class _Resolver:
+    """Turns a finished probe's symbols into token sequences, named by their symbols.
+
+    The sequences a block splits are those its attention takes queries from; keys of another
+    sequence concatenated with them are split too, and every input dimension that spans a split
+    sequence. A sequence that only ever gives keys and values (the text of cross-attention) stays
+    whole on every rank: each rank's queries attend all of it, which is exact and needs no exchange.
+    """
+
+    def __init__(self, env: ShapeEnv, record: _Recording, where: str, fakes: Sequence[Any]) -> None:
+        self.env, self.where = env, where
+        self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
+        self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
+        self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
+        shapes = [[self.expr(size) for size in x.shape] for x in fakes if isinstance(x, torch.Tensor)]
+        self.split = set().union(*(q.free_symbols for q, _ in self.calls))
+        grown = True
+        while grown:  # keys beside split keys, and inputs spanning split and other tokens, are split too
+            spans = [k.free_symbols for _, k in self.calls] + [e.free_symbols for shape in shapes for e in shape]
+            joined = set().union(*(free for free in spans if free & self.split)) | self.split
+            grown, self.split = joined != self.split, joined
+        for length, before, after in record.pads:
+            self.align(self.expr(length), self.expr(before), self.expr(after))
+
+    def expr(self, size: Any) -> sympy.Expr:
+        found = size_expr(self.env, size)
+        return found.xreplace(self.aligned) if self.aligned else found
+
+    def align(self, length: sympy.Expr, before: sympy.Expr, after: sympy.Expr) -> None:
+        """A tensor padded to the length of a joint token sequence holds the part of it at its end (or start).
+
+        HunyuanVideo 1.5 pads its text mask on the left to the image + text length, so the mask's own
+        length is never compared with anything: which part of the sequence it covers is where it ends
+        up. It covers the trailing (leading) parts whose total length is its own.
+        """
+        total = sympy.expand(length + before + after)
+        if not (isinstance(length, sympy.Symbol) and length not in self.split and total.free_symbols & self.split):
+            return
+        terms = sympy.Add.make_args(total)
+        if any(t not in self.split for t in terms):
+            return
+        try:
+            ordered = self.ordered(terms, "a padded input")
+        except ProbeError:
+            return
+        ends = [ordered[i:] for i in range(1, len(ordered))] if after == 0 else [ordered[:i] for i in range(1, len(ordered))]
+        hint = self.env.size_hint(length)
+        fits = [sympy.Add(*end) for end in ends if self.env.size_hint(sympy.Add(*end)) == hint]
+        if len(fits) == 1:
+            self.aligned[length] = fits[0]
+
+    def parts(self, expr: sympy.Expr, what: str, strict: bool = True) -> Parts:
+        """The split token sequences a dimension of length ``expr`` indexes, in order; () if none."""
+        if not expr.free_symbols & self.split:
+            return ()
+        terms = sympy.Add.make_args(expr)
+        if any(t not in self.split for t in terms) or len(set(terms)) != len(terms):
+            if not strict:
+                return ()
+            raise ProbeError(
+                f"{self.where}: {what} has length {expr} in terms of its token counts "
+                f"({', '.join(sorted(map(str, self.split)))}), which is neither one token sequence nor several "
+                "concatenated; a split cannot follow tokens that the block adds, drops or reshapes"
+            )
+        return tuple(str(t) for t in self.ordered(terms, what))
+
+    def ordered(self, terms: tuple[sympy.Expr, ...], what: str) -> list[sympy.Expr]:
+        """``terms`` in the order a concatenation made during the probe put them."""
+        if len(terms) == 1:
+            return list(terms)
+        total = sympy.Add(*terms)
+        for cat in self.cats:
+            if all(size != 0 for size in cat) and sympy.expand(sympy.Add(*cat) - total) == 0:
+                pieces = [sympy.Add.make_args(size) for size in cat]
+                if all(set(p) <= set(terms) for p in pieces):
+                    return [t for p in pieces for t in self.ordered(p, what)]
+        raise ProbeError(
+            f"{self.where}: {what} spans the token sequences {' + '.join(map(str, terms))} together, and no "
+            "concatenation in the block shows their order"
+        )
+
+    def dims(self, x: Any, what: str, strict: bool = True) -> tuple[TokenDim, ...]:
+        if not isinstance(x, torch.Tensor):
+            return ()
+        found = ((dim, self.parts(self.expr(size), f"{what} (dim {dim})", strict)) for dim, size in enumerate(x.shape))
+        return tuple(TokenDim(dim, parts) for dim, parts in found if parts)
+
+    def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
+        inputs = tuple(self.dims(x, f"input '{name}'") for x, name in zip(fakes, names))
+        sequences = list(dict.fromkeys(p for dims in inputs for d in dims for p in d.parts))
+        attention = []
+        for i, (q, k) in enumerate(self.calls):
+            queries, keys = self.parts(q, f"the queries of attention call {i}"), self.parts(k, f"the keys of call {i}")
+            if keys and not queries:
+                raise ProbeError(
+                    f"{self.where}: attention call {i} takes queries that are not tokens ({q}) over the split tokens "
+                    f"{' + '.join(keys)}; a split can follow only attention whose queries are tokens"
+                )
+            attention.append((queries, keys))
+        missing = sorted({p for call in attention for parts in call for p in parts} - set(sequences))
+        if missing:
+            raise ProbeError(
+                f"{self.where}: its attention runs over tokens ({', '.join(missing)}) that no input carries, made "
+                "inside the block; a split of its inputs cannot follow them"
+            )
+        outputs = tuple(self.dims(x, "an output", strict=False) for x in tree_leaves(output))
+        return BlockRoles(tuple(inputs), tuple(attention), tuple(sequences), outputs)

@@ -1,0 +1,138 @@
+"""The symbolic probe reads a block's data flow: token dims by structure, never by a size coincidence.
+
+Each test runs a real diffusers block once on its real inputs (captured from a one-process forward)
+and checks what ``probe_block`` says about them: which inputs index tokens along which dimension,
+which token sequences its attention calls use, and in which order joint sequences are concatenated.
+The sizes are chosen so that sizes alone would mislead: token counts equal to head dims and widths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from cp_plugin.compat import tree_flatten
+from cp_plugin.probe import ProbeError, TokenDim, probe_block
+from fixtures.dits.case import BATCH, randn, text_mask
+from fixtures.models import seeded
+
+
+def first_block_inputs(model: torch.nn.Module, blocks: str, inputs: dict[str, Any]) -> tuple[torch.nn.Module, tuple, dict]:
+    """The first block of ``model.<blocks>`` and the inputs a one-process forward gives it."""
+    block = getattr(model, blocks)[0]
+    seen: list[tuple[tuple, dict]] = []
+    hook = block.register_forward_pre_hook(lambda _, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    return block, *seen[0]
+
+
+def probe(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, tuple[TokenDim, ...]], Any]:
+    """Token dims by input name (``name[i]`` inside tuples), and the probe's result."""
+    leaves, _ = tree_flatten((args, kwargs))
+    names = [f"arg{i}" for i in range(len(leaves))]
+    roles = probe_block(block.forward, args, kwargs, names, type(block).__name__)
+    return dict(zip(names, roles.inputs)), roles
+
+
+def chroma(grid: tuple[int, int], head_dim: int, text: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from diffusers import ChromaTransformer2DModel
+
+    from fixtures.dits.case import grid_ids
+
+    h, w = grid
+    model = seeded(ChromaTransformer2DModel, {
+        "patch_size": 1, "in_channels": 4, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": head_dim,
+        "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (head_dim // 4, head_dim // 4, head_dim // 2),
+        "approximator_num_channels": 8, "approximator_hidden_dim": 16, "approximator_layers": 1}, 0)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": randn(g, BATCH, h * w, 4), "encoder_hidden_states": randn(g, BATCH, text, 32),
+              "timestep": torch.rand(BATCH, generator=g), "img_ids": grid_ids(h, w), "txt_ids": torch.zeros(text, 3),
+              "attention_mask": torch.cat([text_mask(text), torch.ones(BATCH, h * w, dtype=torch.bool)], 1)}
+    return model, inputs
+
+
+def test_a_rotary_table_whose_head_dim_equals_the_token_count_is_split_along_its_tokens() -> None:
+    """Chroma with 16 image tokens, 8 text tokens and head dim 16: the joint (24, 16) rotary table."""
+    model, inputs = chroma((4, 4), head_dim=16, text=8)
+    block, args, kwargs = first_block_inputs(model, "transformer_blocks", inputs)
+    dims, roles = probe(block, args, kwargs)
+    image, text = dims["arg0"][0].parts, dims["arg1"][0].parts  # hidden_states, encoder_hidden_states (dim 1)
+    assert dims["arg0"] == (TokenDim(1, image),) and dims["arg1"] == (TokenDim(1, text),)
+    joint = sorted((d for name, d in dims.items() if d and d[0].parts == text + image), key=lambda d: d[0].dim)  # text first, as Chroma has it
+    assert joint == [(TokenDim(0, text + image),)] * 2 + [(TokenDim(1, text + image),)]  # rotary cos, sin; the mask
+    assert roles.attention == ((text + image, text + image),)
+
+
+def test_per_token_modulation_as_wide_as_the_token_count_is_split_along_tokens() -> None:
+    """SkyReels-V2 diffusion forcing: a (B, 6, S, C) modulation with S == C (24 tokens, width 24)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    model = seeded(SkyReelsV2Transformer3DModel, {
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+        "out_channels": 4, "text_dim": 16, "freq_dim": 32, "ffn_dim": 32, "num_layers": 1, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, "num_frame_per_block": 1}, 0)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": randn(g, BATCH, 4, 2, 6, 8), "timestep": torch.randint(0, 1000, (BATCH, 2), generator=g),
+              "encoder_hidden_states": randn(g, BATCH, 24, 16), "enable_diffusion_forcing": True}
+    block, args, kwargs = first_block_inputs(model, "blocks", inputs)
+    assert args[0].shape[1] == args[0].shape[2] == 24 and args[2].shape[-2:] == (24, 24)
+    dims, roles = probe(block, args, kwargs)
+    image = dims["arg0"][0].parts
+    assert dims["arg0"] == (TokenDim(1, image),) and dims["arg2"] == (TokenDim(2, image),)  # not its width, dim 3
+    assert dims["arg1"] == ()  # the text (24 tokens too) only gives cross-attention keys: it stays whole
+    assert roles.attention == ((image, image), (image, ()))
+
+
+def test_joint_order_comes_from_the_blocks_concatenation_without_a_mask() -> None:
+    """SD3's joint block concatenates image then text; Chroma's text then image (above)."""
+    from fixtures.dits import CASES
+
+    case = CASES["sd3"]
+    block, args, kwargs = first_block_inputs(case.build(), "transformer_blocks", case.inputs(torch.Generator()))
+    dims, roles = probe(block, args, kwargs)
+    image, text = dims["arg0"][0].parts, dims["arg1"][0].parts
+    assert roles.attention[0] == (image + text, image + text)
+
+
+def test_a_mask_padded_to_the_joint_length_covers_the_text_it_ends_with() -> None:
+    """HunyuanVideo 1.5 pads its (B, T) text mask on the left to image + text: it indexes the text."""
+    from fixtures.dits import CASES
+
+    case = CASES["hunyuanvideo15"]
+    block, args, kwargs = first_block_inputs(case.build(), "transformer_blocks", case.inputs(torch.Generator()))
+    dims, _ = probe(block, args, kwargs)
+    text = dims["arg1"][0].parts
+    mask = [name for name, d in dims.items() if d == (TokenDim(1, text),) and name != "arg1"]
+    assert len(mask) == 1
+
+
+def test_tokens_made_inside_a_block_are_refused_naming_the_block() -> None:
+    class Registers(torch.nn.Module):
+        """Prepends 4 learned tokens to its input before attending: a split cannot follow them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.registers = torch.nn.Parameter(torch.zeros(1, 4, 8))
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            x = torch.cat([self.registers.expand(hidden_states.shape[0], -1, -1), hidden_states], 1)
+            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)[:, 4:]
+
+    with pytest.raises(ProbeError, match=r"Registers: the queries of attention call 0 has length \w+ \+ 4"):
+        probe_block(Registers().forward, (torch.randn(2, 9, 8),), {}, ["hidden_states"], "Registers")
+
+
+def test_text_that_only_gives_cross_attention_keys_stays_whole() -> None:
+    """PixArt: only the image stream is split; its text and text mask serve keys every rank holds whole."""
+    from fixtures.dits import CASES
+
+    case = CASES["pixart"]
+    block, args, kwargs = first_block_inputs(case.build(), "transformer_blocks", case.inputs(torch.Generator()))
+    dims, roles = probe(block, args, kwargs)
+    assert [name for name, d in dims.items() if d] == ["arg0"]
+    assert roles.attention[1][1] == ()  # cross-attention keys: the text, whole on every rank
