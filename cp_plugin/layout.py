@@ -84,14 +84,14 @@ class ModelAttention:
 def model_attention(module: torch.nn.Module, cp_plan: Mapping[str, Any] | None = None) -> list[ModelAttention]:
     """Every context-parallel model in ``module`` (the plans ``apply`` will use) and its routed attention layers."""
     from cp_plugin.model import routed_attention_modules  # model.py builds on mesh.py; this module need not
-    from cp_plugin.plans import resolve_plans
+    from cp_plugin.plans import attention_heads, resolve_plans
 
     submodules = dict(module.named_modules())
     found = []
     for path, plan in resolve_plans(module, cp_plan).items():
         model = submodules[path]
         layers = [attn for _, attn in routed_attention_modules(model, plan)]
-        heads = tuple(int(getattr(attn, "heads", 1)) for attn in layers)  # no head count: no Ulysses
+        heads = tuple(attention_heads(attn) or 1 for attn in layers)  # no head count: no Ulysses
         widths = tuple(int(getattr(attn, "inner_dim", 0) or getattr(getattr(attn, "to_q", None), "out_features", 0))
                        for attn in layers)
         element_size = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)

@@ -31,7 +31,7 @@ from cp_plugin.compat import ContextParallelInput, ContextParallelOutput, submod
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import IMAGE, TEXT, SequencePadding
-from cp_plugin.plans import DerivedPlan, Plan, attention_modules, resolve_plans
+from cp_plugin.plans import DerivedPlan, Plan, attention_heads, attention_modules, resolve_plans
 from cp_plugin.sequence import gather_sequence
 from cp_plugin.streams import BlockStreams, ForwardScope, OutputGather, StreamState
 _HOOK_PREFIX = "cp_plugin---"
@@ -107,11 +107,12 @@ def routed_attention_modules(model: torch.nn.Module, plan: Plan | DerivedPlan) -
 def check_heads(model: torch.nn.Module, path: str, plan: Plan | DerivedPlan, ulysses_degree: int) -> None:
     """Ulysses splits heads across ranks: every routed attention layer's head count must divide evenly."""
     for name, attn in routed_attention_modules(model, plan):
-        if attn.heads % ulysses_degree:
+        heads = attention_heads(attn)
+        if heads is not None and heads % ulysses_degree:
             raise ValueError(
-                f"ulysses_degree={ulysses_degree} does not divide num_attention_heads={attn.heads} of "
+                f"ulysses_degree={ulysses_degree} does not divide num_attention_heads={heads} of "
                 f"{type(model).__name__} ('{path}', layer '{name}'); use ulysses_degree "
-                f"{format_choices(divisors(attn.heads))} (and ring_degree for the rest of the cp size)"
+                f"{format_choices(divisors(heads))} (and ring_degree for the rest of the cp size)"
             )
 
 
@@ -190,7 +191,7 @@ def apply_context_parallel(
         if isinstance(plan, DerivedPlan):
             _attach_derived(model, plan, config)
         else:
-            config.padding.joint_order = (TEXT, IMAGE)  # diffusers' plans split text-first models (Flux, QwenImage)
+            config.padding.joints = [(TEXT, IMAGE)]  # diffusers' plans split text-first models (Flux, QwenImage)
             for _, attn in routed_attention_modules(model, plan):
                 attn.processor._parallel_config = config
             _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))

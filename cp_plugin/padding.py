@@ -13,15 +13,15 @@ A forward may split several token streams: the image/video tokens and the text t
 ``_cp_plan`` (``hidden_states`` and ``encoder_hidden_states*``/``txt_*``, named ``"image"`` and
 ``"text"``), or every stream a derived plan finds entering the blocks (image and caption refiners,
 control latents), each under its own name. The local keys of an attention call are one stream's
-local tokens or several streams' together, in the model's *joint order* (text first in Flux, image
-first in SD3; learned from the model, see ``streams.py``). So that a local token count always
+local tokens or several streams' together, in one of the model's *joint orders* (text first in Flux,
+image first in SD3; learned from the model, see ``streams.py``). So that a local token count always
 names its streams, a stream whose local length would tie with an earlier stream of another length
 gets one more padded token per rank.
 
 The state lives for one forward of one model: a hook at the model's entry resets it, and it stays
 until the next forward so that activation checkpointing recomputes blocks with the same mask (run
-a forward's backward before the model's next forward, as training does). The joint order is the
-model's and is kept.
+a forward's backward before the model's next forward, as training does). The joint orders are the
+model's and are kept.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SequencePadding:
     lengths: dict[str, int] = field(default_factory=dict)  # stream -> unpadded length, in order of splitting
     extra: dict[str, int] = field(default_factory=dict)  # stream -> padded tokens beyond the next multiple of cp
     unnamed: set[int] = field(default_factory=set)  # lengths split under no stream's name (matched by length)
-    joint_order: tuple[str, ...] | None = None  # the order of streams in joint tensors, once known (kept)
+    joints: list[tuple[str, ...]] = field(default_factory=list)  # orders of streams in joint tensors (the model's, kept)
     in_blocks: int = 0  # > 0 while a block of a derived plan runs (its attention calls are routed)
 
     def reset(self) -> None:
@@ -80,13 +80,13 @@ class SequencePadding:
         return self.padded(length) // self.cp_size
 
     def composition(self, local: int) -> tuple[str, ...] | None:
-        """Which streams ``local`` tokens of this rank are: one stream, or all of them in the joint order."""
+        """Which streams ``local`` tokens of this rank are: one stream, or several in one of the model's joint orders."""
         for stream in self.lengths:
             if self.local_stream(stream) == local:
                 return (stream,)
-        order = self.joint_order
-        if order and all(s in self.lengths for s in order) and sum(map(self.local_stream, order)) == local:
-            return order
+        for order in self.joints:
+            if all(s in self.lengths for s in order) and sum(map(self.local_stream, order)) == local:
+                return order
         return None
 
     def register(self, stream: str, length: int, where: str) -> None:
@@ -113,13 +113,15 @@ class SequencePadding:
             self.extra[stream] += self.cp_size
 
     def set_joint_order(self, order: tuple[str, ...], where: str) -> None:
-        """Keep the order in which the model concatenates streams; a model that uses two orders is refused."""
-        if self.joint_order is not None and set(self.joint_order) == set(order) and self.joint_order != order:
-            raise ValueError(
-                f"{where} concatenates its token streams as {' + '.join(order)} after "
-                f"{' + '.join(self.joint_order)} elsewhere; cp_plugin supports one joint order per model, pass cp_plan"
-            )
-        self.joint_order = order
+        """Keep an order in which the model concatenates streams; two orders of the same streams are refused."""
+        for known in self.joints:
+            if set(known) == set(order) and known != order:
+                raise ValueError(
+                    f"{where} concatenates its token streams as {' + '.join(order)} after {' + '.join(known)} "
+                    "elsewhere; cp_plugin supports one order per set of streams, pass cp_plan"
+                )
+        if order not in self.joints:
+            self.joints.append(order)
 
     # padding ------------------------------------------------------------------------------------
     def pad_to_split(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
@@ -159,8 +161,8 @@ class SequencePadding:
         if streams is None:
             raise ValueError(
                 f"context-parallel attention got {keys} keys per rank, which is neither one stream's local tokens "
-                f"({', '.join(f'{s} {self.local_stream(s)}' for s in self.lengths)}) nor all of them in the model's "
-                "joint order; cp_plugin masks padding in self-, cross- and joint attention over the streams a plan splits"
+                f"({', '.join(f'{s} {self.local_stream(s)}' for s in self.lengths)}) nor several of them in one of "
+                "the model's joint orders; cp_plugin masks padding in self-, cross- and joint attention over the streams a plan splits"
             )
         return torch.cat([self._local_valid(s, batch, device) for s in streams], 1)
 

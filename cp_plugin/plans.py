@@ -57,6 +57,12 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     return [(name, sub) for name, sub in model.named_modules() if isinstance(sub, (Attention, AttentionModuleMixin))]
 
 
+def attention_heads(attn: torch.nn.Module) -> int | None:
+    """An attention layer's head count (``heads``, or ``num_heads`` in newer classes such as Krea 2's), if it says."""
+    heads = getattr(attn, "heads", None) or getattr(attn, "num_heads", None)
+    return int(heads) if heads else None
+
+
 def find_models(module: torch.nn.Module) -> dict[str, ModelMixin]:
     """Outermost diffusers models inside ``module`` (``""`` if ``module`` is one), by attribute path."""
     found: dict[str, ModelMixin] = {}

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 from diffusers.hooks.hooks import ModelHook
-from torch.overrides import TorchFunctionMode
 
 from cp_plugin.attention.dispatch import AttentionCall, RoutedParallelConfig, enter_attention, exit_attention
 from cp_plugin.attention.dispatch import reset_attention_calls
 from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
+from cp_plugin.locality import Locality
 from cp_plugin.plans import PLAN_HINT
 from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, probe_block
 from cp_plugin.sequence import gather_sequence, local_shard
@@ -78,6 +78,7 @@ class StreamState:
         self.token_dim: dict[int, int] = {}  # id of a split tensor -> the dimension that holds its tokens
         self.outputs: list[weakref.ref[torch.Tensor]] = []  # block outputs: the parts a joint stream is made of
         self.splits: dict[tuple[int, int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_name = "the first block"  # the block that ran last, for names and messages
 
     def is_local(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor) and self.local.get(id(x)) is x
@@ -96,33 +97,45 @@ class StreamState:
         index = next(counter)
         return roles.attention[index] if index < len(roles.attention) else None
 
+    def new_stream(self, name: str, length: int) -> str:
+        """Register a stream of ``length`` tokens under ``name`` (made unique) in this forward; its name."""
+        stream, n = name, 1
+        while stream in self.padding.lengths and self.padding.lengths[stream] != length:
+            n += 1
+            stream = f"{name} ({n})"
+        self.padding.register(stream, length, self.model)
+        return stream
 
-class _Locality(TorchFunctionMode):
-    """Outside the blocks, every op that reads a split tensor gives a split tensor (in the same dimension)."""
+    def shard(self, x: torch.Tensor, dim: int, order: tuple[str, ...]) -> torch.Tensor:
+        """This rank's part of a whole ``x`` that holds the streams ``order`` along ``dim`` (each padded), split."""
+        padding = self.padding
+        cached = self.splits.get((id(x), dim, order))
+        if cached is not None:
+            return cached[1]
+        lengths = [padding.lengths[s] for s in order]
+        parts = x.split(lengths, dim) if len(order) > 1 else (x,)
+        shards = [local_shard(padding.pad_to_split(p, dim, n), dim, self.mesh, name=f"{self.model} tokens")
+                  for p, n in zip(parts, lengths)]
+        local = shards[0] if len(shards) == 1 else torch.cat(shards, dim)
+        self.splits[id(x), dim, order] = (x, local)
+        return self.mark_local(local, dim)
 
-    def __init__(self, state: StreamState) -> None:
-        super().__init__()
-        self.state = state
-
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        state = self.state
-        if state.tracking and not state.padding.in_blocks and len(state.local):
-            source = next((x for x in _shallow(args, kwargs) if state.is_local(x)), None)
-            if source is not None:
-                dim = state.token_dim.get(id(source))
-                for t in _tensors(out):
-                    state.mark_local(t, dim if t.dim() == source.dim() else None)
-        return out
-
-
-def _shallow(args: tuple, kwargs: dict | None) -> Iterator[Any]:
-    """The arguments of an op, one level of lists and tuples deep (``torch.cat``'s tensors)."""
-    for value in itertools.chain(args, (kwargs or {}).values()):
-        if isinstance(value, (list, tuple)):
-            yield from value
-        else:
-            yield value
+    def gather(self, x: torch.Tensor, dim: int, where: str) -> torch.Tensor:
+        """The whole tensor of split ``x``: every rank's part, the streams in order, without padding."""
+        padding, mesh = self.padding, self.mesh
+        order = padding.composition(x.shape[dim])
+        if order is None:
+            raise ValueError(f"{self.model}: {where} gets {x.shape[dim]} split tokens along dim {dim}, which are no "
+                             f"stream's share nor a known concatenation of them; {PLAN_HINT}")
+        if self.blocks_done:
+            self.gathered = True
+        gathered = gather_sequence(x, dim, mesh)
+        if len(order) == 1:
+            return gathered.narrow(dim, 0, padding.lengths[order[0]])
+        local = [padding.local_stream(s) for s in order]
+        per_rank = gathered.unflatten(dim, (mesh.cp_size, sum(local))).split(local, dim + 1)
+        return torch.cat([p.flatten(dim, dim + 1).narrow(dim, 0, padding.lengths[s]) for p, s in zip(per_rank, order)],
+                         dim)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -221,9 +234,7 @@ class BlockStreams(ModelHook):
                     f"on its own, so the stream to split is unknown; {PLAN_HINT}"
                 )
             x, d, name = found
-            stream = f"{self.name.rsplit('.', 1)[0]}.{name}"
-            padding.register(stream, x.shape[d.dim], f"{state.model}.{self.name}")
-            streams[sequence] = (stream,)
+            streams[sequence] = (state.new_stream(f"{self.name.rsplit('.', 1)[0]}.{name}", x.shape[d.dim]),)
         joint = [d.parts for dims in roles.inputs for d in dims] + [p for call in roles.attention for p in call]
         for parts in joint:
             order = tuple(s for p in parts for s in streams[p])
@@ -279,20 +290,7 @@ class BlockStreams(ModelHook):
                 f"{state.model}: block '{self.name}' input '{name}' of shape {tuple(x.shape)} indexes the tokens of "
                 f"{' + '.join(order)} along dim {dim}, which are {full} in this forward; {PLAN_HINT}"
             )
-        cached = state.splits.get((id(x), dim, order))
-        if cached is not None:
-            return cached[1]
-        if len(order) == 1:
-            local = self._shard(x, dim, full)
-        else:
-            parts = x.split([padding.lengths[s] for s in order], dim)
-            local = torch.cat([self._shard(part, dim, padding.lengths[s]) for part, s in zip(parts, order)], dim)
-        state.splits[id(x), dim, order] = (x, local)
-        return state.mark_local(local, dim)
-
-    def _shard(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-        padding = self.state.padding
-        return local_shard(padding.pad_to_split(x, dim, length), dim, self.state.mesh, name=f"{self.name} input")
+        return state.shard(x, dim, order)
 
     # exit -------------------------------------------------------------------------------------
     def _exit(self, module: torch.nn.Module, output: Any, roles: BlockRoles) -> Any:
@@ -301,6 +299,7 @@ class BlockStreams(ModelHook):
             if isinstance(t, torch.Tensor):
                 state.mark_local(t, dims[0].dim if dims else None)
                 state.outputs.append(weakref.ref(t))
+        state.last_name = self.name
         if state.last_block is None:
             state.calls += 1
             if state.calls == state.total_blocks:
@@ -336,25 +335,14 @@ class OutputGather(ModelHook):
         return args, kwargs
 
     def _gather(self, x: Any) -> Any:
-        state, padding, mesh = self.state, self.state.padding, self.state.mesh
+        state = self.state
         if not state.is_local(x):
             return x
         dim = state.token_dim.get(id(x))
         if dim is None:
             raise ValueError(f"{state.model}: '{self.name}' gets a split input of shape {tuple(x.shape)} after the "
                              f"blocks whose token dimension is unknown; {PLAN_HINT}")
-        order = padding.composition(x.shape[dim])
-        if order is None:
-            raise ValueError(f"{state.model}: '{self.name}' gets {x.shape[dim]} split tokens after the blocks, which "
-                             f"are no stream's nor a known concatenation of them; {PLAN_HINT}")
-        state.gathered = True
-        gathered = gather_sequence(x, dim, mesh)
-        if len(order) == 1:
-            return gathered.narrow(dim, 0, padding.lengths[order[0]])
-        local = [padding.local_stream(s) for s in order]
-        per_rank = gathered.unflatten(dim, (mesh.cp_size, sum(local))).split(local, dim + 1)
-        return torch.cat([p.flatten(dim, dim + 1).narrow(dim, 0, padding.lengths[s]) for p, s in zip(per_rank, order)],
-                         dim)
+        return state.gather(x, dim, f"'{self.name}'")
 
 
 class ForwardScope(ModelHook):
@@ -372,7 +360,7 @@ class ForwardScope(ModelHook):
         reset_attention_calls()
         state.tracking = True
         try:
-            with _Locality(state):
+            with Locality(state):
                 output = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             state.tracking = False

@@ -79,7 +79,7 @@ def test_batches_of_mixed_lengths_match_one_process() -> None:
 
 def test_key_mask_marks_this_ranks_padding_in_image_text_and_joint_keys() -> None:
     cpu = torch.device("cpu")
-    last = SequencePadding(cp_size=4, cp_rank=3, joint_order=("text", "image"))
+    last = SequencePadding(cp_size=4, cp_rank=3, joints=[("text", "image")])
     x = last.pad(torch.ones(1, 1001, 2), 1, "hidden_states", "test")
     assert x.shape == (1, 1004, 2) and x[:, 1001:].abs().sum() == 0
     mask = last.key_mask(251, batch=2, device=cpu)  # self-attention: 251 local image tokens, 3 of them padding
