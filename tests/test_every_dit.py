@@ -96,3 +96,67 @@ def test_lightning_strategy_trains_derived_plans_unused_parameters_and_fsdp_with
             for name, before in reference["before"].items():
                 assert_update_close(result["after"][name], reference["after"][name], before, UPDATE_RTOL, STEPS,
                                     f"{what}: {name}")
+
+
+# Mutations of the derived plan that the checks above must catch: each is what a plan decided by
+# sizes, or by a guessed order, would do.
+def _split_by_size(self: Any, x: Any, dims: Any, streams: Any, name: str) -> Any:
+    """Split an input along the last of its dimensions as long as its token dimension (a plan decided by sizes)."""
+    from cp_plugin.probe import TokenDim
+    from cp_plugin.streams import BlockStreams
+
+    if isinstance(x, torch.Tensor) and len(dims) == 1:
+        dims = (TokenDim(max(d for d in range(x.dim()) if x.shape[d] == x.shape[dims[0].dim]), dims[0].parts),)
+    return BlockStreams._unmutated_split(self, x, dims, streams, name)
+
+
+def _reversed_order(self: Any, terms: Any, what: str) -> list:
+    """Put joint token sequences in the reverse of the order the block's concatenation shows."""
+    from cp_plugin.probe import _Resolver
+
+    return _Resolver._unmutated_ordered(self, terms, what)[::-1]
+
+
+# mutation -> (where, what, replacement, cases it must make fail)
+MUTATIONS = {
+    # a (1, 24, 1, 24) rotary table: 24 video tokens, head dim 24
+    "split along the wrong dim": ("cp_plugin.streams.BlockStreams", "_split", _split_by_size,
+                                  [("skyreels_v2:second", {"ring_degree": 2})]),
+    # joint attention image first (a mask, a rotary table), and text first
+    "joint order swapped": ("cp_plugin.probe._Resolver", "ordered", _reversed_order,
+                            [("hunyuanvideo", {"ulysses_degree": 2}), ("chroma", {"ring_degree": 2})]),
+}
+
+
+def mutated_runs(mutation: str) -> list[dict[str, Any]]:
+    """Rank body: the mutation cases trained with ``mutation`` in place (an error is a result too)."""
+    import importlib
+
+    import cp_plugin.streams
+
+    path, attribute, replacement, cases = MUTATIONS[mutation]
+    module, name = path.rsplit(".", 1)
+    owner = getattr(importlib.import_module(module), name)
+    setattr(owner, f"_unmutated_{attribute.lstrip('_')}", getattr(owner, attribute))
+    setattr(owner, attribute, replacement)
+    cp_plugin.streams._ROLES.clear()  # probes remembered from before the mutation
+    results = []
+    for case, layout in cases:
+        try:
+            results.append(train(case, "sgd", layout))
+        except Exception as err:  # noqa: BLE001 - a mutation that makes the run fail is caught
+            results.append({"error": f"{type(err).__name__}: {err}"})
+    return results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_the_exactness_check_catches_a_wrong_plan(mutation: str) -> None:
+    results = run_distributed(mutated_runs, 2, mutation, timeout=240)
+    for i, (case, layout) in enumerate(MUTATIONS[mutation][3]):
+        result = results[0][i]
+        if "error" in result:  # the plan's own checks refused it (a shape error or a contradiction)
+            assert result["error"].startswith(("ValueError", "RuntimeError")), result["error"]
+            continue
+        with pytest.raises(AssertionError):
+            _check(result, train(case, "sgd"), f"{case} {layout} with {mutation}")
