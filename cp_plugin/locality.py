@@ -35,6 +35,14 @@ _WHOLE_ONLY = {torch.chunk, torch.Tensor.chunk, torch.tensor_split, torch.Tensor
                torch.Tensor.unbind, torch.index_select, torch.Tensor.index_select, torch.flip, torch.Tensor.flip,
                torch.roll, torch.Tensor.roll, torch.gather, torch.Tensor.gather}
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_RESHAPES = {torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.unflatten, torch.unflatten,
+             torch.flatten, torch.Tensor.flatten}
+_PERMUTES = {torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.movedim,
+             torch.Tensor.movedim, torch.swapaxes, torch.Tensor.swapaxes}
+# Ops that read only the dtype, device or shape of their other tensor arguments, or make new tensors.
+_SELF_ONLY = {torch.Tensor.type_as, torch.Tensor.to}
+_FRESH = {torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty, torch.Tensor.new_full,
+          torch.Tensor.new_tensor}
 _ELEMENTWISE = {
     torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.sub, torch.Tensor.sub,
     torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.mul, torch.Tensor.mul, torch.Tensor.__mul__,
@@ -62,9 +70,10 @@ class Locality(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         state = self.state
-        if not state.tracking or state.padding.in_blocks or not len(state.local):
+        if not state.tracking or state.padding.in_blocks or not len(state.local) or func in _FRESH:
             return func(*args, **kwargs)
-        source = next((x for x in _shallow(args, kwargs) if state.is_local(x) and id(x) in state.token_dim), None)
+        candidates = args[:1] if func in _SELF_ONLY else _shallow(args, kwargs)
+        source = next((x for x in candidates if state.is_local(x) and id(x) in state.token_dim), None)
         if source is None:
             return func(*args, **kwargs)
         dim = state.token_dim[id(source)]
@@ -80,6 +89,8 @@ class Locality(TorchFunctionMode):
                 args, kwargs = self._cat(source, dim, args, kwargs)
             elif func in _ELEMENTWISE:
                 args = tuple(self._aligned(source, dim, a) for a in args)
+            elif func in _RESHAPES | _PERMUTES and args and args[0] is source:
+                return self._reshape(func, source, dim, args, kwargs)
             out = func(*args, **kwargs)
         finally:
             state.tracking = True
@@ -126,6 +137,19 @@ class Locality(TorchFunctionMode):
         cuts = set(itertools.accumulate(sections, initial=0))
         return sum(sections) >= length and {min(c, length) for c in cuts} <= bounds
 
+    def _reshape(self, func: Callable, source: torch.Tensor, dim: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A reshape that keeps the token dimension whole stays split; one that merges or divides the tokens
+        (a grid of rows and columns for a convolution) runs on the whole tensor."""
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError:  # sizes that only the whole sequence has
+            out = None
+        moved = None if out is None else _moved_token_dim(func, source, dim, out, args, kwargs)
+        if moved is None:
+            whole = self.state.gather(source, dim, f"a reshape after block '{self.state.last_name}'")
+            return func(whole, *args[1:], **kwargs)
+        return self.state.mark_local(out, moved)
+
     # whole tensors beside split ones ---------------------------------------------------------------
     def _aligned(self, source: torch.Tensor, dim: int, y: Any) -> Any:
         """``y``, split like ``source`` if it is whole and as long as ``source``'s streams along the token dim."""
@@ -164,6 +188,28 @@ class Locality(TorchFunctionMode):
             if len(order) > 1:
                 state.padding.set_joint_order(tuple(order), f"{state.model} after block '{state.last_name}'")
         return (tensors, along), {k: v for k, v in kwargs.items() if k not in ("tensors", "dim", "axis")}
+
+
+def _moved_token_dim(func: Callable, x: torch.Tensor, dim: int, out: torch.Tensor, args: tuple, kwargs: dict) -> int | None:
+    """Where a reshape or permutation of ``x`` put its token dimension ``dim``; None if it merged or divided it."""
+    if func in _PERMUTES:
+        order = list(range(x.dim()))
+        rest = [a for a in args[1:]] + list(kwargs.values())
+        if func in (torch.permute, torch.Tensor.permute):
+            order = [d % x.dim() for d in (rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest)]
+        elif func in (torch.movedim, torch.Tensor.movedim):
+            source, destination = (rest[0] if isinstance(rest[0], int) else rest[0][0]) % x.dim(), rest[1]
+            order.pop(source)
+            order.insert((destination if isinstance(destination, int) else destination[0]) % x.dim(), source)
+        else:
+            a, b = rest[0] % x.dim(), rest[1] % x.dim()
+            order[a], order[b] = order[b], order[a]
+        return order.index(dim)
+    before = x.shape[:dim].numel()
+    for d in range(out.dim()):
+        if out.shape[:d].numel() == before and out.shape[d] == x.shape[dim]:
+            return d
+    return None
 
 
 def _index_at(index: Any, ndim: int, dim: int) -> Any:

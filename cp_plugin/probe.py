@@ -60,6 +60,7 @@ class _Recording(TorchFunctionMode):
         self.attention: list[tuple[Any, Any]] = []
         self.cats: list[list[Any]] = []
         self.pads: list[tuple[Any, Any, Any]] = []  # (length before, padding before, padding after)
+        self.slices: list[tuple[Any, Any]] = []  # (length before, length after) of a slice along one dimension
 
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -75,7 +76,12 @@ class _Recording(TorchFunctionMode):
             x, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
             for i in range(0, len(pad), 2):
                 self.pads.append((x.shape[x.dim() - 1 - i // 2], pad[i], pad[i + 1]))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in (torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow):
+            x = args[0]
+            if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor) and out.dim() == x.dim():
+                self.slices += [(a, b) for a, b in zip(x.shape, out.shape) if a is not b]
+        return out
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
@@ -178,6 +184,14 @@ class _Resolver:
             grown, self.split = joined != self.split, joined
         for length, before, after in record.pads:
             self.align(self.expr(length), self.expr(before), self.expr(after))
+        self.sliced: dict[sympy.Symbol, sympy.Expr] = {}  # an input's length -> the tokens a slice cut from it
+        for length, cut in record.slices:
+            length, cut = self.expr(length), self.expr(cut)
+            if isinstance(length, sympy.Symbol) and length not in self.split and cut.free_symbols & self.split:
+                if self.env.size_hint(length) == self.env.size_hint(cut):
+                    self.aligned[length] = cut  # the slice takes all of it: it is as long as the tokens
+                else:
+                    self.sliced[length] = cut
 
     def expr(self, size: Any) -> sympy.Expr:
         found = size_expr(self.env, size)
@@ -243,6 +257,15 @@ class _Resolver:
         return tuple(TokenDim(dim, parts) for dim, parts in found if parts)
 
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
+        for x, name in zip(fakes, names):
+            for dim, size in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
+                cut = self.sliced.get(self.expr(size))
+                if cut is not None:
+                    raise ProbeError(
+                        f"{self.where}: input '{name}' (dim {dim}, {self.env.size_hint(self.expr(size))} long) is sliced "
+                        f"to the token count {cut} inside the block, so it holds more positions than tokens; a split "
+                        "cannot tell which of them each rank's tokens take"
+                    )
         inputs = tuple(self.dims(x, f"input '{name}'") for x, name in zip(fakes, names))
         sequences = list(dict.fromkeys(p for dims in inputs for d in dims for p in d.parts))
         attention = []

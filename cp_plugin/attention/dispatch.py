@@ -132,16 +132,19 @@ def _routed_attention(
     unsupported = {
         "dropout_p": dropout_p != 0.0,
         "is_causal": is_causal,
-        "enable_gqa": enable_gqa or key.shape[2] != query.shape[2],
         "return_lse": return_lse,
+        "key heads that do not divide the query heads": query.shape[2] % key.shape[2] != 0,
     }
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
         raise ValueError(
-            f"context-parallel attention got {', '.join(bad)} set; cp_plugin's attention supports full "
-            "non-causal attention (with optional key-padding masks) without dropout or grouped KV heads. Call the "
+            f"context-parallel attention got {', '.join(bad)}; cp_plugin's attention supports full non-causal "
+            "attention (with optional key-padding masks, and grouped key/value heads) without dropout. Call the "
             "model without them or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
+    if key.shape[2] != query.shape[2]:  # grouped key/value heads: each serves query_heads / key_heads queries
+        groups = query.shape[2] // key.shape[2]
+        key, value = key.repeat_interleave(groups, 2), value.repeat_interleave(groups, 2)
     mesh = config.cp_mesh
     if call is not None:
         _check_split(query, key, config.padding)
@@ -190,6 +193,8 @@ def _probe_attention(
     scale: float | None = None, enable_gqa: bool = False, **_: Any,
 ) -> torch.Tensor:
     """A dispatch call during a probe: SDPA in the ``(B, S, H, D)`` layout (which the probe notes)."""
+    if attn_mask is not None and attn_mask.dim() == 2:  # (B, keys), as diffusers' native backend takes it
+        attn_mask = attn_mask[:, None, None, :]
     return _sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
                  enable_gqa=enable_gqa).transpose(1, 2)
 
