@@ -137,6 +137,8 @@ class SequencePadding:
         """A ``_cp_plan`` input ``name`` padded along ``dim`` to a multiple of cp (unchanged if cp divides it)."""
         length = x.size(dim)
         stream = TEXT if is_text_input(name) else IMAGE if name == "hidden_states" else None
+        if stream is not None and self.lengths.get(stream, length) != length:
+            stream = f"{stream} ({where})"  # another sequence split under this name (Helios: history + chunk, chunk)
         if stream is not None:
             self.register(stream, length, f"{where} ('{name}')")
         else:

@@ -101,6 +101,23 @@ def derive_plan(model: torch.nn.Module, path: str) -> DerivedPlan:
     return DerivedPlan(type(model).__name__, tuple(name for name, _ in lists))
 
 
+# Classes whose own ``_cp_plan`` cp_plugin replaces by the plan it derives (verified exact), and why.
+DERIVED_OVER_OWN: dict[str, str] = {
+    "LTX2VideoTransformer3DModel": (
+        "its plan splits the rotary tables as (B, T, D) where LTX-2.x builds split tables (B, H, T, D/2), has no "
+        "entry for the audio-video cross-attention's rotary table, and routes attention over audio it never splits"
+    ),
+    "MiniMaxH3Transformer3DModel": (
+        "its plan routes the text refiner's attention, which runs on the whole text before the split"
+    ),
+}
+
+
+def own_plan(model: torch.nn.Module) -> Plan | None:
+    """The model's own ``_cp_plan``, unless cp_plugin derives a better one for its class (``DERIVED_OVER_OWN``)."""
+    return None if type(model).__name__ in DERIVED_OVER_OWN else getattr(model, "_cp_plan", None)
+
+
 def resolve_plans(module: torch.nn.Module, cp_plan: Mapping[str, Plan] | None) -> dict[str, Plan | DerivedPlan]:
     """Which models get which plan: ``cp_plan`` (path -> plan) wins, else each model's ``_cp_plan``, else a derived one.
 
@@ -118,4 +135,4 @@ def resolve_plans(module: torch.nn.Module, cp_plan: Mapping[str, Plan] | None) -
     if not models:
         raise ValueError(f"{type(module).__name__} contains no diffusers model, so nothing can be made context "
                          "parallel; pass cp_plan={'<attribute path>': {...}} (see diffusers' _cp_plan format)")
-    return {path: getattr(model, "_cp_plan", None) or derive_plan(model, path) for path, model in models.items()}
+    return {path: own_plan(model) or derive_plan(model, path) for path, model in models.items()}

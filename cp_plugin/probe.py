@@ -185,8 +185,12 @@ class _Resolver:
         for length, before, after in record.pads:
             self.align(self.expr(length), self.expr(before), self.expr(after))
         self.sliced: dict[sympy.Symbol, sympy.Expr] = {}  # an input's length -> the tokens a slice cut from it
+        self.fixed: list[tuple[sympy.Expr, sympy.Expr]] = []  # tokens cut at a fixed position: (length, cut)
         for length, cut in record.slices:
             length, cut = self.expr(length), self.expr(cut)
+            if length.free_symbols & self.split and cut != 0 and cut != length and not (
+                    cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
+                self.fixed.append((length, cut))
             if isinstance(length, sympy.Symbol) and length not in self.split and cut.free_symbols & self.split:
                 if self.env.size_hint(length) == self.env.size_hint(cut):
                     self.aligned[length] = cut  # the slice takes all of it: it is as long as the tokens
@@ -257,6 +261,12 @@ class _Resolver:
         return tuple(TokenDim(dim, parts) for dim, parts in found if parts)
 
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
+        if self.fixed:
+            length, cut = self.fixed[0]
+            raise ProbeError(
+                f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence at a fixed position (history "
+                "or image-context tokens kept at the start of a stream, say); every rank would cut its own part there"
+            )
         for x, name in zip(fakes, names):
             for dim, size in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
                 cut = self.sliced.get(self.expr(size))

@@ -126,9 +126,10 @@ def test_streams_of_equal_length_share_their_padding_and_a_third_avoids_their_su
     assert [padding.local_stream(s) for s in "abc"] == [4, 4, 9]
 
 
-def test_two_lengths_of_one_kind_in_one_forward_are_refused() -> None:
-    padding = SequencePadding(cp_size=2, cp_rank=0)
-    padding.pad(torch.zeros(1, 7, 4), 1, 1, "Model.pos_embed")  # RoPE outputs are named by index: matched by length
-    padding.pad(torch.zeros(7, 3), 0, "txt_ids", "Model.forward")
-    with pytest.raises(ValueError, match=r"two text sequences of 7 and 9 tokens were split in one forward"):
-        padding.pad(torch.zeros(1, 9, 4), 1, "encoder_hidden_states", "Model.blocks.0")
+def test_two_sequences_split_under_one_name_are_kept_apart() -> None:
+    """Helios splits history + chunk tokens for self-attention and the chunk alone for cross-attention."""
+    padding = SequencePadding(cp_size=2, cp_rank=1)
+    padding.pad(torch.zeros(1, 7, 4), 1, "hidden_states", "Model.blocks.0.attn1")
+    padding.pad(torch.zeros(1, 5, 4), 1, "hidden_states", "Model.blocks.0.attn2")
+    assert padding.composition(4) == ("image",) and padding.composition(3) == ("image (Model.blocks.0.attn2)",)
+    assert padding.key_mask(3, 1, torch.device("cpu")).tolist() == [[True, True, False]]  # tokens 3, 4 and padding
