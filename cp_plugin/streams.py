@@ -78,6 +78,7 @@ class StreamState:
         self.token_dim: dict[int, int] = {}  # id of a split tensor -> the dimension that holds its tokens
         self.outputs: list[weakref.ref[torch.Tensor]] = []  # block outputs: the parts a joint stream is made of
         self.splits: dict[tuple[int, int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gathers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_name = "the first block"  # the block that ran last, for names and messages
 
     def is_local(self, x: Any) -> bool:
@@ -122,6 +123,14 @@ class StreamState:
 
     def gather(self, x: torch.Tensor, dim: int, where: str) -> torch.Tensor:
         """The whole tensor of split ``x``: every rank's part, the streams in order, without padding."""
+        cached = self.gathers.get((id(x), dim))
+        if cached is not None:
+            return cached[1]
+        whole = self._gather(x, dim, where)
+        self.gathers[id(x), dim] = (x, whole)
+        return whole
+
+    def _gather(self, x: torch.Tensor, dim: int, where: str) -> torch.Tensor:
         padding, mesh = self.padding, self.mesh
         order = padding.composition(x.shape[dim])
         if order is None:
@@ -273,6 +282,9 @@ class BlockStreams(ModelHook):
 
     def _split(self, x: Any, dims: tuple[TokenDim, ...], streams: dict[str, tuple[str, ...]], name: str) -> Any:
         state, padding = self.state, self.state.padding
+        if state.is_local(x) and not dims and id(x) in state.token_dim:
+            # Split earlier (by a block list that takes queries from it), keys only here: every rank needs it whole.
+            return state.gather(x, state.token_dim[id(x)], f"block '{self.name}' input '{name}'")
         if not dims or not isinstance(x, torch.Tensor) or state.is_local(x):
             return x
         if len(dims) == 2 and [d.dim for d in dims] == [x.dim() - 2, x.dim() - 1]:
@@ -310,7 +322,7 @@ class BlockStreams(ModelHook):
 
 
 class OutputGather(ModelHook):
-    """On the model's other children: the first one called after the last block gathers its split inputs.
+    """On the model's other children: those called after the last block gather their split inputs.
 
     That is the output norm or projection in every DiT: what the forward does between the last
     block and it (adding Wan VACE's last control hint, concatenating CogVideoX's text and image for
@@ -324,7 +336,7 @@ class OutputGather(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         state = self.state
-        if not state.blocks_done or state.gathered:
+        if not state.blocks_done:
             return args, kwargs
         tracking, state.tracking = state.tracking, False
         try:

@@ -145,6 +145,7 @@ def _routed_attention(
     if key.shape[2] != query.shape[2]:  # grouped key/value heads: each serves query_heads / key_heads queries
         groups = query.shape[2] // key.shape[2]
         key, value = key.repeat_interleave(groups, 2), value.repeat_interleave(groups, 2)
+    _check_mask_type(attn_mask)
     mesh = config.cp_mesh
     if call is not None:
         _check_split(query, key, config.padding)
@@ -154,6 +155,15 @@ def _routed_attention(
         return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
     finally:
         exit_attention()
+
+
+def _check_mask_type(attn_mask: Any) -> None:
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise ValueError(
+            f"context-parallel attention got an attention mask of type {type(attn_mask).__name__} (flex attention's "
+            "BlockMask, say); cp_plugin's attention takes tensor masks only. Use a dense or key-padding mask, or train "
+            "this model without context parallelism (ring_degree=1, ulysses_degree=1)"
+        )
 
 
 def _plainly(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -193,6 +203,7 @@ def _probe_attention(
     scale: float | None = None, enable_gqa: bool = False, **_: Any,
 ) -> torch.Tensor:
     """A dispatch call during a probe: SDPA in the ``(B, S, H, D)`` layout (which the probe notes)."""
+    _check_mask_type(attn_mask)
     if attn_mask is not None and attn_mask.dim() == 2:  # (B, keys), as diffusers' native backend takes it
         attn_mask = attn_mask[:, None, None, :]
     return _sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
