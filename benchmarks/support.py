@@ -1,29 +1,29 @@
-"""Which diffusers transformers train under cp_plugin: a table written by walking diffusers' classes.
+"""Which diffusers transformers train under cp_plugin: the table, written from the sweep's results.
 
+    python -m benchmarks.every_dit      # trains every case, writes benchmarks/results/every_dit.json
     python -m benchmarks.support        # writes benchmarks/results/support.md and the README's table
 
-Every ``ModelMixin`` class in ``diffusers.models.transformers`` is listed with its status:
+Every ``ModelMixin`` class in ``diffusers.models.transformers`` gets one row:
 
-- **verified exact**: a test trains a tiny seeded instance under the layouts named and matches one
-  process (losses, gradients, weight updates): ``tests/test_strategy_exact.py`` (Lightning) and
-  ``tests/test_every_dit.py`` (every verified DiT, own or derived plan);
-- **own plan, not verified here**: the class carries a ``_cp_plan``, which cp_plugin applies, but
-  no test trains it;
-- **derived plan, not verified here**: no ``_cp_plan``; ``cp_plugin.plans.derive_plan`` accepts the
-  class's structure (checked on an instance built on the meta device with its default config), so
-  it trains on a derived plan, but no test trains it;
-- **refused**: the reason ``derive_plan`` gives (before anything runs), or that its default config
-  cannot be built to check.
+- **verified exact**: every case of the class in ``fixtures/dits`` (two sizes: other head counts,
+  head dims, token and text lengths, one token count equal to a feature width) trains under ulysses
+  2 and ring 2 with SGD and AdamW as one process does, within the bounds of
+  ``tests/test_every_dit.py`` (``benchmarks/results/every_dit.md`` has the errors); the layouts column
+  adds those of the 4-process cases and of ``tests/test_strategy_exact.py``;
+- **refused**: what cp_plugin says when asked to train it (its error, raised on every rank before any
+  collective), for every case or for the size named;
+- **fails**: a case that raised an error that is not a refusal, or was not exact.
 
-The attention column says how the class's processors reach attention (from their source):
-through ``dispatch_attention_fn`` with or without the parallel config, by calling
-``F.scaled_dot_product_attention`` themselves (both are routed), or by their own arithmetic.
+The plan column says whether the class trains on diffusers' own ``_cp_plan``, on the plan cp_plugin
+derives from its structure, or on the derived plan in place of an own plan it replaces (and why:
+``cp_plugin.plans.DERIVED_OVER_OWN``). The attention column says how its processors reach attention.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import pkgutil
 import sys
 import warnings
@@ -34,9 +34,10 @@ import diffusers
 import torch
 from diffusers import ModelMixin
 
-from cp_plugin.plans import derive_plan
+from cp_plugin.plans import DERIVED_OVER_OWN
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 # The README carries the table between these lines (rewritten by each run).
 README_START, README_END = "<!-- support table: python -m benchmarks.support -->", "<!-- end of support table -->"
 
@@ -53,44 +54,29 @@ def transformer_classes() -> list[type[ModelMixin]]:
     return [found[name] for name in sorted(found)]
 
 
-def meta_instance(cls: type[ModelMixin]) -> ModelMixin | str:
-    """``cls`` built with its default config on the meta device, or why it could not be."""
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            return cls()
-    except Exception as err:  # noqa: BLE001 - some classes need constructor arguments
-        return f"default config fails: {type(err).__name__}"
-
-
-def attention_calls(model: ModelMixin | str) -> str:
-    """How the default processors of ``model`` call attention, or why that could not be read."""
-    if isinstance(model, str):
-        return f"not inspected ({model})"
+def attention_calls(cls: type[ModelMixin]) -> str:
+    """How the attention processors defined beside ``cls`` reach attention (from their source)."""
+    module = sys.modules[cls.__module__]
     styles = set()
-    for processor in {type(m.processor) for m in model.modules() if getattr(m, "processor", None) is not None}:
+    for _, processor in inspect.getmembers(module, inspect.isclass):
+        if processor.__module__ != module.__name__ or not callable(getattr(processor, "__call__", None)):
+            continue
+        if not processor.__name__.endswith(("Processor", "Processor2_0", "Processor3_0")):
+            continue
         source = inspect.getsource(processor)
         if "dispatch_attention_fn(" in source:
             styles.add("dispatch + parallel config" if "parallel_config=" in source else "dispatch, no parallel config")
         if "scaled_dot_product_attention(" in source:
             styles.add("direct SDPA")
         if "dispatch_attention_fn(" not in source and "scaled_dot_product_attention(" not in source:
-            styles.add(f"own attention ({processor.__name__})")
-    return ", ".join(sorted(styles)) or "no attention processor"
+            styles.add(f"own arithmetic ({processor.__name__})")
+    return ", ".join(sorted(styles)) or "diffusers' shared processors"
 
 
-def plan_status(cls: type[ModelMixin], model: ModelMixin | str) -> str:
-    """Own plan, derived plan, or the reason a plan cannot be derived."""
-    if getattr(cls, "_cp_plan", None):
-        return "own plan, not verified here"
-    if isinstance(model, str):
-        return f"refused: not checked ({model})"
-    try:
-        derive_plan(model, "")
-    except ValueError as err:
-        reason = str(err).split(";")[0].replace(f"{cls.__name__} ('')", "").strip(" :")
-        return f"refused: {reason.replace('|', '/')}"
-    return "derived plan, not verified here"
+def plan_kind(cls: type[ModelMixin]) -> str:
+    if cls.__name__ in DERIVED_OVER_OWN:
+        return "derived, over its own"
+    return "own" if getattr(cls, "_cp_plan", None) else "derived"
 
 
 def _layout(world: int, degrees: dict[str, int]) -> str:
@@ -99,14 +85,12 @@ def _layout(world: int, degrees: dict[str, int]) -> str:
     return " x ".join(([f"dp {world // cp}"] if world > cp else []) + parts)
 
 
-def verified_layouts() -> dict[str, list[str]]:
-    """Class name -> layouts the exactness tests train it under (from the tests' case lists)."""
+def lightning_layouts() -> dict[str, set[str]]:
+    """Class name -> layouts ``tests/test_strategy_exact.py`` trains it under with the Lightning strategy."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-    from test_every_dit import FOUR_RANK_MODELS, FOUR_RANKS as DIT_FOUR, TWO_RANKS as DIT_TWO
     from test_strategy_exact import FOUR_RANKS, TWO_RANKS
 
     from exact import FlowMatchingModule
-    from fixtures.dits import CASES
 
     layouts: dict[str, set[str]] = defaultdict(set)
     kinds: dict[str, str] = {}
@@ -116,38 +100,75 @@ def verified_layouts() -> dict[str, list[str]]:
                 kinds[case["kind"]] = type(FlowMatchingModule(case["kind"]).transformer).__name__
             degrees = {k: v for k, v in case["strategy_kwargs"].items() if k.endswith("_degree")}
             layouts[kinds[case["kind"]]].add(_layout(world, degrees))
-    for name, case in CASES.items():
-        for world, grid in ((2, DIT_TWO), (4, DIT_FOUR if name in FOUR_RANK_MODELS else [])):
-            for degrees in grid:
-                layouts[case.cls].add(_layout(world, degrees))
-    return {name: sorted(found) for name, found in layouts.items()}
+    return layouts
+
+
+def _reason(error: str) -> str:
+    """The first line of an error, without the plan-writing hint every refusal ends with."""
+    line = error.splitlines()[0].split("; pass cp_plan")[0].split("; pass cp_plan=")[0]
+    return line.replace("|", "/")[:400]
+
+
+def status(rows: list[dict]) -> tuple[str, str, list[str]]:
+    """(``verified exact`` / ``refused`` / ``fails``, the reason, layouts verified) of one class's sweep rows."""
+    by_size: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_size[row["size"]].append(row)
+    exact = {size for size, rs in by_size.items() if all(r.get("exact") for r in rs)}
+    layouts = sorted({r["layout"] for r in rows if r.get("exact")})
+    if exact == set(by_size):
+        return "verified exact", "", layouts
+    reasons = []
+    for size, rs in sorted(by_size.items()):
+        if size in exact:
+            continue
+        bad = next(r for r in rs if not r.get("exact"))
+        error = bad.get("error")
+        if error is None:
+            reasons.append(f"{size} size not exact (loss {bad['loss']:.1e}, gradient {bad['gradient']:.1e}, "
+                           f"update {bad['update']:.1e})")
+        else:
+            reasons.append(f"{size} size: {_reason(error)}")
+    refused = all(not r.get("exact") and r.get("error", "").startswith("ValueError") for r in rows if not r.get("exact"))
+    kind = "refused" if refused else "fails"
+    if exact:
+        kind = f"verified exact at the {', '.join(sorted(exact))} size; {kind}"
+    return kind, "; ".join(reasons), layouts
 
 
 def main() -> None:
-    verified = verified_layouts()
-    rows, counts = [], defaultdict(int)
+    rows = json.loads((RESULTS / "every_dit.json").read_text())
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_class[row["class"]].append(row)
+    lightning = lightning_layouts()
+    lines, counts = [], defaultdict(int)
     for cls in transformer_classes():
-        model = meta_instance(cls)
-        plan = "own plan" if getattr(cls, "_cp_plan", None) else "derived plan"
-        if cls.__name__ in verified:
-            status = f"verified exact, {plan} ({'; '.join(verified[cls.__name__])})"
+        name = cls.__name__
+        if name not in by_class:
+            kind, reason, layouts = "no case", "", []
         else:
-            status = plan_status(cls, model)
-        counts[status.split(" (")[0].split(":")[0].split(",")[0]] += 1
-        rows.append(f"| {cls.__name__} | {status} | {attention_calls(model)} |")
-    summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
-    report = "\n".join([
-        f"# diffusers {diffusers.__version__} transformers under cp_plugin",
-        "",
-        f"`python -m benchmarks.support`: {len(rows)} classes; {summary}.",
-        "",
-        "| class | status | attention calls |",
-        "|---|---|---|",
-        *rows,
-        "",
-    ])
-    out = ROOT / "benchmarks" / "results" / "support.md"
-    out.write_text(report)
+            kind, reason, layouts = status(by_class[name])
+        if kind == "verified exact":
+            layouts = sorted(set(layouts) | lightning.get(name, set()))
+        counts[kind.split(";")[0].split(" at the ")[0]] += 1
+        text = kind if not reason else f"{kind}: {reason}"
+        lines.append(f"| {name} | {text} | {plan_kind(cls)} | {'; '.join(layouts)} | {attention_calls(cls)} |")
+    summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = "\n".join([
+            f"# diffusers {diffusers.__version__} transformers under cp_plugin",
+            "",
+            f"`python -m benchmarks.support` from `benchmarks/results/every_dit.json` (`python -m benchmarks.every_dit`, "
+            f"torch {torch.__version__}): {len(lines)} classes; {summary}.",
+            "",
+            "| class | status | plan | layouts verified | attention calls |",
+            "|---|---|---|---|---|",
+            *lines,
+            "",
+        ])
+    (RESULTS / "support.md").write_text(report)
     readme = ROOT / "README.md"
     before, rest = readme.read_text().split(README_START, 1)
     after = rest.split(README_END, 1)[1]

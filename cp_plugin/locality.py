@@ -76,6 +76,14 @@ class Locality(TorchFunctionMode):
         source = next((x for x in candidates if state.is_local(x) and id(x) in state.token_dim), None)
         if source is None:
             return func(*args, **kwargs)
+        if func is torch.Tensor.__setitem__ and not state.is_local(args[0]):
+            # Split tokens written into a tensor made at the whole length (samples packed into one buffer): whole.
+            state.tracking = False
+            try:
+                whole = state.gather(source, state.token_dim[id(source)], f"a write after block '{state.last_name}'")
+                return func(*(whole if a is source else a for a in args), **kwargs)
+            finally:
+                state.tracking = True
         dim = state.token_dim[id(source)]
         state.tracking = False  # the mode's own ops below are not followed
         try:
@@ -92,6 +100,8 @@ class Locality(TorchFunctionMode):
             elif func in _RESHAPES | _PERMUTES and args and args[0] is source:
                 return self._reshape(func, source, dim, args, kwargs)
             out = func(*args, **kwargs)
+            if func is torch.Tensor.__getitem__ and args[0] is source and isinstance(out, torch.Tensor):
+                return state.mark_local(out, _dim_after_index(args[1], source.dim(), dim))
         finally:
             state.tracking = True
         for t in (out if isinstance(out, (list, tuple)) else [out]):
@@ -119,8 +129,10 @@ class Locality(TorchFunctionMode):
                 return True
             if not isinstance(item, slice) or item.step not in (None, 1):
                 return False
-            if any(isinstance(v, int) and abs(v) > length for v in (item.start, item.stop)):
-                return False  # an index past this rank's part: a position in the whole sequence
+            if any(isinstance(v, int) and abs(v) >= length for v in (item.start, item.stop)):
+                # An explicit index at or past the end of this rank's part: a position in the whole sequence
+                # (a per-sample length taken before the split), not a cut between this rank's streams.
+                return False
             start, stop, _ = item.indices(length)
             return start in bounds and (stop in bounds or stop <= start)
         if func in (torch.narrow, torch.Tensor.narrow):
@@ -210,6 +222,28 @@ def _moved_token_dim(func: Callable, x: torch.Tensor, dim: int, out: torch.Tenso
         if out.shape[:d].numel() == before and out.shape[d] == x.shape[dim]:
             return d
     return None
+
+
+def _dim_after_index(index: Any, ndim: int, dim: int) -> int | None:
+    """Where ``x[index]`` has dimension ``dim`` of ``x`` (basic indexing: ints drop dims, None adds them)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (torch.Tensor, list)) for i in items):
+        return None  # advanced indexing moves dimensions in ways not followed here
+    taken = sum(1 for i in items if i is not None and i is not Ellipsis)
+    source, out = 0, 0
+    for item in items:
+        if item is Ellipsis:
+            skip = ndim - taken
+            if source <= dim < source + skip:
+                return out + dim - source
+            source, out = source + skip, out + skip
+        elif item is None:
+            out += 1
+        elif source == dim:
+            return None if isinstance(item, int) else out
+        else:
+            source, out = source + 1, out + (0 if isinstance(item, int) else 1)
+    return out + dim - source
 
 
 def _index_at(index: Any, ndim: int, dim: int) -> Any:

@@ -175,6 +175,13 @@ class _Resolver:
         self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
+        for i, (q, _) in enumerate(record.attention):
+            if isinstance(q, torch.SymInt) and q.node.expr.free_symbols and not self.calls[i][0].free_symbols:
+                raise ProbeError(
+                    f"{where}: it reads the token count of its attention call {i} as a number ({q.node.expr} = "
+                    f"{self.calls[i][0]}: a scale from log(tokens), say), which under a split would be this rank's "
+                    "count, not the sequence's"
+                )
         shapes = [[self.expr(size) for size in x.shape] for x in fakes if isinstance(x, torch.Tensor)]
         self.split = set().union(*(q.free_symbols for q, _ in self.calls))
         grown = True
@@ -188,7 +195,8 @@ class _Resolver:
         self.fixed: list[tuple[sympy.Expr, sympy.Expr]] = []  # tokens cut at a fixed position: (length, cut)
         for length, cut in record.slices:
             length, cut = self.expr(length), self.expr(cut)
-            if length.free_symbols & self.split and cut != 0 and cut != length and not (
+            data_dependent = any(sym not in env.var_to_val for sym in cut.free_symbols)  # a routing's token count
+            if length.free_symbols & self.split and cut != 0 and cut != length and not data_dependent and not (
                     cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
                 self.fixed.append((length, cut))
             if isinstance(length, sympy.Symbol) and length not in self.split and cut.free_symbols & self.split:
@@ -264,8 +272,9 @@ class _Resolver:
         if self.fixed:
             length, cut = self.fixed[0]
             raise ProbeError(
-                f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence at a fixed position (history "
-                "or image-context tokens kept at the start of a stream, say); every rank would cut its own part there"
+                f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
+                "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "
+                "expert's token capacity): every rank would cut its own part there"
             )
         for x, name in zip(fakes, names):
             for dim, size in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
