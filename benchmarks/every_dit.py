@@ -74,10 +74,10 @@ def sweep(names: list[str]) -> list[dict]:
                    "layout": " x ".join(f"{k[:-7]} {v}" for k, v in layout.items())}
             reference = references[model, opt]
             failed = [r[i]["error"] for r in results if "error" in r[i]]
-            if isinstance(reference, str):
-                row["error"] = f"one process: {reference}"
-            elif failed:
+            if failed:  # cp_plugin's own refusal, when it gave one, says more than a failing reference
                 row["error"] = failed[0]
+            elif isinstance(reference, str):
+                row["error"] = f"one process: {reference}"
             else:
                 worst = [errors(r[i], reference) for r in results]
                 row.update({k: max(w[k] for w in worst) for k in worst[0]})

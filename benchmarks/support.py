@@ -103,37 +103,34 @@ def lightning_layouts() -> dict[str, set[str]]:
     return layouts
 
 
-def _reason(error: str) -> str:
-    """The first line of an error, without the plan-writing hint every refusal ends with."""
-    line = error.splitlines()[0].split("; pass cp_plan")[0].split("; pass cp_plan=")[0]
-    return line.replace("|", "/")[:400]
+def _reason(error: str, cls: str) -> str:
+    """The first line of an error, without its type, the class's name and the plan-writing hint refusals end with."""
+    line = error.splitlines()[0].split("; pass cp_plan")[0]
+    for prefix in ("ValueError: ", "RuntimeError: ", f"{cls} ('')", f"{cls}: ", cls):
+        line = line.removeprefix(prefix).lstrip(": ")
+    return line.replace("|", "/")[:300]
 
 
-def status(rows: list[dict]) -> tuple[str, str, list[str]]:
-    """(``verified exact`` / ``refused`` / ``fails``, the reason, layouts verified) of one class's sweep rows."""
+def status(cls: str, rows: list[dict]) -> tuple[str, list[str]]:
+    """One class's status from its sweep rows (``verified exact``, else refused or fails, with why) and the
+    layouts it is verified under."""
     by_size: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_size[row["size"]].append(row)
-    exact = {size for size, rs in by_size.items() if all(r.get("exact") for r in rs)}
+    exact = sorted(size for size, rs in by_size.items() if all(r.get("exact") for r in rs))
     layouts = sorted({r["layout"] for r in rows if r.get("exact")})
-    if exact == set(by_size):
-        return "verified exact", "", layouts
-    reasons = []
-    for size, rs in sorted(by_size.items()):
-        if size in exact:
-            continue
-        bad = next(r for r in rs if not r.get("exact"))
-        error = bad.get("error")
-        if error is None:
-            reasons.append(f"{size} size not exact (loss {bad['loss']:.1e}, gradient {bad['gradient']:.1e}, "
-                           f"update {bad['update']:.1e})")
-        else:
-            reasons.append(f"{size} size: {_reason(error)}")
-    refused = all(not r.get("exact") and r.get("error", "").startswith("ValueError") for r in rows if not r.get("exact"))
-    kind = "refused" if refused else "fails"
-    if exact:
-        kind = f"verified exact at the {', '.join(sorted(exact))} size; {kind}"
-    return kind, "; ".join(reasons), layouts
+    if len(exact) == len(by_size):
+        return "verified exact", layouts
+    failing = sorted(set(by_size) - set(exact), key=lambda size: size != "suite")
+    bad = next(r for r in by_size[failing[0]] if not r.get("exact"))
+    refused = all(r.get("error", "").startswith("ValueError") for size in failing for r in by_size[size]
+                  if not r.get("exact"))
+    if "error" in bad:
+        why = _reason(bad["error"], cls)
+    else:
+        why = f"not exact (loss {bad['loss']:.1e}, gradient {bad['gradient']:.1e}, update {bad['update']:.1e})"
+    sizes = "both sizes" if not exact else f"the {failing[0]} size; verified exact at the {exact[0]} size"
+    return f"{'refused' if refused else 'fails'} ({sizes}): {why}", layouts
 
 
 def main() -> None:
@@ -145,14 +142,10 @@ def main() -> None:
     lines, counts = [], defaultdict(int)
     for cls in transformer_classes():
         name = cls.__name__
-        if name not in by_class:
-            kind, reason, layouts = "no case", "", []
-        else:
-            kind, reason, layouts = status(by_class[name])
-        if kind == "verified exact":
+        text, layouts = status(name, by_class[name]) if name in by_class else ("no case", [])
+        if text == "verified exact":
             layouts = sorted(set(layouts) | lightning.get(name, set()))
-        counts[kind.split(";")[0].split(" at the ")[0]] += 1
-        text = kind if not reason else f"{kind}: {reason}"
+        counts[text.split(" (")[0]] += 1
         lines.append(f"| {name} | {text} | {plan_kind(cls)} | {'; '.join(layouts)} | {attention_calls(cls)} |")
     summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     with warnings.catch_warnings():

@@ -18,13 +18,14 @@ Each sequence of a block is bound to streams:
 
 Every other whole input indexing a stream is split along that dimension: one stream's shard, or a
 joint sequence part by part in the block's order (a concatenation inside the block shows it, see
-``probe.py``; or, for a joint stream the model concatenated between blocks, the values of the split
-streams it was made of). A ``(queries, keys)`` mask over a whole stream stays whole: the attention
-takes this rank's rows. Sequences the CP size does not divide are padded and masked.
+``probe.py``; a concatenation the model made between blocks is seen there, see ``locality.py``). A
+``(queries, keys)`` mask over a whole stream stays whole: the attention takes this rank's rows. A
+split input whose tokens this block takes as keys only is gathered for it. Sequences the CP size
+does not divide are padded and masked.
 
 The last block of a forward (the one that completes the count of blocks, remembered for later
-forwards and activation-checkpoint recomputes) ends the split region: the first of the model's other
-children called after it (its output norm or projection) gathers the split tensors it is given, so
+forwards and activation-checkpoint recomputes) ends the split region: the model's other children
+called after it (its output norms and projections) gather the split tensors they are given, so
 everything from there on runs on whole sequences, as on one process.
 """
 
@@ -76,7 +77,6 @@ class StreamState:
         self.blocks_done = self.gathered = self.tracking = False
         self.local: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self.token_dim: dict[int, int] = {}  # id of a split tensor -> the dimension that holds its tokens
-        self.outputs: list[weakref.ref[torch.Tensor]] = []  # block outputs: the parts a joint stream is made of
         self.splits: dict[tuple[int, int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         self.gathers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_name = "the first block"  # the block that ran last, for names and messages
@@ -145,10 +145,6 @@ class StreamState:
         per_rank = gathered.unflatten(dim, (mesh.cp_size, sum(local))).split(local, dim + 1)
         return torch.cat([p.flatten(dim, dim + 1).narrow(dim, 0, padding.lengths[s]) for p, s in zip(per_rank, order)],
                          dim)
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
 class BlockStreams(ModelHook):
@@ -252,33 +248,16 @@ class BlockStreams(ModelHook):
         return streams
 
     def _composition(self, x: torch.Tensor, dim: int) -> tuple[str, ...]:
-        """The streams a split input holds along ``dim``: by its local length, or, for a joint stream the
-        model concatenated between blocks in an order not yet seen, by which block outputs its parts equal."""
+        """The streams a split input holds along ``dim``, told by its local length and the joint orders seen."""
         padding = self.state.padding
         found = padding.composition(x.shape[dim])
-        if found is None:
-            found = self._joint_from_outputs(x, dim)
-            if found is not None:
-                padding.set_joint_order(found, f"{self.state.model} before block '{self.name}'")
         if found is None:
             raise ValueError(
                 f"{self.state.model}: block '{self.name}' gets {x.shape[dim]} split tokens along dim {dim}, which is "
                 f"neither one stream's share ({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}) "
-                f"nor a concatenation of them that cp_plugin can order; {PLAN_HINT}"
+                f"nor a concatenation of them in an order the model showed; {PLAN_HINT}"
             )
         return found
-
-    def _joint_from_outputs(self, x: torch.Tensor, dim: int) -> tuple[str, ...] | None:
-        padding = self.state.padding
-        outputs = [t for ref in self.state.outputs if (t := ref()) is not None and t.dim() == x.dim()]
-        for first, second in itertools.permutations(padding.lengths, 2):
-            head, tail = padding.local_stream(first), padding.local_stream(second)
-            if head + tail != x.shape[dim]:
-                continue
-            parts = x.narrow(dim, 0, head), x.narrow(dim, head, tail)
-            if all(any(t.shape == p.shape and torch.equal(t, p) for t in outputs) for p in parts):
-                return first, second
-        return None
 
     def _split(self, x: Any, dims: tuple[TokenDim, ...], streams: dict[str, tuple[str, ...]], name: str) -> Any:
         state, padding = self.state, self.state.padding
@@ -308,9 +287,8 @@ class BlockStreams(ModelHook):
     def _exit(self, module: torch.nn.Module, output: Any, roles: BlockRoles) -> Any:
         state = self.state
         for t, dims in zip(tree_flatten(output)[0], itertools.chain(roles.outputs, itertools.repeat(()))):
-            if isinstance(t, torch.Tensor):
-                state.mark_local(t, dims[0].dim if dims else None)
-                state.outputs.append(weakref.ref(t))
+            if isinstance(t, torch.Tensor) and dims:  # outputs indexed by split tokens are split
+                state.mark_local(t, dims[0].dim)
         state.last_name = self.name
         if state.last_block is None:
             state.calls += 1
@@ -379,8 +357,9 @@ class ForwardScope(ModelHook):
         if not state.padding.lengths:
             raise ValueError(
                 f"{state.model}: none of its blocks takes attention queries from a token sequence that a split can "
-                "follow (its tokens are reshaped into a grid, or attention is computed without SDPA or "
-                f"dispatch_attention_fn), so context parallelism would split nothing; {PLAN_HINT}"
+                "follow (its tokens are reshaped into a grid, its attention reads the token count as a number, or it "
+                f"is computed without SDPA or dispatch_attention_fn), so context parallelism would split nothing; "
+                f"{PLAN_HINT}"
             )
         if not state.gathered:
             raise RuntimeError(

@@ -24,6 +24,7 @@ from exact import quiet_trainer
 from fixtures.dits import BATCH, CASES
 
 STEPS = 3
+_MESHES: dict[tuple, Any] = {}  # one mesh per layout in a process: each mesh's process groups hold threads
 
 
 def _slice(value: Any, dp_rank: int, dp: int) -> Any:
@@ -53,7 +54,10 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None) 
         from cp_plugin.mesh import ParallelMesh
         from cp_plugin.model import apply_context_parallel
 
-        mesh = ParallelMesh.build(ParallelConfig(**layout), "cpu")
+        key = tuple(sorted(layout.items()))
+        if key not in _MESHES:
+            _MESHES[key] = ParallelMesh.build(ParallelConfig(**layout), "cpu")
+        mesh = _MESHES[key]
         apply_context_parallel(model, mesh)
         dp, dp_rank, world = mesh.dp_size, mesh.dp_rank, dist.get_world_size()
     opt = optimizer_for(optimizer, model.parameters())

@@ -1,19 +1,17 @@
-"""Every verified diffusers DiT trains under context parallelism exactly as on one process.
+"""Verified diffusers DiTs train under context parallelism exactly as on one process.
 
-Models without a ``_cp_plan`` (SD3.5, CogVideoX, HunyuanVideo, HunyuanVideo 1.5, Wan VACE,
-SkyReels-V2) train on their derived plan, and LTX-Video and QwenImage on their own; nothing in the
-model code or the training loop changes. Each model is fed what its pipeline gives: 7 text tokens
-(padded and masked on 2 and 4 ranks) with part of one sample's text masked where the model takes a
-text mask, and 27 to 50 image/video tokens. Covered along the way: attention through SDPA
-(SD3, CogVideoX, HunyuanVideo's refiner, which stays local) and through ``dispatch_attention_fn``
-with or without a parallel config; joint attention text-first and image-first; rotary tables, a
-dual-attention layer, control blocks that run before the main blocks, per-frame modulation, a
-block-causal ``(1, 1, S, S)`` mask, outer-product masks built inside the processor; parameters
-left unused by the model (HunyuanVideo 1.5, QwenImage).
+Models without a ``_cp_plan`` train on the plan cp_plugin derives (the probe of each block, its
+streams split where they enter, ``cp_plugin/streams.py``), the others on their own; nothing in the
+model code or the training loop changes. Each model is fed what its pipeline gives: odd text
+lengths (padded and masked on 2 and 4 ranks) with part of one sample's text masked where the model
+takes a text mask, and image/video token counts the CP size often does not divide. The default
+suite trains the share named below, one launch per world size; ``python -m benchmarks.every_dit``
+trains every case of ``fixtures/dits`` and writes the errors the support table is built from.
 
-One launch per world size runs every case. Losses, first-step gradients (all of them, against the
-largest: a gradient the model gives exactly zero, such as a key bias's, is rounding noise) and
-weight *updates* (a skipped or wrong step changes them by a third or more) must match.
+Losses, first-step gradients (all of them, against the largest: a gradient the model gives exactly
+zero, such as a key bias's, is rounding noise) and weight *updates* (a skipped or wrong step changes
+them by a third or more) must match. Mutations of the plan (a split along a dimension of the same
+size, a reversed joint order) must make these checks, or the plan's own, fail.
 """
 
 from __future__ import annotations
@@ -35,14 +33,19 @@ OPTIMIZERS = ("sgd", "adamw")
 TWO_RANKS = [{"ulysses_degree": 2}, {"ring_degree": 2}]
 FOUR_RANKS = [{"ring_degree": 2, "ulysses_degree": 2}, {"dp_degree": 2, "ring_degree": 2}]
 FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
-# The default suite's share of the sweep (python -m benchmarks.every_dit runs every case of fixtures/dits).
-SUITE = tuple(name for name, case in CASES.items() if case.size == "suite" and case.cls in (
-    "SD3Transformer2DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
-    "HunyuanVideo15Transformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Transformer3DModel",
-    "ChromaTransformer2DModel", "LTXVideoTransformer3DModel", "QwenImageTransformer2DModel", "PixArtTransformer2DModel",
-    "DiTTransformer2DModel", "AuraFlowTransformer2DModel", "CogView3PlusTransformer2DModel",
-    "CogView4Transformer2DModel", "AllegroTransformer3DModel", "HunyuanImageTransformer2DModel",
-    "Flux2Transformer2DModel", "CosmosTransformer3DModel", "GlmImageTransformer2DModel", "StableAudioDiTModel"))
+# The default suite's share of the sweep (python -m benchmarks.every_dit runs every case of fixtures/dits): the
+# first twenty classes, and cases that each stand for a mechanism: second sizes whose token counts equal head
+# dims (Chroma's joint rotary table, SkyReels-V2's per-frame modulation, Flux and Wan on their own plans), refiners
+# (Z-Image, Lumina 2: samples packed between blocks), text self-attended then attended as keys (Kandinsky 5),
+# tokens joined and cut between blocks (HiDream, Krea 2), grouped key/value heads (ACE-Step), a rotary table
+# sliced inside blocks (Stable Audio 3), a convolution after the blocks (DreamLite), own plans cp_plugin replaces
+# or extends (LTX-2, Helios).
+FIRST = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
+         "pixart", "dit", "auraflow", "cogview3plus", "cogview4", "allegro", "hunyuanimage", "flux2", "cosmos",
+         "glmimage", "stableaudio")
+MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
+              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios")
+SUITE = FIRST + MECHANISMS
 
 
 def _check(result: dict[str, Any], reference: dict[str, Any], what: str) -> None:

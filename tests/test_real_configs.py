@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from cp_plugin.compat import tree_flatten, tree_flatten_with_path
+from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
 from cp_plugin.plans import DerivedPlan, resolve_plans
 from cp_plugin.probe import BlockRoles, probe_block
 from fixtures.dits import CASES
@@ -44,8 +44,8 @@ def probe_real(name: str) -> list[str]:
     """Build ``name``'s published model on meta, call it at real size, probe each kind of block; what was probed."""
     case = REAL[name]
     model = case.build_real()
-    inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
-              for k, v in case.real_inputs(torch.Generator().manual_seed(0)).items()}
+    leaves, spec = tree_flatten(case.real_inputs(torch.Generator().manual_seed(0)))
+    inputs = tree_unflatten([x.to("meta") if isinstance(x, torch.Tensor) else x for x in leaves], spec)
     plan = resolve_plans(model, None)[""]
     if not isinstance(plan, DerivedPlan):
         return []
