@@ -48,7 +48,14 @@ MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second"
 SUITE = FIRST + MECHANISMS
 
 
-def _check(result: dict[str, Any], reference: dict[str, Any], what: str) -> None:
+def check(result: dict[str, Any], reference: dict[str, Any], optimizer: str, what: str) -> None:
+    """Losses, first-step gradients and every parameter's update match one process (the sweep's verdict too).
+
+    AdamW's updates are compared by their norm: its first steps are about ``lr * sign(grad)``, so an
+    entry whose gradient is at the rounding noise can move by up to ``2 lr`` where the reference's
+    does not (measured: 2.3e-5 of Z-Image's largest timestep-embedding update, 1.4e-6 of its norm); a
+    skipped or wrong step changes the norm by a third or more. SGD's are compared entry by entry.
+    """
     for step, (got, want) in enumerate(zip(result["losses"], reference["losses"], strict=True)):
         assert abs(got - want) <= LOSS_RTOL * abs(want), f"{what}: step {step} loss {got} != {want}"
     assert set(result["grads"]) == set(reference["grads"]), f"{what}: different parameters got gradients"
@@ -59,7 +66,7 @@ def _check(result: dict[str, Any], reference: dict[str, Any], what: str) -> None
     for name, before in reference["before"].items():
         assert torch.equal(result["before"][name], before), f"{what}: {name} started from other weights"
         assert_update_close(result["after"][name], reference["after"][name], before, UPDATE_RTOL, STEPS,
-                            f"{what}: {name}")
+                            f"{what}: {name}", norm=optimizer == "adamw")
 
 
 def _run(world: int, layouts: list[dict[str, int]], models: tuple[str, ...]) -> None:
@@ -68,7 +75,7 @@ def _run(world: int, layouts: list[dict[str, int]], models: tuple[str, ...]) -> 
     references = {(model, opt): train(model, opt) for model in models for opt in OPTIMIZERS}
     for i, (model, opt, layout) in enumerate(cases):
         for rank, rank_results in enumerate(results):
-            _check(rank_results[i], references[model, opt], f"{model} {opt} {layout} rank {rank}")
+            check(rank_results[i], references[model, opt], opt, f"{model} {opt} {layout} rank {rank}")
 
 
 @pytest.mark.timeout(900)
@@ -162,4 +169,4 @@ def test_the_exactness_check_catches_a_wrong_plan(mutation: str) -> None:
             assert result["error"].startswith(("ValueError", "RuntimeError")), result["error"]
             continue
         with pytest.raises(AssertionError):
-            _check(result, train(case, "sgd"), f"{case} {layout} with {mutation}")
+            check(result, train(case, "sgd"), "sgd", f"{case} {layout} with {mutation}")
