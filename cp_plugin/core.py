@@ -33,7 +33,7 @@ from cp_plugin.guard import (
 )
 from cp_plugin.layout import LayoutChoice, choose_layout, model_attention, ulysses_placement_warning
 from cp_plugin.mesh import ParallelMesh
-from cp_plugin.model import Plan, apply_context_parallel
+from cp_plugin.model import Conversion, Plan, apply_context_parallel
 from cp_plugin.resume import restore_rng_state
 from cp_plugin.rng import seed_per_dp_rank, shared_base_seed
 from cp_plugin.sequence import gather_sequence, local_shard, shard_batch
@@ -76,7 +76,7 @@ class ContextParallelCore:
         self.on_nonfinite = on_nonfinite
         self.device: torch.device | None = None
         self._mesh: ParallelMesh | None = None
-        self._applied: set[int] = set()
+        self._conversions: dict[int, Conversion] = {}  # id of a module -> what converting it changed
         self._rng_to_restore: dict[str, Any] | None = None
         self.layout: LayoutChoice | None = None  # how "auto" degrees were chosen, once validate has
         self._placement_warning: str | None = None
@@ -135,10 +135,17 @@ class ContextParallelCore:
 
     def apply(self, module: torch.nn.Module) -> None:
         """Make the diffusers models in ``module`` context parallel (once per module; nothing to do at cp 1)."""
-        if self.mesh.cp_enabled and id(module) not in self._applied:
-            apply_context_parallel(module, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,
-                                   gather_outputs=self.gather_outputs)
-            self._applied.add(id(module))
+        if self.mesh.cp_enabled and id(module) not in self._conversions:
+            self._conversions[id(module)] = apply_context_parallel(
+                module, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,
+                gather_outputs=self.gather_outputs,
+            )
+
+    def remove(self) -> None:
+        """Turn every module ``apply`` converted back into a plain one (after training: sampling, export)."""
+        for conversion in self._conversions.values():
+            conversion.remove()
+        self._conversions.clear()
 
     # every step ------------------------------------------------------------------------------
     def process_batch(self, batch: Any) -> Any:

@@ -14,6 +14,11 @@ and the split hook
 
 We do not call ``ModelMixin.enable_parallelism``: it divides by the accelerator count and fails on
 CPU. The manual path below (set each processor's config, apply hooks) is what it does otherwise.
+
+Converting leaves no trace: everything it changes (hooks in diffusers' hook registries, processors'
+``_parallel_config``) is recorded in the :class:`Conversion` it returns, whose ``remove()`` (or
+:func:`remove_context_parallel`) puts the module back as it was; attention routing is in place only
+while a converted model runs (``attention/dispatch.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from diffusers import ContextParallelConfig
 from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
-from cp_plugin.attention.dispatch import RoutedParallelConfig, install_attention_routing
+from cp_plugin.attention.dispatch import AttentionCall, AttentionRouting, RoutedParallelConfig
 from cp_plugin.compat import ContextParallelInput, ContextParallelOutput, submodules_by_name
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
@@ -34,7 +39,9 @@ from cp_plugin.padding import IMAGE, TEXT, SequencePadding
 from cp_plugin.plans import DerivedPlan, Plan, attention_heads, attention_modules, resolve_plans
 from cp_plugin.sequence import gather_sequence
 from cp_plugin.streams import BlockStreams, ForwardScope, OutputGather, StreamState
+
 _HOOK_PREFIX = "cp_plugin---"
+_ROOT_HOOK = f"{_HOOK_PREFIX}model"  # on every converted model: holds its Conversion
 
 
 class _GatherHook(ContextParallelGatherHook):
@@ -83,16 +90,107 @@ class _SplitHook(ContextParallelSplitHook):
         return super().post_forward(module, output)
 
 
-class _PaddingScope(ModelHook):
-    """At a model's entry: nothing is padded yet in this forward."""
+class _ModelScope(ModelHook):
+    """At a converted model's entry: attention routed for its whole forward, and (own plans) no padding yet."""
 
-    def __init__(self, padding: SequencePadding) -> None:
+    def __init__(self, conversion: Conversion, routing: AttentionRouting, call: AttentionCall | None,
+                 padding: SequencePadding | None) -> None:
         super().__init__()
-        self.padding = padding
+        self.conversion, self.routing, self.call, self.padding = conversion, routing, call, padding
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.padding.reset()
-        return args, kwargs
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.padding is not None:
+            self.padding.reset()
+        self.routing.reset()
+        self.routing.enter(self.call)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.routing.exit()
+
+
+class _AttentionScope(ModelHook):
+    """Around an attention layer of a model with its own plan: routing in place, also when an activation
+    checkpoint recomputes the layer in the backward (outside the model's forward)."""
+
+    def __init__(self, routing: AttentionRouting, call: AttentionCall) -> None:
+        super().__init__()
+        self.routing, self.call = routing, call
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.routing.active:  # inside the model's forward, whose scope routes already (no try: compiled
+            return self.fn_ref.original_forward(*args, **kwargs)  # blocks would not break around it)
+        return self._recompute(*args, **kwargs)
+
+    def _recompute(self, *args: Any, **kwargs: Any) -> Any:
+        self.routing.enter(self.call)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.routing.exit()
+
+
+class Conversion:
+    """What :func:`apply_context_parallel` changed in a module, and ``remove()`` to put it back exactly.
+
+    Hooks go into diffusers' per-module hook registries (made where there was none) and processors of
+    models with their own plan get a ``_parallel_config``; both are recorded here, with what each
+    module and processor held before, so removing leaves the module as if never converted.
+    """
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []  # the converted models' attribute paths in the module
+        self._hooks: list[tuple[torch.nn.Module, str]] = []
+        self._made: list[tuple[torch.nn.Module, bool, bool]] = []  # module, had a registry, had an own forward
+        self._processors: list[tuple[object, bool, Any]] = []  # processor, had its own config, the config
+
+    def hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        """Register ``hook`` on ``module`` under ``name`` (cp_plugin's prefix added), remembering how to undo it."""
+        if all(m is not module for m, _, _ in self._made):
+            self._made.append((module, "_diffusers_hook" in module.__dict__, "forward" in module.__dict__))
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, f"{_HOOK_PREFIX}{name}")
+        self._hooks.append((module, f"{_HOOK_PREFIX}{name}"))
+
+    def set_parallel_config(self, processor: object, config: RoutedParallelConfig) -> None:
+        """Give an attention processor our config (diffusers' convention for models with their own plan)."""
+        own = "_parallel_config" in vars(processor)
+        self._processors.append((processor, own, vars(processor).get("_parallel_config")))
+        processor._parallel_config = config
+
+    def remove(self) -> None:
+        """Put every module and processor back as it was before the conversion (idempotent)."""
+        for module, name in reversed(self._hooks):
+            module._diffusers_hook.remove_hook(name, recurse=False)
+        for module, had_registry, had_forward in self._made:
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is not None and not had_registry and not registry.hooks:
+                del module._diffusers_hook
+                if not had_forward:
+                    module.__dict__.pop("forward", None)
+        for processor, own, config in self._processors:
+            if own:
+                processor._parallel_config = config
+            else:
+                vars(processor).pop("_parallel_config", None)
+        self._hooks, self._made, self._processors, self.paths = [], [], [], []
+
+
+def conversion_of(model: torch.nn.Module) -> Conversion | None:
+    """The conversion that made ``model`` context parallel, if one did."""
+    registry = model.__dict__.get("_diffusers_hook")
+    hook = None if registry is None else registry.get_hook(_ROOT_HOOK)
+    return None if hook is None else hook.conversion
+
+
+def remove_context_parallel(module: torch.nn.Module) -> None:
+    """Undo every conversion of the diffusers models in ``module``: a plain module, exactly as before."""
+    found: list[Conversion] = []
+    for sub in module.modules():
+        conversion = conversion_of(sub)
+        if conversion is not None and all(c is not conversion for c in found):
+            found.append(conversion)
+    for conversion in found:
+        conversion.remove()
 
 
 def routed_attention_modules(model: torch.nn.Module, plan: Plan | DerivedPlan) -> list[tuple[str, torch.nn.Module]]:
@@ -159,9 +257,10 @@ def apply_context_parallel(
     cp_plan: Mapping[str, Plan] | None = None,
     presharded_inputs: tuple[str, ...] = (),
     gather_outputs: bool = True,
-) -> list[str]:
-    """Make every planned diffusers model in ``module`` context parallel over ``mesh``; return their paths.
+) -> Conversion:
+    """Make every planned diffusers model in ``module`` context parallel over ``mesh``.
 
+    Returns the :class:`Conversion` (its ``paths`` are the models converted; ``remove()`` undoes it).
     Validation (plans, heads, pre-sharded inputs, applied twice) runs for all models before any
     hook is attached, and none of it communicates, so every rank raises the same error.
     """
@@ -169,10 +268,10 @@ def apply_context_parallel(
     submodules = dict(module.named_modules())
     for path, plan in plans.items():
         model = submodules[path]
-        if getattr(model, "_cp_plugin_mesh", None) is not None:
+        if conversion_of(model) is not None:
             raise RuntimeError(
                 f"context parallelism is already applied to {type(model).__name__} ('{path}'); apply it once per "
-                "model (build a fresh model, or reuse the strategy that applied it)"
+                "model (build a fresh model, reuse the strategy that applied it, or remove_context_parallel first)"
             )
         check_heads(model, path, plan, mesh.ulysses_size)
         if isinstance(plan, DerivedPlan):
@@ -180,7 +279,7 @@ def apply_context_parallel(
         elif presharded_inputs:
             check_presharded(plan, path, model, presharded_inputs)
 
-    install_attention_routing()
+    conversion = Conversion()
     device = mesh.device_mesh.device_type
     for path, plan in plans.items():
         model = submodules[path]
@@ -188,38 +287,44 @@ def apply_context_parallel(
         config.cp_mesh, config.padding = mesh, SequencePadding(mesh.cp_size, mesh.cp_rank)
         config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(device),
                      mesh=mesh.device_mesh)
+        routing = AttentionRouting()
         if isinstance(plan, DerivedPlan):
-            _attach_derived(model, plan, config)
+            _attach_derived(conversion, model, plan, config, routing)
         else:
-            config.padding.joints = [(TEXT, IMAGE)]  # diffusers' plans split text-first models (Flux, QwenImage)
-            for _, attn in routed_attention_modules(model, plan):
-                attn.processor._parallel_config = config
-            _attach_hooks(model, config, mesh, local_plan(plan, presharded_inputs, gather_outputs))
-        model._cp_plugin_mesh = mesh
-    return list(plans)
+            _attach_own(conversion, model, plan, config, routing, local_plan(plan, presharded_inputs, gather_outputs))
+        conversion.paths.append(path)
+    return conversion
 
 
-def _attach_derived(model: torch.nn.Module, plan: DerivedPlan, config: RoutedParallelConfig) -> None:
+def _attach_derived(conversion: Conversion, model: torch.nn.Module, plan: DerivedPlan, config: RoutedParallelConfig,
+                    routing: AttentionRouting) -> None:
     blocks = [(f"{name}.{i}", block) for name in plan.block_lists for i, block in enumerate(model.get_submodule(name))]
-    state = StreamState(plan.model, len(blocks), config)
+    state = StreamState(plan.model, len(blocks), config, routing)
     for name, block in blocks:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockStreams(state, name), f"{_HOOK_PREFIX}{name}")
+        conversion.hook(block, BlockStreams(state, name), name)
     for name, child in model.named_children():
         if name not in plan.block_lists:
-            HookRegistry.check_if_exists_or_initialize(child).register_hook(OutputGather(state, name), f"{_HOOK_PREFIX}gather")
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(ForwardScope(state), f"{_HOOK_PREFIX}streams")
+            conversion.hook(child, OutputGather(state, name), "gather")
+    conversion.hook(model, ForwardScope(state), "streams")
+    conversion.hook(model, _ModelScope(conversion, routing, None, None), "model")
 
 
-def _attach_hooks(model: torch.nn.Module, config: RoutedParallelConfig, mesh: ParallelMesh, plan: Plan) -> None:
-    for module_id, entry in plan.items():
+def _attach_own(conversion: Conversion, model: torch.nn.Module, plan: Plan, config: RoutedParallelConfig,
+                routing: AttentionRouting, local: Plan) -> None:
+    config.padding.joints = [(TEXT, IMAGE)]  # diffusers' plans split text-first models (Flux, QwenImage)
+    call = AttentionCall(config)
+    for name, attn in routed_attention_modules(model, plan):
+        conversion.set_parallel_config(attn.processor, config)
+        conversion.hook(attn, _AttentionScope(routing, call), f"attention.{name}")
+    for module_id, entry in local.items():
         targets = submodules_by_name(model, module_id)
         for target in targets if isinstance(targets, list) else [targets]:
             if isinstance(entry, dict):
                 where = f"{type(model).__name__}.{module_id or 'forward'}"
-                hook = _SplitHook(entry, config.context_parallel_config, where, config.padding)
+                hook: ModelHook = _SplitHook(entry, config.context_parallel_config, where, config.padding)
             else:
                 outputs = [entry] if isinstance(entry, ContextParallelOutput) else list(entry)
-                hook = _GatherHook(outputs, mesh, config.padding)
-            HookRegistry.check_if_exists_or_initialize(target).register_hook(hook, f"{_HOOK_PREFIX}{module_id}")
-    # Registered last, so it runs first: the padding state starts empty at every forward.
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(_PaddingScope(config.padding), f"{_HOOK_PREFIX}padding")
+                hook = _GatherHook(outputs, config.cp_mesh, config.padding)
+            conversion.hook(target, hook, module_id)
+    # Registered last, so it runs first: routing in place and the padding state empty at every forward.
+    conversion.hook(model, _ModelScope(conversion, routing, call, config.padding), "model")

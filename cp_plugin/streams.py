@@ -40,8 +40,7 @@ from typing import Any
 import torch
 from diffusers.hooks.hooks import ModelHook
 
-from cp_plugin.attention.dispatch import AttentionCall, RoutedParallelConfig, enter_attention, exit_attention
-from cp_plugin.attention.dispatch import reset_attention_calls
+from cp_plugin.attention.dispatch import AttentionCall, AttentionRouting, RoutedParallelConfig
 from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
 from cp_plugin.locality import Locality
 from cp_plugin.plans import PLAN_HINT
@@ -66,8 +65,9 @@ def _structure(block: torch.nn.Module) -> tuple:
 class StreamState:
     """What one forward of one model has split so far, shared by its hooks; the block roles are kept."""
 
-    def __init__(self, model: str, total_blocks: int, config: RoutedParallelConfig) -> None:
-        self.model, self.total_blocks, self.config = model, total_blocks, config
+    def __init__(self, model: str, total_blocks: int, config: RoutedParallelConfig, routing: AttentionRouting) -> None:
+        self.model, self.total_blocks, self.config, self.routing = model, total_blocks, config, routing
+        self.call = AttentionCall(config, self)  # what a block's attention calls are routed by
         self.padding, self.mesh = config.padding, config.cp_mesh
         self.calls, self.last_block = 0, None
         self.running: list[tuple[BlockRoles, Iterator[int]]] = []  # the blocks running now, innermost last
@@ -161,20 +161,22 @@ class BlockStreams(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.state
-        tracking, state.tracking = state.tracking, False
+        state.routing.enter(state.call)  # also around the probe, and in an activation checkpoint's recompute
         try:
-            args, kwargs, roles = self._enter(module, args, kwargs)
+            tracking, state.tracking = state.tracking, False
+            try:
+                args, kwargs, roles = self._enter(module, args, kwargs)
+            finally:
+                state.tracking = tracking
+            state.running.append((roles, itertools.count()))
+            state.padding.in_blocks += 1
+            try:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                state.padding.in_blocks -= 1
+                state.running.pop()
         finally:
-            state.tracking = tracking
-        state.running.append((roles, itertools.count()))
-        state.padding.in_blocks += 1
-        enter_attention(AttentionCall(state.config, state))
-        try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            exit_attention()
-            state.padding.in_blocks -= 1
-            state.running.pop()
+            state.routing.exit()
         return self._exit(module, output, roles)
 
     # entry ------------------------------------------------------------------------------------
@@ -347,7 +349,6 @@ class ForwardScope(ModelHook):
         state = self.state
         state.reset()
         state.padding.reset()
-        reset_attention_calls()
         state.tracking = True
         try:
             with Locality(state):

@@ -7,9 +7,9 @@ with the sequence sharded over the CP group in ``cp_rank`` order.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cp_plugin.attention.ulysses import gather_key_mask, heads_to_seq, seq_to_heads
+from cp_plugin.compat import SDPA  # the builtin: a converted model's routing (dispatch.py) must not see it
 from cp_plugin.mesh import ParallelMesh
 
 
@@ -58,7 +58,7 @@ def context_parallel_attention(
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if full_mask is not None:
             mask = full_mask[:, None] if mask is None else full_mask[:, None] & mask
-        out = F.scaled_dot_product_attention(
+        out = SDPA(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         ).transpose(1, 2)
     if mesh.ulysses_size > 1:

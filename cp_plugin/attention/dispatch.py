@@ -3,24 +3,26 @@
 Processors reach attention in two ways: ``dispatch_attention_fn`` (diffusers looks the backend up in
 ``_AttentionBackendRegistry``, passing ``parallel_config`` on, or ``None`` where a processor omits or
 withholds it) or ``torch.nn.functional.scaled_dot_product_attention`` directly (SD3's joint
-processor, CogVideoX's, ``AttnProcessor2_0``, ...). Both are wrapped once; which calls are routed
+processor, CogVideoX's, ``AttnProcessor2_0``, ...). An :class:`AttentionRouting`, one per converted
+model, puts its wrappers in both places only while that model's forward (or a block's activation
+checkpoint recompute) runs, and puts back what was there on the way out; which calls are routed
 depends on the model's plan:
 
 - a model with its own ``_cp_plan`` keeps diffusers' convention: its processors carry a
   :class:`RoutedParallelConfig` (diffusers' ``ParallelConfig`` plus our mesh), and exactly the
   calls that pass it on are routed (Wan withholds it for cross-attention to its unsplit text);
-- a model with a derived plan splits every token stream where it enters the blocks, so every
-  attention call made inside a block has sharded tokens and is routed, whatever the processor
-  passes; calls outside the blocks (HunyuanVideo's text refiner, before the split) run unchanged.
-  An attention module's scope (``model.py``) announces such a call with :func:`enter_attention`.
+- a model with a derived plan splits every token stream where it enters the blocks, so the
+  attention calls made inside a block are routed by the roles a probe of the block found
+  (``streams.py``); calls outside the blocks (HunyuanVideo's text refiner, before the split) run
+  unchanged.
 
-Everything else goes to the backend or to SDPA unchanged, so models outside cp_plugin and diffusers'
-own CP keep working. This is the one place that touches diffusers' dispatch; models stay untouched.
+Everything else goes to the backend or SDPA that was there before, so other models in the process,
+diffusers' own CP and other libraries' patches keep working. This is the one place that touches
+diffusers' dispatch; models stay untouched.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,30 +47,126 @@ class RoutedParallelConfig(diffusers.ParallelConfig):
     padding: SequencePadding | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class AttentionCall:
-    """A block of a derived-plan model is running: its attention calls are routed by its probed roles."""
+    """What a running part of a converted model routes.
+
+    ``state`` is a derived plan's split state (``streams.StreamState``): calls are routed by the
+    probed roles of the block running now. Without it (a model with its own plan), exactly the calls
+    that pass a :class:`RoutedParallelConfig` on are routed.
+    """
 
     config: RoutedParallelConfig
-    state: Any  # streams.StreamState: the (queries, keys) sequences of each of the block's calls
+    state: Any = None
 
 
-# The block running now, innermost last; ``None`` while calls must not be routed (inside
-# cp_plugin's own attention, which calls SDPA itself, or a call that runs plainly).
-_CALLS: list[AttentionCall | None] = []
+class AttentionRouting:
+    """One converted model's attention routing, in place only while the model (or one of its blocks) runs.
 
+    ``enter(call)`` / ``exit()`` bracket a forward: the outermost ``enter`` puts a wrapper around
+    every registered backend and SDPA (the same wrapper objects every time, so compiled graphs keep
+    their guards), and the matching ``exit`` puts back what it found. ``None`` as the call runs
+    attention plainly (calls outside a derived plan's blocks, or keys every rank holds whole).
+    """
 
-def enter_attention(call: AttentionCall | None) -> None:
-    _CALLS.append(call)
+    def __init__(self) -> None:
+        self._calls: list[AttentionCall | None] = []  # innermost last
+        self._found: tuple[dict[Any, Callable[..., Any]], Callable[..., Any]] | None = None
+        self._wrappers: dict[Any, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (backend, wrapper)
+        self._sdpa_wrapper = self._wrap_sdpa()
 
+    @property
+    def active(self) -> bool:
+        return bool(self._calls)
 
-def exit_attention() -> None:
-    _CALLS.pop()
+    def enter(self, call: AttentionCall | None) -> None:
+        if not self._calls:
+            self._install()
+        self._calls.append(call)
 
+    def exit(self) -> None:
+        self._calls.pop()
+        if not self._calls:
+            self._uninstall()
 
-def reset_attention_calls() -> None:
-    """Forget calls a failed forward left announced (its blocks' exits never ran), at a model's next entry."""
-    _CALLS.clear()
+    def reset(self) -> None:
+        """Forget the calls a failed forward left entered (its exits never ran), at the model's next entry."""
+        if self._calls:
+            self._calls.clear()
+            self._uninstall()
+
+    @torch.compiler.disable
+    def _install(self) -> None:
+        backends = attention_backends()
+        found = dict(backends)
+        for name, fn in found.items():
+            kept = self._wrappers.get(name)
+            if kept is None or kept[0] is not fn:
+                kept = self._wrappers[name] = (fn, self._wrap_backend(fn))
+            backends[name] = kept[1]
+        self._found = (found, torch.nn.functional.scaled_dot_product_attention)
+        torch.nn.functional.scaled_dot_product_attention = self._sdpa_wrapper
+
+    @torch.compiler.disable
+    def _uninstall(self) -> None:
+        if self._found is None:
+            return
+        found, sdpa = self._found
+        backends = attention_backends()
+        for name, fn in found.items():
+            if backends.get(name) is self._wrappers[name][1]:
+                backends[name] = fn
+        if torch.nn.functional.scaled_dot_product_attention is self._sdpa_wrapper:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+        self._found = None
+
+    def _plainly(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``fn`` with no routing inside (a call whose keys every rank holds whole)."""
+        self._calls.append(None)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._calls.pop()
+
+    def _wrap_backend(self, backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if recording() is not None:  # a probe (probe.py): plain attention on fake tensors, noted there
+                return _probe_attention(*args, **kwargs)
+            call = self._calls[-1] if self._calls else None
+            if call is None:
+                return backend_fn(*args, **kwargs)
+            if call.state is None:  # a model's own plan: the calls that pass our config on
+                config = kwargs.get("_parallel_config")
+                if isinstance(config, RoutedParallelConfig):
+                    return _routed_attention(*args, config=config, **kwargs)
+                return backend_fn(*args, **kwargs)
+            roles = call.state.next_attention()
+            if roles is None or not roles[1]:
+                return self._plainly(backend_fn, *args, **{**kwargs, "_parallel_config": None})
+            return _routed_attention(*args, config=call.config, call=call, **{**kwargs, "_parallel_config": None})
+
+        routed.__wrapped__ = backend_fn  # type: ignore[attr-defined]
+        return routed
+
+    def _wrap_sdpa(self) -> Callable[..., torch.Tensor]:
+        def routed_sdpa(
+            query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+            dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+        ) -> torch.Tensor:
+            """``F.scaled_dot_product_attention`` (``(B, H, S, D)`` layout), routed inside a derived-plan block."""
+            call = self._calls[-1] if self._calls and recording() is None else None
+            roles = None if call is None or call.state is None else call.state.next_attention()
+            if roles is None or not roles[1]:
+                plain = SDPA if self._found is None else self._found[1]
+                return plain(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                             scale=scale, enable_gqa=enable_gqa)
+            out = _routed_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call.config, call,
+                attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+            )
+            return out.transpose(1, 2)
+
+        return routed_sdpa
 
 
 def _masks(
@@ -150,11 +248,7 @@ def _routed_attention(
     if call is not None:
         _check_split(query, key, config.padding)
     key_mask, full_mask = _masks(query, key, attn_mask, config.padding, mesh)
-    enter_attention(None)  # our own attention calls SDPA: it must not be routed again
-    try:
-        return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
-    finally:
-        exit_attention()
+    return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
 
 
 def _check_mask_type(attn_mask: Any) -> None:
@@ -166,38 +260,6 @@ def _check_mask_type(attn_mask: Any) -> None:
         )
 
 
-def _plainly(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``fn`` with no routing inside (a call whose keys every rank holds whole)."""
-    enter_attention(None)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        exit_attention()
-
-
-def _route(backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    @functools.wraps(backend_fn)
-    def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if recording() is not None:  # a probe (probe.py): plain attention on fake tensors, noted there
-            return _probe_attention(*args, **kwargs)
-        config = kwargs.get("_parallel_config")
-        call = _CALLS[-1] if _CALLS else None
-        if call is not None:
-            roles = call.state.next_attention()
-            if roles is None or not roles[1]:
-                return _plainly(backend_fn, *args, **{**kwargs, "_parallel_config": None})
-            return _routed_attention(*args, config=call.config, call=call, **{**kwargs, "_parallel_config": None})
-        if isinstance(config, RoutedParallelConfig) and not _CALLS:
-            return _routed_attention(*args, config=config, **kwargs)
-        return backend_fn(*args, **kwargs)
-
-    routed.cp_plugin_routed = True
-    return routed
-
-
-_sdpa = SDPA
-
-
 def _probe_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
     scale: float | None = None, enable_gqa: bool = False, **_: Any,
@@ -206,34 +268,8 @@ def _probe_attention(
     _check_mask_type(attn_mask)
     if attn_mask is not None and attn_mask.dim() == 2:  # (B, keys), as diffusers' native backend takes it
         attn_mask = attn_mask[:, None, None, :]
-    return _sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
+    return SDPA(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
                  enable_gqa=enable_gqa).transpose(1, 2)
-
-
-def _routed_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (``(B, H, S, D)`` layout), routed inside a block of a derived-plan model."""
-    call = _CALLS[-1] if _CALLS and recording() is None else None
-    roles = None if call is None else call.state.next_attention()
-    if roles is None or not roles[1]:
-        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                     enable_gqa=enable_gqa)
-    out = _routed_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call.config, call, attn_mask=attn_mask,
-        dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-    )
-    return out.transpose(1, 2)
-
-
-def install_attention_routing() -> None:
-    """Wrap every registered diffusers attention backend, and SDPA, once (idempotent)."""
-    backends = attention_backends()
-    for name, fn in list(backends.items()):
-        if not getattr(fn, "cp_plugin_routed", False):
-            backends[name] = _route(fn)
-    torch.nn.functional.scaled_dot_product_attention = _routed_sdpa
 
 
 def calls_attention(processor: object) -> bool:
