@@ -11,20 +11,27 @@ what context parallelism changes, reusing the core the Lightning strategy uses:
 - ``accelerator.gather`` (and so ``gather_for_metrics``) over dp ranks only, so CP replicas are not
   counted twice and metrics equal a single process's;
 - exact mid-epoch resume with Accelerate's own calls: ``accelerator.skip_first_batches`` keeps the
-  loader context parallel, and the RNG states ``accelerator.load_state`` restores are set again at
-  the first batch, because starting an epoch's iterator draws from the global RNG (as the
-  uninterrupted run did before its first step, not after the saved one).
+  loader context parallel, and after ``accelerator.load_state`` the RNG states a loop finds when it
+  starts the resumed epoch (those ``load_state`` restored) are set again at the first batch, because
+  starting an epoch's iterator draws from the global RNG (as the uninterrupted run did before its
+  first step, not after the saved one).
+
+The plugin hooks into the user's ``Accelerator`` through its public hooks (``register_save_state_pre_hook``,
+``register_load_state_pre_hook``) and torch's (``Optimizer.register_step_pre_hook``). Accelerate has
+none for ``gather``, ``skip_first_batches`` and ``no_sync``: those are wrapped on that accelerator
+only, through ``cp_plugin.compat.wrap_accelerator``, which records their signatures.
 
 Gradient reduction, accumulation, clipping and mixed precision stay Accelerate's: collectives'
 backwards are exact adjoints (``cp_plugin.sequence``), so DDP's plain mean is already right.
 With ``ParallelConfig(fsdp=True)`` the models are sharded with FSDP2 over every rank instead
 (``cp_plugin.fsdp``, as the Lightning strategy does; Accelerate's own FSDP does not run on CPU), the
 optimizers are pointed at the sharded weights, and those models are left out of
-``accelerator.prepare`` (which would wrap them in DDP); FSDP2's reduce-scatter mean is DDP's mean,
-so training stays exact. Accumulation then reduces every micro-batch (the mean is linear).
-``accelerator.save_state`` then writes those models' and optimizers' shards, each rank its own, with
-torch.distributed.checkpoint into ``<state dir>/sharded`` (``cp_plugin.checkpoint``; Accelerate writes
-the rest: schedulers, RNG, samplers), and ``load_state`` reads them into whatever layout loads them.
+``accelerator.prepare`` (which would wrap them in DDP, and save rank 0's optimizer shards as whole
+states); FSDP2's reduce-scatter mean is DDP's mean, so training stays exact. Accumulation then
+reduces every micro-batch (the mean is linear). ``accelerator.save_state`` then writes those models'
+and optimizers' shards, each rank its own, with torch.distributed.checkpoint into ``<state dir>/sharded``
+(``cp_plugin.checkpoint.ShardedFormat``; Accelerate writes the rest: schedulers, RNG, samplers), and
+``load_state`` reads them into whatever layout loads them.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +48,14 @@ import torch
 try:
     from accelerate import Accelerator
     from accelerate.data_loader import prepare_data_loader
+    from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.utils import DistributedDataParallelKwargs, recursively_apply
 except ImportError as err:  # an optional extra: say which
     raise ImportError('cp_plugin.accelerate needs Accelerate: pip install "cp_plugin[accelerate]"') from err
 from torch.utils.data import DataLoader
 
-from cp_plugin import checkpoint
-from cp_plugin.compat import all_gather_tensor, hidden_optimizers, mark_prepared
+from cp_plugin.checkpoint import MODEL_KEY, OPTIMIZERS_KEY, ShardedFormat
+from cp_plugin.compat import all_gather_tensor, mark_prepared, wrap_accelerator
 from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
 from cp_plugin.fsdp import shard_module
 from cp_plugin.mesh import ParallelMesh
@@ -63,6 +71,7 @@ class ContextParallelDataLoader:
         self.loader, self.plugin = loader, plugin
 
     def __iter__(self) -> Iterator[Any]:
+        self.plugin._starting_epoch()
         for batch in self.loader:
             yield self.plugin.core.process_batch(batch)
 
@@ -88,6 +97,9 @@ class ContextParallelPlugin(SequenceShards):
         self.core = ContextParallelCore(parallel_config, **options)
         self._sharded: list[torch.nn.Module] = []  # FSDP2 modules and their optimizers, saved with DCP
         self._sharded_optimizers: list[torch.optim.Optimizer] = []
+        self._format = ShardedFormat()
+        self._static_graph = False  # DDP with a static graph for the models prepared (see _setup)
+        self._resumed = False  # load_state ran since a loop last started an epoch
 
     @property
     def mesh(self) -> ParallelMesh | None:
@@ -115,17 +127,23 @@ class ContextParallelPlugin(SequenceShards):
                 id(p) in sharded_params for group in obj.param_groups for p in group["params"]
             ) and sharded_params:
                 self._sharded_optimizers.append(obj)  # saved with its modules' shards (save_state)
-        # Sharded modules stay out of accelerator.prepare: on a MULTI_CPU/MULTI_GPU run it would wrap them in DDP.
-        handed = [i for i, obj in enumerate(staged) if not (fsdp and isinstance(obj, torch.nn.Module))]
+        # Sharded modules and their optimizers stay out of accelerator.prepare: on a MULTI_CPU/MULTI_GPU run it
+        # would wrap the modules in DDP, and save_state would write rank 0's optimizer shards as whole states.
+        handed = [i for i, obj in enumerate(staged) if not (fsdp and isinstance(obj, torch.nn.Module))
+                  and not any(obj is o for o in self._sharded_optimizers)]
         prepared = list(staged)
         if handed:
-            result = accelerator.prepare(*(staged[i] for i in handed))
+            with self._ddp_options(accelerator):
+                result = accelerator.prepare(*(staged[i] for i in handed))
             for i, obj in zip(handed, result if len(handed) > 1 else [result]):
                 prepared[i] = obj
         for i, obj in enumerate(objects):
             if isinstance(obj, DataLoader):
                 prepared[i] = ContextParallelDataLoader(prepared[i], self)
             elif isinstance(obj, torch.optim.Optimizer):
+                if i not in handed:  # Accelerate's step / zero_grad under accumulation, unregistered
+                    prepared[i] = AcceleratedOptimizer(obj, device_placement=accelerator.device_placement,
+                                                       scaler=accelerator.scaler)
                 self._guard(accelerator, prepared[i])
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
@@ -149,16 +167,30 @@ class ContextParallelPlugin(SequenceShards):
         # raises on every rank before any collective; "auto" degrees come from the models prepared first
         self.core.validate(accelerator.num_processes, modules=modules, device_type=accelerator.device.type)
         mesh = self.core.start(accelerator.device)
-        accelerator.gather = types.MethodType(_gather_over_dp(mesh), accelerator)
-        accelerator.skip_first_batches = self._skip_first_batches(accelerator.skip_first_batches)
-        accelerator.load_state = self._load_state(accelerator, accelerator.load_state)
+        wrap_accelerator(accelerator, "gather", lambda _: functools.partial(gather_over_dp, mesh))
+        wrap_accelerator(accelerator, "skip_first_batches", self._skip_first_batches)
+        accelerator.register_save_state_pre_hook(self._save_sharded)
+        accelerator.register_load_state_pre_hook(self._load_sharded)
         self._report_failures()
-        if self.core.parallel_config.fsdp:
-            accelerator.save_state = self._save_state(accelerator, accelerator.save_state)
-        if accelerator.ddp_handler is None and not self.core.parallel_config.fsdp:
-            accelerator.ddp_handler = DistributedDataParallelKwargs(static_graph=True)
-            # as the Lightning strategy: DDP's first static-graph backward must sync
-            accelerator.no_sync = functools.partial(FirstBackwardSynced().skip_sync, accelerator.no_sync)
+        # As the Lightning strategy: DDP with a static graph unless the user set DDP options, whose first
+        # backward must sync.
+        self._static_graph = accelerator.ddp_handler is None and not self.core.parallel_config.fsdp
+        if self._static_graph:
+            first_backward = FirstBackwardSynced()
+            wrap_accelerator(accelerator, "no_sync", lambda no_sync: functools.partial(first_backward.skip_sync, no_sync))
+
+    @contextmanager
+    def _ddp_options(self, accelerator: Accelerator) -> Iterator[None]:
+        """The DDP options for the models ``accelerator.prepare`` wraps in this block (Accelerate reads its
+        ``ddp_handler`` then): a static graph, unless the user gave their own; put back afterwards."""
+        if not self._static_graph:
+            yield
+            return
+        accelerator.ddp_handler = DistributedDataParallelKwargs(static_graph=True)
+        try:
+            yield
+        finally:
+            accelerator.ddp_handler = None
 
     def _shard_weights(self, module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.nn.Parameter]:
         """FSDP2 over every rank (``cp_plugin.fsdp``); returns each old parameter's sharded replacement."""
@@ -170,9 +202,9 @@ class ContextParallelPlugin(SequenceShards):
     def _report_failures(self) -> None:
         """An error that ends the script is reported as under Lightning (``ContextParallelCore.report_failure``).
 
-        Accelerate loops have no exception hook, so the plugin chains one onto ``sys.excepthook``: the
-        failing rank records its error, and a rank whose collective broke names the failed rank. The
-        launcher (torchrun) then ends every rank.
+        Accelerate loops have no exception hook, so the plugin chains one onto ``sys.excepthook`` (Python's
+        hook for an uncaught error; the previous one still runs): the failing rank records its error, and a
+        rank whose collective broke names the failed rank. The launcher (torchrun) then ends every rank.
         """
         previous = sys.excepthook
 
@@ -182,24 +214,21 @@ class ContextParallelPlugin(SequenceShards):
 
         sys.excepthook = report
 
-    def _guard(self, accelerator: Accelerator, optimizer: Any) -> None:
-        """Check the gradients before each real step of a prepared optimizer (``on_nonfinite``)."""
-        step, steps_taken = optimizer.step, [0]
+    def _guard(self, accelerator: Accelerator, optimizer: AcceleratedOptimizer) -> None:
+        """Check the gradients before each real step of a prepared optimizer (``on_nonfinite``), in a step pre-hook
+        of the torch optimizer inside: Accelerate steps it only when gradients sync (not on accumulation micro-steps)."""
+        steps_taken = [0]
 
-        @functools.wraps(step)
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
-            if accelerator.sync_gradients:  # a micro-step of accumulation steps nothing
-                where = lambda: f"step {steps_taken[0]}, rank {accelerator.process_index}"  # noqa: E731
-                self.core.guard(optimizer, where, "ContextParallelPlugin(on_nonfinite='skip')")
-                steps_taken[0] += 1
-            return step(*args, **kwargs)
+        def guard(inner: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            where = lambda: f"step {steps_taken[0]}, rank {accelerator.process_index}"  # noqa: E731
+            self.core.guard(optimizer, where, "ContextParallelPlugin(on_nonfinite='skip')")
+            steps_taken[0] += 1
 
-        optimizer.step = guarded_step
+        optimizer.optimizer.register_step_pre_hook(guard)
 
     def _skip_first_batches(self, skip: Any) -> Any:
         """``accelerator.skip_first_batches`` that returns a loader still checked (and sharded) over CP."""
 
-        @functools.wraps(skip)
         def skip_first_batches(dataloader: Any, num_batches: int = 0) -> Any:
             if isinstance(dataloader, ContextParallelDataLoader):
                 return ContextParallelDataLoader(skip(dataloader.loader, num_batches), self)
@@ -211,40 +240,31 @@ class ContextParallelPlugin(SequenceShards):
         """The FSDP2 modules as one module (parameter names prefixed ``0.``, ``1.``, ... when several)."""
         return self._sharded[0] if len(self._sharded) == 1 else torch.nn.ModuleList(self._sharded)
 
-    def _save_state(self, accelerator: Accelerator, save_state: Any) -> Any:
-        """``accelerator.save_state`` that writes FSDP2 modules and their optimizers as DCP shards (no gather)."""
+    def _save_sharded(self, models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+        """``save_state`` pre-hook: the FSDP2 modules and their optimizers as DCP shards (no gather) in
+        ``<output_dir>/sharded``, every rank writing its own; Accelerate saves the rest."""
+        if self._sharded:
+            root = self._sharded_root()
+            states = {MODEL_KEY: self._format.model_state(root),
+                      OPTIMIZERS_KEY: [self._format.optimizer_state(root, o) for o in self._sharded_optimizers]}
+            self._format.save(root, states, Path(output_dir) / SHARDED_DIR)
 
-        @functools.wraps(save_state)
-        def save(output_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
-            with hidden_optimizers(accelerator, self._sharded_optimizers):  # Accelerate would save rank 0's shards
-                location = save_state(output_dir, *args, **kwargs)
-            if self._sharded:
-                root = self._sharded_root()
-                checkpoint.save(Path(location) / SHARDED_DIR, checkpoint.sharded_states(root, self._sharded_optimizers),
-                                {}, checkpoint.describe_models(root))
-            return location
+    def _load_sharded(self, models: list[torch.nn.Module], input_dir: str) -> None:
+        """``load_state`` pre-hook: the FSDP2 modules' and optimizers' shards, resharded to this layout; and a note
+        that a loop's next epoch is the resumed one (:meth:`_starting_epoch`)."""
+        self._resumed = True
+        if self._sharded:
+            root = self._sharded_root()
+            checkpoint = self._format.load(Path(input_dir) / SHARDED_DIR)
+            self._format.load_model_state(root, checkpoint)
+            self._format.load_optimizer_state(root, self._sharded_optimizers, checkpoint)
 
-        return save
-
-    def _load_state(self, accelerator: Accelerator, load_state: Any) -> Any:
-        """``accelerator.load_state`` that reads FSDP2 shards (resharded to this layout) and keeps the RNG
-        states it restored for the next batch."""
-
-        @functools.wraps(load_state)
-        def load(input_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
-            with hidden_optimizers(accelerator, self._sharded_optimizers):
-                result = load_state(input_dir, *args, **kwargs)
-            if self._sharded:
-                path = Path(input_dir or _newest_state(accelerator)) / SHARDED_DIR
-                checkpoint.check_complete(path)
-                root = self._sharded_root()
-                checkpoint.load_model(root, path)
-                for i, optimizer in enumerate(self._sharded_optimizers):
-                    checkpoint.load_optimizer(root, optimizer, path, i)
+    def _starting_epoch(self) -> None:
+        """A loop starts iterating a loader: after ``load_state``, set the RNG states it finds (those ``load_state``
+        restored) again at the first batch, since starting the iterator draws from them."""
+        if self._resumed:
+            self._resumed = False
             self.core.restore_rng_at_next_batch(rng_state())
-            return result
-
-        return load
 
     def _shard_over_dp(self, accelerator: Accelerator, loader: DataLoader) -> Any:
         """Accelerate's own sharding, over dp ranks: the ranks of a CP group get the same batches."""
@@ -267,20 +287,11 @@ class ContextParallelPlugin(SequenceShards):
         return mark_prepared(prepared)  # accelerator.prepare then registers it as is, unsharded again
 
 
-def _newest_state(accelerator: Accelerator) -> str:
-    """The folder ``load_state()`` without a path reads: the highest-numbered under ``<project_dir>/checkpoints``."""
-    folders = [p for p in (Path(accelerator.project_dir) / "checkpoints").iterdir() if p.is_dir()]
-    return str(max(folders, key=lambda p: int("".join(filter(str.isdigit, p.name)) or -1)))
-
-
-def _gather_over_dp(mesh: ParallelMesh) -> Any:
+def gather_over_dp(mesh: ParallelMesh, tensor: Any) -> Any:
     """``Accelerator.gather`` over the dp group: one copy per data-parallel replica, in dp order."""
 
-    def gather(self: Accelerator, tensor: Any) -> Any:
-        def one(t: torch.Tensor) -> torch.Tensor:
-            t = t[None] if t.dim() == 0 else t
-            return all_gather_tensor(t.contiguous(), 0, mesh.dp_group)
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t[None] if t.dim() == 0 else t
+        return all_gather_tensor(t.contiguous(), 0, mesh.dp_group)
 
-        return recursively_apply(one, tensor, error_on_other_type=True)
-
-    return gather
+    return recursively_apply(one, tensor, error_on_other_type=True)

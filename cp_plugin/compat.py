@@ -8,10 +8,12 @@ still runs, since most releases keep these names, and the warning says what to r
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -34,15 +36,18 @@ VERIFIED: dict[str, tuple[str, ...]] = {
     "torch": ("2.13",),
     "diffusers": ("0.42",),
     "lightning": ("2.6",),
-    "accelerate": ("1.15",),
+    "accelerate": ("1.15", "1.16"),
 }
 
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
     "decomposition", "quiet_fake_kernels", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_tensor", "attention_backends",
-    "check_versions", "collect_rng_states", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "foreach_norm", "hidden_optimizers", "mark_prepared", "set_rng_states", "submodules_by_name", "unwrap_optimizer",
+    "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
+    "flux_pack_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
+    "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
+    "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
+    "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
     "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
     "sdpa_efficient_backward",
 ]
@@ -165,27 +170,86 @@ def flux_pack_latents(latents: torch.Tensor, batch: int, channels: int, height: 
 
 
 # ContextParallelInput / ContextParallelOutput (re-exported above): the entries of a ``_cp_plan``.
-# Also relied on, by name: the split hook overrides ``ContextParallelSplitHook._prepare_cp_input``
-# (model.py), and processors of models with their own plan get ``processor._parallel_config``.
+# Also relied on, by name: processors of models with their own plan get ``processor._parallel_config``.
+
+# Private framework methods cp_plugin overrides (and calls through ``super()``) because no public hook does
+# the job, with the signature of the verified version: tests/test_compat.py fails when one changes, and
+# finds any other override of a private framework method.
+PRIVATE_OVERRIDES: dict[str, str] = {
+    # model.py's split hook pads an uneven sequence before diffusers splits it
+    "diffusers.hooks.context_parallel.ContextParallelSplitHook._prepare_cp_input":
+        "(self, x: torch.Tensor, cp_input: diffusers.models._modeling_parallel.ContextParallelInput) -> torch.Tensor",
+}
 
 
 # Lightning ------------------------------------------------------------------------------------
-def collect_rng_states() -> dict[str, Any]:
-    from lightning.fabric.utilities.seed import _collect_rng_states
-
-    return _collect_rng_states(include_cuda=True)
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    from lightning.fabric.utilities.seed import _set_rng_states
-
-    _set_rng_states(states)
-
-
-# ContextParallelStrategy also overrides ``DDPStrategy._register_ddp_hooks`` (lightning.py).
+# What ``ContextParallelStrategy`` reads of the ``DDPStrategy`` it inherits from: settings Lightning keeps private.
 def ddp_kwargs(strategy: Any) -> dict[str, Any]:
     """The keyword arguments a ``DDPStrategy`` passes to DDP (``_ddp_kwargs``), mutable."""
     return strategy._ddp_kwargs
+
+
+def ddp_comm_options(strategy: Any) -> dict[str, Any]:
+    """The DDP communication settings a ``DDPStrategy`` was given (``_ddp_comm_hook``, ``_model_averaging_period``)."""
+    return {"ddp_comm_hook": strategy._ddp_comm_hook, "model_averaging_period": strategy._model_averaging_period}
+
+
+def start_method(strategy: Any) -> str:
+    """How a ``DDPStrategy`` starts its processes (``_start_method``: ``"popen"``, ``"spawn"``, ...)."""
+    return strategy._start_method
+
+
+def process_group_backend(strategy: Any) -> str:
+    """The backend a ``DDPStrategy`` creates its process group with (``_get_process_group_backend``)."""
+    return strategy._get_process_group_backend()
+
+
+def process_group_timeout(strategy: Any) -> timedelta | None:
+    """The process-group timeout a ``DDPStrategy`` was given (``_timeout``)."""
+    return strategy._timeout
+
+
+# Lightning's checkpoint layout: the fit loop's state under ``loops/fit_loop``, its progress counters
+# (``lightning.pytorch.loops.progress``' private trackers, as state dicts) and its loaders' states.
+LIGHTNING_LAYOUT_KEYS = ("fit_loop", "epoch_loop.batch_progress", "epoch_progress", "combined_loader", "is_last_batch")
+
+
+def _fit_loop(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return checkpoint.get("loops", {}).get("fit_loop", {})
+
+
+def batches_processed(checkpoint: dict[str, Any]) -> int:
+    """Batches of the current epoch whose training step ran, by the fit loop's own progress counters."""
+    return _fit_loop(checkpoint).get("epoch_loop.batch_progress", {}).get("current", {}).get("processed", 0)
+
+
+def reopen_interrupted_epoch(checkpoint: dict[str, Any]) -> None:
+    """Count an epoch that ``fit`` left at ``max_steps`` as unfinished, as a save inside it would.
+
+    When ``max_steps`` ends ``fit`` mid-epoch, Lightning's fit loop still marks the epoch completed,
+    so a ``trainer.save_checkpoint`` after ``fit`` would resume in the *next* epoch (a new shuffle)
+    at the batch index where this one stopped. The batch counters say whether the epoch really
+    ended (its last batch was processed); if not, the epoch counters go back one step.
+    """
+    loop = _fit_loop(checkpoint)
+    batches, epochs = loop.get("epoch_loop.batch_progress"), loop.get("epoch_progress")
+    if not batches or not epochs or batches.get("is_last_batch", True) or not batches["current"]["processed"]:
+        return
+    if epochs["current"]["ready"] and epochs["current"]["completed"] == epochs["current"]["ready"]:
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] -= 1
+            counts["completed"] -= 1
+        checkpoint["epoch"] = epochs["current"]["completed"]
+
+
+def pop_loader_states(checkpoint: dict[str, Any]) -> list[Any] | None:
+    """Take the fit loop's saved loader states (``combined_loader``) out of a checkpoint."""
+    return _fit_loop(checkpoint).get("state_dict", {}).pop("combined_loader", None)
+
+
+def put_loader_states(checkpoint: dict[str, Any], states: list[Any]) -> None:
+    """Give the fit loop of a loaded checkpoint these loader states (``combined_loader``)."""
+    _fit_loop(checkpoint).get("state_dict", {})["combined_loader"] = states
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -200,13 +264,22 @@ def mark_prepared(loader: Any) -> Any:
     return loader
 
 
-@contextmanager
-def hidden_optimizers(accelerator: Any, optimizers: Sequence[torch.optim.Optimizer]) -> Iterator[None]:
-    """Leave these (prepared) optimizers out of ``accelerator.save_state`` / ``load_state`` for the block
-    (``Accelerator._optimizers``): cp_plugin saves and loads their FSDP2 shards itself, with DCP."""
-    kept = accelerator._optimizers
-    accelerator._optimizers = [o for o in kept if not any(getattr(o, "optimizer", o) is x for x in optimizers)]
-    try:
-        yield
-    finally:
-        accelerator._optimizers = kept
+# ``Accelerator`` methods ``ContextParallelPlugin`` wraps on the user's accelerator (that instance only),
+# because Accelerate has no public hook for what must change under context parallelism: ``gather`` over
+# dp ranks only, ``skip_first_batches`` keeping the loader context parallel, ``no_sync`` letting DDP's
+# first static-graph backward sync. Everything else goes through Accelerate's public hooks. Each
+# wrapper keeps the signature recorded here, from the verified version; tests/test_compat.py fails
+# when Accelerate changes one.
+ACCELERATOR_WRAPS: dict[str, str] = {
+    "gather": "(self, tensor)",
+    "skip_first_batches": "(self, dataloader, num_batches: 'int' = 0)",
+    "no_sync": "(self, model)",
+}
+
+
+def wrap_accelerator(accelerator: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Set ``accelerator.<name>`` (one of :data:`ACCELERATOR_WRAPS`) to ``wrap(the bound method it had)``."""
+    if name not in ACCELERATOR_WRAPS:
+        raise ValueError(f"Accelerator.{name} is not among the methods cp_plugin may wrap ({sorted(ACCELERATOR_WRAPS)})")
+    original = getattr(accelerator, name)
+    setattr(accelerator, name, functools.wraps(original)(wrap(original)))

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from cp_plugin.batch import check_same_batch
+from cp_plugin.batch import BatchCheck
 from cp_plugin.config import ParallelConfig
 from cp_plugin.guard import (
     check_nonfinite_option,
     check_same_config,
     describe_failures,
-    guard_step,
+    StepGuard,
     is_transport_error,
     record_failure,
 )
@@ -78,6 +78,8 @@ class ContextParallelCore:
         self._mesh: ParallelMesh | None = None
         self._conversions: dict[int, Conversion] = {}  # id of a module -> what converting it changed
         self._rng_to_restore: dict[str, Any] | None = None
+        self._batch_check = BatchCheck()
+        self._step_guard = StepGuard()  # the batch, loss and gradient checks of a step: one host read
         self.layout: LayoutChoice | None = None  # how "auto" degrees were chosen, once validate has
         self._placement_warning: str | None = None
 
@@ -156,7 +158,7 @@ class ContextParallelCore:
         if not self.mesh.cp_enabled:
             return batch
         if self.check_batches:
-            check_same_batch(batch, self.mesh, self.device)
+            self._batch_check(batch, self.mesh, self.device)
         return shard_batch(batch, self.shard_batch_dims, self.mesh) if self.shard_batch_dims else batch
 
     def restore_rng_at_next_batch(self, state: dict[str, Any] | None) -> None:
@@ -185,9 +187,14 @@ class ContextParallelCore:
         else:
             record_failure(exception)
 
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Check this rank's loss with the step's guard (whose one host read says if it was not finite)."""
+        self._step_guard.note_loss(loss)
+
     def guard(self, optimizer: Any, where: Callable[[], str], skip_option: str) -> None:
-        """Before a step: raise on non-finite gradients, or drop them so the step changes nothing (``on_nonfinite``)."""
-        guard_step(optimizer, self.on_nonfinite, where, skip_option)
+        """Before a step, one host read for all of the step's checks: raise if the CP group's batches differed;
+        on non-finite gradients raise, or drop them so the step changes nothing (``on_nonfinite``)."""
+        self._step_guard.check(optimizer, self.on_nonfinite, where, skip_option, self._batch_check.take())
 
 
 class FirstBackwardSynced:

@@ -28,14 +28,12 @@ one-process layout. Either resumes under any layout, FSDP2 or DDP.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
-from functools import partial
-from pathlib import Path
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -45,27 +43,28 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from cp_plugin import checkpoint as sharded
-from cp_plugin.compat import ddp_ignore_parameters, ddp_kwargs, unwrap_optimizer
+from cp_plugin.checkpoint import CheckpointFormat, reading_format, saving_format
+from cp_plugin.compat import (
+    ddp_comm_options,
+    ddp_ignore_parameters,
+    ddp_kwargs,
+    process_group_backend,
+    process_group_timeout,
+    start_method,
+    unwrap_optimizer,
+)
 from cp_plugin.config import ParallelConfig
 from cp_plugin.core import ContextParallelCore, FirstBackwardSynced, SequenceShards
 from cp_plugin.elastic import init_for_restarts
-from cp_plugin.fsdp import (
-    check_compatible,
-    full_model_state,
-    full_optimizer_state,
-    load_full_model_state,
-    load_full_optimizer_state,
-    shard_module,
-)
+from cp_plugin.fsdp import check_compatible, shard_module
+from cp_plugin.lightning_resume import KEY as RESUME_KEY
+from cp_plugin.lightning_resume import layout_state, resumable, rng_state_to_restore
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan
-from cp_plugin.resume import KEY as RESUME_KEY
-from cp_plugin.resume import layout_state, resumable, rng_state_to_restore
 
 
-log = logging.getLogger(__name__)
 
 # LightningModule methods Lightning calls instead of ``forward``: under FSDP2 they gather the root's weights.
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
@@ -139,16 +138,22 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         )
         if not self.parallel_config.fsdp and not {"find_unused_parameters", "static_graph"} & set(ddp_kwargs(self)):
             ddp_kwargs(self)["static_graph"] = True  # unused parameters train as on one process (module docstring)
-        self._loss_finite = True
         self._first_backward = FirstBackwardSynced()
         self._save_distributed_checkpoint = save_distributed_checkpoint
-        self._sharded_source: Path | None = None  # the sharded checkpoint being resumed from
+        self._loaded_format: CheckpointFormat | None = None  # what read the checkpoint being resumed from
 
     @property
     def save_distributed_checkpoint(self) -> bool:
         """Whether checkpoints are sharded directories (the option, else ``True`` exactly under FSDP2)."""
         option = self._save_distributed_checkpoint
         return self.parallel_config.fsdp if option is None else option
+
+    @cached_property
+    def checkpoint_format(self) -> CheckpointFormat:
+        """How this run writes checkpoints (``cp_plugin.checkpoint``), chosen at the first save, once Lightning
+        has given the strategy its ``CheckpointIO``."""
+        return saving_format(fsdp=self.parallel_config.fsdp, sharded=self.save_distributed_checkpoint,
+                             io=self.checkpoint_io)
 
     # layout -----------------------------------------------------------------------------------
     @property
@@ -181,37 +186,46 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         return self.parallel_mesh.cp_size
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return self.parallel_mesh.sampler_kwargs
 
+    @override
     def setup_distributed(self) -> None:
         # under torchrun, join through a per-attempt store prefix so a restarted run connects (cp_plugin.elastic)
-        init_for_restarts(self._get_process_group_backend(), self.cluster_environment.global_rank(),
-                          self.cluster_environment.world_size(), self._timeout or default_pg_timeout, self.root_device)
+        init_for_restarts(process_group_backend(self), self.cluster_environment.global_rank(),
+                          self.cluster_environment.world_size(), process_group_timeout(self) or default_pg_timeout,
+                          self.root_device)
         super().setup_distributed()
 
     # Lightning hooks (shard / gather for training steps come from SequenceShards)  -------------------------------------------------------------------------
+    @override
     def setup_environment(self) -> None:
         # Validate the layout against the world size before the process group exists, so every
         # rank raises the same error and none waits in a collective ("auto" degrees: from the connected model).
         self.core.validate(self.num_nodes * self.num_processes, modules=[self.model],
                            processes_per_node=self.num_processes, device_type=self.root_device.type)
         if self.parallel_config.fsdp:
-            check_compatible(
-                {**ddp_kwargs(self), "ddp_comm_hook": self._ddp_comm_hook, "model_averaging_period":
-                 self._model_averaging_period},
-                self._start_method,
-                grad_scaler=getattr(self.precision_plugin, "scaler", None) is not None,
-            )
+            check_compatible({**ddp_kwargs(self), **ddp_comm_options(self)}, start_method(self),
+                             grad_scaler=getattr(self.precision_plugin, "scaler", None) is not None)
         super().setup_environment()
         if "PL_GLOBAL_SEED" not in os.environ:
             rank_zero_warn("no seed set (lightning.seed_everything); ContextParallelStrategy draws one on rank 0")
         self.core.start(self.root_device)
 
+    @override
     def setup(self, trainer: Any) -> None:
         self.core.apply(self.model)
         super().setup(trainer)
 
+    @override
+    def teardown(self) -> None:
+        """After fit/validate/test: the module's models are plain again (sampling with the pipeline, export);
+        the next ``setup`` converts them anew."""
+        self.core.remove()
+        super().teardown()
+
+    @override
     def configure_ddp(self) -> None:
         if not self.parallel_config.fsdp:
             super().configure_ddp()
@@ -221,35 +235,33 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         # A later validate/test/predict broadcasts rank 0's parameters (DDPStrategy.setup); shards differ by design.
         ddp_ignore_parameters(self.model, [name for name, _ in self.model.named_parameters()])
 
+    @override
     def block_backward_sync(self) -> AbstractContextManager[None]:
         """Skip gradient sync on accumulation micro-batches, except in DDP's first static-graph backward."""
         if getattr(self.model, "static_graph", False):
             return self._first_backward.skip_sync(super().block_backward_sync)
         return super().block_backward_sync()
 
-    def _register_ddp_hooks(self) -> None:
-        # DDP comm hooks work with gloo too; Lightning only registers them on CUDA.
-        if self._ddp_comm_hook is not None or self.root_device.type == "cuda":
-            super()._register_ddp_hooks()
-
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         # Lightning seeds data workers by *global* rank; a CP group must draw the same augmentations.
         if int(os.environ.get("PL_SEED_WORKERS", 0)) and getattr(dataloader, "worker_init_fn", 0) is None:
             dataloader.worker_init_fn = partial(pl_worker_init_function, rank=self.dp_rank)
         return resumable(dataloader) if isinstance(dataloader, DataLoader) else dataloader
 
+    @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         return self.core.process_batch(super().batch_to_device(batch, device, dataloader_idx))
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().training_step(*args, **kwargs)
         loss = output["loss"] if isinstance(output, Mapping) else output
-        self._loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
-        if not self._loss_finite:
-            step = self.lightning_module.trainer.global_step
-            log.warning(f"non-finite loss {loss.item()} at step {step} on rank {self.global_rank}")
+        if loss is not None:  # checked by the guard, with the step's other checks, in its one host read
+            self.core.note_loss(loss)
         return output
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         def guarded_closure() -> Any:
             result = closure()
@@ -259,94 +271,46 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         return super().optimizer_step(optimizer, guarded_closure, model, **kwargs)
 
     def _describe_step(self) -> str:
-        """The step, this rank, and whether its own loss was the non-finite one (for the guard's message)."""
-        culprit = "this rank's loss was not finite" if not self._loss_finite else "another rank's loss was not"
-        return f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}: {culprit}"
+        """The step and this rank, for the guard's message (which adds whose loss was not finite)."""
+        return f"step {self.lightning_module.trainer.global_step}, rank {self.global_rank}"
 
+    # checkpoints: each hook hands over to the format (cp_plugin.checkpoint) ---------------------------------
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self.save_distributed_checkpoint:
-            return sharded.model_state(self.lightning_module)  # this rank's shards, gathered nowhere
-        if not self.parallel_config.fsdp:
-            return super().lightning_module_state_dict()
-        return full_model_state(self.lightning_module)
+        return self.checkpoint_format.model_state(self.lightning_module)
 
+    @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        if self.save_distributed_checkpoint:
-            return sharded.optimizer_state(self.lightning_module, unwrap_optimizer(optimizer))
-        if not self.parallel_config.fsdp:
-            return super().optimizer_state(optimizer)
-        return full_optimizer_state(self.lightning_module, unwrap_optimizer(optimizer))
+        return self.checkpoint_format.optimizer_state(self.lightning_module, unwrap_optimizer(optimizer))
 
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._sharded_source is not None:
-            sharded.load_model(self.lightning_module, self._sharded_source, strict=strict)
-        elif not self.parallel_config.fsdp:
-            super().load_model_state_dict(checkpoint, strict=strict)
-        else:
-            load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict=strict)
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if self._sharded_source is not None:
-            for i, optimizer in enumerate(self.optimizers[:len(checkpoint["optimizer_states"])]):
-                sharded.load_optimizer(self.lightning_module, unwrap_optimizer(optimizer), self._sharded_source, i)
-            self._sharded_source = None  # loaded: a later fit starts from its own checkpoint
-        elif not self.parallel_config.fsdp:
-            super().load_optimizer_state_dict(checkpoint)
-        else:
-            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-                load_full_optimizer_state(self.lightning_module, optimizer, state)
-
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint[RESUME_KEY] = layout_state(self.world_size, self.dp_size, checkpoint, self.dp_rank)
         target = self.broadcast(filepath)  # every rank writes into rank 0's path
-        if not self.save_distributed_checkpoint:
-            self._save_one_file(checkpoint, target, storage_options)
-            return
-        if not _local(target):
-            raise ValueError(
-                f"ContextParallelStrategy(save_distributed_checkpoint=True) writes sharded checkpoints to local or "
-                f"mounted paths; {target!r} is a URL: save to a mounted path or set save_distributed_checkpoint=False"
-            )
-        path = Path(target)
-        if storage_options is not None:
-            raise TypeError(
-                "ContextParallelStrategy(save_distributed_checkpoint=True).save_checkpoint(..., storage_options=...): "
-                "sharded checkpoints are written with torch.distributed.checkpoint, not the CheckpointIO; "
-                "drop storage_options or set save_distributed_checkpoint=False"
-            )
-        states = {"state_dict": checkpoint.pop("state_dict")}
-        states.update({sharded.optimizer_key(i): s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        sharded.save(path, states, checkpoint, sharded.describe_models(self.lightning_module))
+        self.checkpoint_format.save(self.lightning_module, checkpoint, target, storage_options)
 
-    def _save_one_file(self, checkpoint: dict[str, Any], target: Any, storage_options: Any) -> None:
-        """Rank 0 writes the file next to ``target`` and renames it into place: never half a file under its name
-        (URLs are written by the CheckpointIO as they are)."""
-        if not self.is_global_zero or not _local(target):
-            super().save_checkpoint(checkpoint, target, storage_options)  # writes on rank 0 only
-            return
-        path = Path(target)
-        partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        sharded.put_in_place(partial, path)
-
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         target = self.broadcast(checkpoint_path)
-        path = Path(target) if _local(target) else None
-        if path is not None and sharded.is_sharded(path):  # weights and optimizers are read in the load_* hooks
-            sharded.check_complete(path)
-            self._sharded_source = path
-            checkpoint = sharded.read_meta(path, weights_only=weights_only)
-            saved = sharded.saved_optimizers(path)
-            if saved:  # read in load_optimizer_state_dict; Lightning only checks that the entry exists
-                checkpoint["optimizer_states"] = [None] * saved
-        else:
-            self._sharded_source = None
-            checkpoint = super().load_checkpoint(target, weights_only=weights_only)
+        self._loaded_format = reading_format(target, fsdp=self.parallel_config.fsdp, io=self.checkpoint_io)
+        checkpoint = self._loaded_format.load(target, weights_only=weights_only)
         self.core.restore_rng_at_next_batch(
             rng_state_to_restore(checkpoint, self.world_size, self.dp_size, self.global_rank, self.dp_rank)
         )
         return checkpoint
 
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self._loaded_format is not None  # Lightning loads states from what load_checkpoint read
+        self._loaded_format.load_model_state(self.lightning_module, checkpoint, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        assert self._loaded_format is not None
+        optimizers = [unwrap_optimizer(optimizer) for optimizer in self.optimizers]
+        self._loaded_format.load_optimizer_state(self.lightning_module, optimizers, checkpoint)
+
+    @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         self.core.report_failure(exception)
@@ -354,6 +318,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             self.launcher.kill(signal.SIGKILL)
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
             cls.strategy_name, cls, description="Context parallelism (Ulysses/ring) x data parallelism for DiTs"
@@ -364,11 +329,6 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             description="Context parallelism, processes started with torch.multiprocessing spawn",
             start_method="spawn",
         )
-
-
-def _local(path: Any) -> bool:
-    """Whether a checkpoint path is on a local or mounted filesystem (not an fsspec URL like ``s3://``)."""
-    return "://" not in str(path)
 
 
 ContextParallelStrategy.register_strategies(StrategyRegistry)

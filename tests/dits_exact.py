@@ -24,6 +24,7 @@ from exact import quiet_trainer
 from fixtures.dits import BATCH, CASES
 
 STEPS = 3
+SGD_LR = 0.05
 _MESHES: dict[tuple, Any] = {}  # one mesh per layout in a process: each mesh's process groups hold threads
 
 
@@ -39,7 +40,7 @@ def _slice(value: Any, dp_rank: int, dp: int) -> Any:
 def optimizer_for(name: str, params: Any) -> torch.optim.Optimizer:
     # SGD exposes a wrong gradient scale (AdamW normalises it away); eps keeps Adam's rounding small.
     if name == "sgd":
-        return torch.optim.SGD(params, lr=0.05)
+        return torch.optim.SGD(params, lr=SGD_LR)
     return torch.optim.AdamW(params, lr=1e-3, eps=1e-4, weight_decay=0.01)
 
 

@@ -43,6 +43,25 @@ class RaggedData(SyntheticFlowData):
         super().__init__("flux", seq_tokens=64 if torch.distributed.get_rank() == 0 else 36)
 
 
+class DivergingData(SyntheticFlowData):
+    """The ranks agree on the first batch; from the second on, rank 1's latents differ (the same shapes).
+
+    A batch of shapes already verified is compared on the device and read by the step's guard, with
+    the loss and gradient checks: every rank raises there, before the optimizer step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("flux")
+        self.served = 0
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.served += 1
+        item = super().__getitem__(i)
+        if self.served > 2 and torch.distributed.get_rank() == 1:  # batch_size=2: from the second batch on
+            item["latents"] = item["latents"] + 1
+        return item
+
+
 class BlocklessModel(ModelMixin):
     """A diffusers model with neither a ``_cp_plan`` nor a list of attention blocks to derive one from."""
 
@@ -85,6 +104,7 @@ CASES: dict[str, Callable[[], None]] = {
     "no_plan": lambda: fit(PlainModule(), ContextParallelStrategy(ulysses_degree=2), SyntheticFlowData("flux")),
     "underivable": lambda: fit(PlainModule(blockless=True), ContextParallelStrategy(ring_degree=2), SyntheticFlowData("flux")),
     "ragged": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ulysses_degree=2), RaggedData()),
+    "diverged": lambda: fit(FlowMatchingModule(), ContextParallelStrategy(ring_degree=2), DivergingData(), steps=3),
     "mismatch": lambda: fit(
         FlowMatchingModule(),
         ContextParallelStrategy(**({"ring_degree": 2} if torch.distributed.get_rank() == 0 else {"ulysses_degree": 2})),
@@ -104,6 +124,7 @@ EXPECTED = {
     "underivable": r"BlocklessModel \('net'\) has no _cp_plan and no list of transformer blocks with attention among its "
                    r"children, so no plan can be derived; pass cp_plan=.*'<block list>.0'.*'proj_out'",
     "ragged": r"ranks of context-parallel group \[0, 1\] received different batches",
+    "diverged": r"ValueError: the ranks of context-parallel group \[0, 1\] received different batches",
     "mismatch": r"ranks \[1\] were started with different settings than rank 0 .*ring_degree=2.*ulysses_degree=2",
     "twice": r"RuntimeError: context parallelism is already applied to FluxTransformer2DModel \('transformer'\)",
     "nonfinite": r"FloatingPointError: non-finite gradients at step 1, rank [01]: (this rank's|another rank's) loss",

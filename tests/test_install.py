@@ -4,6 +4,10 @@
 matplotlib, peft (``[train]``) and Accelerate (``[accelerate]``) are extras. These tests import the
 library in a fresh interpreter where those packages look uninstalled, and check statically that no
 module of ``cp_plugin`` imports them when it is loaded.
+
+The core (every module but the adapters ``lightning.py``, ``lightning_resume.py`` and ``accelerate.py``)
+is framework-neutral: it imports neither Lightning nor Accelerate, not even lazily, and the
+Accelerate adapter does not import Lightning. The same fresh interpreters show it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ class Uninstalled:
 
 sys.meta_path[sys.meta_path.index(path_finder)] = Uninstalled
 """
-DISTRIBUTIONS = {"hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}  # else the import name
+DISTRIBUTIONS = {"hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow",  # else the import name
+                 "lightning_utilities": "lightning-utilities", "lightning_fabric": "lightning-fabric",
+                 "pytorch_lightning": "pytorch-lightning"}
+LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities")
+LIGHTNING_ADAPTER = ("cp_plugin/lightning.py", "cp_plugin/lightning_resume.py")
+ADAPTERS = (*LIGHTNING_ADAPTER, "cp_plugin/accelerate.py")
 
 
 def run_without(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProcess:
@@ -151,3 +160,57 @@ def test_no_library_module_imports_optional_tools_at_import_time() -> None:
             if package in NOT_AT_IMPORT or (package == "accelerate" and name != "cp_plugin/accelerate.py"):
                 offending.append(f"{name}:{line} imports {package}")
     assert not offending, "the library must import these lazily (or not at all):\n" + "\n".join(offending)
+
+
+def library_modules(exclude: tuple[str, ...] = ()) -> list[str]:
+    """Every module of ``cp_plugin`` (dotted), except the files ``exclude``."""
+    paths = sorted(p.relative_to(ROOT) for p in (ROOT / "cp_plugin").rglob("*.py") if p.relative_to(ROOT).as_posix() not in exclude)
+    return [".".join(p.parent.parts if p.name == "__init__.py" else p.with_suffix("").parts) for p in paths]
+
+
+CORE = library_modules(exclude=ADAPTERS)
+
+
+@pytest.mark.parametrize(
+    ("modules", "blocked"),
+    [(CORE, (*RECIPE_TOOLS, *LIGHTNING, "accelerate")), (["cp_plugin.accelerate"], (*RECIPE_TOOLS, *LIGHTNING))],
+    ids=["core", "accelerate"],
+)
+def test_the_core_needs_no_framework_and_the_accelerate_adapter_no_lightning(modules: list[str],
+                                                                              blocked: tuple[str, ...]) -> None:
+    assert "cp_plugin.core" in CORE and "cp_plugin.checkpoint.sharded" in CORE and "cp_plugin.lightning" not in CORE
+    assert import_without(", ".join(modules), blocked)["loaded"] == []
+
+
+@pytest.mark.parametrize("modules", [CORE, ["cp_plugin.accelerate"]], ids=["core", "accelerate"])
+def test_the_core_and_the_accelerate_adapter_load_no_lightning_when_it_is_installed(modules: list[str]) -> None:
+    """Installed, Lightning is importable: nothing may import it (diffusers itself loads Accelerate when installed)."""
+    code = (
+        f"import json, sys\nimport {', '.join(modules)}\n"
+        f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & {set(LIGHTNING)!r})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def every_import(tree: ast.AST) -> list[tuple[str, int]]:
+    """Top-level packages a module imports anywhere, function bodies included (lazy imports count)."""
+    return [(alias.name.split(".")[0], node.lineno) for node in ast.walk(tree) if isinstance(node, ast.Import)
+            for alias in node.names] + [(node.module.split(".")[0], node.lineno) for node in ast.walk(tree)
+                                        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module]
+
+
+def test_only_the_adapters_import_their_framework_even_lazily() -> None:
+    offending = []
+    for path in sorted((ROOT / "cp_plugin").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        for package, line in every_import(ast.parse(path.read_text(), filename=name)):
+            if (package in LIGHTNING and name not in LIGHTNING_ADAPTER) or (package == "accelerate" and name != ADAPTERS[-1]):
+                offending.append(f"{name}:{line} imports {package}")
+    assert not offending, "only the adapters may import Lightning or Accelerate:\n" + "\n".join(offending)
+
+
+def test_the_framework_scan_finds_lazy_imports() -> None:
+    source = "def rng():\n    from lightning.fabric.utilities.seed import _collect_rng_states\n"
+    assert every_import(ast.parse(source)) == [("lightning", 2)]

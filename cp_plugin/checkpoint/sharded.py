@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,48 +40,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
+from cp_plugin.checkpoint.files import META_FILE, check_complete, is_local, partial_path, put_in_place, rank, remove
 from cp_plugin.plans import find_models
 
-META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME: ModelParallelStrategy's name
 MODELS_FILE = "models.json"
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint.filesystem: written last, by the coordinator
-MODEL_KEY = "state_dict"
+MODEL_KEY = "state_dict"  # the one-process checkpoint layout's keys (Lightning's, documented)
+OPTIMIZERS_KEY = "optimizer_states"
 # Sharded, moved to CPU: what ModelParallelStrategy saves with save_distributed_checkpoint=True.
 _SHARDED = StateDictOptions(cpu_offload=True)
 
 
 def optimizer_key(index: int) -> str:
     return f"optimizer_{index}"
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a checkpoint directory (complete or not) rather than a one-file checkpoint."""
-    return Path(path).is_dir()
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a checkpoint a run can resume from: a sharded directory whose save finished, or a
-    one-file checkpoint that is a whole zip archive (``torch.save`` 's format; a truncated one lacks its end record).
-
-    Cheap (no tensor is read): meant for picking the newest usable checkpoint, e.g. ``resume=auto``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return all((path / name).is_file() for name in (DCP_METADATA, META_FILE))
-    return path.is_file() and zipfile.is_zipfile(path)
-
-
-def check_complete(path: str | os.PathLike) -> None:
-    """Raise, naming the checkpoint and a fix, if ``path`` is not a checkpoint whose save finished."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint file or directory")
-    if not is_complete(path):
-        lacking = [name for name in (DCP_METADATA, META_FILE) if not (Path(path) / name).is_file()] \
-            if is_sharded(path) else ["its zip end record"]
-        raise ValueError(
-            f"checkpoint {path} is incomplete (its save was interrupted: it lacks {', '.join(lacking)}); "
-            "resume from an earlier checkpoint (cp_plugin.checkpoint.is_complete tells which are whole)"
-        )
 
 
 def model_class(model: torch.nn.Module) -> type:
@@ -137,32 +105,18 @@ def save(path: str | os.PathLike, states: Mapping[str, Any], meta: Mapping[str, 
     replaces ``path`` (a file or directory) only once complete.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        _remove(partial)
+    partial = partial_path(path)
+    writer = rank() == 0
+    if writer:
+        remove(partial)
         partial.mkdir(parents=True)
         torch.save(dict(meta), partial / META_FILE)
         (partial / MODELS_FILE).write_text(json.dumps(models or {}, indent=2, default=_jsonable))
     _barrier()
     dcp.save(dict(states), checkpoint_id=partial)  # .metadata last, after every rank's shards
-    if rank == 0:
+    if writer:
         put_in_place(partial, path)
     _barrier()
-
-
-def put_in_place(written: Path, path: Path) -> None:
-    """Rename a finished checkpoint (file or directory) to ``path``, replacing what is there.
-
-    The old checkpoint is renamed aside, not deleted, until the new one has its name: at no moment does
-    ``path`` hold a partial checkpoint (a crash in between leaves the old one as ``.<name>.replaced``).
-    """
-    replaced = path.with_name(f".{path.name}.replaced")
-    _remove(replaced)
-    if path.exists() or path.is_symlink():
-        path.rename(replaced)
-    written.rename(path)
-    _remove(replaced)
 
 
 def read_meta(path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
@@ -221,11 +175,60 @@ def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
     set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(cpu_offload=False))
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+class ShardedFormat:
+    """Sharded checkpoints as one format: each rank reads and writes its own shards, no rank gathers the model.
+
+    ``load`` reads the non-tensor rest and remembers the directory; the weights and optimizer states
+    are read by ``load_model_state`` / ``load_optimizer_state``, which may run later and under another
+    sharding (Lightning loads weights before it shards the model, optimizers after).
+    """
+
+    def __init__(self) -> None:
+        self.source: Path | None = None  # the directory ``load`` read
+
+    def model_state(self, module: torch.nn.Module) -> dict[str, Any]:
+        return model_state(module)
+
+    def optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer_state(module, optimizer)
+
+    def save(self, module: torch.nn.Module, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write ``checkpoint`` (the one-process layout) to the directory ``path``: its model and optimizer states as
+        DCP shards, the rest in ``meta.pt``, ``module`` 's diffusers models in ``models.json``. Collective."""
+        if not is_local(path):
+            raise ValueError(
+                f"ContextParallelStrategy(save_distributed_checkpoint=True) writes sharded checkpoints to local or "
+                f"mounted paths; {path!r} is a URL: save to a mounted path or set save_distributed_checkpoint=False"
+            )
+        if storage_options is not None:
+            raise TypeError(
+                "ContextParallelStrategy(save_distributed_checkpoint=True).save_checkpoint(..., storage_options=...): "
+                "sharded checkpoints are written with torch.distributed.checkpoint, not the CheckpointIO; "
+                "drop storage_options or set save_distributed_checkpoint=False"
+            )
+        states = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
+        states.update({optimizer_key(i): s for i, s in enumerate(checkpoint.pop(OPTIMIZERS_KEY, []))})
+        save(path, states, checkpoint, describe_models(module))
+
+    def load(self, path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """The non-tensor rest of the checkpoint at ``path``, with one placeholder per saved optimizer (frameworks
+        look for the entry before they load optimizers); refuses an incomplete directory."""
+        checkpoint = read_meta(path, weights_only=weights_only)
+        self.source = Path(path)
+        saved = saved_optimizers(path)
+        if saved:
+            checkpoint[OPTIMIZERS_KEY] = [None] * saved
+        return checkpoint
+
+    def load_model_state(self, module: torch.nn.Module, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.source is not None, "load reads the checkpoint first"
+        load_model(module, self.source, strict=strict)
+
+    def load_optimizer_state(self, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                             checkpoint: Mapping[str, Any]) -> None:
+        assert self.source is not None, "load reads the checkpoint first"
+        for i, optimizer in enumerate(optimizers[:len(checkpoint.get(OPTIMIZERS_KEY, []))]):
+            load_optimizer(module, optimizer, self.source, i)
 
 
 def _barrier() -> None:
