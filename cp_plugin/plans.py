@@ -53,8 +53,11 @@ class DerivedPlan:
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every diffusers attention layer of ``model`` (``Attention`` and the newer ``AttentionModuleMixin``)."""
-    return [(name, sub) for name, sub in model.named_modules() if isinstance(sub, (Attention, AttentionModuleMixin))]
+    """Every diffusers attention layer of ``model``: ``Attention``, the newer ``AttentionModuleMixin``, and any
+    other module whose ``processor`` reaches attention (Mochi's ``MochiAttention`` is a plain ``nn.Module``)."""
+    return [(name, sub) for name, sub in model.named_modules()
+            if isinstance(sub, (Attention, AttentionModuleMixin))
+            or (getattr(sub, "processor", None) is not None and calls_attention(sub.processor))]
 
 
 def attention_heads(attn: torch.nn.Module) -> int | None:

@@ -39,12 +39,12 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # (Z-Image, Lumina 2: samples packed between blocks), text self-attended then attended as keys (Kandinsky 5),
 # tokens joined and cut between blocks (HiDream, Krea 2), grouped key/value heads (ACE-Step), a rotary table
 # sliced inside blocks (Stable Audio 3), a convolution after the blocks (DreamLite), own plans cp_plugin replaces
-# or extends (LTX-2, Helios).
+# or extends (LTX-2, Helios), causal self-attention (MiniMax Music 3's depth decoder).
 FIRST = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
          "pixart", "dit", "auraflow", "cogview3plus", "cogview4", "allegro", "hunyuanimage", "flux2", "cosmos",
          "glmimage", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
-              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios")
+              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth")
 SUITE = FIRST + MECHANISMS
 
 

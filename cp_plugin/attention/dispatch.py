@@ -229,15 +229,14 @@ def _routed_attention(
     """
     unsupported = {
         "dropout_p": dropout_p != 0.0,
-        "is_causal": is_causal,
         "return_lse": return_lse,
         "key heads that do not divide the query heads": query.shape[2] % key.shape[2] != 0,
     }
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
         raise ValueError(
-            f"context-parallel attention got {', '.join(bad)}; cp_plugin's attention supports full non-causal "
-            "attention (with optional key-padding masks, and grouped key/value heads) without dropout. Call the "
+            f"context-parallel attention got {', '.join(bad)}; cp_plugin's attention supports softmax attention "
+            "(with optional masks, causal self-attention, and grouped key/value heads) without dropout. Call the "
             "model without them or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
     if key.shape[2] != query.shape[2]:  # grouped key/value heads: each serves query_heads / key_heads queries
@@ -247,8 +246,30 @@ def _routed_attention(
     mesh = config.cp_mesh
     if call is not None:
         _check_split(query, key, config.padding)
+    if is_causal:
+        attn_mask = _causal_mask(query, key, attn_mask, config.padding)
     key_mask, full_mask = _masks(query, key, attn_mask, config.padding, mesh)
     return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
+
+
+def _causal_mask(
+    query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None
+) -> torch.Tensor:
+    """``is_causal`` as what it means over the whole sequence: the lower triangle of one stream's self-attention.
+
+    Each rank's queries sit at their whole-sequence positions, so the triangle is taken over the
+    stream, not over this rank's part (whose own triangle would hide earlier ranks' keys).
+    """
+    streams = None if padding is None else padding.composition(query.shape[1])
+    if attn_mask is not None or streams is None or len(streams) != 1 or key.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"context-parallel attention got is_causal for {query.shape[1]} queries and {key.shape[1]} keys per rank"
+            f"{' with a mask' if attn_mask is not None else ''}; causal attention is supported as one token stream's "
+            "self-attention without another mask. Pass the causal structure as attn_mask, or train this model "
+            "without context parallelism (ring_degree=1, ulysses_degree=1)"
+        )
+    length = padding.lengths[streams[0]]
+    return torch.ones(1, length, length, dtype=torch.bool, device=query.device).tril()
 
 
 def _check_mask_type(attn_mask: Any) -> None:
