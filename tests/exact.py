@@ -266,29 +266,42 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
 
 
-def assert_update_close(
-    after: torch.Tensor, expected_after: torch.Tensor, before: torch.Tensor, rtol: float, steps: int, what: str,
-    *, norm: bool = False, atol: float = 0.0,
-) -> None:
-    """The update ``after - before`` matches the expected one to ``rtol`` of its largest entry.
+def update_error(
+    after: torch.Tensor, expected_after: torch.Tensor, before: torch.Tensor, steps: int, *, norm: bool = False,
+    atol: float = 0.0,
+) -> tuple[float, float, float]:
+    """``(error beyond the allowance, the expected update's size, the allowance)`` of the update ``after - before``.
 
-    Weights that barely move in a few steps pass a weight tolerance even when a step is skipped or
-    wrong; their updates do not. An update is known only to the resolution of the weights: every
-    step rounds each weight twice at most (decay, then step), by half an ulp, in both runs, so up to
-    ``2 * steps`` ulps of ``max|before|`` are allowed on top (this covers weights that do not move at all).
-
-    ``norm=True`` compares norms instead (error norm <= ``rtol`` x update norm): AdamW's first steps
-    are about ``lr * sign(grad)``, so under bf16 an entry whose gradient is at the rounding noise can
-    flip sign and differ by ``2 lr``; the norm is not decided by a few such entries, a skipped step is.
-    ``atol`` adds what the caller knows the update may differ by besides (its gradients' tolerance).
+    An update is known only to the resolution of the weights: every step rounds each weight twice at
+    most (decay, then step), by half an ulp, in both runs, so ``2 * steps`` ulps of ``max|before|`` are
+    allowed (this covers weights that do not move at all), plus ``atol``, what the caller knows the
+    update may differ by besides (its gradients' tolerance). Sizes are largest entries, or norms
+    (``norm=True``; the allowance then scales with the square root of the count).
     """
     expected = expected_after - before
     floor = 2 * steps * torch.finfo(before.dtype).eps * float(before.abs().max())
     measure = torch.linalg.vector_norm if norm else (lambda x: x.abs().max())
     if norm:
         floor *= before.numel() ** 0.5
-    scale, err = float(measure(expected)), float(measure(after - expected_after))
+    allowance = floor + atol
+    return max(0.0, float(measure(after - expected_after)) - allowance), float(measure(expected)), allowance
+
+
+def assert_update_close(
+    after: torch.Tensor, expected_after: torch.Tensor, before: torch.Tensor, rtol: float, steps: int, what: str,
+    *, norm: bool = False,
+) -> None:
+    """The update ``after - before`` matches the expected one to ``rtol`` of its largest entry (see :func:`update_error`).
+
+    Weights that barely move in a few steps pass a weight tolerance even when a step is skipped or
+    wrong; their updates do not. ``norm=True`` compares norms instead (error norm <= ``rtol`` x update
+    norm): AdamW's first steps are about ``lr * sign(grad)``, so under bf16 an entry whose gradient is
+    at the rounding noise can flip sign and differ by ``2 lr``; the norm is not decided by a few such
+    entries, a skipped step is.
+    """
+    err, scale, allowance = update_error(after, expected_after, before, steps, norm=norm)
     kind = "norm of the" if norm else "largest"
-    assert err <= rtol * scale + floor + atol, (
-        f"{what}: update differs by {err:.2e} > {rtol:.0e} x {kind} update {scale:.2e} + resolution {floor:.1e}"
+    assert err <= rtol * scale, (
+        f"{what}: update differs by {err + allowance:.2e} > {rtol:.0e} x {kind} update {scale:.2e} + resolution "
+        f"{allowance:.1e}"
     )
