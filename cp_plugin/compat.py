@@ -49,7 +49,7 @@ __all__ = [
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
     "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
     "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
-    "sdpa_efficient_backward",
+    "sdpa_efficient_backward", "sdpa_cudnn", "sdpa_cudnn_backward",
 ]
 
 
@@ -148,6 +148,8 @@ sdpa_flash = _aten._scaled_dot_product_flash_attention
 sdpa_flash_backward = _aten._scaled_dot_product_flash_attention_backward
 sdpa_efficient = _aten._scaled_dot_product_efficient_attention
 sdpa_efficient_backward = _aten._scaled_dot_product_efficient_attention_backward
+sdpa_cudnn = _aten._scaled_dot_product_cudnn_attention
+sdpa_cudnn_backward = _aten._scaled_dot_product_cudnn_attention_backward
 
 
 # diffusers ------------------------------------------------------------------------------------

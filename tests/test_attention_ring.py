@@ -213,13 +213,20 @@ class _RecordCalls(TorchDispatchMode):
         (torch.float32, 64, False, "_scaled_dot_product_efficient_attention"),
         (torch.float16, 74, False, "_scaled_dot_product_efficient_attention"),
         (torch.bfloat16, 64, True, "_scaled_dot_product_efficient_attention"),
+        (torch.bfloat16, 64, False, "_scaled_dot_product_cudnn_attention"),
     ],
 )
-def test_non_cpu_branch_follows_the_aten_schemas(dtype: torch.dtype, head_dim: int, masked: bool, kernel: str) -> None:
+def test_non_cpu_branch_follows_the_aten_schemas(
+    dtype: torch.dtype, head_dim: int, masked: bool, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CUDA branch on meta tensors: kernel choice, schema-valid calls, shapes, dense (not varlen) backward.
 
-    No GPU here, so this checks the plumbing only; the numbers of the CUDA kernels are untested.
+    This checks the plumbing only; the CUDA kernels' numbers come from ``benchmarks.blockwise`` on a GPU
+    (``benchmarks/results/blockwise_cuda.md``). cuDNN stands in for a GPU that has it (Hopper).
     """
+    import cp_plugin.attention.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_cudnn_serves", lambda device: "cudnn" in kernel)
     q, k, v, grad_out = (torch.empty(B, H, S, head_dim, dtype=dtype, device="meta") for _ in range(4))
     bias = additive_mask(torch.ones(B, S, dtype=torch.bool, device="meta"), q, k) if masked else None
     with _RecordCalls() as recorded:
@@ -232,6 +239,9 @@ def test_non_cpu_branch_follows_the_aten_schemas(dtype: torch.dtype, head_dim: i
     backward_args = next(args for func, args in recorded.calls if func.__name__.startswith(f"{kernel}_backward"))
     if kernel.endswith("flash_attention"):
         assert backward_args[6] is None and backward_args[7] is None  # cum_seq_q/k undefined: dense kernel
+    elif kernel.endswith("cudnn_attention"):
+        assert backward_args[8:11] == (None, None, None)  # no bias, cum_seq_q/k undefined: dense kernel
+        assert backward_args[5].shape == (B, H, S, 1)  # the merged LSE in cuDNN's own layout
     else:
         assert (backward_args[4] is None) == (not masked)  # attn_bias undefined unless there is a mask
 
