@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dits_exact import SGD_LR, STEPS, lightning_train_many, train, train_many
-from exact import update_error
+from exact import assert_update_close, update_error
 from fixtures.dits import CASES
 from launcher import run_distributed
 
