@@ -102,11 +102,7 @@ class _ModelScope(ModelHook):
         if self.padding is not None:
             self.padding.reset()
         self.routing.reset()
-        self.routing.enter(self.call)
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.routing.exit()
+        return self.routing.run(self.call, self.fn_ref.original_forward, *args, **kwargs)
 
 
 class _AttentionScope(ModelHook):
@@ -120,14 +116,7 @@ class _AttentionScope(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.routing.active:  # inside the model's forward, whose scope routes already (no try: compiled
             return self.fn_ref.original_forward(*args, **kwargs)  # blocks would not break around it)
-        return self._recompute(*args, **kwargs)
-
-    def _recompute(self, *args: Any, **kwargs: Any) -> Any:
-        self.routing.enter(self.call)
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.routing.exit()
+        return self.routing.run(self.call, self.fn_ref.original_forward, *args, **kwargs)  # a recompute
 
 
 class Conversion:

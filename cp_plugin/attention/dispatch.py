@@ -120,13 +120,13 @@ class AttentionRouting:
             torch.nn.functional.scaled_dot_product_attention = sdpa
         self._found = None
 
-    def _plainly(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``fn`` with no routing inside (a call whose keys every rank holds whole)."""
-        self._calls.append(None)
+    def run(self, call: AttentionCall | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with ``call`` routing the attention inside it (``None``: none routed)."""
+        self.enter(call)
         try:
             return fn(*args, **kwargs)
         finally:
-            self._calls.pop()
+            self.exit()
 
     def _wrap_backend(self, backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -142,7 +142,7 @@ class AttentionRouting:
                 return backend_fn(*args, **kwargs)
             roles = call.state.next_attention()
             if roles is None or not roles[1]:
-                return self._plainly(backend_fn, *args, **{**kwargs, "_parallel_config": None})
+                return self.run(None, backend_fn, *args, **{**kwargs, "_parallel_config": None})
             return _routed_attention(*args, config=call.config, call=call, **{**kwargs, "_parallel_config": None})
 
         routed.__wrapped__ = backend_fn  # type: ignore[attr-defined]
