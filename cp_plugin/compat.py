@@ -24,7 +24,7 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch.distributed.device_mesh import DeviceMesh
 from torch._decomp import decomposition_table
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.distributed.distributed_c10d import _get_default_store
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.nn.parallel import DistributedDataParallel
@@ -113,6 +113,11 @@ def symbolic_fake_mode() -> tuple[FakeTensorMode, ShapeEnv]:
 def symbolic_fake(mode: FakeTensorMode, x: torch.Tensor) -> torch.Tensor:
     """A fake ``x`` (a real or meta tensor) whose every dimension is a new symbol, on ``x``'s device."""
     return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim()))
+
+
+def is_symbolic(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a fake tensor (a probe's or a tracer's) or has symbolic sizes, i.e. holds no data."""
+    return is_fake(x) or any(isinstance(size, torch.SymInt) for size in x.shape)
 
 
 def size_expr(env: ShapeEnv, size: Any) -> Any:

@@ -55,6 +55,12 @@ class ParallelConfig:
             (``None``: 450 on GPUs, NVLink 4; 1 on CPU, gloo).
         inter_node_bandwidth: GB/s one process sends to another node, for ``"auto"`` (``None``: 50
             on GPUs, one 400 Gb/s InfiniBand NIC per GPU; 1 on CPU, gloo over TCP).
+        gradient_checkpointing: turn on the trained diffusers models' own gradient checkpointing
+            (``cp_plugin.memory``): each block keeps only its input and is recomputed in the backward.
+        tile_feed_forward: run every diffusers ``FeedForward`` over its tokens a chunk at a time,
+            forward and backward (``cp_plugin.tiling``): its hidden layer exists for one chunk only.
+        tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
+            2048 tokens, else chunks whose hidden layer is the size of the block's input).
     """
 
     ring_degree: int | str = 1
@@ -67,11 +73,14 @@ class ParallelConfig:
     sequence_length: int | None = None
     intra_node_bandwidth: float | None = None
     inter_node_bandwidth: float | None = None
+    gradient_checkpointing: bool = False
+    tile_feed_forward: bool = False
+    tile_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ring_degree", "ulysses_degree", "dp_degree", "sequence_length"):
+        for name in ("ring_degree", "ulysses_degree", "dp_degree", "sequence_length", "tile_tokens"):
             value = getattr(self, name)
-            if value is None and name in ("dp_degree", "sequence_length"):
+            if value is None and name in ("dp_degree", "sequence_length", "tile_tokens"):
                 continue
             if value == AUTO and name in ("ring_degree", "ulysses_degree"):
                 continue
@@ -84,7 +93,7 @@ class ParallelConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a number of GB/s > 0, or None for the device's default; "
                                  f"use e.g. parallel.{name}=25")
-        for name in ("fsdp", "hsdp"):
+        for name in ("fsdp", "hsdp", "gradient_checkpointing", "tile_feed_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False (Hydra: parallel.{name}=true)")
         if self.hsdp and not self.fsdp:

@@ -32,6 +32,7 @@ from cp_plugin.guard import (
     record_failure,
 )
 from cp_plugin.layout import LayoutChoice, choose_layout, model_attention, ulysses_placement_warning
+from cp_plugin.memory import apply_memory_options
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Conversion, Plan, apply_context_parallel
 from cp_plugin.resume import restore_rng_state
@@ -76,7 +77,7 @@ class ContextParallelCore:
         self.on_nonfinite = on_nonfinite
         self.device: torch.device | None = None
         self._mesh: ParallelMesh | None = None
-        self._conversions: dict[int, Conversion] = {}  # id of a module -> what converting it changed
+        self._conversions: dict[int, list[Conversion]] = {}  # id of a module -> what applying options changed
         self._rng_to_restore: dict[str, Any] | None = None
         self._batch_check = BatchCheck()
         self._step_guard = StepGuard()  # the batch, loss and gradient checks of a step: one host read
@@ -136,17 +137,25 @@ class ContextParallelCore:
         return self._mesh is not None
 
     def apply(self, module: torch.nn.Module) -> None:
-        """Make the diffusers models in ``module`` context parallel (once per module; nothing to do at cp 1)."""
-        if self.mesh.cp_enabled and id(module) not in self._conversions:
-            self._conversions[id(module)] = apply_context_parallel(
+        """Make the diffusers models in ``module`` context parallel (at cp > 1) and apply the memory options
+        (``cp_plugin.memory``), once per module."""
+        if id(module) in self._conversions:
+            return
+        config = self.mesh.config
+        conversions = [apply_memory_options(module, gradient_checkpointing=config.gradient_checkpointing,
+                                            tiling=config.tile_feed_forward, tile_tokens=config.tile_tokens)]
+        if self.mesh.cp_enabled:
+            conversions.append(apply_context_parallel(
                 module, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,
                 gather_outputs=self.gather_outputs,
-            )
+            ))
+        self._conversions[id(module)] = conversions
 
     def remove(self) -> None:
-        """Turn every module ``apply`` converted back into a plain one (after training: sampling, export)."""
-        for conversion in self._conversions.values():
-            conversion.remove()
+        """Turn every module ``apply`` changed back into a plain one (after training: sampling, export)."""
+        for conversions in self._conversions.values():
+            for conversion in reversed(conversions):
+                conversion.remove()
         self._conversions.clear()
 
     # every step ------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
 
     Args:
         parallel_config: the layout: ``cp_plugin.ParallelConfig``, a diffusers ``ParallelConfig`` or
-            ``ContextParallelConfig``, or a dict. Keyword degrees below override its fields.
+            ``ContextParallelConfig``, or a dict. Keyword degrees and memory options (``fsdp``,
+            ``gradient_checkpointing``, ``tile_feed_forward``, ``tile_tokens``) override its fields.
         cp_plan: ``{attribute path: plan}`` to supply or override diffusers ``_cp_plan`` s, e.g.
             ``{"transformer": {...}}``. By default every diffusers model with a ``_cp_plan`` is used.
         shard_batch: ``{batch key: sequence dim}``: shard these entries of each (dict) batch after
@@ -110,6 +111,9 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         convert_to_fp32: bool | None = None,
         fsdp: bool | None = None,
         hsdp: bool | None = None,
+        gradient_checkpointing: bool | None = None,
+        tile_feed_forward: bool | None = None,
+        tile_tokens: int | None = None,
         cp_plan: Mapping[str, Plan] | None = None,
         shard_batch: Mapping[str, int] | None = None,
         presharded_inputs: Sequence[str] = ("hidden_states",),
@@ -129,6 +133,9 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             "convert_to_fp32": convert_to_fp32,
             "fsdp": fsdp,
             "hsdp": hsdp,
+            "gradient_checkpointing": gradient_checkpointing,
+            "tile_feed_forward": tile_feed_forward,
+            "tile_tokens": tile_tokens,
         }
         base = ParallelConfig.from_any(parallel_config)
         self.core = ContextParallelCore(

@@ -23,7 +23,7 @@ while a converted model runs (``attention/dispatch.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -132,6 +132,7 @@ class Conversion:
         self._hooks: list[tuple[torch.nn.Module, str]] = []
         self._made: list[tuple[torch.nn.Module, bool, bool]] = []  # module, had a registry, had an own forward
         self._processors: list[tuple[object, bool, Any]] = []  # processor, had its own config, the config
+        self._undo: list[Callable[[], None]] = []  # other changes, each with what puts it back
 
     def hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         """Register ``hook`` on ``module`` under ``name`` (cp_plugin's prefix added), remembering how to undo it."""
@@ -146,8 +147,14 @@ class Conversion:
         self._processors.append((processor, own, vars(processor).get("_parallel_config")))
         processor._parallel_config = config
 
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Record a change made outside hooks and processors, by what undoes it."""
+        self._undo.append(undo)
+
     def remove(self) -> None:
         """Put every module and processor back as it was before the conversion (idempotent)."""
+        for undo in reversed(self._undo):
+            undo()
         for module, name in reversed(self._hooks):
             module._diffusers_hook.remove_hook(name, recurse=False)
         for module, had_registry, had_forward in self._made:
@@ -161,7 +168,7 @@ class Conversion:
                 processor._parallel_config = config
             else:
                 vars(processor).pop("_parallel_config", None)
-        self._hooks, self._made, self._processors, self.paths = [], [], [], []
+        self._hooks, self._made, self._processors, self._undo, self.paths = [], [], [], [], []
 
 
 def conversion_of(model: torch.nn.Module) -> Conversion | None:

@@ -166,6 +166,8 @@ class SequencePadding:
                 f"({', '.join(f'{s} {self.local_stream(s)}' for s in self.lengths)}) nor several of them in one of "
                 "the model's joint orders; cp_plugin masks padding in self-, cross- and joint attention over the streams a plan splits"
             )
+        if all(self.padded_stream(s) == self.lengths[s] for s in streams):
+            return None  # decided by these keys' streams alone, so a recompute after later streams decides alike
         return torch.cat([self._local_valid(s, batch, device) for s in streams], 1)
 
     def trim(self, x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -44,11 +44,17 @@ def optimizer_for(name: str, params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, eps=1e-4, weight_decay=0.01)
 
 
-def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None) -> dict[str, Any]:
-    """Train ``case_name`` for ``STEPS`` steps; ``layout`` (ParallelConfig fields) makes it context parallel."""
+def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None,
+          memory: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``case_name`` for ``STEPS`` steps; ``layout`` (ParallelConfig fields) makes it context parallel,
+    ``memory`` (``cp_plugin.memory.apply_memory_options`` arguments) turns memory options on."""
     case = CASES[case_name]
     model = case.build(seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if memory:
+        from cp_plugin.memory import apply_memory_options
+
+        apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False, "tile_tokens": None, **memory})
     dp, dp_rank, world = 1, 0, 1
     if layout is not None:
         from cp_plugin import ParallelConfig

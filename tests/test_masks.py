@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cp_plugin.attention.masks import key_padding_mask, outer_product_keys, whole_sequence_mask
+from cp_plugin.attention.masks import key_padding_mask, outer_product, whole_sequence_mask
 
 
 def test_key_padding_masks_in_every_form_become_one_bool_mask() -> None:
@@ -13,15 +13,17 @@ def test_key_padding_masks_in_every_form_become_one_bool_mask() -> None:
     additive = torch.zeros(2, 3).masked_fill(~valid, -10000.0)
     for mask in (valid, valid[:, None], valid[:, None, None], valid[:, None, None].expand(2, 4, 1, 3),
                  additive[:, None], additive[:, None, None].expand(2, 4, 1, 3), valid.float().log()):
-        assert key_padding_mask(mask, batch=2, queries=5, keys=3).equal(valid), tuple(mask.shape)
+        keys, rows = key_padding_mask(mask, batch=2, queries=5, keys=3)
+        assert keys.equal(valid) and rows is None, tuple(mask.shape)
 
 
-def test_a_joint_outer_product_over_local_tokens_becomes_its_key_mask() -> None:
+def test_a_joint_outer_product_over_local_tokens_becomes_its_key_mask_and_query_rows() -> None:
     valid = torch.tensor([[True, True, True, False]])
     joint = (valid[:, :, None] & valid[:, None, :])[:, None]  # (B, 1, L, L), as HunyuanVideo 1.5 builds it
-    assert key_padding_mask(joint, batch=1, queries=4, keys=4).equal(valid)
+    keys, rows = key_padding_mask(joint, batch=1, queries=4, keys=4)
+    assert keys.equal(valid) and rows.equal(valid)
     causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
-    assert outer_product_keys(causal[:, 0]) is None
+    assert outer_product(causal[:, 0]) is None
     with pytest.raises(ValueError, match=r"is not a key-padding mask \(nor an outer product of one\)"):
         key_padding_mask(causal, batch=1, queries=4, keys=4)
 
@@ -39,12 +41,13 @@ def test_a_block_causal_mask_over_the_whole_sequence_is_padded_and_kept_whole() 
     frames = torch.arange(5) // 2  # frame blocks of 2 tokens, 5 tokens: padded to 6 on 2 or 3 ranks
     block_causal = (frames[:, None] >= frames[None, :])[None, None]
     with pytest.warns(UserWarning, match=r"5 x 5 attention mask on every rank \(O\(S\^2\) memory\)"):
-        keys, full = whole_sequence_mask(block_causal, length=5, padded=6)
-    assert keys is None and full.shape == (1, 6, 6)
+        keys, full, rows = whole_sequence_mask(block_causal, length=5, padded=6)
+    assert keys is None and rows is None and full.shape == (1, 6, 6)
     assert full[0, :5, :5].equal(block_causal[0, 0]) and not full[0, :, 5].any() and full[0, 5, :5].all()
 
 
-def test_an_outer_product_over_the_whole_sequence_becomes_a_padded_key_mask() -> None:
+def test_an_outer_product_over_the_whole_sequence_becomes_a_padded_key_mask_and_query_rows() -> None:
     valid = torch.tensor([[True, True, True, False, True]])
-    keys, full = whole_sequence_mask((valid[:, :, None] & valid[:, None, :])[:, None], length=5, padded=6)
+    keys, full, rows = whole_sequence_mask((valid[:, :, None] & valid[:, None, :])[:, None], length=5, padded=6)
     assert full is None and keys.tolist() == [[True, True, True, False, True, False]]
+    assert rows.tolist() == [[True, True, True, False, True, True]]  # a padded query attends the real keys

@@ -172,12 +172,13 @@ class AttentionRouting:
 def _masks(
     query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None,
     mesh: ParallelMesh,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(key_mask (B, keys), full_mask)`` of a routed call: the model's mask and our padding's, combined."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(key_mask (B, keys), full_mask, query rows (B, queries))`` of a routed call: the model's mask and our
+    padding's, combined, and which of this rank's queries attend anything (``None``: all do)."""
     batch, queries, keys = key.shape[0], query.shape[1], key.shape[1]
-    key_mask = full_mask = None
+    key_mask = full_mask = rows = None
     if attn_mask is not None and attn_mask.shape[-1] == keys:
-        key_mask = key_padding_mask(attn_mask, batch, queries, keys)
+        key_mask, rows = key_padding_mask(attn_mask, batch, queries, keys)
     elif attn_mask is not None:  # over a whole stream: only self-attention of one stream has one
         streams = None if padding is None else padding.composition(queries)
         if streams is None or len(streams) != 1 or keys != queries:
@@ -185,14 +186,16 @@ def _masks(
                 f"context-parallel attention got attn_mask of shape {tuple(attn_mask.shape)} for {keys} keys per "
                 "rank; masks must cover this rank's keys, or a whole stream in its self-attention"
             )
-        whole_keys, full_mask = whole_sequence_mask(attn_mask, padding.lengths[streams[0]], keys * mesh.cp_size)
+        whole_keys, full_mask, whole_rows = whole_sequence_mask(attn_mask, padding.lengths[streams[0]],
+                                                                keys * mesh.cp_size)
         if whole_keys is not None:
             key_mask = whole_keys.expand(batch, -1).chunk(mesh.cp_size, 1)[mesh.cp_rank]
+            rows = whole_rows.expand(batch, -1).chunk(mesh.cp_size, 1)[mesh.cp_rank]
     if padding is not None:
         pad_mask = padding.key_mask(keys, batch, key.device)
         if pad_mask is not None:
             key_mask = pad_mask if key_mask is None else key_mask & pad_mask
-    return key_mask, full_mask
+    return key_mask, full_mask, rows
 
 
 def _check_split(query: torch.Tensor, key: torch.Tensor, padding: SequencePadding) -> None:
@@ -248,8 +251,10 @@ def _routed_attention(
         _check_split(query, key, config.padding)
     if is_causal:
         attn_mask = _causal_mask(query, key, attn_mask, config.padding)
-    key_mask, full_mask = _masks(query, key, attn_mask, config.padding, mesh)
-    return context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
+    key_mask, full_mask, rows = _masks(query, key, attn_mask, config.padding, mesh)
+    out = context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
+    # a query that attends no key gets SDPA's zero row (see cp_plugin.attention.masks)
+    return out if rows is None else out * rows[:, :, None, None].to(out.dtype)
 
 
 def _causal_mask(

@@ -8,10 +8,11 @@ What models pass, and what it becomes:
 - key-padding masks ``(B, S)``, ``(B, 1, S)``, ``(B, 1, 1, S)`` and ``(B, H, 1, S)`` (the same for
   every head, as LTX broadcasts), boolean or additive (0 / -inf or a bias <= ``MASKED_BIAS``);
 - joint masks ``(B, 1, L, L)`` over this rank's tokens that are an outer product of a validity vector
-  with itself (HunyuanVideo 1.5, Chroma): the rows of invalid queries attend nothing there, which
-  only padding tokens do, and their outputs are read by nobody (they are masked as keys everywhere
-  and discarded at the end), so the key mask (which columns any query attends) gives the same loss
-  and gradients in O(S);
+  with itself (HunyuanVideo 1.5, Chroma): carried in O(S) as the key mask (which columns any query
+  attends) and the query rows that attend anything. SDPA gives a row that attends nothing an output
+  of zero, which a later block may read: diffusers' Chroma drops the mask of its single-stream blocks
+  when gradient checkpointing is on, so there the masked text tokens are keys again. The output of
+  those rows is zeroed after attention, which is what SDPA gives, forward and backward;
 - masks over the whole sequence ``(B or 1, 1, S, S)`` that a model builds before the split and passes
   to every block (SkyReels-V2's block-causal diffusion forcing): kept whole, with a warning about
   their O(S^2) memory, unless they too are an outer product.
@@ -51,40 +52,50 @@ def _one_for_all_heads(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tens
     return mask[:, 0]
 
 
-def outer_product_keys(mask: torch.Tensor) -> torch.Tensor | None:
-    """The key mask ``(B, L_k)`` of a ``(B, L_q, L_k)`` mask that is ``valid_q x valid_k``, else ``None``."""
+def outer_product(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(queries (B, L_q), keys (B, L_k))`` of a ``(B, L_q, L_k)`` mask that is ``valid_q x valid_k``, else ``None``."""
     keys, queries = mask.any(-2), mask.any(-1)
-    return keys if bool((mask == (queries[:, :, None] & keys[:, None, :])).all()) else None
+    return (queries, keys) if bool((mask == (queries[:, :, None] & keys[:, None, :])).all()) else None
 
 
-def key_padding_mask(attn_mask: torch.Tensor, batch: int, queries: int, keys: int) -> torch.Tensor:
-    """A mask over this rank's keys -> bool ``(B, keys)`` (True = attend); see the module docstring."""
+def key_padding_mask(
+    attn_mask: torch.Tensor, batch: int, queries: int, keys: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A mask over this rank's keys -> ``(keys (B, keys), query rows (B, queries) or None)``, bool, True = attend.
+
+    The query rows are those of an outer product that attend some key (``None``: every row attends);
+    see the module docstring.
+    """
     shape = tuple(attn_mask.shape)
     mask = as_bool(attn_mask)
     if mask.dim() == 4:
         mask = _one_for_all_heads(mask, shape)
+    rows = None
     if mask.dim() == 3 and mask.shape[1] == 1:
         mask = mask[:, 0]
     elif mask.dim() == 3 and mask.shape[1] == queries == keys:
-        reduced = outer_product_keys(mask)
+        reduced = outer_product(mask)
         if reduced is None:
             raise ValueError(
                 f"context-parallel attention got an attn_mask of shape {shape} over this rank's {keys} tokens that "
                 "is not a key-padding mask (nor an outer product of one); a per-query mask must be built over the "
                 "whole sequence before the split, so that every rank can take its rows"
             )
-        mask = reduced
+        rows, mask = reduced
     if mask.dim() != 2 or mask.shape[-1] != keys or mask.shape[0] not in (1, batch):
         raise ValueError(
             f"context-parallel attention supports key-padding masks of shape (batch, keys), (batch, 1, keys), "
             f"(batch, 1, 1, keys) or (batch, heads, 1, keys), joint (batch, 1, L, L) outer products, and masks "
             f"over the whole sequence; got attn_mask of shape {shape} for {batch} x {keys} keys per rank"
         )
-    return mask.expand(batch, keys)
+    return mask.expand(batch, keys), None if rows is None else rows.expand(batch, queries)
 
 
-def whole_sequence_mask(attn_mask: torch.Tensor, length: int, padded: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A mask over all ``length`` tokens -> ``(key_mask (B, padded), None)`` or ``(None, full_mask (B, padded, padded))``.
+def whole_sequence_mask(
+    attn_mask: torch.Tensor, length: int, padded: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A mask over all ``length`` tokens -> ``(key_mask (B, padded), None, query rows (B, padded))`` for an outer
+    product, else ``(None, full_mask (B, padded, padded), None)``.
 
     The sequence is padded to ``padded`` tokens: padded keys are masked; padded query rows attend the
     real keys (their outputs are trimmed off, but must not be NaN in the backward).
@@ -99,9 +110,11 @@ def whole_sequence_mask(attn_mask: torch.Tensor, length: int, padded: int) -> tu
             f"the whole sequence of {length} tokens ((batch, 1, {length}, {length}))"
         )
     extra = padded - length
-    keys = outer_product_keys(mask)
-    if keys is not None:
-        return torch.nn.functional.pad(keys, (0, extra), value=False), None
+    reduced = outer_product(mask)
+    if reduced is not None:
+        rows, keys = reduced
+        pad = torch.nn.functional.pad
+        return pad(keys, (0, extra), value=False), None, pad(rows, (0, extra), value=True)
     warnings.warn(
         f"context-parallel attention holds a {length} x {length} attention mask on every rank (O(S^2) memory): "
         "a key-padding mask costs O(S)",
@@ -110,4 +123,4 @@ def whole_sequence_mask(attn_mask: torch.Tensor, length: int, padded: int) -> tu
     full = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=False)
     if extra:
         full[:, length:, :length] = True
-    return None, full
+    return None, full, None

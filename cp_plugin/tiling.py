@@ -1,0 +1,133 @@
+"""Tiled feed-forward: a block's MLP runs over its tokens a chunk at a time, forward and backward.
+
+A DiT block's largest working set at long sequences is its feed-forward hidden layer: ``tokens x
+4 x width`` activations, and the backward keeps two of them (the activation's input and the output
+projection's). A feed-forward network acts on every token alone, so it can take its tokens in
+chunks and give the same result: each chunk runs under ``torch.utils.checkpoint``, which keeps only
+the chunk's input (a view of the block's own tensor) and recomputes the chunk's hidden layer in the
+backward, one chunk at a time. The hidden layer then never exists for more than one chunk, whether
+the block itself is checkpointed or not; the price is one more forward of the feed-forward network.
+
+What is tiled is found by structure, not by name: every diffusers ``FeedForward`` (the MLP of most
+DiTs: Wan, HunyuanVideo, Flux's double-stream blocks, SD3, CogVideoX, LTX, ...), and every other
+module built only of linear layers and pointwise activations that widens its input (Flux 2's and
+Z-Image's SwiGLU networks, ...), outside attention layers. A module of that kind cannot mix tokens
+(that needs a product of activations, i.e. attention), and it is tiled only when called on one
+tensor, so an input it combines with another (a modulation) is never cut. A hook in diffusers'
+per-module registry does it, so no model code changes and ``remove()`` puts the model back. It
+composes with context parallelism (each rank tiles its own tokens) and with activation
+checkpointing (torch nests the checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import ModelHook
+from diffusers.models import activations
+from diffusers.models.attention import FeedForward
+from torch.utils.checkpoint import checkpoint
+
+from cp_plugin.compat import is_symbolic
+from cp_plugin.model import Conversion
+from cp_plugin.plans import attention_modules
+
+# Tokens below this are not tiled: a chunk's matrix products stay large enough to run at full speed, and a
+# sequence this short has a hidden layer too small to be the step's peak.
+MIN_TILED_TOKENS = 2048
+
+
+# Modules without children a token-wise network is built of: linear layers, pointwise activations, and the
+# containers and dropouts adapters (peft's LoRA) add around them.
+POINTWISE = (torch.nn.Linear, torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid,
+             torch.nn.Identity, torch.nn.Dropout, torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.ParameterDict,
+             torch.nn.ParameterList, activations.GELU, activations.GEGLU, activations.SwiGLU,
+             activations.ApproximateGELU, activations.FP32SiLU, activations.LinearActivation)
+
+
+def is_feed_forward(module: torch.nn.Module) -> bool:
+    """A diffusers ``FeedForward``, or a network of linear layers and pointwise activations that widens its input."""
+    if isinstance(module, FeedForward):
+        return True
+    leaves = [m for m in module.modules() if next(m.children(), None) is None]
+    linears = [m for m in leaves if isinstance(m, torch.nn.Linear)]
+    return (len(linears) >= 2 and all(isinstance(m, POINTWISE) for m in leaves)
+            and hidden_width(module) > linears[0].in_features)
+
+
+def feed_forward_networks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost feed-forward networks in ``module`` that are not inside an attention layer."""
+    attention = [f"{name}." for name, _ in attention_modules(module)]
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, sub in module.named_modules():
+        inside = any(f"{name}.".startswith(p) for p in attention) or any(name.startswith(f"{f}.") for f, _ in found)
+        if not inside and sub is not module and is_feed_forward(sub):
+            found.append((name, sub))
+    return found
+
+
+def hidden_width(module: torch.nn.Module) -> int:
+    """The widest output of the network's linear layers (its hidden layer; 4 x width in most DiTs)."""
+    return max((m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)), default=0)
+
+
+def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
+    """Tokens per chunk: ``rows`` if set, else as many chunks as the hidden layer is wider than the input,
+    so that one chunk's hidden layer is the size of the block's input (no tiling below ``MIN_TILED_TOKENS``)."""
+    if rows is not None:
+        return rows
+    if tokens < MIN_TILED_TOKENS or hidden <= width:
+        return tokens
+    return max(-(-tokens // math.ceil(hidden / width)), MIN_TILED_TOKENS // 2)
+
+
+class TiledFeedForward(ModelHook):
+    """Runs a token-wise network over the tokens of its input a chunk at a time, each chunk checkpointed."""
+
+    def __init__(self, rows: int | None) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.hidden = hidden_width(module)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            return forward(*args, **kwargs)  # another input may pair with each token: keep them whole
+        x = args[0]
+        if is_symbolic(x):  # the plan's probe or a tracer: it must see the network whole
+            return forward(x)
+        tokens, width = x.shape[:-1].numel(), x.shape[-1]
+        rows = chunk_tokens(tokens, width, self.hidden, self.rows)
+        if rows >= tokens:
+            return forward(x)
+        parts = x.reshape(tokens, width).split(rows)
+        if torch.is_grad_enabled():
+            outputs = [checkpoint(forward, part, use_reentrant=False) for part in parts]
+        else:
+            outputs = [forward(part) for part in parts]
+        out = torch.cat(outputs)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
+    """Tile every feed-forward network in ``module`` over its tokens; ``.remove()`` on the result undoes it.
+
+    Args:
+        module: a model, or anything holding models.
+        rows: tokens per chunk (counted over every leading dimension of the input); ``None`` chooses
+            them per call: no tiling below ``MIN_TILED_TOKENS`` tokens, else as many chunks as the
+            hidden layer is wider than the input.
+    """
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"tile_tokens={rows!r} must be a number of tokens >= 1, or None to choose them per call "
+                         "(Hydra: tile_tokens=4096)")
+    tiling = Conversion()
+    for name, sub in feed_forward_networks(module):
+        tiling.hook(sub, TiledFeedForward(rows), "tiled_feed_forward")
+        tiling.paths.append(name)
+    return tiling
