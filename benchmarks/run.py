@@ -58,9 +58,11 @@ def theoretical_bytes(record: dict[str, Any]) -> float | None:
     return layers * attention_bytes_sent(record["seq"] + TEXT_TOKENS, hidden, r, u, element_size=4) + gather
 
 
-def launch(world: int, layouts: list[str], seqs: list[int], repeats: int, search_mib: float, raw: Path) -> None:
+def launch(world: int, layouts: list[str], seqs: list[int], repeats: int, search_mib: float, raw: Path,
+           blocks: int = 1) -> None:
     cmd = ["torchrun", "--standalone", f"--nproc-per-node={world}", "-m", "benchmarks.worker",
-           "--layouts", *layouts, "--seq", *map(str, seqs), "--repeats", str(repeats), "--out", str(raw)]
+           "--layouts", *layouts, "--seq", *map(str, seqs), "--repeats", str(repeats), "--out", str(raw),
+           "--blocks", str(blocks)]
     if search_mib:
         cmd += ["--search-mib", str(search_mib)]
     print("$", " ".join(cmd), flush=True)

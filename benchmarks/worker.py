@@ -14,6 +14,10 @@ Each layout runs one of two paths, named in its record:
 - ``sharded``: the batch arrives sharded (``shard_batch``), the model returns local shards and the
   loss is taken on local tokens: no rank ever holds the full sequence.
 
+A layout name may end in ``+ckpt`` (the model's own gradient checkpointing) and/or ``+tile`` (tiled
+feed-forward networks, ``cp_plugin.tiling``); ``--blocks N`` gives the model N double-stream and N
+single-stream blocks, so that the inputs each block keeps for the backward count.
+
 ``--search-mib B`` instead searches, per layout, the longest sequence whose measured step peak
 stays within ``B`` MiB on every rank (probing lengths and measuring each; see :func:`search`).
 
@@ -26,7 +30,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from benchmarks.measure import PeakMemory, count_saved_activations, time_steps
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
+from cp_plugin.memory import apply_memory_options
 from cp_plugin.model import apply_context_parallel
 from fixtures.models import tiny_flux
 
@@ -57,6 +62,18 @@ class Layout:
     rotate_method: str = "p2p"
     diffusers: bool = False
     path: str = "module"
+    checkpointing: bool = False  # the model's own gradient checkpointing (name suffix "+ckpt")
+    tiling: bool = False  # cp_plugin's tiled feed-forward networks, chunks chosen per call (name suffix "+tile")
+    blocks: int = 1  # double-stream and single-stream blocks each
+
+
+def layout_named(layouts: dict[str, Layout], name: str, blocks: int = 1) -> Layout:
+    """``layouts[base]`` for a name ``base[+ckpt][+tile]``, with those memory options and ``blocks`` blocks."""
+    base, *options = name.split("+")
+    unknown = set(options) - {"ckpt", "tile"}
+    if base not in layouts or unknown:
+        raise ValueError(f"layout {name!r}: use one of {', '.join(layouts)}, optionally with +ckpt and/or +tile")
+    return replace(layouts[base], name=name, checkpointing="ckpt" in options, tiling="tile" in options, blocks=blocks)
 
 
 def layouts_for(world: int) -> dict[str, Layout]:
@@ -115,8 +132,9 @@ def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
 
 def build(layout: Layout) -> tuple[torch.nn.Module, ParallelMesh | None]:
     """The seeded model, made context parallel as ``layout`` says; the mesh for cp_plugin layouts."""
-    model = tiny_flux(**WIDE_FLUX)
-    if layout.name == "single":
+    model = tiny_flux(**WIDE_FLUX, num_layers=layout.blocks, num_single_layers=layout.blocks)
+    apply_memory_options(model, gradient_checkpointing=layout.checkpointing, tiling=layout.tiling, tile_tokens=None)
+    if layout.ring * layout.ulysses == 1:
         return model, None
     if layout.diffusers:
         apply_diffusers_cp(model, layout)
@@ -260,11 +278,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--search-mib", type=float, help="search the longest sequence within this step peak per rank")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines file; one record per rank and case")
+    parser.add_argument("--blocks", type=int, default=1, help="double-stream and single-stream blocks each")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # same cores for every layout
-    layouts = layouts_for(world)
+    layouts = {name: layout_named(layouts_for(world), name, args.blocks) for name in args.layouts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seq in args.seq:
         for name in args.layouts:

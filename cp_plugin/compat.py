@@ -41,7 +41,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
-    "decomposition", "quiet_fake_kernels", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
+    "decomposition", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_tensor", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
@@ -118,6 +118,11 @@ def symbolic_fake(mode: FakeTensorMode, x: torch.Tensor) -> torch.Tensor:
 def is_symbolic(x: torch.Tensor) -> bool:
     """Whether ``x`` is a fake tensor (a probe's or a tracer's) or has symbolic sizes, i.e. holds no data."""
     return is_fake(x) or any(isinstance(size, torch.SymInt) for size in x.shape)
+
+
+def supports_gradient_checkpointing(model: Any) -> bool:
+    """Whether a diffusers model's class can checkpoint its blocks (``enable_gradient_checkpointing`` raises if not)."""
+    return bool(model._supports_gradient_checkpointing)
 
 
 def size_expr(env: ShapeEnv, size: Any) -> Any:

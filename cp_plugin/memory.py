@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers import ModelMixin
 
+from cp_plugin.compat import supports_gradient_checkpointing
 from cp_plugin.model import Conversion
 from cp_plugin.tiling import tile_feed_forward
 
@@ -30,7 +31,7 @@ def trained_models(module: torch.nn.Module) -> list[tuple[str, ModelMixin]]:
 def enable_checkpointing(module: torch.nn.Module, conversion: Conversion) -> None:
     """Turn on every trained diffusers model's gradient checkpointing, recording how to turn it off again."""
     models = trained_models(module)
-    unsupported = [name for name, model in models if not model._supports_gradient_checkpointing]
+    unsupported = [name for name, model in models if not supports_gradient_checkpointing(model)]
     if unsupported:
         raise ValueError(
             f"gradient_checkpointing=True: {', '.join(unsupported)} ({type(dict(models)[unsupported[0]]).__name__}) "

@@ -51,6 +51,8 @@ def is_feed_forward(module: torch.nn.Module) -> bool:
     """A diffusers ``FeedForward``, or a network of linear layers and pointwise activations that widens its input."""
     if isinstance(module, FeedForward):
         return True
+    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        return False  # containers are never called; what they hold is
     leaves = [m for m in module.modules() if next(m.children(), None) is None]
     linears = [m for m in leaves if isinstance(m, torch.nn.Linear)]
     return (len(linears) >= 2 and all(isinstance(m, POINTWISE) for m in leaves)
@@ -62,8 +64,9 @@ def feed_forward_networks(module: torch.nn.Module) -> list[tuple[str, torch.nn.M
     attention = [f"{name}." for name, _ in attention_modules(module)]
     found: list[tuple[str, torch.nn.Module]] = []
     for name, sub in module.named_modules():
-        inside = any(f"{name}.".startswith(p) for p in attention) or any(name.startswith(f"{f}.") for f, _ in found)
-        if not inside and sub is not module and is_feed_forward(sub):
+        inside = (any(f"{name}.".startswith(p) for p in attention)
+                  or any(f == "" or name.startswith(f"{f}.") for f, _ in found))
+        if not inside and is_feed_forward(sub):
             found.append((name, sub))
     return found
 

@@ -54,7 +54,9 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None,
     if memory:
         from cp_plugin.memory import apply_memory_options
 
-        apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False, "tile_tokens": None, **memory})
+        options = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False, "tile_tokens": None,
+                                                 **memory})
+        assert options.paths or not memory.get("tiling"), f"{case_name}: no feed-forward network was tiled"
     dp, dp_rank, world = 1, 0, 1
     if layout is not None:
         from cp_plugin import ParallelConfig
@@ -113,6 +115,15 @@ def try_train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[st
     return results
 
 
+def memory_options_on(model: torch.nn.Module) -> dict[str, bool]:
+    """Which memory options a model runs with now: its gradient checkpointing, and tiled feed-forward networks."""
+    from cp_plugin.tiling import TiledFeedForward
+
+    registries = [m.__dict__["_diffusers_hook"] for m in model.modules() if "_diffusers_hook" in m.__dict__]
+    return {"gradient_checkpointing": model.is_gradient_checkpointing,
+            "tile_feed_forward": any(isinstance(h, TiledFeedForward) for r in registries for h in r.hooks.values())}
+
+
 class DiTModule(L.LightningModule):
     """The same training, written for one process as a Lightning user would: step ``i`` draws step ``i``'s inputs."""
 
@@ -127,6 +138,7 @@ class DiTModule(L.LightningModule):
         out = self.model(**self.case.inputs(g), return_dict=False)[0]
         loss = F.mse_loss(out, torch.randn(out.shape, generator=g))
         self.losses.append(float(loss.detach()))
+        self.memory = memory_options_on(self.model)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -142,7 +154,8 @@ def lightning_train(case_name: str, optimizer: str, layout: dict[str, int]) -> d
     trainer = quiet_trainer(ContextParallelStrategy(**layout), STEPS)
     trainer.fit(module, DataLoader(torch.arange(STEPS), batch_size=1))
     after = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for n, p in module.model.named_parameters()}
-    return {"losses": module.losses, "before": before, "after": after}
+    return {"losses": module.losses, "before": before, "after": after, "memory": module.memory,
+            "memory_after": memory_options_on(module.model)}
 
 
 def lightning_train_many(cases: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -98,40 +98,63 @@ def check(result: dict[str, Any], reference: dict[str, Any], optimizer: str, wha
         assert err <= BOUNDS[kind], f"{what}: {where} off by {err:.1e} of its scale (bound {BOUNDS[kind]:.0e})"
 
 
-def _run(world: int, layouts: list[dict[str, int]], models: tuple[str, ...]) -> None:
-    cases = [(model, opt, layout) for model in models for opt in OPTIMIZERS for layout in layouts]
+# Memory options (cp_plugin.memory) under every layout: the models' own gradient checkpointing (blocks recomputed
+# under CP) with tiled feed-forward networks, and tiling alone, in chunks of 5 tokens so the tiny fixtures are cut.
+# Flux and Wan on their own plans; Z-Image (refiners, samples packed between blocks) and Chroma (a joint mask that
+# diffusers drops from its single-stream blocks when checkpointing) on derived plans. The reference checkpoints too.
+MEMORY_MODELS = ("flux", "wan", "zimage", "chroma")
+MEMORY = [{"gradient_checkpointing": True, "tiling": True, "tile_tokens": 5}, {"tiling": True, "tile_tokens": 5}]
+FOUR_RANK_MEMORY_MODELS = ("flux", "zimage")
+
+
+def _cases(models: tuple[str, ...], layouts: list[dict[str, int]], memory: list[dict[str, Any] | None]) -> list[tuple]:
+    return [(model, opt, layout, options) for model in models for opt in OPTIMIZERS for layout in layouts
+            for options in memory]
+
+
+def _run(world: int, cases: list[tuple]) -> None:
     results = run_distributed(train_many, world, cases, timeout=600)
-    references = {(model, opt): train(model, opt) for model in models for opt in OPTIMIZERS}
-    for i, (model, opt, layout) in enumerate(cases):
+    references: dict[tuple, dict[str, Any]] = {}
+    for i, (model, opt, layout, options) in enumerate(cases):
+        checkpointing = bool(options and options.get("gradient_checkpointing"))
+        key = (model, opt, checkpointing)
+        if key not in references:
+            references[key] = train(model, opt, None, {"gradient_checkpointing": checkpointing})
         for rank, rank_results in enumerate(results):
-            check(rank_results[i], references[model, opt], opt, f"{model} {opt} {layout} rank {rank}")
+            check(rank_results[i], references[key], opt, f"{model} {opt} {layout} {options or ''} rank {rank}")
 
 
 @pytest.mark.timeout(900)
 def test_two_ranks_every_dit_matches_one_process() -> None:
-    _run(2, TWO_RANKS, SUITE)
+    _run(2, _cases(SUITE, TWO_RANKS, [None]) + _cases(MEMORY_MODELS, TWO_RANKS, MEMORY))
 
 
 @pytest.mark.timeout(900)
 def test_four_ranks_ring_ulysses_and_dp_match_one_process() -> None:
-    _run(4, FOUR_RANKS, FOUR_RANK_MODELS)
+    _run(4, _cases(FOUR_RANK_MODELS, FOUR_RANKS, [None])
+         + _cases(FOUR_RANK_MEMORY_MODELS, FOUR_RANKS[:1], MEMORY[:1]))
 
 
 LIGHTNING = [
     ("hunyuanvideo15", "adamw", {"ring_degree": 2}),  # no _cp_plan; its last text branch is unused (plain DDP raises)
     ("sd3", "sgd", {"ulysses_degree": 2, "fsdp": True}),  # a derived plan under FSDP2
+    ("wan", "sgd", {"ring_degree": 2, "gradient_checkpointing": True, "tile_feed_forward": True, "tile_tokens": 5}),
 ]
 
 
 @pytest.mark.timeout(300)
 def test_lightning_strategy_trains_derived_plans_unused_parameters_and_fsdp_with_no_other_options() -> None:
-    """A plain LightningModule and ``ContextParallelStrategy(<degrees>)``, nothing else, trains as one process."""
+    """A plain LightningModule and ``ContextParallelStrategy(<degrees and memory options>)``, nothing else, trains as
+    one process; the memory options are on while it trains and off once ``fit`` ends."""
     results = run_distributed(lightning_train_many, 2, LIGHTNING, init_process_group=False)
     for i, (model, opt, layout) in enumerate(LIGHTNING):
         reference = train(model, opt)
         for rank, rank_results in enumerate(results):
             result, what = rank_results[i], f"{model} {opt} {layout} rank {rank}"
             assert result["losses"] == pytest.approx(reference["losses"], rel=LOSS_RTOL), f"{what}: losses"
+            asked = {k: bool(layout.get(k)) for k in ("gradient_checkpointing", "tile_feed_forward")}
+            assert result["memory"] == asked, f"{what}: memory options on while training"
+            assert not any(result["memory_after"].values()), f"{what}: memory options left on after fit"
             for name, before in reference["before"].items():
                 assert_update_close(result["after"][name], reference["after"][name], before, UPDATE_RTOL, STEPS,
                                     f"{what}: {name}")

@@ -1,0 +1,97 @@
+"""The longest sequence per rank within a step-peak budget, each memory feature on and off, measured side by side.
+
+    python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl}
+    python -m benchmarks.longest --budget-mib 64 --blocks 4 --worlds 1 2
+
+One invocation runs ``benchmarks.worker``'s measured search (every length it reports was run, see
+``benchmarks.worker.search``) on the same wide Flux of ``--blocks`` double- and single-stream blocks,
+the same cores, for:
+
+- one process: plain, with the model's gradient checkpointing (``+ckpt``), and with checkpointing and
+  tiled feed-forward networks (``+ckpt+tile``);
+- diffusers' own Ulysses (the manual path; ``enable_parallelism`` fails on CPU), with and without its
+  gradient checkpointing;
+- cp_plugin's Ulysses, ring, and ring x Ulysses (4 processes), each plain, ``+ckpt`` and ``+ckpt+tile``,
+  on the ``sharded`` path (no rank holds the whole sequence; diffusers' runs gather their output).
+
+The budget is the high-water mark of what one training step allocates on the worst rank
+(``benchmarks.measure.PeakMemory``: weights and inputs excluded, scratch a kernel or gloo allocates
+inside unseen). Ratios are to diffusers' Ulysses with checkpointing and to the plain one-process
+step of the same run, the issue's two yardsticks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.run import launch
+from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
+
+FEATURES = ("", "+ckpt", "+ckpt+tile")
+LAYOUTS = {
+    1: [f"single{f}" for f in FEATURES],
+    2: ["diffusers_ulysses", "diffusers_ulysses+ckpt", *(f"{split}/sharded{f}" for split in ("ulysses", "ring_p2p")
+                                                        for f in FEATURES)],
+    4: ["diffusers_ulysses+ckpt", *(f"{split}/sharded{f}" for split in ("ulysses", "ring_x_ulysses")
+                                    for f in ("+ckpt", "+ckpt+tile"))],
+}
+
+
+def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command: str) -> str:
+    found = {(r["world"], r["name"]): r for r in records}
+    baseline = found.get((1, "single"), {}).get("fits_seq")
+    diffusers = {w: found.get((w, "diffusers_ulysses+ckpt"), {}).get("fits_seq") for w in (2, 4)}
+    lines = [
+        "# Longest sequence per rank within a step-peak budget, memory features on and off",
+        "",
+        f"`{command}` on {platform.machine()}, torch {torch.__version__}, gloo; Flux of "
+        f"{WIDE_FLUX['num_attention_heads']} heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double-stream + "
+        f"{blocks} single-stream blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; budget {budget_mib:g} MiB of step "
+        "peak per rank (benchmarks.measure.PeakMemory, worst rank). Tokens are image tokens of the whole sequence; "
+        "every length was run: `fits` is the longest within the budget, `next` the first beyond it.",
+        "",
+        "| ranks | layout | fits (tokens) | its peak MiB | next (tokens) | its peak MiB | vs one process plain | "
+        "vs diffusers Ulysses + ckpt, same ranks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['world']} | {r['name']} | fails: {r['error']} | | | | | |")
+            continue
+        fits = r["fits_seq"]
+        vs_one = f"{fits / baseline:.2f}x" if baseline else ""
+        ref = diffusers.get(r["world"])
+        vs_diffusers = f"{fits / ref:.2f}x" if ref and r["world"] > 1 else ""
+        lines.append(f"| {r['world']} | {r['name']} | {fits} | {r['fits_peak'] / 2**20:.1f} | {r['next_seq']} | "
+                     f"{r['next_peak'] / 2**20:.1f} | {vs_one} | {vs_diffusers} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-mib", type=float, default=64.0, help="step peak per rank")
+    parser.add_argument("--blocks", type=int, default=4, help="double-stream and single-stream blocks each")
+    parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "longest.jsonl"
+    raw.unlink(missing_ok=True)
+    for world in args.worlds:
+        launch(world, LAYOUTS[world], [], 1, args.budget_mib, raw, blocks=args.blocks)
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    command = ("python -m benchmarks.longest " + " ".join(sys.argv[1:])).strip()
+    report = table(records, args.budget_mib, args.blocks, command)
+    (args.out / "longest.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Tiled feed-forward networks and the memory options, on one process.
+
+Tiling must give the same outputs and gradients as the untiled network while holding a smaller
+peak (measured by the instrument the benchmarks use, not by a timing), find feed-forward networks
+by structure, stay out of a probe's symbolic run, and leave the model as it was on ``remove()``.
+Its exactness under every layout is in ``tests/test_every_dit.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention import FeedForward
+
+from benchmarks.measure import PeakMemory
+from cp_plugin.compat import FakeTensorMode
+from cp_plugin.memory import apply_memory_options
+from cp_plugin.tiling import MIN_TILED_TOKENS, TiledFeedForward, chunk_tokens, feed_forward_networks, tile_feed_forward
+from fixtures.dits import CASES
+
+
+def _step(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]:
+    module.zero_grad()
+    x = x.detach().requires_grad_()
+    with PeakMemory() as memory:
+        out = module(x)
+        out.square().mean().backward()
+    return out.detach(), x.grad, [p.grad.clone() for p in module.parameters()], memory.peak
+
+
+@pytest.mark.parametrize("rows", [None, 1000])
+def test_a_tiled_feed_forward_is_exact_and_holds_less(rows: int | None) -> None:
+    torch.manual_seed(0)
+    ff = FeedForward(64, mult=4, activation_fn="gelu-approximate")
+    x = torch.randn(2, MIN_TILED_TOKENS, 64)
+    out, grad_x, grads, untiled = _step(ff, x)
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), rows)  # a model holding the network, as a block does
+    assert tiling.paths == ["ff"]
+    tiled_out, tiled_grad_x, tiled_grads, tiled = _step(ff, x)
+    torch.testing.assert_close(tiled_out, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tiled_grad_x, grad_x, rtol=1e-6, atol=1e-7)
+    for got, want in zip(tiled_grads, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # the hidden layer (4 x 64 wide, two copies kept for the backward) exists for one chunk at a time
+    assert tiled < 0.6 * untiled, (tiled, untiled)
+    tiling.remove()
+    assert "forward" not in vars(ff) and "_diffusers_hook" not in vars(ff)
+    assert _step(ff, x)[3] == untiled
+
+
+def test_the_automatic_chunk_tiles_long_sequences_only() -> None:
+    assert chunk_tokens(MIN_TILED_TOKENS - 1, 64, 256, None) == MIN_TILED_TOKENS - 1  # not tiled
+    assert chunk_tokens(8192, 64, 256, None) == 2048  # 4 chunks: each hidden layer the size of the input
+    assert chunk_tokens(8192, 64, 64, None) == 8192  # nothing wider than the input
+    assert chunk_tokens(8192, 64, 256, 100) == 100  # tile_tokens overrides
+    with pytest.raises(ValueError, match=r"tile_tokens=0 must be a number of tokens >= 1"):
+        tile_feed_forward(torch.nn.Linear(2, 2), 0)
+
+
+def test_feed_forward_networks_are_found_by_structure_not_name() -> None:
+    flux2 = CASES["flux2"].build()  # Flux2FeedForward: a SwiGLU network of its own
+    zimage = CASES["zimage"].build()  # Z-Image's own FeedForward (w1, w2, w3)
+    found = {name for name, _ in feed_forward_networks(flux2)} | {name for name, _ in feed_forward_networks(zimage)}
+    assert {"transformer_blocks.0.ff", "transformer_blocks.0.ff_context", "layers.0.feed_forward"} <= found
+    assert not any("attn" in name for name in found)  # attention layers' projections are never tiled
+    gate = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    assert feed_forward_networks(torch.nn.Sequential(gate)) == []  # a norm over features: not pointwise
+
+
+def test_calls_with_another_input_or_symbolic_sizes_run_whole() -> None:
+    hook = TiledFeedForward(rows=1)
+    seen: list[tuple[int, ...]] = []
+
+    def forward(*args: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(args[0].shape))
+        return args[0]
+
+    hook.fn_ref = type("Ref", (), {"original_forward": staticmethod(forward)})()
+    hook.hidden = 8
+    hook.new_forward(None, torch.ones(3, 2), torch.ones(3, 2))  # paired with a second input (a modulation)
+    with FakeTensorMode():
+        hook.new_forward(None, torch.empty(3, 2))  # the derived plan's probe
+    assert seen == [(3, 2), (3, 2)]
+    hook.new_forward(None, torch.ones(3, 2))
+    assert seen[2:] == [(1, 2)] * 3
+
+
+def test_gradient_checkpointing_turns_on_for_trained_models_and_back_off() -> None:
+    model = CASES["wan"].build()
+    options = apply_memory_options(torch.nn.ModuleDict({"transformer": model}), gradient_checkpointing=True,
+                                   tiling=False, tile_tokens=None)
+    assert model.is_gradient_checkpointing
+    options.remove()
+    assert not model.is_gradient_checkpointing
+    model.requires_grad_(False)  # a frozen model is left alone
+    apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None)
+    assert not model.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_on_a_model_that_cannot_names_the_setting() -> None:
+    model = CASES["wan"].build()
+    type(model)._supports_gradient_checkpointing = False
+    try:
+        with pytest.raises(ValueError, match=r"gradient_checkpointing=True: .*WanTransformer3DModel.* does not support "
+                                             r"gradient checkpointing.*parallel.gradient_checkpointing=false"):
+            apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None)
+    finally:
+        type(model)._supports_gradient_checkpointing = True
