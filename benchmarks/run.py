@@ -61,8 +61,9 @@ def theoretical_bytes(record: dict[str, Any]) -> float | None:
 def launch(world: int, layouts: list[str], seqs: list[int], repeats: int, search_mib: float, raw: Path,
            blocks: int = 1) -> None:
     cmd = ["torchrun", "--standalone", f"--nproc-per-node={world}", "-m", "benchmarks.worker",
-           "--layouts", *layouts, "--seq", *map(str, seqs), "--repeats", str(repeats), "--out", str(raw),
-           "--blocks", str(blocks)]
+           "--layouts", *layouts, "--repeats", str(repeats), "--out", str(raw), "--blocks", str(blocks)]
+    if seqs:
+        cmd += ["--seq", *map(str, seqs)]
     if search_mib:
         cmd += ["--search-mib", str(search_mib)]
     print("$", " ".join(cmd), flush=True)

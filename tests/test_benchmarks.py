@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks import blockwise, run, worker
+from benchmarks import blockwise, gpu, run, worker
 from benchmarks.measure import PeakMemory, count_saved_activations
 from launcher import run_distributed
 
@@ -58,6 +58,20 @@ def test_blockwise_benchmark_writes_its_table(tmp_path: Path, monkeypatch: pytes
     table = (tmp_path / "blockwise_cpu.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 256 | 2 |")]
     assert len(rows) == 2 and all(float(row.split("|")[-2]) < 1e-5 for row in rows)  # the error column
+
+
+@pytest.mark.timeout(120)
+def test_the_gpu_check_runs_end_to_end_in_its_tiny_mode(tmp_path: Path) -> None:
+    """``python -m benchmarks.gpu --tiny``: every part runs here, so the one-command GPU check cannot rot."""
+    report = gpu.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]).read_text()
+    kernels = [line for line in report.split("## 2.")[0].splitlines() if line.startswith(("| bf16", "| fp32"))]
+    assert len(kernels) == 4 and all(line.endswith("| ok |") for line in kernels), kernels
+    ring = [line for line in report.split("## 2.")[1].split("## 3.")[0].splitlines() if line.startswith("| 256")]
+    assert len(ring) == 1 and float(ring[0].split("|")[-2]) < 1e-5  # the error column
+    steps = [line.split("|") for line in report.split("## 3.")[1].splitlines() if line.startswith(("| 256", "| 512"))]
+    assert [row[2].strip() for row in steps] == list(gpu.FEATURES) * 2
+    assert all(int(row[-2]) > 0 for row in steps if "tiling" in row[2])  # tiling ran (networks tiled)
+    assert all(float(row[3]) > 0 and float(row[5]) > 0 for row in steps)  # a peak and a throughput were measured
 
 
 @pytest.mark.timeout(30)

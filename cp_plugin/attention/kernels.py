@@ -45,7 +45,7 @@ def check_dtype(q: torch.Tensor) -> None:
         )
 
 
-def _backend(q: torch.Tensor, bias: torch.Tensor | None) -> str:
+def kernel_for(q: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The one place a kernel is chosen, so forward and backward always agree.
 
     Flash and cuDNN need half precision and a head dim that is a multiple of 8 up to 256, and here take
@@ -88,7 +88,7 @@ def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over one KV block: ``(out, lse)``; ``bias`` from :func:`additive_mask`."""
-    backend = _backend(q, bias)
+    backend = kernel_for(q, bias)
     if backend == "cpu":
         out, lse = sdpa_flash_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     elif backend == "cudnn":
@@ -119,7 +119,7 @@ def attention_backward(
     per-block gradients simply add up (dq over blocks; dk, dv per block).
     """
     grad_out = grad_out.contiguous()
-    backend = _backend(q, bias)
+    backend = kernel_for(q, bias)
     if backend == "cpu":
         return sdpa_flash_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale

@@ -1,0 +1,227 @@
+"""One command that checks a GPU end to end in a few minutes: kernels, the ring, a training step.
+
+    python -m benchmarks.gpu              # on a CUDA machine: writes benchmarks/results/gpu_<device name>.md
+    python -m benchmarks.gpu --tiny       # the same checks at toy sizes (any device; the test suite runs it)
+
+Three parts, each on the device alone (no process group: one GPU is enough):
+
+1. **Kernel exactness.** The blockwise path the ring runs (``cp_plugin.attention.ring._RingAttention``
+   over ``benchmarks.loopback.LoopbackRing``, forward and backward) against one fused SDPA, in bf16 and
+   fp32, without and with a key mask, on each kernel the library picks there: cuDNN (bf16, Hopper and
+   newer), flash (bf16, with cuDNN's SDPA switched off), memory-efficient (fp32, and every masked case).
+   Each error is held to its dtype's bound and the verdict printed.
+2. **Ring throughput.** Ring rank 0's attention at ring 2 as a ratio to fused SDPA of the same FLOPs,
+   16K-128K tokens, bf16 (``benchmarks.blockwise``'s measure), with its TFLOP/s.
+3. **A training step of a Flux-width model** (one double-stream and one single-stream block, 24 heads x
+   128, 512 text tokens, bf16) at 32K, 64K and 128K image tokens on one device: peak memory (CUDA's
+   allocator, above the weights and inputs), tokens/s, model TFLOP/s (``torch.utils.flop_counter`` of
+   the plain step; a recompute is not useful work) and utilisation against the device's dense bf16
+   peak, plain, with the model's gradient checkpointing, and with checkpointing and tiled
+   feed-forward networks (``cp_plugin.tiling``).
+
+Needs only what the README's install line installs, on a CUDA build of torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.blockwise import fused_step, max_rel_error, peak_bytes, ring_step, run_case, timed
+from cp_plugin.attention.kernels import additive_mask, kernel_for
+from cp_plugin.memory import apply_memory_options
+from fixtures.models import tiny_flux
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a name fragment.
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+               "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+BOUNDS = {torch.bfloat16: 2e-2, torch.float32: 1e-4}  # max relative error of out / dq / dk / dv vs fused SDPA
+FEATURES = {"plain": {}, "checkpointing": {"gradient_checkpointing": True},
+            "checkpointing + tiling": {"gradient_checkpointing": True, "tiling": True}}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each part runs at: the full check, or ``--tiny`` (any device, seconds)."""
+
+    heads: int
+    head_dim: int
+    kernel_tokens: int
+    ring_tokens: tuple[int, ...]
+    step_tokens: tuple[int, ...]
+    text_tokens: int
+    rope: tuple[int, int, int]
+    repeats: int
+    tile_tokens: int | None  # None: the library's automatic chunks; a toy sequence is below them, so it sets some
+
+
+FULL = Sizes(24, 128, 8192, (16384, 32768, 65536, 131072), (32768, 65536, 131072), 512, (16, 56, 56), 3, None)
+TINY = Sizes(2, 16, 256, (256, 512), (256, 512), 16, (4, 6, 6), 1, 64)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((peak for fragment, peak in PEAK_TFLOPS.items() if fragment in name), None)
+
+
+# 1. kernels ----------------------------------------------------------------------------------------------------------
+def kernel_cases(device: torch.device) -> list[tuple[str, torch.dtype, bool, bool]]:
+    """``(label, dtype, masked, cudnn on)``: every kernel the ring picks on this device, with and without masks."""
+    cases = [("bf16", torch.bfloat16, False, True), ("bf16", torch.bfloat16, True, True),
+             ("fp32", torch.float32, False, True), ("fp32", torch.float32, True, True)]
+    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        cases.insert(1, ("bf16", torch.bfloat16, False, False))  # flash, where cuDNN would otherwise serve
+    return cases
+
+
+def kernel_check(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for label, dtype, masked, cudnn in kernel_cases(device):
+        g = torch.Generator(device).manual_seed(0)
+        seq, ring = sizes.kernel_tokens, 2
+        k, v = (torch.randn(1, sizes.heads, seq, sizes.head_dim, generator=g, device=device, dtype=dtype)
+                for _ in range(2))
+        q, grad = (torch.randn(1, sizes.heads, seq // ring, sizes.head_dim, generator=g, device=device, dtype=dtype)
+                   for _ in range(2))
+        mask = None
+        if masked:
+            mask = torch.ones(1, seq, dtype=torch.bool, device=device)
+            mask[:, -seq // 4:] = False
+        enabled = device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled()
+        if device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(cudnn and enabled)
+        try:
+            kernel = kernel_for(q, additive_mask(mask, q, k))
+            error = max_rel_error(ring_step(q, k, v, grad, ring, "p2p", mask), fused_step(q, k, v, grad, mask))
+        finally:
+            if device.type == "cuda":
+                torch.backends.cuda.enable_cudnn_sdp(enabled)
+        rows.append({"dtype": label, "masked": masked, "kernel": kernel, "error": error, "bound": BOUNDS[dtype]})
+    return rows
+
+
+# 2. ring ------------------------------------------------------------------------------------------------------------
+def ring_throughput(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    args = argparse.Namespace(dtype=dtype, batch=1, heads=sizes.heads, head_dim=sizes.head_dim, masked_keys=0.0,
+                              repeats=sizes.repeats)
+    return [run_case(seq, 2, "p2p", args, device) for seq in sizes.ring_tokens]
+
+
+# 3. a training step -------------------------------------------------------------------------------------------------
+def flux_model(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    width = sizes.heads * sizes.head_dim
+    model = tiny_flux(num_layers=1, num_single_layers=1, num_attention_heads=sizes.heads,
+                      attention_head_dim=sizes.head_dim, in_channels=64, joint_attention_dim=width,
+                      pooled_projection_dim=width, axes_dims_rope=sizes.rope)
+    return model.to(device=device, dtype=dtype)
+
+
+def flux_inputs(sizes: Sizes, tokens: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device).manual_seed(0)
+    width = sizes.heads * sizes.head_dim
+    rows = torch.arange(tokens, device=device)
+    return {
+        "hidden_states": torch.randn(1, tokens, 64, generator=g, device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(1, sizes.text_tokens, width, generator=g, device=device, dtype=dtype),
+        "pooled_projections": torch.randn(1, width, generator=g, device=device, dtype=dtype),
+        "timestep": torch.tensor([0.5], device=device, dtype=dtype),
+        "img_ids": torch.stack([torch.zeros_like(rows), rows // 256, rows % 256], -1).to(dtype),
+        "txt_ids": torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
+    }
+
+
+def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for tokens in sizes.step_tokens:
+        inputs = flux_inputs(sizes, tokens, device, dtype)
+        flops = None
+        for feature, options in FEATURES.items():
+            model = flux_model(sizes, device, dtype)
+            applied = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False,
+                                                     "tile_tokens": sizes.tile_tokens, **options})
+
+            def step() -> None:
+                model.zero_grad(set_to_none=True)
+                out = model(**inputs, return_dict=False)[0]
+                out.float().square().mean().backward()
+
+            if flops is None:  # the plain step's FLOPs: what the model needs, whatever a feature recomputes
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops = counter.get_total_flops()
+            median, _, _ = timed(step, device, sizes.repeats)
+            rows.append({"tokens": tokens, "feature": feature, "peak": peak_bytes(step, device),
+                         "tokens_per_s": tokens / median, "step_s": median, "tflops": flops / median / 1e12,
+                         "tiled": len(applied.paths)})
+            del model, applied
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# report ---------------------------------------------------------------------------------------------------------------
+def report(name: str, command: str, kernels: list[dict], ring: list[dict], steps: list[dict], seconds: float) -> str:
+    peak = peak_tflops(name)
+    lines = [f"# GPU check: {name}", "",
+             f"`{command}`; torch {torch.__version__}, CUDA {torch.version.cuda}; {seconds:.0f} s in all.", "",
+             "## 1. Kernel exactness: the ring's blockwise path vs fused SDPA (forward and backward, ring 2)", "",
+             "| dtype | key mask | kernel | max rel err (out, dq, dk, dv) | bound | verdict |", "|---|---|---|---|---|---|"]
+    for r in kernels:
+        verdict = "ok" if r["error"] <= r["bound"] else "OVER THE BOUND"
+        lines.append(f"| {r['dtype']} | {'last quarter masked' if r['masked'] else 'none'} | {r['kernel']} "
+                     f"| {r['error']:.1e} | {r['bound']:.0e} | {verdict} |")
+    lines += ["", "## 2. Ring throughput: ring rank 0 (ring 2) vs fused SDPA of the same FLOPs", "",
+              "| tokens | efficiency (fused / ring time) | ring TFLOP/s | max rel err |", "|---|---|---|---|"]
+    for r in ring:
+        lines.append(f"| {r['seq']} | {r['efficiency']:.2f} | {r['tflops']:.3g} | {r['error']:.1e} |")
+    util = f"utilisation of {peak:g} TFLOP/s dense bf16" if peak else "utilisation (device peak unknown)"
+    lines += ["", "## 3. One training step of a Flux-width model (1 double- + 1 single-stream block), one device", "",
+              f"| image tokens | memory option | peak MiB | step s | tokens/s | model TFLOP/s | {util} | "
+              "networks tiled |", "|---|---|---|---|---|---|---|---|"]
+    for r in steps:
+        share = f"{r['tflops'] / peak:.2f}" if peak else "n/a"
+        lines.append(f"| {r['tokens']} | {r['feature']} | {r['peak'] / 2**20:.1f} | {r['step_s']:.3f} "
+                     f"| {r['tokens_per_s']:.0f} | {r['tflops']:.3g} | {share} | {r['tiled']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, any device (what the test suite runs)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.tiny:
+        raise SystemExit("benchmarks.gpu needs a CUDA device (a CUDA build of torch); without one, run it with --tiny")
+    sizes = TINY if args.tiny else FULL
+    start = time.perf_counter()
+    kernels = kernel_check(sizes, device)
+    ring = ring_throughput(sizes, device)
+    steps = training_steps(sizes, device)
+    name = device_name(device)
+    command = "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(name, command.strip(), kernels, ring, steps, time.perf_counter() - start)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.md"
+    path.write_text(text)
+    print(text)
+    return path
+
+
+if __name__ == "__main__":
+    main()
