@@ -1,6 +1,6 @@
 """The longest sequence per rank within a step-peak budget, each memory feature on and off, measured side by side.
 
-    python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl}
+    python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl} and the README's table
     python -m benchmarks.longest --budget-mib 64 --blocks 4 --worlds 1 2   # another budget and depth
 
 One invocation runs ``benchmarks.worker``'s measured search (every length it reports was run, see
@@ -31,10 +31,13 @@ from typing import Any
 
 import torch
 
+from benchmarks.readme import replace_section
 from benchmarks.run import launch
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
 
 FEATURES = ("", "+ckpt", "+ckpt+tile")
+# The README carries the table between these lines (rewritten by each run).
+README_START, README_END = "<!-- longest table: python -m benchmarks.longest -->", "<!-- end of longest table -->"
 LAYOUTS = {
     1: [f"single{f}" for f in FEATURES],
     2: ["diffusers_ulysses", "diffusers_ulysses+ckpt", *(f"{split}/sharded{f}" for split in ("ulysses", "ring_p2p")
@@ -80,16 +83,19 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2, help="double-stream and single-stream blocks each")
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the existing jsonl")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "longest.jsonl"
-    raw.unlink(missing_ok=True)
-    for world in args.worlds:
-        launch(world, LAYOUTS[world], [], 1, args.budget_mib, raw, blocks=args.blocks)
+    if not args.report_only:
+        raw.unlink(missing_ok=True)
+        for world in args.worlds:
+            launch(world, LAYOUTS[world], [], 1, args.budget_mib, raw, blocks=args.blocks)
     records = [json.loads(line) for line in raw.read_text().splitlines()]
-    command = ("python -m benchmarks.longest " + " ".join(sys.argv[1:])).strip()
+    command = ("python -m benchmarks.longest " + " ".join(a for a in sys.argv[1:] if a != "--report-only")).strip()
     report = table(records, args.budget_mib, args.blocks, command)
     (args.out / "longest.md").write_text(report)
+    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip())
     print(report)
 
 

@@ -34,6 +34,7 @@ import diffusers
 import torch
 from diffusers import ModelMixin
 
+from benchmarks.readme import replace_section
 from cp_plugin.plans import DERIVED_OVER_OWN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +163,7 @@ def main() -> None:
             "",
         ])
     (RESULTS / "support.md").write_text(report)
-    readme = ROOT / "README.md"
-    before, rest = readme.read_text().split(README_START, 1)
-    after = rest.split(README_END, 1)[1]
-    table = "\n".join(report.splitlines()[2:]).strip()
-    readme.write_text(f"{before}{README_START}\n{table}\n{README_END}{after}")
+    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip())
     print(report)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks import blockwise, gpu, run, worker
+from benchmarks import blockwise, gpu, overlap, run, worker
 from benchmarks.measure import PeakMemory, count_saved_activations
 from launcher import run_distributed
 
@@ -72,6 +72,28 @@ def test_the_gpu_check_runs_end_to_end_in_its_tiny_mode(tmp_path: Path) -> None:
     assert [row[2].strip() for row in steps] == list(gpu.FEATURES) * 2
     assert all(int(row[-2]) > 0 for row in steps if "tiling" in row[2])  # tiling ran (networks tiled)
     assert all(float(row[3]) > 0 and float(row[5]) > 0 for row in steps)  # a peak and a throughput were measured
+
+
+def overlap_rows(seqs: list[int]) -> list[dict[str, float]]:
+    """Rank body: ``benchmarks.overlap``'s measures at toy sizes."""
+    import argparse
+
+    args = argparse.Namespace(dtype="fp32", heads=2, head_dim=16, repeats=1)
+    return [overlap.run_length(seq, args) for seq in seqs]
+
+
+@pytest.mark.timeout(120)
+def test_the_overlap_measures_are_consistent() -> None:
+    """What the overlap benchmark reports holds together: a wait is part of its step, a serial step waits for
+    every transfer, and the hidden share is one minus the exposed share of the transfer time."""
+    for rows in run_distributed(overlap_rows, 2, [64, 256], timeout=90):
+        for r in rows:
+            assert 0 <= r["exposed_s"] <= r["step_s"] and r["serial_s"] > 0 and r["transfer_s"] > 0, r
+            assert r["hidden"] == pytest.approx(1 - r["exposed_s"] / r["transfer_s"]), r
+            assert r["kv_mib"] == pytest.approx(2 * r["seq"] // 2 * 2 * 16 * 4 / 2**20), r  # (2, 1, H, S/2, D) fp32
+    with overlap.serial_transfers():  # restores the ring's own methods on exit
+        pass
+    assert overlap.RingComm.send_recv.__name__ == "send_recv"
 
 
 @pytest.mark.timeout(30)
