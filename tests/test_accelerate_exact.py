@@ -65,7 +65,10 @@ def accelerate_run(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(state_dir)
+    from dits_exact import memory_options_on
+
     return {"losses": losses, "grads": _full(first_grads), "state": _full(module.transformer.state_dict()),
+            "memory": memory_options_on(module.transformer),
             "saved_sharded": saved_sharded,
             "gathered_t": torch.cat(gathered_t), "dp_rank": cp.mesh.dp_rank,
             "sharded": all(isinstance(p, DTensor) for p in module.parameters())}
@@ -92,6 +95,8 @@ def check(
     assert_close_rel(losses, torch.tensor(reference["losses"]), 1e-5, f"{label} loss")
     for r in results:
         assert r["sharded"] == r["saved_sharded"] == layout.get("fsdp", False), f"{label}: FSDP2 sharding, save_state"
+        asked = {k: bool(layout.get(k)) for k in ("gradient_checkpointing", "tile_feed_forward")}
+        assert r["memory"] == asked, f"{label}: memory options on while training"
         for name, expected in reference["grads"].items():
             assert_close_rel(r["grads"][name], expected, 1e-4, f"{label} grad {name}")
         for name, expected in reference["state"].items():
@@ -109,6 +114,9 @@ TWO = [
     {"kind": "flux", "optimizer": "sgd", "layout": {"ulysses_degree": 2, "fsdp": True}, "accumulate": 2},
     # QwenImage leaves its last text branch unused: no DDP option needed (the plugin's static graph)
     {"kind": "qwenimage", "optimizer": "adamw", "layout": {"ring_degree": 2}, "accumulate": 2},
+    # memory options as ParallelConfig fields, with FSDP2 sharding the checkpointed, tiled blocks
+    {"kind": "wan", "optimizer": "sgd", "layout": {"ring_degree": 2, "fsdp": True, "gradient_checkpointing": True,
+                                                   "tile_feed_forward": True, "tile_tokens": 8}},
 ]
 FOUR = [
     {"kind": "flux", "optimizer": "adamw", "layout": {"ring_degree": 2}},  # dp 2 x ring 2
