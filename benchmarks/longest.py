@@ -36,6 +36,12 @@ from benchmarks.run import launch
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
 
 FEATURES = ("", "+ckpt", "+ckpt+tile")
+# What the rank at the peak held then, by when it was allocated (benchmarks.measure.current_kind; diffusers'
+# collectives are not named, so theirs count as forward or backward).
+KINDS = {"forward": "held from the forward (saved activations; block inputs when checkpointed)",
+         "attention": "cp_plugin's attention outputs and partials",
+         "communication": "cp_plugin's communication buffers",
+         "backward": "backward (recompute, activation and weight gradients)"}
 # The README carries the table between these lines (rewritten by each run).
 README_START, README_END = "<!-- longest table: python -m benchmarks.longest -->", "<!-- end of longest table -->"
 LAYOUTS = {
@@ -61,19 +67,20 @@ def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command
         "every length was run: `fits` is the longest within the budget, `next` the first beyond it.",
         "",
         "| ranks | layout | fits (tokens) | its peak MiB | next (tokens) | its peak MiB | vs one process plain | "
-        "vs diffusers Ulysses + ckpt, same ranks |",
-        "|---|---|---|---|---|---|---|---|",
+        "vs diffusers Ulysses + ckpt, same ranks | at the peak, MiB: " + " / ".join(KINDS.values()) + " |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['world']} | {r['name']} | fails: {r['error']} | | | | | |")
+            lines.append(f"| {r['world']} | {r['name']} | fails: {r['error']} | | | | | | |")
             continue
         fits = r["fits_seq"]
         vs_one = f"{fits / baseline:.2f}x" if baseline else ""
         ref = diffusers.get(r["world"])
         vs_diffusers = f"{fits / ref:.2f}x" if ref and r["world"] > 1 else ""
+        kinds = " / ".join(f"{r['fits_by_kind'].get(kind, 0) / 2**20:.1f}" for kind in KINDS)
         lines.append(f"| {r['world']} | {r['name']} | {fits} | {r['fits_peak'] / 2**20:.1f} | {r['next_seq']} | "
-                     f"{r['next_peak'] / 2**20:.1f} | {vs_one} | {vs_diffusers} |")
+                     f"{r['next_peak'] / 2**20:.1f} | {vs_one} | {vs_diffusers} | {kinds} |")
     return "\n".join(lines) + "\n"
 
 

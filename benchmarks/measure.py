@@ -9,7 +9,10 @@ saves but which do not depend on the sequence.
 Saved tensors are not all a step holds: transient buffers (a gathered KV, a received block, the
 gradients being formed) come and go between them, and they are where a ring's p2p and all-gather
 variants differ. :class:`PeakMemory` measures the high-water mark of every tensor the step
-allocates, on any device, CPU included (which has no allocator statistics to read).
+allocates, on any device, CPU included (which has no allocator statistics to read), and what was
+live at that mark by kind: allocated in the forward (what the forward keeps: saved activations, or
+a checkpointed model's block inputs), in the backward (recomputes and gradients), or inside a
+:func:`phase` a benchmark names (attention, communication buffers).
 """
 
 from __future__ import annotations
@@ -27,28 +30,56 @@ from torch.utils._pytree import tree_leaves
 
 
 class _LiveStorages:
-    """Bytes of distinct storages that are still alive, and their high-water mark.
+    """Bytes of distinct storages that are still alive, and their high-water mark, by kind.
 
     A storage is known by its ``StorageImpl`` (``_cdata``) and forgotten when it is freed (a weakref
-    callback), so a later storage at the same address is a new one, not a repeat.
+    callback), so a later storage at the same address is a new one, not a repeat. Each is counted
+    under the kind it was allocated as; ``at_peak`` is the live bytes of each kind at the high-water mark.
     """
 
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
-        self._sizes: dict[int, int] = {}
+        self._sizes: dict[int, tuple[int, str]] = {}
+        self.live_by_kind: dict[str, int] = {}
+        self.at_peak: dict[str, int] = {}
 
-    def add(self, storage: torch.UntypedStorage) -> None:
+    def add(self, storage: torch.UntypedStorage, kind: str = "all") -> None:
         key = storage._cdata
         if key in self._sizes or not storage.nbytes():
             return
-        self._sizes[key] = storage.nbytes()
+        self._sizes[key] = (storage.nbytes(), kind)
         self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
+        self.live_by_kind[kind] = self.live_by_kind.get(kind, 0) + storage.nbytes()
+        if self.live > self.peak:
+            self.peak, self.at_peak = self.live, dict(self.live_by_kind)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key)
+        size, kind = self._sizes.pop(key)
+        self.live -= size
+        self.live_by_kind[kind] -= size
+
+
+_PHASES: list[str] = []  # what the code running now is, innermost last (see ``phase``)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Count what is allocated inside as ``name`` in :class:`PeakMemory` 's ``at_peak`` (innermost wins)."""
+    _PHASES.append(name)
+    try:
+        yield
+    finally:
+        _PHASES.pop()
+
+
+def current_kind() -> str:
+    """The innermost :func:`phase`, else ``"backward"`` inside a backward pass (recomputes included), else
+    ``"forward"``."""
+    if _PHASES:
+        return _PHASES[-1]
+    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
 
 class SavedBytes(_LiveStorages):
@@ -123,6 +154,11 @@ class PeakMemory(TorchDispatchMode):
     def live(self) -> int:
         return self._storages.live
 
+    @property
+    def at_peak(self) -> dict[str, int]:
+        """Live bytes by kind (:func:`current_kind` when each was allocated) at the high-water mark."""
+        return {kind: size for kind, size in self._storages.at_peak.items() if size}
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -131,7 +167,7 @@ class PeakMemory(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor):
                 for storage in storages(tensor):
                     if storage._cdata not in inputs:
-                        self._storages.add(storage)
+                        self._storages.add(storage, current_kind())
         return out
 
 

@@ -27,6 +27,7 @@ stays within ``B`` MiB on every rank (probing lengths and measuring each; see :f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks.measure import PeakMemory, count_saved_activations, time_steps
+from benchmarks.measure import PeakMemory, count_saved_activations, phase, time_steps
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
 from cp_plugin.memory import apply_memory_options
@@ -217,14 +218,44 @@ def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str,
 SIDE_STEP = 4  # search lengths are side x side tokens (Flux's image grid), side a multiple of 4 (every cp size)
 
 
-def probe_peak(model: torch.nn.Module, layout: Layout, mesh: ParallelMesh | None, side: int) -> int:
-    """The largest step peak (bytes) over all ranks at ``side * side`` tokens, the same on every rank."""
+def tag_phases() -> None:
+    """Name what cp_plugin's attention and collectives allocate, for ``PeakMemory.at_peak`` (this process only).
+
+    Wraps, where they are looked up at call time: the attention every routed call runs, the ring's
+    receive buffers, and the collectives of Ulysses, the ring and the sequence gather.
+    """
+    import cp_plugin.attention.dispatch as dispatch
+    import cp_plugin.attention.ring as ring
+    import cp_plugin.attention.ulysses as ulysses
+    import cp_plugin.sequence as sequence
+
+    def tagged(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with phase(name):
+                return fn(*args, **kwargs)
+
+        run.tagged = True  # type: ignore[attr-defined]
+        return run
+
+    targets = [(dispatch, "context_parallel_attention", "attention"), (ring.RingComm, "send_recv", "communication"),
+               *((module, name, "communication") for module, names in ((ulysses, ("all_to_all", "all_gather")),
+                 (ring, ("all_gather", "reduce_scatter")), (sequence, ("all_gather", "reduce_scatter")))
+                 for name in names)]
+    for owner, name, kind in targets:
+        if not getattr(getattr(owner, name), "tagged", False):
+            setattr(owner, name, tagged(getattr(owner, name), kind))
+
+
+def probe_peak(model: torch.nn.Module, layout: Layout, mesh: ParallelMesh | None, side: int) -> tuple[int, dict]:
+    """The largest step peak (bytes) over all ranks at ``side * side`` tokens, the same on every rank, and what
+    the rank with that peak held then, by kind (``benchmarks.measure.current_kind``)."""
     step = step_fn(model, inputs_for(layout, side * side, mesh))
     with PeakMemory() as peak:
         step()
-    worst = torch.tensor([peak.peak], dtype=torch.int64)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return int(worst)
+    ranks: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, (peak.peak, peak.at_peak))
+    return max(ranks, key=lambda r: r[0])
 
 
 def search(layout: Layout, budget: int) -> dict[str, Any]:
@@ -235,11 +266,13 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
     one side step at a time, until one fits and the next does not. Both are reported.
     """
     model, mesh = build(layout)
+    tag_phases()
     probes: dict[int, int] = {}
+    kinds: dict[int, dict[str, int]] = {}
 
     def peak(side: int) -> int:
         if side not in probes:
-            probes[side] = probe_peak(model, layout, mesh, side)
+            probes[side], kinds[side] = probe_peak(model, layout, mesh, side)
         return probes[side]
 
     small, large = 4 * SIDE_STEP, 8 * SIDE_STEP
@@ -252,6 +285,7 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
         side -= SIDE_STEP
     fits = side - SIDE_STEP  # measured within budget (0: not even the shortest length fits)
     return {"budget_bytes": budget, "fits_seq": fits * fits, "fits_peak": probes.get(fits, 0),
+            "fits_by_kind": kinds.get(fits, {}),
             "next_seq": side * side, "next_peak": probes[side],
             "probes": [[s * s, p] for s, p in sorted(probes.items())]}
 
