@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import blockwise, gpu, overlap, run, worker
-from benchmarks.measure import PeakMemory, count_saved_activations
+from benchmarks.measure import PeakMemory, count_saved_activations, phase
 from launcher import run_distributed
 
 MIB = 2**20
@@ -115,6 +115,23 @@ def test_peak_memory_tracks_allocations_and_frees() -> None:
         (x * 3).sum().backward()  # backward ops are seen: x.grad (1 MiB) stays
     assert peak.peak == 6 * MIB
     assert peak.live == 2 * MIB  # x and x.grad (the loss was freed)
+
+
+@pytest.mark.timeout(30)
+def test_peak_memory_names_what_was_live_at_the_peak_by_kind() -> None:
+    """``at_peak`` splits the high-water mark by when each buffer was allocated: forward, a named phase, backward."""
+    weight = torch.randn(MIB // 4, requires_grad=True)
+    with PeakMemory() as peak:
+        kept = weight * 2  # 1 MiB in the forward, saved by the product below
+        loss = (kept * kept).sum()  # the product (1 MiB) is freed at once; the loss is 4 bytes
+        with phase("communication"):
+            received = torch.empty(2 * MIB)  # 8 MiB: the peak, 9 MiB and 4 bytes
+        del received
+        loss.backward()  # at most 3 MiB more: gradients
+        with_backward = peak.live
+    assert peak.at_peak == {"forward": MIB + 4, "communication": 8 * MIB}
+    assert sum(peak.at_peak.values()) == peak.peak
+    assert with_backward > MIB + 4  # the gradients were counted, as backward, after the peak
 
 
 @pytest.mark.timeout(30)
