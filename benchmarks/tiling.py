@@ -1,0 +1,86 @@
+"""What tiled feed-forward networks cost in step time and save in peak memory, where they are on by default.
+
+    python -m benchmarks.tiling            # writes benchmarks/results/tiling.{md,jsonl}
+
+``benchmarks.worker`` runs the same Flux (``--blocks`` double- and single-stream blocks), the same global
+tokens and cores, with and without ``+tile`` (``cp_plugin.tiling``, chunks chosen per call: on from 2048
+tokens per call), on one process and on Ulysses 2 (sharded path), plain and with the model's gradient
+checkpointing, in one invocation. Each pair is reported as tiled / untiled: step time (median of
+repeats, with the tiled run's min-max over the untiled median) and peak memory per rank; the errors
+against the one-process untiled step show tiling changes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.run import launch
+from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
+
+PAIRS = {1: ["single", "single+ckpt"], 2: ["ulysses/sharded", "ulysses/sharded+ckpt"]}
+
+
+def tiled(name: str) -> str:
+    return f"{name}+tile"
+
+
+def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
+    worst: dict[tuple, dict[str, Any]] = {}
+    for r in records:  # the worst rank of each case
+        key = (r["world"], r["name"], r["seq"])
+        if key not in worst or r.get("peak_bytes", 0) > worst[key].get("peak_bytes", 0):
+            worst[key] = r
+    lines = [
+        "# Tiled feed-forward networks: step time and peak memory, tiled / untiled", "",
+        f"`{command}` on {platform.machine()}, torch {torch.__version__}; Flux of {WIDE_FLUX['num_attention_heads']} "
+        f"heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double- + {blocks} single-stream blocks, {TEXT_TOKENS} "
+        "text tokens, fp32; one forward+backward step, median of repeats [tiled min-max / untiled median]; peak: "
+        "benchmarks.measure.PeakMemory, worst rank; errors of the tiled step against one untiled process.", "",
+        "| ranks | layout | tokens | tiled step time / untiled | tiled peak / untiled | max rel err out / grad |",
+        "|---|---|---|---|---|---|",
+    ]
+    for world, names in PAIRS.items():
+        for name in names:
+            for seq in sorted({r["seq"] for r in records}):
+                base, tile = worst.get((world, name, seq)), worst.get((world, tiled(name), seq))
+                if base is None or tile is None:
+                    continue
+                if "error" in base or "error" in tile:
+                    lines.append(f"| {world} | {name} | {seq} | fails: {base.get('error') or tile.get('error')} | | |")
+                    continue
+                ratio = tile["time_median_s"] / base["time_median_s"]
+                low, high = tile["time_low_s"] / base["time_median_s"], tile["time_high_s"] / base["time_median_s"]
+                lines.append(f"| {world} | {name} | {seq} | {ratio:.3f} [{low:.3f}-{high:.3f}] "
+                             f"| {tile['peak_bytes'] / base['peak_bytes']:.3f} "
+                             f"| {tile.get('out_rel_err', 0.0):.1e} / {tile.get('grad_rel_err', 0.0):.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", nargs="+", type=int, default=[4096, 9216])
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "tiling.jsonl"
+    raw.unlink(missing_ok=True)
+    for world, names in PAIRS.items():  # world 1 first: its untiled "single" step is the errors' reference
+        launch(world, [n for name in names for n in (name, tiled(name))], args.seq, args.repeats, 0.0, raw,
+               blocks=args.blocks)
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    report = table(records, args.blocks, ("python -m benchmarks.tiling " + " ".join(sys.argv[1:])).strip())
+    (args.out / "tiling.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
