@@ -145,19 +145,19 @@ def flux_inputs(sizes: Sizes, tokens: int, device: torch.device, dtype: torch.dt
 
 def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = flux_model(sizes, device, dtype)  # built once: each option is applied, measured and removed
     rows = []
     for tokens in sizes.step_tokens:
         inputs = flux_inputs(sizes, tokens, device, dtype)
         flops = None
         for feature, options in FEATURES.items():
-            model = flux_model(sizes, device, dtype)
             applied = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False,
                                                      "tile_tokens": sizes.tile_tokens, **options})
 
-            def step() -> None:
-                model.zero_grad(set_to_none=True)
+            def step() -> None:  # leaves no gradients behind, so each peak counts the step's own
                 out = model(**inputs, return_dict=False)[0]
                 out.float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
 
             if flops is None:  # the plain step's FLOPs: what the model needs, whatever a feature recomputes
                 with FlopCounterMode(display=False) as counter:
@@ -167,9 +167,10 @@ def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
             rows.append({"tokens": tokens, "feature": feature, "peak": peak_bytes(step, device),
                          "tokens_per_s": tokens / median, "step_s": median, "tflops": flops / median / 1e12,
                          "tiled": len(applied.paths)})
-            del model, applied
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            applied.remove()
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
