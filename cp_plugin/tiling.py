@@ -15,8 +15,9 @@ Z-Image's SwiGLU networks, ...), outside attention layers. A module of that kind
 (that needs a product of activations, i.e. attention), and it is tiled only when called on one
 tensor, so an input it combines with another (a modulation) is never cut. A hook in diffusers'
 per-module registry does it, so no model code changes and ``remove()`` puts the model back. It
-composes with context parallelism (each rank tiles its own tokens) and with activation
-checkpointing (torch nests the checkpoints).
+composes with context parallelism (each rank tiles its own tokens), with activation checkpointing
+(torch nests the checkpoints) and with ``torch.compile`` (the chunks are traced into the graph);
+the derived plan's symbolic probe sees each network whole.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class TiledFeedForward(ModelHook):
         if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
             return forward(*args, **kwargs)  # another input may pair with each token: keep them whole
         x = args[0]
-        if is_symbolic(x):  # the plan's probe or a tracer: it must see the network whole
+        if not torch.compiler.is_compiling() and is_symbolic(x):  # the plan's probe: it must see the network whole
             return forward(x)
         tokens, width = x.shape[:-1].numel(), x.shape[-1]
         rows = chunk_tokens(tokens, width, self.hidden, self.rows)

@@ -85,6 +85,24 @@ def test_calls_with_another_input_or_symbolic_sizes_run_whole() -> None:
     assert seen[2:] == [(1, 2)] * 3
 
 
+@pytest.mark.timeout(300)
+def test_a_compiled_network_is_tiled_inside_its_graph() -> None:
+    """``torch.compile`` traces the chunks (no graph break) and gives the untiled network's result."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    ff = FeedForward(32, mult=4)
+    x = torch.randn(2, 32, 32)
+    want, grad_want, _, _ = _step(ff, x)
+    tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), 8)
+    counters.clear()
+    compiled = torch.compile(ff, backend="aot_eager")
+    got, grad_got, _, _ = _step(compiled, x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-6, atol=1e-7)
+
+
 def test_gradient_checkpointing_turns_on_for_trained_models_and_back_off() -> None:
     model = CASES["wan"].build()
     options = apply_memory_options(torch.nn.ModuleDict({"transformer": model}), gradient_checkpointing=True,
