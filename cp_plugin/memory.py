@@ -6,8 +6,8 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
 - ``gradient_checkpointing``: each trained diffusers model's own ``enable_gradient_checkpointing()``
   (its blocks are recomputed in the backward; under context parallelism a recompute splits nothing
   again, only each block's attention exchanges run twice);
-- ``tile_feed_forward``: every ``FeedForward`` over its tokens a chunk at a time
-  (:mod:`cp_plugin.tiling`), ``tile_tokens`` per chunk or chosen per call.
+- ``tile_feed_forward``: every feed-forward network (found by structure, :mod:`cp_plugin.tiling`)
+  over its tokens a chunk at a time, ``tile_tokens`` per chunk or chosen per call.
 
 Both work with or without context parallelism, so a one-process run can use the same options.
 """

@@ -11,9 +11,10 @@ the block itself is checkpointed or not; the price is one more forward of the fe
 What is tiled is found by structure, not by name: every diffusers ``FeedForward`` (the MLP of most
 DiTs: Wan, HunyuanVideo, Flux's double-stream blocks, SD3, CogVideoX, LTX, ...), and every other
 module built only of linear layers and pointwise activations that widens its input (Flux 2's and
-Z-Image's SwiGLU networks, ...), outside attention layers. A module of that kind cannot mix tokens
-(that needs a product of activations, i.e. attention), and it is tiled only when called on one
-tensor, so an input it combines with another (a modulation) is never cut. A hook in diffusers'
+Z-Image's SwiGLU networks, ...), outside attention layers, whose own forward calls nothing that
+combines tokens (attention, a product of activations, a reduction, a reshape: Mochi's attention
+pool is built of linear layers too, and is left whole). It is tiled only when called on one tensor,
+so an input it combines with another (a modulation) is never cut. A hook in diffusers'
 per-module registry does it, so no model code changes and ``remove()`` puts the model back. It
 composes with context parallelism (each rank tiles its own tokens), with activation checkpointing
 (torch nests the checkpoints) and with ``torch.compile`` (the chunks are traced into the graph);
@@ -22,7 +23,9 @@ the derived plan's symbolic probe sees each network whole.
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from typing import Any
 
 import torch
@@ -48,8 +51,24 @@ POINTWISE = (torch.nn.Linear, torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch
              activations.ApproximateGELU, activations.FP32SiLU, activations.LinearActivation)
 
 
+# What a forward calls to combine tokens: attention, products of activations, reductions. A network whose own
+# forward calls none of these (its children being linear layers and pointwise activations) acts on each token alone.
+MIXES_TOKENS = re.compile(r"scaled_dot_product_attention|dispatch_attention_fn|softmax|matmul|bmm|einsum|baddbmm"
+                          r"|\.(mean|sum|amax|max|min|logsumexp|cumsum|flatten|unflatten|view|reshape|transpose|permute)\(")
+
+
+def mixes_tokens(module: torch.nn.Module) -> bool:
+    """Whether the module's own forward may combine tokens (or its source cannot be read, which counts as yes)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return MIXES_TOKENS.search(source) is not None
+
+
 def is_feed_forward(module: torch.nn.Module) -> bool:
-    """A diffusers ``FeedForward``, or a network of linear layers and pointwise activations that widens its input."""
+    """A diffusers ``FeedForward``, or a network of linear layers and pointwise activations that widens its input
+    and whose forward combines no tokens."""
     if isinstance(module, FeedForward):
         return True
     if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
@@ -57,7 +76,7 @@ def is_feed_forward(module: torch.nn.Module) -> bool:
     leaves = [m for m in module.modules() if next(m.children(), None) is None]
     linears = [m for m in leaves if isinstance(m, torch.nn.Linear)]
     return (len(linears) >= 2 and all(isinstance(m, POINTWISE) for m in leaves)
-            and hidden_width(module) > linears[0].in_features)
+            and hidden_width(module) > linears[0].in_features and not mixes_tokens(module))
 
 
 def feed_forward_networks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
