@@ -65,6 +65,18 @@ def test_feed_forward_networks_are_found_by_structure_not_name() -> None:
     assert not any("attn" in name for name in found)  # attention layers' projections are never tiled
     gate = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
     assert feed_forward_networks(torch.nn.Sequential(gate)) == []  # a norm over features: not pointwise
+    assert feed_forward_networks(torch.nn.ModuleDict({"pool": _Pool()})) == []  # linear layers that pool tokens
+
+
+class _Pool(torch.nn.Module):
+    """Linear layers and an activation, but its forward averages over tokens: tiling would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.down = torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x.mean(1, keepdim=True))))
 
 
 def test_calls_with_another_input_or_symbolic_sizes_run_whole() -> None:
