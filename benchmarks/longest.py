@@ -64,10 +64,11 @@ def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command
         f"{WIDE_FLUX['num_attention_heads']} heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double-stream + "
         f"{blocks} single-stream blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; budget {budget_mib:g} MiB of step "
         "peak per rank (benchmarks.measure.PeakMemory, worst rank). Tokens are image tokens of the whole sequence; "
-        "every length was run: `fits` is the longest within the budget, `next` the first beyond it.",
+        "every length was run: `fits` is the longest within the budget, `next` the first beyond it. At the peak: "
+        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + ".",
         "",
         "| ranks | layout | fits (tokens) | its peak MiB | next (tokens) | its peak MiB | vs one process plain | "
-        "vs diffusers Ulysses + ckpt, same ranks | at the peak, MiB: " + " / ".join(KINDS.values()) + " |",
+        "vs diffusers Ulysses + ckpt, same ranks | at the peak, MiB: " + " / ".join(KINDS) + " |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
