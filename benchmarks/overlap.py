@@ -11,8 +11,10 @@ after. On ring shards ``(1, S/r, H, D)`` of every rank, per sequence length, for
 - **serial step**: the same step with every transfer waited for as soon as it is posted (no overlap);
 - **transfer**: the same rotations (KV blocks forward; KV blocks and float32 dK/dV backward) with no
   compute between them, i.e. what communication costs on its own;
-- **exposed**: the time the step spends inside ``RingComm.wait``: communication the compute did not hide;
-- **hidden** = 1 - exposed / transfer, and the time the overlap saves = serial step - step.
+- **exposed**: the time the step spends inside ``RingComm.wait``: communication the compute did not hide,
+  and also waiting for a slower peer to post its transfer (ranks out of step), which no schedule hides;
+- **hidden** = 1 - exposed / transfer (negative when waiting for peers outweighs the transfers), and the
+  time the overlap saves = serial step - step.
 
 It runs on CPU over gloo. gloo moves data on its own threads, which share the cores with the
 attention kernels: a transfer hidden here still slows the compute it overlaps, so ``hidden`` says
