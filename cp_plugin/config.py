@@ -57,8 +57,9 @@ class ParallelConfig:
             on GPUs, one 400 Gb/s InfiniBand NIC per GPU; 1 on CPU, gloo over TCP).
         gradient_checkpointing: turn on the trained diffusers models' own gradient checkpointing
             (``cp_plugin.memory``): each block keeps only its input and is recomputed in the backward.
-        tile_feed_forward: run every diffusers ``FeedForward`` over its tokens a chunk at a time,
-            forward and backward (``cp_plugin.tiling``): its hidden layer exists for one chunk only.
+        tile_feed_forward: run every feed-forward network (found by structure, ``cp_plugin.tiling``)
+            over its tokens a chunk at a time, forward and backward: its hidden layer exists for one
+            chunk only.
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
             2048 tokens, else chunks whose hidden layer is the size of the block's input).
     """
