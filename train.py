@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -65,6 +65,7 @@ def main(cfg: DictConfig) -> None:
 
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    extra = [instantiate(callback) for callback in cfg.callbacks]
     trainer = L.Trainer(
         **cfg.trainer,
         strategy=ContextParallelStrategy(parallel, timeout=timedelta(seconds=cfg.timeout_s)),
@@ -76,7 +77,9 @@ def main(cfg: DictConfig) -> None:
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(out_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True),
             *([LoraExport(module.family.name, out_dir)] if lora["rank"] else []),
-            *(instantiate(callback) for callback in cfg.callbacks),
+            *extra,
+            # Lightning's rich bar prints "Epoch 1/-2" for a run bounded by max_steps; tqdm's counts steps.
+            *([] if any(isinstance(c, ProgressBar) for c in extra) else [TQDMProgressBar()]),
         ],
     )
     trainer.fit(module, loader, ckpt_path=checkpoint)

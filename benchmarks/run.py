@@ -49,11 +49,11 @@ def theoretical_bytes(record: dict[str, Any]) -> float | None:
     reduce-scatters the full gradient, sending ``(cp-1)/cp`` of it: ``2 Y (cp-1)`` with Y the output
     shard's bytes.
     """
-    if record["diffusers"] or record["name"] == "single":
+    if record["diffusers"] or record["ring"] * record["ulysses"] == 1:  # diffusers' own, or one process
         return None
     u, r = record["ulysses"], record["ring"]
     hidden = WIDE_FLUX["num_attention_heads"] * WIDE_FLUX["attention_head_dim"]
-    layers = TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"]
+    layers = 2 * record.get("blocks", 1)  # benchmarks.worker's Flux: ``blocks`` double- and single-stream blocks each
     gather = 2 * record["seq"] / (u * r) * WIDE_FLUX["in_channels"] * 4 * (u * r - 1) if record["path"] == "module" else 0
     return layers * attention_bytes_sent(record["seq"] + TEXT_TOKENS, hidden, r, u, element_size=4) + gather
 

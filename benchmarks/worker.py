@@ -14,8 +14,9 @@ Each layout runs one of two paths, named in its record:
 - ``sharded``: the batch arrives sharded (``shard_batch``), the model returns local shards and the
   loss is taken on local tokens: no rank ever holds the full sequence.
 
-A layout name may end in ``+ckpt`` (the model's own gradient checkpointing) and/or ``+tile`` (tiled
-feed-forward networks, ``cp_plugin.tiling``); ``--blocks N`` gives the model N double-stream and N
+A layout name may end in ``+ckpt`` (the model's own gradient checkpointing), ``+sac`` (checkpointing
+that keeps the attention kernels' outputs: ``checkpoint_policy="save_attention"``) and/or ``+tile``
+(tiled feed-forward networks, ``cp_plugin.tiling``); ``--blocks N`` gives the model N double-stream and N
 single-stream blocks, so that the inputs each block keeps for the backward count.
 
 ``--search-mib B`` instead searches, per layout, the longest sequence whose measured step peak
@@ -64,17 +65,21 @@ class Layout:
     diffusers: bool = False
     path: str = "module"
     checkpointing: bool = False  # the model's own gradient checkpointing (name suffix "+ckpt")
+    checkpoint_policy: str = "full"  # "save_attention" with the name suffix "+sac" (which implies checkpointing)
     tiling: bool = False  # cp_plugin's tiled feed-forward networks, chunks chosen per call (name suffix "+tile")
     blocks: int = 1  # double-stream and single-stream blocks each
 
 
 def layout_named(layouts: dict[str, Layout], name: str, blocks: int = 1) -> Layout:
-    """``layouts[base]`` for a name ``base[+ckpt][+tile]``, with those memory options and ``blocks`` blocks."""
+    """``layouts[base]`` for a name ``base[+ckpt|+sac][+tile]``, with those memory options and ``blocks`` blocks."""
     base, *options = name.split("+")
-    unknown = set(options) - {"ckpt", "tile"}
+    unknown = set(options) - {"ckpt", "sac", "tile"}
     if base not in layouts or unknown:
-        raise ValueError(f"layout {name!r}: use one of {', '.join(layouts)}, optionally with +ckpt and/or +tile")
-    return replace(layouts[base], name=name, checkpointing="ckpt" in options, tiling="tile" in options, blocks=blocks)
+        raise ValueError(f"layout {name!r}: use one of {', '.join(layouts)}, optionally with +ckpt or +sac, "
+                         "and/or +tile")
+    return replace(layouts[base], name=name, checkpointing=bool({"ckpt", "sac"} & set(options)),
+                   checkpoint_policy="save_attention" if "sac" in options else "full", tiling="tile" in options,
+                   blocks=blocks)
 
 
 def layouts_for(world: int) -> dict[str, Layout]:
@@ -134,7 +139,8 @@ def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
 def build(layout: Layout) -> tuple[torch.nn.Module, ParallelMesh | None]:
     """The seeded model, made context parallel as ``layout`` says; the mesh for cp_plugin layouts."""
     model = tiny_flux(**WIDE_FLUX, num_layers=layout.blocks, num_single_layers=layout.blocks)
-    apply_memory_options(model, gradient_checkpointing=layout.checkpointing, tiling=layout.tiling, tile_tokens=None)
+    apply_memory_options(model, gradient_checkpointing=layout.checkpointing, checkpoint_policy=layout.checkpoint_policy,
+                         tiling=layout.tiling, tile_tokens=None)
     if layout.ring * layout.ulysses == 1:
         return model, None
     if layout.diffusers:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cp_plugin.compat import all_gather_single
 from cp_plugin.mesh import ParallelMesh
 
 Layout = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # every tensor's shape and dtype, in batch order
@@ -72,7 +73,7 @@ def differs_across(mine: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
     sums to 1e-9); the same on every rank of the group, since each compares the gathered fingerprints.
     NaN sums on every rank count as the same: a batch that is not finite everywhere is the loss check's to name."""
     everyone = torch.empty(mesh.cp_size * mine.numel(), dtype=mine.dtype, device=mine.device)
-    dist.all_gather_into_tensor(everyone, mine, group=mesh.cp_group)
+    all_gather_single(everyone, mine, group=mesh.cp_group)
     everyone = everyone.view(mesh.cp_size, -1)
     same_layout = (everyone[:, :2] == everyone[:1, :2]).all()
     same_sums = torch.isclose(everyone[:, 2:], everyone[:1, 2:], rtol=1e-9, atol=0.0, equal_nan=True).all()

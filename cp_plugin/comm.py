@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from cp_plugin.compat import all_gather_single, reduce_scatter_single
+
 
 @dataclass
 class CommStats:
@@ -63,7 +65,7 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Te
     x = x.contiguous()
     size = dist.get_world_size(group)
     out = x.new_empty(size * x.shape[0], *x.shape[1:])
-    dist.all_gather_into_tensor(out, x, group=group)
+    all_gather_single(out, x, group=group)
     count_sent(kind, x.nbytes * (size - 1))
     return out
 
@@ -72,6 +74,6 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torc
     """Sum over ranks of ``x``, split along dim 0: this rank gets the sum of every rank's chunk ``rank``."""
     x = x.contiguous()
     out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
-    dist.reduce_scatter_tensor(out, x, group=group)
+    reduce_scatter_single(out, x, group=group)
     count_sent(kind, _to_others(x, group))
     return out

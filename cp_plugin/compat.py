@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.distributed.distributed_c10d import _get_default_store
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
 
 # (major, minor) versions the full test suite passed on.
@@ -41,15 +41,15 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
-    "decomposition", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
-    "tree_leaves", "tree_unflatten", "all_gather_tensor", "attention_backends",
+    "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
+    "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
     "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
     "sdpa_flash_cpu", "sdpa_flash_cpu_backward", "sdpa_flash", "sdpa_flash_backward", "sdpa_efficient",
-    "sdpa_efficient_backward", "sdpa_cudnn", "sdpa_cudnn_backward",
+    "sdpa_efficient_backward", "sdpa_cudnn", "sdpa_cudnn_backward", "ATTENTION_FORWARD_KERNELS",
 ]
 
 
@@ -145,9 +145,20 @@ def quiet_fake_kernels() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def outside_dispatch_modes() -> Any:
+    """A context in which the dispatch modes the caller runs (selective checkpointing's cache, op counters)
+    are off: a probe's fake ops are not the caller's to see."""
+    return _disable_current_modes()
+
+
 def decomposition(op: Any) -> Callable[..., Any] | None:
     """torch's decomposition of an aten op into simpler ones, if it has one."""
     return decomposition_table.get(op)
+
+
+# torch 2.13 renamed the tensor collectives (the old names warn on every call); older releases have the old names.
+all_gather_single = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+reduce_scatter_single = getattr(torch.distributed, "reduce_scatter_single", None) or torch.distributed.reduce_scatter_tensor
 
 
 # Attention kernels that also return the log-sum-exp, called with positional arguments.
@@ -160,6 +171,10 @@ sdpa_efficient = _aten._scaled_dot_product_efficient_attention
 sdpa_efficient_backward = _aten._scaled_dot_product_efficient_attention_backward
 sdpa_cudnn = _aten._scaled_dot_product_cudnn_attention
 sdpa_cudnn_backward = _aten._scaled_dot_product_cudnn_attention_backward
+# The forward kernels every softmax attention here reaches, fused SDPA's and the ring's alike: what a selective
+# checkpointing policy keeps so that a recompute skips them (their outputs, including the LSE, are what the
+# backward kernels read).
+ATTENTION_FORWARD_KERNELS = frozenset({sdpa_flash_cpu, sdpa_flash, sdpa_efficient, sdpa_cudnn})
 
 
 # diffusers ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 ROTATE_METHODS = ("p2p", "allgather")
+CHECKPOINT_POLICIES = ("full", "save_attention")  # what a gradient-checkpointing recompute redoes (cp_plugin.memory)
 AUTO = "auto"  # a degree chosen from the models and the machine (``cp_plugin.layout``)
 
 
@@ -57,6 +58,9 @@ class ParallelConfig:
             on GPUs, one 400 Gb/s InfiniBand NIC per GPU; 1 on CPU, gloo over TCP).
         gradient_checkpointing: turn on the trained diffusers models' own gradient checkpointing
             (``cp_plugin.memory``): each block keeps only its input and is recomputed in the backward.
+        checkpoint_policy: with ``gradient_checkpointing``, what a recompute redoes: ``"full"``, the
+            whole block; ``"save_attention"``, all but the attention kernels, whose outputs are kept
+            (one more tensor of the block's width per attention call, for no attention recompute).
         tile_feed_forward: run every feed-forward network (found by structure, ``cp_plugin.tiling``)
             over its tokens a chunk at a time, forward and backward: its hidden layer exists for one
             chunk only.
@@ -75,6 +79,7 @@ class ParallelConfig:
     intra_node_bandwidth: float | None = None
     inter_node_bandwidth: float | None = None
     gradient_checkpointing: bool = False
+    checkpoint_policy: str = "full"
     tile_feed_forward: bool = False
     tile_tokens: int | None = None
 
@@ -97,6 +102,12 @@ class ParallelConfig:
         for name in ("fsdp", "hsdp", "gradient_checkpointing", "tile_feed_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False (Hydra: parallel.{name}=true)")
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r} is not supported; use one of "
+                             f"{', '.join(map(repr, CHECKPOINT_POLICIES))} (Hydra: parallel.checkpoint_policy=save_attention)")
+        if self.checkpoint_policy != "full" and not self.gradient_checkpointing:
+            raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r} chooses what gradient checkpointing "
+                             "recomputes: it needs gradient_checkpointing=True (Hydra: parallel.gradient_checkpointing=true)")
         if self.hsdp and not self.fsdp:
             raise ValueError("hsdp=True shards with FSDP2 inside each node: it needs fsdp=True (Hydra: parallel.fsdp=true)")
         if self.rotate_method not in ROTATE_METHODS:

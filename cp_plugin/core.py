@@ -143,6 +143,7 @@ class ContextParallelCore:
             return
         config = self.mesh.config
         conversions = [apply_memory_options(module, gradient_checkpointing=config.gradient_checkpointing,
+                                            checkpoint_policy=config.checkpoint_policy,
                                             tiling=config.tile_feed_forward, tile_tokens=config.tile_tokens)]
         if self.mesh.cp_enabled:
             conversions.append(apply_context_parallel(

@@ -76,7 +76,8 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
     Args:
         parallel_config: the layout: ``cp_plugin.ParallelConfig``, a diffusers ``ParallelConfig`` or
             ``ContextParallelConfig``, or a dict. Keyword degrees and memory options (``fsdp``,
-            ``gradient_checkpointing``, ``tile_feed_forward``, ``tile_tokens``) override its fields.
+            ``gradient_checkpointing``, ``checkpoint_policy``, ``tile_feed_forward``, ``tile_tokens``)
+            override its fields.
         cp_plan: ``{attribute path: plan}`` to supply or override diffusers ``_cp_plan`` s, e.g.
             ``{"transformer": {...}}``. By default every diffusers model with a ``_cp_plan`` is used.
         shard_batch: ``{batch key: sequence dim}``: shard these entries of each (dict) batch after
@@ -112,6 +113,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         fsdp: bool | None = None,
         hsdp: bool | None = None,
         gradient_checkpointing: bool | None = None,
+        checkpoint_policy: str | None = None,
         tile_feed_forward: bool | None = None,
         tile_tokens: int | None = None,
         cp_plan: Mapping[str, Plan] | None = None,
@@ -134,6 +136,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             "fsdp": fsdp,
             "hsdp": hsdp,
             "gradient_checkpointing": gradient_checkpointing,
+            "checkpoint_policy": checkpoint_policy,
             "tile_feed_forward": tile_feed_forward,
             "tile_tokens": tile_tokens,
         }

@@ -6,6 +6,12 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
 - ``gradient_checkpointing``: each trained diffusers model's own ``enable_gradient_checkpointing()``
   (its blocks are recomputed in the backward; under context parallelism a recompute splits nothing
   again, only each block's attention exchanges run twice);
+- ``checkpoint_policy``: what a recompute redoes. ``"full"`` redoes the whole block (diffusers'
+  default). ``"save_attention"`` keeps every attention kernel's output and log-sum-exp (torch's
+  selective activation checkpointing), so the recompute skips the attention kernels, the part of a
+  block whose cost grows with the square of the tokens, for one more tensor of the block's width per
+  attention call (per ring step under the ring). The exchanges that bring a kernel its queries and
+  keys still run: the backward needs their results;
 - ``tile_feed_forward``: every feed-forward network (found by structure, :mod:`cp_plugin.tiling`)
   over its tokens a chunk at a time, ``tile_tokens`` per chunk or chosen per call.
 
@@ -14,10 +20,15 @@ Both work with or without context parallelism, so a one-process run can use the 
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from diffusers import ModelMixin
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from cp_plugin.compat import supports_gradient_checkpointing
+from cp_plugin.compat import ATTENTION_FORWARD_KERNELS, supports_gradient_checkpointing
+from cp_plugin.config import CHECKPOINT_POLICIES
 from cp_plugin.model import Conversion
 from cp_plugin.tiling import tile_feed_forward
 
@@ -28,8 +39,23 @@ def trained_models(module: torch.nn.Module) -> list[tuple[str, ModelMixin]]:
             if isinstance(sub, ModelMixin) and any(p.requires_grad for p in sub.parameters())]
 
 
-def enable_checkpointing(module: torch.nn.Module, conversion: Conversion) -> None:
+def save_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep what the attention kernels return, recompute everything else."""
+    keep = op.overloadpacket in ATTENTION_FORWARD_KERNELS
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_saving_attention(module: torch.nn.Module, *args: Any) -> Any:
+    """diffusers' ``gradient_checkpointing_func`` with the :func:`save_attention` policy (non-reentrant, as diffusers')."""
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, save_attention))
+
+
+def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy: str = "full") -> None:
     """Turn on every trained diffusers model's gradient checkpointing, recording how to turn it off again."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy={policy!r} is not one of {', '.join(map(repr, CHECKPOINT_POLICIES))} "
+                         "(Hydra: parallel.checkpoint_policy=save_attention)")
     models = trained_models(module)
     unsupported = [name for name, model in models if not supports_gradient_checkpointing(model)]
     if unsupported:
@@ -38,17 +64,26 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion) -> Non
             "does not support gradient checkpointing in diffusers; set gradient_checkpointing=False "
             "(Hydra: parallel.gradient_checkpointing=false) or freeze that model"
         )
+    own = [name for name, model in models if model.is_gradient_checkpointing]
+    if own and policy != "full":
+        raise ValueError(
+            f"checkpoint_policy={policy!r}: {own[0]} already has gradient checkpointing on (its own "
+            "enable_gradient_checkpointing()), which recomputes whole blocks; leave it to gradient_checkpointing=True "
+            "(remove that call) or use checkpoint_policy='full'"
+        )
+    function = checkpoint_saving_attention if policy == "save_attention" else None
     for _, model in models:
         if not model.is_gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(function)
             conversion.on_remove(model.disable_gradient_checkpointing)
 
 
 def apply_memory_options(
-    module: torch.nn.Module, *, gradient_checkpointing: bool, tiling: bool, tile_tokens: int | None
+    module: torch.nn.Module, *, gradient_checkpointing: bool, tiling: bool, tile_tokens: int | None,
+    checkpoint_policy: str = "full",
 ) -> Conversion:
     """Apply the options to ``module``; ``.remove()`` on the result puts it back."""
     conversion = tile_feed_forward(module, tile_tokens) if tiling else Conversion()
     if gradient_checkpointing:
-        enable_checkpointing(module, conversion)
+        enable_checkpointing(module, conversion, checkpoint_policy)
     return conversion

@@ -29,7 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from cp_plugin.compat import SDPA, FakeTensorMode, ShapeEnv, TorchDispatchMode, decomposition, size_expr
-from cp_plugin.compat import quiet_fake_kernels, symbolic_fake, symbolic_fake_mode, tree_flatten, tree_leaves, tree_unflatten
+from cp_plugin.compat import outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode, tree_flatten, tree_leaves, tree_unflatten
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
 
@@ -135,7 +135,9 @@ def probe_block(
     record = _Recording()
     _RECORDING.append(record)
     try:
-        with quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(), record:
+        # Outside the caller's dispatch modes: selective checkpointing would keep the probe's fake attention
+        # outputs and count its ops as the block's, and a recompute (which probes nothing) would not match.
+        with outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(), record:
             output = forward(*fake_args, **fake_kwargs)
     except ProbeError:
         raise

@@ -187,8 +187,12 @@ def _count_handed_bytes(layouts: list[str], seq: int) -> list[dict[str, Any]]:
     """Rank body: each layout's counted bytes, the bytes of the tensors gloo was handed, and theory."""
     handed: list[int] = []
     rank, world = dist.get_rank(), dist.get_world_size()
-    originals = {name: getattr(dist, name) for name in ("all_to_all_single", "all_gather_into_tensor",
-                                                        "reduce_scatter_tensor", "batch_isend_irecv")}
+    import cp_plugin.comm as comm
+
+    # where cp_plugin.comm finds each collective: torch.distributed, or its compat names for the renamed ones
+    homes = {"all_to_all_single": dist, "batch_isend_irecv": dist, "all_gather_single": comm,
+             "reduce_scatter_single": comm}
+    originals = {name: getattr(home, name) for name, home in homes.items()}
 
     def recorder(name: str):  # type: ignore[no-untyped-def]
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -196,7 +200,7 @@ def _count_handed_bytes(layouts: list[str], seq: int) -> list[dict[str, Any]]:
             size, me = dist.get_world_size(group), dist.get_rank(group)
             if name == "batch_isend_irecv":  # bytes this rank sends: its isend ops' tensors
                 handed.append(sum(op.tensor.nbytes for op in args[0] if op.op is dist.isend))
-            elif name == "all_gather_into_tensor":  # our tensor, to every peer
+            elif name == "all_gather_single":  # our tensor, to every peer
                 handed.append(args[1].nbytes * (size - 1))
             else:  # dim-0 chunks addressed to the other ranks
                 handed.append(args[1].nbytes - args[1].chunk(size)[me].nbytes)
@@ -204,8 +208,8 @@ def _count_handed_bytes(layouts: list[str], seq: int) -> list[dict[str, Any]]:
 
         return call
 
-    for name in originals:
-        setattr(dist, name, recorder(name))
+    for name, home in homes.items():
+        setattr(home, name, recorder(name))
     results = []
     for name in layouts:
         layout = worker.layouts_for(world)[name]
@@ -227,3 +231,14 @@ def test_counted_bytes_are_the_tensors_handed_to_gloo_and_match_theory() -> None
         for result in rank_results:
             assert result["counted"] > 0 and result["counted"] == result["handed"], result
             assert result["counted"] == pytest.approx(result["theory"], rel=1e-9), result
+
+
+def test_layout_names_turn_memory_options_on() -> None:
+    """``+ckpt``, ``+sac`` (checkpointing that keeps attention outputs) and ``+tile`` in a benchmark layout's name."""
+    layouts = worker.layouts_for(2)
+    sac = worker.layout_named(layouts, "ulysses/sharded+sac+tile", blocks=2)
+    assert (sac.checkpointing, sac.checkpoint_policy, sac.tiling, sac.blocks) == (True, "save_attention", True, 2)
+    full = worker.layout_named(layouts, "ring_p2p/sharded+ckpt")
+    assert (full.checkpointing, full.checkpoint_policy, full.tiling) == (True, "full", False)
+    with pytest.raises(ValueError, match=r"optionally with \+ckpt or \+sac"):
+        worker.layout_named(layouts, "ulysses/sharded+selective")

@@ -5,8 +5,10 @@ split tokens as keys only, gathered) in the forward; those results are kept for 
 the recompute sends nothing for them. Its attention runs again, so the attention's forward
 exchanges (Ulysses all-to-alls, ring KV rotations, key-mask gathers) happen twice: those, and only
 those, may grow. Measured by the bytes cp_plugin's collectives count, per kind, for one training
-step with and without the model's gradient checkpointing. Exactness of checkpointed training is in
-``tests/test_every_dit.py``.
+step with and without the model's gradient checkpointing. With ``checkpoint_policy="save_attention"``
+the recompute runs no attention kernel at all (counted as ATen calls in the backward) and sends what
+the full recompute sends: the kernels' queries and keys are still needed by their backward.
+Exactness of checkpointed training is in ``tests/test_every_dit.py``.
 """
 
 from __future__ import annotations
@@ -26,14 +28,27 @@ CASES = [("flux", {"ulysses_degree": 2}), ("flux", {"ring_degree": 2}), ("zimage
 
 
 def sent_by_kind(cases: list[tuple[str, dict[str, int]]]) -> list[dict[str, dict[str, int]]]:
-    """Rank body: bytes sent per kind in one training step, plain and with gradient checkpointing, per case."""
+    """Rank body, per case: bytes sent per kind in one training step, plain, with gradient checkpointing and with
+    the ``save_attention`` policy, and the attention forward kernels the backward ran (``"kernels in backward"``)."""
     import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from cp_plugin import ParallelConfig
     from cp_plugin.comm import COMM_STATS
+    from cp_plugin.compat import ATTENTION_FORWARD_KERNELS
+    from cp_plugin.memory import apply_memory_options
     from cp_plugin.mesh import ParallelMesh
     from cp_plugin.model import apply_context_parallel
     from fixtures.dits import CASES as DITS
+
+    class KernelCount(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            self.calls += func.overloadpacket in ATTENTION_FORWARD_KERNELS
+            return func(*args, **(kwargs or {}))
 
     meshes: dict[tuple, Any] = {}
     results = []
@@ -41,17 +56,23 @@ def sent_by_kind(cases: list[tuple[str, dict[str, int]]]) -> list[dict[str, dict
         key = tuple(sorted(layout.items()))
         mesh = meshes.setdefault(key, ParallelMesh.build(ParallelConfig(**layout), "cpu"))
         sent = {}
-        for checkpointing in (False, True):
+        kernels = {}
+        # save_attention first: a derived plan's blocks are probed (once per process) inside its checkpointed forward
+        for variant in ("save_attention", "plain", "checkpointed"):
             model = DITS[name].build(seed=0)
-            if checkpointing:
-                model.enable_gradient_checkpointing()
+            if variant == "checkpointed":
+                model.enable_gradient_checkpointing()  # the model's own call, as a user writes it
+            elif variant == "save_attention":
+                apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None,
+                                     checkpoint_policy="save_attention")
             apply_context_parallel(model, mesh)
             inputs = DITS[name].inputs(torch.Generator().manual_seed(0))
             COMM_STATS.reset()
             out = model(**inputs, return_dict=False)[0]
-            F.mse_loss(out, torch.zeros_like(out)).backward()
-            sent["checkpointed" if checkpointing else "plain"] = dict(COMM_STATS.by_kind)
-        results.append(sent)
+            with KernelCount() as count:
+                F.mse_loss(out, torch.zeros_like(out)).backward()
+            sent[variant], kernels[variant] = dict(COMM_STATS.by_kind), count.calls
+        results.append({**sent, "kernels in backward": kernels})
     return results
 
 
@@ -67,3 +88,7 @@ def test_a_recompute_repeats_the_attention_exchanges_and_nothing_else() -> None:
             for kind, nbytes in plain.items():
                 expected = 2 * nbytes if kind in ATTENTION_FORWARD else nbytes
                 assert checkpointed[kind] == expected, f"{what}: {kind} sent {checkpointed[kind]} bytes, not {expected}"
+            assert sent["save_attention"] == checkpointed, f"{what}: save_attention sent {sent['save_attention']}"
+            kernels = sent["kernels in backward"]
+            # a full recompute runs every attention kernel again; save_attention none, like no checkpointing
+            assert kernels["checkpointed"] > 0 and kernels["plain"] == kernels["save_attention"] == 0, f"{what}: {kernels}"

@@ -19,6 +19,9 @@ from cp_plugin.config import register_configs
         ({"dp_degree": -2}, "dp_degree=-2 must be an integer >= 1"),
         ({"ring_degree": True}, "ring_degree=True must be an integer >= 1"),
         ({"rotate_method": "alltoall"}, "rotate_method='alltoall' is not supported; use one of 'p2p', 'allgather'"),
+        ({"gradient_checkpointing": True, "checkpoint_policy": "selective"},
+         "checkpoint_policy='selective' is not supported; use one of 'full', 'save_attention'"),
+        ({"checkpoint_policy": "save_attention"}, "it needs gradient_checkpointing=True .*parallel.gradient_checkpointing"),
     ],
 )
 def test_invalid_fields_name_the_setting(kwargs: dict, message: str) -> None:

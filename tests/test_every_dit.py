@@ -101,9 +101,13 @@ def check(result: dict[str, Any], reference: dict[str, Any], optimizer: str, wha
 # Memory options (cp_plugin.memory) under every layout: the models' own gradient checkpointing (blocks recomputed
 # under CP) with tiled feed-forward networks, and tiling alone, in chunks of 5 tokens so the tiny fixtures are cut.
 # Flux and Wan on their own plans; Z-Image (refiners, samples packed between blocks) and Chroma (a joint mask that
-# diffusers drops from its single-stream blocks when checkpointing) on derived plans. The reference checkpoints too.
+# diffusers drops from its single-stream blocks when checkpointing) on derived plans. The reference checkpoints too
+# (whole blocks): the save_attention policy, which keeps the attention kernels' outputs through a recompute, must
+# train as a full recompute does.
 MEMORY_MODELS = ("flux", "wan", "zimage", "chroma")
 MEMORY = [{"gradient_checkpointing": True, "tiling": True, "tile_tokens": 5}, {"tiling": True, "tile_tokens": 5}]
+SAVE_ATTENTION = {"gradient_checkpointing": True, "checkpoint_policy": "save_attention", "tiling": True, "tile_tokens": 5}
+SAVE_ATTENTION_MODELS = ("flux", "zimage")
 FOUR_RANK_MEMORY_MODELS = ("flux", "zimage")
 
 
@@ -126,13 +130,14 @@ def _run(world: int, cases: list[tuple]) -> None:
 
 @pytest.mark.timeout(900)
 def test_two_ranks_every_dit_matches_one_process() -> None:
-    _run(2, _cases(SUITE, TWO_RANKS, [None]) + _cases(MEMORY_MODELS, TWO_RANKS, MEMORY))
+    _run(2, _cases(SUITE, TWO_RANKS, [None]) + _cases(MEMORY_MODELS, TWO_RANKS, MEMORY)
+         + _cases(SAVE_ATTENTION_MODELS, TWO_RANKS, [SAVE_ATTENTION]))
 
 
 @pytest.mark.timeout(900)
 def test_four_ranks_ring_ulysses_and_dp_match_one_process() -> None:
     _run(4, _cases(FOUR_RANK_MODELS, FOUR_RANKS, [None])
-         + _cases(FOUR_RANK_MEMORY_MODELS, FOUR_RANKS[:1], MEMORY[:1]))
+         + _cases(FOUR_RANK_MEMORY_MODELS, FOUR_RANKS[:1], MEMORY[:1]) + _cases(("flux",), FOUR_RANKS[:1], [SAVE_ATTENTION]))
 
 
 LIGHTNING = [

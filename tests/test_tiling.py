@@ -136,3 +136,19 @@ def test_gradient_checkpointing_on_a_model_that_cannot_names_the_setting() -> No
             apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None)
     finally:
         type(model)._supports_gradient_checkpointing = True
+
+
+def test_save_attention_turns_on_selective_checkpointing_and_leaves_a_users_own_alone() -> None:
+    """The policy becomes the model's checkpointing function; a model whose user turned on whole-block checkpointing
+    is not silently given another policy: the error names both ways out."""
+    model = CASES["wan"].build()
+    options = apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None,
+                                   checkpoint_policy="save_attention")
+    assert model.is_gradient_checkpointing
+    options.remove()
+    assert not model.is_gradient_checkpointing
+    model.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match=r"checkpoint_policy='save_attention': .* already has gradient checkpointing on"
+                                         r".*remove that call.*checkpoint_policy='full'"):
+        apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None,
+                             checkpoint_policy="save_attention")
