@@ -16,6 +16,14 @@ CHECKPOINT_POLICIES = ("full", "save_attention")  # what a gradient-checkpointin
 AUTO = "auto"  # a degree chosen from the models and the machine (``cp_plugin.layout``)
 
 
+def check_checkpoint_policy(policy: str) -> None:
+    """Raise, naming the choices, for a ``checkpoint_policy`` that ``cp_plugin.memory`` does not have (the config
+    checks it at construction; ``apply_memory_options`` is also called without one)."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy={policy!r} is not supported; use one of "
+                         f"{', '.join(map(repr, CHECKPOINT_POLICIES))} (Hydra: parallel.checkpoint_policy=save_attention)")
+
+
 def divisors(n: int) -> list[int]:
     """Divisors of ``n``, used to suggest valid degrees in error messages."""
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -102,9 +110,7 @@ class ParallelConfig:
         for name in ("fsdp", "hsdp", "gradient_checkpointing", "tile_feed_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False (Hydra: parallel.{name}=true)")
-        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
-            raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r} is not supported; use one of "
-                             f"{', '.join(map(repr, CHECKPOINT_POLICIES))} (Hydra: parallel.checkpoint_policy=save_attention)")
+        check_checkpoint_policy(self.checkpoint_policy)
         if self.checkpoint_policy != "full" and not self.gradient_checkpointing:
             raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r} chooses what gradient checkpointing "
                              "recomputes: it needs gradient_checkpointing=True (Hydra: parallel.gradient_checkpointing=true)")

@@ -28,7 +28,7 @@ from diffusers import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cp_plugin.compat import ATTENTION_FORWARD_KERNELS, supports_gradient_checkpointing
-from cp_plugin.config import CHECKPOINT_POLICIES
+from cp_plugin.config import check_checkpoint_policy
 from cp_plugin.model import Conversion
 from cp_plugin.tiling import tile_feed_forward
 
@@ -53,9 +53,7 @@ def checkpoint_saving_attention(module: torch.nn.Module, *args: Any) -> Any:
 
 def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy: str = "full") -> None:
     """Turn on every trained diffusers model's gradient checkpointing, recording how to turn it off again."""
-    if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"checkpoint_policy={policy!r} is not one of {', '.join(map(repr, CHECKPOINT_POLICIES))} "
-                         "(Hydra: parallel.checkpoint_policy=save_attention)")
+    check_checkpoint_policy(policy)
     models = trained_models(module)
     unsupported = [name for name, model in models if not supports_gradient_checkpointing(model)]
     if unsupported:

@@ -29,7 +29,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from cp_plugin.compat import SDPA, FakeTensorMode, ShapeEnv, TorchDispatchMode, decomposition, size_expr
-from cp_plugin.compat import outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode, tree_flatten, tree_leaves, tree_unflatten
+from cp_plugin.compat import outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode
+from cp_plugin.compat import tree_flatten, tree_leaves, tree_unflatten
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
 
