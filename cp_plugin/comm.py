@@ -77,3 +77,11 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torc
     reduce_scatter_single(out, x, group=group)
     count_sent(kind, _to_others(x, group))
     return out
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
+    """The sum over ranks of ``x`` (a new tensor); counted as a reduce-scatter followed by an all-gather."""
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    count_sent(kind, 2 * _to_others(out.reshape(-1), group))
+    return out

@@ -41,7 +41,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
-    "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "size_expr", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
+    "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
@@ -115,6 +115,15 @@ def symbolic_fake(mode: FakeTensorMode, x: torch.Tensor) -> torch.Tensor:
     return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim()))
 
 
+def fresh_size(mode: FakeTensorMode, hint: int) -> torch.SymInt:
+    """A new symbol of ``mode`` for a size of ``hint`` (>= 2: 0 and 1 are kept as constants), even inside it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        meta = torch.empty(hint, device="meta")
+    return symbolic_fake(mode, meta).shape[0]
+
+
 def is_symbolic(x: torch.Tensor) -> bool:
     """Whether ``x`` is a fake tensor (a probe's or a tracer's) or has symbolic sizes, i.e. holds no data."""
     return is_fake(x) or any(isinstance(size, torch.SymInt) for size in x.shape)
@@ -123,6 +132,24 @@ def is_symbolic(x: torch.Tensor) -> bool:
 def supports_gradient_checkpointing(model: Any) -> bool:
     """Whether a diffusers model's class can checkpoint its blocks (``enable_gradient_checkpointing`` raises if not)."""
     return bool(model._supports_gradient_checkpointing)
+
+
+def is_backed(env: ShapeEnv, symbol: Any) -> bool:
+    """Whether a probe's symbol stands for an input's size (backed), not for a count computed from data."""
+    values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val  # renamed in torch 2.13
+    return symbol in values
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes of a probe are provably the same expression (equal numbers prove nothing); no guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return (isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt)) and bool(statically_known_true(a == b))
+
+
+def size_hint(size: torch.SymInt) -> int | None:
+    """The number a probe's symbolic size stands for (the size of the tensor it was made from)."""
+    return size.node.hint
 
 
 def size_expr(env: ShapeEnv, size: Any) -> Any:

@@ -9,11 +9,13 @@ modulation, control latents, masks: found by their lengths at the first block, s
 gathers after the last block, before anything the model does on the whole sequence (output norm,
 projection, unpatchify).
 
-What the split cannot express is refused here, before anything runs or communicates, naming the
-model and the plan entry to write: no list of blocks with attention among the model's children,
-blocks without a ``hidden_states`` input, layers that mix tokens outside attention (convolutions,
-group norms: a split sequence would see only its own tokens), and processors that reach attention
-neither through ``dispatch_attention_fn`` nor through SDPA (linear attention, explicit scores).
+Layers that mix tokens outside attention are followed where a split can be exact: convolutions
+over the token grid get halos from neighbouring ranks (``grid.py``), products that sum over tokens
+(linear attention) are summed over ranks (``reductions.py``). What the split cannot express is
+refused here, before anything runs or communicates, naming the model and the plan entry to write:
+no list of blocks with attention among the model's children, group norms over tokens and
+convolutions that change the grid's size (``grid.grid_radius``). A block whose own code cannot be
+followed (softmax attention by hand, tokens cut by a count) is refused by its probe (``probe.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
 from cp_plugin.attention.dispatch import calls_attention
+from cp_plugin.grid import grid_radius
 
 Plan = dict[str, Any]
-# Layers that combine tokens other than through attention: under a split they see only local tokens.
-TOKEN_MIXING = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.GroupNorm)
 # The fix every refusal names: the plan entries to write, in diffusers' own format.
 PLAN_HINT = (
     "pass cp_plan={'<attribute path>': {'<block list>.0': {'hidden_states': ContextParallelInput(split_dim=1, "
@@ -87,20 +88,7 @@ def derive_plan(model: torch.nn.Module, path: str) -> DerivedPlan:
                          f"children, so no plan can be derived; {PLAN_HINT}")
     for name, blocks in lists:
         for i, block in enumerate(blocks):
-            mixing = [f"{name}.{i}.{n}" for n, m in block.named_modules() if isinstance(m, TOKEN_MIXING)]
-            if mixing:
-                raise ValueError(
-                    f"{where}: block '{name}.{i}' mixes tokens outside attention ({mixing[0]}: "
-                    f"{type(block.get_submodule(mixing[0].split('.', 2)[2])).__name__}), which a split sequence "
-                    "cannot reproduce; it cannot be trained with context parallelism (ring_degree=1, ulysses_degree=1)"
-                )
-        for attn_name, attn in attention_modules(blocks):
-            if not calls_attention(attn.processor):
-                raise ValueError(
-                    f"{where}: attention layer '{name}.{attn_name}' uses {type(attn.processor).__name__}, which computes "
-                    "attention itself (neither dispatch_attention_fn nor scaled_dot_product_attention), so it cannot "
-                    "be made context parallel; set a processor that calls one of them (attn.set_processor(...))"
-                )
+            grid_radius(block, f"{where}: block '{name}.{i}'")  # refuses convolutions a halo cannot follow
     return DerivedPlan(type(model).__name__, tuple(name for name, _ in lists))
 
 

@@ -20,6 +20,8 @@ queries and keys are. ``streams.py`` binds those sequences to the streams it spl
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +30,11 @@ import sympy
 import torch
 from torch.overrides import TorchFunctionMode
 
+from cp_plugin.blockops import SUMS, OpCounter, summed_dims
 from cp_plugin.compat import SDPA, FakeTensorMode, ShapeEnv, TorchDispatchMode, decomposition, size_expr
-from cp_plugin.compat import outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode
+from cp_plugin.compat import is_backed, outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode
 from cp_plugin.compat import tree_flatten, tree_leaves, tree_unflatten
+from cp_plugin.grid import GridOps, ProbeGrid
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
 
@@ -51,6 +55,8 @@ class BlockRoles:
     attention: tuple[tuple[Parts, Parts], ...]  # (queries, keys) of each attention call; () = not split
     sequences: tuple[str, ...]  # every split token sequence, in the order the inputs first show them
     outputs: tuple[tuple[TokenDim, ...], ...]  # one entry per leaf of the output
+    grid: GridOps | None = None  # the block's reshapes (by number) onto its token grid and back (``grid.py``)
+    reductions: tuple[tuple[int, int], ...] = ()  # its sums (number, dim) over split tokens (``reductions.py``)
 
 
 class _Recording(TorchFunctionMode):
@@ -62,6 +68,9 @@ class _Recording(TorchFunctionMode):
         self.cats: list[list[Any]] = []
         self.pads: list[tuple[Any, Any, Any]] = []  # (length before, padding before, padding after)
         self.slices: list[tuple[Any, Any]] = []  # (length before, length after) of a slice along one dimension
+        self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
+        self.statistics: list[tuple[str, Any]] = []  # (op, length) of dimensions softmaxes, means, scans run over
+        self.counter, self.statistic = OpCounter(SUMS), OpCounter(_STATISTICS)
 
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -73,10 +82,15 @@ class _Recording(TorchFunctionMode):
             shaped = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim()]
             if len(shaped) > 1 and isinstance(dim, int):
                 self.cats.append([t.shape[dim] for t in shaped])
+        elif self.statistic.index(func) is not None and args and isinstance(args[0], torch.Tensor):
+            self.statistics += [(func.__name__, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]
         elif func is torch.nn.functional.pad:
             x, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
             for i in range(0, len(pad), 2):
                 self.pads.append((x.shape[x.dim() - 1 - i // 2], pad[i], pad[i + 1]))
+        index = self.counter.index(func)
+        if index is not None and isinstance(args[0], torch.Tensor):
+            self.sums.append((index, [(d, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]))
         out = func(*args, **kwargs)
         if func in (torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow):
             x = args[0]
@@ -92,6 +106,13 @@ class _Recording(TorchFunctionMode):
             torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2]))
 
 
+# Ops over a dimension that a sum over ranks cannot make whole: under a split they see this rank's tokens only.
+_STATISTICS = frozenset({torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax, torch.log_softmax,
+               torch.Tensor.log_softmax, torch.nn.functional.log_softmax, torch.logsumexp, torch.Tensor.logsumexp,
+               torch.mean, torch.Tensor.mean, torch.var, torch.Tensor.var, torch.std, torch.Tensor.std, torch.amax,
+               torch.Tensor.amax, torch.amin, torch.Tensor.amin, torch.cumsum, torch.Tensor.cumsum, torch.cumprod,
+               torch.Tensor.cumprod})
+
 # The probe running now, if any (a list rather than a ContextVar: compiled blocks read it without a graph break).
 _RECORDING: list[_Recording] = []
 
@@ -102,10 +123,13 @@ def recording() -> _Recording | None:
 
 
 class _Decompose(TorchDispatchMode):
-    """Ops whose kernels take no symbolic sizes (``constant_pad_nd``) run through torch's decompositions."""
+    """Ops whose kernels take no symbolic sizes run through torch's decompositions: those that fail on them,
+    and ``constant_pad_nd``, whose fake kernel quietly makes every size of its input a constant."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.ops.aten.constant_pad_nd.default:
+            return decomposition(func)(*args, **kwargs)
         try:
             return func(*args, **kwargs)
         except RuntimeError as err:
@@ -121,12 +145,13 @@ class ProbeError(ValueError):
 
 def probe_block(
     forward: Callable[..., Any], args: tuple, kwargs: dict, names: Sequence[str], where: str,
-    shapes: Sequence[tuple[int, ...] | None] | None = None,
+    shapes: Sequence[tuple[int, ...] | None] | None = None, grid: bool = False,
 ) -> BlockRoles:
     """Run ``forward(*args, **kwargs)`` once on symbolic shapes and return which inputs index which tokens.
 
     ``names`` names the flattened inputs, for messages; ``shapes`` gives the shape to probe an input
-    at where it is not its own (a split input is probed whole, as one process would pass it).
+    at where it is not its own (a split input is probed whole, as one process would pass it); ``grid``:
+    the block convolves its tokens on their grid (``grid.py``), whose reshapes are followed.
     Raises :class:`ProbeError` saying what failed.
     """
     leaves, spec = tree_flatten((args, kwargs))
@@ -134,11 +159,12 @@ def probe_block(
     fakes = [_symbolic(fake_mode, x, shape) for x, shape in zip(leaves, shapes or [None] * len(leaves))]
     fake_args, fake_kwargs = tree_unflatten(fakes, spec)
     record = _Recording()
+    grids = ProbeGrid(fake_mode) if grid else contextlib.nullcontext()
     _RECORDING.append(record)
     try:
         # Outside the caller's dispatch modes: selective checkpointing would keep the probe's fake attention
         # outputs and count its ops as the block's, and a recompute (which probes nothing) would not match.
-        with outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(), record:
+        with outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(), record, grids:
             output = forward(*fake_args, **fake_kwargs)
     except ProbeError:
         raise
@@ -150,7 +176,8 @@ def probe_block(
         ) from err
     finally:
         _RECORDING.pop()
-    return _Resolver(env, record, where, fakes).roles(fakes, names, output)
+    roles = _Resolver(env, record, where, fakes).roles(fakes, names, output)
+    return dataclasses.replace(roles, grid=grids.ops()) if grid else roles
 
 
 def _symbolic(fake_mode: FakeTensorMode, x: Any, shape: tuple[int, ...] | None) -> Any:
@@ -178,6 +205,8 @@ class _Resolver:
         self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
+        self.statistics = [(op, self.expr(length)) for op, length in record.statistics]
+        self.sums = [(i, [(d, self.expr(length)) for d, length in dims]) for i, dims in record.sums]
         for i, (q, _) in enumerate(record.attention):
             if isinstance(q, torch.SymInt) and q.node.expr.free_symbols and not self.calls[i][0].free_symbols:
                 raise ProbeError(
@@ -198,7 +227,7 @@ class _Resolver:
         self.fixed: list[tuple[sympy.Expr, sympy.Expr]] = []  # tokens cut at a fixed position: (length, cut)
         for length, cut in record.slices:
             length, cut = self.expr(length), self.expr(cut)
-            data_dependent = any(sym not in env.var_to_val for sym in cut.free_symbols)  # a routing's token count
+            data_dependent = not all(is_backed(env, sym) for sym in cut.free_symbols)  # a routing's token count
             if length.free_symbols & self.split and cut != 0 and cut != length and not data_dependent and not (
                     cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
                 self.fixed.append((length, cut))
@@ -288,6 +317,13 @@ class _Resolver:
                         f"to the token count {cut} inside the block, so it holds more positions than tokens; a split "
                         "cannot tell which of them each rank's tokens take"
                     )
+        for op, length in self.statistics:
+            if length.free_symbols & self.split:
+                raise ProbeError(
+                    f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "
+                    "dispatch_attention_fn is attention computed by hand), which under a split would see this rank's "
+                    "tokens only; for attention, set a processor that calls one of them (attn.set_processor(...))"
+                )
         inputs = tuple(self.dims(x, f"input '{name}'") for x, name in zip(fakes, names))
         sequences = list(dict.fromkeys(p for dims in inputs for d in dims for p in d.parts))
         attention = []
@@ -306,4 +342,6 @@ class _Resolver:
                 "inside the block; a split of its inputs cannot follow them"
             )
         outputs = tuple(self.dims(x, "an output", strict=False) for x in tree_leaves(output))
-        return BlockRoles(tuple(inputs), tuple(attention), tuple(sequences), outputs)
+        reductions = tuple((i, next(d for d, length in dims if length.free_symbols & self.split))
+                           for i, dims in self.sums if any(length.free_symbols & self.split for _, length in dims))
+        return BlockRoles(tuple(inputs), tuple(attention), tuple(sequences), outputs, reductions=reductions)

@@ -31,6 +31,7 @@ everything from there on runs on whole sequences, as on one process.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import weakref
@@ -42,9 +43,11 @@ from diffusers.hooks.hooks import ModelHook
 
 from cp_plugin.attention.dispatch import AttentionCall, AttentionRouting, RoutedParallelConfig
 from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
+from cp_plugin.grid import HaloGrid, grid_radius
 from cp_plugin.locality import Locality
 from cp_plugin.plans import PLAN_HINT
 from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, probe_block
+from cp_plugin.reductions import TokenReductions
 from cp_plugin.sequence import gather_sequence, local_shard
 
 
@@ -157,6 +160,8 @@ class BlockStreams(ModelHook):
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.params = list(inspect.signature(module.forward).parameters)
         self.structure: tuple | None = None
+        self.where = f"{self.state.model} block '{self.name}' ({type(module).__name__})"
+        self.radius = grid_radius(module, self.where)  # > 0: it convolves its tokens on their grid
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -171,13 +176,23 @@ class BlockStreams(ModelHook):
             state.running.append((roles, itertools.count()))
             state.padding.in_blocks += 1
             try:
-                output = self.fn_ref.original_forward(*args, **kwargs)
+                with self._block_ops(roles):
+                    output = self.fn_ref.original_forward(*args, **kwargs)
             finally:
                 state.padding.in_blocks -= 1
                 state.running.pop()
         finally:
             state.routing.exit()
         return self._exit(module, output, roles)
+
+    def _block_ops(self, roles: BlockRoles) -> contextlib.ExitStack:
+        """The block's own ops that the split must follow: grid reshapes (halos), sums over tokens."""
+        stack, state = contextlib.ExitStack(), self.state
+        if roles.grid is not None and roles.grid.entries:
+            stack.enter_context(HaloGrid(roles.grid, state.padding, state.mesh, self.radius, self.where))
+        if roles.reductions:
+            stack.enter_context(TokenReductions(roles.reductions, state.padding, state.mesh))
+        return stack
 
     # entry ------------------------------------------------------------------------------------
     def _names(self, args: tuple, kwargs: dict) -> list[str]:
@@ -200,10 +215,10 @@ class BlockStreams(ModelHook):
                tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves))
         roles = _ROLES.get(key)
         if roles is None:
-            where = f"{state.model} block '{self.name}' ({type(module).__name__})"
             shapes = [self._whole_shape(x) if state.is_local(x) else None for x in leaves]
             try:
-                roles = probe_block(self.fn_ref.original_forward, args, kwargs, names, where, shapes)
+                roles = probe_block(self.fn_ref.original_forward, args, kwargs, names, self.where, shapes,
+                                    grid=self.radius > 0)
             except ProbeError as err:
                 raise ValueError(f"{err}; {PLAN_HINT}") from err
             _ROLES[key] = roles

@@ -40,12 +40,13 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # (Z-Image, Lumina 2: samples packed between blocks), text self-attended then attended as keys (Kandinsky 5),
 # tokens joined and cut between blocks (HiDream, Krea 2), grouped key/value heads (ACE-Step), a rotary table
 # sliced inside blocks (Stable Audio 3), a convolution after the blocks (DreamLite), own plans cp_plugin replaces
-# or extends (LTX-2, Helios), causal self-attention (MiniMax Music 3's depth decoder).
+# or extends (LTX-2, Helios), causal self-attention (MiniMax Music 3's depth decoder), convolutions over the token
+# grid with linear attention (Sana: a padded 3 x 5 grid; Sana-Video: frames, a temporal convolution, a sum of keys).
 FIRST = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
          "pixart", "dit", "auraflow", "cogview3plus", "cogview4", "allegro", "hunyuanimage", "flux2", "cosmos",
          "glmimage", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
-              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth")
+              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana", "sana_video")
 SUITE = FIRST + MECHANISMS
 
 
@@ -184,6 +185,17 @@ def _reversed_order(self: Any, terms: Any, what: str) -> list:
     return _Resolver._unmutated_ordered(self, terms, what)[::-1]
 
 
+def _halo_without_rows(self: Any, *args: Any) -> Any:
+    """Give a split grid's band no rows from neighbouring ranks: each rank convolves its own rows only."""
+    self.radius = 0
+    return self._unmutated_halo(*args)
+
+
+def _no_token_sums(self: Any, sums: Any, *args: Any) -> None:
+    """Leave linear attention's sums over tokens as each rank's own."""
+    self._unmutated_init__((), *args)
+
+
 # mutation -> (where, what, replacement, cases it must make fail)
 MUTATIONS = {
     # a (1, 24, 1, 24) rotary table: 24 video tokens, head dim 24
@@ -192,6 +204,11 @@ MUTATIONS = {
     # joint attention image first (a mask, a rotary table), and text first
     "joint order swapped": ("cp_plugin.probe._Resolver", "ordered", _reversed_order,
                             [("hunyuanvideo", {"ulysses_degree": 2}), ("chroma", {"ring_degree": 2})]),
+    # Sana's 3 x 3 depthwise convolution and Sana-Video's temporal one over a split grid
+    "halo dropped": ("cp_plugin.grid.HaloGrid", "_halo", _halo_without_rows,
+                     [("sana", {"ring_degree": 2}), ("sana_video", {"ulysses_degree": 2})]),
+    "sums over tokens kept local": ("cp_plugin.reductions.TokenReductions", "__init__", _no_token_sums,
+                                    [("sana", {"ulysses_degree": 2})]),
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
+from cp_plugin.grid import grid_radius
 from cp_plugin.plans import DerivedPlan, resolve_plans
 from cp_plugin.probe import BlockRoles, probe_block
 from fixtures.dits import CASES
@@ -69,7 +70,8 @@ def probe_real(name: str) -> list[str]:
     for where, block, args, kwargs in seen.values():
         names = _names(args, kwargs)
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in tree_flatten((args, kwargs))[0]]
-        roles = probe_block(block.forward, args, kwargs, names, f"{case.cls} {where}", shapes)
+        roles = probe_block(block.forward, args, kwargs, names, f"{case.cls} {where}", shapes,
+                            grid=grid_radius(block, where) > 0)
         check_roles(roles, names, shapes, f"{case.cls} {where}")
         probed.append(where)
     return probed

@@ -33,6 +33,7 @@ import torch
 
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
+from cp_plugin.blockops import foreign
 from cp_plugin.compat import SDPA, attention_backends
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
@@ -130,6 +131,10 @@ class AttentionRouting:
 
     def _wrap_backend(self, backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            with foreign():
+                return route(*args, **kwargs)
+
+        def route(*args: Any, **kwargs: Any) -> torch.Tensor:
             if recording() is not None:  # a probe (probe.py): plain attention on fake tensors, noted there
                 return _probe_attention(*args, **kwargs)
             call = self._calls[-1] if self._calls else None
@@ -154,6 +159,11 @@ class AttentionRouting:
             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
         ) -> torch.Tensor:
             """``F.scaled_dot_product_attention`` (``(B, H, S, D)`` layout), routed inside a derived-plan block."""
+            with foreign():
+                return route_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+        def route_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                       dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
             call = self._calls[-1] if self._calls and recording() is None else None
             roles = None if call is None or call.state is None else call.state.next_attention()
             if roles is None or not roles[1]:
