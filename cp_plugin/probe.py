@@ -71,6 +71,10 @@ class _Recording(TorchFunctionMode):
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
         self.statistics: list[tuple[str, Any]] = []  # (op, length) of dimensions softmaxes, means, scans run over
         self.counter, self.statistic = OpCounter(SUMS), OpCounter(_STATISTICS)
+        # Which statistics (indices) each tensor was computed from: only those reaching the block's outputs matter
+        # (HiDream's router computes a load-balancing loss from a mean over tokens and drops it).
+        self.derived: dict[int, frozenset[int]] = {}
+        self.kept: list[Any] = []  # the tensors ``derived`` names, kept alive so that their ids stay theirs
 
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -82,8 +86,6 @@ class _Recording(TorchFunctionMode):
             shaped = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim()]
             if len(shaped) > 1 and isinstance(dim, int):
                 self.cats.append([t.shape[dim] for t in shaped])
-        elif self.statistic.index(func) is not None and args and isinstance(args[0], torch.Tensor):
-            self.statistics += [(func.__name__, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]
         elif func is torch.nn.functional.pad:
             x, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
             for i in range(0, len(pad), 2):
@@ -91,7 +93,18 @@ class _Recording(TorchFunctionMode):
         index = self.counter.index(func)
         if index is not None and isinstance(args[0], torch.Tensor):
             self.sums.append((index, [(d, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]))
+        sources = frozenset().union(*(self.derived.get(id(x), ()) for x in _leaves(args, kwargs)))
+        if self.statistic.index(func) is not None and args and isinstance(args[0], torch.Tensor):
+            found = [(func.__name__, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]
+            sources |= set(range(len(self.statistics), len(self.statistics) + len(found)))
+            self.statistics += found
         out = func(*args, **kwargs)
+        if sources:  # what the op made, and what it wrote into (in-place ops, item assignment)
+            written = args[:1] if func is torch.Tensor.__setitem__ or func.__name__.endswith("_") else ()
+            for x in (*tree_leaves(out), *written):
+                if isinstance(x, torch.Tensor):
+                    self.derived[id(x)] = self.derived.get(id(x), frozenset()) | sources
+                    self.kept.append(x)
         if func in (torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow):
             x = args[0]
             if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor) and out.dim() == x.dim():
@@ -104,6 +117,10 @@ class _Recording(TorchFunctionMode):
         self.attention.append((query.shape[-2], key.shape[-2]))
         if attn_mask is not None:
             torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2]))
+
+
+def _leaves(args: Sequence, kwargs: dict) -> list[Any]:
+    return tree_leaves((tuple(args), kwargs))
 
 
 # Ops over a dimension that a sum over ranks cannot make whole: under a split they see this rank's tokens only.
@@ -206,6 +223,7 @@ class _Resolver:
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
         self.statistics = [(op, self.expr(length)) for op, length in record.statistics]
+        self.derived = record.derived
         self.sums = [(i, [(d, self.expr(length)) for d, length in dims]) for i, dims in record.sums]
         for i, (q, _) in enumerate(record.attention):
             if isinstance(q, torch.SymInt) and q.node.expr.free_symbols and not self.calls[i][0].free_symbols:
@@ -317,7 +335,8 @@ class _Resolver:
                         f"to the token count {cut} inside the block, so it holds more positions than tokens; a split "
                         "cannot tell which of them each rank's tokens take"
                     )
-        for op, length in self.statistics:
+        reaching = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves(output)))
+        for op, length in (self.statistics[i] for i in sorted(reaching)):
             if length.free_symbols & self.split:
                 raise ProbeError(
                     f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "

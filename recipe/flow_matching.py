@@ -86,7 +86,7 @@ class FlowMatching(L.LightningModule):
         """Refuse, before training, data whose latents or text this model cannot take (naming both sides)."""
         self.velocity_inputs_fit(sample["latents"].shape[1])
         for name, width in self.family.text_dims(self.transformer).items():
-            if name not in sample or sample[name].shape[-1] != width:
+            if name not in sample or (width is not None and sample[name].shape[-1] != width):
                 found = sample[name].shape[-1] if name in sample else "none"
                 raise ValueError(f"the data's {name} have width {found} but the model takes {width}: the cache was "
                                  "made with another model; build one with this model.pretrained_path (prepare.py)")
@@ -106,7 +106,7 @@ class FlowMatching(L.LightningModule):
             return {name: batch[name] for name in self.family.text_dims(self.transformer)}
         labels = batch["label"]
         text = self.class_embedding(labels).view(len(labels), self.text_tokens, self.text_dim)
-        return {"prompt_embeds": text, "pooled_prompt_embeds": text.mean(1)}
+        return self.family.demo_text(text)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's velocity prediction for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)``."""

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from diffusers import ModelMixin
 
-from fixtures.models import seeded
 from recipe.families import family
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "org/name": what from_pretrained looks up on the Hub
@@ -32,6 +31,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"model.dtype={self.dtype!r} is not a torch dtype; use float32 or bfloat16")
+
+
+def seeded(cls: type[ModelMixin], config: dict[str, Any], seed: int) -> ModelMixin:
+    """Instantiate ``cls(**config)`` with weights drawn from ``seed`` (same on every rank, no broadcast)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**config)
 
 
 def build_model(cfg: ModelConfig) -> ModelMixin:

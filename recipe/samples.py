@@ -66,8 +66,8 @@ class PipelineSamples(PeriodicSamples):
             options["guidance_scale"] = settings.guidance_scale
         with torch.no_grad():
             output = self.pipeline(
-                prompt=list(settings.prompts), num_inference_steps=self.steps, output_type="pil",
-                generator=torch.Generator().manual_seed(settings.seed), **options,
+                **module.family.prompt_inputs(self.pipeline, list(settings.prompts)), num_inference_steps=self.steps,
+                output_type="pil", generator=torch.Generator().manual_seed(settings.seed), **options,
             )
         if trainer.is_global_zero:
             self.publish(trainer, output.frames if module.family.video else output.images)

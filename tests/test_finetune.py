@@ -24,6 +24,7 @@ from PIL import Image
 from exact import assert_update_close
 from launcher import run_distributed
 from recipe.cache import BucketBatches, LatentCache, shard_files, shard_samples
+from recipe.families import family as find_family
 from recipe.flow_matching import FlowMatching, OptimizerConfig
 from recipe.latents import LatentsConfig, encode_folder, latent_cache
 from recipe.lora import LoraSettings
@@ -35,8 +36,9 @@ OPTIMIZER = OptimizerConfig(lr=1e-2, warmup_steps=1)
 STEPS = 3
 # pixel sizes of the tiny pipelines' buckets: Flux (VAE factor 2, 2x2 packing) and Wan (16, 4k+1 frames)
 DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"],
+        "chroma": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
-MEDIA = {"flux": "images", "wan": "videos"}
+MEDIA = {"flux": "images", "chroma": "images", "wan": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -55,7 +57,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     root = tmp_path_factory.mktemp("finetune")
     made = {}
-    for family, ranks in (("flux", 1), ("wan", 2)):
+    for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family])
@@ -68,7 +70,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -84,6 +86,9 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert sample["prompt_embeds"].shape[0] == 512  # the length the pipeline's own call encodes to
     if family == "wan":
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
+    if family == "chroma":  # the prompt's tokens and the first padding token attend (ChromaPipeline's own mask)
+        mask = sample["prompt_attention_mask"]
+        assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
 
 
 @pytest.mark.timeout(300)
@@ -204,7 +209,8 @@ def one_process(family: str, pipeline: str, cache: str, dp: int) -> dict[str, An
 # into the updates. Measured: ulysses 2 x dp 2 gradients 2e-5, updates 3e-4; ring 2 6e-5 and 2.4e-3 (of the
 # norm); dp 2 alone, 0. Flux (joint attention): gradients 6e-7, updates 8e-7 (ring 2) and 1.1e-5 (ulysses 2 x
 # dp 2, AdamW again). Skipping CP anywhere is off by O(1).
-TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "wan": {"grads": 2e-4, "updates": 1e-2}}
+TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
+             "wan": {"grads": 2e-4, "updates": 1e-2}}
 
 
 def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
@@ -226,7 +232,8 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("family", "layout"), [("flux", {"ring_degree": 2}), ("wan", {"ulysses_degree": 2}),
-                                                ("flux", {"ulysses_degree": 2}), ("wan", {"ring_degree": 2})])
+                                                ("flux", {"ulysses_degree": 2}), ("wan", {"ring_degree": 2}),
+                                                ("chroma", {"ring_degree": 2})])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int]) -> None:
     case = made[family]
     world = 4 if "ulysses_degree" in layout else 2  # ulysses 2 x dp 2, or ring 2
@@ -254,13 +261,15 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan", "parallel=ulysses")])
+@pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan", "parallel=ulysses"),
+                                                ("chroma", "parallel=ulysses")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run
 
     case, run = made[family], tmp_path / "run"
-    size = ["validation.height=64", "validation.width=64"] if family == "flux" else \
+    video = find_family(family).video
+    size = ["validation.height=64", "validation.width=64"] if not video else \
         ["validation.height=32", "validation.width=32", "validation.frames=5"]
     command = [sys.executable, str(ROOT / "train.py"), f"model={family}", f"model.pretrained_path={case['pipeline']}",
                "model.dtype=float32", "data=latents", f"data.cache={case['cache']}", "lora.rank=4", "lora.alpha=8",
@@ -271,21 +280,21 @@ def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(ma
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, history = wandb_run(run)
     logged = [(row["trainer/global_step"], row["samples/_type"]) for row in history if "samples/_type" in row]
-    kind = "images/separated" if family == "flux" else "videos"
+    kind = "images/separated" if not video else "videos"
     assert logged == [(2, kind), (3, kind)], logged  # every 2 steps and at the end, next to the loss
     assert any("train/loss" in row for row in history)
     pipeline = family_pipeline(family).from_pretrained(case["pipeline"])
-    options = {"height": 64, "width": 64} if family == "flux" else {"height": 32, "width": 32, "num_frames": 5}
+    options = {"height": 64, "width": 64} if not video else {"height": 32, "width": 32, "num_frames": 5}
 
     def generate() -> np.ndarray:
-        out = pipeline("a red cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                       output_type="pil", **options)
-        return np.asarray(out.images[0] if family == "flux" else out.frames[0][0], dtype=np.int16)
+        out = pipeline(**find_family(family).prompt_inputs(pipeline, ["a red cat"]), num_inference_steps=2,
+                       generator=torch.Generator().manual_seed(0), output_type="pil", **options)
+        return np.asarray(out.images[0] if not video else out.frames[0][0], dtype=np.int16)
 
     base = generate()
     pipeline.load_lora_weights(run / "lora")
     tuned = generate()
-    if family == "flux":  # the run's last sample is a PNG of the same generation
+    if not video:  # the run's last sample is a PNG of the same generation
         sample = np.asarray(Image.open(run / "samples" / "step000003-0.png"), dtype=np.int16)
         assert np.abs(tuned - sample).max() <= 1, "the reloaded adapters generate another image than the run's sample"
         assert np.abs(base - sample).max() > 2, "the adapters change nothing: the test cannot fail"
@@ -295,9 +304,7 @@ def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(ma
 
 
 def family_pipeline(family: str) -> Any:
-    from recipe.families import family as find
-
-    return find(family).pipeline_class()
+    return find_family(family).pipeline_class()
 
 
 @pytest.mark.timeout(120)

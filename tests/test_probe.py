@@ -136,3 +136,65 @@ def test_text_that_only_gives_cross_attention_keys_stays_whole() -> None:
     dims, roles = probe(block, args, kwargs)
     assert [name for name, d in dims.items() if d] == ["arg0"]
     assert roles.attention[1][1] == ()  # cross-attention keys: the text, whole on every rank
+
+
+def sana_block(grid: tuple[int, int], head_dim: int) -> tuple[torch.nn.Module, tuple, dict]:
+    from diffusers import SanaTransformer2DModel
+
+    model = seeded(SanaTransformer2DModel, {
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": head_dim, "num_layers": 1,
+        "num_cross_attention_heads": 2, "cross_attention_head_dim": head_dim, "cross_attention_dim": 2 * head_dim,
+        "caption_channels": 12, "sample_size": 8, "patch_size": 1}, 0)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": randn(g, BATCH, 4, *grid), "encoder_hidden_states": randn(g, BATCH, 5, 12),
+              "encoder_attention_mask": text_mask(5).long(), "timestep": torch.rand(BATCH, generator=g)}
+    return first_block_inputs(model, "transformer_blocks", inputs)
+
+
+@pytest.mark.parametrize(("grid", "head_dim"), [((3, 5), 8), ((2, 4), 8), ((1, 4), 4)])
+def test_a_grid_convolution_and_linear_attention_are_found_by_structure(grid: tuple[int, int], head_dim: int) -> None:
+    """Sana: the block puts its tokens on the (height, width) grid for a 3 x 3 depthwise convolution and back, and
+    its linear attention sums value x key over the tokens; at 8 tokens == head dim 8 and 4 == head dim 4 too."""
+    block, args, kwargs = sana_block(grid, head_dim)
+    leaves, _ = tree_flatten((args, kwargs))
+    roles = probe_block(block.forward, args, kwargs, [f"arg{i}" for i in range(len(leaves))], "Sana", grid=True)
+    assert roles.inputs[0] == (TokenDim(1, roles.sequences),)  # hidden_states: the one split sequence
+    assert len(roles.grid.entries) == len(roles.grid.exits) == 1 and roles.grid.entries[0] < roles.grid.exits[0][0]
+    assert roles.grid.exits[0][1] == 2  # (B, C, rows * width) after the convolutions: tokens in dim 2
+    assert [dim for _, dim in roles.reductions] == [3]  # value (B, H, D + 1, tokens) @ key: tokens in dim 3
+
+
+def test_softmax_attention_by_hand_over_split_tokens_is_refused() -> None:
+    """A processor that computes softmax(QK^T)V itself would normalise each rank's keys alone."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    block, args, kwargs = sana_block((3, 5), 8)
+    block.attn1.set_processor(AttnProcessor())
+    leaves, _ = tree_flatten((args, kwargs))
+    with pytest.raises(ProbeError, match="softmax over split tokens"):
+        probe_block(block.forward, args, kwargs, [f"arg{i}" for i in range(len(leaves))], "Sana", grid=True)
+
+
+class _MeanBlock(torch.nn.Module):
+    """Self-attention over its tokens, plus their mean: added to its output, or computed and dropped."""
+
+    def __init__(self, used: bool) -> None:
+        super().__init__()
+        self.used = used
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        heads = hidden_states.unflatten(-1, (2, -1)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(heads, heads, heads).transpose(1, 2).flatten(2)
+        pooled = hidden_states.mean(dim=1, keepdim=True)  # a router's load-balancing statistic, say
+        return out + pooled if self.used else out
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_a_mean_over_split_tokens_is_refused_only_when_it_reaches_the_output(used: bool) -> None:
+    x = torch.randn(2, 6, 8)
+    run = lambda: probe_block(_MeanBlock(used).forward, (x,), {}, ["hidden_states"], "MeanBlock")  # noqa: E731
+    if used:
+        with pytest.raises(ProbeError, match="mean over split tokens"):
+            run()
+    else:
+        assert run().inputs[0] == (TokenDim(1, run().sequences),)

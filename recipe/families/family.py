@@ -1,0 +1,77 @@
+"""What a model family is to the recipe: how it is loaded, encodes data, is called in training, saves LoRA.
+
+Every trainer of pretrained DiTs (diffusers' scripts, finetrainers, musubi-tuner) encodes the data
+once with the pipeline's own VAE and text encoders and trains the transformer on the result. What
+the families do differently is what a :class:`Family` declares, one file per family in this
+package: latent normalisation, the prompt encoding the pipeline's own call uses (without
+classifier-free guidance), the transformer's inputs, size rules, and the diffusers LoRA loader
+whose ``save_lora_weights`` writes the format the pipeline loads.
+
+Latents move through the recipe as ``(B, F, C, H, W)`` (``F = 1`` for images) with the text
+conditioning as a dict of tensors named like the pipeline's (``prompt_embeds``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin
+
+MAX_SEQUENCE_LENGTH = 512  # the prompt length the pipelines' __call__ encode to
+
+
+class Family:
+    """How one diffusers family is loaded, encodes data, is called in training and saves LoRA."""
+
+    name: ClassVar[str]
+    transformer_class: ClassVar[type[ModelMixin]]
+    tiny_config: ClassVar[dict[str, Any]]  # the demo model's config (no pretrained weights)
+    pipeline_class_name: ClassVar[str]
+    lora_loader_name: ClassVar[str]
+    video: ClassVar[bool]
+
+    def pipeline_class(self) -> type[DiffusionPipeline]:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def lora_loader(self) -> Any:
+        import diffusers.loaders
+
+        return getattr(diffusers.loaders, self.lora_loader_name)
+
+    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
+        """Why the pipeline cannot take media of this size, or ``None``."""
+        multiple = self.spatial_multiple(pipeline)
+        if height % multiple or width % multiple:
+            return f"height and width must be multiples of {multiple}"
+        return None
+
+    def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
+        raise NotImplementedError
+
+    def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``(F', C, H', W')`` of pixels ``(F, 3, H, W)`` in ``[-1, 1]``."""
+        raise NotImplementedError
+
+    def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning tensors (batch first) the pipeline's own call would compute for ``prompts``."""
+        raise NotImplementedError
+
+    def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+                 guidance: float) -> torch.Tensor:
+        """The transformer's velocity for latents ``(B, F, C, H, W)`` at flow times ``t`` ``(B,)`` in ``[0, 1]``."""
+        raise NotImplementedError
+
+    def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
+        """Each conditioning tensor the transformer takes, with its width (``None``: a mask, any length)."""
+        raise NotImplementedError
+
+    def prompt_inputs(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, Any]:
+        """The prompt arguments of a validation call of the pipeline (``__call__``)."""
+        return {"prompt": prompts}
+
+    def demo_text(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The conditioning tensors for the demo's learned class embeddings ``(B, tokens, width)``."""
+        return {"prompt_embeds": embeds}

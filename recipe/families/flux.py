@@ -1,0 +1,94 @@
+"""Flux (FluxPipeline): packed 2x2 latent patches, T5 at 512 tokens plus pooled CLIP, guidance-distilled.
+
+Latents are ``(z - shift_factor) * scaling_factor`` of ``latent_dist.mode()`` (``vae.config``). The
+transformer takes 2x2 latent patches as one token (``in_channels`` is 4x the VAE's channels) as
+``FluxPipeline`` packs them; the tiny demo Flux (patch 1) takes one token per latent pixel. Height
+and width must be divisible by twice the VAE factor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, ModelMixin
+
+from cp_plugin.compat import flux_pack_latents
+from recipe.families.family import MAX_SEQUENCE_LENGTH, Family
+
+# The demo model (no pretrained weights): joint attention over text and image tokens, one token per latent pixel.
+TINY_FLUX: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
+def flux_ids(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flux position ids ``(0, row, col)`` of a ``height x width`` token grid."""
+    rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+
+
+class Flux(Family):
+    name, transformer_class, tiny_config = "flux", FluxTransformer2DModel, TINY_FLUX
+    pipeline_class_name, lora_loader_name, video = "FluxPipeline", "FluxLoraLoaderMixin", False
+
+    def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
+        return pipeline.vae_scale_factor * 2  # the VAE's factor, then 2x2 packing
+
+    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
+        return "Flux takes images: frames must be 1" if frames != 1 else super().check_size(pipeline, frames, height, width)
+
+    def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipeline.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor  # (1, C, H', W') = (F, C, H, W)
+
+    def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = pipeline.encode_prompt(prompts, device=pipeline.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+                 guidance: float) -> torch.Tensor:
+        batch, _, channels, height, width = x_t.shape
+        packed = transformer.config.in_channels == 4 * channels  # pretrained: 2x2 latent patches per token
+        if packed:
+            tokens, grid = flux_pack_latents(x_t[:, 0], batch, channels, height, width), (height // 2, width // 2)
+        else:  # the demo's patch-1 model: one token per latent pixel
+            tokens, grid = x_t[:, 0].flatten(2).transpose(1, 2), (height, width)
+        out = self.call(transformer, tokens.to(transformer.dtype), grid, t, text, guidance)
+        if packed:  # back to (B, C, H, W): the inverse of the packing
+            out = out.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        else:
+            out = out.transpose(1, 2)
+        return out.reshape(batch, 1, channels, height, width)
+
+    def call(self, transformer: ModelMixin, tokens: torch.Tensor, grid: tuple[int, int], t: torch.Tensor,
+             text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
+        """The transformer on image tokens ``(B, S, C)`` of a ``grid``, as the pipeline calls it."""
+        embeds, device = text["prompt_embeds"].to(transformer.dtype), tokens.device
+        return transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=embeds,
+            pooled_projections=text["pooled_prompt_embeds"].to(transformer.dtype),
+            timestep=t,
+            img_ids=flux_ids(*grid, device),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
+            guidance=torch.full_like(t, guidance) if transformer.config.guidance_embeds else None,
+        ).sample
+
+    def text_dims(self, transformer: ModelMixin) -> dict[str, int]:
+        config = transformer.config
+        return {"prompt_embeds": config.joint_attention_dim, "pooled_prompt_embeds": config.pooled_projection_dim}
+
+
+
+    def demo_text(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": embeds.mean(1)}
