@@ -1,6 +1,6 @@
 """The longest sequence per rank within a step-peak budget, each memory feature on and off, measured side by side.
 
-    python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl} and the README's table
+    python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl} and docs/benchmarks.md's table
     python -m benchmarks.longest --budget-mib 64 --blocks 4 --worlds 1 2   # another budget and depth
 
 One invocation runs ``benchmarks.worker``'s measured search (every length it reports was run, see
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.readme import replace_section
+from benchmarks.readme import DOCS, replace_section
 from benchmarks.run import launch
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
 
@@ -42,7 +42,7 @@ KINDS = {"forward": "held from the forward (saved activations; block inputs when
          "attention": "cp_plugin's attention outputs and partials",
          "communication": "cp_plugin's communication buffers",
          "backward": "backward (recompute, activation and weight gradients)"}
-# The README carries the table between these lines (rewritten by each run).
+# docs/benchmarks.md carries the table between these lines (rewritten by each run).
 README_START, README_END = "<!-- longest table: python -m benchmarks.longest -->", "<!-- end of longest table -->"
 LAYOUTS = {
     1: [f"single{f}" for f in FEATURES],
@@ -105,7 +105,7 @@ def main() -> None:
     command = ("python -m benchmarks.longest " + " ".join(a for a in sys.argv[1:] if a != "--report-only")).strip()
     report = table(records, args.budget_mib, args.blocks, command)
     (args.out / "longest.md").write_text(report)
-    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip())
+    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip(), DOCS / "benchmarks.md")
     print(report)
 
 

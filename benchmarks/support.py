@@ -1,7 +1,7 @@
 """Which diffusers transformers train under cp_plugin: the table, written from the sweep's results.
 
     python -m benchmarks.every_dit      # trains every case, writes benchmarks/results/every_dit.json
-    python -m benchmarks.support        # writes benchmarks/results/support.md and the README's table
+    python -m benchmarks.support        # writes benchmarks/results/support.md, docs/models.md's table, the README's counts
 
 Every ``ModelMixin`` class in ``diffusers.models.transformers`` gets one row:
 
@@ -34,13 +34,14 @@ import diffusers
 import torch
 from diffusers import ModelMixin
 
-from benchmarks.readme import replace_section
+from benchmarks.readme import DOCS, replace_section
 from cp_plugin.plans import DERIVED_OVER_OWN
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# The README carries the table between these lines (rewritten by each run).
+# docs/models.md carries the table between these lines, the README the counts (rewritten by each run).
 README_START, README_END = "<!-- support table: python -m benchmarks.support -->", "<!-- end of support table -->"
+COUNTS_START, COUNTS_END = "<!-- support counts: python -m benchmarks.support -->", "<!-- end of support counts -->"
 
 
 def transformer_classes() -> list[type[ModelMixin]]:
@@ -163,7 +164,9 @@ def main() -> None:
             "",
         ])
     (RESULTS / "support.md").write_text(report)
-    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip())
+    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip(), DOCS / "models.md")
+    replace_section(COUNTS_START, COUNTS_END, f"{len(lines)} transformer classes of diffusers {diffusers.__version__}: "
+                    f"{summary} (`python -m benchmarks.support`, [the table](docs/models.md)).")
     print(report)
 
 

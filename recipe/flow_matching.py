@@ -74,13 +74,7 @@ class FlowMatching(L.LightningModule):
 
     def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
         """Image/video tokens the transformer sees for one sample of latents ``(F, C, H, W)``."""
-        frames, channels, height, width = latent_shape
-        patch = self.transformer.config.patch_size
-        if self.family.video:
-            return (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
-        if self.transformer.config.in_channels == 4 * channels:  # packed 2x2, as FluxPipeline does
-            return (height // 2) * (width // 2)
-        return height * width // patch**2
+        return self.family.tokens(self.transformer, latent_shape)
 
     def check_data(self, sample: dict[str, torch.Tensor]) -> None:
         """Refuse, before training, data whose latents or text this model cannot take (naming both sides)."""

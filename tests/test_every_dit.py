@@ -23,7 +23,6 @@ import torch
 
 from dits_exact import SGD_LR, STEPS, lightning_train_many, train, train_many
 from exact import assert_update_close, update_error
-from fixtures.dits import CASES
 from launcher import run_distributed
 
 # Measured (fp32, gloo): losses within 2.2e-7, gradients within 3e-6 of the largest, SGD and AdamW

@@ -37,8 +37,9 @@ STEPS = 3
 # pixel sizes of the tiny pipelines' buckets: Flux (VAE factor 2, 2x2 packing) and Wan (16, 4k+1 frames)
 DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"],
         "chroma": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "zimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
-MEDIA = {"flux": "images", "chroma": "images", "wan": "videos"}
+MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -57,7 +58,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     root = tmp_path_factory.mktemp("finetune")
     made = {}
-    for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1)):
+    for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family])
@@ -70,7 +71,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", ["flux", "wan", "chroma"])
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -86,6 +87,8 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert sample["prompt_embeds"].shape[0] == 512  # the length the pipeline's own call encodes to
     if family == "wan":
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
+    if family == "zimage":  # each prompt's own tokens (chat template included), padded to 512 with the mask
+        assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
     if family == "chroma":  # the prompt's tokens and the first padding token attend (ChromaPipeline's own mask)
         mask = sample["prompt_attention_mask"]
         assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
@@ -210,6 +213,7 @@ def one_process(family: str, pipeline: str, cache: str, dp: int) -> dict[str, An
 # norm); dp 2 alone, 0. Flux (joint attention): gradients 6e-7, updates 8e-7 (ring 2) and 1.1e-5 (ulysses 2 x
 # dp 2, AdamW again). Skipping CP anywhere is off by O(1).
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
+             "zimage": {"grads": 1e-5, "updates": 5e-5},
              "wan": {"grads": 2e-4, "updates": 1e-2}}
 
 
@@ -233,7 +237,7 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("family", "layout"), [("flux", {"ring_degree": 2}), ("wan", {"ulysses_degree": 2}),
                                                 ("flux", {"ulysses_degree": 2}), ("wan", {"ring_degree": 2}),
-                                                ("chroma", {"ring_degree": 2})])
+                                                ("chroma", {"ring_degree": 2}), ("zimage", {"ulysses_degree": 2})])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int]) -> None:
     case = made[family]
     world = 4 if "ulysses_degree" in layout else 2  # ulysses 2 x dp 2, or ring 2
@@ -262,7 +266,7 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan", "parallel=ulysses"),
-                                                ("chroma", "parallel=ulysses")])
+                                                ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run

@@ -59,6 +59,10 @@ class Family:
         """The conditioning tensors (batch first) the pipeline's own call would compute for ``prompts``."""
         raise NotImplementedError
 
+    def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
+        """Image/video tokens the transformer makes of one sample's latents ``(F, C, H, W)``."""
+        raise NotImplementedError
+
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
         """The transformer's velocity for latents ``(B, F, C, H, W)`` at flow times ``t`` ``(B,)`` in ``[0, 1]``."""

@@ -55,6 +55,12 @@ class Flux(Family):
         embeds, pooled, _ = pipeline.encode_prompt(prompts, device=pipeline.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
+    def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
+        _, channels, height, width = latent_shape
+        if transformer.config.in_channels == 4 * channels:  # packed 2x2, as FluxPipeline does
+            return (height // 2) * (width // 2)
+        return height * width // transformer.config.patch_size**2
+
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
         batch, _, channels, height, width = x_t.shape

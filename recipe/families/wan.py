@@ -58,6 +58,11 @@ class Wan(Family):
                                            max_sequence_length=MAX_SEQUENCE_LENGTH, device=pipeline.device)
         return {"prompt_embeds": embeds}
 
+    def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
+        frames, _, height, width = latent_shape
+        patch = transformer.config.patch_size
+        return (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
         dtype = transformer.dtype  # video: (B, C, F, H, W), timesteps in [0, 1000]

@@ -1,0 +1,26 @@
+"""The documentation builds without a broken link, and the README's links lead somewhere."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_docs_site_builds_in_strict_mode(tmp_path: Path) -> None:
+    """MkDocs in strict mode: a link to a missing page or anchor, or a page outside the navigation, fails."""
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "models" / "index.html").is_file()
+
+
+def test_every_relative_link_of_the_readme_exists() -> None:
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert local, "the README links to no file: the test cannot fail"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"the README links to missing files: {missing}"
