@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 RESHAPES = frozenset({torch.Tensor.unflatten, torch.unflatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view})
 PRODUCTS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm})
@@ -32,6 +34,28 @@ def summed_dims(func: Callable, args: tuple, kwargs: dict) -> list[int]:
     return [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
 
 _FOREIGN: list[int] = [0]  # > 0: the ops running now are not the block's (a list: compiled code reads it)
+_COUNTING: list[int] = [0]  # > 0: a mode that numbers a block's ops is active
+
+
+def counting() -> bool:
+    """Whether a block's ops are being numbered now, so that attention calls must say they are not the block's.
+
+    Attention calls check this before entering :func:`foreign`: a compiled block breaks its graph at
+    the attention call, and a ``with`` block around that break would send the whole frame to eager.
+    """
+    return _COUNTING[0] > 0
+
+
+class CountingMode(TorchFunctionMode):
+    """A function mode that numbers a block's own ops (a probe's, or the run time's that act on them)."""
+
+    def __enter__(self) -> Any:
+        _COUNTING[0] += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        _COUNTING[0] -= 1
+        return super().__exit__(*exc)
 
 
 @contextmanager

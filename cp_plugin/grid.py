@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from cp_plugin.blockops import RESHAPES, OpCounter, foreign
+from cp_plugin.blockops import RESHAPES, CountingMode, OpCounter, foreign
 from cp_plugin.compat import FakeTensorMode, fresh_size, same_size, size_hint
 from cp_plugin.sequence import gather_sequence
 
@@ -107,7 +106,7 @@ class GridOps:
     exits: tuple[tuple[int, int], ...]
 
 
-class ProbeGrid(TorchFunctionMode):
+class ProbeGrid(CountingMode):
     """In a probe of a block with grid convolutions: a reshape of the symbolic token count into concrete grid
     sizes gives a grid of a new symbol of rows (as the split's band will have its own), and a later reshape
     with a dimension of those rows times the rest of the grid brings it back to tokens, the token count."""
@@ -149,7 +148,7 @@ class ProbeGrid(TorchFunctionMode):
         return GridOps(tuple(self.entries), tuple(self.exits))
 
 
-class HaloGrid(TorchFunctionMode):
+class HaloGrid(CountingMode):
     """Inside one forward of a block with grid convolutions, at run time: a band of whole rows in at each
     entry the probe found, this rank's tokens out at each exit."""
 

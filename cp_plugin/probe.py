@@ -28,9 +28,8 @@ from typing import Any
 
 import sympy
 import torch
-from torch.overrides import TorchFunctionMode
 
-from cp_plugin.blockops import SUMS, OpCounter, summed_dims
+from cp_plugin.blockops import SUMS, CountingMode, OpCounter, summed_dims
 from cp_plugin.compat import SDPA, FakeTensorMode, ShapeEnv, TorchDispatchMode, decomposition, size_expr
 from cp_plugin.compat import is_backed, outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode
 from cp_plugin.compat import tree_flatten, tree_leaves, tree_unflatten
@@ -59,7 +58,7 @@ class BlockRoles:
     reductions: tuple[tuple[int, int], ...] = ()  # its sums (number, dim) over split tokens (``reductions.py``)
 
 
-class _Recording(TorchFunctionMode):
+class _Recording(CountingMode):
     """Attention calls and concatenations made during a probe, with their symbolic sizes."""
 
     def __init__(self) -> None:

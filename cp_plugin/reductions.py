@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
 
-from cp_plugin.blockops import SUMS, OpCounter, foreign
+from cp_plugin.blockops import SUMS, CountingMode, OpCounter, foreign
 from cp_plugin.comm import all_reduce
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ class _SumOverRanks(torch.autograd.Function):
         return all_reduce(grad, ctx.group, "token_sum_backward"), None
 
 
-class TokenReductions(TorchFunctionMode):
+class TokenReductions(CountingMode):
     """Inside one block forward: the products and sums its probe found adding over split tokens, summed over ranks."""
 
     def __init__(self, sums: tuple[tuple[int, int], ...], padding: SequencePadding, mesh: ParallelMesh) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
-from cp_plugin.blockops import foreign
+from cp_plugin.blockops import counting, foreign
 from cp_plugin.compat import SDPA, attention_backends
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
@@ -131,6 +131,8 @@ class AttentionRouting:
 
     def _wrap_backend(self, backend_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if not counting():
+                return route(*args, **kwargs)
             with foreign():
                 return route(*args, **kwargs)
 
@@ -159,6 +161,8 @@ class AttentionRouting:
             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
         ) -> torch.Tensor:
             """``F.scaled_dot_product_attention`` (``(B, H, S, D)`` layout), routed inside a derived-plan block."""
+            if not counting():
+                return route_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             with foreign():
                 return route_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
