@@ -94,9 +94,10 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             (``cp_plugin.checkpoint``, as Lightning's ``ModelParallelStrategy``) instead of one file
             rank 0 writes. Default: ``True`` under FSDP2 (no rank gathers the model), ``False`` under DDP.
             Loading reads both kinds, whatever this is set to.
-        Remaining arguments are ``DDPStrategy`` 's (accelerator, parallel_devices,
-        cluster_environment, checkpoint_io, precision_plugin, process_group_backend, timeout,
-        start_method, DDP keyword arguments).
+
+    The remaining arguments are ``DDPStrategy`` 's (accelerator, parallel_devices,
+    cluster_environment, checkpoint_io, precision_plugin, process_group_backend, timeout,
+    start_method, DDP keyword arguments).
     """
 
     strategy_name = "context_parallel"

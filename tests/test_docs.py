@@ -11,11 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_docs_site_builds_in_strict_mode(tmp_path: Path) -> None:
-    """MkDocs in strict mode: a link to a missing page or anchor, or a page outside the navigation, fails."""
+    """MkDocs in strict mode: a link to a missing page or anchor, a page outside the navigation, or a docstring
+    mkdocstrings cannot parse fails."""
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "models" / "index.html").is_file()
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "shard_batch" in api and "ParallelConfig" in api  # the reference was rendered from the docstrings
 
 
 def test_every_relative_link_of_the_readme_exists() -> None:
