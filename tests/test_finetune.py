@@ -97,7 +97,7 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
 @pytest.mark.timeout(300)
 def test_prepare_resumes_after_a_crash_and_refuses_another_model(made: dict[str, Any], tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from recipe.families import Flux
+    from recipe.families.flux import Flux
 
     case = made["flux"]
     model = ModelConfig(family="flux", pretrained_path=str(case["pipeline"]), dtype="float32")
