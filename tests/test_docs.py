@@ -27,3 +27,12 @@ def test_every_relative_link_of_the_readme_exists() -> None:
     assert local, "the README links to no file: the test cannot fail"
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, f"the README links to missing files: {missing}"
+
+
+def test_the_troubleshooting_page_lists_every_error_the_library_raises() -> None:
+    """``docs/troubleshooting.md`` is what ``python -m benchmarks.troubleshooting`` writes from the source today."""
+    from benchmarks.troubleshooting import PAGE, page
+
+    current = page()
+    assert current.count("\n- ") > 50, "the page lists almost no errors: the extraction is broken"
+    assert PAGE.read_text() == current, "an error was added or changed: run python -m benchmarks.troubleshooting"
