@@ -172,17 +172,16 @@ class HaloGrid(CountingMode):
 
     def _entry(self, x: torch.Tensor, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
         """The band of rows around this rank's tokens, for the reshape the probe saw put a stream on its grid."""
-        found = _grid_sizes(x, func, args, kwargs)
-        padding = self.padding
-        dim, sizes = found if found is not None else (0, ())
-        stream = next((s for s in padding.lengths if padding.local_stream(s) == x.shape[dim]), None)
-        total = padding.lengths.get(stream, 0)
-        if found is None or stream is None or math.prod(sizes) != total:
+        found, padding = _grid_sizes(x, func, args, kwargs), self.padding
+        stream = None if found is None else next(
+            (s for s in padding.lengths if padding.local_stream(s) == x.shape[found[0]]), None)
+        if stream is None or math.prod(found[1]) != padding.lengths[stream]:
             raise ValueError(
                 f"{self.where} puts its tokens on a grid ({getattr(func, '__name__', func)} of a tensor of shape "
                 f"{tuple(x.shape)}) in a way its probe did not show (no split stream of that grid's size); "
                 "it cannot be trained with context parallelism (ring_degree=1, ulysses_degree=1)"
             )
+        (dim, sizes), total = found, padding.lengths[stream]
         band, start, real = self._halo(x, dim, sizes, total)
         self.band = (start, real, x.shape[dim])
         return band.unflatten(dim, (band.shape[dim] // math.prod(sizes[1:]), *sizes[1:]))

@@ -92,7 +92,7 @@ class _Recording(CountingMode):
         index = self.counter.index(func)
         if index is not None and isinstance(args[0], torch.Tensor):
             self.sums.append((index, [(d, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]))
-        sources = frozenset().union(*(self.derived.get(id(x), ()) for x in _leaves(args, kwargs)))
+        sources = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves((tuple(args), kwargs))))
         if self.statistic.index(func) is not None and args and isinstance(args[0], torch.Tensor):
             found = [(func.__name__, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]
             sources |= set(range(len(self.statistics), len(self.statistics) + len(found)))
@@ -116,10 +116,6 @@ class _Recording(CountingMode):
         self.attention.append((query.shape[-2], key.shape[-2]))
         if attn_mask is not None:
             torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2]))
-
-
-def _leaves(args: Sequence, kwargs: dict) -> list[Any]:
-    return tree_leaves((tuple(args), kwargs))
 
 
 # Ops over a dimension that a sum over ranks cannot make whole: under a split they see this rank's tokens only.

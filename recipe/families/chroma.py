@@ -15,18 +15,11 @@ import torch
 from diffusers import ChromaTransformer2DModel, DiffusionPipeline, ModelMixin
 
 from recipe.families.family import MAX_SEQUENCE_LENGTH
-from recipe.families.flux import Flux, flux_ids
+from recipe.families.flux import TINY_FLUX, Flux, flux_ids
 
 # The demo model (no pretrained weights): Flux's tiny sizes and Chroma's distilled modulation (the approximator).
 TINY_CHROMA: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 16,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 32,
-    "axes_dims_rope": (4, 6, 6),
+    **{key: value for key, value in TINY_FLUX.items() if key != "pooled_projection_dim"},  # no pooled CLIP text
     "approximator_num_channels": 8,
     "approximator_hidden_dim": 16,
     "approximator_layers": 1,
@@ -34,11 +27,8 @@ TINY_CHROMA: dict[str, Any] = {
 
 
 class Chroma(Flux):
-    name, transformer_class, tiny_config = "chroma", ChromaTransformer2DModel, TINY_CHROMA
+    name, title, transformer_class, tiny_config = "chroma", "Chroma", ChromaTransformer2DModel, TINY_CHROMA
     pipeline_class_name, lora_loader_name, video = "ChromaPipeline", "FluxLoraLoaderMixin", False
-
-    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
-        return "Chroma takes images: frames must be 1" if frames != 1 else super().check_size(pipeline, 1, height, width)
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, mask, *_ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipeline.device,

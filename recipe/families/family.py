@@ -25,6 +25,7 @@ class Family:
     """How one diffusers family is loaded, encodes data, is called in training and saves LoRA."""
 
     name: ClassVar[str]
+    title: ClassVar[str]  # the family's name in messages
     transformer_class: ClassVar[type[ModelMixin]]
     tiny_config: ClassVar[dict[str, Any]]  # the demo model's config (no pretrained weights)
     pipeline_class_name: ClassVar[str]
@@ -43,6 +44,8 @@ class Family:
 
     def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
         """Why the pipeline cannot take media of this size, or ``None``."""
+        if not self.video and frames != 1:
+            return f"{self.title} takes images: frames must be 1"
         multiple = self.spatial_multiple(pipeline)
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}"

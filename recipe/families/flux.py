@@ -37,14 +37,11 @@ def flux_ids(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 class Flux(Family):
-    name, transformer_class, tiny_config = "flux", FluxTransformer2DModel, TINY_FLUX
+    name, title, transformer_class, tiny_config = "flux", "Flux", FluxTransformer2DModel, TINY_FLUX
     pipeline_class_name, lora_loader_name, video = "FluxPipeline", "FluxLoraLoaderMixin", False
 
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         return pipeline.vae_scale_factor * 2  # the VAE's factor, then 2x2 packing
-
-    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
-        return "Flux takes images: frames must be 1" if frames != 1 else super().check_size(pipeline, frames, height, width)
 
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipeline.vae

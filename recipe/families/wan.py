@@ -32,7 +32,7 @@ TINY_WAN: dict[str, Any] = {
 
 
 class Wan(Family):
-    name, transformer_class, tiny_config = "wan", WanTransformer3DModel, TINY_WAN
+    name, title, transformer_class, tiny_config = "wan", "Wan", WanTransformer3DModel, TINY_WAN
     pipeline_class_name, lora_loader_name, video = "WanPipeline", "WanLoraLoaderMixin", True
 
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:

@@ -35,11 +35,8 @@ TINY_ZIMAGE: dict[str, Any] = {
 
 
 class ZImage(Flux):
-    name, transformer_class, tiny_config = "zimage", ZImageTransformer2DModel, TINY_ZIMAGE
+    name, title, transformer_class, tiny_config = "zimage", "Z-Image", ZImageTransformer2DModel, TINY_ZIMAGE
     pipeline_class_name, lora_loader_name, video = "ZImagePipeline", "ZImageLoraLoaderMixin", False
-
-    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
-        return "Z-Image takes images: frames must be 1" if frames != 1 else super().check_size(pipeline, 1, height, width)
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds = pipeline.encode_prompt(prompts, device=pipeline.device, do_classifier_free_guidance=False,
