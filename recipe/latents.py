@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from recipe.cache import LatentCache, ShardWriter, cached_files, claim, fingerprint
 from recipe.families import MAX_SEQUENCE_LENGTH, Family, family
-from recipe.media import Bucket, Skipped, UnusableMedia, choose_bucket, list_media, read_frames, to_pixels
+from recipe.media import Bucket, MediaItem, Skipped, UnusableMedia, choose_bucket, list_media, read_frames, to_pixels
 from recipe.models import ModelConfig, pretrained_source
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,22 @@ def check_buckets(chosen: Family, pipeline: DiffusionPipeline, data: LatentsConf
                                  f"{frames} x {height} x {width} does not fit {chosen.name}: {reason}")
 
 
+def reference_pixels(folder: Path, item: MediaItem, bucket: Bucket) -> torch.Tensor | None:
+    """The item's reference image fitted to its bucket's size, as the target is: ``(1, 3, H, W)``."""
+    if item.reference is None:
+        return None
+    try:
+        frames = read_frames(folder / item.reference)
+    except UnusableMedia as problem:
+        raise UnusableMedia(f"its reference {item.reference} {problem}") from problem
+    return to_pixels(frames[:1], Bucket(1, bucket.height, bucket.width))
+
+
 def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_size: int = 1) -> dict:
     """Encode this rank's share of ``data.path`` into ``data.cache``; what it did: ``{"cached", "present", "skipped"}``."""
     data.require("path", "cache")
     chosen = family(model.family)
-    items, skipped = list_media(Path(data.path))
+    items, skipped = list_media(Path(data.path), references=chosen.reference)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(model).to(device)
     check_buckets(chosen, pipeline, data)
@@ -116,12 +127,15 @@ def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_
             try:
                 frames = read_frames(Path(data.path) / item.file)
                 bucket: Bucket = choose_bucket(frames, resolutions, data.frames)
+                reference = reference_pixels(Path(data.path), item, bucket)
             except UnusableMedia as problem:
                 skipped.append(Skipped(item.file, str(problem)))
                 continue
             with torch.no_grad():
                 tensors = {"latents": chosen.encode_pixels(pipeline, to_pixels(frames, bucket)),
                            **{k: v[0] for k, v in chosen.encode_prompts(pipeline, [item.caption]).items()}}
+                if reference is not None:
+                    tensors.update(chosen.encode_reference(pipeline, reference))
             writer.add(item, tensors)
             cached += 1
     finally:

@@ -6,6 +6,9 @@ Captions come from a sidecar ``<name>.txt`` next to each file, or from one table
 ratio (a list of resolutions and frame counts, ``data.resolutions`` and ``data.frames``): resized to
 cover it and centre-cropped, and a video keeps its first frames, as many as the largest frame
 count that fits. Buckets keep a batch's samples the same shape without stretching anything.
+Edit families also need each sample's reference image (the one the caption asks to change): a
+sidecar ``<name>.ref.<ext>`` next to the file, or a ``reference`` column in the table (a path in the
+folder). Sidecar references are never samples themselves.
 Files that cannot be used are not fatal: each becomes a :class:`Skipped` with the reason, so one
 broken file among thousands costs that file, and the report names it.
 """
@@ -25,12 +28,14 @@ from PIL import Image, ImageOps
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".mov", ".mkv", ".avi")
 CAPTION_TABLES = ("metadata.jsonl", "captions.csv")
+REFERENCE = ".ref"  # <name>.ref.<ext>: the reference image of <name>.<ext>
 
 
 @dataclass(frozen=True)
 class MediaItem:
     file: str  # relative to the media folder
     caption: str
+    reference: str | None = None  # the reference image (edit tasks), relative to the media folder
 
 
 @dataclass(frozen=True)
@@ -50,29 +55,48 @@ class UnusableMedia(Exception):
     """This one file cannot be cached (the message says why); the others can."""
 
 
-def list_media(folder: Path) -> tuple[list[MediaItem], list[Skipped]]:
-    """The captioned media files of ``folder`` (sorted), and those skipped for want of a caption."""
+def list_media(folder: Path, references: bool = False) -> tuple[list[MediaItem], list[Skipped]]:
+    """The captioned media files of ``folder`` (sorted), and those skipped for want of a caption.
+
+    ``references``: each item also needs its reference image (edit tasks); one without is skipped, named.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"data.path={str(folder)!r} is not a directory; point it at a folder of images or videos")
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+    media = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    files = [file for file in media if not Path(file).stem.endswith(REFERENCE)]
     if not files:
         raise FileNotFoundError(f"data.path={str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)} files")
     table = caption_table(folder)
     items, skipped = [], []
     for file in files:
         sidecar = (folder / file).with_suffix(".txt")
-        caption = sidecar.read_text().strip() if sidecar.is_file() else table.get(file)
-        if caption:
-            items.append(MediaItem(file, caption))
-        else:
+        row = table.get(file, {})
+        caption = sidecar.read_text().strip() if sidecar.is_file() else row.get("caption")
+        reference = (sidecar_reference(folder, file) or row.get("reference")) if references else None
+        if not caption:
             skipped.append(Skipped(file, f"no caption: write {Path(file).with_suffix('.txt')} or a row in "
                                          f"{' or '.join(CAPTION_TABLES)}"))
+        elif references and not reference:
+            skipped.append(Skipped(file, f"no reference image: write {Path(file).stem}{REFERENCE}.png next to it or a "
+                                         f"'reference' column in {' or '.join(CAPTION_TABLES)}"))
+        else:
+            items.append(MediaItem(file, caption, reference))
     return items, skipped
 
 
-def caption_table(folder: Path) -> dict[str, str]:
-    """Captions by file name from ``metadata.jsonl`` or ``captions.csv`` (empty if neither exists)."""
+def sidecar_reference(folder: Path, file: str) -> str | None:
+    """The sidecar reference image ``<name>.ref.<ext>`` of ``file`` (any image suffix), if there is one."""
+    stem = Path(file).with_suffix("")
+    for suffix in IMAGE_SUFFIXES:
+        candidate = stem.with_name(stem.name + REFERENCE + suffix)
+        if (folder / candidate).is_file():
+            return candidate.as_posix()
+    return None
+
+
+def caption_table(folder: Path) -> dict[str, dict[str, str]]:
+    """Per file name, its ``caption`` (and ``reference``, if given) from ``metadata.jsonl`` or ``captions.csv``."""
     rows: list[dict[str, str]] = []
     if (folder / "metadata.jsonl").is_file():
         lines = (folder / "metadata.jsonl").read_text().splitlines()
@@ -80,13 +104,13 @@ def caption_table(folder: Path) -> dict[str, str]:
     elif (folder / "captions.csv").is_file():
         with open(folder / "captions.csv", newline="") as table:
             rows = list(csv.DictReader(table))
-    captions = {}
+    entries = {}
     for row in rows:
         name, text = row.get("file_name"), row.get("text", row.get("caption"))
         if name is None or text is None:
             raise ValueError(f"{folder}: every caption row needs 'file_name' and 'text' (or 'caption'); got {sorted(row)}")
-        captions[name] = text.strip()
-    return captions
+        entries[name] = {"caption": text.strip(), **({"reference": row["reference"]} if row.get("reference") else {})}
+    return entries
 
 
 def read_frames(path: Path) -> list[Image.Image]:

@@ -2,7 +2,8 @@
 
 Every ``every_n_steps`` (and at the end) the family's pipeline (loaded once from
 ``model.pretrained_path``, without a transformer of its own) generates ``validation.prompts`` with
-``module.transformer``, the live, context-parallel model: every rank runs the pipeline with the
+``module.transformer``, the live, context-parallel model (edit tasks: each prompt edits its
+``validation.references`` image): every rank runs the pipeline with the
 same seeded noise, since the transformer's collectives need its whole CP group. Rank 0 writes the
 results to ``<run dir>/samples/`` and logs them to W&B next to the loss: images, or videos (mp4
 when imageio-ffmpeg is installed, else gif) for video families.
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from recipe.callbacks import PeriodicSamples
+from recipe.families import family
 from recipe.latents import load_pipeline
 from recipe.models import ModelConfig
 
@@ -35,6 +37,7 @@ class ValidationConfig:
     frames: int = 33  # video families
     guidance_scale: float | None = None  # None: the pipeline's default
     seed: int = 0
+    references: list[str] = field(default_factory=list)  # edit tasks: the image each prompt edits (one per prompt)
 
 
 def save_video(frames: list[Image.Image], stem: Path) -> Path:
@@ -50,6 +53,14 @@ class PipelineSamples(PeriodicSamples):
     def __init__(self, every_n_steps: int, model: ModelConfig, validation: ValidationConfig, steps: int,
                  out_dir: Path) -> None:
         super().__init__(every_n_steps)
+        edits = family(model.family).reference
+        if edits and len(validation.references) != len(validation.prompts):
+            raise ValueError(f"validation.references has {len(validation.references)} images for "
+                             f"{len(validation.prompts)} validation.prompts: model.family={model.family} edits an image, "
+                             "so give one per prompt, e.g. validation.references=[<image path>]")
+        if not edits and validation.references:
+            raise ValueError(f"validation.references is set but model.family={model.family} takes no reference "
+                             "image; drop validation.references")
         self.model, self.validation, self.steps = model, validation, steps
         self.out_dir = out_dir / "samples"
         self.pipeline: Any = None
@@ -64,6 +75,9 @@ class PipelineSamples(PeriodicSamples):
             options["num_frames"] = settings.frames
         if settings.guidance_scale is not None:
             options["guidance_scale"] = settings.guidance_scale
+        if module.family.reference:
+            images = [Image.open(path).convert("RGB") for path in settings.references]
+            options.update(module.family.reference_inputs(self.pipeline, images, settings.height, settings.width))
         with torch.no_grad():
             output = self.pipeline(
                 **module.family.prompt_inputs(self.pipeline, list(settings.prompts)), num_inference_steps=self.steps,

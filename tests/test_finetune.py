@@ -1,9 +1,10 @@
 """Fine-tuning a pretrained pipeline end to end: media folder -> latent cache -> LoRA under CP -> pipeline.
 
-Tiny Flux (image) and Wan (video) pipelines are built offline with seeded weights
-(``fixtures/pipelines.py``) next to a captioned folder holding one corrupt and one uncaptioned file
-(``fixtures/media.py``). ``prepare.py`` caches them (Wan spread over two ranks) and says which
-files it skipped and why; LoRA training from the cache under ring 2 and ulysses 2 x dp 2 matches
+Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, Z-Image images; Wan video) is
+built offline with seeded weights (``fixtures/pipelines.py``) next to a captioned folder holding one
+corrupt and one uncaptioned file (``fixtures/media.py``; for the edit family, reference images and a
+file without one). ``prepare.py`` caches them (some over two ranks) and says which files it skipped
+and why; LoRA training from the cache under ring 2 and ulysses 2 x dp 2 matches
 the same training on one process; resuming from a mid-run checkpoint continues exactly; and
 ``train.py``'s adapters load into the pipeline with ``load_lora_weights`` and generate what the
 run's own validation sample showed.
@@ -11,6 +12,8 @@ run's own validation sample showed.
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +40,12 @@ STEPS = 3
 # pixel sizes of the tiny pipelines' buckets: Flux (VAE factor 2, 2x2 packing) and Wan (16, 4k+1 frames)
 DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"],
         "chroma": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "flux_kontext": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "qwenimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "zimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
-MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos"}
+MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
+         "qwenimage": "images"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -58,10 +64,10 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     root = tmp_path_factory.mktemp("finetune")
     made = {}
-    for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2)):
+    for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
-        files = write_media(media, MEDIA[family])
+        files = write_media(media, MEDIA[family], references=find_family(family).reference)
         cache = root / f"{family}_cache"
         result = prepare(family, pipeline, media, cache, ranks)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -71,7 +77,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage"])
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -81,14 +87,19 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert f"skipped {case['media'] / bad}: cannot be read" in case["log"]
     for bad in case["files"]["uncaptioned"]:
         assert f"skipped {case['media'] / bad}: no caption" in case["log"]
+    for bad in case["files"].get("unreferenced", []):  # edit tasks: a sample without its reference image
+        assert f"skipped {case['media'] / bad}: no reference image: write {Path(bad).stem}.ref.png" in case["log"]
     shapes = {cache.shape(i) for i in range(len(cache))}
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
     assert sample["prompt_embeds"].shape[0] == 512  # the length the pipeline's own call encodes to
     if family == "wan":
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
-    if family == "zimage":  # each prompt's own tokens (chat template included), padded to 512 with the mask
+    if family in ("zimage", "qwenimage"):  # each prompt's own tokens (template included), padded to 512 with the mask
         assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
+    if family == "flux_kontext":  # the reference image, fitted to the sample's bucket and encoded like it
+        assert all(cache[i]["reference_latents"].shape == cache[i]["latents"].shape for i in range(len(cache)))
+        assert not torch.equal(sample["reference_latents"], sample["latents"])
     if family == "chroma":  # the prompt's tokens and the first padding token attend (ChromaPipeline's own mask)
         mask = sample["prompt_attention_mask"]
         assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
@@ -127,6 +138,34 @@ def test_prepare_resumes_after_a_crash_and_refuses_another_model(made: dict[str,
         latent_cache(LatentsConfig(cache=data.cache), wan)
     with pytest.raises(FileNotFoundError, match="model.pretrained_path='.*nowhere' does not exist"):
         encode_folder(ModelConfig(family="flux", pretrained_path=str(tmp_path / "nowhere")), data)
+
+
+def test_captions_and_references_come_from_sidecars_or_a_table(tmp_path: Path) -> None:
+    from recipe.media import list_media
+
+    image = Image.new("RGB", (8, 8))
+    for name in ("a.png", "a.ref.png", "b.png", "c.png", "d.jpg", "d.ref.webp"):
+        image.save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("a cat\n")  # a sidecar caption wins over the table's
+    rows = [{"file_name": "a.png", "text": "unused"}, {"file_name": "b.png", "text": "a dog", "reference": "c.png"},
+            {"file_name": "c.png", "caption": "a bird"}, {"file_name": "d.jpg", "text": "a fish"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    items, skipped = list_media(tmp_path, references=True)
+    assert [(i.file, i.caption, i.reference) for i in items] == [
+        ("a.png", "a cat", "a.ref.png"), ("b.png", "a dog", "c.png"), ("d.jpg", "a fish", "d.ref.webp")]
+    assert [(s.file, s.reason.split(":")[0]) for s in skipped] == [("c.png", "no reference image")]
+    assert "write c.ref.png next to it or a 'reference' column" in skipped[0].reason
+    items, skipped = list_media(tmp_path)  # text-to-image: no references, and reference images are never samples
+    assert [(i.file, i.reference) for i in items] == [("a.png", None), ("b.png", None), ("c.png", None), ("d.jpg", None)]
+    assert not skipped
+    (tmp_path / "metadata.jsonl").unlink()
+    with open(tmp_path / "captions.csv", "w", newline="") as table:
+        csv.DictWriter(table, ["file_name", "caption", "reference"]).writerows(
+            [{"file_name": "file_name", "caption": "caption", "reference": "reference"},
+             {"file_name": "b.png", "caption": "a dog", "reference": "a.png"}])
+    items, skipped = list_media(tmp_path, references=True)
+    assert [(i.file, i.reference) for i in items] == [("a.png", "a.ref.png"), ("b.png", "a.png")]
+    assert sorted(s.file for s in skipped) == ["c.png", "d.jpg"]  # no caption
 
 
 def adapters(module: FlowMatching) -> dict[str, torch.Tensor]:
@@ -213,7 +252,8 @@ def one_process(family: str, pipeline: str, cache: str, dp: int) -> dict[str, An
 # norm); dp 2 alone, 0. Flux (joint attention): gradients 6e-7, updates 8e-7 (ring 2) and 1.1e-5 (ulysses 2 x
 # dp 2, AdamW again). Skipping CP anywhere is off by O(1).
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
-             "zimage": {"grads": 1e-5, "updates": 5e-5},
+             "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
+             "qwenimage": {"grads": 1e-5, "updates": 5e-5},
              "wan": {"grads": 2e-4, "updates": 1e-2}}
 
 
@@ -237,7 +277,8 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("family", "layout"), [("flux", {"ring_degree": 2}), ("wan", {"ulysses_degree": 2}),
                                                 ("flux", {"ulysses_degree": 2}), ("wan", {"ring_degree": 2}),
-                                                ("chroma", {"ring_degree": 2}), ("zimage", {"ulysses_degree": 2})])
+                                                ("chroma", {"ring_degree": 2}), ("zimage", {"ulysses_degree": 2}),
+                                                ("flux_kontext", {"ring_degree": 2}), ("qwenimage", {"ring_degree": 2})])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int]) -> None:
     case = made[family]
     world = 4 if "ulysses_degree" in layout else 2  # ulysses 2 x dp 2, or ring 2
@@ -266,15 +307,19 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan", "parallel=ulysses"),
-                                                ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2")])
+                                                ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2"),
+                                                ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run
 
-    case, run = made[family], tmp_path / "run"
-    video = find_family(family).video
+    case, run, chosen = made[family], tmp_path / "run", find_family(family)
+    video = chosen.video
     size = ["validation.height=64", "validation.width=64"] if not video else \
         ["validation.height=32", "validation.width=32", "validation.frames=5"]
+    reference = case["media"] / "image_0.ref.png"  # edit tasks: the image the prompt edits
+    if chosen.reference:
+        size.append(f"validation.references=[{reference}]")
     command = [sys.executable, str(ROOT / "train.py"), f"model={family}", f"model.pretrained_path={case['pipeline']}",
                "model.dtype=float32", "data=latents", f"data.cache={case['cache']}", "lora.rank=4", "lora.alpha=8",
                layout, "trainer.max_steps=3", "optimizer.lr=1e-2", "optimizer.warmup_steps=1",
@@ -290,8 +335,11 @@ def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(ma
     pipeline = family_pipeline(family).from_pretrained(case["pipeline"])
     options = {"height": 64, "width": 64} if not video else {"height": 32, "width": 32, "num_frames": 5}
 
+    if chosen.reference:
+        options.update(chosen.reference_inputs(pipeline, [Image.open(reference).convert("RGB")], 64, 64))
+
     def generate() -> np.ndarray:
-        out = pipeline(**find_family(family).prompt_inputs(pipeline, ["a red cat"]), num_inference_steps=2,
+        out = pipeline(**chosen.prompt_inputs(pipeline, ["a red cat"]), num_inference_steps=2,
                        generator=torch.Generator().manual_seed(0), output_type="pil", **options)
         return np.asarray(out.images[0] if not video else out.frames[0][0], dtype=np.int16)
 
@@ -305,6 +353,18 @@ def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(ma
     else:  # a GIF's palette is lossy: check the video exists and the adapters change the generation
         assert (run / "samples" / "step000003-0.gif").is_file()
         assert np.abs(tuned - base).max() > 2, "the reloaded adapters change nothing"
+
+
+def test_validation_references_are_one_per_prompt_for_edit_families_and_refused_for_others(tmp_path: Path) -> None:
+    from recipe.samples import PipelineSamples, ValidationConfig
+
+    kontext, flux = ModelConfig(family="flux_kontext"), ModelConfig(family="flux")
+    with pytest.raises(ValueError, match="validation.references has 0 images for 2 validation.prompts: "
+                                         "model.family=flux_kontext edits an image"):
+        PipelineSamples(2, kontext, ValidationConfig(prompts=["a", "b"]), 2, tmp_path)
+    PipelineSamples(2, kontext, ValidationConfig(prompts=["a"], references=["ref.png"]), 2, tmp_path)
+    with pytest.raises(ValueError, match="validation.references is set but model.family=flux takes no reference"):
+        PipelineSamples(2, flux, ValidationConfig(references=["ref.png"]), 2, tmp_path)
 
 
 def family_pipeline(family: str) -> Any:

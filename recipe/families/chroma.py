@@ -15,7 +15,7 @@ import torch
 from diffusers import ChromaTransformer2DModel, DiffusionPipeline, ModelMixin
 
 from recipe.families.family import MAX_SEQUENCE_LENGTH
-from recipe.families.flux import TINY_FLUX, Flux, flux_ids
+from recipe.families.flux import TINY_FLUX, Flux
 
 # The demo model (no pretrained weights): Flux's tiny sizes and Chroma's distilled modulation (the approximator).
 TINY_CHROMA: dict[str, Any] = {
@@ -35,15 +35,15 @@ class Chroma(Flux):
                                                       max_sequence_length=MAX_SEQUENCE_LENGTH)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    def call(self, transformer: ModelMixin, tokens: torch.Tensor, grid: tuple[int, int], t: torch.Tensor,
-             text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
+    def run(self, transformer: ModelMixin, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
+            text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
         embeds, device = text["prompt_embeds"].to(transformer.dtype), tokens.device
         image = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
         return transformer(
             hidden_states=tokens,
             encoder_hidden_states=embeds,
             timestep=t,
-            img_ids=flux_ids(*grid, device),
+            img_ids=ids,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
             attention_mask=torch.cat([text["prompt_attention_mask"].bool(), image], 1),
         ).sample

@@ -21,6 +21,22 @@ from diffusers import DiffusionPipeline, ModelMixin
 MAX_SEQUENCE_LENGTH = 512  # the prompt length the pipelines' __call__ encode to
 
 
+def padded_prompts(prompts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prompts of their own lengths (each ``(L_i, D)``: the real tokens only) as the cache stores them: padded with
+    zeros to MAX_SEQUENCE_LENGTH (``prompt_embeds``), with the boolean mask of the real ones (``prompt_attention_mask``)."""
+    padded = prompts[0].new_zeros(len(prompts), MAX_SEQUENCE_LENGTH, prompts[0].shape[-1])
+    mask = torch.zeros(len(prompts), MAX_SEQUENCE_LENGTH, dtype=torch.bool, device=padded.device)
+    for i, tokens in enumerate(prompts):
+        padded[i, : len(tokens)], mask[i, : len(tokens)] = tokens, True
+    return {"prompt_embeds": padded, "prompt_attention_mask": mask}
+
+
+def unmasked(embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Prompt embeddings ``(B, L, D)`` whose every token is real, with their (all-true) mask."""
+    return {"prompt_embeds": embeds,
+            "prompt_attention_mask": torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)}
+
+
 class Family:
     """How one diffusers family is loaded, encodes data, is called in training and saves LoRA."""
 
@@ -31,6 +47,9 @@ class Family:
     pipeline_class_name: ClassVar[str]
     lora_loader_name: ClassVar[str]
     video: ClassVar[bool]
+    # Edit tasks: each sample has a reference image (``<name>.ref.<ext>``), encoded like the target
+    # (``reference_latents``, cached) and given to the transformer as more tokens of its sequence.
+    reference: ClassVar[bool] = False
 
     def pipeline_class(self) -> type[DiffusionPipeline]:
         import diffusers
@@ -58,6 +77,15 @@ class Family:
         """Normalised latents ``(F', C, H', W')`` of pixels ``(F, 3, H, W)`` in ``[-1, 1]``."""
         raise NotImplementedError
 
+    def encode_reference(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cached tensors of a sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]`` (edit tasks)."""
+        return {"reference_latents": self.encode_pixels(pipeline, pixels)}
+
+    def reference_inputs(self, pipeline: DiffusionPipeline, images: list[Any], height: int,
+                         width: int) -> dict[str, Any]:
+        """The arguments of a validation call of an edit task for PIL ``images`` (one per prompt) at this size."""
+        raise NotImplementedError
+
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The conditioning tensors (batch first) the pipeline's own call would compute for ``prompts``."""
         raise NotImplementedError
@@ -72,7 +100,7 @@ class Family:
         raise NotImplementedError
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
-        """Each conditioning tensor the transformer takes, with its width (``None``: a mask, any length)."""
+        """Each conditioning tensor the transformer takes, with its width (``None``: not a width: a mask, latents)."""
         raise NotImplementedError
 
     def prompt_inputs(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, Any]:

@@ -61,28 +61,37 @@ class Flux(Family):
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
         batch, _, channels, height, width = x_t.shape
-        packed = transformer.config.in_channels == 4 * channels  # pretrained: 2x2 latent patches per token
-        if packed:
-            tokens, grid = flux_pack_latents(x_t[:, 0], batch, channels, height, width), (height // 2, width // 2)
-        else:  # the demo's patch-1 model: one token per latent pixel
-            tokens, grid = x_t[:, 0].flatten(2).transpose(1, 2), (height, width)
+        tokens, grid = self.image_tokens(transformer, x_t[:, 0])
         out = self.call(transformer, tokens.to(transformer.dtype), grid, t, text, guidance)
-        if packed:  # back to (B, C, H, W): the inverse of the packing
+        if transformer.config.in_channels == 4 * channels:  # back to (B, C, H, W): the inverse of the packing
             out = out.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         else:
             out = out.transpose(1, 2)
         return out.reshape(batch, 1, channels, height, width)
 
+    def image_tokens(self, transformer: ModelMixin, latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The tokens ``(B, S, C')`` of latents ``(B, C, H, W)`` and their grid: 2x2 patches, as FluxPipeline packs
+        them for a pretrained model, or one token per latent pixel for the demo's patch-1 model."""
+        batch, channels, height, width = latents.shape
+        if transformer.config.in_channels == 4 * channels:
+            return flux_pack_latents(latents, batch, channels, height, width), (height // 2, width // 2)
+        return latents.flatten(2).transpose(1, 2), (height, width)
+
     def call(self, transformer: ModelMixin, tokens: torch.Tensor, grid: tuple[int, int], t: torch.Tensor,
              text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
-        """The transformer on image tokens ``(B, S, C)`` of a ``grid``, as the pipeline calls it."""
+        """The transformer on image tokens ``(B, S, C)`` of a ``grid`` (rows, columns), as the pipeline calls it."""
+        return self.run(transformer, tokens, flux_ids(*grid, tokens.device), t, text, guidance)
+
+    def run(self, transformer: ModelMixin, tokens: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
+            text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
+        """The transformer on image tokens ``(B, S, C)`` with position ids ``(S, 3)``."""
         embeds, device = text["prompt_embeds"].to(transformer.dtype), tokens.device
         return transformer(
             hidden_states=tokens,
             encoder_hidden_states=embeds,
             pooled_projections=text["pooled_prompt_embeds"].to(transformer.dtype),
             timestep=t,
-            img_ids=flux_ids(*grid, device),
+            img_ids=ids,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
             guidance=torch.full_like(t, guidance) if transformer.config.guidance_embeds else None,
         ).sample
@@ -90,8 +99,6 @@ class Flux(Family):
     def text_dims(self, transformer: ModelMixin) -> dict[str, int]:
         config = transformer.config
         return {"prompt_embeds": config.joint_attention_dim, "pooled_prompt_embeds": config.pooled_projection_dim}
-
-
 
     def demo_text(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": embeds.mean(1)}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, ModelMixin, ZImageTransformer2DModel
 
-from recipe.families.family import MAX_SEQUENCE_LENGTH
+from recipe.families.family import MAX_SEQUENCE_LENGTH, padded_prompts, unmasked
 from recipe.families.flux import Flux
 
 # The demo model (no pretrained weights): image and caption refiners, then the joint blocks.
@@ -41,11 +41,7 @@ class ZImage(Flux):
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds = pipeline.encode_prompt(prompts, device=pipeline.device, do_classifier_free_guidance=False,
                                         max_sequence_length=MAX_SEQUENCE_LENGTH)[0]
-        padded = embeds[0].new_zeros(len(embeds), MAX_SEQUENCE_LENGTH, embeds[0].shape[-1])
-        mask = torch.zeros(len(embeds), MAX_SEQUENCE_LENGTH, dtype=torch.bool, device=padded.device)
-        for i, tokens in enumerate(embeds):
-            padded[i, : len(tokens)], mask[i, : len(tokens)] = tokens, True
-        return {"prompt_embeds": padded, "prompt_attention_mask": mask}
+        return padded_prompts(embeds)
 
     def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
         _, _, height, width = latent_shape
@@ -63,5 +59,4 @@ class ZImage(Flux):
         return {"prompt_embeds": transformer.config.cap_feat_dim, "prompt_attention_mask": None}
 
     def demo_text(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": embeds,
-                "prompt_attention_mask": torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)}
+        return unmasked(embeds)

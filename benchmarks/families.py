@@ -1,0 +1,128 @@
+"""Every fine-tuning family, measured: LoRA from its cache under context parallelism against one process.
+
+    python -m benchmarks.families      # writes benchmarks/results/families.{json,md} and the README's families table
+
+For each family of ``recipe/families/`` its tiny offline pipeline (``fixtures/pipelines.py``) caches
+the fixture's captioned folder (``fixtures/media.py``; with reference images for edit families) with
+``prepare.py``, then trains LoRA from the cache for ``tests/test_finetune.py``'s steps under ring 2
+(2 processes) and ulysses 2 x dp 2 (4 processes), and the same training on one process
+(``tests/test_finetune.py``'s ``cache_fit`` and ``one_process``). Reported per layout, worst over
+ranks: the loss's relative error over the steps, the first step's gradient error relative to the
+gradient's norm per tensor, and the update's error relative to the update's norm per tensor. A layout
+is *verified* when both are within ``tests/test_finetune.py``'s bound for the family.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from benchmarks.readme import DOCS, replace_section  # noqa: E402
+from launcher import run_distributed  # noqa: E402
+from recipe.families import FAMILIES  # noqa: E402
+from test_finetune import MEDIA, TOLERANCE, cache_fit, one_process, prepare  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+LAYOUTS = {"ring 2": ({"ring_degree": 2}, 2), "ulysses 2 x dp 2": ({"ulysses_degree": 2}, 4)}
+START, END = "<!-- families table: python -m benchmarks.families -->", "<!-- end of families table -->"
+
+
+def task(name: str) -> str:
+    chosen = FAMILIES[name]
+    return "edit" if chosen.reference else "text-to-video" if chosen.video else "text-to-image"
+
+
+def worst_errors(results: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, float]:
+    """The largest relative loss, gradient and update errors over ranks (a dp replica reads its own losses)."""
+    per_replica = len(results) // results[0]["dp"]
+    worst = {"loss": 0.0, "gradient": 0.0, "update": 0.0}
+    for rank, result in enumerate(results):
+        replica = rank // per_replica
+        for mine, theirs in zip(result["losses"], reference["losses"]):
+            worst["loss"] = max(worst["loss"], abs(mine - theirs[replica]) / abs(theirs[replica]))
+        for name, grad in reference["grads"].items():
+            if grad.norm() > 0:  # lora_A's first gradient is zero (B starts at zero): exactly zero on both
+                worst["gradient"] = max(worst["gradient"], float((result["grads"][name] - grad).norm() / grad.norm()))
+        for name, before in result["before"].items():
+            update, expected = result["after"][name] - before, reference["after"][name] - before
+            worst["update"] = max(worst["update"], float((update - expected).norm() / expected.norm()))
+    return worst
+
+
+def measure(name: str, folder: Path) -> list[dict[str, Any]]:
+    from fixtures.media import write_media
+    from fixtures.pipelines import build_tiny_pipeline
+
+    pipeline, media, cache = folder / f"{name}_pipeline", folder / f"{name}_media", folder / f"{name}_cache"
+    build_tiny_pipeline(name, pipeline)
+    write_media(media, MEDIA[name], references=FAMILIES[name].reference)
+    made = prepare(name, pipeline, media, cache)
+    if made.returncode:
+        raise RuntimeError(f"prepare.py failed for {name}:\n{made.stderr[-3000:]}")
+    rows = []
+    for layout, (degrees, world) in LAYOUTS.items():
+        results = run_distributed(cache_fit, world, name, str(pipeline), str(cache), degrees, init_process_group=False,
+                                  timeout=600)
+        errors = worst_errors(results, one_process(name, str(pipeline), str(cache), results[0]["dp"]))
+        bound = TOLERANCE[name]
+        verified = errors["gradient"] <= bound["grads"] and errors["update"] <= bound["updates"]
+        rows.append({"family": name, "layout": layout, **errors, "bound": bound, "verified": verified})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The README's families table: one line per family, its verified layouts and worst errors."""
+    lines = ["| `model=` | pipeline | task | verified layouts (LoRA vs one process) | worst gradient / update error |",
+             "|---|---|---|---|---|"]
+    for name in sorted({row["family"] for row in rows}):
+        mine = [row for row in rows if row["family"] == name]
+        layouts = "; ".join(row["layout"] for row in mine if row["verified"]) or "none"
+        worst = f"{max(r['gradient'] for r in mine):.1e} / {max(r['update'] for r in mine):.1e}"
+        lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {task(name)} | {layouts} | {worst} |")
+    return "\n".join(lines)
+
+
+def row_line(r: dict[str, Any]) -> str:
+    errors = f"{r['loss']:.1e} | {r['gradient']:.1e} | {r['update']:.1e}"
+    bound = f"{r['bound']['grads']:.0e} / {r['bound']['updates']:.0e}"
+    return f"| {r['family']} | {task(r['family'])} | {r['layout']} | {errors} | {bound} | {'yes' if r['verified'] else 'no'} |"
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [row for name in sorted(FAMILIES) for row in measure(name, Path(folder))]
+    (RESULTS / "families.json").write_text(json.dumps(rows, indent=1))
+    report = "\n".join([
+        "# Fine-tuning families: LoRA from the cache under context parallelism vs one process",
+        "",
+        f"`python -m benchmarks.families` on {platform.machine()}, torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}, gloo, float32. Each family's tiny offline pipeline caches the fixture's folder "
+        "(`prepare.py`), then LoRA (rank 4, AdamW) trains 3 steps from the cache under each layout and on one process. "
+        "Errors are the worst over ranks: loss relative to the loss, gradients (first step) and updates relative to "
+        "their norm per tensor. Verified: within `tests/test_finetune.py`'s bounds (gradient / update) for the family.",
+        "",
+        "| family | task | layout | loss | gradient | update | bound (gradient / update) | verified |",
+        "|---|---|---|---|---|---|---|---|",
+        *(row_line(r) for r in rows),
+        "",
+    ])
+    (RESULTS / "families.md").write_text(report)
+    generated = table(rows)
+    replace_section(START, END, generated)
+    replace_section(START, END, generated, DOCS / "finetune.md")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
