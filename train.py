@@ -68,7 +68,7 @@ def main(cfg: DictConfig) -> None:
     extra = [instantiate(callback) for callback in cfg.callbacks]
     trainer = L.Trainer(
         **cfg.trainer,
-        strategy=ContextParallelStrategy(parallel, timeout=timedelta(seconds=cfg.timeout_s)),
+        strategy=ContextParallelStrategy(parallel, timeout=timedelta(seconds=cfg.timeout_s), **module.ddp_options()),
         logger=logger,
         callbacks=[
             TrainingMonitor(module.sequence_length(latent_shape), out_dir),

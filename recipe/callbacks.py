@@ -163,13 +163,16 @@ class LossCurve(L.Callback):
 
 
 class LoraExport(L.Callback):
-    """At the end of training, the LoRA adapters in diffusers' format: ``<run dir>/lora/`` (``pipeline.load_lora_weights``)."""
+    """At the end of training, the LoRA adapters in diffusers' format: ``<run dir>/lora/`` (``pipeline.load_lora_weights``),
+    and a two-expert pipeline's low-noise expert's in ``<run dir>/lora_2/`` (``load_into_transformer_2=True``)."""
 
     def __init__(self, family: str, out_dir: Path) -> None:
         self.family, self.out_dir = family, out_dir
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        layers = lora_layers(module.transformer)  # every rank: FSDP2 shards are gathered
-        if trainer.is_global_zero:
-            save_lora(module.transformer, self.family, self.out_dir / "lora", layers)
+        for name, transformer in module.components.items():
+            layers = lora_layers(transformer)  # every rank: FSDP2 shards are gathered
+            if trainer.is_global_zero:
+                folder = "lora" if name == "transformer" else "lora_2"
+                save_lora(transformer, self.family, self.out_dir / folder, layers)
         trainer.strategy.barrier()

@@ -9,7 +9,8 @@ Objective as in diffusers' flow-matching training scripts: ``t ~ sigmoid(N(0, 1)
 ``x_t = (1 - t) x0 + t noise``, target velocity ``noise - x0``. Each sample's noise and time come
 from a generator seeded by (run seed, draw count, the sample's dataset index), so a run is the same
 whatever the layout: dp x cp ranks, one process, a resumed run (the count is in the checkpoint). Sampling integrates the velocity
-field with Euler steps from ``t = 1`` (noise) to ``t = 0``.
+field with Euler steps from ``t = 1`` (noise) to ``t = 0``. A two-expert pipeline (Wan 2.2 A14B,
+``model.expert``) trains each expert only on its own noise levels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from recipe.families import family
 from recipe.lora import LoraSettings, add_lora
-from recipe.models import ModelConfig, build_model
+from recipe.models import EXPERTS, ModelConfig, boundary_ratio, build_model
 
 
 @dataclass
@@ -60,8 +61,15 @@ class FlowMatching(L.LightningModule):
         self.seed = seed
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # batches drawn for: part of the state
         self.family = family(model.family)
-        self.transformer = build_model(model)
+        # Two-expert pipelines: each trained expert sees only the noise levels the pipeline gives it.
+        self.expert, self.boundary = model.expert, boundary_ratio(model)
+        trained = {name: build_model(model, name) for name in EXPERTS[model.expert]}
+        first, *second = trained.values()  # model.expert=low: transformer_2 is the one trained, held as transformer
+        self.transformer = first
+        self.transformer_2 = second[0] if second else None  # model.expert=both: the low-noise expert
         self.lora = add_lora(self.transformer, lora)  # rank 0: every weight trains
+        if self.transformer_2 is not None:
+            add_lora(self.transformer_2, lora)
         # A LoRA checkpoint holds the adapters only: the frozen base comes from model.pretrained_path again.
         self.strict_loading = not self.lora
         self.guidance_scale = model.guidance_scale
@@ -71,6 +79,18 @@ class FlowMatching(L.LightningModule):
             self.text_tokens, self.text_dim = model.text_tokens, self.family.text_dims(self.transformer)["prompt_embeds"]
             self.class_embedding = torch.nn.Embedding(num_classes, self.text_tokens * self.text_dim)
         self.optimizer_config = optimizer
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's transformers this module trains, by component name (``transformer``, ``transformer_2``)."""
+        if self.transformer_2 is not None:
+            return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+        return {EXPERTS[self.expert][0]: self.transformer}
+
+    def ddp_options(self) -> dict[str, Any]:
+        """What DDP must be told about this module: with both experts a step may leave one of them unused, and which
+        one changes from step to step, so DDP finds unused parameters every step (its static graph cannot)."""
+        return {"find_unused_parameters": True} if self.transformer_2 is not None else {}
 
     def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
         """Image/video tokens the transformer sees for one sample of latents ``(F, C, H, W)``."""
@@ -103,9 +123,20 @@ class FlowMatching(L.LightningModule):
         return self.family.demo_text(text)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model's velocity prediction for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)``."""
+        """The model's velocity prediction for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)``.
+
+        With both experts, each sample goes to the expert of its noise level, as the pipeline's sampling loop does
+        (``transformer`` at ``t >= boundary_ratio``, ``transformer_2`` below)."""
         self.velocity_inputs_fit(x_t.shape[2])
-        return self.family.velocity(self.transformer, x_t, t, text, self.guidance_scale)
+        if self.transformer_2 is None:
+            return self.family.velocity(self.transformer, x_t, t, text, self.guidance_scale)
+        high = t >= self.boundary
+        out = x_t.new_zeros(x_t.shape, dtype=torch.float32)
+        for expert, chosen in ((self.transformer, high), (self.transformer_2, ~high)):
+            if chosen.any():
+                text_chosen = {name: value[chosen] for name, value in text.items()}
+                out[chosen] = self.family.velocity(expert, x_t[chosen], t[chosen], text_chosen, self.guidance_scale).float()
+        return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flow-matching loss of a batch (``forward`` so DDP-wrapped loops, e.g. Accelerate's, can call it)."""
@@ -116,12 +147,16 @@ class FlowMatching(L.LightningModule):
         return F.mse_loss(prediction.float(), (noise - x0).float())
 
     def noise_and_times(self, indices: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's noise and logit-normal time, from its own generator (see the module docstring)."""
+        """Each sample's noise and logit-normal time, from its own generator (see the module docstring); one expert
+        of two draws again until the time is its own (the distribution restricted to its noise levels)."""
         noise, times, draws = [], [], int(self.draws)  # one read of the count (a device sync on a GPU)
         for index in indices.tolist():
             generator = torch.Generator(x0.device).manual_seed(hash((self.seed, draws, index)) % 2**63)
             noise.append(torch.randn(x0.shape[1:], generator=generator, device=x0.device))
-            times.append(torch.sigmoid(torch.randn((), generator=generator, device=x0.device)))
+            time = torch.sigmoid(torch.randn((), generator=generator, device=x0.device))
+            while self.expert in ("high", "low") and (float(time) >= self.boundary) != (self.expert == "high"):
+                time = torch.sigmoid(torch.randn((), generator=generator, device=x0.device))
+            times.append(time)
         self.draws += 1
         return torch.stack(noise), torch.stack(times)
 

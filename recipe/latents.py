@@ -21,7 +21,7 @@ from tqdm import tqdm
 from recipe.cache import LatentCache, ShardWriter, cached_files, claim, fingerprint
 from recipe.families import MAX_SEQUENCE_LENGTH, Family, family
 from recipe.media import Bucket, MediaItem, Skipped, UnusableMedia, choose_bucket, list_media, read_frames, to_pixels
-from recipe.models import ModelConfig, pretrained_source
+from recipe.models import ModelConfig, pipeline_index, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,19 @@ class LatentsConfig:
                 raise ValueError(f"data.{name} is not set; pass data.{name}=<folder>")
 
 
-def load_pipeline(model: ModelConfig, *, transformer: torch.nn.Module | None = None) -> DiffusionPipeline:
-    """The family's pipeline from ``model.pretrained_path`` in ``model.dtype`` (``transformer=None``: without one)."""
+def load_pipeline(model: ModelConfig, live: dict[str, torch.nn.Module] | None = None) -> DiffusionPipeline:
+    """The family's pipeline from ``model.pretrained_path`` in ``model.dtype``, with the ``live`` transformers (by
+    component name; the pipeline's others load from the folder), or without any (``None``: to encode data)."""
     if model.pretrained_path is None:
         raise ValueError("model.pretrained_path is not set; pass model.pretrained_path=<diffusers pipeline folder>")
     source = pretrained_source(model.pretrained_path, "transformer")
     if "subfolder" not in source:
         raise ValueError(f"model.pretrained_path={model.pretrained_path!r} is a model folder; this needs the whole "
                          "pipeline (vae, text encoders, scheduler): point it at the folder save_pretrained wrote")
+    two = "transformer_2" in pipeline_index(model.pretrained_path)
+    components = live if live is not None else dict.fromkeys(["transformer", *(["transformer_2"] if two else [])])
     return family(model.family).pipeline_class().from_pretrained(
-        source["pretrained_model_name_or_path"], transformer=transformer, dtype=getattr(torch, model.dtype)
+        source["pretrained_model_name_or_path"], **components, dtype=getattr(torch, model.dtype)
     )
 
 

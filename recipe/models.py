@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,41 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute each block in backward: activations of one block at a time
     guidance_scale: float = 3.5  # fed to guidance-distilled transformers (Flux dev) in training
     seed: int = 0
+    # Two-expert pipelines (Wan 2.2 A14B): "high" trains `transformer` (noise levels >= boundary_ratio), "low"
+    # `transformer_2` (below it), "both" each on its own; None for pipelines with one transformer.
+    expert: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"model.dtype={self.dtype!r} is not a torch dtype; use float32 or bfloat16")
+        if self.expert not in EXPERTS:
+            raise ValueError(f"model.expert={self.expert!r} is not one of high, low, both (or null: one transformer)")
+
+
+# model.expert -> the pipeline's transformers it trains
+EXPERTS: dict[str | None, tuple[str, ...]] = {None: ("transformer",), "high": ("transformer",),
+                                              "low": ("transformer_2",), "both": ("transformer", "transformer_2")}
+
+
+def pipeline_index(path: str | None) -> dict[str, Any]:
+    """A pipeline folder's ``model_index.json`` (its components and settings); empty for anything else."""
+    index = Path(path) / "model_index.json" if path else None
+    return json.loads(index.read_text()) if index and index.is_file() else {}
+
+
+def boundary_ratio(cfg: ModelConfig) -> float | None:
+    """The noise level splitting a two-expert pipeline's transformers (its ``boundary_ratio``), checked against
+    ``model.expert``: ``None`` for a pipeline with one transformer (and no ``model.expert``)."""
+    config = pipeline_index(cfg.pretrained_path)
+    ratio = config.get("boundary_ratio") if (config.get("transformer_2") or [None])[0] else None
+    if ratio is None and cfg.expert is not None:
+        raise ValueError(f"model.expert={cfg.expert} but model.pretrained_path={cfg.pretrained_path!r} is not a "
+                         "pipeline with two experts (transformer_2 and boundary_ratio); drop model.expert")
+    if ratio is not None and cfg.expert is None:
+        raise ValueError(f"model.pretrained_path={cfg.pretrained_path!r} has two experts split at boundary_ratio="
+                         f"{ratio}: choose which to train with model.expert=high (transformer, noise >= {ratio}), "
+                         "low (transformer_2, below it) or both")
+    return ratio
 
 
 def seeded(cls: type[ModelMixin], config: dict[str, Any], seed: int) -> ModelMixin:
@@ -40,11 +72,12 @@ def seeded(cls: type[ModelMixin], config: dict[str, Any], seed: int) -> ModelMix
         return cls(**config)
 
 
-def build_model(cfg: ModelConfig) -> ModelMixin:
-    """The family's tiny model with ``cfg.config`` overrides and seeded weights, or pretrained ones."""
+def build_model(cfg: ModelConfig, subfolder: str = "transformer") -> ModelMixin:
+    """The family's tiny model with ``cfg.config`` overrides and seeded weights, or pretrained ones (the pipeline's
+    ``subfolder``)."""
     cls = family(cfg.family).transformer_class
     if cfg.pretrained_path is not None:
-        model = cls.from_pretrained(**pretrained_source(cfg.pretrained_path, "transformer"),
+        model = cls.from_pretrained(**pretrained_source(cfg.pretrained_path, subfolder),
                                     dtype=getattr(torch, cfg.dtype))
     else:
         config = {**family(cfg.family).tiny_config, **cfg.config}

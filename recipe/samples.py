@@ -2,7 +2,8 @@
 
 Every ``every_n_steps`` (and at the end) the family's pipeline (loaded once from
 ``model.pretrained_path``, without a transformer of its own) generates ``validation.prompts`` with
-``module.transformer``, the live, context-parallel model (edit tasks: each prompt edits its
+``module.transformer``, the live, context-parallel model (a two-expert pipeline: the trained experts, the
+other loaded from the folder; edit tasks: each prompt edits its
 ``validation.references`` image): every rank runs the pipeline with the
 same seeded noise, since the transformer's collectives need its whole CP group. Rank 0 writes the
 results to ``<run dir>/samples/`` and logs them to W&B next to the loss: images, or videos (mp4
@@ -67,7 +68,7 @@ class PipelineSamples(PeriodicSamples):
 
     def generate(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.pipeline is None:
-            self.pipeline = load_pipeline(self.model, transformer=module.transformer).to(module.device)
+            self.pipeline = load_pipeline(self.model, module.components).to(module.device)
             self.pipeline.set_progress_bar_config(disable=True)
         settings = self.validation
         options: dict[str, Any] = {"height": settings.height, "width": settings.width}

@@ -172,15 +172,22 @@ def adapters(module: FlowMatching) -> dict[str, torch.Tensor]:
     return {name: weight.detach().clone() for name, weight in module.named_parameters() if weight.requires_grad}
 
 
-def build(family: str, pipeline: str) -> FlowMatching:
+def build(family: str, pipeline: str, expert: str | None = None) -> FlowMatching:
     import lightning as L
 
     L.seed_everything(0, verbose=False)  # the adapters' initial weights: the same in every run
-    return FlowMatching(ModelConfig(family=family, pretrained_path=pipeline, dtype="float32"), OPTIMIZER, 0, LORA)
+    model = ModelConfig(family=family, pretrained_path=pipeline, dtype="float32", expert=expert)
+    return FlowMatching(model, OPTIMIZER, 0, LORA)
+
+
+def gradients(module: FlowMatching) -> dict[str, torch.Tensor]:
+    """The trainable weights' gradients; zeros for an expert no sample of the step used."""
+    return {n: torch.zeros_like(w) if w.grad is None else w.grad.clone()
+            for n, w in module.named_parameters() if w.requires_grad}
 
 
 def cache_fit(family: str, pipeline: str, cache: str, layout: dict[str, int], checkpoints: str | None = None,
-              resume: str | None = None) -> dict[str, Any]:
+              resume: str | None = None, expert: str | None = None) -> dict[str, Any]:
     """Rank body: LoRA training from the cache under ``ContextParallelStrategy(**layout)``, as train.py builds it."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -196,17 +203,17 @@ def cache_fit(family: str, pipeline: str, cache: str, layout: dict[str, int], ch
 
         def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
             if self.grads is None:
-                self.grads = {n: w.grad.clone() for n, w in module.named_parameters() if w.requires_grad}
+                self.grads = gradients(module)
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any) -> None:
             self.losses.append(float(outputs["loss"]))
 
-    module = build(family, pipeline)
+    module = build(family, pipeline, expert)
     before, record = adapters(module), Record()
     callbacks: list[Callback] = [record]
     if checkpoints:
         callbacks.append(ModelCheckpoint(checkpoints, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
-    trainer = quiet_trainer(ContextParallelStrategy(**layout), STEPS, enable_checkpointing=bool(checkpoints),
+    trainer = quiet_trainer(ContextParallelStrategy(**layout, **module.ddp_options()), STEPS, enable_checkpointing=bool(checkpoints),
                             callbacks=callbacks)
     loader = DataLoader(BucketBatches(LatentCache(Path(cache)), 1), batch_size=None, shuffle=True)
     trainer.fit(module, loader, ckpt_path=resume)
@@ -214,12 +221,12 @@ def cache_fit(family: str, pipeline: str, cache: str, layout: dict[str, int], ch
             "dp": trainer.strategy.dp_size}
 
 
-def one_process(family: str, pipeline: str, cache: str, dp: int) -> dict[str, Any]:
+def one_process(family: str, pipeline: str, cache: str, dp: int, expert: str | None = None) -> dict[str, Any]:
     """The same training on one process: each step sums the dp ranks' batches (Lightning's DistributedSampler
     order, seed 0) with weight 1/dp, as DDP's gradient average does."""
     from torch.utils.data import DistributedSampler
 
-    module = build(family, pipeline)
+    module = build(family, pipeline, expert)
     before = adapters(module)
     schedule = module.configure_optimizers()
     optimizer, warmup = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
@@ -238,7 +245,7 @@ def one_process(family: str, pipeline: str, cache: str, dp: int) -> dict[str, An
             step_losses.append(float(loss))
         module.draws += 1
         losses.append(step_losses)
-        grads = grads or {n: w.grad.clone() for n, w in module.named_parameters() if w.requires_grad}
+        grads = grads or gradients(module)
         optimizer.step()
         warmup.step()
         optimizer.zero_grad()
@@ -286,6 +293,49 @@ def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: s
                               init_process_group=False, timeout=400)
     reference = one_process(family, str(case["pipeline"]), str(case["cache"]), results[0]["dp"])
     check_against_one_process(results, reference, f"{family} {layout} x dp {results[0]['dp']}", TOLERANCE[family])
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan 2.2 A14B's layout in tiny: two experts split at boundary_ratio 0.72 (Wan's VAE and text encoder, so the
+    Wan cache is its cache too)."""
+    from fixtures.pipelines import build_tiny_pipeline
+
+    return build_tiny_pipeline("wan_experts", tmp_path_factory.mktemp("experts") / "pipeline")
+
+
+def test_each_expert_trains_only_on_its_own_noise_levels_and_the_choice_is_required(experts: Path,
+                                                                                    made: dict[str, Any]) -> None:
+    x0 = torch.zeros(1, 2, 4, 4, 4)
+    for expert, trained in (("high", ["transformer"]), ("low", ["transformer_2"]),
+                            ("both", ["transformer", "transformer_2"])):
+        module = build("wan", str(experts), expert)
+        assert list(module.components) == trained
+        times = torch.cat([module.noise_and_times(torch.tensor([i]), x0)[1] for i in range(64)])
+        if expert == "high":
+            assert bool((times >= 0.72).all()), "the high-noise expert drew a time below the boundary"
+        if expert == "low":
+            assert bool((times < 0.72).all()), "the low-noise expert drew a time at or above the boundary"
+        if expert == "both":
+            assert 0 < int((times >= 0.72).sum()) < len(times)
+    with pytest.raises(ValueError, match="has two experts split at boundary_ratio=0.72: choose which to train with "
+                                         "model.expert=high"):
+        build("wan", str(experts))
+    with pytest.raises(ValueError, match="model.expert=low but model.pretrained_path=.* is not a pipeline with two experts"):
+        build("wan", str(made["wan"]["pipeline"]), "low")
+
+
+@pytest.mark.timeout(600)
+def test_both_experts_match_one_process_under_ulysses_2_x_dp_2(experts: Path, made: dict[str, Any]) -> None:
+    cache = str(made["wan"]["cache"])
+    results = run_distributed(cache_fit, 4, "wan", str(experts), cache, {"ulysses_degree": 2}, None, None, "both",
+                              init_process_group=False, timeout=400)
+    reference = one_process("wan", str(experts), cache, 2, "both")
+    check_against_one_process(results, reference, "wan, both experts, ulysses 2 x dp 2", TOLERANCE["wan"])
+    for expert in ("transformer.", "transformer_2."):  # the draws give each expert samples: both train
+        moved = [name for name, after in reference["after"].items()
+                 if name.startswith(expert) and not torch.equal(after, reference["before"][name])]
+        assert moved, f"no adapter of {expert} moved: the comparison says nothing about that expert"
 
 
 @pytest.mark.timeout(600)
@@ -365,6 +415,35 @@ def test_validation_references_are_one_per_prompt_for_edit_families_and_refused_
     PipelineSamples(2, kontext, ValidationConfig(prompts=["a"], references=["ref.png"]), 2, tmp_path)
     with pytest.raises(ValueError, match="validation.references is set but model.family=flux takes no reference"):
         PipelineSamples(2, flux, ValidationConfig(references=["ref.png"]), 2, tmp_path)
+
+
+@pytest.mark.timeout(600)
+def test_train_py_saves_each_experts_adapters_where_the_pipeline_loads_them(experts: Path, made: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "model=wan", f"model.pretrained_path={experts}",
+               "model.expert=both", "model.dtype=float32", "data=latents", f"data.cache={made['wan']['cache']}",
+               "lora.rank=4", "lora.alpha=8", "parallel=ulysses", "trainer.max_steps=3", "optimizer.lr=1e-2",
+               "optimizer.warmup_steps=1", "sample_every_n_steps=0", "sample_steps=2", "validation.height=32",
+               "validation.width=32", "validation.frames=5", "validation.prompts=[a red cat]", "timeout_s=60",
+               f"hydra.run.dir={run}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (run / "samples" / "step000003-0.gif").is_file()
+    pipeline = family_pipeline("wan").from_pretrained(experts)
+
+    def generate() -> np.ndarray:
+        out = pipeline("a red cat", height=32, width=32, num_frames=5, num_inference_steps=4, output_type="np",
+                       generator=torch.Generator().manual_seed(0))
+        return out.frames[0]
+
+    base = generate()
+    pipeline.load_lora_weights(run / "lora")  # the high-noise expert's: transformer
+    high = generate()
+    pipeline.load_lora_weights(run / "lora_2", load_into_transformer_2=True)  # the low-noise expert's
+    both = generate()
+    assert np.abs(high - base).max() > 1e-3, "the high-noise expert's adapters change nothing"
+    assert np.abs(both - high).max() > 1e-3, "the low-noise expert's adapters change nothing"
 
 
 def family_pipeline(family: str) -> Any:

@@ -26,7 +26,7 @@ TINY_QWENIMAGE: dict[str, Any] = {
     "out_channels": 4,
     "num_layers": 2,
     "attention_head_dim": 16,
-    "num_attention_heads": 2,
+    "num_attention_heads": 4,
     "joint_attention_dim": 32,
     "axes_dims_rope": (4, 6, 6),
 }
