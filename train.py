@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
+from recipe.cache import BucketBatches
 from recipe.callbacks import LoraExport, LossCurve, SampleGrid, TrainingMonitor
 from recipe.config import (
     in_multirun,
@@ -26,10 +27,9 @@ from recipe.config import (
     resolve_checkpoint,
     run_sweep_job_as_single_run,
 )
-from recipe.cache import BucketBatches
 from recipe.data import PhotoCrops
-from recipe.latents import LatentsConfig, latent_cache
 from recipe.flow_matching import FlowMatching
+from recipe.latents import LatentsConfig, latent_cache
 from recipe.samples import PipelineSamples, ValidationConfig
 
 register_configs()

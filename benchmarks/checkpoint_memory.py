@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
+
 from benchmarks.launch import relaunch_under_torchrun
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh, checkpoint

@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from dits_exact import STEPS, train, try_train_many  # noqa: E402
-from fixtures.dits import CASES  # noqa: E402
 from launcher import run_distributed  # noqa: E402
 from test_every_dit import BOUNDS, FOUR_RANK_MODELS, FOUR_RANKS, LOSS_RTOL, OPTIMIZERS, TWO_RANKS, errors  # noqa: E402
+
+from fixtures.dits import CASES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

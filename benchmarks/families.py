@@ -27,19 +27,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from benchmarks.readme import DOCS, replace_section  # noqa: E402
 from launcher import run_distributed  # noqa: E402
-from recipe.families import FAMILIES  # noqa: E402
 from test_finetune import MEDIA, TOLERANCE, cache_fit, one_process, prepare  # noqa: E402
+
+from benchmarks.readme import DOCS, replace_section  # noqa: E402
+from recipe.families import FAMILIES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LAYOUTS = {"ring 2": ({"ring_degree": 2}, 2), "ulysses 2 x dp 2": ({"ulysses_degree": 2}, 4)}
 START, END = "<!-- families table: python -m benchmarks.families -->", "<!-- end of families table -->"
-
-
-def task(name: str) -> str:
-    chosen = FAMILIES[name]
-    return "edit" if chosen.reference else "text-to-video" if chosen.video else "text-to-image"
 
 
 def worst_errors(results: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, float]:
@@ -89,14 +85,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         mine = [row for row in rows if row["family"] == name]
         layouts = "; ".join(row["layout"] for row in mine if row["verified"]) or "none"
         worst = f"{max(r['gradient'] for r in mine):.1e} / {max(r['update'] for r in mine):.1e}"
-        lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {task(name)} | {layouts} | {worst} |")
+        lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {FAMILIES[name].task} | {layouts} | {worst} |")
     return "\n".join(lines)
 
 
 def row_line(r: dict[str, Any]) -> str:
     errors = f"{r['loss']:.1e} | {r['gradient']:.1e} | {r['update']:.1e}"
     bound = f"{r['bound']['grads']:.0e} / {r['bound']['updates']:.0e}"
-    return f"| {r['family']} | {task(r['family'])} | {r['layout']} | {errors} | {bound} | {'yes' if r['verified'] else 'no'} |"
+    return f"| {r['family']} | {FAMILIES[r['family']].task} | {r['layout']} | {errors} | {bound} | {'yes' if r['verified'] else 'no'} |"
 
 
 def main() -> None:

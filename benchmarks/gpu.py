@@ -154,8 +154,8 @@ def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
             applied = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False,
                                                      "tile_tokens": sizes.tile_tokens, **options})
 
-            def step() -> None:  # leaves no gradients behind, so each peak counts the step's own
-                out = model(**inputs, return_dict=False)[0]
+            def step(batch: dict[str, Any] = inputs) -> None:  # leaves no gradients: each peak is the step's own
+                out = model(**batch, return_dict=False)[0]
                 out.float().square().mean().backward()
                 model.zero_grad(set_to_none=True)
 

@@ -90,9 +90,8 @@ def _layout(world: int, degrees: dict[str, int]) -> str:
 def lightning_layouts() -> dict[str, set[str]]:
     """Class name -> layouts ``tests/test_strategy_exact.py`` trains it under with the Lightning strategy."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-    from test_strategy_exact import FOUR_RANKS, TWO_RANKS
-
     from exact import FlowMatchingModule
+    from test_strategy_exact import FOUR_RANKS, TWO_RANKS
 
     layouts: dict[str, set[str]] = defaultdict(set)
     kinds: dict[str, str] = {}

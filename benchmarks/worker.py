@@ -120,7 +120,8 @@ def shard_inputs(inputs: dict[str, torch.Tensor], mesh: ParallelMesh) -> dict[st
 
 def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
     """diffusers' own context parallelism, by the manual path (``enable_parallelism`` fails on CPU)."""
-    from diffusers import ContextParallelConfig, ParallelConfig as DiffusersParallelConfig
+    from diffusers import ContextParallelConfig
+    from diffusers import ParallelConfig as DiffusersParallelConfig
     from diffusers.hooks.context_parallel import apply_context_parallel as diffusers_apply
     from torch.distributed.device_mesh import init_device_mesh
 

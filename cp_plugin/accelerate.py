@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 try:
     from accelerate import Accelerator
     from accelerate.data_loader import prepare_data_loader

@@ -22,9 +22,9 @@ import torch.distributed._functional_collectives as funcol
 from diffusers.hooks.context_parallel import _get_submodule_by_name
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-from torch.distributed.device_mesh import DeviceMesh
 from torch._decomp import decomposition_table
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import _get_default_store
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.nn.parallel import DistributedDataParallel

@@ -24,10 +24,10 @@ import torch
 from cp_plugin.batch import BatchCheck
 from cp_plugin.config import ParallelConfig
 from cp_plugin.guard import (
+    StepGuard,
     check_nonfinite_option,
     check_same_config,
     describe_failures,
-    StepGuard,
     is_transport_error,
     record_failure,
 )

@@ -64,8 +64,6 @@ from cp_plugin.lightning_resume import layout_state, resumable, rng_state_to_res
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.model import Plan
 
-
-
 # LightningModule methods Lightning calls instead of ``forward``: under FSDP2 they gather the root's weights.
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 

@@ -30,9 +30,22 @@ import sympy
 import torch
 
 from cp_plugin.blockops import SUMS, CountingMode, OpCounter, summed_dims
-from cp_plugin.compat import SDPA, FakeTensorMode, ShapeEnv, TorchDispatchMode, decomposition, size_expr
-from cp_plugin.compat import is_backed, outside_dispatch_modes, quiet_fake_kernels, symbolic_fake, symbolic_fake_mode
-from cp_plugin.compat import tree_flatten, tree_leaves, tree_unflatten
+from cp_plugin.compat import (
+    SDPA,
+    FakeTensorMode,
+    ShapeEnv,
+    TorchDispatchMode,
+    decomposition,
+    is_backed,
+    outside_dispatch_modes,
+    quiet_fake_kernels,
+    size_expr,
+    symbolic_fake,
+    symbolic_fake_mode,
+    tree_flatten,
+    tree_leaves,
+    tree_unflatten,
+)
 from cp_plugin.grid import GridOps, ProbeGrid
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)

@@ -50,7 +50,6 @@ from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, probe_block
 from cp_plugin.reductions import TokenReductions
 from cp_plugin.sequence import gather_sequence, local_shard
 
-
 # Probe results, by block structure and input structure: a block class with the same submodules,
 # weight shapes and processors relates its inputs the same way in every model instance.
 _ROLES: dict[Any, BlockRoles] = {}

@@ -106,12 +106,12 @@ class FlowMatching(L.LightningModule):
                                  "made with another model; build one with this model.pretrained_path (prepare.py)")
 
     def velocity_inputs_fit(self, channels: int) -> None:
-        in_channels = self.transformer.config.in_channels
-        if in_channels not in (channels, 4 * channels) or (self.family.video and in_channels != channels):
+        in_channels, fitting = self.transformer.config.in_channels, self.family.input_channels(channels)
+        if in_channels not in fitting:
             raise ValueError(
                 f"the data's latents have {channels} channels but the model takes in_channels={in_channels}; set "
-                f"model.config.in_channels={channels} (and out_channels for Wan), or load a model.pretrained_path "
-                "made for such latents"
+                f"model.config.in_channels={fitting[0]} (and out_channels={channels} for Wan), or load a "
+                "model.pretrained_path made for such latents"
             )
 
     def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

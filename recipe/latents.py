@@ -134,9 +134,11 @@ def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_
             except UnusableMedia as problem:
                 skipped.append(Skipped(item.file, str(problem)))
                 continue
+            pixels = to_pixels(frames, bucket)
             with torch.no_grad():
-                tensors = {"latents": chosen.encode_pixels(pipeline, to_pixels(frames, bucket)),
-                           **{k: v[0] for k, v in chosen.encode_prompts(pipeline, [item.caption]).items()}}
+                tensors = {"latents": chosen.encode_pixels(pipeline, pixels),
+                           **{k: v[0] for k, v in chosen.encode_prompts(pipeline, [item.caption]).items()},
+                           **chosen.encode_conditioning(pipeline, pixels)}
                 if reference is not None:
                     tensors.update(chosen.encode_reference(pipeline, reference))
             writer.add(item, tensors)

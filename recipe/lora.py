@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from recipe.families import family
 
+
 @dataclass
 class LoraSettings:
     """``lora.rank`` (0: full fine-tuning), ``lora.alpha`` (default: the rank), ``lora.target_modules``."""

@@ -3,7 +3,7 @@
 Every ``every_n_steps`` (and at the end) the family's pipeline (loaded once from
 ``model.pretrained_path``, without a transformer of its own) generates ``validation.prompts`` with
 ``module.transformer``, the live, context-parallel model (a two-expert pipeline: the trained experts, the
-other loaded from the folder; edit tasks: each prompt edits its
+other loaded from the folder; edit and image-to-video tasks: each prompt starts from its
 ``validation.references`` image): every rank runs the pipeline with the
 same seeded noise, since the transformer's collectives need its whole CP group. Rank 0 writes the
 results to ``<run dir>/samples/`` and logs them to W&B next to the loss: images, or videos (mp4
@@ -20,12 +20,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from recipe.callbacks import PeriodicSamples
 from recipe.families import family
 from recipe.latents import load_pipeline
-from recipe.models import ModelConfig
+from recipe.models import ModelConfig, pretrained_source
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ValidationConfig:
     frames: int = 33  # video families
     guidance_scale: float | None = None  # None: the pipeline's default
     seed: int = 0
-    references: list[str] = field(default_factory=list)  # edit tasks: the image each prompt edits (one per prompt)
+    references: list[str] = field(default_factory=list)  # edit, image-to-video: each prompt's image (one per prompt)
 
 
 def save_video(frames: list[Image.Image], stem: Path) -> Path:
@@ -54,19 +55,27 @@ class PipelineSamples(PeriodicSamples):
     def __init__(self, every_n_steps: int, model: ModelConfig, validation: ValidationConfig, steps: int,
                  out_dir: Path) -> None:
         super().__init__(every_n_steps)
-        edits = family(model.family).reference
-        if edits and len(validation.references) != len(validation.prompts):
+        chosen = family(model.family)
+        if chosen.starts_from_image and len(validation.references) != len(validation.prompts):
             raise ValueError(f"validation.references has {len(validation.references)} images for "
-                             f"{len(validation.prompts)} validation.prompts: model.family={model.family} edits an image, "
-                             "so give one per prompt, e.g. validation.references=[<image path>]")
-        if not edits and validation.references:
-            raise ValueError(f"validation.references is set but model.family={model.family} takes no reference "
+                             f"{len(validation.prompts)} validation.prompts: model.family={model.family} ({chosen.task}) "
+                             "starts from an image, so give one per prompt, e.g. validation.references=[<image path>]")
+        if not chosen.starts_from_image and validation.references:
+            raise ValueError(f"validation.references is set but model.family={model.family} ({chosen.task}) takes no "
                              "image; drop validation.references")
         self.model, self.validation, self.steps = model, validation, steps
         self.out_dir = out_dir / "samples"
         self.pipeline: Any = None
+        # a transformer folder trains, but there is no pipeline (VAE, text encoders) to sample with
+        self.skip = "subfolder" not in pretrained_source(str(model.pretrained_path), "transformer")
+        if self.skip:
+            rank_zero_warn(f"model.pretrained_path={model.pretrained_path!r} is a transformer folder: with no pipeline "
+                           "to generate with, no validation samples are made; point it at the pipeline folder "
+                           "(save_pretrained's) to get them")
 
     def generate(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.skip:
+            return
         if self.pipeline is None:
             self.pipeline = load_pipeline(self.model, module.components).to(module.device)
             self.pipeline.set_progress_bar_config(disable=True)
@@ -76,16 +85,21 @@ class PipelineSamples(PeriodicSamples):
             options["num_frames"] = settings.frames
         if settings.guidance_scale is not None:
             options["guidance_scale"] = settings.guidance_scale
-        if module.family.reference:
-            images = [Image.open(path).convert("RGB") for path in settings.references]
-            options.update(module.family.reference_inputs(self.pipeline, images, settings.height, settings.width))
-        with torch.no_grad():
-            output = self.pipeline(
-                **module.family.prompt_inputs(self.pipeline, list(settings.prompts)), num_inference_steps=self.steps,
-                output_type="pil", generator=torch.Generator().manual_seed(settings.seed), **options,
-            )
+        # Prompts that start from an image run one call each (image-to-video pipelines take one image per call).
+        calls = [(list(settings.prompts), {})] if not module.family.starts_from_image else [
+            ([prompt], module.family.image_inputs(self.pipeline, Image.open(path).convert("RGB"), settings.height,
+                                                  settings.width))
+            for prompt, path in zip(settings.prompts, settings.references)]
+        results = []
+        for prompts, image in calls:
+            with torch.no_grad():
+                output = self.pipeline(
+                    **module.family.prompt_inputs(self.pipeline, prompts), num_inference_steps=self.steps,
+                    output_type="pil", generator=torch.Generator().manual_seed(settings.seed), **options, **image,
+                )
+            results += output.frames if module.family.video else output.images
         if trainer.is_global_zero:
-            self.publish(trainer, output.frames if module.family.video else output.images)
+            self.publish(trainer, results)
 
     def publish(self, trainer: L.Trainer, results: list[Any]) -> None:
         """Write each prompt's sample and log them all to W&B under ``samples``."""

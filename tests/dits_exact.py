@@ -17,10 +17,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from exact import quiet_trainer
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from exact import quiet_trainer
 from fixtures.dits import BATCH, CASES
 
 STEPS = 3

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, DistributedSampler
-
 from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, grads_of, lightning_run, reference_run
 from launcher import run_distributed
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler
 
 STEPS, PER_RANK = 3, 2
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,13 +15,13 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from launcher import run_distributed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
 from cp_plugin.comm import COMM_STATS
-from launcher import run_distributed
 
 B, S, H, D = 2, 64, 4, 16
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from launcher import run_distributed
 
 from benchmarks import blockwise, gpu, overlap, run, worker
 from benchmarks.measure import PeakMemory, count_saved_activations, phase
-from launcher import run_distributed
 
 MIB = 2**20
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from launcher import run_distributed
 
 # what an attention call sends in its forward: what a recompute repeats

@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from exact import assert_close_rel
 from launcher import run_distributed
-
 
 # A block's attention call sits two frames deep, in the block's forward and in the attention
 # processor's __call__ (Attention.forward only passes it on); the call splits each of them into the
@@ -31,12 +29,12 @@ def compiled_blocks_step(layout: dict[str, int]) -> dict[str, Any]:
     reasons, frames traced and frames that compiled.
     """
     import torch.distributed as dist
+    from exact import FlowMatchingModule, SyntheticFlowData
     from torch._dynamo.utils import counters
     from torch.utils.data import default_collate
 
     from cp_plugin import ParallelConfig, ParallelMesh
     from cp_plugin.model import apply_context_parallel
-    from exact import FlowMatchingModule, SyntheticFlowData
 
     module = FlowMatchingModule("flux")
     apply_context_parallel(module, ParallelMesh.build(ParallelConfig(**layout), "cpu"))
@@ -67,9 +65,8 @@ def check_compiled(result: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(300)
 def test_compiled_blocks_under_ring_match_one_uncompiled_process() -> None:
-    from torch.utils.data import default_collate
-
     from exact import FlowMatchingModule, SyntheticFlowData
+    from torch.utils.data import default_collate
 
     results = run_distributed(compiled_blocks_step, 2, {"ring_degree": 2})
     reference = FlowMatchingModule("flux")

@@ -9,12 +9,12 @@ import lightning as L
 import pytest
 import torch
 from diffusers import ModelMixin
+from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
+from launcher import run_distributed
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
 from fixtures.models import tiny_flux
-from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
-from launcher import run_distributed
 
 
 class PlainModule(L.LightningModule):

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from dits_exact import SGD_LR, STEPS, lightning_train_many, train, train_many
 from exact import assert_update_close, update_error
 from launcher import run_distributed

@@ -15,10 +15,6 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
-
 from exact import (
     FlowMatchingModule,
     SyntheticFlowData,
@@ -28,6 +24,9 @@ from exact import (
     reference_run,
 )
 from launcher import run_distributed
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
 
 STEPS, PER_RANK, WORLD = 3, 2, 4
 LAYOUT = {"ring_degree": 2, "fsdp": True}  # 4 ranks: dp 2 x ring 2, everything sharded 4 ways

@@ -26,13 +26,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from exact import quiet_trainer
+from launcher import run_distributed
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
-from exact import quiet_trainer
 from fixtures.dits import CASES
-from launcher import run_distributed
 
 STEPS = 4  # steps 2..4 are counted
 _aten = torch.ops.aten

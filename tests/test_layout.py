@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
+from launcher import run_distributed
 from omegaconf import OmegaConf
+from test_train_cli import ROOT, assert_ok, last_global_step, train
 
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.core import ContextParallelCore
@@ -30,9 +32,7 @@ from cp_plugin.layout import (
     ulysses_placement_warning,
 )
 from fixtures.models import tiny_flux
-from launcher import run_distributed
 from recipe.config import cp_devices, register_configs
-from test_train_cli import ROOT, assert_ok, last_global_step, train
 
 AUTO = ParallelConfig(ring_degree="auto", ulysses_degree="auto")
 

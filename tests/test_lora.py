@@ -16,12 +16,20 @@ from typing import Any
 
 import pytest
 import torch
+from exact import (
+    TEXT_DIM,
+    FlowMatchingModule,
+    SyntheticFlowData,
+    assert_update_close,
+    flux_ids,
+    quiet_trainer,
+    reference_run,
+)
+from launcher import run_distributed
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from exact import FlowMatchingModule, SyntheticFlowData, TEXT_DIM, assert_update_close, flux_ids, quiet_trainer, reference_run
 from fixtures.models import tiny_flux
-from launcher import run_distributed
 from recipe.lora import LoraSettings, add_lora, lora_layers, save_lora
 
 STEPS, PER_RANK = 3, 2

@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
+from launcher import run_distributed
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy, ParallelConfig, ParallelMesh
-from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
-from launcher import run_distributed
 
 LAYOUTS = [(2, 1, 2), (1, 2, 2), (2, 2, 1), (1, 1, 4), (4, 1, 1)]  # (dp, ring, ulysses) on 4 ranks
 

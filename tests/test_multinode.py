@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from exact import assert_update_close, reference_run
 from launcher import free_port
 

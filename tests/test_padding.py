@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, quiet_trainer
+from launcher import run_distributed
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cp_plugin.padding import SequencePadding
-from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, quiet_trainer
-from launcher import run_distributed
 
 LENGTHS = [1001, 1024, 998, 961, 1003, 1000]  # one bucket per batch; cp 2 and 4 pad all but 1024 and 1000
 STEPS, PER_BATCH, OPTIMIZER = 3, 2, "sgd"

@@ -17,12 +17,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, quiet_trainer
+from launcher import run_distributed
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from cp_plugin import ContextParallelStrategy
-from exact import FlowMatchingModule, SyntheticFlowData, assert_close_rel, quiet_trainer
-from launcher import run_distributed
 
 STEPS, STOP = 6, 3  # 16 samples / (2 per rank) / dp: the stop is mid-epoch
 RTOL = 2e-5  # of the update over STEPS steps; one replayed batch moves it by ~1e-2 and more

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from exact import assert_close_rel
 from launcher import run_distributed
 

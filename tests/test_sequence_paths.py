@@ -25,8 +25,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
 from exact import (
     TEXT_DIM,
     FlowMatchingModule,
@@ -39,6 +37,7 @@ from exact import (
     reference_run,
 )
 from launcher import run_distributed
+from torch.utils.data import DataLoader
 
 STEPS, PER_RANK = 3, 2
 CHANNELS = 16  # tiny Flux's latent channels

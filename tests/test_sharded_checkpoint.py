@@ -20,13 +20,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
-
 from exact import FlowMatchingModule, SyntheticFlowData, assert_update_close, quiet_trainer
 from launcher import run_distributed
-from cp_plugin import ContextParallelStrategy
+from lightning.pytorch.callbacks import Callback
 from test_resume import STEPS, STOP, RandomDrawsModule, accelerate_fit, weights
+from torch.utils.data import DataLoader
+
+from cp_plugin import ContextParallelStrategy
 
 RTOL = 2e-5  # of the update over STEPS steps (test_resume's bound)
 OPTIMIZERS = ("sgd", "adamw")
@@ -178,8 +178,9 @@ def lora_save(path: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(200)
 def test_convert_writes_lora_adapters_that_diffusers_loads(tmp_path: Path) -> None:
-    from cp_plugin.convert import convert
     from test_lora import assert_adapters_reproduce
+
+    from cp_plugin.convert import convert
 
     path = tmp_path / "lora.ckpt"
     state = run_distributed(lora_save, 2, str(path), init_process_group=False)[0]

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from exact import FlowMatchingModule, assert_close_rel, assert_update_close, lightning_runs, reference_run
 from launcher import run_distributed
 
@@ -162,10 +161,10 @@ def test_four_ranks_match_one_process() -> None:
 
 def fit_and_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """Rank body: train 2 steps under ulysses 2, save a checkpoint (rank 0 writes), return the weights."""
+    from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
     from torch.utils.data import DataLoader
 
     from cp_plugin import ContextParallelStrategy
-    from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 
     module = FlowMatchingModule("flux")
     trainer = quiet_trainer(ContextParallelStrategy(ulysses_degree=2), 2, 2)
@@ -189,10 +188,10 @@ def test_checkpoint_written_by_rank_zero_loads_into_one_process(tmp_path) -> Non
 @pytest.mark.timeout(300)
 def test_lightning_spawn_launcher_trains_exactly() -> None:
     """``Trainer(devices=2, strategy="context_parallel_spawn")``-style launch from this very process."""
+    from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
     from torch.utils.data import DataLoader
 
     from cp_plugin import ContextParallelStrategy
-    from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer
 
     module = FlowMatchingModule("flux", "sgd")
     trainer = quiet_trainer(ContextParallelStrategy(ulysses_degree=2, start_method="spawn"), STEPS, 2)

@@ -47,9 +47,19 @@ class Family:
     pipeline_class_name: ClassVar[str]
     lora_loader_name: ClassVar[str]
     video: ClassVar[bool]
-    # Edit tasks: each sample has a reference image (``<name>.ref.<ext>``), encoded like the target
-    # (``reference_latents``, cached) and given to the transformer as more tokens of its sequence.
-    reference: ClassVar[bool] = False
+    # "text-to-image", "text-to-video", "edit" (each sample has a reference image, <name>.ref.<ext>, cached as
+    # ``reference_latents``) or "image-to-video" (conditioned on the clip's own first frame).
+    task: ClassVar[str]
+
+    @property
+    def reference(self) -> bool:
+        """Whether each sample needs its reference image (edit tasks)."""
+        return self.task == "edit"
+
+    @property
+    def starts_from_image(self) -> bool:
+        """Whether generation takes an image besides the prompt (edit, image-to-video): validation needs one."""
+        return self.task in ("edit", "image-to-video")
 
     def pipeline_class(self) -> type[DiffusionPipeline]:
         import diffusers
@@ -73,17 +83,24 @@ class Family:
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         raise NotImplementedError
 
+    def input_channels(self, channels: int) -> tuple[int, ...]:
+        """The transformer ``in_channels`` that fit latents of ``channels``: as they are, or (images) 2x2 packed."""
+        return (channels,) if self.video else (channels, 4 * channels)
+
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``(F', C, H', W')`` of pixels ``(F, 3, H, W)`` in ``[-1, 1]``."""
         raise NotImplementedError
+
+    def encode_conditioning(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cached tensors the transformer takes that come from the sample itself (pixels ``(F, 3, H, W)``)."""
+        return {}
 
     def encode_reference(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cached tensors of a sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]`` (edit tasks)."""
         return {"reference_latents": self.encode_pixels(pipeline, pixels)}
 
-    def reference_inputs(self, pipeline: DiffusionPipeline, images: list[Any], height: int,
-                         width: int) -> dict[str, Any]:
-        """The arguments of a validation call of an edit task for PIL ``images`` (one per prompt) at this size."""
+    def image_inputs(self, pipeline: DiffusionPipeline, image: Any, height: int, width: int) -> dict[str, Any]:
+        """The arguments of a validation call (one prompt) for the PIL ``image`` it starts from, at this size."""
         raise NotImplementedError
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ def flux_ids(height: int, width: int, device: torch.device) -> torch.Tensor:
 class Flux(Family):
     name, title, transformer_class, tiny_config = "flux", "Flux", FluxTransformer2DModel, TINY_FLUX
     pipeline_class_name, lora_loader_name, video = "FluxPipeline", "FluxLoraLoaderMixin", False
+    task = "text-to-image"
 
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         return pipeline.vae_scale_factor * 2  # the VAE's factor, then 2x2 packing

@@ -21,7 +21,7 @@ from recipe.families.flux import Flux, flux_ids
 
 class FluxKontext(Flux):
     name, title = "flux_kontext", "Flux Kontext"
-    pipeline_class_name, reference = "FluxKontextPipeline", True
+    pipeline_class_name, task = "FluxKontextPipeline", "edit"
 
     def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
         return 2 * super().tokens(transformer, latent_shape)  # the target's and the reference's (same bucket)
@@ -40,8 +40,6 @@ class FluxKontext(Flux):
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
         return {**super().text_dims(transformer), "reference_latents": None}
 
-    def reference_inputs(self, pipeline: DiffusionPipeline, images: list[Any], height: int,
-                         width: int) -> dict[str, Any]:
+    def image_inputs(self, pipeline: DiffusionPipeline, image: Any, height: int, width: int) -> dict[str, Any]:
         # the pipeline sizes its output by max_area (1024^2 unless given), not by height and width alone
-        return {"image": [image.resize((width, height)) for image in images], "_auto_resize": False,
-                "max_area": height * width}
+        return {"image": image.resize((width, height)), "_auto_resize": False, "max_area": height * width}

@@ -34,6 +34,7 @@ TINY_WAN: dict[str, Any] = {
 class Wan(Family):
     name, title, transformer_class, tiny_config = "wan", "Wan", WanTransformer3DModel, TINY_WAN
     pipeline_class_name, lora_loader_name, video = "WanPipeline", "WanLoraLoaderMixin", True
+    task = "text-to-video"
 
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         return 16  # WanPipeline's own rule (VAE factor 8 x patch 2)

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (1, 2)]  # tests/ (exact.py), the checkout (fixtures/)
 
-from cp_plugin import ContextParallelStrategy  # noqa: E402
 from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer  # noqa: E402
 from injection import inject, parse_args  # noqa: E402
+
+from cp_plugin import ContextParallelStrategy  # noqa: E402
 
 
 class FailingModule(FlowMatchingModule):

@@ -18,11 +18,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (1, 2)]  # tes
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs  # noqa: E402
+from exact import FlowMatchingModule, SyntheticFlowData  # noqa: E402
+from injection import inject, parse_args  # noqa: E402
 
 from cp_plugin import ParallelConfig  # noqa: E402
 from cp_plugin.accelerate import ContextParallelPlugin  # noqa: E402
-from exact import FlowMatchingModule, SyntheticFlowData  # noqa: E402
-from injection import inject, parse_args  # noqa: E402
 
 
 def main() -> None:

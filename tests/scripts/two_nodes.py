@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (1, 2)]  # tests/ (exact.py), the checkout (fixtures/)
 
-from cp_plugin import ContextParallelStrategy  # noqa: E402
 from exact import FlowMatchingModule, SyntheticFlowData, quiet_trainer  # noqa: E402
+
+from cp_plugin import ContextParallelStrategy  # noqa: E402
 
 STEPS, PER_RANK = 3, 2
 
