@@ -4,8 +4,8 @@
 
 Two questions the fine-tuning recipe raises before anyone runs it on a real model:
 
-1. **How fast does ``prepare.py`` fill a cache, and how big is it?** The tiny offline Flux and Wan
-   pipelines of ``fixtures/pipelines.py`` encode a captioned folder (``fixtures/media.py``, padded
+1. **How fast does ``prepare.py`` fill a cache, and how big is it?** Every family's tiny offline
+   pipeline of ``fixtures/pipelines.py`` encodes a captioned folder (``fixtures/media.py``, padded
    with copies of its good files so the rate is over tens of files) through
    :func:`recipe.latents.encode_folder`, on one process with one torch thread, twice into fresh
    caches (the spread between the two; the first also pays any one-time costs). The pipeline's
@@ -17,8 +17,8 @@ Two questions the fine-tuning recipe raises before anyone runs it on a real mode
    transformer is trained one real AdamW step (the recipe's ``FlowMatching`` on a batch from the
    cache) at LoRA rank 0 (full), 4 and 16, with a float32 and a bfloat16 base, and its parameters,
    gradients and optimizer state are counted from the tensors themselves. The same counts are then
-   computed for Flux.1-dev's real configuration, built on the meta device (no weights, no
-   download) with the same LoRA added by :func:`recipe.lora.add_lora`; there the optimizer state is
+   computed for Flux.1-dev's real configuration, and for every family's published transformer, built on
+   the meta device (no weights, no download) with the same LoRA added by :func:`recipe.lora.add_lora`; there the optimizer state is
    computed from the counts with the rule the tiny measurement checks (AdamW keeps ``exp_avg`` and
    ``exp_avg_sq`` in each trainable parameter's dtype, plus a float32 ``step`` per tensor).
 """
@@ -48,10 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 import recipe.latents  # noqa: E402
+from fixtures.dits import CASES  # noqa: E402
 from fixtures.media import FRAMES, write_media  # noqa: E402
 from fixtures.pipelines import build_tiny_pipeline  # noqa: E402
 from recipe.cache import BucketBatches, LatentCache, shard_files  # noqa: E402
-from recipe.families import MAX_SEQUENCE_LENGTH  # noqa: E402
+from recipe.families import FAMILIES, MAX_SEQUENCE_LENGTH  # noqa: E402
 from recipe.families import family as family_of  # noqa: E402
 from recipe.flow_matching import FlowMatching, OptimizerConfig  # noqa: E402
 from recipe.latents import LatentsConfig, encode_folder  # noqa: E402
@@ -59,16 +60,20 @@ from recipe.lora import LoraSettings, add_lora  # noqa: E402
 from recipe.models import ModelConfig  # noqa: E402
 
 COMMAND = "python -m benchmarks.finetune"
-# The tiny pipelines' buckets (as tests/test_finetune.py): Flux's VAE factor 2 with 2x2 packing, Wan's 16 and 4k+1 frames.
-BUCKETS: dict[str, dict[str, list]] = {
-    "flux": {"resolutions": [[64, 64], [48, 80], [80, 48]], "frames": [1]},
-    "wan": {"resolutions": [[32, 32], [32, 48]], "frames": [1, 5]},
+# The tiny pipelines' buckets (as tests/test_finetune.py), for image and video families: the image pipelines' VAE
+# factor 2 with 2x2 patches, the video pipelines' 16 and 4k+1 frames.
+BUCKETS: dict[bool, dict[str, list]] = {
+    False: {"resolutions": [[64, 64], [48, 80], [80, 48]], "frames": [1]},
+    True: {"resolutions": [[32, 32], [32, 48]], "frames": [1, 5]},
 }
-MEDIA = {"flux": "images", "wan": "videos"}
-GOOD_FILES = {"flux": 160, "wan": 64}  # captioned, decodable files per folder (the fixture writes 6 and 4)
+GOOD_FILES = {False: 160, True: 64}  # captioned, decodable files per folder (the fixture writes 6 and 4)
+# The published transformers whose configuration differs from its class's real configuration in fixtures/dits:
+# Wan2.1-I2V-14B (transformer/config.json) takes the condition's channels and a CLIP image embedding.
+PUBLISHED: dict[str, dict[str, Any]] = {"wan_i2v": {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}}
 CACHE_RUNS = 2
 THREADS = 1  # torch intra-op threads for the whole run
 RANKS = (0, 4, 16)
+FAMILY_RANK = 16  # the LoRA rank of the every-family table
 ALPHA = {4: 8.0, 16: 16.0}  # lora_alpha does not change any count; set as a run would
 DTYPES = ("float32", "bfloat16")
 # Flux.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
@@ -95,14 +100,19 @@ def count(n: int) -> str:
 # --- 1. latent cache --------------------------------------------------------------------------------------------------
 
 def media_folder(folder: Path, family: str) -> dict[str, int]:
-    """The fixture's folder for ``family`` plus copies of its good files (with their captions) up to GOOD_FILES."""
-    files = write_media(folder, MEDIA[family])
+    """The fixture's folder for ``family`` plus copies of its good files (with their captions and reference images)
+    up to GOOD_FILES."""
+    chosen = family_of(family)
+    files = write_media(folder, "videos" if chosen.video else "images", references=chosen.reference)
     good = files["good"]
-    for k in range(GOOD_FILES[family] - len(good)):
+    for k in range(GOOD_FILES[chosen.video] - len(good)):
         source = folder / good[k % len(good)]  # round robin: every bucket of the fixture gets its share
         shutil.copyfile(source, folder / f"copy_{k}{source.suffix}")
         shutil.copyfile(source.with_suffix(".txt"), folder / f"copy_{k}.txt")
-    return {"good": GOOD_FILES[family], "corrupt": len(files["corrupt"]), "uncaptioned": len(files["uncaptioned"])}
+        if chosen.reference:
+            shutil.copyfile(folder / f"{source.stem}.ref.png", folder / f"copy_{k}.ref.png")
+    bad = len(files["corrupt"]) + len(files["uncaptioned"]) + len(files.get("unreferenced", []))
+    return {"good": GOOD_FILES[chosen.video], "bad": bad}
 
 
 @dataclass
@@ -175,8 +185,8 @@ def cache_contents(cache: Path) -> tuple[int, int, dict[str, int]]:
 
 def encode(family: str, pipeline: Path, media: Path, cache: Path) -> CacheRun:
     model = ModelConfig(family=family, pretrained_path=str(pipeline), dtype="float32")
-    data = LatentsConfig(cache=str(cache), path=str(media), **BUCKETS[family])
-    chosen = family_of(family)  # the object encode_folder uses: its methods are timed on it
+    chosen = family_of(family)
+    data = LatentsConfig(cache=str(cache), path=str(media), **BUCKETS[chosen.video])  # the object encode_folder uses: its methods are timed on it
     parts = {"load": (recipe.latents, "load_pipeline"), "vae": (chosen, "encode_pixels"),
              "text": (chosen, "encode_prompts")}
     with timers(parts) as spent:
@@ -237,14 +247,22 @@ def lora_from_shapes(model: torch.nn.Module, rank: int, targets: list[str]) -> i
                if isinstance(layer, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
 
-def flux_dev_counts(dtype: str, rank: int) -> dict[str, Any]:
-    """Flux.1-dev's parameter and training-state bytes, built on the meta device (nothing allocated)."""
+def published_config(family: str) -> dict[str, Any]:
+    """The published transformer's constructor arguments for ``family``: its class's real configuration in
+    ``fixtures/dits`` (what tests/test_real_configs.py resolves plans for), with PUBLISHED's differences."""
+    name = family_of(family).transformer_class.__name__
+    case = next(c for c in CASES.values() if c.cls == name and c.real_inputs is not None)
+    return {**(case.real_config or {}), **PUBLISHED.get(family, {})}
+
+
+def meta_counts(cls: type, config: dict[str, Any], dtype: str, rank: int) -> dict[str, Any]:
+    """A transformer's parameter and training-state bytes, built on the meta device (nothing allocated)."""
     logger = diffusers.utils.logging.get_logger("diffusers.models.modeling_utils")
     level = logger.level
     logger.setLevel("ERROR")  # `.to(dtype)` advises from_pretrained(torch_dtype=...): there are no weights to load here
     try:
         with torch.device("meta"):
-            model = diffusers.FluxTransformer2DModel(**FLUX_DEV).to(getattr(torch, dtype))
+            model = cls(**config).to(getattr(torch, dtype))
     finally:
         logger.setLevel(level)
     settings = LoraSettings(rank=rank, alpha=ALPHA.get(rank))
@@ -272,7 +290,7 @@ def cache_table(runs: dict[str, list[CacheRun]], folders: dict[str, dict[str, in
             encoding = run.wall_s - run.load_s
             rest = encoding - run.vae_s - run.text_s
             rows.append(
-                f"| {family} | {i} | {folders[family]['good']} + {folders[family]['corrupt'] + folders[family]['uncaptioned']}"
+                f"| {family} | {i} | {folders[family]['good']} + {folders[family]['bad']}"
                 f" | {run.cached} / {run.skipped} | {run.load_s:.2f} | {encoding:.2f} | {run.vae_s:.2f} "
                 f"({100 * run.vae_s / encoding:.0f} %) | {run.text_s:.2f} ({100 * run.text_s / encoding:.0f} %) "
                 f"| {rest:.2f} ({100 * rest / encoding:.0f} %) | {run.cpu_s / run.wall_s:.2f} | {run.rate:.1f} "
@@ -318,15 +336,29 @@ def dev_table(results: list[dict[str, Any]]) -> list[str]:
     rows = []
     for r in results:
         check = "-" if r["rank"] == 0 else ("yes" if r["lora_added"] == r["lora_from_shapes"] else "NO")
-        total = r["param_bytes"] + r["grad_bytes"] + r["state_bytes"]
         rows.append(
             f"| {r['dtype']} | {rank_name(r['rank'])} | {count(r['trainable'])} / {count(r['params'])} "
             f"({100 * r['trainable'] / r['params']:.2f} %) | {check} | {r['trainable_dtype']} | {human(r['param_bytes'])} "
-            f"| {human(r['grad_bytes'])} | {human(r['state_bytes'])} | {human(total)} |"
+            f"| {human(r['grad_bytes'])} | {human(r['state_bytes'])} | {total(r)} |"
         )
     return ["| base dtype | training | trainable / total params | adapters = r x (in + out) of the targeted Linears? "
             "| trainable dtype | all weights | gradients | AdamW state (computed) | weights + gradients + state |",
             "|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def total(r: dict[str, Any]) -> str:
+    """What training holds besides activations: weights, gradients and optimizer state."""
+    return human(r["param_bytes"] + r["grad_bytes"] + r["state_bytes"])
+
+
+def families_table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    rows = []
+    for family, (full, lora) in results.items():
+        check = "yes" if lora["lora_added"] == lora["lora_from_shapes"] else "NO"
+        rows.append(f"| {family} | {family_of(family).transformer_class.__name__} | {count(full['params'])} | {total(full)} "
+                    f"| {count(lora['trainable'])} ({check}) | {total(lora)} |")
+    return [f"| family | transformer | parameters | full fine-tuning: weights + gradients + state | LoRA r={FAMILY_RANK} "
+            "adapters (= r x (in + out)?) | LoRA: weights + gradients + state |", "|---|---|---|---|---|---|", *rows]
 
 
 def main(out: Path = ROOT / "benchmarks" / "results") -> None:
@@ -340,14 +372,16 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
     folders: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for family in ("flux", "wan"):
+        for family in sorted(FAMILIES):
             pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
             folders[family] = media_folder(root / f"{family}_media", family)
             runs[family] = [encode(family, pipeline, root / f"{family}_media", root / f"{family}_cache_{i}")
                             for i in range(CACHE_RUNS)]
         tiny = [tiny_step(root / "flux_pipeline", root / "flux_cache_0", dtype, rank)
                 for dtype in DTYPES for rank in RANKS]
-    dev = [flux_dev_counts(dtype, rank) for dtype in DTYPES for rank in RANKS]
+    dev = [meta_counts(diffusers.FluxTransformer2DModel, FLUX_DEV, dtype, rank) for dtype in DTYPES for rank in RANKS]
+    published = {family: [meta_counts(FAMILIES[family].transformer_class, published_config(family), "bfloat16", rank)
+                          for rank in (0, FAMILY_RANK)] for family in sorted(FAMILIES)}
     runtime = time.perf_counter() - start
     targets = ", ".join(LoraSettings().target_modules)
     report = "\n".join([
@@ -362,13 +396,15 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
         "",
         "The tiny offline pipelines of `fixtures/pipelines.py` (float32) encode `fixtures/media.py`'s folder padded "
         "with copies of its good files (captions included); the bad files are its corrupt and uncaptioned ones, "
-        f"which are skipped. Buckets: flux {BUCKETS['flux']['resolutions']} x frames {BUCKETS['flux']['frames']}, "
-        f"wan {BUCKETS['wan']['resolutions']} x frames {BUCKETS['wan']['frames']} ({FRAMES}-frame GIFs). Each run fills a "
+        f"(and, for edit families, samples without a reference image), which are skipped. Buckets: images "
+        f"{BUCKETS[False]['resolutions']} x frames {BUCKETS[False]['frames']}, videos {BUCKETS[True]['resolutions']} x "
+        f"frames {BUCKETS[True]['frames']} ({FRAMES}-frame GIFs). Each run fills a "
         "fresh cache (the two show the run-to-run spread; run 1 also pays any one-time costs). The pipeline load is timed inside the call and **excluded** "
         "from files/s (encoding = the call's wall time minus the load: listing the folder, checking the buckets, "
-        "reading, encoding and writing the shards), split into the time inside the family's `encode_pixels` (VAE), "
-        "`encode_prompts` (tokenisers and text encoders, one prompt per call, padded to "
-        f"{MAX_SEQUENCE_LENGTH} tokens) and the rest (listing, decoding, bucketing, resizing, shard writes). "
+        "reading, encoding and writing the shards), split into the time inside the family's `encode_pixels` (VAE; "
+        "reference images and image-to-video conditions included), `encode_prompts` (tokenisers and text encoders, "
+        "one prompt per call, at the length the pipeline's own call uses) and the rest (listing, decoding, "
+        "bucketing, resizing, shard writes; the CLIP image encoder of image-to-video). "
         "**The encoders here are tiny, so files/s measures the code path and the per-call overhead of running "
         "small models one file at a time, not a real VAE's or T5's compute**, which is orders of magnitude "
         "larger: with real encoders files/s is far lower, and the rest column is the part of the time that "
@@ -379,8 +415,8 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
         "",
         *cache_table(runs, folders),
         "",
-        f"Where a sample's bytes go (last run): the prompt embeddings are stored at the {MAX_SEQUENCE_LENGTH} tokens "
-        "the pipelines' own call encodes to, padding included, so at the tiny models' widths they outweigh the "
+        f"Where a sample's bytes go (last run): the prompt embeddings are stored at the length the "
+        f"pipelines' own call encodes to ({MAX_SEQUENCE_LENGTH} T5 or Qwen tokens), padding included, so at the tiny models' widths they outweigh the "
         "latents; with Flux.1-dev's T5 "
         f"({MAX_SEQUENCE_LENGTH} x {FLUX_DEV['joint_attention_dim']}) they alone would take "
         f"{human(MAX_SEQUENCE_LENGTH * FLUX_DEV['joint_attention_dim'] * 4)} per sample in float32, "
@@ -418,13 +454,22 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
         "",
         *dev_table(dev),
         "",
+        "## LoRA vs full fine-tuning: every family's published transformer, computed",
+        "",
+        "Each family's transformer at its class's real configuration in `fixtures/dits` (the one "
+        "`tests/test_real_configs.py` resolves plans for; Flux Kontext shares Flux.1-dev's, Wan image-to-video is "
+        f"Wan2.1-I2V-14B's: {PUBLISHED['wan_i2v']} over Wan's), built on the meta device in bfloat16, fully trained "
+        f"or with LoRA r={FAMILY_RANK} on {targets}; bytes counted as in the Flux.1-dev table.",
+        "",
+        *families_table(published),
+        "",
     ])
     (out / "finetune.md").write_text(report)
     raw = {"command": COMMAND, "runtime_s": runtime, "threads": THREADS, "load_average": load,
            "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "diffusers": diffusers.__version__, "peft": peft.__version__,
            "cache": {f: [{**vars(r), "rate": r.rate, "cpu_rate": r.cpu_rate} for r in rs] for f, rs in runs.items()}, "folders": folders,
-           "tiny_flux": tiny, "flux_dev": dev}
+           "tiny_flux": tiny, "flux_dev": dev, "published": published}
     (out / "finetune.json").write_text(json.dumps(raw, indent=1) + "\n")
     print(report)
 

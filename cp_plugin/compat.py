@@ -44,7 +44,7 @@ __all__ = [
     "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
     "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
@@ -221,6 +221,31 @@ def flux_pack_latents(latents: torch.Tensor, batch: int, channels: int, height: 
     from diffusers import FluxPipeline
 
     return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def ltx_pack_latents(latents: torch.Tensor, patch_size: int, patch_size_t: int) -> torch.Tensor:
+    """LTX-Video latents ``(B, C, F, H, W)`` as tokens ``(B, F H W / patches, C x patch volume)``
+    (``LTXPipeline._pack_latents``)."""
+    from diffusers import LTXPipeline
+
+    return LTXPipeline._pack_latents(latents, patch_size, patch_size_t)
+
+
+def ltx_unpack_latents(tokens: torch.Tensor, frames: int, height: int, width: int, patch_size: int,
+                       patch_size_t: int) -> torch.Tensor:
+    """The inverse of :func:`ltx_pack_latents` for a grid of ``frames x height x width`` patches
+    (``LTXPipeline._unpack_latents``)."""
+    from diffusers import LTXPipeline
+
+    return LTXPipeline._unpack_latents(tokens, frames, height, width, patch_size, patch_size_t)
+
+
+def ltx_normalize_latents(latents: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+    """LTX-Video VAE latents ``(B, C, F, H, W)`` normalised per channel as the pipelines do
+    (``LTXPipeline._normalize_latents``)."""
+    from diffusers import LTXPipeline
+
+    return LTXPipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
 
 # ContextParallelInput / ContextParallelOutput (re-exported above): the entries of a ``_cp_plan``.

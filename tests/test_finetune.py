@@ -45,9 +45,12 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "qwenimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "zimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
-        "wan_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
+        "wan_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "sd3": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "ltx": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
-         "qwenimage": "images", "wan_i2v": "videos"}
+         "qwenimage": "images", "wan_i2v": "videos", "sd3": "images",
+         "ltx": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -67,7 +70,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     made = {}
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
-                           ("wan_i2v", 1)):
+                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -80,7 +83,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage", "wan_i2v"])
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage", "wan_i2v",
+                                    "sd3", "ltx"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -95,8 +99,10 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     shapes = {cache.shape(i) for i in range(len(cache))}
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
-    assert sample["prompt_embeds"].shape[0] == 512  # the length the pipeline's own call encodes to
-    if family in ("wan", "wan_i2v"):
+    # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
+    # LTX's T5 at 128
+    assert sample["prompt_embeds"].shape[0] == {"sd3": 77 + 256, "ltx": 128}.get(family, 512)
+    if family in ("wan", "wan_i2v", "ltx"):  # 4x in time (the tiny LTX VAE's, like Wan's)
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
     if family == "wan_i2v":  # the first frame's latents after the mask (1 on the first latent frame), its CLIP embedding
         condition = sample["condition"]
@@ -273,7 +279,8 @@ def one_process(family: str, pipeline: str, cache: str, dp: int, expert: str | N
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
              "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
              "qwenimage": {"grads": 1e-5, "updates": 1e-2},
-             "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2}}
+             "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
+             "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5}}
 
 
 def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
@@ -298,7 +305,8 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
                                                 ("flux", {"ulysses_degree": 2}), ("wan", {"ring_degree": 2}),
                                                 ("chroma", {"ring_degree": 2}), ("zimage", {"ulysses_degree": 2}),
                                                 ("flux_kontext", {"ring_degree": 2}), ("qwenimage", {"ring_degree": 2}),
-                                                ("wan_i2v", {"ulysses_degree": 2})])
+                                                ("wan_i2v", {"ulysses_degree": 2}), ("sd3", {"ring_degree": 2}),
+                                                ("ltx", {"ring_degree": 2})])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int]) -> None:
     case = made[family]
     world = 4 if "ulysses_degree" in layout else 2  # ulysses 2 x dp 2, or ring 2
@@ -372,7 +380,8 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 @pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan", "parallel=ulysses"),
                                                 ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2"),
                                                 ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses"),
-                                                ("wan_i2v", "parallel.ring_degree=2")])
+                                                ("wan_i2v", "parallel.ring_degree=2"), ("sd3", "parallel=ulysses"),
+                                                ("ltx", "parallel=ulysses")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run

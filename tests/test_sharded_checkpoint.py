@@ -187,3 +187,36 @@ def test_convert_writes_lora_adapters_that_diffusers_loads(tmp_path: Path) -> No
     written = convert(path, tmp_path / "out")
     assert sorted(p.name for p in written["transformer"].iterdir()) == ["pytorch_lora_weights.safetensors"]
     assert_adapters_reproduce(state, written["transformer"], "converted adapters")
+
+
+def one_file_saves(root: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Rank body (2 ranks, DDP, ring 2): a full and a LoRA training, each saved as one file after fit."""
+    from test_lora import LoraFlow
+
+    saved = {}
+    for name, module in (("full", FlowMatchingModule("flux")), ("lora", LoraFlow("adamw"))):
+        trainer = quiet_trainer(ContextParallelStrategy(ring_degree=2), 2)
+        trainer.fit(module, DataLoader(SyntheticFlowData("flux"), batch_size=2, shuffle=True))
+        trainer.save_checkpoint(str(Path(root) / f"{name}.ckpt"))
+        saved[name] = weights(trainer)
+    return saved
+
+
+@pytest.mark.timeout(240)
+def test_convert_reads_one_file_checkpoints_of_full_and_lora_runs(tmp_path: Path) -> None:
+    from diffusers import FluxTransformer2DModel
+    from test_lora import assert_adapters_reproduce
+
+    from cp_plugin.convert import convert
+
+    saved = run_distributed(one_file_saves, 2, str(tmp_path), init_process_group=False)[0]
+    assert (tmp_path / "full.ckpt").is_file(), "DDP runs write one file"
+    full = convert(tmp_path / "full.ckpt", tmp_path / "full")["transformer"]
+    for name, value in FluxTransformer2DModel.from_pretrained(full).state_dict().items():
+        assert value.equal(saved["full"][name]), name
+    lora = convert(tmp_path / "lora.ckpt", tmp_path / "lora")["transformer"]
+    assert sorted(p.name for p in lora.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert_adapters_reproduce(saved["lora"], lora, "adapters converted from one file")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="records no diffusers model .*'diffusers_models' entry"):
+        convert(tmp_path / "foreign.ckpt", tmp_path / "foreign")

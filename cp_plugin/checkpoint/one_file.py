@@ -5,8 +5,10 @@ the checkpoint's (:class:`OneFileFormat`); under FSDP2 each rank holds shards, w
 onto rank 0 first (:class:`FullStateFormat`). Either file loads into a one-process run with plain
 ``load_state_dict``, and into a run of either kind.
 
-A :class:`FileIO` (Lightning's ``CheckpointIO``, which also writes fsspec URLs and takes storage
-options) writes and reads the file. A local file is written next to its target and renamed into
+The file also records the module's diffusers models (:data:`MODELS_ENTRY`: class, config, LoRA
+adapters, as JSON text, so ``torch.load(weights_only=True)`` reads it), which ``python -m
+cp_plugin.convert`` turns into folders diffusers loads. A :class:`FileIO` (Lightning's
+``CheckpointIO``, which also writes fsspec URLs and takes storage options) writes and reads the file. A local file is written next to its target and renamed into
 place once whole, so no crash leaves half a file under the checkpoint's name.
 """
 
@@ -19,8 +21,10 @@ from typing import Any, Protocol
 import torch
 
 from cp_plugin.checkpoint.files import is_local, partial_path, put_in_place, rank
-from cp_plugin.checkpoint.sharded import MODEL_KEY, OPTIMIZERS_KEY
+from cp_plugin.checkpoint.sharded import MODEL_KEY, OPTIMIZERS_KEY, describe_models_json
 from cp_plugin.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
+
+MODELS_ENTRY = "diffusers_models"  # the checkpoint's key of the JSON describing its diffusers models
 
 
 class FileIO(Protocol):
@@ -50,6 +54,7 @@ class OneFileFormat:
         """Rank 0 writes ``checkpoint``; a local file next to ``path`` first, renamed into place once written."""
         if rank() != 0:
             return
+        checkpoint = {**checkpoint, MODELS_ENTRY: describe_models_json(module)}
         if not is_local(path):
             self.io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return

@@ -73,6 +73,11 @@ def describe_models(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
     return described
 
 
+def describe_models_json(module: torch.nn.Module) -> str:
+    """:func:`describe_models` as JSON text: what ``models.json`` holds, and one-file checkpoints record."""
+    return json.dumps(describe_models(module), indent=2, default=_jsonable)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
@@ -98,8 +103,8 @@ def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def save(path: str | os.PathLike, states: Mapping[str, Any], meta: Mapping[str, Any],
-         models: Mapping[str, Any] | None = None) -> None:
-    """Write a sharded checkpoint to ``path``: each rank its shards of ``states``, rank 0 ``meta`` and ``models``.
+         models: str | None = None) -> None:
+    """Write a sharded checkpoint to ``path``: each rank its shards of ``states``, rank 0 ``meta`` and ``models`` (JSON).
 
     Collective: every rank calls it with the same ``path``. Written to a hidden sibling first, which
     replaces ``path`` (a file or directory) only once complete.
@@ -111,7 +116,7 @@ def save(path: str | os.PathLike, states: Mapping[str, Any], meta: Mapping[str, 
         remove(partial)
         partial.mkdir(parents=True)
         torch.save(dict(meta), partial / META_FILE)
-        (partial / MODELS_FILE).write_text(json.dumps(models or {}, indent=2, default=_jsonable))
+        (partial / MODELS_FILE).write_text(models or "{}")
     _barrier()
     dcp.save(dict(states), checkpoint_id=partial)  # .metadata last, after every rank's shards
     if writer:
@@ -208,7 +213,7 @@ class ShardedFormat:
             )
         states = {MODEL_KEY: checkpoint.pop(MODEL_KEY)}
         states.update({optimizer_key(i): s for i, s in enumerate(checkpoint.pop(OPTIMIZERS_KEY, []))})
-        save(path, states, checkpoint, describe_models(module))
+        save(path, states, checkpoint, describe_models_json(module))
 
     def load(self, path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """The non-tensor rest of the checkpoint at ``path``, with one placeholder per saved optimizer (frameworks
