@@ -182,6 +182,18 @@ def test_captions_and_references_come_from_sidecars_or_a_table(tmp_path: Path) -
     assert sorted(s.file for s in skipped) == ["c.png", "d.jpg"]  # no caption
 
 
+def test_buckets_a_pipeline_cannot_take_are_refused_naming_the_rule(made: dict[str, Any]) -> None:
+    from recipe.latents import check_buckets, load_pipeline
+
+    cases = {"wan": ([[32, 32]], [4], "frames must be 4k\\+1"), "ltx": ([[30, 32]], [5], "height and width must be multiples of 4"),
+             "flux": ([[64, 64]], [5], "Flux takes images: frames must be 1"), "sd3": ([[62, 64]], [1], "height and width must be multiples of 4")}
+    for family, (resolutions, frames, rule) in cases.items():
+        model = ModelConfig(family=family, pretrained_path=str(made[family]["pipeline"]))
+        data = LatentsConfig(resolutions=resolutions, frames=frames)
+        with pytest.raises(ValueError, match=f"does not fit {family}: {rule}"):
+            check_buckets(find_family(family), load_pipeline(model), data)
+
+
 def adapters(module: FlowMatching) -> dict[str, torch.Tensor]:
     return {name: weight.detach().clone() for name, weight in module.named_parameters() if weight.requires_grad}
 

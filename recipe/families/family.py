@@ -37,6 +37,13 @@ def unmasked(embeds: torch.Tensor) -> dict[str, torch.Tensor]:
             "prompt_attention_mask": torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)}
 
 
+def video_latents(pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+    """The pipeline's video VAE's latents ``(1, C, F', H', W')`` (``latent_dist.mode()``) of pixels ``(F, 3, H, W)``."""
+    vae = pipeline.vae
+    video = pixels.transpose(0, 1).unsqueeze(0).to(vae.device, vae.dtype)  # (1, 3, F, H, W)
+    return vae.encode(video).latent_dist.mode()
+
+
 class Family:
     """How one diffusers family is loaded, encodes data, is called in training and saves LoRA."""
 
@@ -75,10 +82,17 @@ class Family:
         """Why the pipeline cannot take media of this size, or ``None``."""
         if not self.video and frames != 1:
             return f"{self.title} takes images: frames must be 1"
+        temporal = self.temporal_compression(pipeline)
+        if (frames - 1) % temporal:
+            return f"frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...)"
         multiple = self.spatial_multiple(pipeline)
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}"
         return None
+
+    def temporal_compression(self, pipeline: DiffusionPipeline) -> int:
+        """Source frames per latent frame after the first (video VAEs keep the first frame on its own)."""
+        return 1
 
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         raise NotImplementedError

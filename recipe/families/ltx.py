@@ -18,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, LTXVideoTransformer3DModel, ModelMixin
 
 from cp_plugin.compat import ltx_normalize_latents, ltx_pack_latents, ltx_unpack_latents
-from recipe.families.family import Family
+from recipe.families.family import Family, video_latents
 
 # The demo model (no pretrained weights): LTX-Video's blocks, cross-attention to a masked text.
 TINY_LTX: dict[str, Any] = {
@@ -45,17 +45,12 @@ class LTX(Family):
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         return pipeline.vae_spatial_compression_ratio
 
-    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
-        temporal = pipeline.vae_temporal_compression_ratio
-        if (frames - 1) % temporal:
-            return f"frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...)"
-        return super().check_size(pipeline, frames, height, width)
+    def temporal_compression(self, pipeline: DiffusionPipeline) -> int:
+        return pipeline.vae_temporal_compression_ratio
 
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        vae = pipeline.vae
-        video = pixels.transpose(0, 1).unsqueeze(0).to(vae.device, vae.dtype)  # (1, 3, F, H, W)
-        latents = vae.encode(video).latent_dist.mode()
-        return ltx_normalize_latents(latents, vae)[0].transpose(0, 1)  # (F', C, H', W')
+        latents = ltx_normalize_latents(video_latents(pipeline, pixels), pipeline.vae)
+        return latents[0].transpose(0, 1)  # (F', C, H', W')
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipeline.device,

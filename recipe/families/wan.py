@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, ModelMixin, WanTransformer3DModel
 
-from recipe.families.family import MAX_SEQUENCE_LENGTH, Family
+from recipe.families.family import MAX_SEQUENCE_LENGTH, Family, video_latents
 
 # The demo model (no pretrained weights): 3D video patches, cross-attention to the text.
 TINY_WAN: dict[str, Any] = {
@@ -39,16 +39,12 @@ class Wan(Family):
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
         return 16  # WanPipeline's own rule (VAE factor 8 x patch 2)
 
-    def check_size(self, pipeline: DiffusionPipeline, frames: int, height: int, width: int) -> str | None:
-        temporal = pipeline.vae_scale_factor_temporal
-        if (frames - 1) % temporal:
-            return f"frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...)"
-        return super().check_size(pipeline, frames, height, width)
+    def temporal_compression(self, pipeline: DiffusionPipeline) -> int:
+        return pipeline.vae_scale_factor_temporal
 
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipeline.vae
-        video = pixels.transpose(0, 1).unsqueeze(0).to(vae.device, vae.dtype)  # (1, 3, F, H, W)
-        latents = vae.encode(video).latent_dist.mode()[0]  # (C, F', H', W')
+        latents = video_latents(pipeline, pixels)[0]  # (C, F', H', W')
         shape = (-1, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
         std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
