@@ -236,9 +236,15 @@ def test_example_script_under_torchrun(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "examples" / "train_accelerate.py"), "parallel=ring", "trainer.max_steps=3",
            "trainer.accumulate_grad_batches=2", "data.image_size=16", "data.crops=16", "checkpoint_every_n_steps=2",
-           f"hydra.run.dir={tmp_path}"]
+           "lora.rank=4", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trainable, total = map(int, re.search(r"trainable parameters: (\d+) of (\d+)", result.stdout).groups())
+    assert 0 < trainable < total / 5, "lora.rank=4: the adapters (and the class embedding) train, not the base"
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "no W&B offline run"
     assert (tmp_path / "checkpoints" / "step_2").is_dir()  # accelerator.save_state
     assert "step 3" in result.stdout
+    refused = subprocess.run([sys.executable, str(ROOT / "examples" / "train_accelerate.py"), "resume=last",
+                              f"hydra.run.dir={tmp_path / 'refused'}"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode != 0 and "resume=last is not supported by this example" in refused.stderr

@@ -494,6 +494,20 @@ def test_a_transformer_folder_trains_and_skips_samples_with_a_warning(made: dict
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.timeout(300)
+def test_the_accelerate_example_trains_lora_from_the_cache(made: dict[str, Any], tmp_path: Path) -> None:
+    case = made["flux"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(ROOT / "examples" / "train_accelerate.py"), "model=flux", f"model.pretrained_path={case['pipeline']}",
+               "model.dtype=float32", "data=latents", f"data.cache={case['cache']}", "lora.rank=4", "parallel=ring",
+               "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trainable, total = (int(n) for n in result.stdout.split("trainable parameters: ")[1].split()[:3:2])
+    assert 0 < trainable < total / 10, "lora.rank=4 on the pretrained model: only the adapters train"
+    assert "step 2 loss" in result.stdout
+
+
 def family_pipeline(family: str) -> Any:
     return find_family(family).pipeline_class()
 
