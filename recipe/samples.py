@@ -67,7 +67,8 @@ class PipelineSamples(PeriodicSamples):
         self.out_dir = out_dir / "samples"
         self.pipeline: Any = None
         # a transformer folder trains, but there is no pipeline (VAE, text encoders) to sample with
-        self.skip = "subfolder" not in pretrained_source(str(model.pretrained_path), "transformer")
+        self.skip = model.pretrained_path is not None and "subfolder" not in pretrained_source(model.pretrained_path,
+                                                                                               "transformer")
         if self.skip:
             rank_zero_warn(f"model.pretrained_path={model.pretrained_path!r} is a transformer folder: with no pipeline "
                            "to generate with, no validation samples are made; point it at the pipeline folder "
