@@ -18,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, LTXVideoTransformer3DModel, ModelMixin
 
 from cp_plugin.compat import ltx_normalize_latents, ltx_pack_latents, ltx_unpack_latents
-from recipe.families.family import Family, video_latents
+from recipe.families.family import Family, unmasked, video_latents
 
 # The demo model (no pretrained weights): LTX-Video's blocks, cross-attention to a masked text.
 TINY_LTX: dict[str, Any] = {
@@ -84,6 +84,4 @@ class LTX(Family):
                 "rope_interpolation_scale": None}
 
     def demo_text(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        ones = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": ones,
-                "rope_interpolation_scale": embeds.new_tensor([[1.0, 1.0, 1.0]]).expand(len(embeds), 3)}
+        return {**unmasked(embeds), "rope_interpolation_scale": embeds.new_ones(len(embeds), 3)}
