@@ -1,6 +1,7 @@
 """Every fine-tuning family, measured: LoRA from its cache under context parallelism against one process.
 
-    python -m benchmarks.families      # writes benchmarks/results/families.{json,md} and the README's families table
+    python -m benchmarks.families                    # writes benchmarks/results/families.{json,md} and the README's table
+    python -m benchmarks.families --families ltx,wan # measures these again, keeps the others' rows from the results
 
 For each family of ``recipe/families/`` its tiny offline pipeline (``fixtures/pipelines.py``) caches
 the fixture's captioned folder (``fixtures/media.py``; with reference images for edit families) with
@@ -14,6 +15,7 @@ is *verified* when both are within ``tests/test_finetune.py``'s bound for the fa
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -96,8 +98,18 @@ def row_line(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", help="comma-separated families to measure (default: every family)")
+    chosen = parser.parse_args().families
+    names = sorted(FAMILIES) if chosen is None else sorted(chosen.split(","))
+    unknown = set(names) - set(FAMILIES)
+    if unknown:
+        raise SystemExit(f"--families: {sorted(unknown)} are not families ({', '.join(sorted(FAMILIES))})")
+    kept = [] if chosen is None else [row for row in json.loads((RESULTS / "families.json").read_text())
+                                      if row["family"] not in names and row["family"] in FAMILIES]
     with tempfile.TemporaryDirectory() as folder:
-        rows = [row for name in sorted(FAMILIES) for row in measure(name, Path(folder))]
+        measured = [row for name in names for row in measure(name, Path(folder))]
+    rows = sorted(kept + measured, key=lambda row: row["family"])  # each family's layouts in measuring order
     (RESULTS / "families.json").write_text(json.dumps(rows, indent=1))
     report = "\n".join([
         "# Fine-tuning families: LoRA from the cache under context parallelism vs one process",

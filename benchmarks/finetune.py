@@ -251,8 +251,8 @@ def published_config(family: str) -> dict[str, Any]:
     """The published transformer's constructor arguments for ``family``: its class's real configuration in
     ``fixtures/dits`` (what tests/test_real_configs.py resolves plans for), with PUBLISHED's differences."""
     name = family_of(family).transformer_class.__name__
-    case = next(c for c in CASES.values() if c.cls == name and c.real_inputs is not None)
-    return {**(case.real_config or {}), **PUBLISHED.get(family, {})}
+    case = next((c for c in CASES.values() if c.cls == name and c.real_inputs is not None), None)
+    return {**(case.real_config or {} if case else {}), **PUBLISHED.get(family, {})}
 
 
 def meta_counts(cls: type, config: dict[str, Any], dtype: str, rank: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ when imageio-ffmpeg is installed, else gif) for video families.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -63,6 +64,11 @@ class PipelineSamples(PeriodicSamples):
         if not chosen.starts_from_image and validation.references:
             raise ValueError(f"validation.references is set but model.family={model.family} ({chosen.task}) takes no "
                              "image; drop validation.references")
+        takes = inspect.signature(chosen.pipeline_class().__call__).parameters
+        if validation.guidance_scale is not None and "guidance_scale" not in takes:
+            raise ValueError(f"validation.guidance_scale is set but {chosen.pipeline_class_name} takes none (its guider "
+                             "holds the scale, in the pipeline folder's guider/config.json); drop "
+                             "validation.guidance_scale")
         self.model, self.validation, self.steps = model, validation, steps
         self.out_dir = out_dir / "samples"
         self.pipeline: Any = None

@@ -47,10 +47,11 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "wan_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "sd3": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
-        "ltx": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
+        "ltx": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
          "qwenimage": "images", "wan_i2v": "videos", "sd3": "images",
-         "ltx": "videos"}
+         "ltx": "videos", "hunyuanvideo15": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -70,7 +71,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     made = {}
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
-                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1)):
+                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("hunyuanvideo15", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -84,7 +85,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage", "wan_i2v",
-                                    "sd3", "ltx"])
+                                    "sd3", "ltx", "hunyuanvideo15"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -100,9 +101,9 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
-    # LTX's T5 at 128
-    assert sample["prompt_embeds"].shape[0] == {"sd3": 77 + 256, "ltx": 128}.get(family, 512)
-    if family in ("wan", "wan_i2v", "ltx"):  # 4x in time (the tiny LTX VAE's, like Wan's)
+    # LTX's T5 at 128; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256)
+    assert sample["prompt_embeds"].shape[0] == {"sd3": 77 + 256, "ltx": 128, "hunyuanvideo15": 1000}.get(family, 512)
+    if family in ("wan", "wan_i2v", "ltx", "hunyuanvideo15"):  # 4x in time (the tiny VAEs', like Wan's)
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
     if family == "wan_i2v":  # the first frame's latents after the mask (1 on the first latent frame), its CLIP embedding
         condition = sample["condition"]
@@ -111,6 +112,9 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert sample["image_embeds"].shape[-1] == 16
     if family in ("zimage", "qwenimage"):  # each prompt's own tokens (template included), padded to 512 with the mask
         assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
+    if family == "hunyuanvideo15":  # the prompt's tokens after the template, and no quoted glyph text: ByT5's all masked
+        assert 0 < int(sample["prompt_attention_mask"].sum()) < 1000
+        assert sample["prompt_embeds_2"].shape == (256, 16) and not bool(sample["prompt_attention_mask_2"].any())
     if family == "flux_kontext":  # the reference image, fitted to the sample's bucket and encoded like it
         assert all(cache[i]["reference_latents"].shape == cache[i]["latents"].shape for i in range(len(cache)))
         assert not torch.equal(sample["reference_latents"], sample["latents"])
@@ -292,7 +296,8 @@ TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5,
              "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
              "qwenimage": {"grads": 1e-5, "updates": 1e-2},
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
-             "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5}}
+             "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
+             "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5}}
 
 
 def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
@@ -318,7 +323,7 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
                                                 ("chroma", {"ring_degree": 2}), ("zimage", {"ulysses_degree": 2}),
                                                 ("flux_kontext", {"ring_degree": 2}), ("qwenimage", {"ring_degree": 2}),
                                                 ("wan_i2v", {"ulysses_degree": 2}), ("sd3", {"ring_degree": 2}),
-                                                ("ltx", {"ring_degree": 2})])
+                                                ("ltx", {"ring_degree": 2}), ("hunyuanvideo15", {"ring_degree": 2})])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int]) -> None:
     case = made[family]
     world = 4 if "ulysses_degree" in layout else 2  # ulysses 2 x dp 2, or ring 2
@@ -393,7 +398,7 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
                                                 ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2"),
                                                 ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses"),
                                                 ("wan_i2v", "parallel.ring_degree=2"), ("sd3", "parallel=ulysses"),
-                                                ("ltx", "parallel=ulysses")])
+                                                ("ltx", "parallel=ulysses"), ("hunyuanvideo15", "parallel=ulysses")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run
@@ -431,7 +436,7 @@ def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(ma
         return np.asarray(out.images[0] if not video else out.frames[0][0], dtype=np.int16)
 
     base = generate()
-    pipeline.load_lora_weights(run / "lora")
+    chosen.load_lora(pipeline, run / "lora")
     tuned = generate()
     if not video:  # the run's last sample is a PNG of the same generation
         sample = np.asarray(Image.open(run / "samples" / "step000003-0.png"), dtype=np.int16)
@@ -452,6 +457,9 @@ def test_validation_images_are_one_per_prompt_for_edit_and_i2v_families_and_refu
     PipelineSamples(2, kontext, ValidationConfig(prompts=["a"], references=["ref.png"]), 2, tmp_path)
     with pytest.raises(ValueError, match=r"validation.references is set but model.family=flux \(text-to-image\) takes no"):
         PipelineSamples(2, flux, ValidationConfig(references=["ref.png"]), 2, tmp_path)
+    PipelineSamples(2, flux, ValidationConfig(guidance_scale=3.5), 2, tmp_path)
+    with pytest.raises(ValueError, match=r"validation.guidance_scale is set but HunyuanVideo15Pipeline takes none"):
+        PipelineSamples(2, ModelConfig(family="hunyuanvideo15"), ValidationConfig(guidance_scale=3.5), 2, tmp_path)
 
 
 @pytest.mark.timeout(600)

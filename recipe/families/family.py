@@ -13,6 +13,7 @@ conditioning as a dict of tensors named like the pipeline's (``prompt_embeds``, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -137,6 +138,10 @@ class Family:
     def prompt_inputs(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, Any]:
         """The prompt arguments of a validation call of the pipeline (``__call__``)."""
         return {"prompt": prompts}
+
+    def load_lora(self, pipeline: DiffusionPipeline, directory: Path) -> None:
+        """Load adapters this recipe saved (``directory``) into ``pipeline``, as its users do."""
+        pipeline.load_lora_weights(directory)
 
     def demo_text(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """The conditioning tensors for the demo's learned class embeddings ``(B, tokens, width)``."""
