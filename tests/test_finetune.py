@@ -198,6 +198,29 @@ def test_buckets_a_pipeline_cannot_take_are_refused_naming_the_rule(made: dict[s
             check_buckets(find_family(family), load_pipeline(model), data)
 
 
+def test_wan_2_2_ti2v_trains_as_wan_its_per_token_timesteps_being_each_samples(tmp_path: Path) -> None:
+    """Wan 2.2 TI2V-5B's text-to-video gives every token the sample's timestep (WanPipeline's expand_timesteps over
+    an all-ones mask): the family's one timestep per sample computes the same velocity; its 16x VAE asks for
+    multiples of 32."""
+    from diffusers import WanPipeline
+
+    from fixtures.pipelines import build_tiny_pipeline
+
+    pipeline = WanPipeline.from_pretrained(build_tiny_pipeline("wan_ti2v", tmp_path / "pipeline"))
+    wan = find_family("wan")
+    assert wan.check_size(pipeline, 5, 48, 64) == "height and width must be multiples of 32"
+    assert wan.check_size(pipeline, 5, 64, 96) is None
+    latents = wan.encode_pixels(pipeline, torch.rand(5, 3, 64, 96) * 2 - 1)[None]  # (1, F', C, H', W')
+    assert latents.shape == (1, 2, 8, 4, 6)
+    text, transformer, t = wan.encode_prompts(pipeline, ["a red cat"]), pipeline.transformer, torch.tensor([0.6])
+    ours = wan.velocity(transformer, latents, t, text, 1.0)
+    video = latents.transpose(1, 2)  # the pipeline's loop: (B, C, F, H, W), a timestep per 2x2 patch
+    per_token = (torch.ones_like(video)[0, 0][:, ::2, ::2] * t * 1000).flatten()[None]
+    theirs = transformer(video, per_token, text["prompt_embeds"]).sample.transpose(1, 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours, wan.velocity(transformer, latents, torch.tensor([0.3]), text, 1.0), atol=1e-3)
+
+
 def adapters(module: FlowMatching) -> dict[str, torch.Tensor]:
     return {name: weight.detach().clone() for name, weight in module.named_parameters() if weight.requires_grad}
 

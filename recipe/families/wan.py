@@ -2,7 +2,12 @@
 
 Latents are ``(z - latents_mean) / latents_std`` per channel of ``latent_dist.mode()``
 (``vae.config``). Its ``encode_prompt`` defaults to 226 tokens, its ``__call__`` uses 512. Height
-and width must be divisible by 16, frame counts be ``4k + 1``.
+and width must be multiples of the VAE's factor times the transformer's 2x2 patch (16 for Wan 2.1
+and Wan 2.2 A14B, 32 for Wan 2.2 TI2V-5B's 16x VAE), frame counts be ``4k + 1``.
+
+Wan 2.2 TI2V-5B (a ``WanPipeline`` with ``expand_timesteps``) gives the transformer a timestep per
+token, from a mask that is all ones in text-to-video: every token gets the sample's timestep, which
+is what the one timestep per sample computes, so it trains as this family.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class Wan(Family):
     task = "text-to-video"
 
     def spatial_multiple(self, pipeline: DiffusionPipeline) -> int:
-        return 16  # WanPipeline's own rule (VAE factor 8 x patch 2)
+        return pipeline.vae_scale_factor_spatial * 2  # WanPipeline's own rule: VAE factor x the transformers' patch 2
 
     def temporal_compression(self, pipeline: DiffusionPipeline) -> int:
         return pipeline.vae_scale_factor_temporal
