@@ -51,3 +51,63 @@ def test_the_families_table_is_the_one_its_results_file_makes_and_covers_every_f
     for page in (ROOT / "README.md", ROOT / "docs" / "finetune.md"):
         written = page.read_text().split(START, 1)[1].split(END, 1)[0].strip()
         assert written == table(rows), f"{page.name}'s families table differs from its results: run python -m benchmarks.families"
+
+
+# A measured figure: a number with decimals or an exponent, or with a unit; plain integers are counts and settings
+# (token lengths, ports, ranks), and a one-digit power of ten (1e-5) is a bound the tests hold, not a measurement.
+FIGURE = re.compile(r"(?<![\w.\-/])(\d+(?:\.\d+)?(?:e-?\d+)?)( ?k| ?B\b|x| ?%| ?s\b| ?ms\b| ?[KMG]iB| TFLOP/s)?(?![\w/])")
+# A number that names a version or a model (torch 2.13, Wan 2.2, HunyuanVideo 1.5) is not a figure.
+NAMED = re.compile(r"\b(?:Python|torch|diffusers|lightning|Lightning|accelerate|Accelerate|peft|Wan|HunyuanVideo|"
+                   r"Qwen|Kandinsky|Lumina|LTX|Cosmos|Sana|CUDA)[\s-]v?\d+(?:\.\d+)*")
+SCALES = {"k": (1e3, 1024), "B": (1e9,), "%": (1, 0.01)}
+
+
+def _rounding(figure: str) -> float:
+    """Half a unit of the figure's last written digit: how far from its source it may be by rounding."""
+    mantissa, _, exponent = figure.partition("e")
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    return 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+
+
+def unsourced_figures(page: Path) -> list[str]:
+    """Every measured figure in ``page``'s prose that no results file its section names holds, to its rounding.
+
+    A section names its sources as ``benchmarks/results/<file or folder>`` or by the command that writes them
+    (``benchmarks.<name>`` -> ``benchmarks/results/<name>*``). Code, comments, links and names are not figures.
+    A figure counts as sourced when its files hold the value anywhere: this finds figures typed with no source and
+    figures a rerun changed, not one that equals another cell of the same file by chance.
+    """
+    results = ROOT / "benchmarks" / "results"
+    files = {str(p.relative_to(results)): p for p in results.rglob("*") if p.suffix in (".md", ".json", ".jsonl")}
+    missing = []
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for section in re.split(r"(?m)^(?=#+ )", text):
+        named = re.findall(r"benchmarks/results/([\w./-]+)", section)
+        sources = {f for f in files if any(f == n or f.startswith(n.rstrip("/") + "/") for n in named)}
+        for module in re.findall(r"benchmarks\.(\w+)", section):
+            sources |= {f for f in files if re.match(rf"{module}[_./]", f)}
+        pool = [float(v) for f in sources for v in re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", files[f].read_text())]
+        prose = re.sub(r"<!--.*?-->", "", section, flags=re.S)
+        prose = NAMED.sub("", re.sub(r"`[^`]*`|!?\[[^\]]*\]\([^)]*\)|^#+ .*$", "", prose, flags=re.M))
+        for match in FIGURE.finditer(prose):
+            figure, unit = match.group(1), (match.group(2) or "").strip()
+            if not unit and ("." not in figure and "e" not in figure or re.fullmatch(r"\de-\d+", figure)):
+                continue
+            near = _rounding(figure)
+            if not any(abs(v - float(figure) * s) <= near * s * 1.0001 for s in SCALES.get(unit, (1,)) for v in pool):
+                missing.append(f"{page.name}, {section.splitlines()[0][:50]!r}: {figure}{match.group(2) or ''}")
+    return missing
+
+def test_every_measured_figure_of_the_readme_and_the_docs_is_in_the_results_file_its_section_names(
+        tmp_path: Path) -> None:
+    """A figure typed by hand drifts from its measurement, or never had one: each must be what its results file says
+    (to the figure's rounding). The troubleshooting page is generated from the source (tested above)."""
+    pages = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").glob("*.md"))
+                                   if p.name not in ("troubleshooting.md", "diffusers_dit_survey.md"))]
+    missing = [figure for page in pages for figure in unsourced_figures(page)]
+    assert not missing, f"figures no results file of their section holds (rerun its benchmark, or cite it): {missing}"
+    planted = tmp_path / "benchmarks.md"  # one figure off by a digit, one typed with no source: both are found
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert "1.46x [1.41-1.55]" in text
+    planted.write_text(text.replace("1.46x [1.41-1.55]", "1.93x [1.41-1.55]") + "\n## Elsewhere\n\nIt took 12.5 s.\n")
+    assert [figure.rsplit(": ", 1)[1] for figure in unsourced_figures(planted)] == ["1.93x", "12.5 s"]
