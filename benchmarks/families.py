@@ -5,12 +5,13 @@
 
 For each family of ``recipe/families/`` its tiny offline pipeline (``fixtures/pipelines.py``) caches
 the fixture's captioned folder (``fixtures/media.py``; with reference images for edit families) with
-``prepare.py``, then trains LoRA from the cache for ``tests/test_finetune.py``'s steps under ring 2
-(2 processes) and ulysses 2 x dp 2 (4 processes), and the same training on one process
-(``tests/test_finetune.py``'s ``cache_fit`` and ``one_process``). Reported per layout, worst over
-ranks: the loss's relative error over the steps, the first step's gradient error relative to the
-gradient's norm per tensor, and the update's error relative to the update's norm per tensor. A layout
-is *verified* when both are within ``tests/test_finetune.py``'s bound for the family.
+``prepare.py``, then trains LoRA from the cache for ``tests/test_finetune.py``'s steps, with SGD
+and with AdamW, under ring 2 (2 processes) and ulysses 2 x dp 2 (4 processes), and the same training
+on one process (``tests/test_finetune.py``'s ``cache_fit`` and ``one_process``). Reported per
+optimizer and layout, worst over ranks: the loss's relative error over the steps, the first step's
+gradient error relative to the gradient's norm per tensor, and the update's error relative to the
+update's norm per tensor. A layout is *verified* when both are within ``tests/test_finetune.py``'s
+bound for the family and optimizer, under both optimizers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from launcher import run_distributed  # noqa: E402
-from test_finetune import MEDIA, TOLERANCE, cache_fit, one_process, prepare  # noqa: E402
+from test_finetune import MEDIA, OPTIMIZERS, cache_fit, one_process, prepare, tolerance  # noqa: E402
 
 from benchmarks.readme import DOCS, replace_section  # noqa: E402
 from recipe.families import FAMILIES  # noqa: E402
@@ -68,33 +69,40 @@ def measure(name: str, folder: Path) -> list[dict[str, Any]]:
     if made.returncode:
         raise RuntimeError(f"prepare.py failed for {name}:\n{made.stderr[-3000:]}")
     rows = []
-    for layout, (degrees, world) in LAYOUTS.items():
-        results = run_distributed(cache_fit, world, name, str(pipeline), str(cache), degrees, init_process_group=False,
-                                  timeout=600)
-        errors = worst_errors(results, one_process(name, str(pipeline), str(cache), results[0]["dp"]))
-        bound = TOLERANCE[name]
-        verified = errors["gradient"] <= bound["grads"] and errors["update"] <= bound["updates"]
-        rows.append({"family": name, "layout": layout, **errors, "bound": bound, "verified": verified})
-        print(rows[-1], flush=True)
+    for optimizer in OPTIMIZERS:
+        for layout, (degrees, world) in LAYOUTS.items():
+            results = run_distributed(cache_fit, world, name, str(pipeline), str(cache), degrees, None, None, None,
+                                      optimizer, init_process_group=False, timeout=600)
+            reference = one_process(name, str(pipeline), str(cache), results[0]["dp"], None, optimizer)
+            errors = worst_errors(results, reference)
+            bound = tolerance(name, optimizer)
+            verified = errors["gradient"] <= bound["grads"] and errors["update"] <= bound["updates"]
+            rows.append({"family": name, "optimizer": optimizer, "layout": layout, **errors, "bound": bound,
+                         "verified": verified})
+            print(rows[-1], flush=True)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The README's families table: one line per family, its verified layouts and worst errors."""
-    lines = ["| `model=` | pipeline | task | verified layouts (LoRA vs one process) | worst gradient / update error |",
-             "|---|---|---|---|---|"]
+    """The README's families table: one line per family, the layouts verified under both optimizers, worst errors."""
+    lines = ["| `model=` | pipeline | task | layouts verified with SGD and AdamW (LoRA vs one process) | worst gradient "
+             "error | worst update error (SGD / AdamW) |", "|---|---|---|---|---|---|"]
     for name in sorted({row["family"] for row in rows}):
         mine = [row for row in rows if row["family"] == name]
-        layouts = "; ".join(row["layout"] for row in mine if row["verified"]) or "none"
-        worst = f"{max(r['gradient'] for r in mine):.1e} / {max(r['update'] for r in mine):.1e}"
-        lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {FAMILIES[name].task} | {layouts} | {worst} |")
+        layouts = [layout for layout in LAYOUTS
+                   if all(row["verified"] for row in mine if row["layout"] == layout)
+                   and {row["optimizer"] for row in mine if row["layout"] == layout} == set(OPTIMIZERS)]
+        updates = " / ".join(f"{max(r['update'] for r in mine if r['optimizer'] == o):.1e}" for o in ("sgd", "adamw"))
+        lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {FAMILIES[name].task} | "
+                     f"{'; '.join(layouts) or 'none'} | {max(r['gradient'] for r in mine):.1e} | {updates} |")
     return "\n".join(lines)
 
 
 def row_line(r: dict[str, Any]) -> str:
     errors = f"{r['loss']:.1e} | {r['gradient']:.1e} | {r['update']:.1e}"
     bound = f"{r['bound']['grads']:.0e} / {r['bound']['updates']:.0e}"
-    return f"| {r['family']} | {FAMILIES[r['family']].task} | {r['layout']} | {errors} | {bound} | {'yes' if r['verified'] else 'no'} |"
+    return (f"| {r['family']} | {FAMILIES[r['family']].task} | {r['optimizer']} | {r['layout']} | {errors} | {bound} | "
+            f"{'yes' if r['verified'] else 'no'} |")
 
 
 def main() -> None:
@@ -116,12 +124,13 @@ def main() -> None:
         "",
         f"`python -m benchmarks.families` on {platform.machine()}, torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, gloo, float32. Each family's tiny offline pipeline caches the fixture's folder "
-        "(`prepare.py`), then LoRA (rank 4, AdamW) trains 3 steps from the cache under each layout and on one process. "
+        "(`prepare.py`), then LoRA (rank 4) trains 3 steps from the cache with SGD and with AdamW under each layout and on "
+        "one process. "
         "Errors are the worst over ranks: loss relative to the loss, gradients (first step) and updates relative to "
         "their norm per tensor. Verified: within `tests/test_finetune.py`'s bounds (gradient / update) for the family.",
         "",
-        "| family | task | layout | loss | gradient | update | bound (gradient / update) | verified |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | task | optimizer | layout | loss | gradient | update | bound (gradient / update) | verified |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(row_line(r) for r in rows),
         "",
     ])

@@ -31,13 +31,23 @@ from recipe.models import EXPERTS, ModelConfig, boundary_ratio, build_model
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warm-up (Hydra group ``optimizer``)."""
+    """The optimizer, with linear warm-up (Hydra group ``optimizer``): AdamW, or plain SGD (``name=sgd``).
 
+    SGD is there to check exactness: AdamW divides each step by the gradient's own running size, so a
+    gradient off by a constant factor (a wrong scale under a parallel layout) trains almost the same,
+    while SGD's step is the gradient itself. ``beta1``/``beta2`` are AdamW's.
+    """
+
+    name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
     beta1: float = 0.9
     beta2: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer.name={self.name!r} is not one of 'adamw', 'sgd'")
 
 
 class FlowMatching(L.LightningModule):
@@ -184,8 +194,10 @@ class FlowMatching(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         cfg = self.optimizer_config
-        optimizer = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)
-        )
+        trained = [p for p in self.parameters() if p.requires_grad]
+        if cfg.name == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
