@@ -44,7 +44,7 @@ __all__ = [
     "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
     "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
@@ -208,6 +208,15 @@ ATTENTION_FORWARD_KERNELS = frozenset({sdpa_flash_cpu, sdpa_flash, sdpa_efficien
 def attention_backends() -> dict[Any, Callable[..., torch.Tensor]]:
     """diffusers' registry of attention backends, by name (what ``dispatch_attention_fn`` looks up)."""
     return _AttentionBackendRegistry._backends
+
+
+def mask_preparers() -> tuple[type, ...]:
+    """The diffusers attention classes that define ``prepare_attention_mask`` (the legacy ``Attention`` and the
+    ``AttentionModuleMixin`` of the newer ones); verified on diffusers 0.42."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return tuple(cls for cls in (Attention, AttentionModuleMixin) if "prepare_attention_mask" in cls.__dict__)
 
 
 def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:

@@ -39,12 +39,14 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # tokens joined and cut between blocks (HiDream, Krea 2), grouped key/value heads (ACE-Step), a rotary table
 # sliced inside blocks (Stable Audio 3), a convolution after the blocks (DreamLite), own plans cp_plugin replaces
 # or extends (LTX-2, Helios), causal self-attention (MiniMax Music 3's depth decoder), convolutions over the token
-# grid with linear attention (Sana: a padded 3 x 5 grid; Sana-Video: frames, a temporal convolution, a sum of keys).
+# grid with linear attention (Sana: a padded 3 x 5 grid; Sana-Video: frames, a temporal convolution, a sum of keys),
+# a whole-sequence causal mask that prepare_attention_mask would pad to this rank's token count (the unCLIP prior).
 FIRST = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
          "pixart", "dit", "auraflow", "cogview3plus", "cogview4", "allegro", "hunyuanimage", "flux2", "cosmos",
          "glmimage", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
-              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana", "sana_video")
+              "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
+              "sana_video", "prior")
 SUITE = FIRST + MECHANISMS
 
 

@@ -16,7 +16,9 @@ depends on the model's plan:
   (``streams.py``); calls outside the blocks (HunyuanVideo's text refiner, before the split) run
   unchanged.
 
-Everything else goes to the backend or SDPA that was there before, so other models in the process,
+The attention classes' ``prepare_attention_mask`` is routed the same way, so that it pads a mask as
+it would on one process (see ``_wrap_prepare_mask``). Everything else goes to the backend or SDPA
+that was there before, so other models in the process,
 diffusers' own CP and other libraries' patches keep working. This is the one place that touches
 diffusers' dispatch; models stay untouched.
 """
@@ -34,7 +36,7 @@ import torch
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
 from cp_plugin.blockops import counting, foreign
-from cp_plugin.compat import SDPA, attention_backends
+from cp_plugin.compat import SDPA, attention_backends, mask_preparers
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
 from cp_plugin.probe import recording
@@ -75,6 +77,7 @@ class AttentionRouting:
         self._found: tuple[dict[Any, Callable[..., Any]], Callable[..., Any]] | None = None
         self._wrappers: dict[Any, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (backend, wrapper)
         self._sdpa_wrapper = self._wrap_sdpa()
+        self._mask_wrappers = {cls: self._wrap_prepare_mask(cls.prepare_attention_mask) for cls in mask_preparers()}
 
     @property
     def active(self) -> bool:
@@ -107,6 +110,8 @@ class AttentionRouting:
             backends[name] = kept[1]
         self._found = (found, torch.nn.functional.scaled_dot_product_attention)
         torch.nn.functional.scaled_dot_product_attention = self._sdpa_wrapper
+        for cls, wrapper in self._mask_wrappers.items():
+            cls.prepare_attention_mask = wrapper
 
     @torch.compiler.disable
     def _uninstall(self) -> None:
@@ -119,6 +124,9 @@ class AttentionRouting:
                 backends[name] = fn
         if torch.nn.functional.scaled_dot_product_attention is self._sdpa_wrapper:
             torch.nn.functional.scaled_dot_product_attention = sdpa
+        for cls, wrapper in self._mask_wrappers.items():
+            if cls.__dict__.get("prepare_attention_mask") is wrapper:
+                cls.prepare_attention_mask = wrapper.__wrapped__
         self._found = None
 
     def run(self, call: AttentionCall | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -154,6 +162,26 @@ class AttentionRouting:
 
         routed.__wrapped__ = backend_fn  # type: ignore[attr-defined]
         return routed
+
+    def _wrap_prepare_mask(self, prepare: Callable[..., Any]) -> Callable[..., Any]:
+        """``Attention.prepare_attention_mask`` told the sequence length one process would tell it.
+
+        Processors pass the length of the queries they hold as ``target_length``, and the method pads a
+        mask of another length (``AttnProcessor2_0``). Inside a derived-plan block that is this rank's
+        part of a split stream, while a mask built before the split spans the whole stream: one process
+        would not pad it, so neither do we (the whole-sequence mask is then sliced in attention).
+        """
+        def prepare_attention_mask(attn: Any, attention_mask: torch.Tensor | None, target_length: int,
+                                   batch_size: int, out_dim: int = 3) -> torch.Tensor | None:
+            call = self._calls[-1] if self._calls and recording() is None else None
+            padding = None if call is None or call.state is None else call.config.padding
+            streams = None if padding is None or attention_mask is None else padding.composition(target_length)
+            if streams is not None and len(streams) == 1 and attention_mask.shape[-1] == padding.lengths[streams[0]]:
+                target_length = attention_mask.shape[-1]
+            return prepare(attn, attention_mask, target_length, batch_size, out_dim)
+
+        prepare_attention_mask.__wrapped__ = prepare  # type: ignore[attr-defined]
+        return prepare_attention_mask
 
     def _wrap_sdpa(self) -> Callable[..., torch.Tensor]:
         def routed_sdpa(
