@@ -98,6 +98,10 @@ DERIVED_OVER_OWN: dict[str, str] = {
         "its plan splits the rotary tables as (B, T, D) where LTX-2.x builds split tables (B, H, T, D/2), has no "
         "entry for the audio-video cross-attention's rotary table, and routes attention over audio it never splits"
     ),
+    "LTXVideoTransformer3DModel": (
+        "its plan does not split the timestep, which LTXImageToVideoPipeline gives per token (zero on the given "
+        "frame's tokens): their modulation would meet this rank's tokens at the whole sequence's length"
+    ),
     "MiniMaxH3Transformer3DModel": (
         "its plan routes the text refiner's attention, which runs on the whole text before the split"
     ),

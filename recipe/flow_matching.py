@@ -152,9 +152,10 @@ class FlowMatching(L.LightningModule):
         """The flow-matching loss of a batch (``forward`` so DDP-wrapped loops, e.g. Accelerate's, can call it)."""
         x0 = batch["latents"].float()
         noise, t = self.noise_and_times(batch["index"], x0)
-        t_ = t.view(-1, 1, 1, 1, 1)
-        prediction = self.velocity((1 - t_) * x0 + t_ * noise, t, self.condition(batch))
-        return F.mse_loss(prediction.float(), (noise - x0).float())
+        text = self.condition(batch)
+        x_t, given = self.family.noisy_latents(x0, noise, t, text)  # image-to-video: leading frames given clean
+        prediction = self.velocity(x_t, t, text)
+        return F.mse_loss(prediction[:, given:].float(), (noise - x0)[:, given:].float())
 
     def noise_and_times(self, indices: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's noise and logit-normal time, from its own generator (see the module docstring); one expert

@@ -50,10 +50,11 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "wan_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "sd3": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "ltx": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "ltx_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[5]"],
         "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
          "qwenimage": "images", "wan_i2v": "videos", "sd3": "images",
-         "ltx": "videos", "hunyuanvideo15": "videos"}
+         "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -73,7 +74,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     made = {}
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
-                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("hunyuanvideo15", 1)):
+                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1), ("hunyuanvideo15", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -87,7 +88,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage", "wan_i2v",
-                                    "sd3", "ltx", "hunyuanvideo15"])
+                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -104,8 +105,9 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
     # LTX's T5 at 128; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256)
-    assert sample["prompt_embeds"].shape[0] == {"sd3": 77 + 256, "ltx": 128, "hunyuanvideo15": 1000}.get(family, 512)
-    if family in ("wan", "wan_i2v", "ltx", "hunyuanvideo15"):  # 4x in time (the tiny VAEs', like Wan's)
+    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "hunyuanvideo15": 1000}.get(family, 512)
+    assert sample["prompt_embeds"].shape[0] == length
+    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15"):  # 4x in time (the tiny VAEs', like Wan's)
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
     if family == "wan_i2v":  # the first frame's latents after the mask (1 on the first latent frame), its CLIP embedding
         condition = sample["condition"]
@@ -114,6 +116,8 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert sample["image_embeds"].shape[-1] == 16
     if family in ("zimage", "qwenimage"):  # each prompt's own tokens (template included), padded to 512 with the mask
         assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
+    if family == "ltx_i2v":  # the clip's first frame encoded alone: the latent frame the pipeline gives clean
+        assert sample["condition"].shape == (1, *sample["latents"].shape[1:])
     if family == "hunyuanvideo15":  # the prompt's tokens after the template, and no quoted glyph text: ByT5's all masked
         assert 0 < int(sample["prompt_attention_mask"].sum()) < 1000
         assert sample["prompt_embeds_2"].shape == (256, 16) and not bool(sample["prompt_attention_mask_2"].any())
@@ -192,7 +196,9 @@ def test_buckets_a_pipeline_cannot_take_are_refused_naming_the_rule(made: dict[s
     from recipe.latents import check_buckets, load_pipeline
 
     cases = {"wan": ([[32, 32]], [4], "frames must be 4k\\+1"), "ltx": ([[30, 32]], [5], "height and width must be multiples of 4"),
-             "flux": ([[64, 64]], [5], "Flux takes images: frames must be 1"), "sd3": ([[62, 64]], [1], "height and width must be multiples of 4")}
+             "flux": ([[64, 64]], [5], "Flux takes images: frames must be 1"),
+             "ltx_i2v": ([[32, 32]], [1], "LTX-Video image-to-video generates the frames after the first: frames must "
+                                          "be more than 1"), "sd3": ([[62, 64]], [1], "height and width must be multiples of 4")}
     for family, (resolutions, frames, rule) in cases.items():
         model = ModelConfig(family=family, pretrained_path=str(made[family]["pipeline"]))
         data = LatentsConfig(resolutions=resolutions, frames=frames)
@@ -323,7 +329,7 @@ TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5,
              "qwenimage": {"grads": 1e-5, "updates": 1e-2},
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
-             "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5}}
+             "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5}}
 
 
 # Under SGD a step is the learning rate times the gradient: no sign-like first steps amplify rounding noise, so
@@ -363,7 +369,8 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
     ("chroma", {"ring_degree": 2}, "sgd"), ("zimage", {"ulysses_degree": 2}, "adamw"),
     ("flux_kontext", {"ring_degree": 2}, "sgd"), ("qwenimage", {"ring_degree": 2}, "adamw"),
     ("wan_i2v", {"ulysses_degree": 2}, "sgd"), ("sd3", {"ring_degree": 2}, "adamw"),
-    ("ltx", {"ring_degree": 2}, "sgd"), ("hunyuanvideo15", {"ring_degree": 2}, "adamw")])
+    ("ltx", {"ring_degree": 2}, "sgd"), ("ltx_i2v", {"ulysses_degree": 2}, "adamw"),
+    ("hunyuanvideo15", {"ring_degree": 2}, "adamw")])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int],
                                                  optimizer: str) -> None:
     """Half the families train with SGD here, half with AdamW; python -m benchmarks.families runs each family with
@@ -442,7 +449,8 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
                                                 ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2"),
                                                 ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses"),
                                                 ("wan_i2v", "parallel.ring_degree=2"), ("sd3", "parallel=ulysses"),
-                                                ("ltx", "parallel=ulysses"), ("hunyuanvideo15", "parallel=ulysses")])
+                                                ("ltx", "parallel=ulysses"), ("ltx_i2v", "parallel.ring_degree=2"),
+                                                ("hunyuanvideo15", "parallel=ulysses")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run

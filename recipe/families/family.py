@@ -126,6 +126,13 @@ class Family:
         """Image/video tokens the transformer makes of one sample's latents ``(F, C, H, W)``."""
         raise NotImplementedError
 
+    def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                      text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The transformer's input latents at flow times ``t`` ``(B,)`` for clean ``x0`` ``(B, F, C, H, W)``, and how
+        many leading latent frames are given clean (the loss skips them): every frame noised, none given."""
+        t_ = t.view(-1, 1, 1, 1, 1)
+        return (1 - t_) * x0 + t_ * noise, 0
+
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
         """The transformer's velocity for latents ``(B, F, C, H, W)`` at flow times ``t`` ``(B,)`` in ``[0, 1]``."""

@@ -70,7 +70,8 @@ class LTX(Family):
         frames, height, width = x_t.shape[1], x_t.shape[3], x_t.shape[4]
         tokens = ltx_pack_latents(x_t.transpose(1, 2), config.patch_size, config.patch_size_t)
         out = transformer(
-            hidden_states=tokens.to(dtype), encoder_hidden_states=text["prompt_embeds"].to(dtype), timestep=t * 1000,
+            hidden_states=tokens.to(dtype), encoder_hidden_states=text["prompt_embeds"].to(dtype),
+            timestep=self.timesteps(transformer, x_t, t, text),
             encoder_attention_mask=text["prompt_attention_mask"], num_frames=frames // config.patch_size_t,
             height=height // config.patch_size, width=width // config.patch_size,
             rope_interpolation_scale=text["rope_interpolation_scale"][0],  # the same for every sample of a cache
@@ -78,6 +79,11 @@ class LTX(Family):
         video = ltx_unpack_latents(out, frames // config.patch_size_t, height // config.patch_size,
                                    width // config.patch_size, config.patch_size, config.patch_size_t)
         return video.transpose(1, 2)  # (B, F, C, H, W)
+
+    def timesteps(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor,
+                  text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's timestep for flow times ``t`` ``(B,)``: one per sample."""
+        return t * 1000
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
         return {"prompt_embeds": transformer.config.caption_channels, "prompt_attention_mask": None,
