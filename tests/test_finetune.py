@@ -57,11 +57,13 @@ MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "video
          "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos"}
 
 
-def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1) -> subprocess.CompletedProcess:
+def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1,
+            data: list[str] | None = None) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
         if ranks > 1 else [sys.executable]
     command = [*launcher, str(ROOT / "prepare.py"), f"model={family}", f"model.pretrained_path={pipeline}",
-               "model.dtype=float32", f"data.path={media}", f"data.cache={cache}", "data.shard_size=2", *DATA[family]]
+               "model.dtype=float32", f"data.path={media}", f"data.cache={cache}", "data.shard_size=2",
+               *(DATA[family] if data is None else data)]
     return subprocess.run(command, cwd=cache.parent, capture_output=True, text=True, timeout=300)
 
 
@@ -227,6 +229,45 @@ def test_wan_2_2_ti2v_trains_as_wan_its_per_token_timesteps_being_each_samples(t
     theirs = transformer(video, per_token, text["prompt_embeds"]).sample.transpose(1, 2)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours, wan.velocity(transformer, latents, torch.tensor([0.3]), text, 1.0), atol=1e-3)
+
+
+@pytest.mark.timeout(600)
+def test_wan_2_2_ti2v_image_to_video_gives_the_first_frame_clean_as_the_pipeline_and_matches_one_process(
+        tmp_path: Path) -> None:
+    """Wan 2.2 TI2V-5B's image-to-video (WanImageToVideoPipeline with expand_timesteps) takes the image as the clean
+    first latent frame with a timestep per token, zero on that frame's: the family's training input and velocity are
+    the pipeline's, and its LoRA under ring 2 (Wan's plan splitting the per-token timesteps) matches one process."""
+    from diffusers import WanImageToVideoPipeline
+
+    from fixtures.media import write_media
+    from fixtures.pipelines import build_tiny_pipeline
+
+    pipeline_dir, media, cache = tmp_path / "pipeline", tmp_path / "media", tmp_path / "cache"
+    build_tiny_pipeline("wan_ti2v_i2v", pipeline_dir)
+    write_media(media, "videos")
+    made = prepare("wan_i2v", pipeline_dir, media, cache, data=["data.resolutions=[[32,32],[32,64]]", "data.frames=[5]"])
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    sample, wan_i2v = LatentCache(cache)[0], find_family("wan_i2v")
+    assert sample["first_frame"].shape == (1, *sample["latents"].shape[1:]) and "condition" not in sample
+
+    pipeline = WanImageToVideoPipeline.from_pretrained(pipeline_dir)
+    transformer, t = pipeline.transformer, torch.tensor([0.7])
+    text = {name: sample[name][None] for name in wan_i2v.text_dims(transformer)}
+    x0 = sample["latents"][None]
+    x_t, given = wan_i2v.noisy_latents(x0, torch.randn_like(x0), t, text)
+    assert given == 1 and torch.equal(x_t[:, :1], text["first_frame"])
+    ours = wan_i2v.velocity(transformer, x_t, t, text, 1.0)
+    video = x_t.transpose(1, 2)  # the pipeline's loop: (B, C, F, H, W), a timestep per 2x2 patch, zero on frame 0
+    mask = torch.ones(1, 1, *video.shape[2:])
+    mask[:, :, 0] = 0
+    per_token = (mask[0][0][:, ::2, ::2] * t * 1000).flatten()[None]
+    theirs = transformer(video, per_token, text["prompt_embeds"]).sample.transpose(1, 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+    results = run_distributed(cache_fit, 2, "wan_i2v", str(pipeline_dir), str(cache), {"ring_degree": 2}, None, None,
+                              None, "sgd", init_process_group=False, timeout=400)
+    reference = one_process("wan_i2v", str(pipeline_dir), str(cache), 1, None, "sgd")
+    check_against_one_process(results, reference, "wan 2.2 ti2v image-to-video, ring 2", tolerance("wan_i2v", "sgd"))
 
 
 def adapters(module: FlowMatching) -> dict[str, torch.Tensor]:

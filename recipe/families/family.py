@@ -45,6 +45,14 @@ def video_latents(pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Te
     return vae.encode(video).latent_dist.mode()
 
 
+def first_frame_given(x_t: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Noisy latents ``(B, F, C, H, W)`` whose leading latent frames are the clean ``condition`` ``(B, F0, C, H, W)``,
+    and ``F0``: image-to-video pipelines that give the image as the first latent frame (timestep zero on its
+    tokens) and update only the frames after it."""
+    given = condition.shape[1]
+    return torch.cat([condition.to(x_t.dtype), x_t[:, given:]], 1), given
+
+
 class Family:
     """How one diffusers family is loaded, encodes data, is called in training and saves LoRA."""
 

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 
 from cp_plugin.compat import ltx_pack_latents
+from recipe.families.family import first_frame_given
 from recipe.families.ltx import LTX
 
 
@@ -35,9 +36,7 @@ class LTXI2V(LTX):
 
     def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                       text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        x_t, _ = super().noisy_latents(x0, noise, t, text)
-        given = text["condition"].shape[1]
-        return torch.cat([text["condition"].to(x_t.dtype), x_t[:, given:]], 1), given
+        return first_frame_given(super().noisy_latents(x0, noise, t, text)[0], text["condition"])
 
     def timesteps(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor,
                   text: dict[str, torch.Tensor]) -> torch.Tensor:

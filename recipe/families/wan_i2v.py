@@ -9,6 +9,13 @@ after); the transformer takes the noisy latents and the condition stacked on cha
 models without an image encoder (Wan 2.2 A14B I2V) take none. The cache stores both, so training
 loads neither the VAE nor the image encoder. Context parallelism splits the video tokens, condition
 channels included; the image embedding, like the text, is never split.
+
+Wan 2.2 TI2V-5B's pipeline (``expand_timesteps``) conditions otherwise: the first frame's normalised
+latents, encoded alone, are the first latent frame of the transformer's input, clean, with a timestep
+per token that is zero on that frame's; the transformer takes the latents alone (``in_channels``
+equals ``out_channels``) and sampling updates only the later frames. The cache then holds that frame
+as ``first_frame``; training gives it clean, its tokens time zero, and reads the loss on the later
+frames. Context parallelism splits the per-token timesteps with the tokens (Wan's plan does).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from PIL import Image
 
+from recipe.families.family import first_frame_given
 from recipe.families.wan import TINY_WAN, Wan
 
 # The demo model (no pretrained weights): Wan's, taking the condition's channels and a CLIP image embedding.
@@ -32,10 +40,19 @@ class WanI2V(Wan):
     pipeline_class_name = "WanImageToVideoPipeline"
 
     def input_channels(self, channels: int) -> tuple[int, ...]:
-        return (2 * channels + 4,)  # the noisy latents, the mask's 4 channels, the condition's latents
+        # the noisy latents, the mask's 4 channels, the condition's latents; or (TI2V) the latents alone
+        return (2 * channels + 4, channels)
+
+    @staticmethod
+    def stacks_condition(transformer: ModelMixin) -> bool:
+        """Whether the transformer takes the condition stacked on channels (Wan 2.1 / 2.2 A14B I2V), not as the
+        clean first latent frame (TI2V-5B, whose input is the latents alone)."""
+        return transformer.config.in_channels != transformer.config.out_channels
 
     def encode_conditioning(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         first = pixels[:1]  # (1, 3, H, W) in [-1, 1]
+        if pipeline.config.expand_timesteps:  # TI2V: the first frame alone, normalised as the target
+            return {"first_frame": self.encode_pixels(pipeline, first)}
         video = torch.cat([first, first.new_zeros(len(pixels) - 1, *first.shape[1:])])
         condition = self.encode_pixels(pipeline, video)  # (F', C, H', W'), normalised as the target
         temporal = pipeline.vae_scale_factor_temporal
@@ -47,16 +64,30 @@ class WanI2V(Wan):
             tensors["image_embeds"] = pipeline.encode_image(Image.fromarray(np.asarray(frame)), pipeline.device)[0]
         return tensors
 
+    def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                      text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x_t, given = super().noisy_latents(x0, noise, t, text)
+        return first_frame_given(x_t, text["first_frame"]) if "first_frame" in text else (x_t, given)
+
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
         dtype = transformer.dtype  # video: (B, C, F, H, W), timesteps in [0, 1000]
-        inputs = torch.cat([x_t, text["condition"].to(x_t.dtype)], 2).transpose(1, 2).to(dtype)
         image = text["image_embeds"].to(dtype) if "image_embeds" in text else None
-        out = transformer(inputs, t * 1000, text["prompt_embeds"].to(dtype), encoder_hidden_states_image=image).sample
+        if "first_frame" in text:  # TI2V: a timestep per 2x2 patch, zero on the given frame's (the pipeline's loop)
+            patch = transformer.config.patch_size
+            frames, height, width = x_t.shape[1] // patch[0], x_t.shape[3] // patch[1], x_t.shape[4] // patch[2]
+            noised = (torch.arange(frames, device=x_t.device) >= text["first_frame"].shape[1]).to(t.dtype)
+            timestep = (t[:, None, None] * 1000 * noised[None, :, None]).expand(-1, -1, height * width).flatten(1)
+            inputs = x_t
+        else:
+            timestep, inputs = t * 1000, torch.cat([x_t, text["condition"].to(x_t.dtype)], 2)
+        out = transformer(inputs.transpose(1, 2).to(dtype), timestep, text["prompt_embeds"].to(dtype),
+                          encoder_hidden_states_image=image).sample
         return out.transpose(1, 2)
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
-        dims: dict[str, int | None] = {**super().text_dims(transformer), "condition": None}
+        given = "condition" if self.stacks_condition(transformer) else "first_frame"
+        dims: dict[str, int | None] = {**super().text_dims(transformer), given: None}
         if transformer.config.image_dim is not None:
             dims["image_embeds"] = transformer.config.image_dim
         return dims
