@@ -296,8 +296,9 @@ def _attach_derived(conversion: Conversion, model: torch.nn.Module, plan: Derive
                     routing: AttentionRouting) -> None:
     blocks = [(f"{name}.{i}", block) for name in plan.block_lists for i, block in enumerate(model.get_submodule(name))]
     state = StreamState(plan.model, len(blocks), config, routing)
+    ends = {f"{name}.{len(model.get_submodule(name)) - 1}" for name in plan.gathered_after}
     for name, block in blocks:
-        conversion.hook(block, BlockStreams(state, name), name)
+        conversion.hook(block, BlockStreams(state, name, ends_split=name in ends), name)
     for name, child in model.named_children():
         if name not in plan.block_lists:
             conversion.hook(child, OutputGather(state, name), "gather")

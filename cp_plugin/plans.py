@@ -51,6 +51,7 @@ class DerivedPlan:
 
     model: str
     block_lists: tuple[str, ...]
+    gathered_after: tuple[str, ...] = ()  # lists whose last block gathers its streams (``GATHERED_AFTER``)
 
 
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -89,7 +90,22 @@ def derive_plan(model: torch.nn.Module, path: str) -> DerivedPlan:
     for name, blocks in lists:
         for i, block in enumerate(blocks):
             grid_radius(block, f"{where}: block '{name}.{i}'")  # refuses convolutions a halo cannot follow
-    return DerivedPlan(type(model).__name__, tuple(name for name, _ in lists))
+    names = tuple(name for name, _ in lists)
+    gathered = GATHERED_AFTER.get(type(model).__name__, ((), ""))[0]
+    return DerivedPlan(type(model).__name__, names, tuple(name for name in gathered if name in names))
+
+
+# Block lists after whose last block a class's derived plan gathers its streams, and why (verified exact): the split
+# ends there, as after the model's last block, and the next list splits the whole sequences it is given anew. Only
+# where the model's code between the lists cannot run on split tokens and nothing it does shows that: a token count
+# read off a split tensor is this rank's, and the tensors built from that number are tied to no split tensor.
+GATHERED_AFTER: dict[str, tuple[tuple[str, ...], str]] = {
+    "BriaFibo2Transformer2DModel": (("noise_refiner",), (
+        "after its noise refiner it builds the noise mask (B, gist + image) and the image part of the attention "
+        "mask from the refined stream's token count (hidden_states.shape[1]) and fills them at whole-sequence "
+        "positions ([:, gist : gist + image] = 1)"
+    )),
+}
 
 
 # Classes whose own ``_cp_plan`` cp_plugin replaces by the plan it derives (verified exact), and why.

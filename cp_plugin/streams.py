@@ -26,7 +26,9 @@ does not divide are padded and masked.
 The last block of a forward (the one that completes the count of blocks, remembered for later
 forwards and activation-checkpoint recomputes) ends the split region: the model's other children
 called after it (its output norms and projections) gather the split tensors they are given, so
-everything from there on runs on whole sequences, as on one process.
+everything from there on runs on whole sequences, as on one process. A class whose code between two block
+lists cannot run on split tokens (``plans.GATHERED_AFTER``) also ends a split region at the last block of the
+earlier list: its outputs are gathered, and the next list splits the whole sequences it is given anew.
 """
 
 from __future__ import annotations
@@ -152,9 +154,10 @@ class StreamState:
 class BlockStreams(ModelHook):
     """Around every block of a derived plan: split its whole inputs by their roles, route its attention."""
 
-    def __init__(self, state: StreamState, name: str) -> None:
+    def __init__(self, state: StreamState, name: str, ends_split: bool = False) -> None:
         super().__init__()
         self.state, self.name = state, name
+        self.ends_split = ends_split  # the last block of a list the plan gathers after (``plans.GATHERED_AFTER``)
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.params = list(inspect.signature(module.forward).parameters)
@@ -302,9 +305,18 @@ class BlockStreams(ModelHook):
     # exit -------------------------------------------------------------------------------------
     def _exit(self, module: torch.nn.Module, output: Any, roles: BlockRoles) -> Any:
         state = self.state
-        for t, dims in zip(tree_flatten(output)[0], itertools.chain(roles.outputs, itertools.repeat(()))):
+        leaves, spec = tree_flatten(output)
+        for t, dims in zip(leaves, itertools.chain(roles.outputs, itertools.repeat(()))):
             if isinstance(t, torch.Tensor) and dims:  # outputs indexed by split tokens are split
                 state.mark_local(t, dims[0].dim)
+        if self.ends_split:  # the model's code after this list runs on whole sequences, as on one process
+            tracking, state.tracking = state.tracking, False
+            try:
+                output = tree_unflatten([state.gather(t, state.token_dim[id(t)], f"the end of '{self.name}'")
+                                         if state.is_local(t) and id(t) in state.token_dim else t for t in leaves],
+                                        spec)
+            finally:
+                state.tracking = tracking
         state.last_name = self.name
         if state.last_block is None:
             state.calls += 1
