@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import sympy
 import torch
 
-from cp_plugin.blockops import SUMS, CountingMode, OpCounter, summed_dims
+from cp_plugin.blockops import RESHAPES, SUMS, CountingMode, OpCounter, summed_dims
 from cp_plugin.compat import (
     SDPA,
     FakeTensorMode,
@@ -46,7 +47,7 @@ from cp_plugin.compat import (
     tree_leaves,
     tree_unflatten,
 )
-from cp_plugin.grid import GridOps, ProbeGrid
+from cp_plugin.grid import GridOps, ProbeGrid, _grid_sizes
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
 
@@ -69,6 +70,16 @@ class BlockRoles:
     outputs: tuple[tuple[TokenDim, ...], ...]  # one entry per leaf of the output
     grid: GridOps | None = None  # the block's reshapes (by number) onto its token grid and back (``grid.py``)
     reductions: tuple[tuple[int, int], ...] = ()  # its sums (number, dim) over split tokens (``reductions.py``)
+    groups: tuple[TokenGroups, ...] = ()  # split sequences regrouped per entry of another input (``groups.py``)
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """The block cuts ``sequence`` into as many runs of consecutive tokens as the inputs' dimensions ``counts``
+    (flattened input, dim) are long, and attends per run to keys that no split touches (``groups.py``)."""
+
+    sequence: str
+    counts: tuple[tuple[int, int], ...]
 
 
 class _Recording(CountingMode):
@@ -77,9 +88,11 @@ class _Recording(CountingMode):
     def __init__(self) -> None:
         super().__init__()
         self.attention: list[tuple[Any, Any]] = []
+        self.batches: list[tuple[Any, Any]] = []  # (queries, keys) of each attention call: its batch and heads
         self.cats: list[list[Any]] = []
         self.pads: list[tuple[Any, Any, Any]] = []  # (length before, padding before, padding after)
         self.slices: list[tuple[Any, Any]] = []  # (length before, length after) of a slice along one dimension
+        self.regroups: list[tuple[Any, Any, Any]] = []  # (length, leading size, the rest) of a dim unflattened
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
         self.statistics: list[tuple[str, Any]] = []  # (op, length) of dimensions softmaxes, means, scans run over
         self.counter, self.statistic = OpCounter(SUMS), OpCounter(_STATISTICS)
@@ -117,6 +130,12 @@ class _Recording(CountingMode):
                 if isinstance(x, torch.Tensor):
                     self.derived[id(x)] = self.derived.get(id(x), frozenset()) | sources
                     self.kept.append(x)
+        if func in RESHAPES and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            found = _grid_sizes(args[0], func, tuple(args), kwargs)
+            if found is not None:
+                dim, sizes = found
+                rest = out.shape[dim + 1:dim + len(sizes)]
+                self.regroups.append((args[0].shape[dim], out.shape[dim], rest[0] if len(rest) == 1 else None))
         if func in (torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow):
             x = args[0]
             if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor) and out.dim() == x.dim():
@@ -127,6 +146,7 @@ class _Recording(CountingMode):
                 attn_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
         """Note one attention call; its mask must broadcast over ``(batch, heads, queries, keys)``."""
         self.attention.append((query.shape[-2], key.shape[-2]))
+        self.batches.append((math.prod(query.shape[:-2]), math.prod(key.shape[:-2])))
         if attn_mask is not None:
             torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2]))
 
@@ -230,6 +250,15 @@ class _Resolver:
         self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
+        # Queries cut per entry of another input: a token dim of length S unflattened into (count, rest), the count
+        # a dimension of its own (Wan-Animate's frames), and attention over runs of rest consecutive tokens.
+        runs = {}
+        for length, count, rest in record.regroups:
+            length, count, rest = self.expr(length), self.expr(count), None if rest is None else self.expr(rest)
+            if (isinstance(length, sympy.Symbol) and isinstance(count, sympy.Symbol) and count != length
+                    and rest is not None and rest.free_symbols == {length, count}):
+                runs[rest] = (length, count)
+        self.grouped = {i: runs[q] for i, (q, _) in enumerate(self.calls) if q in runs}
         self.statistics = [(op, self.expr(length)) for op, length in record.statistics]
         self.derived = record.derived
         self.sums = [(i, [(d, self.expr(length)) for d, length in dims]) for i, dims in record.sums]
@@ -241,12 +270,27 @@ class _Resolver:
                     "count, not the sequence's"
                 )
         shapes = [[self.expr(size) for size in x.shape] for x in fakes if isinstance(x, torch.Tensor)]
-        self.split = set().union(*(q.free_symbols for q, _ in self.calls))
+        self.split = set().union(*({self.grouped[i][0]} if i in self.grouped else q.free_symbols
+                                   for i, (q, _) in enumerate(self.calls)))
         grown = True
         while grown:  # keys beside split keys, and inputs spanning split and other tokens, are split too
             spans = [k.free_symbols for _, k in self.calls] + [e.free_symbols for shape in shapes for e in shape]
             joined = set().union(*(free for free in spans if free & self.split)) | self.split
             grown, self.split = joined != self.split, joined
+        for i, (length, count) in self.grouped.items():
+            if (self.calls[i][1].free_symbols | {count}) & self.split:
+                raise ProbeError(
+                    f"{where}: attention call {i} cuts the split tokens {length} into {count} runs and attends per "
+                    f"run to keys ({self.calls[i][1]}) that are split tokens too, or split beside the runs' count; "
+                    "a rank holds only part of a run, so those keys would be incomplete"
+                )
+        self.aligned.update({rest: runs[rest][0] / runs[rest][1] for rest in {self.calls[i][0] for i in self.grouped}})
+        for i in self.grouped:  # the runs went into the batch beside the keys': attention makes the two batches equal
+            queries, keys = (self.expr(b) for b in record.batches[i])
+            own = keys.free_symbols - queries.free_symbols
+            solved = sympy.solve(sympy.Eq(queries, keys), *own) if queries != keys and len(own) == 1 else []
+            if len(solved) == 1:
+                self.aligned[next(iter(own))] = solved[0]
         for length, before, after in record.pads:
             self.align(self.expr(length), self.expr(before), self.expr(after))
         self.sliced: dict[sympy.Symbol, sympy.Expr] = {}  # an input's length -> the tokens a slice cut from it
@@ -355,6 +399,9 @@ class _Resolver:
         sequences = list(dict.fromkeys(p for dims in inputs for d in dims for p in d.parts))
         attention = []
         for i, (q, k) in enumerate(self.calls):
+            if i in self.grouped:  # per run, over keys every rank holds whole: local attention (``groups.py``)
+                attention.append(((), ()))
+                continue
             queries, keys = self.parts(q, f"the queries of attention call {i}"), self.parts(k, f"the keys of call {i}")
             if keys and not queries:
                 raise ProbeError(
@@ -371,4 +418,14 @@ class _Resolver:
         outputs = tuple(self.dims(x, "an output", strict=False) for x in tree_leaves(output))
         reductions = tuple((i, next(d for d, length in dims if length.free_symbols & self.split))
                            for i, dims in self.sums if any(length.free_symbols & self.split for _, length in dims))
-        return BlockRoles(tuple(inputs), tuple(attention), tuple(sequences), outputs, reductions=reductions)
+        counts = {count for _, count in self.grouped.values()}
+        if any(e.free_symbols & counts for x in tree_leaves(output) if isinstance(x, torch.Tensor)
+               for e in map(self.expr, x.shape)):
+            raise ProbeError(f"{self.where}: an output is indexed by the runs its attention cuts the split tokens "
+                             "into, not by the tokens; a split cannot follow it")
+        groups = tuple(TokenGroups(str(length), tuple(
+            (i, dim) for i, x in enumerate(fakes) if isinstance(x, torch.Tensor)
+            for dim, size in enumerate(x.shape) if self.expr(size) == count))
+            for length, count in dict.fromkeys(self.grouped.values()))
+        return BlockRoles(tuple(inputs), tuple(attention), tuple(sequences), outputs, reductions=reductions,
+                          groups=groups)

@@ -46,6 +46,7 @@ from diffusers.hooks.hooks import ModelHook
 from cp_plugin.attention.dispatch import AttentionCall, AttentionRouting, RoutedParallelConfig
 from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
 from cp_plugin.grid import HaloGrid, grid_radius
+from cp_plugin.groups import enter_runs, exit_runs
 from cp_plugin.locality import Locality
 from cp_plugin.plans import PLAN_HINT
 from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, probe_block
@@ -173,6 +174,11 @@ class BlockStreams(ModelHook):
             tracking, state.tracking = state.tracking, False
             try:
                 args, kwargs, roles = self._enter(module, args, kwargs)
+                cuts = None
+                if roles.groups:  # attention per run of tokens: the runs this rank's tokens touch (groups.py)
+                    leaves, spec = tree_flatten((args, kwargs))
+                    leaves, cuts = enter_runs(roles, leaves, state.padding, state.mesh.cp_rank, self.where)
+                    args, kwargs = tree_unflatten(leaves, spec)
             finally:
                 state.tracking = tracking
             state.running.append((roles, itertools.count()))
@@ -180,6 +186,9 @@ class BlockStreams(ModelHook):
             try:
                 with self._block_ops(roles):
                     output = self.fn_ref.original_forward(*args, **kwargs)
+                if cuts is not None:
+                    leaves, spec = tree_flatten(output)
+                    output = tree_unflatten(exit_runs(roles, leaves, cuts), spec)
             finally:
                 state.padding.in_blocks -= 1
                 state.running.pop()

@@ -198,3 +198,41 @@ def test_a_mean_over_split_tokens_is_refused_only_when_it_reaches_the_output(use
             run()
     else:
         assert run().inputs[0] == (TokenDim(1, run().sequences),)
+
+
+class PerRun(torch.nn.Module):
+    """Cuts its tokens into one run per entry of ``context`` (frames) and attends per run, as Wan-Animate's face
+    adapter: to the run's own context tokens, or (``keys="self"``) to the run's tokens; ``strided`` takes every
+    ``frames``-th token into a run instead of consecutive ones."""
+
+    def __init__(self, keys: str = "context", strided: bool = False) -> None:
+        super().__init__()
+        self.keys, self.strided = keys, strided
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, frames = context.shape[:2]
+        if self.strided:
+            q = hidden_states.unflatten(1, (-1, frames)).transpose(1, 2).flatten(0, 1)
+        else:
+            q = hidden_states.unflatten(1, (frames, -1)).flatten(0, 1)
+        k = q if self.keys == "self" else context.flatten(0, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], k[:, None])[:, 0]
+        return out.unflatten(0, (b, frames)).flatten(1, 2)
+
+
+def test_attention_per_run_of_consecutive_tokens_against_whole_keys_is_found_as_runs() -> None:
+    """3 frames of 8 tokens (width 8) attend their frame's 8 context tokens: the tokens are split, the context and
+    the per-run call are not (local attention), the frame count indexes the runs."""
+    roles = probe_block(PerRun().forward, (torch.randn(2, 24, 8), torch.randn(2, 3, 8, 8)), {},
+                        ["hidden_states", "context"], "PerRun")
+    (sequence,) = roles.sequences
+    assert roles.inputs == ((TokenDim(1, (sequence,)),), ())
+    assert roles.attention == (((), ()),) and roles.outputs == ((TokenDim(1, (sequence,)),),)
+    assert [(g.sequence, g.counts) for g in roles.groups] == [(sequence, ((1, 1),))]
+
+
+@pytest.mark.parametrize("block", [PerRun(strided=True), PerRun(keys="self")], ids=["strided", "self-attention"])
+def test_runs_a_split_cannot_compute_locally_are_refused(block: PerRun) -> None:
+    with pytest.raises(ProbeError, match="PerRun"):
+        probe_block(block.forward, (torch.randn(2, 24, 8), torch.randn(2, 3, 8, 8)), {}, ["hidden_states", "context"],
+                    "PerRun")
