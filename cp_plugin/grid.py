@@ -73,7 +73,7 @@ def grid_radius(block: torch.nn.Module, where: str) -> int:
     return radius
 
 
-def _grid_sizes(x: torch.Tensor, func: Callable, args: tuple, kwargs: dict) -> tuple[int, tuple[int, ...]] | None:
+def grid_sizes(x: torch.Tensor, func: Callable, args: tuple, kwargs: dict) -> tuple[int, tuple[int, ...]] | None:
     """``(dim, sizes)`` when ``func(x, ...)`` unflattens one dimension of ``x`` into several (a grid)."""
     if func in _UNFLATTENS:
         dim = args[1] if len(args) > 1 else kwargs["dim"]
@@ -124,7 +124,7 @@ class ProbeGrid(CountingMode):
         if index is None or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
         x = args[0]
-        found = _grid_sizes(x, func, tuple(args), kwargs) if func in RESHAPES else None
+        found = grid_sizes(x, func, tuple(args), kwargs) if func in RESHAPES else None
         if found is not None:
             dim, sizes = found
             length, rest = x.shape[dim], math.prod(sizes[1:])
@@ -172,7 +172,7 @@ class HaloGrid(CountingMode):
 
     def _entry(self, x: torch.Tensor, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
         """The band of rows around this rank's tokens, for the reshape the probe saw put a stream on its grid."""
-        found, padding = _grid_sizes(x, func, args, kwargs), self.padding
+        found, padding = grid_sizes(x, func, args, kwargs), self.padding
         stream = None if found is None else next(
             (s for s in padding.lengths if padding.local_stream(s) == x.shape[found[0]]), None)
         if stream is None or math.prod(found[1]) != padding.lengths[stream]:

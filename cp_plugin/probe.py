@@ -47,7 +47,7 @@ from cp_plugin.compat import (
     tree_leaves,
     tree_unflatten,
 )
-from cp_plugin.grid import GridOps, ProbeGrid, _grid_sizes
+from cp_plugin.grid import GridOps, ProbeGrid, grid_sizes
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
 
@@ -131,7 +131,7 @@ class _Recording(CountingMode):
                     self.derived[id(x)] = self.derived.get(id(x), frozenset()) | sources
                     self.kept.append(x)
         if func in RESHAPES and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
-            found = _grid_sizes(args[0], func, tuple(args), kwargs)
+            found = grid_sizes(args[0], func, tuple(args), kwargs)
             if found is not None:
                 dim, sizes = found
                 rest = out.shape[dim + 1:dim + len(sizes)]
