@@ -2,6 +2,7 @@
 
     python -m benchmarks.every_dit                         # every case; writes benchmarks/results/every_dit.md
     python -m benchmarks.every_dit --cases sd3,chroma      # some cases, printed only
+    python -m benchmarks.every_dit --cases sd3 --merge     # some cases, their rows replaced in the results
 
 Each case trains 3 SGD and 3 AdamW steps under ulysses 2 and ring 2 on 2 processes (and the
 ``tests/test_every_dit.py`` 4-process layouts for its models) and is compared with one process:
@@ -99,13 +100,21 @@ def report(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", help="comma-separated case names (default: every case, written to results)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace the --cases' rows in the results, keeping every other case's (after a fix to "
+                             "some cases, without the whole sweep)")
     args = parser.parse_args()
     names = args.cases.split(",") if args.cases else list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {sorted(CASES)}")
     rows = sweep(names)
-    if not args.cases:
+    if args.cases and args.merge:
+        kept = [row for row in json.loads((RESULTS / "every_dit.json").read_text())
+                if row["case"] not in names and row["case"] in CASES]
+        order = {name: i for i, name in enumerate(CASES)}  # the sweep's order: cases as fixtures/dits lists them
+        rows = sorted(kept + rows, key=lambda row: order[row["case"]])
+    if not args.cases or args.merge:
         (RESULTS / "every_dit.json").write_text(json.dumps(rows, indent=1))
         (RESULTS / "every_dit.md").write_text(report(rows))
 
