@@ -40,13 +40,15 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # sliced inside blocks (Stable Audio 3), a convolution after the blocks (DreamLite), own plans cp_plugin replaces
 # or extends (LTX-2, Helios), causal self-attention (MiniMax Music 3's depth decoder), convolutions over the token
 # grid with linear attention (Sana: a padded 3 x 5 grid; Sana-Video: frames, a temporal convolution, a sum of keys),
-# a whole-sequence causal mask that prepare_attention_mask would pad to this rank's token count (the unCLIP prior).
+# a whole-sequence causal mask that prepare_attention_mask would pad to this rank's token count (the unCLIP prior),
+# a split that ends after a refiner whose outputs the model measures (BriaFibo2), attention per latent frame against
+# keys every rank holds (Wan-Animate's face adapter, its frames cut mid-way by the split).
 FIRST = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
          "pixart", "dit", "auraflow", "cogview3plus", "cogview4", "allegro", "hunyuanimage", "flux2", "cosmos",
          "glmimage", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
-              "sana_video", "prior")
+              "sana_video", "prior", "bria_fibo2", "wan_animate")
 SUITE = FIRST + MECHANISMS
 
 
