@@ -145,7 +145,7 @@ class SequencePadding:
             self.unnamed.add(length)
         return self.pad_to_split(x, dim, length)
 
-    def _local_valid(self, stream: str, batch: int, device: torch.device) -> torch.Tensor:
+    def local_valid(self, stream: str, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, local)``: which of this rank's tokens of ``stream`` are real."""
         local = self.local_stream(stream)
         valid = min(max(self.lengths[stream] - self.cp_rank * local, 0), local)
@@ -168,7 +168,7 @@ class SequencePadding:
             )
         if all(self.padded_stream(s) == self.lengths[s] for s in streams):
             return None  # decided by these keys' streams alone, so a recompute after later streams decides alike
-        return torch.cat([self._local_valid(s, batch, device) for s in streams], 1)
+        return torch.cat([self.local_valid(s, batch, device) for s in streams], 1)
 
     def trim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """A gathered full sequence of one stream without its padding."""

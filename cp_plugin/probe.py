@@ -11,7 +11,10 @@ that the block's own operations relate them:
 - its attention calls name the token dimensions: the lengths of their queries and keys;
 - a broadcast against a rotary table, a modulation or a mask makes that input's dimension one of them;
 - a projection makes a feature dimension equal to a weight's size, a constant;
-- a concatenation of two token sequences (a joint attention's keys) shows which comes first.
+- a concatenation of two token sequences (a joint attention's keys) shows which comes first;
+- tokens picked by data (``nonzero`` of a mask: Mochi's valid text) from a sequence no attention
+  splits are a *selection*: whole on every rank, joined to split tokens in attention, whose routing
+  counts their copies as keys once (``attention/dispatch.py``).
 
 What comes back is data flow, decided by structure: for every input, the dimensions that index
 tokens and which sequences they index, in order; for every attention call, which sequences its
@@ -37,10 +40,12 @@ from cp_plugin.compat import (
     ShapeEnv,
     TorchDispatchMode,
     decomposition,
+    fresh_size,
     is_backed,
     outside_dispatch_modes,
     quiet_fake_kernels,
     size_expr,
+    size_hint,
     symbolic_fake,
     symbolic_fake_mode,
     tree_flatten,
@@ -50,6 +55,13 @@ from cp_plugin.compat import (
 from cp_plugin.grid import GridOps, ProbeGrid, grid_sizes
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
+SELECTED = "selected:"  # a part of a joint attention sequence that the block selected from whole tokens by data
+
+
+def is_selection(part: str) -> bool:
+    """Whether ``part`` of an attention call's sequence is tokens the block picked by data (``nonzero`` of a mask)
+    from a sequence every rank holds whole: the same tokens on every rank, whose count only the data knows."""
+    return part.startswith(SELECTED)
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,13 @@ class BlockRoles:
     grid: GridOps | None = None  # the block's reshapes (by number) onto its token grid and back (``grid.py``)
     reductions: tuple[tuple[int, int], ...] = ()  # its sums (number, dim) over split tokens (``reductions.py``)
     groups: tuple[TokenGroups, ...] = ()  # split sequences regrouped per entry of another input (``groups.py``)
+    # (input, dim, size) of the input sizes the block's code fixed (a loop over the batch, Mochi's per-sample
+    # attention) or the probe kept as numbers (0, 1): these roles hold for inputs of those sizes only
+    fixed: tuple[tuple[int, int, int], ...] = ()
+
+    def fit(self, shapes: Sequence[tuple[int, ...] | None]) -> bool:
+        """Whether these roles hold for inputs of ``shapes`` (one per flattened input; None: not a tensor)."""
+        return all(shapes[i] is not None and shapes[i][dim] == size for i, dim, size in self.fixed)
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ class _Recording(CountingMode):
         self.pads: list[tuple[Any, Any, Any]] = []  # (length before, padding before, padding after)
         self.slices: list[tuple[Any, Any]] = []  # (length before, length after) of a slice along one dimension
         self.regroups: list[tuple[Any, Any, Any]] = []  # (length, leading size, the rest) of a dim unflattened
+        self.selections: list[tuple[Any, Any]] = []  # (count, entries) of each nonzero: how many of them are set
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
         self.statistics: list[tuple[str, Any]] = []  # (op, length) of dimensions softmaxes, means, scans run over
         self.counter, self.statistic = OpCounter(SUMS), OpCounter(_STATISTICS)
@@ -169,10 +189,25 @@ def recording() -> _Recording | None:
 
 class _Decompose(TorchDispatchMode):
     """Ops whose kernels take no symbolic sizes run through torch's decompositions: those that fail on them,
-    and ``constant_pad_nd``, whose fake kernel quietly makes every size of its input a constant."""
+    and ``constant_pad_nd``, whose fake kernel quietly makes every size of its input a constant.
+
+    ``nonzero`` (``torch.where(mask)``, boolean indexing) counts entries set in data the probe does not have.
+    torch's fake kernel names that count by an unbacked symbol, on which the model's own arithmetic cannot
+    branch (Mochi pads its attention output by ``text - count`` back to the whole length); the probe names
+    it by a fresh symbol hinted at every entry set instead, and notes it as a selection (``_Recording``)."""
+
+    def __init__(self, fake_mode: FakeTensorMode, record: _Recording) -> None:
+        super().__init__()
+        self.fake_mode, self.record = fake_mode, record
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.ops.aten.nonzero.default:
+            x, entries = args[0], args[0].numel()
+            hint = size_hint(entries) if isinstance(entries, torch.SymInt) else entries
+            count = fresh_size(self.fake_mode, max(hint, 2))  # a symbol: 0 and 1 would be constants
+            self.record.selections.append((count, entries))
+            return torch.empty((count, x.dim()), dtype=torch.long, device=x.device)
         if func is torch.ops.aten.constant_pad_nd.default:
             return decomposition(func)(*args, **kwargs)
         try:
@@ -209,7 +244,8 @@ def probe_block(
     try:
         # Outside the caller's dispatch modes: selective checkpointing would keep the probe's fake attention
         # outputs and count its ops as the block's, and a recompute (which probes nothing) would not match.
-        with outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(), record, grids:
+        with (outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(fake_mode, record),
+              record, grids):
             output = forward(*fake_args, **fake_kwargs)
     except ProbeError:
         raise
@@ -270,12 +306,14 @@ class _Resolver:
                     "count, not the sequence's"
                 )
         shapes = [[self.expr(size) for size in x.shape] for x in fakes if isinstance(x, torch.Tensor)]
+        # Tokens selected by data are never split: every rank selects them alike from tokens it holds whole.
+        self.selected = {e for e in (self.expr(count) for count, _ in record.selections) if isinstance(e, sympy.Symbol)}
         self.split = set().union(*({self.grouped[i][0]} if i in self.grouped else q.free_symbols
-                                   for i, (q, _) in enumerate(self.calls)))
+                                   for i, (q, _) in enumerate(self.calls))) - self.selected
         grown = True
         while grown:  # keys beside split keys, and inputs spanning split and other tokens, are split too
             spans = [k.free_symbols for _, k in self.calls] + [e.free_symbols for shape in shapes for e in shape]
-            joined = set().union(*(free for free in spans if free & self.split)) | self.split
+            joined = (set().union(*(free for free in spans if free & self.split)) | self.split) - self.selected
             grown, self.split = joined != self.split, joined
         for i, (length, count) in self.grouped.items():
             if (self.calls[i][1].free_symbols | {count}) & self.split:
@@ -291,13 +329,20 @@ class _Resolver:
             solved = sympy.solve(sympy.Eq(queries, keys), *own) if queries != keys and len(own) == 1 else []
             if len(solved) == 1:
                 self.aligned[next(iter(own))] = solved[0]
+        for count, entries in record.selections:
+            if self.expr(entries).free_symbols & self.split:
+                raise ProbeError(
+                    f"{where}: it selects tokens by their data (nonzero of {self.expr(entries)} entries) among the "
+                    "tokens of a split sequence, which under a split would select among this rank's tokens only"
+                )
         for length, before, after in record.pads:
             self.align(self.expr(length), self.expr(before), self.expr(after))
         self.sliced: dict[sympy.Symbol, sympy.Expr] = {}  # an input's length -> the tokens a slice cut from it
         self.fixed: list[tuple[sympy.Expr, sympy.Expr]] = []  # tokens cut at a fixed position: (length, cut)
         for length, cut in record.slices:
             length, cut = self.expr(length), self.expr(cut)
-            data_dependent = not all(is_backed(env, sym) for sym in cut.free_symbols)  # a routing's token count
+            data_dependent = not all(is_backed(env, sym) and sym not in self.selected  # a routing's token count
+                                     for sym in cut.free_symbols)
             if length.free_symbols & self.split and cut != 0 and cut != length and not data_dependent and not (
                     cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
                 self.fixed.append((length, cut))
@@ -339,7 +384,7 @@ class _Resolver:
         if not expr.free_symbols & self.split:
             return ()
         terms = sympy.Add.make_args(expr)
-        if any(t not in self.split for t in terms) or len(set(terms)) != len(terms):
+        if any(t not in self.split and t not in self.selected for t in terms) or len(set(terms)) != len(terms):
             if not strict:
                 return ()
             raise ProbeError(
@@ -347,7 +392,7 @@ class _Resolver:
                 f"({', '.join(sorted(map(str, self.split)))}), which is neither one token sequence nor several "
                 "concatenated; a split cannot follow tokens that the block adds, drops or reshapes"
             )
-        return tuple(str(t) for t in self.ordered(terms, what))
+        return tuple(SELECTED * (t in self.selected) + str(t) for t in self.ordered(terms, what))
 
     def ordered(self, terms: tuple[sympy.Expr, ...], what: str) -> list[sympy.Expr]:
         """``terms`` in the order a concatenation made during the probe put them."""
@@ -409,7 +454,8 @@ class _Resolver:
                     f"{' + '.join(keys)}; a split can follow only attention whose queries are tokens"
                 )
             attention.append((queries, keys))
-        missing = sorted({p for call in attention for parts in call for p in parts} - set(sequences))
+        missing = sorted({p for call in attention for parts in call for p in parts if not is_selection(p)}
+                         - set(sequences))
         if missing:
             raise ProbeError(
                 f"{self.where}: its attention runs over tokens ({', '.join(missing)}) that no input carries, made "
@@ -427,5 +473,7 @@ class _Resolver:
             (i, dim) for i, x in enumerate(fakes) if isinstance(x, torch.Tensor)
             for dim, size in enumerate(x.shape) if self.expr(size) == count))
             for length, count in dict.fromkeys(self.grouped.values()))
+        fixed = tuple((i, dim, int(size)) for i, x in enumerate(fakes) if isinstance(x, torch.Tensor)
+                      for dim, size in enumerate(self.expr(n) for n in x.shape) if not size.free_symbols)
         return BlockRoles(tuple(inputs), tuple(attention), tuple(sequences), outputs, reductions=reductions,
-                          groups=groups)
+                          groups=groups, fixed=fixed)

@@ -49,13 +49,13 @@ from cp_plugin.grid import HaloGrid, grid_radius
 from cp_plugin.groups import enter_runs, exit_runs
 from cp_plugin.locality import Locality
 from cp_plugin.plans import PLAN_HINT
-from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, probe_block
+from cp_plugin.probe import BlockRoles, Parts, ProbeError, TokenDim, is_selection, probe_block
 from cp_plugin.reductions import TokenReductions
 from cp_plugin.sequence import gather_sequence, local_shard
 
 # Probe results, by block structure and input structure: a block class with the same submodules,
 # weight shapes and processors relates its inputs the same way in every model instance.
-_ROLES: dict[Any, BlockRoles] = {}
+_ROLES: dict[Any, list[BlockRoles]] = {}  # several where the block's code fixes input sizes (BlockRoles.fixed)
 
 
 def _structure(block: torch.nn.Module) -> tuple:
@@ -96,12 +96,17 @@ class StreamState:
         return x
 
     def next_attention(self) -> tuple[Parts, Parts] | None:
-        """The probe's (queries, keys) sequences of the attention call the running block makes now."""
+        """The (queries, keys) streams of the attention call the running block makes now, in order; a part the
+        block selected by data from whole tokens stays named as the probe's selection (``probe.is_selection``)."""
         if not self.running:
             return None
-        roles, counter = self.running[-1]
+        roles, counter, streams = self.running[-1]
         index = next(counter)
-        return roles.attention[index] if index < len(roles.attention) else None
+        if index >= len(roles.attention):
+            return None
+        queries, keys = roles.attention[index]
+        return tuple(tuple(s for p in parts for s in ((p,) if is_selection(p) else streams[p]))  # type: ignore[return-value]
+                     for parts in (queries, keys))
 
     def new_stream(self, name: str, length: int) -> str:
         """Register a stream of ``length`` tokens under ``name`` (made unique) in this forward; its name."""
@@ -173,7 +178,7 @@ class BlockStreams(ModelHook):
         try:
             tracking, state.tracking = state.tracking, False
             try:
-                args, kwargs, roles = self._enter(module, args, kwargs)
+                args, kwargs, roles, streams = self._enter(module, args, kwargs)
                 cuts = None
                 if roles.groups:  # attention per run of tokens: the runs this rank's tokens touch (groups.py)
                     leaves, spec = tree_flatten((args, kwargs))
@@ -181,7 +186,7 @@ class BlockStreams(ModelHook):
                     args, kwargs = tree_unflatten(leaves, spec)
             finally:
                 state.tracking = tracking
-            state.running.append((roles, itertools.count()))
+            state.running.append((roles, itertools.count(), streams))
             state.padding.in_blocks += 1
             try:
                 with self._block_ops(roles):
@@ -216,7 +221,8 @@ class BlockStreams(ModelHook):
             names.append(name + "".join(str(p) for p in rest))
         return names
 
-    def _enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, BlockRoles]:
+    def _enter(self, module: torch.nn.Module, args: tuple, kwargs: dict
+               ) -> tuple[tuple, dict, BlockRoles, dict[str, tuple[str, ...]]]:
         state = self.state
         leaves, spec = tree_flatten((args, kwargs))
         names = self._names(args, kwargs)
@@ -224,19 +230,21 @@ class BlockStreams(ModelHook):
             self.structure = _structure(module)
         key = (type(module), self.structure, spec,
                tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves))
-        roles = _ROLES.get(key)
+        shapes = [self._whole_shape(x) if state.is_local(x) else None for x in leaves]
+        whole = [s or (tuple(x.shape) if isinstance(x, torch.Tensor) else None) for s, x in zip(shapes, leaves)]
+        known = _ROLES.setdefault(key, [])
+        roles = next((r for r in known if r.fit(whole)), None)
         if roles is None:
-            shapes = [self._whole_shape(x) if state.is_local(x) else None for x in leaves]
             try:
                 roles = probe_block(self.fn_ref.original_forward, args, kwargs, names, self.where, shapes,
                                     grid=self.radius > 0)
             except ProbeError as err:
                 raise ValueError(f"{err}; {PLAN_HINT}") from err
-            _ROLES[key] = roles
+            known.append(roles)
         streams = self._bind(roles, leaves, names)
         split = [self._split(x, dims, streams, name) for x, dims, name in zip(leaves, roles.inputs, names)]
         new_args, new_kwargs = tree_unflatten(split, spec)
-        return new_args, new_kwargs, roles
+        return new_args, new_kwargs, roles, streams
 
     def _whole_shape(self, x: torch.Tensor) -> tuple[int, ...] | None:
         """A split input's shape on one process: its token dimension as long as the streams it holds."""
@@ -270,7 +278,7 @@ class BlockStreams(ModelHook):
             streams[sequence] = (state.new_stream(f"{self.name.rsplit('.', 1)[0]}.{name}", x.shape[d.dim]),)
         joint = [d.parts for dims in roles.inputs for d in dims] + [p for call in roles.attention for p in call]
         for parts in joint:
-            order = tuple(s for p in parts for s in streams[p])
+            order = tuple(s for p in parts if not is_selection(p) for s in streams[p])
             if len(order) > 1:
                 padding.set_joint_order(order, f"{state.model} block '{self.name}'")
         return streams

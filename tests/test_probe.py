@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cp_plugin.compat import tree_flatten
-from cp_plugin.probe import ProbeError, TokenDim, probe_block
+from cp_plugin.probe import ProbeError, TokenDim, is_selection, probe_block
 from fixtures.dits.case import BATCH, randn, text_mask
 from fixtures.models import seeded
 
@@ -236,3 +236,27 @@ def test_runs_a_split_cannot_compute_locally_are_refused(block: PerRun) -> None:
     with pytest.raises(ProbeError, match="PerRun"):
         probe_block(block.forward, (torch.randn(2, 24, 8), torch.randn(2, 3, 8, 8)), {}, ["hidden_states", "context"],
                     "PerRun")
+
+
+def test_text_selected_by_its_mask_stays_whole_beside_split_video() -> None:
+    """Mochi joins each sample's valid text tokens (nonzero of the mask: a count known only from the data) to the
+    video tokens: the video is split, the text and its mask stay whole, the selection is one part of the call,
+    and the per-sample loop fixes the batch these roles hold for."""
+    from diffusers import MochiTransformer3DModel
+
+    model = seeded(MochiTransformer3DModel, {
+        "patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "pooled_projection_dim": 8,
+        "in_channels": 4, "text_embed_dim": 16, "time_embed_dim": 8, "max_sequence_length": 8}, 0)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": randn(g, BATCH, 4, 1, 8, 8), "encoder_hidden_states": randn(g, BATCH, 8, 16),
+              "timestep": torch.rand(BATCH, generator=g), "encoder_attention_mask": text_mask(8)}
+    block, args, kwargs = first_block_inputs(model, "transformer_blocks", inputs)  # 16 video tokens == head dim 16
+    dims, roles = probe(block, args, kwargs)
+    video = dims["arg0"][0].parts
+    assert [d.dim for d in dims["arg0"]] == [1] and dims["arg1"] == dims["arg3"] == ()
+    assert len(roles.attention) == BATCH
+    for queries, keys in roles.attention:
+        assert queries == keys and queries[0] == video[0] and is_selection(queries[1]) and len(queries) == 2
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in tree_flatten((args, kwargs))[0]]
+    assert roles.fit(shapes)
+    assert not roles.fit([(BATCH + 1, *s[1:]) if s and s[0] == BATCH else s for s in shapes])  # probed again

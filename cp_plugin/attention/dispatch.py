@@ -39,7 +39,7 @@ from cp_plugin.blockops import counting, foreign
 from cp_plugin.compat import SDPA, attention_backends, mask_preparers
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
-from cp_plugin.probe import recording
+from cp_plugin.probe import is_selection, recording
 
 
 @dataclass
@@ -158,7 +158,8 @@ class AttentionRouting:
             roles = call.state.next_attention()
             if roles is None or not roles[1]:
                 return self.run(None, backend_fn, *args, **{**kwargs, "_parallel_config": None})
-            return _routed_attention(*args, config=call.config, call=call, **{**kwargs, "_parallel_config": None})
+            return _routed_attention(*args, config=call.config, call=call, roles=roles,
+                                     **{**kwargs, "_parallel_config": None})
 
         routed.__wrapped__ = backend_fn  # type: ignore[attr-defined]
         return routed
@@ -203,7 +204,7 @@ class AttentionRouting:
                 return plain(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                              scale=scale, enable_gqa=enable_gqa)
             out = _routed_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call.config, call,
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call.config, call, roles,
                 attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
             )
             return out.transpose(1, 2)
@@ -240,6 +241,29 @@ def _masks(
     return key_mask, full_mask, rows
 
 
+def _selection_key_mask(key: torch.Tensor, parts: tuple[str, ...], padding: SequencePadding,
+                        mesh: ParallelMesh) -> torch.Tensor:
+    """``(B, keys)``: which of this rank's keys count, where the block joined tokens it selected by data from a
+    sequence every rank holds whole (Mochi's valid text tokens) to the split streams' tokens.
+
+    Every rank holds the selected tokens and takes them as queries: each computes their whole output,
+    and the copies' gradients add up to the one process's. As keys they are counted once, on CP rank 0;
+    the other ranks' copies are masked like padding, so every rank still sends equally many keys.
+    """
+    local = sum(padding.local_stream(p) for p in parts if not is_selection(p))
+    selected = key.shape[1] - local
+    if sum(map(is_selection, parts)) != 1 or selected < 0:
+        raise ValueError(
+            f"context-parallel attention got {key.shape[1]} keys per rank made of {' + '.join(parts)}; cp_plugin "
+            "supports one part selected by data (nonzero of a mask over tokens every rank holds whole) beside split "
+            "streams. Pass cp_plan naming where the model's sequences enter its blocks"
+        )
+    batch, device = key.shape[0], key.device
+    pieces = [torch.full((batch, selected), mesh.cp_rank == 0, dtype=torch.bool, device=device) if is_selection(p)
+              else padding.local_valid(p, batch, device) for p in parts]
+    return torch.cat(pieces, 1)
+
+
 def _check_split(query: torch.Tensor, key: torch.Tensor, padding: SequencePadding) -> None:
     """A routed call inside a block must attend over this rank's split tokens, not over tokens it holds whole."""
     if padding.composition(query.shape[1]) is None or padding.composition(key.shape[1]) is None:
@@ -258,6 +282,7 @@ def _routed_attention(
     value: torch.Tensor,
     config: RoutedParallelConfig,
     call: AttentionCall | None = None,
+    roles: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
@@ -289,11 +314,15 @@ def _routed_attention(
         key, value = key.repeat_interleave(groups, 2), value.repeat_interleave(groups, 2)
     _check_mask_type(attn_mask)
     mesh = config.cp_mesh
-    if call is not None:
+    selection = roles is not None and any(map(is_selection, roles[1]))
+    if call is not None and not selection:
         _check_split(query, key, config.padding)
     if is_causal:
         attn_mask = _causal_mask(query, key, attn_mask, config.padding)
-    key_mask, full_mask, rows = _masks(query, key, attn_mask, config.padding, mesh)
+    key_mask, full_mask, rows = _masks(query, key, attn_mask, None if selection else config.padding, mesh)
+    if selection:
+        counted = _selection_key_mask(key, roles[1], config.padding, mesh)
+        key_mask = counted if key_mask is None else key_mask & counted
     out = context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
     # a query that attends no key gets SDPA's zero row (see cp_plugin.attention.masks)
     return out if rows is None else out * rows[:, :, None, None].to(out.dtype)
