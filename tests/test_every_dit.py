@@ -42,13 +42,14 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # grid with linear attention (Sana: a padded 3 x 5 grid; Sana-Video: frames, a temporal convolution, a sum of keys),
 # a whole-sequence causal mask that prepare_attention_mask would pad to this rank's token count (the unCLIP prior),
 # a split that ends after a refiner whose outputs the model measures (BriaFibo2), attention per latent frame against
-# keys every rank holds (Wan-Animate's face adapter, its frames cut mid-way by the split).
+# keys every rank holds (Wan-Animate's face adapter, its frames cut mid-way by the split), text selected per sample by
+# its mask beside the split video (Mochi).
 FIRST = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
          "pixart", "dit", "auraflow", "cogview3plus", "cogview4", "allegro", "hunyuanimage", "flux2", "cosmos",
          "glmimage", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
-              "sana_video", "prior", "bria_fibo2", "wan_animate")
+              "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi")
 SUITE = FIRST + MECHANISMS
 
 
