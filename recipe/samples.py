@@ -90,6 +90,9 @@ class PipelineSamples(PeriodicSamples):
         options: dict[str, Any] = {"height": settings.height, "width": settings.width}
         if module.family.video:
             options["num_frames"] = settings.frames
+        # a pipeline that sizes its output from the image it starts from (HunyuanVideo 1.5 I2V) takes no height/width
+        takes = inspect.signature(type(self.pipeline).__call__).parameters
+        options = {name: value for name, value in options.items() if name in takes}
         if settings.guidance_scale is not None:
             options["guidance_scale"] = settings.guidance_scale
         # Prompts that start from an image run one call each (image-to-video pipelines take one image per call).

@@ -13,6 +13,7 @@ run's own validation sample showed.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import subprocess
 import sys
@@ -51,10 +52,11 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "sd3": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "ltx": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "ltx_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[5]"],
-        "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
+        "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "hunyuanvideo15_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
          "qwenimage": "images", "wan_i2v": "videos", "sd3": "images",
-         "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos"}
+         "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1,
@@ -76,7 +78,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     made = {}
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
-                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1), ("hunyuanvideo15", 1)):
+                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1), ("hunyuanvideo15", 1),
+                           ("hunyuanvideo15_i2v", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -90,7 +93,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage", "wan_i2v",
-                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15"])
+                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -107,9 +110,10 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
     # LTX's T5 at 128; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256)
-    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "hunyuanvideo15": 1000}.get(family, 512)
+    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "hunyuanvideo15": 1000, "hunyuanvideo15_i2v": 1000}.get(
+        family, 512)
     assert sample["prompt_embeds"].shape[0] == length
-    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15"):  # 4x in time (the tiny VAEs', like Wan's)
+    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v"):  # 4x in time (the tiny VAEs', like Wan's)
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
     if family == "wan_i2v":  # the first frame's latents after the mask (1 on the first latent frame), its CLIP embedding
         condition = sample["condition"]
@@ -120,6 +124,8 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
     if family == "ltx_i2v":  # the clip's first frame encoded alone: the latent frame the pipeline gives clean
         assert sample["condition"].shape == (1, *sample["latents"].shape[1:])
+    if family == "hunyuanvideo15_i2v":  # the first frame's latents alone and its 16 SigLIP tokens
+        assert sample["condition"].shape == (1, *sample["latents"].shape[1:]) and sample["image_embeds"].shape == (16, 16)
     if family == "hunyuanvideo15":  # the prompt's tokens after the template, and no quoted glyph text: ByT5's all masked
         assert 0 < int(sample["prompt_attention_mask"].sum()) < 1000
         assert sample["prompt_embeds_2"].shape == (256, 16) and not bool(sample["prompt_attention_mask_2"].any())
@@ -370,7 +376,8 @@ TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5,
              "qwenimage": {"grads": 1e-5, "updates": 1e-2},
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
-             "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5}}
+             "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
+             "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}}
 
 
 # Under SGD a step is the learning rate times the gradient: no sign-like first steps amplify rounding noise, so
@@ -411,7 +418,7 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
     ("flux_kontext", {"ring_degree": 2}, "sgd"), ("qwenimage", {"ring_degree": 2}, "adamw"),
     ("wan_i2v", {"ulysses_degree": 2}, "sgd"), ("sd3", {"ring_degree": 2}, "adamw"),
     ("ltx", {"ring_degree": 2}, "sgd"), ("ltx_i2v", {"ulysses_degree": 2}, "adamw"),
-    ("hunyuanvideo15", {"ring_degree": 2}, "adamw")])
+    ("hunyuanvideo15", {"ring_degree": 2}, "adamw"), ("hunyuanvideo15_i2v", {"ulysses_degree": 2}, "sgd")])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int],
                                                  optimizer: str) -> None:
     """Half the families train with SGD here, half with AdamW; python -m benchmarks.families runs each family with
@@ -491,7 +498,8 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
                                                 ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses"),
                                                 ("wan_i2v", "parallel.ring_degree=2"), ("sd3", "parallel=ulysses"),
                                                 ("ltx", "parallel=ulysses"), ("ltx_i2v", "parallel.ring_degree=2"),
-                                                ("hunyuanvideo15", "parallel=ulysses")])
+                                                ("hunyuanvideo15", "parallel=ulysses"),
+                                                ("hunyuanvideo15_i2v", "parallel.ring_degree=2")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run
@@ -522,6 +530,8 @@ def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(ma
     if chosen.starts_from_image:
         options.update(chosen.image_inputs(pipeline, Image.open(reference).convert("RGB"), options["height"],
                                            options["width"]))
+    takes = inspect.signature(type(pipeline).__call__).parameters  # as the run's samples: what the pipeline takes
+    options = {name: value for name, value in options.items() if name in takes}
 
     def generate() -> np.ndarray:
         out = pipeline(**chosen.prompt_inputs(pipeline, ["a red cat"]), num_inference_steps=2,

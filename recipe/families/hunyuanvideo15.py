@@ -77,8 +77,7 @@ class HunyuanVideo15(Family):
                  guidance: float) -> torch.Tensor:
         dtype = transformer.dtype
         latents = x_t.transpose(1, 2).to(dtype)  # (B, C, F, H, W)
-        condition = latents.new_zeros(latents.shape[0], latents.shape[1] + 1, *latents.shape[2:])
-        image = latents.new_zeros(len(latents), IMAGE_TOKENS, transformer.config.image_embed_dim)
+        condition, image = self.condition_channels(latents, text), self.image_slot(transformer, latents, text)
         if "prompt_embeds_2" in text:
             glyph, glyph_mask = text["prompt_embeds_2"].to(dtype), text["prompt_attention_mask_2"].to(dtype)
         else:  # no glyph text (the demo's learned prompts): one masked token, which attends and is attended by nothing
@@ -94,6 +93,15 @@ class HunyuanVideo15(Family):
             image_embeds=image,
         ).sample
         return out.transpose(1, 2)
+
+    def condition_channels(self, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The channels after the noisy latents ``(B, C, F, H, W)``: text-to-video's zero condition and mask."""
+        return latents.new_zeros(latents.shape[0], latents.shape[1] + 1, *latents.shape[2:])
+
+    def image_slot(self, transformer: ModelMixin, latents: torch.Tensor,
+                   text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image tokens the transformer takes: text-to-video's zeros, which it masks out."""
+        return latents.new_zeros(len(latents), IMAGE_TOKENS, transformer.config.image_embed_dim)
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
         config = transformer.config
