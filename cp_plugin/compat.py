@@ -105,8 +105,28 @@ SDPA = torch._C._nn.scaled_dot_product_attention
 
 # Symbolic probes (probe.py): fake tensors with a fresh symbol for every dimension (``ShapeEnv``
 # without duck sizing), and torch's decompositions for kernels that take no symbolic sizes.
-def symbolic_fake_mode() -> tuple[FakeTensorMode, ShapeEnv]:
-    env = ShapeEnv(duck_shape=False)
+class _ReadingShapeEnv(ShapeEnv):
+    """A ``ShapeEnv`` that shows ``read`` every symbolic number its caller converts to a plain one.
+
+    ``int(n)``, ``float(n)`` or ``math.log(n)`` of a size evaluates it here (``SymNode.guard_int``);
+    ``read(expr, hint)`` may give the number to use instead, unguarded, or ``None`` for torch's usual
+    guard, which makes the size a constant for the rest of the probe.
+    """
+
+    read: Callable[[Any, Any], Any] | None = None
+
+    def evaluate_sym_node(self, sym_node: Any, size_oblivious: bool = False, fallback_value: bool | None = None) -> Any:
+        if (self.read is not None and (sym_node.is_int() or sym_node.is_float()) and sym_node.hint is not None
+                and sym_node.expr.free_symbols):
+            value = self.read(sym_node.expr, sym_node.hint)
+            if value is not None:
+                return value
+        return super().evaluate_sym_node(sym_node, size_oblivious, fallback_value)
+
+
+def symbolic_fake_mode(read: Callable[[Any, Any], Any] | None = None) -> tuple[FakeTensorMode, ShapeEnv]:
+    env = _ReadingShapeEnv(duck_shape=False)
+    env.read = read
     return FakeTensorMode(shape_env=env, allow_non_fake_inputs=True), env
 
 

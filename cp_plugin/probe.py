@@ -14,7 +14,9 @@ that the block's own operations relate them:
 - a concatenation of two token sequences (a joint attention's keys) shows which comes first;
 - tokens picked by data (``nonzero`` of a mask: Mochi's valid text) from a sequence no attention
   splits are a *selection*: whole on every rank, joined to split tokens in attention, whose routing
-  counts their copies as keys once (``attention/dispatch.py``).
+  counts their copies as keys once (``attention/dispatch.py``);
+- a token count its code reads as a number (a proportional attention's ``log(S)`` scale) is read
+  unguarded in a second probe, so that it stays a symbol (``read_counts``).
 
 What comes back is data flow, decided by structure: for every input, the dimensions that index
 tokens and which sequences they index, in order; for every attention call, which sequences its
@@ -86,6 +88,10 @@ class BlockRoles:
     # (input, dim, size) of the input sizes the block's code fixed (a loop over the batch, Mochi's per-sample
     # attention) or the probe kept as numbers (0, 1): these roles hold for inputs of those sizes only
     fixed: tuple[tuple[int, int, int], ...] = ()
+    # (call, scale) where the block computes an attention call's scale from a token count it reads as a number
+    # (Lumina-Next's proportional attention, sqrt(log(S, base)) / sqrt(d)): the scale one process passes, which
+    # holds for the whole sizes and plain inputs the probe ran at (``read_counts``)
+    scales: tuple[tuple[int, Any], ...] = ()
 
     def fit(self, shapes: Sequence[tuple[int, ...] | None]) -> bool:
         """Whether these roles hold for inputs of ``shapes`` (one per flattened input; None: not a tensor)."""
@@ -120,9 +126,30 @@ class _Recording(CountingMode):
         # (HiDream's router computes a load-balancing loss from a mean over tokens and drops it).
         self.derived: dict[int, frozenset[int]] = {}
         self.kept: list[Any] = []  # the tensors ``derived`` names, kept alive so that their ids stay theirs
+        self.depth = 0  # > 0 while a torch function runs: the sizes it reads as numbers are torch's own
+        self.reads: list[Any] = []  # the sizes the block's own code read as numbers (math.log(tokens), say)
+        self.numbers: list[tuple[str, tuple]] = []  # every call's plain numbers (attention's scale apart)
+        self.scales: list[Any] = []  # the scale of each attention call
+
+    def read(self, expr: Any, hint: Any, number: Callable[[Any], Any] | None) -> Any:
+        """A size read as a number (``compat.symbolic_fake_mode``): noted if the block's code read it; the number
+        ``number`` gives it, unguarded, or ``None``: torch's guard, which makes it a constant."""
+        if self.depth:
+            return None
+        self.reads.append(expr)
+        return None if number is None else number(hint)
 
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        plain = {k: v for k, v in kwargs.items() if not (func is SDPA and k == "scale")}
+        self.numbers.append((getattr(func, "__name__", repr(func)), _plain((args[:6] if func is SDPA else args, plain))))
+        self.depth += 1
+        try:
+            return self._call(func, args, kwargs)
+        finally:
+            self.depth -= 1
+
+    def _call(self, func: Callable, args: Sequence, kwargs: dict) -> Any:
         if func is SDPA:  # (B, H, S, D); dispatch calls arrive here too
             self._attend(*args, **kwargs)
         elif func in (torch.cat, torch.concat, torch.concatenate):
@@ -167,8 +194,20 @@ class _Recording(CountingMode):
         """Note one attention call; its mask must broadcast over ``(batch, heads, queries, keys)``."""
         self.attention.append((query.shape[-2], key.shape[-2]))
         self.batches.append((math.prod(query.shape[:-2]), math.prod(key.shape[:-2])))
+        self.scales.append(kwargs.get("scale", args[2] if len(args) > 2 else None))
         if attn_mask is not None:
             torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2]))
+
+
+def _plain(x: Any) -> tuple:
+    """The plain numbers in a call's arguments (slices' bounds too): where a number the block read can go."""
+    if isinstance(x, slice):
+        x = (x.start, x.stop, x.step)
+    if isinstance(x, dict):
+        x = tuple(x.items())
+    if isinstance(x, (tuple, list)):
+        return tuple(n for item in x for n in _plain(item))
+    return (x,) if type(x) in (int, float, bool, str) else ()
 
 
 # Ops over a dimension that a sum over ranks cannot make whole: under a split they see this rank's tokens only.
@@ -234,11 +273,53 @@ def probe_block(
     the block convolves its tokens on their grid (``grid.py``), whose reshapes are followed.
     Raises :class:`ProbeError` saying what failed.
     """
+    probe = (forward, args, kwargs, names, where, shapes, grid)
+    record, _, roles = _probe(*probe)
+    return read_counts(probe, roles) if record.reads else roles
+
+
+def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
+    """The roles of a block that reads sizes as numbers, which made them constants in its probe.
+
+    Probed again with those numbers unguarded, the sizes stay symbols: if they are counts of split
+    tokens, a rank would read its own count where one process reads the sequence's. That is exact only
+    where the number reaches nothing but an attention call's scale (a proportional attention's
+    ``sqrt(log(S, base))``): a third probe reads another count, and every other plain number the block
+    passes to torch must stay the same. Those calls then take the scale this probe, at whole sizes,
+    passed (``BlockRoles.scales``); anything else the count reaches is refused.
+    """
+    where = probe[4]
+    try:
+        whole, resolver, found = _probe(*probe, number=lambda hint: hint)
+    except ProbeError:
+        return roles  # the guarded probe's answer stands
+    counts = [e for e in whole.reads if resolver.env.simplify(e).free_symbols & resolver.split]
+    if not counts:
+        return roles  # it read other sizes (a batch, a width): constants either way
+    try:
+        other = _probe(*probe, number=lambda hint: hint // 2 if hint >= 4 else hint + 1)[0]
+    except ProbeError:
+        other = None
+    if other is None or other.numbers != whole.numbers:
+        raise ProbeError(
+            f"{where}: it reads the count of split tokens as a number ({resolver.env.simplify(counts[0])}) and computes "
+            "more than an attention call's scale from it; under a split that would be this rank's count, not the "
+            "sequence's"
+        )
+    scales = tuple((i, s) for i, (s, t) in enumerate(zip(whole.scales, other.scales)) if s != t)
+    return dataclasses.replace(found, scales=scales)
+
+
+def _probe(
+    forward: Callable[..., Any], args: tuple, kwargs: dict, names: Sequence[str], where: str,
+    shapes: Sequence[tuple[int, ...] | None] | None, grid: bool, number: Callable[[Any], Any] | None = None,
+) -> tuple[_Recording, _Resolver, BlockRoles]:
+    """One probe of the block; ``number`` gives the sizes its code reads as numbers (``None``: guarded)."""
     leaves, spec = tree_flatten((args, kwargs))
-    fake_mode, env = symbolic_fake_mode()  # every dimension its own symbol: equal sizes prove nothing
+    record = _Recording()
+    fake_mode, env = symbolic_fake_mode(lambda expr, hint: record.read(expr, hint, number))
     fakes = [_symbolic(fake_mode, x, shape) for x, shape in zip(leaves, shapes or [None] * len(leaves))]
     fake_args, fake_kwargs = tree_unflatten(fakes, spec)
-    record = _Recording()
     grids = ProbeGrid(fake_mode) if grid else contextlib.nullcontext()
     _RECORDING.append(record)
     try:
@@ -257,8 +338,9 @@ def probe_block(
         ) from err
     finally:
         _RECORDING.pop()
-    roles = _Resolver(env, record, where, fakes).roles(fakes, names, output)
-    return dataclasses.replace(roles, grid=grids.ops()) if grid else roles
+    resolver = _Resolver(env, record, where, fakes)
+    roles = resolver.roles(fakes, names, output)
+    return record, resolver, dataclasses.replace(roles, grid=grids.ops()) if grid else roles
 
 
 def _symbolic(fake_mode: FakeTensorMode, x: Any, shape: tuple[int, ...] | None) -> Any:

@@ -55,7 +55,9 @@ from cp_plugin.sequence import gather_sequence, local_shard
 
 # Probe results, by block structure and input structure: a block class with the same submodules,
 # weight shapes and processors relates its inputs the same way in every model instance.
-_ROLES: dict[Any, list[BlockRoles]] = {}  # several where the block's code fixes input sizes (BlockRoles.fixed)
+# Per block kind, its probed roles: several where the block's code fixes input sizes (``BlockRoles.fixed``), each
+# with the whole sizes it was probed at where its scales were computed from token counts (``BlockRoles.scales``)
+_ROLES: dict[Any, list[tuple[BlockRoles, tuple | None]]] = {}
 
 
 def _structure(block: torch.nn.Module) -> tuple:
@@ -64,6 +66,15 @@ def _structure(block: torch.nn.Module) -> tuple:
         (name, type(m).__qualname__, type(getattr(m, "processor", None)).__qualname__,
          tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
         for name, m in block.named_modules()
+    )
+
+
+def _probed_at(leaves: list[Any], shapes: list[tuple[int, ...] | None]) -> tuple:
+    """The whole sizes and plain values of a block's inputs: what numbers its code reads can come from."""
+    return tuple(
+        (shape or tuple(x.shape)) if isinstance(x, torch.Tensor)
+        else x if isinstance(x, (int, float, bool, str, type(None))) else type(x)
+        for x, shape in zip(leaves, shapes)
     )
 
 
@@ -95,18 +106,21 @@ class StreamState:
             self.token_dim[id(x)] = dim
         return x
 
-    def next_attention(self) -> tuple[Parts, Parts] | None:
-        """The (queries, keys) streams of the attention call the running block makes now, in order; a part the
-        block selected by data from whole tokens stays named as the probe's selection (``probe.is_selection``)."""
+    def next_attention(self, scale: Any = None) -> tuple[tuple[Parts, Parts] | None, Any]:
+        """The (queries, keys) streams of the attention call the running block makes now, in order (a part the
+        block selected by data from whole tokens stays named as the probe's selection, ``probe.is_selection``), and
+        the scale it takes: the block's own ``scale``, or one process's where the block computes it from a token
+        count (``BlockRoles.scales``), which this rank reads as its own share."""
         if not self.running:
-            return None
+            return None, scale
         roles, counter, streams = self.running[-1]
         index = next(counter)
         if index >= len(roles.attention):
-            return None
+            return None, scale
         queries, keys = roles.attention[index]
-        return tuple(tuple(s for p in parts for s in ((p,) if is_selection(p) else streams[p]))  # type: ignore[return-value]
-                     for parts in (queries, keys))
+        found = tuple(tuple(s for p in parts for s in ((p,) if is_selection(p) else streams[p]))
+                      for parts in (queries, keys))
+        return found, dict(roles.scales).get(index, scale)  # type: ignore[return-value]
 
     def new_stream(self, name: str, length: int) -> str:
         """Register a stream of ``length`` tokens under ``name`` (made unique) in this forward; its name."""
@@ -232,15 +246,17 @@ class BlockStreams(ModelHook):
                tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves))
         shapes = [self._whole_shape(x) if state.is_local(x) else None for x in leaves]
         whole = [s or (tuple(x.shape) if isinstance(x, torch.Tensor) else None) for s, x in zip(shapes, leaves)]
+        here = _probed_at(leaves, shapes)
+        # (roles, where they were probed when their scales were computed from token counts, which hold there only)
         known = _ROLES.setdefault(key, [])
-        roles = next((r for r in known if r.fit(whole)), None)
+        roles = next((r for r, at in known if r.fit(whole) and at in (None, here)), None)
         if roles is None:
             try:
                 roles = probe_block(self.fn_ref.original_forward, args, kwargs, names, self.where, shapes,
                                     grid=self.radius > 0)
             except ProbeError as err:
                 raise ValueError(f"{err}; {PLAN_HINT}") from err
-            known.append(roles)
+            known.append((roles, here if roles.scales else None))
         streams = self._bind(roles, leaves, names)
         split = [self._split(x, dims, streams, name) for x, dims, name in zip(leaves, roles.inputs, names)]
         new_args, new_kwargs = tree_unflatten(split, spec)

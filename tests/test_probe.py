@@ -8,6 +8,7 @@ The sizes are chosen so that sizes alone would mislead: token counts equal to he
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -260,3 +261,32 @@ def test_text_selected_by_its_mask_stays_whole_beside_split_video() -> None:
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in tree_flatten((args, kwargs))[0]]
     assert roles.fit(shapes)
     assert not roles.fit([(BATCH + 1, *s[1:]) if s and s[0] == BATCH else s for s in shapes])  # probed again
+
+
+class _CountScaled(torch.nn.Module):
+    """Self-attention whose scale grows with the token count (Lumina-Next's proportional attention), or whose
+    output is also multiplied by that count's logarithm (``scaled_output``): a number a rank would read as its own."""
+
+    def __init__(self, scaled_output: bool) -> None:
+        super().__init__()
+        self.scaled_output = scaled_output
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[1]
+        heads = hidden_states.unflatten(-1, (2, -1)).transpose(1, 2)
+        scale = math.sqrt(math.log(tokens, 16)) / 2
+        out = torch.nn.functional.scaled_dot_product_attention(heads, heads, heads, scale=scale).transpose(1, 2)
+        return out.flatten(2) * (math.log(tokens) if self.scaled_output else 1.0)
+
+
+@pytest.mark.parametrize("scaled_output", [False, True])
+def test_a_scale_from_the_token_count_is_one_processs_and_other_uses_are_refused(scaled_output: bool) -> None:
+    x = torch.randn(2, 8, 8)  # 8 tokens = width: the count is found by structure, not by size
+    run = lambda: probe_block(_CountScaled(scaled_output).forward, (x,), {}, ["hidden_states"], "CountScaled")  # noqa: E731
+    if scaled_output:
+        with pytest.raises(ProbeError, match="reads the count of split tokens as a number"):
+            run()
+    else:
+        roles = run()
+        assert roles.inputs[0] == (TokenDim(1, roles.sequences),) and roles.attention == ((roles.sequences,) * 2,)
+        assert roles.scales == ((0, math.sqrt(math.log(8, 16)) / 2),)  # the whole sequence's scale

@@ -155,7 +155,9 @@ class AttentionRouting:
                 if isinstance(config, RoutedParallelConfig):
                     return _routed_attention(*args, config=config, **kwargs)
                 return backend_fn(*args, **kwargs)
-            roles = call.state.next_attention()
+            roles, scale = call.state.next_attention(kwargs.get("scale"))
+            if scale is not kwargs.get("scale"):
+                kwargs = {**kwargs, "scale": scale}
             if roles is None or not roles[1]:
                 return self.run(None, backend_fn, *args, **{**kwargs, "_parallel_config": None})
             return _routed_attention(*args, config=call.config, call=call, roles=roles,
@@ -198,7 +200,9 @@ class AttentionRouting:
         def route_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                        dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
             call = self._calls[-1] if self._calls and recording() is None else None
-            roles = None if call is None or call.state is None else call.state.next_attention()
+            roles = None
+            if call is not None and call.state is not None:
+                roles, scale = call.state.next_attention(scale)
             if roles is None or not roles[1]:
                 plain = SDPA if self._found is None else self._found[1]
                 return plain(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
