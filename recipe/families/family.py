@@ -45,6 +45,12 @@ def video_latents(pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Te
     return vae.encode(video).latent_dist.mode()
 
 
+def video_tokens(latent_shape: tuple[int, ...], patch_t: int, patch_h: int, patch_w: int) -> int:
+    """The tokens a video transformer makes of latents ``(F, C, H, W)`` in patches of ``patch_t x patch_h x patch_w``."""
+    frames, _, height, width = latent_shape
+    return (frames // patch_t) * (height // patch_h) * (width // patch_w)
+
+
 def first_frame_given(x_t: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Noisy latents ``(B, F, C, H, W)`` whose leading latent frames are the clean ``condition`` ``(B, F0, C, H, W)``,
     and ``F0``: image-to-video pipelines that give the image as the first latent frame (timestep zero on its

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, HunyuanVideo15Transformer3DModel, ModelMixin
 
-from recipe.families.family import Family, unmasked, video_latents
+from recipe.families.family import Family, unmasked, video_latents, video_tokens
 
 # The demo model (no pretrained weights): 4 latent channels, condition and mask channels, both text encoders.
 TINY_HUNYUANVIDEO15: dict[str, Any] = {
@@ -69,9 +69,8 @@ class HunyuanVideo15(Family):
                 "prompt_embeds_2": embeds_2, "prompt_attention_mask_2": mask_2.bool()}
 
     def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
-        frames, _, height, width = latent_shape
         config = transformer.config
-        return (frames // config.patch_size_t) * (height // config.patch_size) * (width // config.patch_size)
+        return video_tokens(latent_shape, config.patch_size_t, config.patch_size, config.patch_size)
 
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, LTXVideoTransformer3DModel, ModelMixin
 
 from cp_plugin.compat import ltx_normalize_latents, ltx_pack_latents, ltx_unpack_latents
-from recipe.families.family import Family, unmasked, video_latents
+from recipe.families.family import Family, unmasked, video_latents, video_tokens
 
 # The demo model (no pretrained weights): LTX-Video's blocks, cross-attention to a masked text.
 TINY_LTX: dict[str, Any] = {
@@ -60,9 +60,8 @@ class LTX(Family):
                 "rope_interpolation_scale": torch.tensor([scale] * len(prompts))}
 
     def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
-        frames, _, height, width = latent_shape
         config = transformer.config
-        return (frames // config.patch_size_t) * (height // config.patch_size) * (width // config.patch_size)
+        return video_tokens(latent_shape, config.patch_size_t, config.patch_size, config.patch_size)
 
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, ModelMixin, WanTransformer3DModel
 
-from recipe.families.family import MAX_SEQUENCE_LENGTH, Family, video_latents
+from recipe.families.family import MAX_SEQUENCE_LENGTH, Family, video_latents, video_tokens
 
 # The demo model (no pretrained weights): 3D video patches, cross-attention to the text.
 TINY_WAN: dict[str, Any] = {
@@ -61,9 +61,7 @@ class Wan(Family):
         return {"prompt_embeds": embeds}
 
     def tokens(self, transformer: ModelMixin, latent_shape: tuple[int, ...]) -> int:
-        frames, _, height, width = latent_shape
-        patch = transformer.config.patch_size
-        return (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+        return video_tokens(latent_shape, *transformer.config.patch_size)
 
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
