@@ -414,15 +414,16 @@ def check_against_one_process(results: list[dict[str, Any]], reference: dict[str
 @pytest.mark.parametrize(("family", "layout", "optimizer"), [
     ("flux", {"ring_degree": 2}, "adamw"), ("wan", {"ulysses_degree": 2}, "adamw"),
     ("flux", {"ulysses_degree": 2}, "sgd"), ("wan", {"ring_degree": 2}, "sgd"),
-    ("chroma", {"ring_degree": 2}, "sgd"), ("zimage", {"ulysses_degree": 2}, "adamw"),
     ("flux_kontext", {"ring_degree": 2}, "sgd"), ("qwenimage", {"ring_degree": 2}, "adamw"),
-    ("wan_i2v", {"ulysses_degree": 2}, "sgd"), ("sd3", {"ring_degree": 2}, "adamw"),
-    ("ltx", {"ring_degree": 2}, "sgd"), ("ltx_i2v", {"ulysses_degree": 2}, "adamw"),
-    ("hunyuanvideo15", {"ring_degree": 2}, "adamw"), ("hunyuanvideo15_i2v", {"ulysses_degree": 2}, "sgd")])
+    ("wan_i2v", {"ulysses_degree": 2}, "sgd"), ("ltx_i2v", {"ulysses_degree": 2}, "adamw"),
+    ("hunyuanvideo15_i2v", {"ring_degree": 2}, "sgd")])
 def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: str, layout: dict[str, int],
                                                  optimizer: str) -> None:
-    """Half the families train with SGD here, half with AdamW; python -m benchmarks.families runs each family with
-    both under both layouts."""
+    """One family per way of conditioning, each layout and optimizer in turn: joint text and image tokens (Flux),
+    cross-attention to padded text (Wan), reference tokens (Flux Kontext), masked joint text (QwenImage), condition
+    channels and an image embedding (Wan I2V), a clean first frame with per-token timesteps (LTX I2V), two text
+    encoders and an image slot (HunyuanVideo 1.5 I2V). ``python -m benchmarks.families`` runs every family with SGD
+    and AdamW under both layouts (its table, in the README, is checked against its results by test_docs)."""
     case = made[family]
     world = 4 if "ulysses_degree" in layout else 2  # ulysses 2 x dp 2, or ring 2
     results = run_distributed(cache_fit, world, family, str(case["pipeline"]), str(case["cache"]), layout, None, None,
