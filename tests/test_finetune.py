@@ -496,11 +496,11 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 @pytest.mark.timeout(600)
 # Wan, LTX-Video and HunyuanVideo 1.5 text-to-video reach train.py through their image-to-video subclasses here (the
 # same loader, transformer call and cache, plus the image) and Wan also through the two-expert test below.
-@pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan_i2v", "parallel=ulysses"),
+@pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan_i2v", "parallel.ring_degree=2"),
                                                 ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2"),
                                                 ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses"),
                                                 ("sd3", "parallel=ulysses"), ("ltx_i2v", "parallel.ring_degree=2"),
-                                                ("hunyuanvideo15_i2v", "parallel=ulysses")])
+                                                ("hunyuanvideo15_i2v", "parallel.ring_degree=2")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     from test_train_cli import wandb_run
