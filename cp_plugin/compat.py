@@ -44,7 +44,7 @@ __all__ = [
     "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "qwenimage_edit_size", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
     "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
@@ -250,6 +250,16 @@ def flux_pack_latents(latents: torch.Tensor, batch: int, channels: int, height: 
     from diffusers import FluxPipeline
 
     return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def qwenimage_edit_size(area: int, width: int, height: int) -> tuple[int, int]:
+    """The ``(width, height)`` of ``area`` pixels, multiples of 32, at the aspect ratio of a ``width x height`` image:
+    the size ``QwenImageEditPipeline.__call__`` resizes its condition image to (``calculate_dimensions``, a helper of
+    the pipeline's module that diffusers does not export). Imported when called: the pipelines pull in transformers."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    sized_width, sized_height, _ = calculate_dimensions(area, width / height)
+    return int(sized_width), int(sized_height)
 
 
 def ltx_pack_latents(latents: torch.Tensor, patch_size: int, patch_size_t: int) -> torch.Tensor:

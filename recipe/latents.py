@@ -96,15 +96,16 @@ def check_buckets(chosen: Family, pipeline: DiffusionPipeline, data: LatentsConf
                                  f"{frames} x {height} x {width} does not fit {chosen.name}: {reason}")
 
 
-def reference_pixels(folder: Path, item: MediaItem, bucket: Bucket) -> torch.Tensor | None:
-    """The item's reference image fitted to its bucket's size, as the target is: ``(1, 3, H, W)``."""
+def reference_pixels(folder: Path, item: MediaItem, size: tuple[int, int]) -> torch.Tensor | None:
+    """The item's reference image fitted to ``size`` (height, width: the family's ``reference_size`` for its bucket)
+    as the target is fitted to its bucket: ``(1, 3, H, W)``."""
     if item.reference is None:
         return None
     try:
         frames = read_frames(folder / item.reference)
     except UnusableMedia as problem:
         raise UnusableMedia(f"its reference {item.reference} {problem}") from problem
-    return to_pixels(frames[:1], Bucket(1, bucket.height, bucket.width))
+    return to_pixels(frames[:1], Bucket(1, *size))
 
 
 def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_size: int = 1) -> dict:
@@ -130,14 +131,14 @@ def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_
             try:
                 frames = read_frames(Path(data.path) / item.file)
                 bucket: Bucket = choose_bucket(frames, resolutions, data.frames)
-                reference = reference_pixels(Path(data.path), item, bucket)
+                reference = reference_pixels(Path(data.path), item, chosen.reference_size(bucket.height, bucket.width))
             except UnusableMedia as problem:
                 skipped.append(Skipped(item.file, str(problem)))
                 continue
             pixels = to_pixels(frames, bucket)
             with torch.no_grad():
                 tensors = {"latents": chosen.encode_pixels(pipeline, pixels),
-                           **{k: v[0] for k, v in chosen.encode_prompts(pipeline, [item.caption]).items()},
+                           **chosen.encode_caption(pipeline, item.caption, reference),
                            **chosen.encode_conditioning(pipeline, pixels)}
                 if reference is not None:
                     tensors.update(chosen.encode_reference(pipeline, reference))

@@ -1,9 +1,9 @@
 """Fine-tuning a pretrained pipeline end to end: media folder -> latent cache -> LoRA under CP -> pipeline.
 
-Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, Z-Image images; Wan video) is
-built offline with seeded weights (``fixtures/pipelines.py``) next to a captioned folder holding one
-corrupt and one uncaptioned file (``fixtures/media.py``; for the edit family, reference images and a
-file without one). ``prepare.py`` caches them (some over two ranks) and says which files it skipped
+Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, QwenImage Edit, Z-Image images;
+Wan video) is built offline with seeded weights (``fixtures/pipelines.py``) next to a captioned folder
+holding one corrupt and one uncaptioned file (``fixtures/media.py``; for the edit families, reference
+images and a file without one). ``prepare.py`` caches them (some over two ranks) and says which files it skipped
 and why; LoRA training from the cache under ring 2 and ulysses 2 x dp 2 matches
 the same training on one process; resuming from a mid-run checkpoint continues exactly; and
 ``train.py``'s adapters load into the pipeline with ``load_lora_weights`` and generate what the
@@ -15,8 +15,10 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import logging
 import subprocess
 import sys
+from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "chroma": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "flux_kontext": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "qwenimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "qwenimage_edit": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "zimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "wan_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
@@ -55,7 +58,7 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "hunyuanvideo15_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
-         "qwenimage": "images", "wan_i2v": "videos", "sd3": "images",
+         "qwenimage": "images", "qwenimage_edit": "images", "wan_i2v": "videos", "sd3": "images",
          "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos"}
 
 
@@ -69,6 +72,30 @@ def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 
     return subprocess.run(command, cwd=cache.parent, capture_output=True, text=True, timeout=300)
 
 
+def prepare_here(family: str, pipeline: Path, media: Path, cache: Path) -> str:
+    """``prepare.py``'s work on one rank, in this process: its config composed from the same overrides and
+    ``encode_folder`` run on it; what it logged. The fixture caches most families so, sparing a Python start per
+    family; the ones it caches over two ranks go through ``prepare.py`` under torchrun."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from recipe.config import register_configs
+
+    register_configs()
+    overrides = [f"model={family}", f"model.pretrained_path={pipeline}", "model.dtype=float32", f"data.path={media}",
+                 f"data.cache={cache}", "data.shard_size=2", *DATA[family]]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("prepare", overrides)
+    handler = BufferingHandler(capacity=10_000)  # flushes (empties) only when full
+    logger = logging.getLogger("recipe.latents")
+    logger.addHandler(handler)
+    try:
+        encode_folder(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.data))
+    finally:
+        logger.removeHandler(handler)
+    return "\n".join(record.getMessage() for record in handler.buffer)
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Per family: the pipeline folder, the media (with the fixture's list of good/bad files), the cache, prepare's log."""
@@ -78,21 +105,26 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     made = {}
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
-                           ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1), ("hunyuanvideo15", 1),
+                           ("qwenimage_edit", 1), ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1),
+                           ("hunyuanvideo15", 1),
                            ("hunyuanvideo15_i2v", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
         cache = root / f"{family}_cache"
-        result = prepare(family, pipeline, media, cache, ranks)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        made[family] = {"pipeline": pipeline, "media": media, "files": files, "cache": cache,
-                        "log": result.stdout + result.stderr}
+        if ranks == 1:
+            log = prepare_here(family, pipeline, media, cache)
+        else:
+            result = prepare(family, pipeline, media, cache, ranks)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            log = result.stdout + result.stderr
+        made[family] = {"pipeline": pipeline, "media": media, "files": files, "cache": cache, "log": log}
     return made
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage", "wan_i2v",
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage",
+                                    "qwenimage_edit", "wan_i2v",
                                     "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
@@ -109,9 +141,11 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
-    # LTX's T5 at 128; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256)
-    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "hunyuanvideo15": 1000, "hunyuanvideo15_i2v": 1000}.get(
-        family, 512)
+    # LTX's T5 at 128; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); QwenImage Edit's at 512 after the
+    # reference's vision tokens (16 of a square one, 15 of a landscape one, at the fixture's 112 x 112 pixels at most)
+    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "hunyuanvideo15": 1000, "hunyuanvideo15_i2v": 1000,
+              "qwenimage_edit": 512 + (16 if sample["latents"].shape[-1] == sample["latents"].shape[-2] else 15)
+              }.get(family, 512)
     assert sample["prompt_embeds"].shape[0] == length
     if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v"):  # 4x in time (the tiny VAEs', like Wan's)
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
@@ -120,7 +154,7 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert condition.shape == (2, 4 + sample["latents"].shape[1], *sample["latents"].shape[2:])
         assert bool((condition[0, :4] == 1).all()) and bool((condition[1, :4] == 0).all())
         assert sample["image_embeds"].shape[-1] == 16
-    if family in ("zimage", "qwenimage"):  # each prompt's own tokens (template included), padded to 512 with the mask
+    if family in ("zimage", "qwenimage", "qwenimage_edit"):  # each prompt's own tokens (template included), padded
         assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
     if family == "ltx_i2v":  # the clip's first frame encoded alone: the latent frame the pipeline gives clean
         assert sample["condition"].shape == (1, *sample["latents"].shape[1:])
@@ -132,9 +166,46 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     if family == "flux_kontext":  # the reference image, fitted to the sample's bucket and encoded like it
         assert all(cache[i]["reference_latents"].shape == cache[i]["latents"].shape for i in range(len(cache)))
         assert not torch.equal(sample["reference_latents"], sample["latents"])
+    if family == "qwenimage_edit":
+        edits_as_the_pipeline_does(case, cache)
     if family == "chroma":  # the prompt's tokens and the first padding token attend (ChromaPipeline's own mask)
         mask = sample["prompt_attention_mask"]
         assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
+
+
+def edits_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None:
+    """QwenImage Edit's cache holds, for one sample of each bucket, what ``QwenImageEditPipeline`` computes from the
+    sample's reference image fitted to the size its ``__call__`` gives an image of the bucket's aspect ratio (about
+    1024 x 1024 pixels): the prompt encoded with that image (``encode_prompt``), and its latents (``prepare_latents``'
+    image latents, packed), exactly."""
+    from recipe.media import Bucket, to_pixels
+
+    chosen = find_family("qwenimage_edit")
+    pipeline = family_pipeline("qwenimage_edit").from_pretrained(case["pipeline"])
+    samples = sorted((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
+                     key=lambda sample: sample["file"])  # LatentCache's order
+    # the buckets' sizes the pipeline resizes to: 1024 x 1024 for a square image, 1312 x 800 for a 80 x 48 one
+    sizes = {(8, 8): (1024, 1024), (6, 10): (800, 1312)}
+    firsts = {tuple(cache.shape(i)[-2:]): i for i in reversed(range(len(cache)))}
+    assert set(firsts) == set(sizes), firsts
+    for grid, index in firsts.items():
+        cached, sample = cache[index], samples[index]
+        height, width = sizes[grid]
+        assert chosen.reference_size(8 * grid[0], 8 * grid[1]) == (height, width)
+        assert cached["reference_latents"].shape == (1, 4, height // 8, width // 8)
+        reference = read_frames(case["media"] / f"{Path(sample['file']).stem}.ref.png")
+        pixels = to_pixels(reference, Bucket(1, height, width))  # as prepare.py fits it
+        image = pipeline.image_processor.postprocess(pixels, output_type="pil")[0]
+        with torch.no_grad():
+            embeds, _ = pipeline.encode_prompt(sample["caption"], image=image)
+            _, image_latents = pipeline.prepare_latents(
+                pipeline.image_processor.preprocess(image, height, width).unsqueeze(2), 1, 4, 8 * grid[0], 8 * grid[1],
+                embeds.dtype, "cpu", None)
+        mask = cached["prompt_attention_mask"]
+        assert int(mask.sum()) == embeds.shape[1] and bool(mask[: embeds.shape[1]].all())
+        assert torch.equal(cached["prompt_embeds"][mask], embeds[0]), "the cached prompt is not the pipeline's"
+        tokens, _ = chosen.image_tokens(pipeline.transformer, cached["reference_latents"])
+        assert torch.equal(tokens, image_latents), "the cached reference is not the pipeline's image latents"
 
 
 @pytest.mark.timeout(300)
@@ -369,11 +440,13 @@ def one_process(family: str, pipeline: str, cache: str, dp: int, expert: str | N
 # dp 2, AdamW again). QwenImage's last block: its text output is dropped, so its keys' gradients are small
 # (to_k's LoRA B 0.004 of norm against 0.01-0.03 for q and v) and match to 3e-7 of their norm under ring 2, but
 # to_k's LoRA A takes its first nonzero gradient at step 2 (B starts at zero), where AdamW's step is about
-# lr * sign: measured updates 2.7e-3 of the norm (ring 2), 1.9e-5 (ulysses 2 x dp 2). Skipping CP anywhere is
-# off by O(1).
+# lr * sign: measured updates 2.7e-3 of the norm (ring 2), 1.9e-5 (ulysses 2 x dp 2). QwenImage Edit runs the same
+# transformer (the reference's 4096 tokens after the target's) and keeps QwenImage's AdamW bound for that cause;
+# measured: gradients 2.2e-6, updates 4.9e-5 (ring 2) and 1.1e-5 (ulysses 2 x dp 2). Skipping CP anywhere is off
+# by O(1).
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
              "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
-             "qwenimage": {"grads": 1e-5, "updates": 1e-2},
+             "qwenimage": {"grads": 1e-5, "updates": 1e-2}, "qwenimage_edit": {"grads": 1e-5, "updates": 1e-2},
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
              "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
@@ -499,7 +572,8 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 @pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("wan_i2v", "parallel.ring_degree=2"),
                                                 ("chroma", "parallel=ulysses"), ("zimage", "parallel.ring_degree=2"),
                                                 ("flux_kontext", "parallel=ulysses"), ("qwenimage", "parallel=ulysses"),
-                                                ("sd3", "parallel=ulysses"), ("ltx_i2v", "parallel.ring_degree=2"),
+                                                ("qwenimage_edit", "parallel=ulysses"), ("sd3", "parallel=ulysses"),
+                                                ("ltx_i2v", "parallel.ring_degree=2"),
                                                 ("hunyuanvideo15_i2v", "parallel.ring_degree=2")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:

@@ -22,11 +22,16 @@ from diffusers import DiffusionPipeline, ModelMixin
 MAX_SEQUENCE_LENGTH = 512  # the prompt length the pipelines' __call__ encode to
 
 
-def padded_prompts(prompts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def padded_prompts(prompts: list[torch.Tensor], length: int = MAX_SEQUENCE_LENGTH) -> dict[str, torch.Tensor]:
     """Prompts of their own lengths (each ``(L_i, D)``: the real tokens only) as the cache stores them: padded with
-    zeros to MAX_SEQUENCE_LENGTH (``prompt_embeds``), with the boolean mask of the real ones (``prompt_attention_mask``)."""
-    padded = prompts[0].new_zeros(len(prompts), MAX_SEQUENCE_LENGTH, prompts[0].shape[-1])
-    mask = torch.zeros(len(prompts), MAX_SEQUENCE_LENGTH, dtype=torch.bool, device=padded.device)
+    zeros to ``length`` (``prompt_embeds``), with the boolean mask of the real ones (``prompt_attention_mask``). One
+    length for every sample of a bucket is what lets a batch stack them."""
+    longest = max(len(tokens) for tokens in prompts)
+    if longest > length:
+        raise ValueError(f"a prompt encodes to {longest} tokens, more than the {length} the cache stores; shorten its "
+                         "caption")
+    padded = prompts[0].new_zeros(len(prompts), length, prompts[0].shape[-1])
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool, device=padded.device)
     for i, tokens in enumerate(prompts):
         padded[i, : len(tokens)], mask[i, : len(tokens)] = tokens, True
     return {"prompt_embeds": padded, "prompt_attention_mask": mask}
@@ -124,9 +129,21 @@ class Family:
         """Cached tensors the transformer takes that come from the sample itself (pixels ``(F, 3, H, W)``)."""
         return {}
 
+    def reference_size(self, height: int, width: int) -> tuple[int, int]:
+        """The ``(height, width)`` a sample's reference image is fitted to (edit tasks) for a sample of this size: the
+        sample's own, so the reference has as many tokens as the target."""
+        return height, width
+
     def encode_reference(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cached tensors of a sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]`` (edit tasks)."""
         return {"reference_latents": self.encode_pixels(pipeline, pixels)}
+
+    def encode_caption(self, pipeline: DiffusionPipeline, caption: str,
+                       reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One sample's cached prompt tensors (no batch axis): what the pipeline's call computes for its caption.
+        ``reference`` (edit tasks: the sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]``) is for pipelines
+        whose text encoder reads the image it edits with the prompt; the others encode the caption alone."""
+        return {name: tensor[0] for name, tensor in self.encode_prompts(pipeline, [caption]).items()}
 
     def image_inputs(self, pipeline: DiffusionPipeline, image: Any, height: int, width: int) -> dict[str, Any]:
         """The arguments of a validation call (one prompt) for the PIL ``image`` it starts from, at this size."""

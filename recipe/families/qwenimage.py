@@ -45,12 +45,18 @@ class QwenImage(Flux):
 
     def call(self, transformer: ModelMixin, tokens: torch.Tensor, grid: tuple[int, int], t: torch.Tensor,
              text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
+        return self.images_call(transformer, tokens, [(1, *grid)], t, text)
+
+    def images_call(self, transformer: ModelMixin, tokens: torch.Tensor, shapes: list[tuple[int, int, int]],
+                    t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer on the tokens ``(B, S, C)`` of images of ``shapes`` (frames, rows, columns) one after
+        the other, each sample's ``img_shapes`` as the pipelines pass them (one image, or the edit's two)."""
         return transformer(
             hidden_states=tokens,
             encoder_hidden_states=text["prompt_embeds"].to(transformer.dtype),
             encoder_hidden_states_mask=text["prompt_attention_mask"],
             timestep=t,
-            img_shapes=[[(1, *grid)]] * len(tokens),
+            img_shapes=[shapes] * len(tokens),
         ).sample
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
