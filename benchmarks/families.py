@@ -11,7 +11,11 @@ on one process (``tests/test_finetune.py``'s ``cache_fit`` and ``one_process``).
 optimizer and layout, worst over ranks: the loss's relative error over the steps, the first step's
 gradient error relative to the gradient's norm per tensor, and the update's error relative to the
 update's norm per tensor. A layout is *verified* when both are within ``tests/test_finetune.py``'s
-bound for the family and optimizer, under both optimizers.
+bound for the family and optimizer, under both optimizers. Then ``train.py`` trains LoRA from the cache
+under ring 2 with validation samples (``tests/test_finetune.py``'s ``train_py_round_trip``): the
+samples are logged to the W&B run, and the saved adapters load into the pipeline with the family's
+loader and generate what the run's last sample showed, not what the base model generates
+(``benchmarks/results/families_train_py.json``).
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from launcher import run_distributed  # noqa: E402
-from test_finetune import MEDIA, OPTIMIZERS, cache_fit, one_process, prepare, tolerance  # noqa: E402
+from test_finetune import (  # noqa: E402
+    MEDIA, OPTIMIZERS, cache_fit, one_process, prepare, round_trip_problems, tolerance, train_py_round_trip)
 
 from benchmarks.readme import DOCS, replace_section  # noqa: E402
 from recipe.families import FAMILIES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TRIPS = RESULTS / "families_train_py.json"  # per family: train.py's round trip
 LAYOUTS = {"ring 2": ({"ring_degree": 2}, 2), "ulysses 2 x dp 2": ({"ulysses_degree": 2}, 4)}
+TRAIN_PY_LAYOUT = "parallel.ring_degree=2"  # train.py's run: ring 2 (2 processes)
 START, END = "<!-- families table: python -m benchmarks.families -->", "<!-- end of families table -->"
 
 
@@ -58,16 +65,23 @@ def worst_errors(results: list[dict[str, Any]], reference: dict[str, Any]) -> di
     return worst
 
 
-def measure(name: str, folder: Path) -> list[dict[str, Any]]:
+def measure(name: str, folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The family's rows (one per optimizer and layout) and its train.py round trip."""
     from fixtures.media import write_media
     from fixtures.pipelines import build_tiny_pipeline
 
     pipeline, media, cache = folder / f"{name}_pipeline", folder / f"{name}_media", folder / f"{name}_cache"
     build_tiny_pipeline(name, pipeline)
-    write_media(media, MEDIA[name], references=FAMILIES[name].reference)
+    files = write_media(media, MEDIA[name], references=FAMILIES[name].reference)
     made = prepare(name, pipeline, media, cache)
     if made.returncode:
         raise RuntimeError(f"prepare.py failed for {name}:\n{made.stderr[-3000:]}")
+    case = {"pipeline": pipeline, "media": media, "files": files, "cache": cache}
+    run = folder / f"{name}_train_py"
+    run.mkdir()
+    problems = round_trip_problems(train_py_round_trip(name, case, run, TRAIN_PY_LAYOUT), FAMILIES[name].video)
+    trip = {"layout": TRAIN_PY_LAYOUT, "problems": problems, "verified": not problems}
+    print(name, "train.py", trip, flush=True)
     rows = []
     for optimizer in OPTIMIZERS:
         for layout, (degrees, world) in LAYOUTS.items():
@@ -80,13 +94,15 @@ def measure(name: str, folder: Path) -> list[dict[str, Any]]:
             rows.append({"family": name, "optimizer": optimizer, "layout": layout, **errors, "bound": bound,
                          "verified": verified})
             print(rows[-1], flush=True)
-    return rows
+    return rows, trip
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The README's families table: one line per family, the layouts verified under both optimizers, worst errors."""
+def table(rows: list[dict[str, Any]], trips: dict[str, dict[str, Any]]) -> str:
+    """The README's families table: one line per family, the layouts verified under both optimizers, worst errors,
+    and whether train.py's samples and adapters did what the pipeline does."""
     lines = ["| `model=` | pipeline | task | layouts verified with SGD and AdamW (LoRA vs one process) | worst gradient "
-             "error | worst update error (SGD / AdamW) |", "|---|---|---|---|---|---|"]
+             "error | worst update error (SGD / AdamW) | `train.py` (ring 2): samples logged, adapters reload |",
+             "|---|---|---|---|---|---|---|"]
     for name in sorted({row["family"] for row in rows}):
         mine = [row for row in rows if row["family"] == name]
         layouts = [layout for layout in LAYOUTS
@@ -94,7 +110,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                    and {row["optimizer"] for row in mine if row["layout"] == layout} == set(OPTIMIZERS)]
         updates = " / ".join(f"{max(r['update'] for r in mine if r['optimizer'] == o):.1e}" for o in ("sgd", "adamw"))
         lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {FAMILIES[name].task} | "
-                     f"{'; '.join(layouts) or 'none'} | {max(r['gradient'] for r in mine):.1e} | {updates} |")
+                     f"{'; '.join(layouts) or 'none'} | {max(r['gradient'] for r in mine):.1e} | {updates} | "
+                     f"{'yes' if trips[name]['verified'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -115,10 +132,16 @@ def main() -> None:
         raise SystemExit(f"--families: {sorted(unknown)} are not families ({', '.join(sorted(FAMILIES))})")
     kept = [] if chosen is None else [row for row in json.loads((RESULTS / "families.json").read_text())
                                       if row["family"] not in names and row["family"] in FAMILIES]
+    trips = {} if chosen is None else {family: trip for family, trip in json.loads(TRIPS.read_text()).items()
+                                       if family not in names and family in FAMILIES}
+    measured = []
     with tempfile.TemporaryDirectory() as folder:
-        measured = [row for name in names for row in measure(name, Path(folder))]
+        for name in names:
+            family_rows, trips[name] = measure(name, Path(folder))
+            measured += family_rows
     rows = sorted(kept + measured, key=lambda row: row["family"])  # each family's layouts in measuring order
     (RESULTS / "families.json").write_text(json.dumps(rows, indent=1))
+    TRIPS.write_text(json.dumps(dict(sorted(trips.items())), indent=1))
     report = "\n".join([
         "# Fine-tuning families: LoRA from the cache under context parallelism vs one process",
         "",
@@ -133,9 +156,18 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *(row_line(r) for r in rows),
         "",
+        f"`train.py` from the cache under ring 2 ({TRAIN_PY_LAYOUT}), 3 steps, validation samples every 2: "
+        "logged to W&B at steps 2 and 3; the saved adapters, loaded into the pipeline with the family's loader, "
+        "generate the run's last sample and change the base model's output.",
+        "",
+        "| family | samples logged, adapters reload | problems |",
+        "|---|---|---|",
+        *(f"| {name} | {'yes' if trip['verified'] else 'no'} | {'; '.join(trip['problems']) or 'none'} |"
+          for name, trip in sorted(trips.items())),
+        "",
     ])
     (RESULTS / "families.md").write_text(report)
-    generated = table(rows)
+    generated = table(rows, trips)
     replace_section(START, END, generated)
     replace_section(START, END, generated, DOCS / "finetune.md")
     print(report)
