@@ -36,7 +36,15 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from launcher import run_distributed  # noqa: E402
 from test_finetune import (  # noqa: E402
-    MEDIA, OPTIMIZERS, cache_fit, one_process, prepare, round_trip_problems, tolerance, train_py_round_trip)
+    MEDIA,
+    OPTIMIZERS,
+    cache_fit,
+    one_process,
+    prepare,
+    round_trip_problems,
+    tolerance,
+    train_py_round_trip,
+)
 
 from benchmarks.readme import DOCS, replace_section  # noqa: E402
 from recipe.families import FAMILIES  # noqa: E402
