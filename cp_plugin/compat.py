@@ -45,6 +45,7 @@ __all__ = [
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "qwenimage_edit_size", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
+    "HOOK_REGISTRY_ATTR", "PARALLEL_CONFIG_ATTR",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
     "reopen_interrupted_epoch", "start_method", "wrap_accelerator",
@@ -237,6 +238,13 @@ def mask_preparers() -> tuple[type, ...]:
     from diffusers.models.attention_processor import Attention
 
     return tuple(cls for cls in (Attention, AttentionModuleMixin) if "prepare_attention_mask" in cls.__dict__)
+
+
+# diffusers' private attribute names: a module's hook registry (``HookRegistry`` keeps itself there) and an attention
+# processor's parallel config (diffusers sets it on the processors of models with their own plan, and passes it on to
+# its attention backends as the keyword of the same name).
+HOOK_REGISTRY_ATTR = "_diffusers_hook"
+PARALLEL_CONFIG_ATTR = "_parallel_config"
 
 
 def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:

@@ -32,7 +32,13 @@ from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextP
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from cp_plugin.attention.dispatch import AttentionCall, AttentionRouting, RoutedParallelConfig
-from cp_plugin.compat import ContextParallelInput, ContextParallelOutput, submodules_by_name
+from cp_plugin.compat import (
+    HOOK_REGISTRY_ATTR,
+    PARALLEL_CONFIG_ATTR,
+    ContextParallelInput,
+    ContextParallelOutput,
+    submodules_by_name,
+)
 from cp_plugin.config import divisors, format_choices
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import IMAGE, TEXT, SequencePadding
@@ -137,15 +143,15 @@ class Conversion:
     def hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         """Register ``hook`` on ``module`` under ``name`` (cp_plugin's prefix added), remembering how to undo it."""
         if all(m is not module for m, _, _ in self._made):
-            self._made.append((module, "_diffusers_hook" in module.__dict__, "forward" in module.__dict__))
+            self._made.append((module, HOOK_REGISTRY_ATTR in module.__dict__, "forward" in module.__dict__))
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, f"{_HOOK_PREFIX}{name}")
         self._hooks.append((module, f"{_HOOK_PREFIX}{name}"))
 
     def set_parallel_config(self, processor: object, config: RoutedParallelConfig) -> None:
         """Give an attention processor our config (diffusers' convention for models with their own plan)."""
-        own = "_parallel_config" in vars(processor)
-        self._processors.append((processor, own, vars(processor).get("_parallel_config")))
-        processor._parallel_config = config
+        own = PARALLEL_CONFIG_ATTR in vars(processor)
+        self._processors.append((processor, own, vars(processor).get(PARALLEL_CONFIG_ATTR)))
+        setattr(processor, PARALLEL_CONFIG_ATTR, config)
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         """Record a change made outside hooks and processors, by what undoes it."""
@@ -156,24 +162,24 @@ class Conversion:
         for undo in reversed(self._undo):
             undo()
         for module, name in reversed(self._hooks):
-            module._diffusers_hook.remove_hook(name, recurse=False)
+            getattr(module, HOOK_REGISTRY_ATTR).remove_hook(name, recurse=False)
         for module, had_registry, had_forward in self._made:
-            registry = module.__dict__.get("_diffusers_hook")
+            registry = module.__dict__.get(HOOK_REGISTRY_ATTR)
             if registry is not None and not had_registry and not registry.hooks:
-                del module._diffusers_hook
+                delattr(module, HOOK_REGISTRY_ATTR)
                 if not had_forward:
                     module.__dict__.pop("forward", None)
         for processor, own, config in self._processors:
             if own:
-                processor._parallel_config = config
+                setattr(processor, PARALLEL_CONFIG_ATTR, config)
             else:
-                vars(processor).pop("_parallel_config", None)
+                vars(processor).pop(PARALLEL_CONFIG_ATTR, None)
         self._hooks, self._made, self._processors, self._undo, self.paths = [], [], [], [], []
 
 
 def conversion_of(model: torch.nn.Module) -> Conversion | None:
     """The conversion that made ``model`` context parallel, if one did."""
-    registry = model.__dict__.get("_diffusers_hook")
+    registry = model.__dict__.get(HOOK_REGISTRY_ATTR)
     hook = None if registry is None else registry.get_hook(_ROOT_HOOK)
     return None if hook is None else hook.conversion
 
@@ -195,7 +201,7 @@ def routed_attention_modules(model: torch.nn.Module, plan: Plan | DerivedPlan) -
     if isinstance(plan, DerivedPlan):
         return [(f"{name}.{sub}", attn) for name in plan.block_lists
                 for sub, attn in attention_modules(model.get_submodule(name))]
-    return [(name, attn) for name, attn in attention_modules(model) if hasattr(attn.processor, "_parallel_config")]
+    return [(name, attn) for name, attn in attention_modules(model) if hasattr(attn.processor, PARALLEL_CONFIG_ATTR)]
 
 
 def check_heads(model: torch.nn.Module, path: str, plan: Plan | DerivedPlan, ulysses_degree: int) -> None:

@@ -36,7 +36,7 @@ import torch
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
 from cp_plugin.blockops import counting, foreign
-from cp_plugin.compat import SDPA, attention_backends, mask_preparers
+from cp_plugin.compat import PARALLEL_CONFIG_ATTR, SDPA, attention_backends, mask_preparers
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
 from cp_plugin.probe import is_selection, recording
@@ -151,7 +151,7 @@ class AttentionRouting:
             if call is None:
                 return backend_fn(*args, **kwargs)
             if call.state is None:  # a model's own plan: the calls that pass our config on
-                config = kwargs.get("_parallel_config")
+                config = kwargs.get(PARALLEL_CONFIG_ATTR)
                 if isinstance(config, RoutedParallelConfig):
                     return _routed_attention(*args, config=config, **kwargs)
                 return backend_fn(*args, **kwargs)
@@ -159,9 +159,9 @@ class AttentionRouting:
             if scale is not kwargs.get("scale"):
                 kwargs = {**kwargs, "scale": scale}
             if roles is None or not roles[1]:
-                return self.run(None, backend_fn, *args, **{**kwargs, "_parallel_config": None})
+                return self.run(None, backend_fn, *args, **{**kwargs, PARALLEL_CONFIG_ATTR: None})
             return _routed_attention(*args, config=call.config, call=call, roles=roles,
-                                     **{**kwargs, "_parallel_config": None})
+                                     **{**kwargs, PARALLEL_CONFIG_ATTR: None})
 
         routed.__wrapped__ = backend_fn  # type: ignore[attr-defined]
         return routed
