@@ -1,11 +1,14 @@
 """Your own LightningModule under context parallelism: the module written for one process, unchanged.
 
     python examples/own_module.py     # ring attention over 2 processes on this CPU
+    python examples/own_module.py 1   # the same training on one process, to compare with
 
 What the strategy needs of a module: the diffusers model is an attribute (here ``self.transformer``),
 noise comes from torch's RNG (the strategy seeds it alike on the ranks that share a sample), and the
 Trainer keeps its distributed sampler (``use_distributed_sampler``, on by default).
 """
+
+import sys
 
 import lightning as L
 import torch
@@ -41,11 +44,17 @@ class Denoiser(L.LightningModule):
 
 
 if __name__ == "__main__":
+    processes = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    L.seed_everything(0)  # the same weights, and the same noise on the ranks of a sequence
     g = torch.Generator().manual_seed(0)
     data = [{"latents": torch.randn(SIDE * SIDE, 16, generator=g), "text": torch.randn(TEXT, 32, generator=g)}
             for _ in range(8)]
-    trainer = L.Trainer(strategy=ContextParallelStrategy(ring_degree=2), accelerator="cpu", devices=2, max_epochs=1,
-                        logger=False, enable_checkpointing=False)
-    trainer.fit(Denoiser(), DataLoader(data, batch_size=2))
+    trainer = L.Trainer(strategy=ContextParallelStrategy(ring_degree=processes), accelerator="cpu", devices=processes,
+                        max_epochs=1, logger=False, enable_checkpointing=False)
+    module = Denoiser()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, DataLoader(data, batch_size=2))
     if trainer.is_global_zero:
-        print(f"trained {trainer.global_step} steps, loss {float(trainer.callback_metrics['loss']):.4f}")
+        update = sum(float((p.detach() - b).double().square().sum()) for p, b in zip(module.parameters(), before))
+        print(f"trained {trainer.global_step} steps, loss {float(trainer.callback_metrics['loss']):.8e}, "
+              f"update norm {update**0.5:.8e}")
