@@ -87,7 +87,7 @@ def main(cfg: DictConfig) -> None:
             step += 1
             mean_loss = accelerator.gather_for_metrics(loss.detach()).mean().item()
             accelerator.log({"train/loss": mean_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
-            accelerator.print(f"step {step} loss {mean_loss:.4f}")
+            accelerator.print(f"step {step} loss {mean_loss:.6e}")
             if step % cfg.checkpoint_every_n_steps == 0:
                 accelerator.save_state(str(out_dir / "checkpoints" / f"step_{step}"))
             if step >= cfg.trainer.max_steps:

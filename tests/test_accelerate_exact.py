@@ -231,14 +231,29 @@ def test_bad_configs_fail_on_every_rank_with_a_fix() -> None:
         assert "on_nonfinite='ignore' is not supported; use 'raise' or 'skip'" in messages["nonfinite_option"]
 
 
-@pytest.mark.timeout(300)
-def test_example_script_under_torchrun(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "examples" / "train_accelerate.py"), "parallel=ring", "trainer.max_steps=3",
+def example_run(folder: Path, processes: int, parallel: str) -> subprocess.CompletedProcess:
+    """examples/train_accelerate.py under torchrun: LoRA, 3 steps of SGD (its step is the gradient itself) at a
+    learning rate that moves the loss (lr 2 instead of 1 changes step 3's by 5e-3 of it)."""
+    folder.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           str(ROOT / "examples" / "train_accelerate.py"), f"parallel={parallel}", "trainer.max_steps=3",
            "trainer.accumulate_grad_batches=2", "data.image_size=16", "data.crops=16", "checkpoint_every_n_steps=2",
-           "lora.rank=4", f"hydra.run.dir={tmp_path}"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+           "lora.rank=4", "optimizer=sgd", "optimizer.lr=1.0", "optimizer.warmup_steps=1", f"hydra.run.dir={folder}"]
+    result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.timeout(400)
+def test_example_script_under_torchrun(tmp_path: Path) -> None:
+    """Ring 2 against the same script on one process: each step's loss within 1e-5 (measured: equal to the 7 digits
+    printed)."""
+    result = example_run(tmp_path, 2, "ring")
+    losses = [float(loss) for loss in re.findall(r"step \d+ loss (\S+)", result.stdout)]
+    alone = [float(loss) for loss in re.findall(r"step \d+ loss (\S+)",
+                                                 example_run(tmp_path / "one_process", 1, "none").stdout)]
+    assert len(losses) == len(alone) == 3
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, alone)), (losses, alone)
     trainable, total = map(int, re.search(r"trainable parameters: (\d+) of (\d+)", result.stdout).groups())
     assert 0 < trainable < total / 5, "lora.rank=4: the adapters (and the class embedding) train, not the base"
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "no W&B offline run"
