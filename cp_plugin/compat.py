@@ -44,7 +44,7 @@ __all__ = [
     "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "qwenimage_edit_size", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "qwenimage_edit_size", "cogvideox_rotary_embeddings", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
     "HOOK_REGISTRY_ATTR", "PARALLEL_CONFIG_ATTR",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
@@ -293,6 +293,20 @@ def ltx_normalize_latents(latents: torch.Tensor, vae: torch.nn.Module) -> torch.
     from diffusers import LTXPipeline
 
     return LTXPipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+
+
+def cogvideox_rotary_embeddings(transformer: torch.nn.Module, frames: int, height: int, width: int,
+                                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3D rotary table ``(cos, sin)`` that ``CogVideoXPipeline`` gives its transformer for latents of ``frames x
+    height x width`` (``_prepare_rotary_positional_embeddings``, CogVideoX 1.0's and 1.5's). The method reads only the
+    transformer's config and the VAE's spatial factor, which turns the pixel size it is given into latents: given the
+    latents' own size, that factor is 1, so training computes the table without the VAE."""
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
+    sizes = SimpleNamespace(transformer=transformer, vae_scale_factor_spatial=1)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(sizes, height, width, frames, device)
 
 
 # ContextParallelInput / ContextParallelOutput (re-exported above): the entries of a ``_cp_plan``.

@@ -6,7 +6,9 @@ and gives every rank of a CP group the same batch and the same random numbers (n
 so this module trains identically on one process or many.
 
 Objective as in diffusers' flow-matching training scripts: ``t ~ sigmoid(N(0, 1))`` (logit-normal),
-``x_t = (1 - t) x0 + t noise``, target velocity ``noise - x0``. Each sample's noise and time come
+``x_t = (1 - t) x0 + t noise``, target velocity ``noise - x0``; a family trained otherwise declares its own
+time sampling, noising and loss (``recipe.families.family``: CogVideoX's v-prediction on a DDPM
+schedule). Each sample's noise and time come
 from a generator seeded by (run seed, draw count, the sample's dataset index), so a run is the same
 whatever the layout: dp x cp ranks, one process, a resumed run (the count is in the checkpoint). Sampling integrates the velocity
 field with Euler steps from ``t = 1`` (noise) to ``t = 0``. A two-expert pipeline (Wan 2.2 A14B,
@@ -22,7 +24,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from recipe.families import family
 from recipe.lora import LoraSettings, add_lora
@@ -70,7 +71,7 @@ class FlowMatching(L.LightningModule):
                                    "lora": asdict(lora), "seed": seed})
         self.seed = seed
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # batches drawn for: part of the state
-        self.family = family(model.family)
+        self.family = family(model.family).trained_from(model.pretrained_path)
         # Two-expert pipelines: each trained expert sees only the noise levels the pipeline gives it.
         self.expert, self.boundary = model.expert, boundary_ratio(model)
         trained = {name: build_model(model, name) for name in EXPERTS[model.expert]}
@@ -149,24 +150,25 @@ class FlowMatching(L.LightningModule):
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The flow-matching loss of a batch (``forward`` so DDP-wrapped loops, e.g. Accelerate's, can call it)."""
+        """The family's training loss of a batch (``forward`` so DDP-wrapped loops, e.g. Accelerate's, can call it)."""
         x0 = batch["latents"].float()
         noise, t = self.noise_and_times(batch["index"], x0)
         text = self.condition(batch)
         x_t, given = self.family.noisy_latents(x0, noise, t, text)  # image-to-video: leading frames given clean
         prediction = self.velocity(x_t, t, text)
-        return F.mse_loss(prediction[:, given:].float(), (noise - x0)[:, given:].float())
+        return self.family.loss(prediction[:, given:], x0[:, given:], noise[:, given:], x_t[:, given:], t)
 
     def noise_and_times(self, indices: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's noise and logit-normal time, from its own generator (see the module docstring); one expert
-        of two draws again until the time is its own (the distribution restricted to its noise levels)."""
+        """Each sample's noise and time (the family's ``draw_time``: logit-normal flow times by default), from its
+        own generator (see the module docstring); one expert of two draws again until the time is its own (the
+        distribution restricted to its noise levels)."""
         noise, times, draws = [], [], int(self.draws)  # one read of the count (a device sync on a GPU)
         for index in indices.tolist():
             generator = torch.Generator(x0.device).manual_seed(hash((self.seed, draws, index)) % 2**63)
             noise.append(torch.randn(x0.shape[1:], generator=generator, device=x0.device))
-            time = torch.sigmoid(torch.randn((), generator=generator, device=x0.device))
+            time = self.family.draw_time(generator, x0.device)
             while self.expert in ("high", "low") and (float(time) >= self.boundary) != (self.expert == "high"):
-                time = torch.sigmoid(torch.randn((), generator=generator, device=x0.device))
+                time = self.family.draw_time(generator, x0.device)
             times.append(time)
         self.draws += 1
         return torch.stack(noise), torch.stack(times)
@@ -179,6 +181,11 @@ class FlowMatching(L.LightningModule):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, shape: tuple[int, ...], steps: int, seed: int = 0) -> torch.Tensor:
         """Latents for ``labels`` by Euler integration from noise (``seed``: same noise on every rank)."""
+        if self.family.objective != "flow matching":
+            raise ValueError(f"model.family={self.family.name}: {self.family.title} was trained with "
+                             f"{self.family.objective}, whose predictions the demo's Euler steps cannot integrate; "
+                             "train it on a latent cache (data=latents), whose validation samples the pipeline's own "
+                             "scheduler generates")
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(len(labels), *shape, generator=generator).to(self.device)
         times = torch.linspace(1.0, 0.0, steps + 1, device=self.device)

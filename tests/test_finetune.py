@@ -56,10 +56,12 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "ltx": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "ltx_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[5]"],
         "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
-        "hunyuanvideo15_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
+        "hunyuanvideo15_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "cogvideox": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
          "qwenimage": "images", "qwenimage_edit": "images", "wan_i2v": "videos", "sd3": "images",
-         "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos"}
+         "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos",
+         "cogvideox": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1,
@@ -107,7 +109,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
                            ("qwenimage_edit", 1), ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1),
                            ("hunyuanvideo15", 1),
-                           ("hunyuanvideo15_i2v", 1)):
+                           ("hunyuanvideo15_i2v", 1), ("cogvideox", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -125,7 +127,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage",
                                     "qwenimage_edit", "wan_i2v",
-                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v"])
+                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -141,13 +143,14 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
-    # LTX's T5 at 128; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); QwenImage Edit's at 512 after the
+    # LTX's T5 at 128; CogVideoX's at 226; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); QwenImage Edit's at 512 after the
     # reference's vision tokens (16 of a square one, 15 of a landscape one, at the fixture's 112 x 112 pixels at most)
-    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "hunyuanvideo15": 1000, "hunyuanvideo15_i2v": 1000,
+    length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "cogvideox": 226, "hunyuanvideo15": 1000,
+              "hunyuanvideo15_i2v": 1000,
               "qwenimage_edit": 512 + (16 if sample["latents"].shape[-1] == sample["latents"].shape[-2] else 15)
               }.get(family, 512)
     assert sample["prompt_embeds"].shape[0] == length
-    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v"):  # 4x in time (the tiny VAEs', like Wan's)
+    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox"):  # 4x in time
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
     if family == "wan_i2v":  # the first frame's latents after the mask (1 on the first latent frame), its CLIP embedding
         condition = sample["condition"]
@@ -168,9 +171,30 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert not torch.equal(sample["reference_latents"], sample["latents"])
     if family == "qwenimage_edit":
         edits_as_the_pipeline_does(case, cache)
+    if family == "cogvideox":  # the call's prompt (T5 padded to 226, no mask) and the VAE's mode times its scaling factor
+        encodes_as_the_pipeline_does(case, cache)
     if family == "chroma":  # the prompt's tokens and the first padding token attend (ChromaPipeline's own mask)
         mask = sample["prompt_attention_mask"]
         assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
+
+
+def encodes_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None:
+    """CogVideoX's cache holds, for its first sample, what ``CogVideoXPipeline`` computes: the prompt its
+    ``encode_prompt`` gives the call, and the latents its ``decode_latents`` turns back into the clip, exactly."""
+    from recipe.media import choose_bucket, to_pixels
+
+    pipeline = family_pipeline("cogvideox").from_pretrained(case["pipeline"])
+    sample = min((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
+                 key=lambda sample: sample["file"])  # LatentCache's first
+    cached = cache[0]
+    frames = read_frames(case["media"] / sample["file"])
+    pixels = to_pixels(frames, choose_bucket(frames, [(32, 32), (32, 48)], [1, 5]))
+    with torch.no_grad():
+        embeds, _ = pipeline.encode_prompt(sample["caption"], do_classifier_free_guidance=False)
+        video = pixels.transpose(0, 1)[None]  # (1, 3, F, H, W)
+        latents = pipeline.vae.encode(video).latent_dist.mode() * pipeline.vae_scaling_factor_image
+    assert torch.equal(cached["prompt_embeds"], embeds[0]), "the cached prompt is not the pipeline's"
+    assert torch.equal(cached["latents"], latents[0].transpose(0, 1)), "the cached latents are not the pipeline's"
 
 
 def edits_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None:
@@ -347,6 +371,38 @@ def test_wan_2_2_ti2v_image_to_video_gives_the_first_frame_clean_as_the_pipeline
     check_against_one_process(results, reference, "wan 2.2 ti2v image-to-video, ring 2", tolerance("wan_i2v", "sgd"))
 
 
+def test_cogvideox_trains_v_prediction_as_its_fine_tuning_scripts(made: dict[str, Any]) -> None:
+    """CogVideoX was trained with v-prediction on its scheduler's DDPM schedule: the module draws integer timesteps
+    uniform over the schedule's, noises with ``add_noise``, calls the transformer as the pipeline's loop does (its
+    rotary table), and its loss is diffusers' train_cogvideox_lora.py's: the x0 that ``get_velocity`` makes of the
+    output, against x0, weighted by ``1 / (1 - alphas_cumprod[t])``. The demo's Euler sampler and a folder without
+    the scheduler are refused."""
+    case = made["cogvideox"]
+    module = build("cogvideox", str(case["pipeline"]))
+    pipeline = family_pipeline("cogvideox").from_pretrained(case["pipeline"])
+    batch = BucketBatches(LatentCache(case["cache"]), 2)[0]
+    x0, draws = batch["latents"], int(module.draws)
+    loss = module(batch)
+    module.draws.fill_(draws)
+    noise, t = module.noise_and_times(batch["index"], x0)
+    scheduler = pipeline.scheduler
+    x_t = scheduler.add_noise(x0, noise, t)
+    frames, height, width = x0.shape[1], x0.shape[3] * 8, x0.shape[4] * 8  # the call's pixel size
+    with torch.no_grad():  # the adapters start at zero: the base transformer's output
+        output = pipeline.transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
+                                      image_rotary_emb=pipeline._prepare_rotary_positional_embeddings(
+                                          height, width, frames, "cpu")).sample
+    weights = (1 / (1 - scheduler.alphas_cumprod[t])).view(-1, 1, 1, 1, 1)
+    script = torch.mean((weights * (scheduler.get_velocity(output, x_t, t) - x0) ** 2).reshape(len(x0), -1), 1).mean()
+    torch.testing.assert_close(loss.detach().double(), script, rtol=1e-6, atol=0)
+    times = torch.cat([module.noise_and_times(torch.tensor([i]), x0[:1])[1] for i in range(64)])
+    assert times.dtype == torch.long and 0 <= int(times.min()) and int(times.max()) < 1000 and len(set(times.tolist())) > 50
+    with pytest.raises(ValueError, match="trained with v-prediction on a DDPM schedule, whose predictions the demo's"):
+        module.sample(torch.tensor([0]), tuple(x0.shape[1:]), 2)
+    with pytest.raises(ValueError, match="has no scheduler/ .* point it at the CogVideoXPipeline folder"):
+        build("cogvideox", str(case["pipeline"] / "transformer"))
+
+
 def adapters(module: FlowMatching) -> dict[str, torch.Tensor]:
     return {name: weight.detach().clone() for name, weight in module.named_parameters() if weight.requires_grad}
 
@@ -442,22 +498,26 @@ def one_process(family: str, pipeline: str, cache: str, dp: int, expert: str | N
 # to_k's LoRA A takes its first nonzero gradient at step 2 (B starts at zero), where AdamW's step is about
 # lr * sign: measured updates 2.7e-3 of the norm (ring 2), 1.9e-5 (ulysses 2 x dp 2). QwenImage Edit runs the same
 # transformer (the reference's 4096 tokens after the target's) and keeps QwenImage's AdamW bound for that cause;
-# measured: gradients 2.2e-6, updates 4.9e-5 (ring 2) and 1.1e-5 (ulysses 2 x dp 2). Skipping CP anywhere is off
-# by O(1).
+# measured: gradients 2.2e-6, updates 4.9e-5 (ring 2) and 1.1e-5 (ulysses 2 x dp 2). CogVideoX (226 text tokens
+# joined before the video's): gradients 1.9e-6 (ring 2) and 1.0e-6 (ulysses 2 x dp 2); its first block's to_q LoRA A
+# takes its first nonzero gradient at step 2 (B starts at zero), where AdamW's step is about lr * sign: updates
+# 5.1e-5 of the norm (ring 2), 2.1e-5 (ulysses 2 x dp 2), so its bound is 1e-4. Skipping CP anywhere is off by O(1).
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
              "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
              "qwenimage": {"grads": 1e-5, "updates": 1e-2}, "qwenimage_edit": {"grads": 1e-5, "updates": 1e-2},
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
              "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
-             "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}}
+             "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}, "cogvideox": {"grads": 1e-5, "updates": 1e-4}}
 
 
 # Under SGD a step is the learning rate times the gradient: no sign-like first steps amplify rounding noise, so
 # QwenImage's updates match to 3e-6 (AdamW: 2.7e-3). Wan's cancelling key-projection gradients (above) still move
 # by ~1e-5 of their size, and SGD at lr 1 carries that into the next steps' gradients: measured updates 1.1e-3
-# (ring 2) and 2.1e-4 (ulysses 2 x dp 2), Wan I2V 1.7e-3 and 8.7e-5.
-SGD_UPDATES = {"wan": 1e-2, "wan_i2v": 1e-2}
+# (ring 2) and 2.1e-4 (ulysses 2 x dp 2), Wan I2V 1.7e-3 and 8.7e-5. CogVideoX's first block's to_k LoRA A moves
+# little under SGD (its update's norm is 6e-4, B starting at zero), so float noise is a larger share of it: measured
+# 4.9e-5 (ulysses 2 x dp 2), 2.0e-5 (ring 2).
+SGD_UPDATES = {"wan": 1e-2, "wan_i2v": 1e-2, "cogvideox": 1e-4}
 
 
 def tolerance(family: str, optimizer: str) -> dict[str, float]:
@@ -569,12 +629,13 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 @pytest.mark.timeout(600)
 # One family per kind of validation call and adapter loader, under each layout: text-to-image (Flux), masked text with
 # parameters a step leaves unused (QwenImage), edit (Flux Kontext), image-to-video (Wan), a transformer-level loader
-# (HunyuanVideo 1.5); Wan also through the two-expert test below. python -m benchmarks.families runs this round trip
+# (HunyuanVideo 1.5), a v-prediction model its pipeline's DDIM scheduler samples (CogVideoX); Wan also through the two-expert test below. python -m benchmarks.families runs this round trip
 # for every family (its table, in the README, is checked against its results by test_docs).
 @pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("qwenimage", "parallel=ulysses"),
                                                 ("flux_kontext", "parallel=ulysses"),
                                                 ("wan_i2v", "parallel.ring_degree=2"),
-                                                ("hunyuanvideo15_i2v", "parallel.ring_degree=2")])
+                                                ("hunyuanvideo15_i2v", "parallel.ring_degree=2"),
+                                                ("cogvideox", "parallel.ring_degree=2")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     facts = train_py_round_trip(family, made[family], tmp_path, layout)

@@ -4,8 +4,11 @@ Every trainer of pretrained DiTs (diffusers' scripts, finetrainers, musubi-tuner
 once with the pipeline's own VAE and text encoders and trains the transformer on the result. What
 the families do differently is what a :class:`Family` declares, one file per family in this
 package: latent normalisation, the prompt encoding the pipeline's own call uses (without
-classifier-free guidance), the transformer's inputs, size rules, and the diffusers LoRA loader
-whose ``save_lora_weights`` writes the format the pipeline loads.
+classifier-free guidance), the transformer's inputs, size rules, the diffusers LoRA loader
+whose ``save_lora_weights`` writes the format the pipeline loads, and the objective the model was
+trained with: rectified flow by default (logit-normal times, the velocity ``noise - x0``), which
+a family trained otherwise (CogVideoX: v-prediction on a DDPM schedule) replaces with its own time
+sampling, noising and loss.
 
 Latents move through the recipe as ``(B, F, C, H, W)`` (``F = 1`` for images) with the text
 conditioning as a dict of tensors named like the pipeline's (``prompt_embeds``, ...).
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ModelMixin
 
 MAX_SEQUENCE_LENGTH = 512  # the prompt length the pipelines' __call__ encode to
@@ -77,6 +81,9 @@ class Family:
     # "text-to-image", "text-to-video", "edit" (each sample has a reference image, <name>.ref.<ext>, cached as
     # ``reference_latents``) or "image-to-video" (conditioned on the clip's own first frame).
     task: ClassVar[str]
+    # What the transformer was trained to predict: only flow-matching velocities integrate with Euler steps in time
+    # (the demo's sampler, FlowMatching.sample); other objectives generate through their pipeline's scheduler.
+    objective: ClassVar[str] = "flow matching"
 
     @property
     def reference(self) -> bool:
@@ -157,17 +164,33 @@ class Family:
         """Image/video tokens the transformer makes of one sample's latents ``(F, C, H, W)``."""
         raise NotImplementedError
 
+    def trained_from(self, pretrained_path: str | None) -> Family:
+        """The family as it trains the model of ``model.pretrained_path``: itself, since flow matching needs nothing
+        from the pipeline; a family whose objective is the pipeline's noise schedule returns a copy holding it."""
+        return self
+
+    def draw_time(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """One sample's training time (a scalar) from its own generator: the flow time ``sigmoid(N(0, 1))``."""
+        return torch.sigmoid(torch.randn((), generator=generator, device=device))
+
     def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                       text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """The transformer's input latents at flow times ``t`` ``(B,)`` for clean ``x0`` ``(B, F, C, H, W)``, and how
+        """The transformer's input latents at times ``t`` ``(B,)`` for clean ``x0`` ``(B, F, C, H, W)``, and how
         many leading latent frames are given clean (the loss skips them): every frame noised, none given."""
         t_ = t.view(-1, 1, 1, 1, 1)
         return (1 - t_) * x0 + t_ * noise, 0
 
     def velocity(self, transformer: ModelMixin, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  guidance: float) -> torch.Tensor:
-        """The transformer's velocity for latents ``(B, F, C, H, W)`` at flow times ``t`` ``(B,)`` in ``[0, 1]``."""
+        """The transformer's output for latents ``(B, F, C, H, W)`` at times ``t`` ``(B,)`` (``draw_time``'s: flow
+        times in ``[0, 1]``, unless the family draws others): the velocity its objective predicts."""
         raise NotImplementedError
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor,
+             t: torch.Tensor) -> torch.Tensor:
+        """The training loss of the transformer's ``prediction`` for the noised frames (``(B, F, C, H, W)`` each, the
+        given ones left out) at times ``t``: the mean squared error to the flow velocity ``noise - x0``."""
+        return F.mse_loss(prediction.float(), (noise - x0).float())
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
         """Each conditioning tensor the transformer takes, with its width (``None``: not a width: a mask, latents)."""
