@@ -143,8 +143,9 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
-    # LTX's T5 at 128; CogVideoX's at 226; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); QwenImage Edit's at 512 after the
-    # reference's vision tokens (16 of a square one, 15 of a landscape one, at the fixture's 112 x 112 pixels at most)
+    # LTX's T5 at 128; CogVideoX's at 226; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); QwenImage Edit's
+    # at 512 after the reference's vision tokens (16 of a square one, 15 of a landscape one, at the fixture's 112 x 112
+    # pixels at most)
     length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "cogvideox": 226, "hunyuanvideo15": 1000,
               "hunyuanvideo15_i2v": 1000,
               "qwenimage_edit": 512 + (16 if sample["latents"].shape[-1] == sample["latents"].shape[-2] else 15)
@@ -629,13 +630,12 @@ def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapter
 @pytest.mark.timeout(600)
 # One family per kind of validation call and adapter loader, under each layout: text-to-image (Flux), masked text with
 # parameters a step leaves unused (QwenImage), edit (Flux Kontext), image-to-video (Wan), a transformer-level loader
-# (HunyuanVideo 1.5), a v-prediction model its pipeline's DDIM scheduler samples (CogVideoX); Wan also through the two-expert test below. python -m benchmarks.families runs this round trip
+# (HunyuanVideo 1.5); Wan also through the two-expert test below. python -m benchmarks.families runs this round trip
 # for every family (its table, in the README, is checked against its results by test_docs).
 @pytest.mark.parametrize(("family", "layout"), [("flux", "parallel.ring_degree=2"), ("qwenimage", "parallel=ulysses"),
                                                 ("flux_kontext", "parallel=ulysses"),
                                                 ("wan_i2v", "parallel.ring_degree=2"),
-                                                ("hunyuanvideo15_i2v", "parallel.ring_degree=2"),
-                                                ("cogvideox", "parallel.ring_degree=2")])
+                                                ("hunyuanvideo15_i2v", "parallel.ring_degree=2")])
 def test_train_py_logs_pipeline_samples_and_saves_adapters_the_pipeline_loads(made: dict[str, Any], tmp_path: Path,
                                                                               family: str, layout: str) -> None:
     facts = train_py_round_trip(family, made[family], tmp_path, layout)
