@@ -57,11 +57,12 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "ltx_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[5]"],
         "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "hunyuanvideo15_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
-        "cogvideox": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
+        "cogvideox": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "hunyuanvideo": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
          "qwenimage": "images", "qwenimage_edit": "images", "wan_i2v": "videos", "sd3": "images",
          "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos",
-         "cogvideox": "videos"}
+         "cogvideox": "videos", "hunyuanvideo": "videos"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1,
@@ -109,7 +110,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
                            ("qwenimage_edit", 1), ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1),
                            ("hunyuanvideo15", 1),
-                           ("hunyuanvideo15_i2v", 1), ("cogvideox", 1)):
+                           ("hunyuanvideo15_i2v", 1), ("cogvideox", 1), ("hunyuanvideo", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -127,7 +128,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage",
                                     "qwenimage_edit", "wan_i2v",
-                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox"])
+                                    "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox",
+                                    "hunyuanvideo"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -143,15 +145,16 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     assert len(shapes) >= 2, f"one bucket only: {shapes}"  # the fixture's media have two or three aspect ratios
     sample = cache[0]
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
-    # LTX's T5 at 128; CogVideoX's at 226; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); QwenImage Edit's
-    # at 512 after the reference's vision tokens (16 of a square one, 15 of a landscape one, at the fixture's 112 x 112
-    # pixels at most)
+    # LTX's T5 at 128; CogVideoX's at 226; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); HunyuanVideo's
+    # LLaMA at 256 after its template's crop; QwenImage Edit's at 512 after the reference's vision tokens (16 of a
+    # square one, 15 of a landscape one, at the fixture's 112 x 112 pixels at most)
     length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "cogvideox": 226, "hunyuanvideo15": 1000,
-              "hunyuanvideo15_i2v": 1000,
+              "hunyuanvideo15_i2v": 1000, "hunyuanvideo": 256,
               "qwenimage_edit": 512 + (16 if sample["latents"].shape[-1] == sample["latents"].shape[-2] else 15)
               }.get(family, 512)
     assert sample["prompt_embeds"].shape[0] == length
-    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox"):  # 4x in time
+    if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox",
+                  "hunyuanvideo"):  # 4x in time (the tiny VAEs', like Wan's)
         assert {shape[0] for shape in shapes} == {2}, "9-frame clips take the 5-frame bucket: 2 latent frames"
     if family == "wan_i2v":  # the first frame's latents after the mask (1 on the first latent frame), its CLIP embedding
         condition = sample["condition"]
@@ -167,6 +170,8 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     if family == "hunyuanvideo15":  # the prompt's tokens after the template, and no quoted glyph text: ByT5's all masked
         assert 0 < int(sample["prompt_attention_mask"].sum()) < 1000
         assert sample["prompt_embeds_2"].shape == (256, 16) and not bool(sample["prompt_attention_mask_2"].any())
+    if family == "hunyuanvideo":
+        prompts_as_hunyuanvideo_encodes_them(case, cache)
     if family == "flux_kontext":  # the reference image, fitted to the sample's bucket and encoded like it
         assert all(cache[i]["reference_latents"].shape == cache[i]["latents"].shape for i in range(len(cache)))
         assert not torch.equal(sample["reference_latents"], sample["latents"])
@@ -196,6 +201,25 @@ def encodes_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> No
         latents = pipeline.vae.encode(video).latent_dist.mode() * pipeline.vae_scaling_factor_image
     assert torch.equal(cached["prompt_embeds"], embeds[0]), "the cached prompt is not the pipeline's"
     assert torch.equal(cached["latents"], latents[0].transpose(0, 1)), "the cached latents are not the pipeline's"
+
+
+def prompts_as_hunyuanvideo_encodes_them(case: dict[str, Any], cache: LatentCache) -> None:
+    """HunyuanVideo's cache holds, for every sample, what ``HunyuanVideoPipeline.encode_prompt`` returns for its caption
+    at the call's 256 tokens, exactly: the LLaMA tokens after the template's ``crop_start`` are the caption's words and
+    the turn's end (the fixture's tokenizer keeps each word one token), marked at the start of the mask; CLIP's
+    pooled embedding."""
+    pipeline = family_pipeline("hunyuanvideo").from_pretrained(case["pipeline"])
+    samples = sorted((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
+                     key=lambda sample: sample["file"])  # LatentCache's order
+    for index, sample in enumerate(samples):
+        cached = cache[index]
+        with torch.no_grad():
+            embeds, pooled, mask = pipeline.encode_prompt(sample["caption"])
+        real = len(sample["caption"].split()) + 1  # the caption's words and <|eot_id|>
+        assert int(mask.sum()) == real and bool(cached["prompt_attention_mask"][:real].all())
+        assert torch.equal(cached["prompt_attention_mask"], mask[0].bool())
+        assert torch.equal(cached["prompt_embeds"], embeds[0]), "the cached prompt is not the pipeline's"
+        assert torch.equal(cached["pooled_prompt_embeds"], pooled[0]), "the cached pooled prompt is not the pipeline's"
 
 
 def edits_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None:
@@ -509,7 +533,8 @@ TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5,
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
              "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
-             "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}, "cogvideox": {"grads": 1e-5, "updates": 1e-4}}
+             "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}, "cogvideox": {"grads": 1e-5, "updates": 1e-4},
+             "hunyuanvideo": {"grads": 1e-5, "updates": 5e-5}}
 
 
 # Under SGD a step is the learning rate times the gradient: no sign-like first steps amplify rounding noise, so
