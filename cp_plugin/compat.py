@@ -44,7 +44,7 @@ __all__ = [
     "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
-    "flux_pack_latents", "qwenimage_edit_size", "cogvideox_rotary_embeddings", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
+    "flux_pack_latents", "flux2_image_latents", "qwenimage_edit_size", "cogvideox_rotary_embeddings", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
     "HOOK_REGISTRY_ATTR", "PARALLEL_CONFIG_ATTR",
     "ACCELERATOR_WRAPS", "LIGHTNING_LAYOUT_KEYS", "PRIVATE_OVERRIDES", "batches_processed", "ddp_comm_options",
     "pop_loader_states", "process_group_backend", "process_group_timeout", "put_loader_states",
@@ -258,6 +258,13 @@ def flux_pack_latents(latents: torch.Tensor, batch: int, channels: int, height: 
     from diffusers import FluxPipeline
 
     return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def flux2_image_latents(pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Flux.2 latents of pixels ``(B, 3, H, W)``: ``latent_dist.mode()`` in 2x2 patches ``(B, 4 C, H' / 2, W' / 2)``,
+    normalised by the VAE's BatchNorm running statistics (``Flux2Pipeline._encode_vae_image``, which its ``__call__``
+    uses for condition images and inverts before decoding)."""
+    return pipeline._encode_vae_image(pixels, generator=None)
 
 
 def qwenimage_edit_size(area: int, width: int, height: int) -> tuple[int, int]:

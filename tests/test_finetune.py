@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained pipeline end to end: media folder -> latent cache -> LoRA under CP -> pipeline.
 
-Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, QwenImage Edit, Z-Image images;
+Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, QwenImage Edit, Z-Image, Flux.2 images;
 Wan video) is built offline with seeded weights (``fixtures/pipelines.py``) next to a captioned folder
 holding one corrupt and one uncaptioned file (``fixtures/media.py``; for the edit families, reference
 images and a file without one). ``prepare.py`` caches them (some over two ranks) and says which files it skipped
@@ -58,11 +58,13 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "hunyuanvideo15": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "hunyuanvideo15_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "cogvideox": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
-        "hunyuanvideo": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"]}
+        "hunyuanvideo": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
+        "flux2": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "flux2_klein": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
          "qwenimage": "images", "qwenimage_edit": "images", "wan_i2v": "videos", "sd3": "images",
          "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos",
-         "cogvideox": "videos", "hunyuanvideo": "videos"}
+         "cogvideox": "videos", "hunyuanvideo": "videos", "flux2": "images", "flux2_klein": "images"}
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1,
@@ -110,7 +112,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
                            ("qwenimage_edit", 1), ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1),
                            ("hunyuanvideo15", 1),
-                           ("hunyuanvideo15_i2v", 1), ("cogvideox", 1), ("hunyuanvideo", 1)):
+                           ("hunyuanvideo15_i2v", 1), ("cogvideox", 1), ("hunyuanvideo", 1), ("flux2", 1),
+                           ("flux2_klein", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
         files = write_media(media, MEDIA[family], references=find_family(family).reference)
@@ -129,7 +132,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage",
                                     "qwenimage_edit", "wan_i2v",
                                     "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox",
-                                    "hunyuanvideo"])
+                                    "hunyuanvideo", "flux2", "flux2_klein"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
     case = made[family]
     cache = LatentCache(case["cache"])
@@ -179,6 +182,8 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         edits_as_the_pipeline_does(case, cache)
     if family == "cogvideox":  # the call's prompt (T5 padded to 226, no mask) and the VAE's mode times its scaling factor
         encodes_as_the_pipeline_does(case, cache)
+    if family in ("flux2", "flux2_klein"):
+        flux2_as_the_pipeline_does(family, case, cache)
     if family == "chroma":  # the prompt's tokens and the first padding token attend (ChromaPipeline's own mask)
         mask = sample["prompt_attention_mask"]
         assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
@@ -255,6 +260,41 @@ def edits_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None
         assert torch.equal(cached["prompt_embeds"][mask], embeds[0]), "the cached prompt is not the pipeline's"
         tokens, _ = chosen.image_tokens(pipeline.transformer, cached["reference_latents"])
         assert torch.equal(tokens, image_latents), "the cached reference is not the pipeline's image latents"
+
+
+def flux2_as_the_pipeline_does(family: str, case: dict[str, Any], cache: LatentCache) -> None:
+    """Flux.2's (and Klein's) cache holds, for one sample of each bucket, what the pipeline computes: the image's
+    latents as its ``prepare_image_latents`` makes tokens of an image (2x2 patches, BatchNorm-normalised), the
+    caption's 512 stacked text-encoder states (``encode_prompt``: Mistral3's, Klein's Qwen3's); and the family's
+    velocity is the transformer called as the pipeline's loop calls it on those latents (``prepare_latents``' ids,
+    ``encode_prompt``'s text ids, the guidance: Flux2Pipeline's scale, Klein's none), exactly."""
+    from recipe.media import Bucket, to_pixels
+
+    chosen = find_family(family)
+    pipeline = family_pipeline(family).from_pretrained(case["pipeline"])
+    guidance = torch.full([1], 3.5) if family == "flux2" else None
+    samples = sorted((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
+                     key=lambda sample: sample["file"])  # LatentCache's order
+    factor = chosen.spatial_multiple(pipeline)  # pixels per cached latent pixel
+    firsts = {tuple(cache.shape(i)[-2:]): i for i in reversed(range(len(cache)))}
+    assert set(firsts) == {(16, 16), (12, 20)}, firsts
+    for (rows, cols), index in firsts.items():
+        cached, sample = cache[index], samples[index]
+        channels, height, width = cached["latents"].shape[1], factor * rows, factor * cols
+        pixels = to_pixels(read_frames(case["media"] / sample["file"]), Bucket(1, height, width))  # as prepare.py
+        t = torch.tensor([0.6])
+        with torch.no_grad():
+            tokens, _ = pipeline.prepare_image_latents([pixels], 1, None, "cpu", torch.float32)
+            embeds, text_ids = pipeline.encode_prompt(sample["caption"])
+            packed, image_ids = pipeline.prepare_latents(1, channels // 4, height, width, torch.float32, "cpu", None,
+                                                         latents=cached["latents"])
+            theirs = pipeline.transformer(hidden_states=packed, encoder_hidden_states=embeds, timestep=t,
+                                          guidance=guidance, txt_ids=text_ids, img_ids=image_ids).sample
+            ours = chosen.velocity(pipeline.transformer, cached["latents"][None], t,
+                                   {"prompt_embeds": cached["prompt_embeds"][None]}, 3.5)
+        assert torch.equal(tokens[0], cached["latents"][0].flatten(1).T), "the cached latents are not the pipeline's"
+        assert torch.equal(cached["prompt_embeds"], embeds[0]), "the cached prompt is not the pipeline's"
+        assert torch.equal(ours[:, 0].flatten(2).transpose(1, 2), theirs), "the velocity is not the pipeline's call"
 
 
 @pytest.mark.timeout(300)
@@ -534,7 +574,8 @@ TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5,
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
              "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
              "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}, "cogvideox": {"grads": 1e-5, "updates": 1e-4},
-             "hunyuanvideo": {"grads": 1e-5, "updates": 5e-5}}
+             "hunyuanvideo": {"grads": 1e-5, "updates": 5e-5}, "flux2": {"grads": 1e-5, "updates": 5e-5},
+             "flux2_klein": {"grads": 1e-5, "updates": 5e-5}}
 
 
 # Under SGD a step is the learning rate times the gradient: no sign-like first steps amplify rounding noise, so
