@@ -68,8 +68,14 @@ BUCKETS: dict[bool, dict[str, list]] = {
 }
 GOOD_FILES = {False: 160, True: 64}  # captioned, decodable files per folder (the fixture writes 6 and 4)
 # The published transformers whose configuration differs from its class's real configuration in fixtures/dits:
-# Wan2.1-I2V-14B (transformer/config.json) takes the condition's channels and a CLIP image embedding.
-PUBLISHED: dict[str, dict[str, Any]] = {"wan_i2v": {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}}
+# Wan2.1-I2V-14B (transformer/config.json) takes the condition's channels and a CLIP image embedding; FLUX.2 [klein]
+# 4B is Flux.2's transformer (whose defaults are FLUX.2 [dev]'s) at 24 heads, 5 + 20 blocks, Qwen3-4B's three stacked
+# layers (3 x 2560) and no guidance embedding.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "wan_i2v": {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
+    "flux2_klein": {"num_attention_heads": 24, "num_layers": 5, "num_single_layers": 20, "joint_attention_dim": 7680,
+                    "guidance_embeds": False},
+}
 CACHE_RUNS = 2
 THREADS = 1  # torch intra-op threads for the whole run
 RANKS = (0, 4, 16)
@@ -458,7 +464,8 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
         "",
         "Each family's transformer at its class's real configuration in `fixtures/dits` (the one "
         "`tests/test_real_configs.py` resolves plans for; Flux Kontext shares Flux.1-dev's, Wan image-to-video is "
-        f"Wan2.1-I2V-14B's: {PUBLISHED['wan_i2v']} over Wan's), built on the meta device in bfloat16, fully trained "
+        f"Wan2.1-I2V-14B's: {PUBLISHED['wan_i2v']} over Wan's; Flux.2 Klein is FLUX.2 [klein] 4B's: "
+        f"{PUBLISHED['flux2_klein']} over Flux.2's), built on the meta device in bfloat16, fully trained "
         f"or with LoRA r={FAMILY_RANK} on {targets}; bytes counted as in the Flux.1-dev table.",
         "",
         *families_table(published),
