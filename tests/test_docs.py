@@ -61,7 +61,7 @@ def test_the_families_table_is_the_one_its_results_file_makes_and_covers_every_f
 FIGURE = re.compile(r"(?<![\w.\-/])(\d+(?:\.\d+)?(?:e-?\d+)?)( ?k| ?B\b|x| ?%| ?s\b| ?ms\b| ?[KMG]iB| TFLOP/s)?(?![\w/])")
 # A number that names a version or a model (torch 2.13, Wan 2.2, HunyuanVideo 1.5) is not a figure.
 NAMED = re.compile(r"\b(?:Python|torch|diffusers|lightning|Lightning|accelerate|Accelerate|peft|Wan|HunyuanVideo|"
-                   r"Qwen|Kandinsky|Lumina|LTX|Cosmos|Sana|CUDA)[\s-]v?\d+(?:\.\d+)*")
+                   r"Qwen|Kandinsky|Lumina|LTX|Cosmos|Sana|CogVideoX|CUDA)[\s-]v?\d+(?:\.\d+)*")
 SCALES = {"k": (1e3, 1024), "B": (1e9,), "%": (1, 0.01)}
 
 
