@@ -1,7 +1,8 @@
-"""Every fine-tuning family, measured: LoRA from its cache under context parallelism against one process.
+"""Every fine-tuning family, measured: LoRA and full fine-tuning from its cache under CP against one process.
 
     python -m benchmarks.families                    # writes benchmarks/results/families.{json,md} and the README's table
     python -m benchmarks.families --families ltx,wan # measures these again, keeps the others' rows from the results
+    python -m benchmarks.families --parts full       # measures only full fine-tuning (parts: lora, full, train_py)
 
 For each family of ``recipe/families/`` its tiny offline pipeline (``fixtures/pipelines.py``) caches
 the fixture's captioned folder (``fixtures/media.py``; with reference images for edit families) with
@@ -11,7 +12,8 @@ on one process (``tests/test_finetune.py``'s ``cache_fit`` and ``one_process``).
 optimizer and layout, worst over ranks: the loss's relative error over the steps, the first step's
 gradient error relative to the gradient's norm per tensor, and the update's error relative to the
 update's norm per tensor. A layout is *verified* when both are within ``tests/test_finetune.py``'s
-bound for the family and optimizer, under both optimizers. Then ``train.py`` trains LoRA from the cache
+bound for the family and optimizer, under both optimizers. Full fine-tuning (LoRA rank 0: every weight
+trains) is measured the same way under ring 2. Then ``train.py`` trains LoRA from the cache
 under ring 2 with validation samples (``tests/test_finetune.py``'s ``train_py_round_trip``): the
 samples are logged to the W&B run, and the saved adapters load into the pipeline with the family's
 loader and generate what the run's last sample showed, not what the base model generates
@@ -36,6 +38,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from launcher import run_distributed  # noqa: E402
 from test_finetune import (  # noqa: E402
+    LORA,
     MEDIA,
     OPTIMIZERS,
     cache_fit,
@@ -48,11 +51,14 @@ from test_finetune import (  # noqa: E402
 
 from benchmarks.readme import DOCS, replace_section  # noqa: E402
 from recipe.families import FAMILIES  # noqa: E402
+from recipe.lora import LoraSettings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TRIPS = RESULTS / "families_train_py.json"  # per family: train.py's round trip
 LAYOUTS = {"ring 2": ({"ring_degree": 2}, 2), "ulysses 2 x dp 2": ({"ulysses_degree": 2}, 4)}
 TRAIN_PY_LAYOUT = "parallel.ring_degree=2"  # train.py's run: ring 2 (2 processes)
+FULL_LAYOUT = "ring 2"  # full fine-tuning: the same path as LoRA with every weight trained, under one layout
+PARTS = ("lora", "full", "train_py")
 START, END = "<!-- families table: python -m benchmarks.families -->", "<!-- end of families table -->"
 
 
@@ -73,8 +79,25 @@ def worst_errors(results: list[dict[str, Any]], reference: dict[str, Any]) -> di
     return worst
 
 
-def measure(name: str, folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The family's rows (one per optimizer and layout) and its train.py round trip."""
+def compare(name: str, pipeline: Path, cache: Path, optimizer: str, layout: str, training: str) -> dict[str, Any]:
+    """One row: ``training`` (LoRA, or full fine-tuning) from the cache under ``layout`` against one process."""
+    degrees, world = LAYOUTS[layout]
+    lora = LORA if training == "LoRA" else LoraSettings(rank=0)
+    results = run_distributed(cache_fit, world, name, str(pipeline), str(cache), degrees, None, None, None,
+                              optimizer, lora, init_process_group=False, timeout=600)
+    reference = one_process(name, str(pipeline), str(cache), results[0]["dp"], None, optimizer, lora)
+    errors = worst_errors(results, reference)
+    bound = tolerance(name, optimizer)
+    verified = errors["gradient"] <= bound["grads"] and errors["update"] <= bound["updates"]
+    row = {"family": name, "training": training, "optimizer": optimizer, "layout": layout, **errors, "bound": bound,
+           "verified": verified}
+    print(row, flush=True)
+    return row
+
+
+def measure(name: str, folder: Path, parts: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The family's rows (LoRA: one per optimizer and layout; full fine-tuning: one per optimizer under
+    FULL_LAYOUT) and its train.py round trip, of the ``parts`` asked for."""
     from fixtures.media import write_media
     from fixtures.pipelines import build_tiny_pipeline
 
@@ -84,84 +107,93 @@ def measure(name: str, folder: Path) -> tuple[list[dict[str, Any]], dict[str, An
     made = prepare(name, pipeline, media, cache)
     if made.returncode:
         raise RuntimeError(f"prepare.py failed for {name}:\n{made.stderr[-3000:]}")
-    case = {"pipeline": pipeline, "media": media, "files": files, "cache": cache}
-    run = folder / f"{name}_train_py"
-    run.mkdir()
-    problems = round_trip_problems(train_py_round_trip(name, case, run, TRAIN_PY_LAYOUT), FAMILIES[name].video)
-    trip = {"layout": TRAIN_PY_LAYOUT, "problems": problems, "verified": not problems}
-    print(name, "train.py", trip, flush=True)
-    rows = []
-    for optimizer in OPTIMIZERS:
-        for layout, (degrees, world) in LAYOUTS.items():
-            results = run_distributed(cache_fit, world, name, str(pipeline), str(cache), degrees, None, None, None,
-                                      optimizer, init_process_group=False, timeout=600)
-            reference = one_process(name, str(pipeline), str(cache), results[0]["dp"], None, optimizer)
-            errors = worst_errors(results, reference)
-            bound = tolerance(name, optimizer)
-            verified = errors["gradient"] <= bound["grads"] and errors["update"] <= bound["updates"]
-            rows.append({"family": name, "optimizer": optimizer, "layout": layout, **errors, "bound": bound,
-                         "verified": verified})
-            print(rows[-1], flush=True)
+    trip = None
+    if "train_py" in parts:
+        case = {"pipeline": pipeline, "media": media, "files": files, "cache": cache}
+        run = folder / f"{name}_train_py"
+        run.mkdir()
+        problems = round_trip_problems(train_py_round_trip(name, case, run, TRAIN_PY_LAYOUT), FAMILIES[name].video)
+        trip = {"layout": TRAIN_PY_LAYOUT, "problems": problems, "verified": not problems}
+        print(name, "train.py", trip, flush=True)
+    rows = [compare(name, pipeline, cache, optimizer, layout, "LoRA")
+            for optimizer in OPTIMIZERS for layout in LAYOUTS if "lora" in parts]
+    rows += [compare(name, pipeline, cache, optimizer, FULL_LAYOUT, "full")
+             for optimizer in OPTIMIZERS if "full" in parts]
     return rows, trip
 
 
 def table(rows: list[dict[str, Any]], trips: dict[str, dict[str, Any]]) -> str:
-    """The README's families table: one line per family, the layouts verified under both optimizers, worst errors,
-    and whether train.py's samples and adapters did what the pipeline does."""
+    """The README's families table: one line per family, the layouts LoRA is verified under with both optimizers,
+    worst errors, full fine-tuning's update errors, and whether train.py's samples and adapters did what the
+    pipeline does."""
     lines = ["| `model=` | pipeline | task | layouts verified with SGD and AdamW (LoRA vs one process) | worst gradient "
-             "error | worst update error (SGD / AdamW) | `train.py` (ring 2): samples logged, adapters reload |",
-             "|---|---|---|---|---|---|---|"]
+             "error | worst update error (SGD / AdamW) | full fine-tuning, ring 2: update error (SGD / AdamW) | "
+             "`train.py` (ring 2): samples logged, adapters reload |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in sorted({row["family"] for row in rows}):
-        mine = [row for row in rows if row["family"] == name]
+        mine = [row for row in rows if row["family"] == name and row["training"] == "LoRA"]
+        full = {row["optimizer"]: row for row in rows if row["family"] == name and row["training"] == "full"}
         layouts = [layout for layout in LAYOUTS
                    if all(row["verified"] for row in mine if row["layout"] == layout)
                    and {row["optimizer"] for row in mine if row["layout"] == layout} == set(OPTIMIZERS)]
         updates = " / ".join(f"{max(r['update'] for r in mine if r['optimizer'] == o):.1e}" for o in ("sgd", "adamw"))
+        full_updates = " / ".join(f"{full[o]['update']:.1e}" + ("" if full[o]["verified"] else " (over its bound)")
+                                  for o in ("sgd", "adamw") if o in full) or "not measured"
         lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {FAMILIES[name].task} | "
                      f"{'; '.join(layouts) or 'none'} | {max(r['gradient'] for r in mine):.1e} | {updates} | "
-                     f"{'yes' if trips[name]['verified'] else 'no'} |")
+                     f"{full_updates} | {'yes' if trips[name]['verified'] else 'no'} |")
     return "\n".join(lines)
 
 
 def row_line(r: dict[str, Any]) -> str:
     errors = f"{r['loss']:.1e} | {r['gradient']:.1e} | {r['update']:.1e}"
     bound = f"{r['bound']['grads']:.0e} / {r['bound']['updates']:.0e}"
-    return (f"| {r['family']} | {FAMILIES[r['family']].task} | {r['optimizer']} | {r['layout']} | {errors} | {bound} | "
-            f"{'yes' if r['verified'] else 'no'} |")
+    return (f"| {r['family']} | {FAMILIES[r['family']].task} | {r['training']} | {r['optimizer']} | {r['layout']} | "
+            f"{errors} | {bound} | {'yes' if r['verified'] else 'no'} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", help="comma-separated families to measure (default: every family)")
-    chosen = parser.parse_args().families
-    names = sorted(FAMILIES) if chosen is None else sorted(chosen.split(","))
-    unknown = set(names) - set(FAMILIES)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to measure (default: {','.join(PARTS)}); the rest are kept")
+    args = parser.parse_args()
+    names = sorted(FAMILIES) if args.families is None else sorted(args.families.split(","))
+    parts = set(args.parts.split(","))
+    unknown = (set(names) - set(FAMILIES)) | (parts - set(PARTS))
     if unknown:
-        raise SystemExit(f"--families: {sorted(unknown)} are not families ({', '.join(sorted(FAMILIES))})")
-    kept = [] if chosen is None else [row for row in json.loads((RESULTS / "families.json").read_text())
-                                      if row["family"] not in names and row["family"] in FAMILIES]
-    trips = {} if chosen is None else {family: trip for family, trip in json.loads(TRIPS.read_text()).items()
-                                       if family not in names and family in FAMILIES}
+        raise SystemExit(f"{sorted(unknown)} are not families ({', '.join(sorted(FAMILIES))}) or parts ({PARTS})")
+    everything = args.families is None and parts == set(PARTS)
+    measured_part = {"LoRA": "lora", "full": "full"}
+    kept = [] if everything else [row for row in json.loads((RESULTS / "families.json").read_text())
+                                  if row["family"] in FAMILIES
+                                  and (row["family"] not in names or measured_part[row["training"]] not in parts)]
+    trips = {} if everything else {family: trip for family, trip in json.loads(TRIPS.read_text()).items()
+                                   if family in FAMILIES and (family not in names or "train_py" not in parts)}
     measured = []
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            family_rows, trips[name] = measure(name, Path(folder))
+            family_rows, trip = measure(name, Path(folder), parts)
             measured += family_rows
-    rows = sorted(kept + measured, key=lambda row: row["family"])  # each family's layouts in measuring order
+            if trip is not None:
+                trips[name] = trip
+    # each family's rows: LoRA then full fine-tuning, each in measuring order
+    rows = sorted(kept + measured, key=lambda row: (row["family"], row["training"] != "LoRA"))
     (RESULTS / "families.json").write_text(json.dumps(rows, indent=1))
     TRIPS.write_text(json.dumps(dict(sorted(trips.items())), indent=1))
     report = "\n".join([
-        "# Fine-tuning families: LoRA from the cache under context parallelism vs one process",
+        "# Fine-tuning families: LoRA and full fine-tuning from the cache under context parallelism vs one process",
         "",
         f"`python -m benchmarks.families` on {platform.machine()}, torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, gloo, float32. Each family's tiny offline pipeline caches the fixture's folder "
         "(`prepare.py`), then LoRA (rank 4) trains 3 steps from the cache with SGD and with AdamW under each layout and on "
-        "one process. "
+        f"one process, and full fine-tuning (every weight) the same way under {FULL_LAYOUT}. "
         "Errors are the worst over ranks: loss relative to the loss, gradients (first step) and updates relative to "
         "their norm per tensor. Verified: within `tests/test_finetune.py`'s bounds (gradient / update) for the family.",
         "",
-        "| family | task | optimizer | layout | loss | gradient | update | bound (gradient / update) | verified |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | task | training | optimizer | layout | loss | gradient | update | bound (gradient / update) | "
+        "verified |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(row_line(r) for r in rows),
         "",
         f"`train.py` from the cache under ring 2 ({TRAIN_PY_LAYOUT}), 3 steps, validation samples every 2: "
