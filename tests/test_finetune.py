@@ -433,7 +433,8 @@ def test_wan_2_2_ti2v_image_to_video_gives_the_first_frame_clean_as_the_pipeline
     results = run_distributed(cache_fit, 2, "wan_i2v", str(pipeline_dir), str(cache), {"ring_degree": 2}, None, None,
                               None, "sgd", init_process_group=False, timeout=400)
     reference = one_process("wan_i2v", str(pipeline_dir), str(cache), 1, None, "sgd")
-    check_against_one_process(results, reference, "wan 2.2 ti2v image-to-video, ring 2", tolerance("wan_i2v", "sgd"))
+    check_against_one_process(results, reference, "wan 2.2 ti2v image-to-video, ring 2", tolerance("wan_i2v", "sgd"),
+                              "sgd")
 
 
 def test_cogvideox_trains_v_prediction_as_its_fine_tuning_scripts(made: dict[str, Any]) -> None:
@@ -597,19 +598,41 @@ def tolerance(family: str, optimizer: str) -> dict[str, float]:
     return bound if optimizer == "adamw" else {"grads": bound["grads"], "updates": SGD_UPDATES.get(family, 5e-5)}
 
 
+def rounding_noise(grads: dict[str, torch.Tensor], tolerance: float) -> set[str]:
+    """The weights whose gradient is zero but for rounding: within ``tolerance`` of the largest gradient's norm.
+
+    A key projection's bias is one (full fine-tuning): it shifts every key's score of a query alike, which softmax
+    ignores, so one process and a parallel layout each get float noise there (measured 6e-12 against gradients of
+    0.4), and its relative error says nothing. Its gradient is held to the tolerance of the largest instead; under
+    SGD its update is as small as its gradient, under AdamW a step of about ``lr`` whose sign the noise decides."""
+    largest = max(float(torch.linalg.vector_norm(grad)) for grad in grads.values())
+    return {name for name, grad in grads.items() if 0 < float(torch.linalg.vector_norm(grad)) <= tolerance * largest}
+
+
 def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
-                              tolerance: dict[str, float]) -> None:
+                              tolerance: dict[str, float], optimizer: str = "adamw") -> None:
     dp = results[0]["dp"]
     per_replica = len(results) // dp
+    noise = rounding_noise(reference["grads"], tolerance["grads"])
+    largest = max(float(torch.linalg.vector_norm(grad)) for grad in reference["grads"].values())
+    largest_update = max(float(torch.linalg.vector_norm(reference["after"][name] - before))
+                         for name, before in results[0]["before"].items())
     for rank, result in enumerate(results):
         replica = rank // per_replica
         losses = [step[replica] for step in reference["losses"]]
         assert result["losses"] == pytest.approx(losses, rel=1e-5), f"{what} rank {rank}: losses"
         for name, grad in reference["grads"].items():  # exactly zero where it must be (lora_A: B starts at 0)
             error = float(torch.linalg.vector_norm(result["grads"][name] - grad))
-            assert error <= tolerance["grads"] * float(torch.linalg.vector_norm(grad)), f"{what} rank {rank}: grad {name}"
+            scale = largest if name in noise else float(torch.linalg.vector_norm(grad))
+            assert error <= tolerance["grads"] * scale, f"{what} rank {rank}: grad {name}"
         for name, before in result["before"].items():  # AdamW: an entry with a near-zero gradient still moves
             # by about lr, in a direction float noise decides, so updates are compared by norm
+            if name in noise and optimizer == "adamw":
+                continue
+            if name in noise:  # SGD: a step of the gradient's (noise) size, held to the largest step's tolerance
+                assert float(torch.linalg.vector_norm(result["after"][name] - reference["after"][name])) <= \
+                    tolerance["updates"] * largest_update, f"{what} rank {rank}: {name}"
+                continue
             assert_update_close(result["after"][name], reference["after"][name], before, tolerance["updates"], STEPS,
                                 f"{what} rank {rank}: {name}", norm=True)
 
@@ -634,7 +657,7 @@ def test_lora_from_the_cache_matches_one_process(made: dict[str, Any], family: s
                               None, optimizer, init_process_group=False, timeout=400)
     reference = one_process(family, str(case["pipeline"]), str(case["cache"]), results[0]["dp"], None, optimizer)
     check_against_one_process(results, reference, f"{family} {optimizer} {layout} x dp {results[0]['dp']}",
-                              tolerance(family, optimizer))
+                              tolerance(family, optimizer), optimizer)
 
 
 @pytest.mark.timeout(600)
@@ -648,7 +671,8 @@ def test_full_fine_tuning_from_the_cache_matches_one_process(made: dict[str, Any
                               None, None, None, "sgd", full, init_process_group=False, timeout=600)
     reference = one_process("qwenimage", str(case["pipeline"]), str(case["cache"]), results[0]["dp"], None, "sgd", full)
     assert len(reference["grads"]) > 50, "not every weight trained"  # LoRA trains the attention projections' adapters
-    check_against_one_process(results, reference, "qwenimage full fine-tuning sgd ring 2", tolerance("qwenimage", "sgd"))
+    check_against_one_process(results, reference, "qwenimage full fine-tuning sgd ring 2", tolerance("qwenimage", "sgd"),
+                              "sgd")
 
 
 @pytest.fixture(scope="module")
