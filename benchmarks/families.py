@@ -86,7 +86,8 @@ def worst_errors(results: list[dict[str, Any]], reference: dict[str, Any], bound
             if name in noise and optimizer == "adamw":
                 continue
             update, expected = result["after"][name] - before, updates[name]
-            scale = largest_update if name in noise else float(expected.norm())
+            # a weight no step moves (its gradient exactly zero: a branch the model leaves unused) must stay put
+            scale = largest_update if name in noise or float(expected.norm()) == 0 else float(expected.norm())
             worst["update"] = max(worst["update"], float((update - expected).norm()) / scale)
     return worst
 
