@@ -189,14 +189,19 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert mask.shape == (512,) and 2 <= int(mask.sum()) < 512 and bool(mask[: int(mask.sum())].all())
 
 
+def cached_samples(cache: Path) -> list[dict[str, Any]]:
+    """The cache's samples' records (file, caption, shape) in ``LatentCache``'s order: by source file."""
+    return sorted((sample for shard in shard_files(cache) for sample in shard_samples(shard)),
+                  key=lambda sample: sample["file"])
+
+
 def encodes_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None:
     """CogVideoX's cache holds, for its first sample, what ``CogVideoXPipeline`` computes: the prompt its
     ``encode_prompt`` gives the call, and the latents its ``decode_latents`` turns back into the clip, exactly."""
     from recipe.media import choose_bucket, to_pixels
 
     pipeline = family_pipeline("cogvideox").from_pretrained(case["pipeline"])
-    sample = min((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
-                 key=lambda sample: sample["file"])  # LatentCache's first
+    sample = cached_samples(case["cache"])[0]
     cached = cache[0]
     frames = read_frames(case["media"] / sample["file"])
     pixels = to_pixels(frames, choose_bucket(frames, [(32, 32), (32, 48)], [1, 5]))
@@ -214,8 +219,7 @@ def prompts_as_hunyuanvideo_encodes_them(case: dict[str, Any], cache: LatentCach
     the turn's end (the fixture's tokenizer keeps each word one token), marked at the start of the mask; CLIP's
     pooled embedding."""
     pipeline = family_pipeline("hunyuanvideo").from_pretrained(case["pipeline"])
-    samples = sorted((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
-                     key=lambda sample: sample["file"])  # LatentCache's order
+    samples = cached_samples(case["cache"])
     for index, sample in enumerate(samples):
         cached = cache[index]
         with torch.no_grad():
@@ -236,8 +240,7 @@ def edits_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None
 
     chosen = find_family("qwenimage_edit")
     pipeline = family_pipeline("qwenimage_edit").from_pretrained(case["pipeline"])
-    samples = sorted((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
-                     key=lambda sample: sample["file"])  # LatentCache's order
+    samples = cached_samples(case["cache"])
     # the buckets' sizes the pipeline resizes to: 1024 x 1024 for a square image, 1312 x 800 for a 80 x 48 one
     sizes = {(8, 8): (1024, 1024), (6, 10): (800, 1312)}
     firsts = {tuple(cache.shape(i)[-2:]): i for i in reversed(range(len(cache)))}
@@ -273,8 +276,7 @@ def flux2_as_the_pipeline_does(family: str, case: dict[str, Any], cache: LatentC
     chosen = find_family(family)
     pipeline = family_pipeline(family).from_pretrained(case["pipeline"])
     guidance = torch.full([1], 3.5) if family == "flux2" else None
-    samples = sorted((sample for shard in shard_files(case["cache"]) for sample in shard_samples(shard)),
-                     key=lambda sample: sample["file"])  # LatentCache's order
+    samples = cached_samples(case["cache"])
     factor = chosen.spatial_multiple(pipeline)  # pixels per cached latent pixel
     firsts = {tuple(cache.shape(i)[-2:]): i for i in reversed(range(len(cache)))}
     assert set(firsts) == {(16, 16), (12, 20)}, firsts

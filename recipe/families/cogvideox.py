@@ -33,7 +33,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel, DiffusionPipeline, ModelMixin
 
 from cp_plugin.compat import cogvideox_rotary_embeddings
-from recipe.families.family import Family, video_latents, video_tokens
+from recipe.families.family import Family, scaled_video_latents, video_tokens
 
 # The demo model (no pretrained weights): CogVideoX-5B's layout (rotary positions), text joined before the video.
 TINY_COGVIDEOX: dict[str, Any] = {
@@ -85,8 +85,7 @@ class CogVideoX(Family):
         return pipeline.vae_scale_factor_temporal
 
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        latents = video_latents(pipeline, pixels)[0] * pipeline.vae.config.scaling_factor  # (C, F', H', W')
-        return latents.transpose(0, 1)
+        return scaled_video_latents(pipeline, pixels)
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS,

@@ -54,6 +54,12 @@ def video_latents(pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Te
     return vae.encode(video).latent_dist.mode()
 
 
+def scaled_video_latents(pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+    """``latent_dist.mode() * scaling_factor`` of pixels ``(F, 3, H, W)``, as ``(F', C, H', W')``: the latents of the
+    pipelines whose decode only divides by the scaling factor (HunyuanVideo, HunyuanVideo 1.5, CogVideoX)."""
+    return (video_latents(pipeline, pixels)[0] * pipeline.vae.config.scaling_factor).transpose(0, 1)
+
+
 def video_tokens(latent_shape: tuple[int, ...], patch_t: int, patch_h: int, patch_w: int) -> int:
     """The tokens a video transformer makes of latents ``(F, C, H, W)`` in patches of ``patch_t x patch_h x patch_w``."""
     frames, _, height, width = latent_shape

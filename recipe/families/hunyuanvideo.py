@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, HunyuanVideoTransformer3DModel, ModelMixin
 
-from recipe.families.family import Family, unmasked, video_latents, video_tokens
+from recipe.families.family import Family, scaled_video_latents, unmasked, video_tokens
 
 # The demo model (no pretrained weights): dual- then single-stream blocks over video and refined text tokens.
 TINY_HUNYUANVIDEO: dict[str, Any] = {
@@ -55,8 +55,7 @@ class HunyuanVideo(Family):
         return pipeline.vae_scale_factor_temporal
 
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        latents = video_latents(pipeline, pixels)[0] * pipeline.vae.config.scaling_factor  # (C, F', H', W')
-        return latents.transpose(0, 1)
+        return scaled_video_latents(pipeline, pixels)
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, mask = pipeline.encode_prompt(prompts, device=pipeline.device, max_sequence_length=TEXT_TOKENS)

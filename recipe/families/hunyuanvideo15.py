@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, HunyuanVideo15Transformer3DModel, ModelMixin
 
-from recipe.families.family import Family, unmasked, video_latents, video_tokens
+from recipe.families.family import Family, scaled_video_latents, unmasked, video_tokens
 
 # The demo model (no pretrained weights): 4 latent channels, condition and mask channels, both text encoders.
 TINY_HUNYUANVIDEO15: dict[str, Any] = {
@@ -59,8 +59,7 @@ class HunyuanVideo15(Family):
         return (2 * channels + 1,)  # the noisy latents, the (zero) condition latents, the (zero) mask channel
 
     def encode_pixels(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        latents = video_latents(pipeline, pixels)[0] * pipeline.vae.config.scaling_factor  # (C, F', H', W')
-        return latents.transpose(0, 1)
+        return scaled_video_latents(pipeline, pixels)
 
     def encode_prompts(self, pipeline: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, mask, embeds_2, mask_2 = pipeline.encode_prompt(prompts, device=pipeline.device,
