@@ -167,6 +167,10 @@ class ContextParallelPlugin(SequenceShards):
             )
         # raises on every rank before any collective; "auto" degrees come from the models prepared first
         self.core.validate(accelerator.num_processes, modules=modules, device_type=accelerator.device.type)
+        if accelerator.num_processes == 1 and not torch.distributed.is_initialized():
+            # `python loop.py`: Accelerate makes no process group for one process; the mesh needs one, of one rank
+            backend = "cpu:gloo,cuda:nccl" if accelerator.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
         mesh = self.core.start(accelerator.device)
         wrap_accelerator(accelerator, "gather", lambda _: functools.partial(gather_over_dp, mesh))
         wrap_accelerator(accelerator, "skip_first_batches", self._skip_first_batches)
