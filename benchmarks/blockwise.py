@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.loopback import LoopbackRing
 from benchmarks.measure import PeakMemory
+from benchmarks.provenance import describe
 from cp_plugin.attention.ring import _RingAttention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,7 +135,7 @@ def report(rows: list[dict], args: argparse.Namespace, device: torch.device, com
     lines = [
         f"# The library's ring attention (one rank, loopback ring) vs one fused SDPA, {name}",
         "",
-        f"`{command}`; torch {torch.__version__}, {args.dtype}, batch {args.batch}, {args.heads} heads x "
+        f"{describe(command, device)} {args.dtype}, batch {args.batch}, {args.heads} heads x "
         f"{args.head_dim}, last {args.masked_keys:g} of the keys masked; forward + backward of ring rank 0's S/r "
         f"queries over S keys with `_RingAttention` (KV blocks handed over by local copies); median of "
         f"{args.repeats} [min-max]. Efficiency = fused time / ring time (target >= 0.9 on GPU). Peak: bytes "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 from benchmarks.launch import relaunch_under_torchrun
+from benchmarks.provenance import describe
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh, checkpoint
 from cp_plugin.fsdp import full_model_state, full_optimizer_state, shard_module
@@ -142,8 +142,7 @@ def report(rows: dict[str, dict[str, Any]], files: dict[str, int], model_bytes: 
         "# Rank 0's peak memory during an FSDP2 checkpoint save: sharded (DCP) vs one file",
         "",
         (
-            f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, gloo; wide Flux of benchmarks/worker.py with {args.layers} double-stream blocks "
+            f"{describe(command)} gloo; wide Flux of benchmarks/worker.py with {args.layers} double-stream blocks "
             f"({model_bytes / MIB:.1f} MiB of fp32 weights, {3 * model_bytes / MIB:.1f} MiB with AdamW's two moments), "
             f"FSDP2 over {world} ranks (ring {args.ring} x dp {world // args.ring}), saved after one AdamW step, "
             "both ways in the same run (sharded first). *Resident*: growth of rank 0's resident high-water mark "

@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks.provenance import describe
 from benchmarks.run import launch, summarize
 
 LAYOUTS = {1: ["single", "single+ckpt", "single+sac"],
@@ -33,7 +32,7 @@ def table(rows: list[dict[str, Any]], blocks: int, repeats: int, command: str) -
     by_name = {(r["world"], r["layout"], r["seq"]): r for r in rows}
     lines = [
         f"# Checkpoint policies: whole-block recompute vs keeping the attention outputs, {platform.machine()} CPU", "",
-        f"`{command}`; torch {torch.__version__}, Flux of {blocks}+{blocks} blocks (4 heads x 64), median of "
+        f"{describe(command)} Flux of {blocks}+{blocks} blocks (4 heads x 64), median of "
         f"{repeats} steps, worst rank. Errors are against the plain one-process step (output, gradients). Saved "
         "counts what autograd keeps (the block inputs); the attention outputs the policy keeps show in the step "
         "peak.", "",

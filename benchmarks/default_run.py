@@ -12,15 +12,13 @@ training steps, tokens/s after the first step (``throughput.json``, written by t
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from benchmarks.provenance import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +34,8 @@ def main() -> None:
     report = "\n".join([
         "# The default run: `python train.py`",
         "",
-        "`python -m benchmarks.default_run`: tiny Flux, ring attention over 2 processes, 300 steps, W&B offline.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; the figures depend on "
-        "the machine and on its load.",
+        f"{describe('python -m benchmarks.default_run')} Tiny Flux, ring attention over 2 processes, 300 steps, W&B "
+        "offline; the figures depend on the machine and on its load.",
         "",
         "| wall time of the command | seconds in training steps | image tokens/s (after step 1) | steps | "
         "loss, mean of the first / last 20 steps |",

@@ -22,8 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-import diffusers
-import torch
+from benchmarks.provenance import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
@@ -78,8 +77,7 @@ def report(rows: list[dict]) -> str:
     lines = [
         "# Every DiT case under context parallelism vs one process",
         "",
-        f"`python -m benchmarks.every_dit`; torch {torch.__version__}, diffusers {diffusers.__version__}, fp32, gloo "
-        f"on CPU; {STEPS} SGD and {STEPS} AdamW steps per case, odd text lengths (padded and masked) with part of "
+        f"{describe('python -m benchmarks.every_dit')} fp32, gloo on CPU; {STEPS} SGD and {STEPS} AdamW steps per case, odd text lengths (padded and masked) with part of "
         "one sample's text masked where the model takes a mask. Errors are the worst over ranks: loss (relative, worst "
         "step), first-step gradient (relative to the largest gradient), weight update after the steps (relative to "
         f"the parameter's update, beyond the weights' resolution; by norm under AdamW). Exact: every bound within "

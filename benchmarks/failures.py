@@ -26,6 +26,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from benchmarks.provenance import describe
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "tests" / "scripts"
 SCRIPT = {"lightning": SCRIPTS / "fail_rank.py", "accelerate": SCRIPTS / "fail_rank_accelerate.py"}
 # Long enough that a 2-core machine under load starts both ranks within it (process-group set-up
@@ -113,7 +115,7 @@ def main() -> None:
     lines = [
         "# Failure injection: rank 1 of a ring-2 training fails at step 2",
         "",
-        f"`python -m benchmarks.failures`; process-group timeout {PG_TIMEOUT_S:g} s; a checkpoint after every step.",
+        f"{describe('python -m benchmarks.failures')} Process-group timeout {PG_TIMEOUT_S:g} s; a checkpoint after every step.",
         "",
         "| launcher | failure injected | what was reported | seconds to exit (bound) | ranks left running "
         "| checkpoints written before the failure that load |",

@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import diffusers
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
@@ -50,6 +46,7 @@ from test_finetune import (  # noqa: E402
     train_py_round_trip,
 )
 
+from benchmarks.provenance import describe  # noqa: E402
 from benchmarks.readme import DOCS, replace_section  # noqa: E402
 from recipe.families import FAMILIES  # noqa: E402
 from recipe.lora import LoraSettings  # noqa: E402
@@ -197,8 +194,7 @@ def main() -> None:
     report = "\n".join([
         "# Fine-tuning families: LoRA and full fine-tuning from the cache under context parallelism vs one process",
         "",
-        f"`python -m benchmarks.families` on {platform.machine()}, torch {torch.__version__}, diffusers "
-        f"{diffusers.__version__}, gloo, float32. Each family's tiny offline pipeline caches the fixture's folder "
+        f"{describe('python -m benchmarks.families')} gloo, float32. Each family's tiny offline pipeline caches the fixture's folder "
         "(`prepare.py`), then LoRA (rank 4) trains 3 steps from the cache with SGD and with AdamW under each layout and on "
         f"one process, and full fine-tuning (every weight) the same way under {FULL_LAYOUT}. "
         "Errors are the worst over ranks: loss relative to the loss, gradients (first step) and updates relative to "

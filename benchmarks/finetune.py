@@ -26,8 +26,6 @@ Two questions the fine-tuning recipe raises before anyone runs it on a real mode
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-import peft
 import torch
 from safetensors import safe_open
 
@@ -48,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 import recipe.latents  # noqa: E402
+from benchmarks.provenance import describe, record  # noqa: E402
 from fixtures.dits import CASES  # noqa: E402
 from fixtures.media import FRAMES, write_media  # noqa: E402
 from fixtures.pipelines import build_tiny_pipeline  # noqa: E402
@@ -371,7 +369,6 @@ def families_table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
 def main(out: Path = ROOT / "benchmarks" / "results") -> None:
     """Run both parts and write ``finetune.md`` and ``finetune.json`` into ``out``."""
     start = time.perf_counter()
-    load = os.getloadavg()[0]
     # One thread: the tiny tensors gain nothing from a second one, and two OpenMP threads on 2 cores collapse
     # (about ten times slower in a trial here) as soon as anything else runs on the machine.
     torch.set_num_threads(THREADS)
@@ -394,9 +391,7 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
     report = "\n".join([
         "# Fine-tuning costs: latent-cache throughput and size, LoRA vs full fine-tuning memory",
         "",
-        f"`{COMMAND}` ({runtime:.0f} s after the imports). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; "
-        f"torch threads: {THREADS}; 1-minute load average when it started: {load:.2f} (timings depend on the "
+        f"{describe(COMMAND)} {runtime:.0f} s after the imports, torch threads: {THREADS} (timings depend on the "
         "machine and on what else runs on it).",
         "",
         f"## Latent cache (`prepare.py`'s `encode_folder`), one process, {THREADS} thread",
@@ -473,9 +468,7 @@ def main(out: Path = ROOT / "benchmarks" / "results") -> None:
         "",
     ])
     (out / "finetune.md").write_text(report)
-    raw = {"command": COMMAND, "runtime_s": runtime, "threads": THREADS, "load_average": load,
-           "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "diffusers": diffusers.__version__, "peft": peft.__version__,
+    raw = {**record(COMMAND), "runtime_s": runtime, "threads": THREADS,
            "cache": {f: [{**vars(r), "rate": r.rate, "cpu_rate": r.cpu_rate} for r in rs] for f, rs in runs.items()}, "folders": folders,
            "tiny_flux": tiny, "flux_dev": dev, "published": published}
     (out / "finetune.json").write_text(json.dumps(raw, indent=1) + "\n")

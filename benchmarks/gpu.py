@@ -37,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.blockwise import fused_step, max_rel_error, peak_bytes, ring_step, run_case, timed
+from benchmarks.provenance import describe
 from cp_plugin.attention.kernels import additive_mask, kernel_for
 from cp_plugin.memory import apply_memory_options
 from fixtures.models import tiny_flux
@@ -178,7 +179,7 @@ def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
 def report(name: str, command: str, kernels: list[dict], ring: list[dict], steps: list[dict], seconds: float) -> str:
     peak = peak_tflops(name)
     lines = [f"# GPU check: {name}", "",
-             f"`{command}`; torch {torch.__version__}, CUDA {torch.version.cuda}; {seconds:.0f} s in all.", "",
+             f"{describe(command, 'cuda' if torch.cuda.is_available() else None)} {seconds:.0f} s in all.", "",
              "## 1. Kernel exactness: the ring's blockwise path vs fused SDPA (forward and backward, ring 2)", "",
              "| dtype | key mask | kernel | max rel err (out, dq, dk, dv) | bound | verdict |", "|---|---|---|---|---|---|"]
     for r in kernels:

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks.provenance import describe
 from benchmarks.readme import DOCS, replace_section
 from benchmarks.run import launch
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
@@ -60,7 +58,7 @@ def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command
     lines = [
         "# Longest sequence per rank within a step-peak budget, memory features on and off",
         "",
-        f"`{command}` on {platform.machine()}, torch {torch.__version__}, gloo; Flux of "
+        f"{describe(command)} gloo; Flux of "
         f"{WIDE_FLUX['num_attention_heads']} heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double-stream + "
         f"{blocks} single-stream blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; budget {budget_mib:g} MiB of step "
         "peak per rank (benchmarks.measure.PeakMemory, worst rank). Tokens are image tokens of the whole sequence; "

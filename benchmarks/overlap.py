@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.launch import relaunch_under_torchrun
+from benchmarks.provenance import describe
 from cp_plugin.attention.ring import RingComm, ring_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -147,7 +148,7 @@ def report(rows: list[dict[str, float]], args: argparse.Namespace, command: str)
     world = dist.get_world_size()
     lines = [
         f"# Ring overlap: how much communication the double-buffered ring hides, {platform.machine()} CPU, gloo", "",
-        f"`{command}`; torch {torch.__version__}, {world} processes x {torch.get_num_threads()} threads, ring "
+        f"{describe(command)} {world} processes x {torch.get_num_threads()} threads, ring "
         f"{world}, {args.heads} heads x {args.head_dim}, {args.dtype}, forward + backward of "
         f"`cp_plugin.attention.ring.ring_attention`; median of {args.repeats}, worst rank. See the module docstring "
         "of `benchmarks/overlap.py` for what a CPU figure can and cannot say about a GPU.", "",

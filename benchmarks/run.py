@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.provenance import describe
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
 from cp_plugin.layout import attention_bytes_sent
 from fixtures.models import TINY_FLUX
@@ -131,8 +131,7 @@ def markdown(rows: list[dict[str, Any]], fits: dict[tuple[int, str], int], searc
     lines = [
         "# CPU benchmark: context-parallel layouts vs one process",
         "",
-        f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; model: Flux, {WIDE_FLUX['num_attention_heads']} heads x "
+        f"{describe(command)} Model: Flux, {WIDE_FLUX['num_attention_heads']} heads x "
         f"{WIDE_FLUX['attention_head_dim']}, {TINY_FLUX['num_layers']} double + {TINY_FLUX['num_single_layers']} "
         f"single blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; one forward+backward step on the same global "
         "tokens.",

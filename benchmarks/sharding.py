@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.launch import relaunch_under_torchrun
 from benchmarks.measure import storages
+from benchmarks.provenance import describe
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.fsdp import shard_module
@@ -75,8 +75,7 @@ def report(rows: list[dict[str, Any]], world: int, ring: int, seq: int, command:
         "# Sharding: parameters, gradients and AdamW state per rank, DDP vs FSDP2",
         "",
         (
-            f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__}; wide Flux of benchmarks/worker.py ({sum(rows[0]['ddp'].values()) / mib:.1f} MiB "
+            f"{describe(command)} Wide Flux of benchmarks/worker.py ({sum(rows[0]['ddp'].values()) / mib:.1f} MiB "
             f"replicated), {world} ranks as dp {world // ring} x ring {ring}, one AdamW step on {seq} tokens, fp32. "
             "FSDP2 shards over all ranks (the flattened dp x ring mesh). Bytes are the distinct storages each rank "
             "holds (padding included); DDP's gradient buckets, about one more gradient's worth, are not counted."

@@ -31,9 +31,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import diffusers
-import torch
 from diffusers import ModelMixin
 
+from benchmarks.provenance import describe
 from benchmarks.readme import DOCS, replace_section
 from cp_plugin.plans import DERIVED_OVER_OWN
 
@@ -154,8 +154,8 @@ def main() -> None:
         report = "\n".join([
             f"# diffusers {diffusers.__version__} transformers under cp_plugin",
             "",
-            f"`python -m benchmarks.support` from `benchmarks/results/every_dit.json` (`python -m benchmarks.every_dit`, "
-            f"torch {torch.__version__}): {len(lines)} classes; {summary}.",
+            f"{describe('python -m benchmarks.support')} From `benchmarks/results/every_dit.json` (`python -m "
+            f"benchmarks.every_dit`, its provenance in `every_dit.md`): {len(lines)} classes; {summary}.",
             "",
             "| class | status | plan | layouts verified | attention calls |",
             "|---|---|---|---|---|",

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks.provenance import describe
 from benchmarks.run import launch
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
 
@@ -39,7 +37,7 @@ def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
             worst[key] = r
     lines = [
         "# Tiled feed-forward networks: step time and peak memory, tiled / untiled", "",
-        f"`{command}` on {platform.machine()}, torch {torch.__version__}; Flux of {WIDE_FLUX['num_attention_heads']} "
+        f"{describe(command)} Flux of {WIDE_FLUX['num_attention_heads']} "
         f"heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double- + {blocks} single-stream blocks, {TEXT_TOKENS} "
         "text tokens, fp32; one forward+backward step, median of repeats [tiled min-max / untiled median]; peak: "
         "benchmarks.measure.PeakMemory, worst rank; errors of the tiled step against one untiled process.", "",
