@@ -27,6 +27,7 @@ import psutil
 import torch
 
 from benchmarks.provenance import describe
+from benchmarks.readme import DOCS, replace_section
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "tests" / "scripts"
 SCRIPT = {"lightning": SCRIPTS / "fail_rank.py", "accelerate": SCRIPTS / "fail_rank_accelerate.py"}
@@ -56,6 +57,7 @@ class Case:
         return f"{self.mode}-{'torchrun' if self.torchrun else 'lightning'}" + ("-accelerate" if self.adapter == "accelerate" else "")
 
 
+DOCS_START, DOCS_END = "<!-- failures table: python -m benchmarks.failures -->", "<!-- end of failures table -->"
 CASES = [
     Case("raise", False, FAILED_RANK_RECORD, 15.0),
     Case("kill", False, f"{LAUNCHER_SAW_RANK_DIE}|{PEER_VANISHED}", 20.0),  # Lightning's child watcher polls every 5 s
@@ -134,6 +136,7 @@ def main() -> None:
     out = Path("benchmarks/results/failures.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
+    replace_section(DOCS_START, DOCS_END, "\n".join(line for line in lines if line.startswith("|")), DOCS / "benchmarks.md")
     print(report)
 
 

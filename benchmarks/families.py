@@ -2,7 +2,7 @@
 
     python -m benchmarks.families                    # writes benchmarks/results/families.{json,md} and the README's table
     python -m benchmarks.families --families ltx,wan # measures these again, keeps the others' rows from the results
-    python -m benchmarks.families --parts full       # measures only full fine-tuning (parts: lora, full, train_py)
+    python -m benchmarks.families --parts full       # measures only full fine-tuning (parts: lora, full, train_py, resume)
 
 For each family of ``recipe/families/`` its tiny offline pipeline (``fixtures/pipelines.py``) caches
 the fixture's captioned folder (``fixtures/media.py``; with reference images for edit families) with
@@ -17,7 +17,9 @@ trains) is measured the same way under ring 2. Then ``train.py`` trains LoRA fro
 under ring 2 with validation samples (``tests/test_finetune.py``'s ``train_py_round_trip``): the
 samples are logged to the W&B run, and the saved adapters load into the pipeline with the family's
 loader and generate what the run's last sample showed, not what the base model generates
-(``benchmarks/results/families_train_py.json``).
+(``benchmarks/results/families_train_py.json``). Last, LoRA trains under ring 2 with a checkpoint after
+every step, and again from its first step's checkpoint: the resumed run's losses and weights must be
+the uninterrupted run's, bit for bit (``benchmarks/results/families_resume.json``).
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ from recipe.lora import LoraSettings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TRIPS = RESULTS / "families_train_py.json"  # per family: train.py's round trip
+RESUMES = RESULTS / "families_resume.json"  # per family: resuming from a mid-run checkpoint
 LAYOUTS = {"ring 2": ({"ring_degree": 2}, 2), "ulysses 2 x dp 2": ({"ulysses_degree": 2}, 4)}
 TRAIN_PY_LAYOUT = "parallel.ring_degree=2"  # train.py's run: ring 2 (2 processes)
 FULL_LAYOUT = "ring 2"  # full fine-tuning: the same path as LoRA with every weight trained, under one layout
-PARTS = ("lora", "full", "train_py")
+RESUME_LAYOUT = "ring 2"
+CHECKS = {"train_py": TRIPS, "resume": RESUMES}  # a family's checks beside its rows, each part in its own file
+PARTS = ("lora", "full", "train_py", "resume")
 START, END = "<!-- families table: python -m benchmarks.families -->", "<!-- end of families table -->"
 
 
@@ -105,9 +110,28 @@ def compare(name: str, pipeline: Path, cache: Path, optimizer: str, layout: str,
     return row
 
 
-def measure(name: str, folder: Path, parts: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def resume(name: str, pipeline: Path, cache: Path, folder: Path) -> dict[str, Any]:
+    """LoRA (AdamW) under RESUME_LAYOUT with a checkpoint after every step, then from step 1's checkpoint: how far the
+    resumed run's losses and weights are from the uninterrupted run's (exact: 0, on every rank)."""
+    degrees, world = LAYOUTS[RESUME_LAYOUT]
+    checkpoints = folder / f"{name}_checkpoints"
+    args = (name, str(pipeline), str(cache), degrees)
+    straight = run_distributed(cache_fit, world, *args, str(checkpoints), init_process_group=False, timeout=600)
+    resumed = run_distributed(cache_fit, world, *args, None, str(checkpoints / "step=1.ckpt"),
+                              init_process_group=False, timeout=600)
+    losses = max(abs(mine - theirs) for whole, second in zip(straight, resumed)
+                 for mine, theirs in zip(second["losses"], whole["losses"][1:], strict=True))
+    weights = max(float((second["after"][n] - w).abs().max()) for whole, second in zip(straight, resumed)
+                  for n, w in whole["after"].items())
+    result = {"layout": RESUME_LAYOUT, "steps_resumed": len(resumed[0]["losses"]), "loss_difference": losses,
+              "weight_difference": weights, "verified": losses == 0 and weights == 0}
+    print(name, "resume", result, flush=True)
+    return result
+
+
+def measure(name: str, folder: Path, parts: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The family's rows (LoRA: one per optimizer and layout; full fine-tuning: one per optimizer under
-    FULL_LAYOUT) and its train.py round trip, of the ``parts`` asked for."""
+    FULL_LAYOUT), and its train.py round trip and resume check by name, of the ``parts`` asked for."""
     from fixtures.media import write_media
     from fixtures.pipelines import build_tiny_pipeline
 
@@ -117,29 +141,31 @@ def measure(name: str, folder: Path, parts: set[str]) -> tuple[list[dict[str, An
     made = prepare(name, pipeline, media, cache)
     if made.returncode:
         raise RuntimeError(f"prepare.py failed for {name}:\n{made.stderr[-3000:]}")
-    trip = None
+    checks = {}
+    if "resume" in parts:
+        checks["resume"] = resume(name, pipeline, cache, folder)
     if "train_py" in parts:
         case = {"pipeline": pipeline, "media": media, "files": files, "cache": cache}
         run = folder / f"{name}_train_py"
         run.mkdir()
         problems = round_trip_problems(train_py_round_trip(name, case, run, TRAIN_PY_LAYOUT), FAMILIES[name].video)
-        trip = {"layout": TRAIN_PY_LAYOUT, "problems": problems, "verified": not problems}
-        print(name, "train.py", trip, flush=True)
+        checks["train_py"] = {"layout": TRAIN_PY_LAYOUT, "problems": problems, "verified": not problems}
+        print(name, "train.py", checks["train_py"], flush=True)
     rows = [compare(name, pipeline, cache, optimizer, layout, "LoRA")
             for optimizer in OPTIMIZERS for layout in LAYOUTS if "lora" in parts]
     rows += [compare(name, pipeline, cache, optimizer, FULL_LAYOUT, "full")
              for optimizer in OPTIMIZERS if "full" in parts]
-    return rows, trip
+    return rows, checks
 
 
-def table(rows: list[dict[str, Any]], trips: dict[str, dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], trips: dict[str, dict[str, Any]], resumes: dict[str, dict[str, Any]]) -> str:
     """The README's families table: one line per family, the layouts LoRA is verified under with both optimizers,
-    worst errors, full fine-tuning's update errors, and whether train.py's samples and adapters did what the
-    pipeline does."""
+    worst errors, full fine-tuning's update errors, whether a resumed run is the uninterrupted one, and whether
+    train.py's samples and adapters did what the pipeline does."""
     lines = ["| `model=` | pipeline | task | layouts verified with SGD and AdamW (LoRA vs one process) | worst gradient "
              "error | worst update error (SGD / AdamW) | full fine-tuning, ring 2: update error (SGD / AdamW) | "
-             "`train.py` (ring 2): samples logged, adapters reload |",
-             "|---|---|---|---|---|---|---|---|"]
+             "resumed mid-run (ring 2): bit for bit | `train.py` (ring 2): samples logged, adapters reload |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in sorted({row["family"] for row in rows}):
         mine = [row for row in rows if row["family"] == name and row["training"] == "LoRA"]
         full = {row["optimizer"]: row for row in rows if row["family"] == name and row["training"] == "full"}
@@ -151,8 +177,12 @@ def table(rows: list[dict[str, Any]], trips: dict[str, dict[str, Any]]) -> str:
                                   for o in ("sgd", "adamw") if o in full) or "not measured"
         lines.append(f"| `{name}` | {FAMILIES[name].pipeline_class_name} | {FAMILIES[name].task} | "
                      f"{'; '.join(layouts) or 'none'} | {max(r['gradient'] for r in mine):.1e} | {updates} | "
-                     f"{full_updates} | {'yes' if trips[name]['verified'] else 'no'} |")
+                     f"{full_updates} | {verdict(resumes.get(name))} | {verdict(trips.get(name))} |")
     return "\n".join(lines)
+
+
+def verdict(check: dict[str, Any] | None) -> str:
+    return "not measured" if check is None else "yes" if check["verified"] else "no"
 
 
 def row_line(r: dict[str, Any]) -> str:
@@ -178,19 +208,22 @@ def main() -> None:
     kept = [] if everything else [row for row in json.loads((RESULTS / "families.json").read_text())
                                   if row["family"] in FAMILIES
                                   and (row["family"] not in names or measured_part[row["training"]] not in parts)]
-    trips = {} if everything else {family: trip for family, trip in json.loads(TRIPS.read_text()).items()
-                                   if family in FAMILIES and (family not in names or "train_py" not in parts)}
+    checks = {part: {} if everything or not path.exists() else {
+        family: check for family, check in json.loads(path.read_text()).items()
+        if family in FAMILIES and (family not in names or part not in parts)} for part, path in CHECKS.items()}
     measured = []
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            family_rows, trip = measure(name, Path(folder), parts)
+            family_rows, family_checks = measure(name, Path(folder), parts)
             measured += family_rows
-            if trip is not None:
-                trips[name] = trip
+            for part, check in family_checks.items():
+                checks[part][name] = check
+    trips, resumes = checks["train_py"], checks["resume"]
     # each family's rows: LoRA then full fine-tuning, each in measuring order
     rows = sorted(kept + measured, key=lambda row: (row["family"], row["training"] != "LoRA"))
     (RESULTS / "families.json").write_text(json.dumps(rows, indent=1))
-    TRIPS.write_text(json.dumps(dict(sorted(trips.items())), indent=1))
+    for part, path in CHECKS.items():
+        path.write_text(json.dumps(dict(sorted(checks[part].items())), indent=1))
     report = "\n".join([
         "# Fine-tuning families: LoRA and full fine-tuning from the cache under context parallelism vs one process",
         "",
@@ -214,9 +247,17 @@ def main() -> None:
         *(f"| {name} | {'yes' if trip['verified'] else 'no'} | {'; '.join(trip['problems']) or 'none'} |"
           for name, trip in sorted(trips.items())),
         "",
+        f"Resumed mid-run: LoRA with AdamW under {RESUME_LAYOUT}, a checkpoint after every step, then a second run from "
+        "step 1's checkpoint; the largest differences from the uninterrupted run, over ranks (exact: 0).",
+        "",
+        "| family | steps resumed | loss difference | weight difference | bit for bit |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {r['steps_resumed']} | {r['loss_difference']:.1e} | {r['weight_difference']:.1e} | "
+          f"{'yes' if r['verified'] else 'no'} |" for name, r in sorted(resumes.items())),
+        "",
     ])
     (RESULTS / "families.md").write_text(report)
-    generated = table(rows, trips)
+    generated = table(rows, trips, resumes)
     replace_section(START, END, generated)
     replace_section(START, END, generated, DOCS / "finetune.md")
     print(report)

@@ -40,19 +40,20 @@ def test_the_troubleshooting_page_lists_every_error_the_library_raises() -> None
 
 def test_the_families_table_is_the_one_its_results_file_makes_and_covers_every_family() -> None:
     """The README's and the fine-tuning page's families tables are what ``python -m benchmarks.families`` wrote from
-    ``benchmarks/results/families.json`` and ``families_train_py.json``, which measured every family the recipe has."""
+    ``benchmarks/results/families.json``, ``families_train_py.json`` and ``families_resume.json``, which measured
+    every family the recipe has."""
     import json
 
-    from benchmarks.families import END, START, TRIPS, table
+    from benchmarks.families import END, RESUMES, START, TRIPS, table
     from recipe.families import FAMILIES
 
     rows = json.loads((ROOT / "benchmarks" / "results" / "families.json").read_text())
-    trips = json.loads(TRIPS.read_text())
-    assert {row["family"] for row in rows} == set(trips) == set(FAMILIES), \
+    trips, resumes = json.loads(TRIPS.read_text()), json.loads(RESUMES.read_text())
+    assert {row["family"] for row in rows} == set(trips) == set(resumes) == set(FAMILIES), \
         "a family is not measured: run python -m benchmarks.families"
     for page in (ROOT / "README.md", ROOT / "docs" / "finetune.md"):
         written = page.read_text().split(START, 1)[1].split(END, 1)[0].strip()
-        assert written == table(rows, trips), \
+        assert written == table(rows, trips, resumes), \
             f"{page.name}'s families table differs from its results: run python -m benchmarks.families"
 
 
@@ -114,3 +115,21 @@ def test_every_measured_figure_of_the_readme_and_the_docs_is_in_the_results_file
     assert "1.46x [1.41-1.55]" in text
     planted.write_text(text.replace("1.46x [1.41-1.55]", "1.93x [1.41-1.55]") + "\n## Elsewhere\n\nIt took 12.5 s.\n")
     assert [figure.rsplit(": ", 1)[1] for figure in unsourced_figures(planted)] == ["1.93x", "12.5 s"]
+
+
+# Results files measured before their benchmark wrote versions in the header; the file's own command rewrites it.
+VERSIONS_NOT_RECORDED = {"cpu.md", "quiet_9216/cpu.md"}
+MACHINE = re.compile(r"\b(?:x86_64|aarch64|arm64|AMD64|NVIDIA [A-Z]\w*)")
+
+
+def test_every_results_file_names_the_command_machine_and_versions_that_made_it() -> None:
+    """A figure is judged by where it ran: each results page opens (before its first table) with the command that
+    wrote it, the machine and the torch version (``benchmarks.provenance`` writes them). A page listed as measured
+    before versions were recorded must still lack them: a rerun ends its exemption."""
+    results = ROOT / "benchmarks" / "results"
+    for page in sorted(results.rglob("*.md")):
+        name, header = str(page.relative_to(results)), page.read_text().split("\n|", 1)[0]
+        assert re.search(r"`python -m benchmarks\.\w+", header), f"{name}: no command"
+        assert MACHINE.search(header), f"{name}: no machine"
+        recorded = re.search(r"\btorch \d+\.\d+", header) is not None
+        assert recorded != (name in VERSIONS_NOT_RECORDED), f"{name}: torch version recorded: {recorded}"

@@ -721,10 +721,13 @@ def test_both_experts_match_one_process_under_ulysses_2_x_dp_2(experts: Path, ma
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["flux", "cogvideox"])
 def test_lora_resumes_exactly_from_a_mid_run_checkpoint_holding_only_the_adapters(made: dict[str, Any],
-                                                                                  tmp_path: Path) -> None:
-    case = made["flux"]
-    args = ("flux", str(case["pipeline"]), str(case["cache"]), {"ring_degree": 2})
+                                                                                  tmp_path: Path, family: str) -> None:
+    """Flow matching's draws (Flux) and CogVideoX's own (integer DDPM timesteps, v-prediction) continue where the
+    checkpoint left them. ``python -m benchmarks.families --parts resume`` checks every family."""
+    case = made[family]
+    args = (family, str(case["pipeline"]), str(case["cache"]), {"ring_degree": 2})
     straight = run_distributed(cache_fit, 2, *args, str(tmp_path), init_process_group=False, timeout=400)
     checkpoint = tmp_path / "step=1.ckpt"
     saved = torch.load(checkpoint, weights_only=True)
