@@ -40,10 +40,10 @@ from test_finetune import (  # noqa: E402
     MEDIA,
     OPTIMIZERS,
     cache_fit,
+    errors_against_one_process,
     one_process,
     prepare,
     round_trip_problems,
-    rounding_noise,
     tolerance,
     train_py_round_trip,
 )
@@ -65,35 +65,6 @@ PARTS = ("lora", "full", "train_py", "resume")
 START, END = "<!-- families table: python -m benchmarks.families -->", "<!-- end of families table -->"
 
 
-def worst_errors(results: list[dict[str, Any]], reference: dict[str, Any], bound: dict[str, float],
-                 optimizer: str) -> dict[str, float]:
-    """The largest relative loss, gradient and update errors over ranks (a dp replica reads its own losses). A weight
-    whose gradient is rounding noise (``rounding_noise``: a key bias under full fine-tuning) has its gradient error
-    taken relative to the largest gradient, its SGD update relative to the largest update, and no AdamW update."""
-    per_replica = len(results) // results[0]["dp"]
-    noise = rounding_noise(reference["grads"], bound["grads"])
-    largest = max(float(grad.norm()) for grad in reference["grads"].values())
-    worst = {"loss": 0.0, "gradient": 0.0, "update": 0.0}
-    for rank, result in enumerate(results):
-        replica = rank // per_replica
-        for mine, theirs in zip(result["losses"], reference["losses"]):
-            worst["loss"] = max(worst["loss"], abs(mine - theirs[replica]) / abs(theirs[replica]))
-        for name, grad in reference["grads"].items():
-            if grad.norm() > 0:  # lora_A's first gradient is zero (B starts at zero): exactly zero on both
-                scale = largest if name in noise else float(grad.norm())
-                worst["gradient"] = max(worst["gradient"], float((result["grads"][name] - grad).norm()) / scale)
-        updates = {name: reference["after"][name] - before for name, before in result["before"].items()}
-        largest_update = max(float(update.norm()) for update in updates.values())
-        for name, before in result["before"].items():
-            if name in noise and optimizer == "adamw":
-                continue
-            update, expected = result["after"][name] - before, updates[name]
-            # a weight no step moves (its gradient exactly zero: a branch the model leaves unused) must stay put
-            scale = largest_update if name in noise or float(expected.norm()) == 0 else float(expected.norm())
-            worst["update"] = max(worst["update"], float((update - expected).norm()) / scale)
-    return worst
-
-
 def compare(name: str, pipeline: Path, cache: Path, optimizer: str, layout: str, training: str) -> dict[str, Any]:
     """One row: ``training`` (LoRA, or full fine-tuning) from the cache under ``layout`` against one process."""
     degrees, world = LAYOUTS[layout]
@@ -102,10 +73,11 @@ def compare(name: str, pipeline: Path, cache: Path, optimizer: str, layout: str,
                               optimizer, lora, init_process_group=False, timeout=600)
     reference = one_process(name, str(pipeline), str(cache), results[0]["dp"], None, optimizer, lora)
     bound = tolerance(name, optimizer)
-    errors = worst_errors(results, reference, bound, optimizer)
+    worst = errors_against_one_process(results, reference, bound, optimizer)
+    errors = {key: worst[key] for key in ("loss", "gradient", "update")}
     verified = errors["gradient"] <= bound["grads"] and errors["update"] <= bound["updates"]
     row = {"family": name, "training": training, "optimizer": optimizer, "layout": layout, **errors, "bound": bound,
-           "verified": verified}
+           "verified": verified, "worst_update_in": worst["update_in"]}
     print(row, flush=True)
     return row
 

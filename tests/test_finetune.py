@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from exact import assert_update_close
 from launcher import run_distributed
 from PIL import Image
 
@@ -611,32 +610,85 @@ def rounding_noise(grads: dict[str, torch.Tensor], tolerance: float) -> set[str]
     return {name for name, grad in grads.items() if 0 < float(torch.linalg.vector_norm(grad)) <= tolerance * largest}
 
 
-def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
-                              tolerance: dict[str, float], optimizer: str = "adamw") -> None:
-    dp = results[0]["dp"]
-    per_replica = len(results) // dp
+# AdamW's first step is lr * g / (|g| + eps) (eps = 1e-8, torch's default): sign-like where |g| >> eps, but an entry
+# whose gradient is near zero sits on the knee, where the step moves by lr * eps / (|g| + eps)^2 per unit of gradient
+# (up to lr / eps). Float32 gives such an entry an absolute error of ~1e-9 (1e-9 of the largest gradient, well within
+# the gradient tolerance), and the knee turns that into percents of lr. Measured (full fine-tuning, ring 2, AdamW):
+# CogVideoX's first block's norm_k.bias has an entry with gradient 1.4e-8 on one process and 1.5e-8 under ring 2, whose
+# steps differ by 0.022 lr: 3.1e-3 of the tensor's update norm; HunyuanVideo's first block's to_q.weight, 4.3e-4 from
+# an entry with gradient 6e-9. It is float32's, not CP's: against the same training on one process in float64, one
+# process in float32 is as far off (CogVideoX's norm_k.bias 2.0e-3, ring 2 1.1e-3). Step-1 errors were all in entries
+# with |g| <= 100 eps (outside them step-1 updates match to 2e-7); such entries' different steps then move the next
+# steps' gradients, and entries whose Adam moments nearly cancel (|g| of 1e-6 to 1e-5: CogVideoX's second block's
+# norm_k.bias, 1.2e-4 at step 3) carry that on. So under AdamW the entries whose first gradient is nonzero and within
+# 1000 eps of zero are left out of the update comparison (their first gradients are compared with the rest of the
+# tensor's: 3% of CogVideoX's entries, 9% of HunyuanVideo's, 31% of Flux Kontext's, whose text side takes gradients of
+# 1e-6 and less). Every other entry is held to the bound, and breaking CP is off by O(1) in them: ring attention that
+# drops the other rank's dK/dV from step 2 on (the first step's gradients exact) gives CogVideoX AdamW updates 0.59 of
+# their norm off (Flux Kontext SGD 0.83).
+ADAMW_KNEE = 1000 * 1e-8
+
+
+def errors_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], tolerance: dict[str, float],
+                               optimizer: str = "adamw") -> dict[str, Any]:
+    """The largest relative loss, gradient and update errors over ranks (a dp replica reads its own losses), and the
+    weights they are in: the one comparison ``check_against_one_process`` asserts on and ``benchmarks.families``
+    reports.
+
+    Gradients (the first step's) are relative to their norm per tensor. A weight whose gradient is rounding noise
+    (``rounding_noise``: a key bias under full fine-tuning) has its gradient error taken relative to the largest
+    gradient, its SGD update relative to the largest update, and no AdamW update; so has a weight no step moves (its
+    gradient exactly zero: a branch the model leaves unused), which must stay put. Updates (after the steps, minus
+    before) are relative to their norm per tensor, beyond the weights' float32 resolution (``update_error``: ``2 *
+    STEPS`` ulps of the largest weight per entry: a weight that barely moves, e.g. HunyuanVideo's token refiner's
+    to_k under SGD at 2e-4 of its norm, rounds differently in either run), under AdamW without the entries at its knee
+    (``ADAMW_KNEE``)."""
+    from exact import update_error
+
+    norm = torch.linalg.vector_norm
+    per_replica = len(results) // results[0]["dp"]
     noise = rounding_noise(reference["grads"], tolerance["grads"])
-    largest = max(float(torch.linalg.vector_norm(grad)) for grad in reference["grads"].values())
-    largest_update = max(float(torch.linalg.vector_norm(reference["after"][name] - before))
-                         for name, before in results[0]["before"].items())
+    largest = max(float(norm(grad)) for grad in reference["grads"].values())
+    updates = {name: reference["after"][name] - before for name, before in results[0]["before"].items()}
+    largest_update = max(float(norm(update)) for update in updates.values())
+    worst: dict[str, Any] = {"loss": 0.0, "gradient": 0.0, "update": 0.0, "gradient_in": None, "update_in": None}
     for rank, result in enumerate(results):
         replica = rank // per_replica
-        losses = [step[replica] for step in reference["losses"]]
-        assert result["losses"] == pytest.approx(losses, rel=1e-5), f"{what} rank {rank}: losses"
-        for name, grad in reference["grads"].items():  # exactly zero where it must be (lora_A: B starts at 0)
-            error = float(torch.linalg.vector_norm(result["grads"][name] - grad))
-            scale = largest if name in noise else float(torch.linalg.vector_norm(grad))
-            assert error <= tolerance["grads"] * scale, f"{what} rank {rank}: grad {name}"
-        for name, before in result["before"].items():  # AdamW: an entry with a near-zero gradient still moves
-            # by about lr, in a direction float noise decides, so updates are compared by norm
+        for mine, theirs in zip(result["losses"], reference["losses"]):
+            worst["loss"] = max(worst["loss"], abs(mine - theirs[replica]) / abs(theirs[replica]))
+        for name, grad in reference["grads"].items():
+            if float(norm(grad)) == 0:  # lora_A's first gradient is zero (B starts at zero): exactly zero on both
+                error, scale = float(norm(result["grads"][name])), largest
+            else:
+                error, scale = float(norm(result["grads"][name] - grad)), largest if name in noise else float(norm(grad))
+            if error / scale > worst["gradient"]:
+                worst["gradient"], worst["gradient_in"] = error / scale, f"rank {rank}: {name}"
+        for name, before in result["before"].items():
             if name in noise and optimizer == "adamw":
                 continue
-            if name in noise:  # SGD: a step of the gradient's (noise) size, held to the largest step's tolerance
-                assert float(torch.linalg.vector_norm(result["after"][name] - reference["after"][name])) <= \
-                    tolerance["updates"] * largest_update, f"{what} rank {rank}: {name}"
-                continue
-            assert_update_close(result["after"][name], reference["after"][name], before, tolerance["updates"], STEPS,
-                                f"{what} rank {rank}: {name}", norm=True)
+            kept = slice(None)
+            if optimizer == "adamw":
+                first = reference["grads"][name].abs()
+                kept = (first == 0) | (first > ADAMW_KNEE)  # an exactly zero gradient is zero on both: compared
+                if not bool(kept.any()):
+                    continue
+            error, size, _ = update_error(result["after"][name][kept], reference["after"][name][kept], before[kept],
+                                          STEPS, norm=True)
+            scale = largest_update if name in noise or size == 0 else size
+            if error / scale > worst["update"]:
+                worst["update"], worst["update_in"] = error / scale, f"rank {rank}: {name}"
+    return worst
+
+
+def check_against_one_process(results: list[dict[str, Any]], reference: dict[str, Any], what: str,
+                              tolerance: dict[str, float], optimizer: str = "adamw") -> None:
+    """Losses within 1e-5, gradients and updates within ``tolerance`` (``errors_against_one_process``)."""
+    worst = errors_against_one_process(results, reference, tolerance, optimizer)
+    assert worst["loss"] <= 1e-5, f"{what}: losses differ by {worst['loss']:.1e}"
+    assert worst["gradient"] <= tolerance["grads"], \
+        f"{what}: gradient of {worst['gradient_in']} differs by {worst['gradient']:.1e} > {tolerance['grads']:.0e}"
+    assert worst["update"] <= tolerance["updates"], \
+        f"{what}: update of {worst['update_in']} differs by {worst['update']:.1e} > {tolerance['updates']:.0e}"
 
 
 @pytest.mark.timeout(600)
