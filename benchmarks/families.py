@@ -190,9 +190,15 @@ def main() -> None:
             measured += family_rows
             for part, check in family_checks.items():
                 checks[part][name] = check
-    trips, resumes = checks["train_py"], checks["resume"]
     # each family's rows: LoRA then full fine-tuning, each in measuring order
     rows = sorted(kept + measured, key=lambda row: (row["family"], row["training"] != "LoRA"))
+    write(rows, checks)
+
+
+def write(rows: list[dict[str, Any]], checks: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The results files, the report and the README's and the fine-tuning page's tables, from ``rows`` and the
+    per-family ``checks`` (by part: ``CHECKS``)."""
+    trips, resumes = checks["train_py"], checks["resume"]
     (RESULTS / "families.json").write_text(json.dumps(rows, indent=1))
     for part, path in CHECKS.items():
         path.write_text(json.dumps(dict(sorted(checks[part].items())), indent=1))
