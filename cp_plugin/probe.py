@@ -328,10 +328,16 @@ def _probe(
         with (outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(fake_mode, record),
               record, grids):
             output = forward(*fake_args, **fake_kwargs)
-    except ProbeError:
-        raise
+    except ProbeError as err:  # an attention call the routing refuses (its mask's type), named for this block
+        raise ProbeError(f"{where}: {err}") from err
     except Exception as err:  # noqa: BLE001 - any failure of the model's code under fake tensors
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if type(err).__name__ == "GuardOnDataDependentSymNode":
+            raise ProbeError(
+                f"{where} takes sizes from the values of its inputs (a tensor's .tolist() or .item(): per-sample grid "
+                "sizes, token counts kept in a tensor) and branches or slices on them, so the probe cannot tell which "
+                f"of its inputs carry tokens ({message[:200]}); pass those sizes as Python numbers"
+            ) from err
         raise ProbeError(
             f"{where} could not be run on symbolic shapes to find which of its inputs carry tokens "
             f"({type(err).__name__}: {message[:300]})"
@@ -500,6 +506,17 @@ class _Resolver:
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
         if self.fixed:
             length, cut = self.fixed[0]
+            per_cut = [i for i, (q, k) in enumerate(self.calls) if not q.free_symbols or not k.free_symbols]
+            if per_cut:  # attention calls over runs of tokens cut at fixed positions: a mask decomposed into calls
+                i = per_cut[0]
+                raise ProbeError(
+                    f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence at fixed positions and "
+                    f"runs its attention per run of them (call {i}: {self.calls[i][0]} queries, {self.calls[i][1]} "
+                    "keys; a block-causal mask decomposed into one call per segment): every rank would cut its own "
+                    "part there. A split follows the same attention as one call with a mask over the whole sequence "
+                    f"((batch, 1, {length}, {length}) bool, built before the blocks and passed to each block): give "
+                    "the blocks that mask and a processor that makes the one masked call"
+                )
             raise ProbeError(
                 f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
                 "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "

@@ -39,7 +39,7 @@ from cp_plugin.blockops import counting, foreign
 from cp_plugin.compat import PARALLEL_CONFIG_ATTR, SDPA, attention_backends, mask_preparers
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
-from cp_plugin.probe import is_selection, recording
+from cp_plugin.probe import ProbeError, is_selection, recording
 
 
 @dataclass
@@ -353,6 +353,17 @@ def _causal_mask(
 
 
 def _check_mask_type(attn_mask: Any) -> None:
+    if type(attn_mask).__name__ == "BlockMask":
+        raise ValueError(
+            "context-parallel attention got flex attention's BlockMask, whose mask_mod is evaluated at positions of "
+            f"the sequence it was built for, padded to a multiple of its block size ({attn_mask.BLOCK_SIZE[0]}): under "
+            "a split that is neither this rank's share nor, where a processor pads its own tokens to that multiple, "
+            "aligned with them, and cp_plugin's attention "
+            "takes tensor masks only (flex attention has no backward on CPU either). Pass the same structure as a "
+            "boolean mask over the whole sequence, (batch, 1, S, S) (flex_attention.create_mask(block_mask.mask_mod, "
+            "...) cropped to S), through a processor that calls dispatch_attention_fn or SDPA with it, or train this "
+            "model without context parallelism (ring_degree=1, ulysses_degree=1)"
+        )
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise ValueError(
             f"context-parallel attention got an attention mask of type {type(attn_mask).__name__} (flex attention's "
@@ -366,7 +377,10 @@ def _probe_attention(
     scale: float | None = None, enable_gqa: bool = False, **_: Any,
 ) -> torch.Tensor:
     """A dispatch call during a probe: SDPA in the ``(B, S, H, D)`` layout (which the probe notes)."""
-    _check_mask_type(attn_mask)
+    try:
+        _check_mask_type(attn_mask)
+    except ValueError as err:  # the block's own structure: said whole, not as a failure to run it
+        raise ProbeError(str(err)) from err
     if attn_mask is not None and attn_mask.dim() == 2:  # (B, keys), as diffusers' native backend takes it
         attn_mask = attn_mask[:, None, None, :]
     return SDPA(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale,
