@@ -7,13 +7,14 @@ On disk, a folder of safetensors shards plus ``cache.json``:
   buckets is refused: one cache never mixes latents that mean different things.
 - ``shard-r<rank>-<unique id>.safetensors`` holds up to ``data.shard_size`` samples, tensors
   ``<i>.latents`` ``(F, C, H, W)`` and ``<i>.<text tensor>``, with each sample's source file,
-  caption and shape in the header's metadata. A shard is written to a temporary name and renamed, so
+  caption, shape and (edit tasks) number of reference images in the header's metadata. A shard is written to a temporary name and renamed, so
   a shard on disk is always whole; a crash loses at most the samples not yet in one, and since the
   writer flushes on the way out of an exception, usually not even those.
 
 Reading needs only the headers up front; each sample's tensors are read when it is drawn
 (:class:`LatentCache`), so no rank holds the dataset. :class:`BucketBatches` groups samples of
-one shape into batches, the unit a sampler shuffles and spreads over data-parallel ranks.
+one shape and number of reference images (a bucket: their tensors stack) into batches, the unit a
+sampler shuffles and spreads over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ class ShardWriter:
         for stale in folder.glob(f"shard-r{rank}-*.tmp"):  # a shard this rank was writing when it died
             stale.unlink()
 
-    def add(self, item: MediaItem, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, item: MediaItem, tensors: dict[str, torch.Tensor], references: int = 0) -> None:
+        """One sample's tensors, and its number of reference images (edit tasks; 0: none), part of its bucket."""
         index = len(self.samples)
         for name, tensor in tensors.items():
             self.tensors[f"{index}.{name}"] = tensor.detach().cpu().contiguous().clone()
-        self.samples.append({"file": item.file, "caption": item.caption, "shape": list(tensors["latents"].shape)})
+        self.samples.append({"file": item.file, "caption": item.caption, "shape": list(tensors["latents"].shape),
+                             **({"references": references} if references else {})})
         if len(self.samples) == self.shard_size:
             self.flush()
 
@@ -115,9 +118,9 @@ class LatentCache(Dataset):
         self.folder, self.info = folder, json.loads((folder / INFO).read_text())
         # ordered by source file, not by shard: shard names are random, and the order (hence each sample's
         # index, batches and noise seeds) must be the same for every cache of the same data
-        found = sorted((sample["file"], shard, position, tuple(sample["shape"]))
+        found = sorted((sample["file"], shard, position, tuple(sample["shape"]), sample.get("references", 0))
                        for shard in shard_files(folder) for position, sample in enumerate(shard_samples(shard)))
-        self.index = [(shard, position, shape) for _, shard, position, shape in found]
+        self.index = [(shard, position, shape, references) for _, shard, position, shape, references in found]
         if not self.index:
             raise ValueError(f"data.cache={str(folder)!r} holds no samples yet; run prepare.py (it fills what is missing)")
         self._open: dict[Path, Any] = {}
@@ -128,8 +131,12 @@ class LatentCache(Dataset):
     def shape(self, index: int) -> tuple[int, ...]:
         return self.index[index][2]
 
+    def bucket(self, index: int) -> tuple[tuple[int, ...], int]:
+        """What a batch's samples share: the latents' shape and the number of reference images (edit tasks)."""
+        return self.index[index][2:]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        shard, position, _ = self.index[index]
+        shard, position, _, _ = self.index[index]
         if shard not in self._open:  # opened in the process that reads (a DataLoader worker), on first use
             self._open[shard] = safe_open(shard, framework="pt")
         opened = self._open[shard]
@@ -141,7 +148,7 @@ class LatentCache(Dataset):
 
 
 class BucketBatches(Dataset):
-    """Batches of ``batch_size`` samples of one shape (a bucket), in a fixed seeded order.
+    """Batches of ``batch_size`` samples of one bucket (shape and number of reference images), in a fixed seeded order.
 
     A batch is the item, so a ``DataLoader(batch_size=None)`` with any sampler (Lightning's
     ``DistributedSampler`` over data-parallel ranks) shuffles and shards whole batches; every rank of
@@ -149,13 +156,13 @@ class BucketBatches(Dataset):
     """
 
     def __init__(self, cache: LatentCache, batch_size: int, seed: int = 0) -> None:
-        buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        buckets: dict[tuple[tuple[int, ...], int], list[int]] = defaultdict(list)
         for index in range(len(cache)):
-            buckets[cache.shape(index)].append(index)
+            buckets[cache.bucket(index)].append(index)
         order = random.Random(seed)
         self.batches: list[list[int]] = []
-        for shape in sorted(buckets):
-            members = buckets[shape]
+        for bucket in sorted(buckets):
+            members = buckets[bucket]
             order.shuffle(members)
             self.batches += [members[i: i + batch_size] for i in range(0, len(members), batch_size)]
         self.cache = cache

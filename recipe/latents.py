@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from tqdm import tqdm
 
 from recipe.cache import LatentCache, ShardWriter, cached_files, claim, fingerprint
@@ -96,16 +97,15 @@ def check_buckets(chosen: Family, pipeline: DiffusionPipeline, data: LatentsConf
                                  f"{frames} x {height} x {width} does not fit {chosen.name}: {reason}")
 
 
-def reference_pixels(folder: Path, item: MediaItem, size: tuple[int, int]) -> torch.Tensor | None:
-    """The item's reference image fitted to ``size`` (height, width: the family's ``reference_size`` for its bucket)
-    as the target is fitted to its bucket: ``(1, 3, H, W)``."""
-    if item.reference is None:
-        return None
-    try:
-        frames = read_frames(folder / item.reference)
-    except UnusableMedia as problem:
-        raise UnusableMedia(f"its reference {item.reference} {problem}") from problem
-    return to_pixels(frames[:1], Bucket(1, *size))
+def reference_images(folder: Path, item: MediaItem) -> list[Image.Image]:
+    """The item's reference images as read (the first frame of each), in order."""
+    images = []
+    for reference in item.references:
+        try:
+            images.append(read_frames(folder / reference)[0])
+        except UnusableMedia as problem:
+            raise UnusableMedia(f"its reference {reference} {problem}") from problem
+    return images
 
 
 def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_size: int = 1) -> dict:
@@ -113,6 +113,11 @@ def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_
     data.require("path", "cache")
     chosen = family(model.family)
     items, skipped = list_media(Path(data.path), references=chosen.reference)
+    most = chosen.max_references
+    skipped += [Skipped(item.file, f"{len(item.references)} reference images ({', '.join(item.references)}); "
+                                   f"{chosen.title} edits with {most} at most")
+                for item in items if most is not None and len(item.references) > most]
+    items = [item for item in items if most is None or len(item.references) <= most]
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(model).to(device)
     check_buckets(chosen, pipeline, data)
@@ -131,18 +136,19 @@ def encode_folder(model: ModelConfig, data: LatentsConfig, rank: int = 0, world_
             try:
                 frames = read_frames(Path(data.path) / item.file)
                 bucket: Bucket = choose_bucket(frames, resolutions, data.frames)
-                reference = reference_pixels(Path(data.path), item, chosen.reference_size(bucket.height, bucket.width))
+                images = reference_images(Path(data.path), item)
             except UnusableMedia as problem:
                 skipped.append(Skipped(item.file, str(problem)))
                 continue
             pixels = to_pixels(frames, bucket)
+            reference = chosen.fit_references(pipeline, images, bucket.height, bucket.width) if images else None
             with torch.no_grad():
                 tensors = {"latents": chosen.encode_pixels(pipeline, pixels),
                            **chosen.encode_caption(pipeline, item.caption, reference),
                            **chosen.encode_conditioning(pipeline, pixels)}
                 if reference is not None:
                     tensors.update(chosen.encode_reference(pipeline, reference))
-            writer.add(item, tensors)
+            writer.add(item, tensors, len(images))
             cached += 1
     finally:
         writer.flush()

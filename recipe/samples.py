@@ -40,7 +40,9 @@ class ValidationConfig:
     frames: int = 33  # video families
     guidance_scale: float | None = None  # None: the pipeline's default
     seed: int = 0
-    references: list[str] = field(default_factory=list)  # edit, image-to-video: each prompt's image (one per prompt)
+    # edit, image-to-video: each prompt's image (one per prompt); a family that edits with several images (QwenImage
+    # Edit Plus) also takes a list of paths for a prompt: validation.references=[[a.png,b.png]]
+    references: list[Any] = field(default_factory=list)
 
 
 def save_video(frames: list[Image.Image], stem: Path) -> Path:
@@ -52,6 +54,13 @@ def save_video(frames: list[Image.Image], stem: Path) -> Path:
     return Path(export_to_gif(frames, str(stem.with_suffix(".gif")), fps=8))
 
 
+def open_images(entry: Any) -> Image.Image | list[Image.Image]:
+    """A ``validation.references`` entry's image (a path), or its images (a list of paths), in RGB."""
+    if isinstance(entry, str):
+        return Image.open(entry).convert("RGB")
+    return [Image.open(path).convert("RGB") for path in entry]
+
+
 class PipelineSamples(PeriodicSamples):
     def __init__(self, every_n_steps: int, model: ModelConfig, validation: ValidationConfig, steps: int,
                  out_dir: Path) -> None:
@@ -61,6 +70,12 @@ class PipelineSamples(PeriodicSamples):
             raise ValueError(f"validation.references has {len(validation.references)} images for "
                              f"{len(validation.prompts)} validation.prompts: model.family={model.family} ({chosen.task}) "
                              "starts from an image, so give one per prompt, e.g. validation.references=[<image path>]")
+        for entry in validation.references:
+            count = 1 if isinstance(entry, str) else len(entry)
+            if chosen.max_references is not None and count > chosen.max_references:
+                raise ValueError(f"validation.references has {count} images for one prompt ({list(entry)}) but "
+                                 f"model.family={model.family} edits with {chosen.max_references}: give one path per "
+                                 "prompt")
         if not chosen.starts_from_image and validation.references:
             raise ValueError(f"validation.references is set but model.family={model.family} ({chosen.task}) takes no "
                              "image; drop validation.references")
@@ -97,9 +112,8 @@ class PipelineSamples(PeriodicSamples):
             options["guidance_scale"] = settings.guidance_scale
         # Prompts that start from an image run one call each (image-to-video pipelines take one image per call).
         calls = [(list(settings.prompts), {})] if not module.family.starts_from_image else [
-            ([prompt], module.family.image_inputs(self.pipeline, Image.open(path).convert("RGB"), settings.height,
-                                                  settings.width))
-            for prompt, path in zip(settings.prompts, settings.references)]
+            ([prompt], module.family.image_inputs(self.pipeline, open_images(entry), settings.height, settings.width))
+            for prompt, entry in zip(settings.prompts, settings.references)]
         results = []
         for prompts, image in calls:
             with torch.no_grad():

@@ -22,6 +22,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ModelMixin
+from PIL import Image
+
+from recipe.media import Bucket, to_pixels
 
 MAX_SEQUENCE_LENGTH = 512  # the prompt length the pipelines' __call__ encode to
 
@@ -87,6 +90,8 @@ class Family:
     # "text-to-image", "text-to-video", "edit" (each sample has a reference image, <name>.ref.<ext>, cached as
     # ``reference_latents``) or "image-to-video" (conditioned on the clip's own first frame).
     task: ClassVar[str]
+    # edit tasks: how many reference images a sample may have (<name>.ref2.<ext>, ...; None: any number)
+    max_references: ClassVar[int | None] = 1
     # What the transformer was trained to predict: only flow-matching velocities integrate with Euler steps in time
     # (the demo's sampler, FlowMatching.sample); other objectives generate through their pipeline's scheduler.
     objective: ClassVar[str] = "flow matching"
@@ -146,6 +151,13 @@ class Family:
         """The ``(height, width)`` a sample's reference image is fitted to (edit tasks) for a sample of this size: the
         sample's own, so the reference has as many tokens as the target."""
         return height, width
+
+    def fit_references(self, pipeline: DiffusionPipeline, images: list[Image.Image], height: int,
+                       width: int) -> Any:
+        """A sample's reference images (edit tasks: PIL, as read) as ``encode_caption`` and ``encode_reference`` take
+        them, for a sample of this size: the first, fitted to ``reference_size`` as the sample is to its bucket
+        (``(1, 3, H, W)`` in ``[-1, 1]``)."""
+        return to_pixels(images[:1], Bucket(1, *self.reference_size(height, width)))
 
     def encode_reference(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cached tensors of a sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]`` (edit tasks)."""

@@ -82,10 +82,12 @@ class QwenImageEdit(QwenImage):
              text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
         if "reference_latents" not in text:  # the demo's learned prompts: no image to edit, QwenImage's call
             return super().call(transformer, tokens, grid, t, text, guidance)
-        reference, reference_grid = self.image_tokens(transformer, text["reference_latents"][:, 0].to(tokens.dtype))
-        joint = torch.cat([tokens, reference], 1)
-        out = self.images_call(transformer, joint, [(1, *grid), (1, *reference_grid)], t, text)
-        return out[:, : tokens.shape[1]]
+        # each reference's packed tokens after the target's, in order (one here; QwenImage Edit Plus: several)
+        references = [self.image_tokens(transformer, latents.to(tokens.dtype))
+                      for latents in text["reference_latents"].unbind(1)]
+        joint = torch.cat([tokens, *(reference for reference, _ in references)], 1)
+        shapes = [(1, *grid), *((1, *reference_grid) for _, reference_grid in references)]
+        return self.images_call(transformer, joint, shapes, t, text)[:, : tokens.shape[1]]
 
     def text_dims(self, transformer: ModelMixin) -> dict[str, int | None]:
         return {**super().text_dims(transformer), "reference_latents": None}
