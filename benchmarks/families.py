@@ -41,6 +41,7 @@ from test_finetune import (  # noqa: E402
     OPTIMIZERS,
     cache_fit,
     errors_against_one_process,
+    media_references,
     one_process,
     prepare,
     round_trip_problems,
@@ -109,7 +110,7 @@ def measure(name: str, folder: Path, parts: set[str]) -> tuple[list[dict[str, An
 
     pipeline, media, cache = folder / f"{name}_pipeline", folder / f"{name}_media", folder / f"{name}_cache"
     build_tiny_pipeline(name, pipeline)
-    files = write_media(media, MEDIA[name], references=FAMILIES[name].reference)
+    files = write_media(media, MEDIA[name], references=media_references(name))
     made = prepare(name, pipeline, media, cache)
     if made.returncode:
         raise RuntimeError(f"prepare.py failed for {name}:\n{made.stderr[-3000:]}")

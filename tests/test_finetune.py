@@ -48,6 +48,7 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "flux_kontext": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "qwenimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "qwenimage_edit": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
+        "qwenimage_edit_plus": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "zimage": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "wan": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
         "wan_i2v": ["data.resolutions=[[32,32],[32,48]]", "data.frames=[1,5]"],
@@ -61,9 +62,17 @@ DATA = {"flux": ["data.resolutions=[[64,64],[48,80],[80,48]]", "data.frames=[1]"
         "flux2": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"],
         "flux2_klein": ["data.resolutions=[[64,64],[48,80]]", "data.frames=[1]"]}
 MEDIA = {"flux": "images", "chroma": "images", "zimage": "images", "wan": "videos", "flux_kontext": "images",
-         "qwenimage": "images", "qwenimage_edit": "images", "wan_i2v": "videos", "sd3": "images",
+         "qwenimage": "images", "qwenimage_edit": "images", "qwenimage_edit_plus": "images", "wan_i2v": "videos",
+         "sd3": "images",
          "ltx": "videos", "ltx_i2v": "videos", "hunyuanvideo15": "videos", "hunyuanvideo15_i2v": "videos",
          "cogvideox": "videos", "hunyuanvideo": "videos", "flux2": "images", "flux2_klein": "images"}
+
+
+def media_references(family: str) -> int:
+    """The reference images the fixture's media give each sample of ``family``: none, one (edit tasks), or up to two
+    (a family that edits with several images: some samples have two)."""
+    chosen = find_family(family)
+    return 0 if not chosen.reference else 1 if chosen.max_references == 1 else 2
 
 
 def prepare(family: str, pipeline: Path, media: Path, cache: Path, ranks: int = 1,
@@ -109,13 +118,14 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     made = {}
     for family, ranks in (("flux", 1), ("wan", 2), ("chroma", 1), ("zimage", 2), ("flux_kontext", 2), ("qwenimage", 1),
-                           ("qwenimage_edit", 1), ("wan_i2v", 1), ("sd3", 1), ("ltx", 1), ("ltx_i2v", 1),
+                           ("qwenimage_edit", 1), ("qwenimage_edit_plus", 1), ("wan_i2v", 1), ("sd3", 1), ("ltx", 1),
+                           ("ltx_i2v", 1),
                            ("hunyuanvideo15", 1),
                            ("hunyuanvideo15_i2v", 1), ("cogvideox", 1), ("hunyuanvideo", 1), ("flux2", 1),
                            ("flux2_klein", 1)):
         pipeline = build_tiny_pipeline(family, root / f"{family}_pipeline")
         media = root / f"{family}_media"
-        files = write_media(media, MEDIA[family], references=find_family(family).reference)
+        files = write_media(media, MEDIA[family], references=media_references(family))
         cache = root / f"{family}_cache"
         if ranks == 1:
             log = prepare_here(family, pipeline, media, cache)
@@ -129,7 +139,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("family", ["flux", "wan", "chroma", "zimage", "flux_kontext", "qwenimage",
-                                    "qwenimage_edit", "wan_i2v",
+                                    "qwenimage_edit", "qwenimage_edit_plus", "wan_i2v",
                                     "sd3", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox",
                                     "hunyuanvideo", "flux2", "flux2_klein"])
 def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(made: dict[str, Any], family: str) -> None:
@@ -149,11 +159,13 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
     # the length the pipeline's own call encodes to: T5 or Qwen at 512 tokens; SD3's two CLIPs' 77, then T5's 256;
     # LTX's T5 at 128; CogVideoX's at 226; HunyuanVideo 1.5's Qwen2.5-VL at 1000 (its ByT5 at 256); HunyuanVideo's
     # LLaMA at 256 after its template's crop; QwenImage Edit's at 512 after the reference's vision tokens (16 of a
-    # square one, 15 of a landscape one, at the fixture's 112 x 112 pixels at most)
+    # square one, 15 of a landscape one, at the fixture's 112 x 112 pixels at most); QwenImage Edit Plus's after its
+    # references' (9 of a square one, 15 of a landscape one: about 384 x 384 pixels, then the processor's limit)
+    plus = {((1, 4, 8, 8), 1): 9, ((1, 4, 8, 8), 2): 18, ((1, 4, 6, 10), 1): 15}.get(cache.bucket(0), 0)
     length = {"sd3": 77 + 256, "ltx": 128, "ltx_i2v": 128, "cogvideox": 226, "hunyuanvideo15": 1000,
               "hunyuanvideo15_i2v": 1000, "hunyuanvideo": 256,
-              "qwenimage_edit": 512 + (16 if sample["latents"].shape[-1] == sample["latents"].shape[-2] else 15)
-              }.get(family, 512)
+              "qwenimage_edit": 512 + (16 if sample["latents"].shape[-1] == sample["latents"].shape[-2] else 15),
+              "qwenimage_edit_plus": 512 + plus}.get(family, 512)
     assert sample["prompt_embeds"].shape[0] == length
     if family in ("wan", "wan_i2v", "ltx", "ltx_i2v", "hunyuanvideo15", "hunyuanvideo15_i2v", "cogvideox",
                   "hunyuanvideo"):  # 4x in time (the tiny VAEs', like Wan's)
@@ -163,7 +175,7 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert condition.shape == (2, 4 + sample["latents"].shape[1], *sample["latents"].shape[2:])
         assert bool((condition[0, :4] == 1).all()) and bool((condition[1, :4] == 0).all())
         assert sample["image_embeds"].shape[-1] == 16
-    if family in ("zimage", "qwenimage", "qwenimage_edit"):  # each prompt's own tokens (template included), padded
+    if family in ("zimage", "qwenimage", "qwenimage_edit", "qwenimage_edit_plus"):  # each prompt's own tokens, padded
         assert sample["prompt_attention_mask"].dtype == torch.bool and 0 < int(sample["prompt_attention_mask"].sum()) < 512
     if family == "ltx_i2v":  # the clip's first frame encoded alone: the latent frame the pipeline gives clean
         assert sample["condition"].shape == (1, *sample["latents"].shape[1:])
@@ -179,6 +191,8 @@ def test_prepare_caches_every_captioned_file_in_buckets_and_names_the_bad_ones(m
         assert not torch.equal(sample["reference_latents"], sample["latents"])
     if family == "qwenimage_edit":
         edits_as_the_pipeline_does(case, cache)
+    if family == "qwenimage_edit_plus":
+        edits_with_several_images_as_the_pipeline_does(case, cache)
     if family == "cogvideox":  # the call's prompt (T5 padded to 226, no mask) and the VAE's mode times its scaling factor
         encodes_as_the_pipeline_does(case, cache)
     if family in ("flux2", "flux2_klein"):
@@ -262,6 +276,68 @@ def edits_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None
         assert torch.equal(cached["prompt_embeds"][mask], embeds[0]), "the cached prompt is not the pipeline's"
         tokens, _ = chosen.image_tokens(pipeline.transformer, cached["reference_latents"])
         assert torch.equal(tokens, image_latents), "the cached reference is not the pipeline's image latents"
+
+
+def edits_with_several_images_as_the_pipeline_does(case: dict[str, Any], cache: LatentCache) -> None:
+    """QwenImage Edit Plus's cache holds, for one sample of each bucket (shape and number of references: one square
+    sample has two square references, so nothing of them is cropped), what ``QwenImageEditPlusPipeline.__call__``
+    computes from the sample's references, each centre-cropped to the bucket's aspect ratio: each resized to about
+    384 x 384 pixels for the text encoder and the prompt encoded with them all (``encode_prompt(caption,
+    image=[...])``), each resized to about 1024 x 1024 for the VAE and their packed latents concatenated
+    (``prepare_latents``), exactly; and the family's velocity is the transformer called as the pipeline's loop
+    calls it (the target's tokens, then the references', their ``img_shapes``; the output's target tokens)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+        CONDITION_IMAGE_SIZE,
+        VAE_IMAGE_SIZE,
+        calculate_dimensions,
+    )
+
+    from recipe.families.qwenimage_edit_plus import crop_to_aspect
+
+    chosen = find_family("qwenimage_edit_plus")
+    pipeline = family_pipeline("qwenimage_edit_plus").from_pretrained(case["pipeline"])
+    samples = cached_samples(case["cache"])
+    firsts = {cache.bucket(i): i for i in reversed(range(len(cache)))}
+    assert set(firsts) == {((1, 4, 8, 8), 1), ((1, 4, 6, 10), 1), ((1, 4, 8, 8), 2)}, firsts
+    uncropped = 0
+    for (shape, count), index in firsts.items():
+        cached, sample = cache[index], samples[index]
+        rows, cols = shape[-2:]
+        height, width = 8 * rows, 8 * cols  # the sample's pixels (the tiny VAE's 8x)
+        stem = Path(sample["file"]).stem
+        names = [f"{stem}.ref.png", *(f"{stem}.ref{n}.png" for n in range(2, count + 1))]
+        raw = [read_frames(case["media"] / name)[0] for name in names]
+        images = [crop_to_aspect(image, height, width) for image in raw]
+        uncropped += all(image is original for image, original in zip(images, raw))
+        conditions, vae_images, vae_sizes = [], [], []
+        for image in images:  # __call__'s own sizing, from each image's aspect ratio
+            condition_width, condition_height = calculate_dimensions(CONDITION_IMAGE_SIZE, image.width / image.height)
+            vae_width, vae_height = calculate_dimensions(VAE_IMAGE_SIZE, image.width / image.height)
+            conditions.append(pipeline.image_processor.resize(image, condition_height, condition_width))
+            vae_images.append(pipeline.image_processor.preprocess(image, vae_height, vae_width).unsqueeze(2))
+            vae_sizes.append((vae_height, vae_width))
+        assert cached["reference_latents"].shape == (count, 4, vae_sizes[0][0] // 8, vae_sizes[0][1] // 8)
+        t = torch.tensor([0.6])
+        with torch.no_grad():
+            embeds, mask = pipeline.encode_prompt(sample["caption"], image=conditions)
+            latents, image_latents = pipeline.prepare_latents(vae_images, 1, 4, height, width, embeds.dtype, "cpu",
+                                                              torch.Generator().manual_seed(0))
+            shapes = [[(1, rows // 2, cols // 2), *((1, h // 16, w // 16) for h, w in vae_sizes)]]
+            theirs = pipeline.transformer(hidden_states=torch.cat([latents, image_latents], 1), timestep=t,
+                                          encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                                          img_shapes=shapes).sample[:, : latents.shape[1]]
+            x_t = pipeline._unpack_latents(latents, height, width, 8).transpose(1, 2)  # (1, F, C, H, W)
+            text = {name: cached[name][None] for name in chosen.text_dims(pipeline.transformer)}
+            ours = chosen.velocity(pipeline.transformer, x_t, t, text, 1.0)
+        real = cached["prompt_attention_mask"]
+        assert int(real.sum()) == embeds.shape[1] and bool(real[: embeds.shape[1]].all())
+        assert torch.equal(cached["prompt_embeds"][real], embeds[0]), "the cached prompt is not the pipeline's"
+        tokens = torch.cat([chosen.image_tokens(pipeline.transformer, latents[None])[0]
+                            for latents in cached["reference_latents"]], 1)
+        assert torch.equal(tokens, image_latents), "the cached references are not the pipeline's image latents"
+        torch.testing.assert_close(ours.transpose(1, 2), pipeline._unpack_latents(theirs, height, width, 8),
+                                   rtol=1e-5, atol=1e-6, msg="the velocity is not the pipeline's call")
+    assert uncropped, "no sample's references are all of their bucket's aspect ratio: nothing is the pipeline's alone"
 
 
 def flux2_as_the_pipeline_does(family: str, case: dict[str, Any], cache: LatentCache) -> None:
@@ -359,6 +435,40 @@ def test_captions_and_references_come_from_sidecars_or_a_table(tmp_path: Path) -
     items, skipped = list_media(tmp_path, references=True)
     assert [(i.file, i.reference) for i in items] == [("a.png", "a.ref.png"), ("b.png", "a.png")]
     assert sorted(s.file for s in skipped) == ["c.png", "d.jpg"]  # no caption
+
+
+def test_several_references_come_from_numbered_sidecars_or_columns_in_order(tmp_path: Path) -> None:
+    """A family that edits with several images reads ``<name>.ref.<ext>``, ``<name>.ref2.<ext>``, ... (up to the first
+    number missing), or the table's ``reference`` (a path or, in metadata.jsonl, a list), ``reference2``, ...
+    columns; no reference image is a sample, and a sample without its first one is skipped, named."""
+    from recipe.media import list_media
+
+    image = Image.new("RGB", (8, 8))
+    for name in ("a.png", "a.ref.png", "a.ref2.jpg", "a.ref3.png", "b.png", "b.ref2.png", "c.png", "d.png", "e.png",
+                 "f.png", "g.png", "g.ref.png", "g.ref3.png"):
+        image.save(tmp_path / name)
+    rows = [{"file_name": "c.png", "text": "a bird", "reference": ["a.png", "e.png"]},
+            {"file_name": "d.png", "text": "a fish", "reference": "e.png", "reference2": "f.png", "reference3": ""},
+            {"file_name": "e.png", "text": "a car"}, {"file_name": "f.png", "text": "a ball", "reference": "e.png"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    for name in ("a", "b", "g"):
+        (tmp_path / f"{name}.txt").write_text(f"{name} edited\n")
+    items, skipped = list_media(tmp_path, references=True)
+    assert [(i.file, i.references) for i in items] == [
+        ("a.png", ("a.ref.png", "a.ref2.jpg", "a.ref3.png")), ("c.png", ("a.png", "e.png")),
+        ("d.png", ("e.png", "f.png")), ("f.png", ("e.png",)), ("g.png", ("g.ref.png",))]  # g.ref3 follows no g.ref2
+    assert items[0].reference == "a.ref.png"
+    assert [(s.file, s.reason.split(":")[0]) for s in skipped] == [("b.png", "no reference image"),
+                                                                   ("e.png", "no reference image")]
+    items, _ = list_media(tmp_path)  # text-to-image: every numbered reference image is no sample either
+    assert [i.file for i in items] == ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "g.png"]
+    with open(tmp_path / "captions.csv", "w", newline="") as table:
+        writer = csv.DictWriter(table, ["file_name", "caption", "reference", "reference2"])
+        writer.writeheader()
+        writer.writerow({"file_name": "c.png", "caption": "a bird", "reference": "e.png", "reference2": "f.png"})
+    (tmp_path / "metadata.jsonl").unlink()
+    items, _ = list_media(tmp_path, references=True)
+    assert [(i.file, i.references) for i in items if i.file == "c.png"] == [("c.png", ("e.png", "f.png"))]
 
 
 def test_buckets_a_pipeline_cannot_take_are_refused_naming_the_rule(made: dict[str, Any]) -> None:
@@ -576,6 +686,7 @@ def one_process(family: str, pipeline: str, cache: str, dp: int, expert: str | N
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
              "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
              "qwenimage": {"grads": 1e-5, "updates": 1e-2}, "qwenimage_edit": {"grads": 1e-5, "updates": 1e-2},
+             "qwenimage_edit_plus": {"grads": 1e-5, "updates": 1e-2},
              "wan": {"grads": 2e-4, "updates": 1e-2}, "wan_i2v": {"grads": 2e-4, "updates": 1e-2},
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
              "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
@@ -816,14 +927,21 @@ def train_py_round_trip(family: str, case: dict[str, Any], folder: Path, layout:
     the run logged and how far apart the generations are (pixel levels, 0-255)."""
     from test_train_cli import wandb_run
 
+    from recipe.samples import open_images
+
     run, chosen = folder / "run", find_family(family)
     video = chosen.video
     size = ["validation.height=64", "validation.width=64"] if not video else \
         ["validation.height=32", "validation.width=32", "validation.frames=5"]
     reference = folder / "start.png"  # edit and image-to-video: the image the prompt starts from
     read_frames(case["media"] / case["files"]["good"][0])[0].save(reference)
+    images: Any = str(reference)  # a family that edits with several images gets two: the sample's and its reference's
+    if chosen.starts_from_image and chosen.max_references != 1:
+        second = folder / "second.png"
+        read_frames(case["media"] / f"{Path(case['files']['good'][0]).stem}.ref.png")[0].save(second)
+        images = [str(reference), str(second)]
     if chosen.starts_from_image:
-        size.append(f"validation.references=[{reference}]")
+        size.append(f"validation.references=[{images if isinstance(images, str) else '[' + ','.join(images) + ']'}]")
     command = [sys.executable, str(ROOT / "train.py"), f"model={family}", f"model.pretrained_path={case['pipeline']}",
                "model.dtype=float32", "data=latents", f"data.cache={case['cache']}", "lora.rank=4", "lora.alpha=8",
                layout, "trainer.max_steps=3", "optimizer.lr=1e-2", "optimizer.warmup_steps=1",
@@ -839,8 +957,7 @@ def train_py_round_trip(family: str, case: dict[str, Any], folder: Path, layout:
     pipeline = family_pipeline(family).from_pretrained(case["pipeline"])
     options = {"height": 64, "width": 64} if not video else {"height": 32, "width": 32, "num_frames": 5}
     if chosen.starts_from_image:
-        options.update(chosen.image_inputs(pipeline, Image.open(reference).convert("RGB"), options["height"],
-                                           options["width"]))
+        options.update(chosen.image_inputs(pipeline, open_images(images), options["height"], options["width"]))
     takes = inspect.signature(type(pipeline).__call__).parameters  # as the run's samples: what the pipeline takes
     options = {name: value for name, value in options.items() if name in takes}
 
@@ -891,6 +1008,11 @@ def test_validation_images_are_one_per_prompt_for_edit_and_i2v_families_and_refu
     with pytest.raises(ValueError, match=r"validation.references is set but model.family=flux \(text-to-image\) takes no"):
         PipelineSamples(2, flux, ValidationConfig(references=["ref.png"]), 2, tmp_path)
     PipelineSamples(2, flux, ValidationConfig(guidance_scale=3.5), 2, tmp_path)
+    PipelineSamples(2, ModelConfig(family="qwenimage_edit_plus"),  # several images for one prompt
+                    ValidationConfig(prompts=["a"], references=[["a.png", "b.png"]]), 2, tmp_path)
+    with pytest.raises(ValueError, match=r"validation.references has 2 images for one prompt \(\['a.png', 'b.png'\]\) "
+                                         r"but model.family=flux_kontext edits with 1"):
+        PipelineSamples(2, kontext, ValidationConfig(prompts=["a"], references=[["a.png", "b.png"]]), 2, tmp_path)
     with pytest.raises(ValueError, match=r"validation.guidance_scale is set but HunyuanVideo15Pipeline takes none"):
         PipelineSamples(2, ModelConfig(family="hunyuanvideo15"), ValidationConfig(guidance_scale=3.5), 2, tmp_path)
 
