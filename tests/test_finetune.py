@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained pipeline end to end: media folder -> latent cache -> LoRA under CP -> pipeline.
 
-Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, QwenImage Edit, Z-Image, Flux.2 images;
-Wan video) is built offline with seeded weights (``fixtures/pipelines.py``) next to a captioned folder
+Each family's tiny pipeline (Flux, Flux Kontext, Chroma, QwenImage, QwenImage Edit and Edit Plus (some samples with
+two references), Z-Image, Flux.2 images; Wan video) is built offline with seeded weights (``fixtures/pipelines.py``) next to a captioned folder
 holding one corrupt and one uncaptioned file (``fixtures/media.py``; for the edit families, reference
 images and a file without one). ``prepare.py`` caches them (some over two ranks) and says which files it skipped
 and why; LoRA training from the cache under ring 2 and ulysses 2 x dp 2 matches

@@ -160,14 +160,15 @@ class Family:
         return to_pixels(images[:1], Bucket(1, *self.reference_size(height, width)))
 
     def encode_reference(self, pipeline: DiffusionPipeline, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The cached tensors of a sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]`` (edit tasks)."""
+        """The cached tensors of a sample's references as ``fit_references`` gives them (edit tasks; here its
+        reference image ``(1, 3, H, W)`` in ``[-1, 1]``)."""
         return {"reference_latents": self.encode_pixels(pipeline, pixels)}
 
     def encode_caption(self, pipeline: DiffusionPipeline, caption: str,
                        reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One sample's cached prompt tensors (no batch axis): what the pipeline's call computes for its caption.
-        ``reference`` (edit tasks: the sample's reference image ``(1, 3, H, W)`` in ``[-1, 1]``) is for pipelines
-        whose text encoder reads the image it edits with the prompt; the others encode the caption alone."""
+        ``reference`` (edit tasks: the sample's references as ``fit_references`` gives them) is for pipelines whose
+        text encoder reads the image it edits with the prompt; the others encode the caption alone."""
         return {name: tensor[0] for name, tensor in self.encode_prompts(pipeline, [caption]).items()}
 
     def image_inputs(self, pipeline: DiffusionPipeline, image: Any, height: int, width: int) -> dict[str, Any]:
