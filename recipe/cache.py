@@ -7,9 +7,10 @@ On disk, a folder of safetensors shards plus ``cache.json``:
   buckets is refused: one cache never mixes latents that mean different things.
 - ``shard-r<rank>-<unique id>.safetensors`` holds up to ``data.shard_size`` samples, tensors
   ``<i>.latents`` ``(F, C, H, W)`` and ``<i>.<text tensor>``, with each sample's source file,
-  caption, shape and (edit tasks) number of reference images in the header's metadata. A shard is written to a temporary name and renamed, so
-  a shard on disk is always whole; a crash loses at most the samples not yet in one, and since the
-  writer flushes on the way out of an exception, usually not even those.
+  caption, shape and (edit tasks) number of reference images in the header's metadata. A shard is
+  written to a temporary name and renamed, so a shard on disk is always whole; a crash loses at most
+  the samples not yet in one, and since the writer flushes on the way out of an exception, usually
+  not even those.
 
 Reading needs only the headers up front; each sample's tensors are read when it is drawn
 (:class:`LatentCache`), so no rank holds the dataset. :class:`BucketBatches` groups samples of

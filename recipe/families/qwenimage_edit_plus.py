@@ -24,7 +24,8 @@ pipeline's ``__call__`` does this with its list of images, as training does:
   1, 2, ...), and the loss reads the target's tokens (``noise_pred[:, : latents.size(1)]``).
 
 A batch stacks its samples' tensors, so the number of references is part of a sample's bucket (with
-its shape): samples with one reference and samples with two train in batches of their own.
+its shape): samples with one reference and samples with two train in batches of their own. (``tokens``,
+which sees only the target's latents' shape, counts the target's tokens and one reference's.)
 Validation gives each prompt its ``validation.references`` entry as it is (a path, or a list of
 paths: several images), and the pipeline sizes them.
 """
