@@ -471,6 +471,22 @@ def test_several_references_come_from_numbered_sidecars_or_columns_in_order(tmp_
     assert [(i.file, i.references) for i in items if i.file == "c.png"] == [("c.png", ("e.png", "f.png"))]
 
 
+def test_an_edit_family_of_one_reference_skips_a_sample_with_several_naming_them(tmp_path: Path) -> None:
+    from fixtures.pipelines import build_tiny_pipeline
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("a.png", "a.ref.png", "a.ref2.png", "b.png", "b.ref.png"):
+        Image.new("RGB", (64, 64), "red").save(media / name)
+    for name in ("a", "b"):
+        (media / f"{name}.txt").write_text("a red cat\n")
+    model = ModelConfig(family="flux_kontext", pretrained_path=str(build_tiny_pipeline("flux_kontext", tmp_path / "p")),
+                        dtype="float32")
+    done = encode_folder(model, LatentsConfig(cache=str(tmp_path / "cache"), path=str(media), resolutions=[[64, 64]]))
+    assert done["cached"] == 1 and [(s.file, s.reason) for s in done["skipped"]] == [
+        ("a.png", "2 reference images (a.ref.png, a.ref2.png); Flux Kontext edits with 1 at most")]
+
+
 def test_buckets_a_pipeline_cannot_take_are_refused_naming_the_rule(made: dict[str, Any]) -> None:
     from recipe.latents import check_buckets, load_pipeline
 
