@@ -698,7 +698,12 @@ def one_process(family: str, pipeline: str, cache: str, dp: int, expert: str | N
 # measured: gradients 2.2e-6, updates 4.9e-5 (ring 2) and 1.1e-5 (ulysses 2 x dp 2). CogVideoX (226 text tokens
 # joined before the video's): gradients 1.9e-6 (ring 2) and 1.0e-6 (ulysses 2 x dp 2); its first block's to_q LoRA A
 # takes its first nonzero gradient at step 2 (B starts at zero), where AdamW's step is about lr * sign: updates
-# 5.1e-5 of the norm (ring 2), 2.1e-5 (ulysses 2 x dp 2), so its bound is 1e-4. Skipping CP anywhere is off by O(1).
+# 5.1e-5 of the norm (ring 2), 2.1e-5 (ulysses 2 x dp 2), so its bound is 1e-4. HunyuanVideo's full fine-tuning under
+# AdamW (ring 2) moves every weight, its text embedder's linear_1.bias worst at 6.7e-5 of the norm beyond the knee:
+# that is float32's, not CP's. The same three steps on one process in float64 are 3.5e-5 from one process in float32
+# and 1.1e-4 from ring 2 for that tensor (about 3x throughout, from the knee's entries moving step 2's gradients);
+# under SGD ring 2 is within 1.2x of one process float32's distance from float64 in every tensor. So its bound is
+# 1e-4 as CogVideoX's. Skipping CP anywhere is off by O(1).
 TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5, "updates": 5e-5},
              "zimage": {"grads": 1e-5, "updates": 5e-5}, "flux_kontext": {"grads": 1e-5, "updates": 5e-5},
              "qwenimage": {"grads": 1e-5, "updates": 1e-2}, "qwenimage_edit": {"grads": 1e-5, "updates": 1e-2},
@@ -707,7 +712,7 @@ TOLERANCE = {"flux": {"grads": 1e-5, "updates": 5e-5}, "chroma": {"grads": 1e-5,
              "sd3": {"grads": 1e-5, "updates": 5e-5}, "ltx": {"grads": 1e-5, "updates": 5e-5},
              "ltx_i2v": {"grads": 1e-5, "updates": 5e-5}, "hunyuanvideo15": {"grads": 1e-5, "updates": 5e-5},
              "hunyuanvideo15_i2v": {"grads": 1e-5, "updates": 5e-5}, "cogvideox": {"grads": 1e-5, "updates": 1e-4},
-             "hunyuanvideo": {"grads": 1e-5, "updates": 5e-5}, "flux2": {"grads": 1e-5, "updates": 5e-5},
+             "hunyuanvideo": {"grads": 1e-5, "updates": 1e-4}, "flux2": {"grads": 1e-5, "updates": 5e-5},
              "flux2_klein": {"grads": 1e-5, "updates": 5e-5}}
 
 
