@@ -25,13 +25,13 @@ class _LoopbackExchange:
         self.block = ring.rank if travels == "kv" else ring.rank - 1
         self._spare: torch.Tensor | None = None
 
-    def send_recv(self, send: torch.Tensor) -> torch.Tensor:
+    def send_recv(self, send: torch.Tensor, keep: bool = False) -> torch.Tensor:
         size = self.ring.size
         if self.travels == "kv":  # the previous rank's block, copied into the spare buffer as a receive would
             recv = torch.empty_like(send) if self._spare is None else self._spare
             for held, block in zip(recv, self.ring.kv_blocks[(self.block - 1) % size]):
                 held.copy_(block)
-            self._spare = send
+            self._spare = None if keep else send
         else:  # our share of the block's gradient leaves; the other ranks add nothing
             self.ring.keep(self.block % size, send)
             recv = torch.zeros_like(send)

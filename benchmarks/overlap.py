@@ -74,8 +74,8 @@ def serial_transfers() -> Iterator[None]:
     """Every ``send_recv`` waits for its own transfer before returning: the ring without overlap."""
     original = RingComm.send_recv
 
-    def send_recv_and_wait(comm: RingComm, send: torch.Tensor) -> torch.Tensor:
-        received = original(comm, send)
+    def send_recv_and_wait(comm: RingComm, send: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        received = original(comm, send, keep)
         RingComm.wait(comm)
         return received
 

@@ -34,10 +34,10 @@ def context_parallel_attention(
     """
     if mesh.ulysses_size > 1:
         if query.shape == key.shape:
-            query, key, value = seq_to_heads(torch.stack((query, key, value)), mesh.ulysses_group).unbind(0)
+            query, key, value = seq_to_heads(mesh.ulysses_group, query, key, value)
         else:
-            query = seq_to_heads(query, mesh.ulysses_group)
-            key, value = seq_to_heads(torch.stack((key, value)), mesh.ulysses_group).unbind(0)
+            (query,) = seq_to_heads(mesh.ulysses_group, query)
+            key, value = seq_to_heads(mesh.ulysses_group, key, value)
         if key_mask is not None:
             key_mask = gather_key_mask(key_mask, mesh.ulysses_group)
     if mesh.ring_size > 1:
@@ -62,5 +62,5 @@ def context_parallel_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         ).transpose(1, 2)
     if mesh.ulysses_size > 1:
-        out = heads_to_seq(out, mesh.ulysses_group)
+        (out,) = heads_to_seq(mesh.ulysses_group, out)
     return out

@@ -39,7 +39,9 @@ class RingComm:
     ``send_recv`` posts both transfers and returns the receive buffer at once, so the caller
     computes on its current block while the next one is in flight; ``wait`` completes them. The
     comm owns the spare buffer: a sent buffer is free once ``wait`` returns, so it receives the
-    transfer after next. With the block being computed on, that is two blocks resident, never more.
+    transfer after next, unless the caller keeps it (our own block, which the autograd function saves
+    stacked, so that neither pass copies ``k`` and ``v`` into one more buffer). Besides our own block,
+    that is two blocks resident, never more.
     """
 
     def __init__(self, group: dist.ProcessGroup, kind: str) -> None:
@@ -49,8 +51,9 @@ class RingComm:
         self._pending: list[dist.Work] = []
         self._spare: torch.Tensor | None = None
 
-    def send_recv(self, send: torch.Tensor) -> torch.Tensor:
-        """Post ``send`` to the next rank and a receive from the previous one; returns its buffer."""
+    def send_recv(self, send: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """Post ``send`` to the next rank and a receive from the previous one; returns its buffer. ``keep``: the
+        caller keeps ``send`` (our own block, saved for the backward), so it never receives a later transfer."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called before wait(): the spare buffer may still be in flight")
         recv = torch.empty_like(send) if self._spare is None else self._spare
@@ -63,7 +66,7 @@ class RingComm:
             ]
         )
         count_sent(self.kind, send.nbytes)
-        self._spare = send
+        self._spare = None if keep else send
         return recv
 
     def wait(self) -> None:
@@ -76,7 +79,7 @@ class RingComm:
 class BlockExchange(Protocol):
     """One double-buffered rotation: post a send and a receive, compute, then wait (``RingComm``)."""
 
-    def send_recv(self, send: torch.Tensor) -> torch.Tensor: ...
+    def send_recv(self, send: torch.Tensor, keep: bool = False) -> torch.Tensor: ...
 
     def wait(self) -> None: ...
 
@@ -134,7 +137,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_masks, transport, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
         acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
         rank, size = transport.rank, transport.size
-        kv = torch.stack((k, v))
+        kv = own_kv = torch.stack((k, v))  # saved as it is: the backward needs it stacked too
         out = lse = None
         if rotate_method == "allgather":
             for origin, block in enumerate(transport.all_gather(kv, "ring_allgather")):
@@ -142,24 +145,24 @@ class _RingAttention(torch.autograd.Function):
         else:
             comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
-                incoming = comm.send_recv(kv) if step + 1 < size else None
+                incoming = comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
                 mask = _mask_of(key_masks, (rank - step) % size)
                 out, lse = merge_partial(out, lse, *_block_forward(q, kv, mask, scale, acc_dtype))
                 if incoming is not None:
                     comm.wait()
                     kv = incoming
         out, lse = out.to(q.dtype), lse.squeeze(-1)
-        ctx.save_for_backward(q, k, v, out, lse, key_masks)
+        ctx.save_for_backward(q, own_kv, out, lse, key_masks)
         ctx.transport, ctx.scale, ctx.rotate_method = transport, scale, rotate_method
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, out, lse, key_masks = ctx.saved_tensors
+        q, kv, out, lse, key_masks = ctx.saved_tensors
         transport, scale = ctx.transport, ctx.scale
         rank, size = transport.rank, transport.size
         dq = torch.zeros_like(q, dtype=_wide(q.dtype))
-        kv = torch.stack((k, v))
+        kv_dtype = kv.dtype
         if ctx.rotate_method == "allgather":
             blocks = transport.all_gather(kv, "ring_allgather_backward")
             dkv_all = torch.stack(
@@ -172,7 +175,7 @@ class _RingAttention(torch.autograd.Function):
             dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
             own_dkv = incoming_dkv = None
             for step in range(size):
-                incoming_kv = kv_comm.send_recv(kv) if step + 1 < size else None
+                incoming_kv = kv_comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
                 mask = _mask_of(key_masks, (rank - step) % size)
                 block_dkv = _block_backward(grad_out, q, kv, mask, out, lse, scale, dq)
                 if step == 0:  # our own block: keep its share until its accumulator comes home
@@ -190,7 +193,7 @@ class _RingAttention(torch.autograd.Function):
             if incoming_dkv is not None:  # our own block's accumulator, home after ring - 1 hops
                 own_dkv += incoming_dkv
             dkv = own_dkv
-        dk, dv = dkv.to(k.dtype).unbind(0)
+        dk, dv = dkv.to(kv_dtype).unbind(0)
         return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 

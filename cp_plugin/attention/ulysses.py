@@ -2,13 +2,17 @@
 
 Before attention each rank holds ``S/u`` tokens of all ``H`` heads; after the exchange it holds
 all ``S`` tokens of ``H/u`` heads, so attention over those heads is purely local. Query, key and
-value travel stacked in one all-to-all (one latency instead of three). The all-to-all is its own
-autograd function: its adjoint is the same exchange of the gradient, which the backward issues
-itself through :func:`cp_plugin.comm.all_to_all`, so the bytes counted are those of the gradient
-actually handed over.
+value travel in one all-to-all (one latency instead of three), each written straight into its
+place in the send buffer: stacking them first and then reordering the stack for the exchange would
+hold two more copies of all three at once, at the moment a checkpointed block's recompute peaks.
+The exchange is its own autograd function: its adjoint is the inverse exchange of the gradients,
+which the backward issues itself through :func:`cp_plugin.comm.all_to_all`, so the bytes counted
+are those of the gradients actually handed over.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -16,40 +20,71 @@ import torch.distributed as dist
 from cp_plugin.comm import all_gather, all_to_all
 
 
+def _heads_out(x: torch.Tensor, u: int) -> torch.Tensor:
+    """``(B, S/u, H, D)`` -> ``(u, B, S/u, H/u, D)`` (a view): head group ``j`` first, for rank ``j``."""
+    b, s, h, d = x.shape
+    return x.reshape(b, s, u, h // u, d).movedim(2, 0)
+
+
+def _tokens_in(y: torch.Tensor) -> torch.Tensor:
+    """``(u, B, S/u, H/u, D)``, chunk ``j`` rank ``j``'s tokens -> ``(B, S, H/u, D)`` in sequence order."""
+    u, b, s, h, d = y.shape
+    return y.movedim(0, 1).reshape(b, u * s, h, d)
+
+
+def _tokens_out(x: torch.Tensor, u: int) -> torch.Tensor:
+    """``(B, S, H/u, D)`` -> ``(u, B, S/u, H/u, D)`` (a view): sequence chunk ``j`` first, back to rank ``j``."""
+    b, s, h, d = x.shape
+    return x.reshape(b, u, s // u, h, d).movedim(1, 0)
+
+
+def _heads_in(y: torch.Tensor) -> torch.Tensor:
+    """``(u, B, S/u, H/u, D)``, chunk ``j`` head group ``j`` -> ``(B, S/u, H, D)`` with heads in order."""
+    u, b, s, h, d = y.shape
+    return y.movedim(0, 2).reshape(b, s, u * h, d)
+
+
+def _exchange(xs: tuple[torch.Tensor, ...], to_heads: bool, group: dist.ProcessGroup, kind: str
+              ) -> tuple[torch.Tensor, ...]:
+    """One all-to-all of every tensor of ``xs``, sequence shards to head shards (``to_heads``) or back."""
+    u = dist.get_world_size(group)
+    split, join = (_heads_out, _tokens_in) if to_heads else (_tokens_out, _heads_in)
+    chunks = [split(x, u) for x in xs]
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in xs])  # as stacking them would
+    send = chunks[0].new_empty(u, len(xs), *chunks[0].shape[1:], dtype=dtype)  # row j goes to rank j
+    for i, chunk in enumerate(chunks):
+        send[:, i].copy_(chunk)
+    received = all_to_all(send, group, kind)
+    del send, chunks
+    joined = [join(received[:, i]).to(x.dtype) for i, x in enumerate(xs)]
+    # A view of the buffer (one tensor, batch 1: already in order) is copied: an autograd function's output
+    # that is a view of its own buffer cannot be modified in place by the code that called attention.
+    return tuple(t if t._base is None else t.clone() for t in joined)
+
+
 class _AllToAll(torch.autograd.Function):
-    """Equal chunks along dim 0, chunk ``j`` to rank ``j``; the backward sends each gradient chunk back."""
+    """Sequence shards to head shards (or back) for several tensors at once; the backward sends each gradient
+    back the other way, its adjoint."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        return all_to_all(x, group, "all_to_all")
+    def forward(ctx, group: dist.ProcessGroup, to_heads: bool, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.group, ctx.to_heads = group, to_heads
+        return _exchange(xs, to_heads, group, "all_to_all")
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        # Chunk j of the output came from rank j, so sending chunk j back to rank j is the adjoint.
-        return all_to_all(grad, ctx.group, "all_to_all_backward"), None
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        # Chunk j of an output came from rank j, so sending chunk j of its gradient back to rank j is the adjoint.
+        return None, None, *_exchange(grads, not ctx.to_heads, ctx.group, "all_to_all_backward")
 
 
-def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``(..., B, S/u, H, D)`` -> ``(..., B, S, H/u, D)``; leading dims (e.g. stacked q/k/v) ride along."""
-    u = dist.get_world_size(group)
-    *lead, b, s_local, h, d = x.shape
-    n = len(lead)
-    # (..., B, S/u, u, H/u, D) -> (u, ..., B, S/u, H/u, D): chunk j goes to rank j (its head group).
-    x = _AllToAll.apply(x.reshape(*lead, b, s_local, u, h // u, d).movedim(n + 2, 0), group)
-    # chunk j now holds rank j's tokens: put them in sequence order.
-    return x.movedim(0, n + 1).reshape(*lead, b, u * s_local, h // u, d)
+def seq_to_heads(group: dist.ProcessGroup, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each ``(B, S/u, H, D)`` -> ``(B, S, H/u, D)``, all in one all-to-all."""
+    return _AllToAll.apply(group, True, *xs)
 
 
-def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``(..., B, S, H/u, D)`` -> ``(..., B, S/u, H, D)``: the inverse of :func:`seq_to_heads`."""
-    u = dist.get_world_size(group)
-    *lead, b, s, h_local, d = x.shape
-    n = len(lead)
-    # (..., B, u, S/u, H/u, D) -> (u, ..., B, S/u, H/u, D): sequence chunk j goes back to rank j.
-    x = _AllToAll.apply(x.reshape(*lead, b, u, s // u, h_local, d).movedim(n + 1, 0), group)
-    # chunk j now holds head group j of our tokens: put heads in order.
-    return x.movedim(0, n + 2).reshape(*lead, b, s // u, u * h_local, d)
+def heads_to_seq(group: dist.ProcessGroup, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each ``(B, S, H/u, D)`` -> ``(B, S/u, H, D)``: the inverse of :func:`seq_to_heads`."""
+    return _AllToAll.apply(group, False, *xs)
 
 
 def gather_key_mask(key_mask: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
