@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from launcher import run_distributed
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.measure import PeakMemory
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
@@ -106,11 +107,14 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
             return tensor
 
         COMM_STATS.reset()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = context_parallel_attention(q, k, v, mesh, key_mask=key_mask()[:, shard] if case.masked else None)
-        out.backward(grad_out)
+        mask = key_mask()[:, shard] if case.masked else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), PeakMemory() as forward:
+            out = context_parallel_attention(q, k, v, mesh, key_mask=mask)
+        with PeakMemory() as backward:
+            out.backward(grad_out)
         results.append({"case": case, "shard": shard, "tensors": (out.detach(), q.grad, k.grad, v.grad),
-                        "saved": sum(saved.values()), "sent": dict(COMM_STATS.by_kind)})
+                        "saved": sum(saved.values()), "sent": dict(COMM_STATS.by_kind),
+                        "peaks": (forward.peak, backward.peak)})
     return results
 
 
@@ -323,3 +327,25 @@ def test_ring_bytes_sent_match_theory(world: int) -> None:
         for rank in results[Case(ring, ulysses, "allgather")]:
             assert rank["sent"]["ring_allgather"] == (ring - 1) * kv
             assert rank["sent"]["ring_allgather_backward"] == 2 * (ring - 1) * kv
+
+
+
+@pytest.mark.timeout(150)
+@WORLDS
+def test_exchanges_make_no_extra_copies(world: int) -> None:
+    """What attention allocates, in local shards of one of q, k, v (float32, unmasked), beyond O(1/shard) extras.
+
+    Ulysses' forward (ring 1): q, k and v are written straight into the all-to-all's send buffer (3 shards), received
+    into another (3), which is freed as they are copied out in sequence order (3): at most 6. Stacking them first and
+    reordering the stack for the exchange took 9. The p2p ring keeps its own KV block stacked as saved, so its
+    backward never stacks k and v again: at ring 2 it holds dq (1), the block received (2), its own block's dK/dV (2),
+    the current block's (2) with the kernel's dk, dv and dq (3): 10, where a second stack of k and v took 12; under
+    ring 2 x ulysses 2 (4 ranks), 11 where it took 13."""
+    bounds = {(1, world, "forward"): 6, (2, world // 2, "backward"): 10 + (world == 4)}
+    results = launch(world)
+    for (ring, ulysses, when), bound in bounds.items():
+        case = Case(ring, ulysses, "p2p")
+        shard = B * (S // world) * H * D * case.dtype.itemsize
+        for rank in results[case]:
+            peak = rank["peaks"][0 if when == "forward" else 1] / shard
+            assert peak < bound + 0.5, f"{case}: the {when} allocates {peak:.2f} shards, more than {bound}"
