@@ -55,8 +55,8 @@ def _exchange(xs: tuple[torch.Tensor, ...], to_heads: bool, group: dist.ProcessG
     for i, chunk in enumerate(chunks):
         send[:, i].copy_(chunk)
     received = all_to_all(send, group, kind)
-    del send, chunks
-    joined = [join(received[:, i]).to(x.dtype) for i, x in enumerate(xs)]
+    del send
+    joined = [join(received[:, i]) for i in range(len(xs))]
     # A view of the buffer (one tensor, batch 1: already in order) is copied: an autograd function's output
     # that is a view of its own buffer cannot be modified in place by the code that called attention.
     return tuple(t if t._base is None else t.clone() for t in joined)
