@@ -40,6 +40,7 @@ class _LiveStorages:
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
+        self.allocated = 0  # every storage's bytes, freed or not: unlike the peak, not moved by when a buffer is freed
         self._sizes: dict[int, tuple[int, str]] = {}
         self.live_by_kind: dict[str, int] = {}
         self.at_peak: dict[str, int] = {}
@@ -49,6 +50,7 @@ class _LiveStorages:
         if key in self._sizes or not storage.nbytes():
             return
         self._sizes[key] = (storage.nbytes(), kind)
+        self.allocated += storage.nbytes()
         self.live += storage.nbytes()
         self.live_by_kind[kind] = self.live_by_kind.get(kind, 0) + storage.nbytes()
         if self.live > self.peak:
@@ -153,6 +155,11 @@ class PeakMemory(TorchDispatchMode):
     @property
     def live(self) -> int:
         return self._storages.live
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of every storage allocated, freed or not (a total that does not depend on when each was freed)."""
+        return self._storages.allocated
 
     @property
     def at_peak(self) -> dict[str, int]:

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from launcher import run_distributed
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from benchmarks.measure import storages
+from benchmarks.measure import PeakMemory
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
@@ -88,23 +87,6 @@ def cases(world: int) -> list[Case]:
     return fp32 + low + fp64
 
 
-class Allocated(TorchDispatchMode):
-    """Bytes of every new storage an op allocates while active, freed or not: unlike a peak, it does not depend on
-    when gloo's own thread lets go of a buffer it sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        inputs = {s._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) for s in storages(t)}
-        fresh = {s._cdata: s.nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor) for s in storages(t)
-                 if s._cdata not in inputs}
-        self.total += sum(fresh.values())
-        return out
-
-
 def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
     """Rank body: each case's local output and q/k/v grads, bytes saved for backward, bytes sent."""
     results = []
@@ -126,13 +108,13 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
 
         COMM_STATS.reset()
         mask = key_mask()[:, shard] if case.masked else None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), Allocated() as forward:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), PeakMemory() as forward:
             out = context_parallel_attention(q, k, v, mesh, key_mask=mask)
-        with Allocated() as backward:
+        with PeakMemory() as backward:
             out.backward(grad_out)
         results.append({"case": case, "shard": shard, "tensors": (out.detach(), q.grad, k.grad, v.grad),
                         "saved": sum(saved.values()), "sent": dict(COMM_STATS.by_kind),
-                        "allocated": (forward.total, backward.total)})
+                        "allocated": (forward.allocated, backward.allocated)})
     return results
 
 
@@ -345,9 +327,6 @@ def test_ring_bytes_sent_match_theory(world: int) -> None:
         for rank in results[Case(ring, ulysses, "allgather")]:
             assert rank["sent"]["ring_allgather"] == (ring - 1) * kv
             assert rank["sent"]["ring_allgather_backward"] == 2 * (ring - 1) * kv
-
-
-
 
 
 @pytest.mark.timeout(150)
