@@ -218,6 +218,7 @@ class _RecordCalls(TorchDispatchMode):
         (torch.float16, 74, False, "_scaled_dot_product_efficient_attention"),
         (torch.bfloat16, 64, True, "_scaled_dot_product_efficient_attention"),
         (torch.bfloat16, 64, False, "_scaled_dot_product_cudnn_attention"),
+        (torch.bfloat16, 64, True, "_scaled_dot_product_cudnn_attention"),
     ],
 )
 def test_non_cpu_branch_follows_the_aten_schemas(
@@ -244,10 +245,23 @@ def test_non_cpu_branch_follows_the_aten_schemas(
     if kernel.endswith("flash_attention"):
         assert backward_args[6] is None and backward_args[7] is None  # cum_seq_q/k undefined: dense kernel
     elif kernel.endswith("cudnn_attention"):
-        assert backward_args[8:11] == (None, None, None)  # no bias, cum_seq_q/k undefined: dense kernel
+        assert (backward_args[8] is None) == (not masked)  # the key mask's bias, the forward's own
+        assert backward_args[9:11] == (None, None)  # cum_seq_q/k undefined: dense kernel
         assert backward_args[5].shape == (B, H, S, 1)  # the merged LSE in cuDNN's own layout
     else:
         assert (backward_args[4] is None) == (not masked)  # attn_bias undefined unless there is a mask
+
+
+@pytest.mark.parametrize("shape", [(2, 2007), (2, 333, 777)])
+def test_a_cuda_bias_rows_start_aligned_at_any_key_count(shape: tuple[int, ...]) -> None:
+    """CUDA's memory-efficient kernel refuses a bias whose rows are not aligned (seen on an H100 at 2007 keys):
+    the rows are laid out at a multiple of 16 whatever the key count (meta stands in for CUDA without cuDNN)."""
+    keys, queries = shape[-1], shape[1] if len(shape) == 3 else 5
+    q = torch.empty(2, 3, queries, 16, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 3, keys, 16, dtype=torch.bfloat16, device="meta")
+    bias = additive_mask(torch.ones(shape, dtype=torch.bool, device="meta"), q, k)
+    assert bias.shape == (2, 3, queries, keys)
+    assert bias.stride(0) % 16 == 0 and bias.stride(2) % 16 == 0 and bias.stride(3) == 1
 
 
 def test_dtypes_no_kernel_takes_are_named_with_a_fix() -> None:

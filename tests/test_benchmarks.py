@@ -67,11 +67,28 @@ def test_the_gpu_check_runs_end_to_end_in_its_tiny_mode(tmp_path: Path) -> None:
     kernels = [line for line in report.split("## 2.")[0].splitlines() if line.startswith(("| bf16", "| fp32"))]
     assert len(kernels) == 4 and all(line.endswith("| ok |") for line in kernels), kernels
     ring = [line for line in report.split("## 2.")[1].split("## 3.")[0].splitlines() if line.startswith("| 256")]
-    assert len(ring) == 1 and float(ring[0].split("|")[-2]) < 1e-5  # the error column
+    assert len(ring) == 2 and all(float(row.split("|")[-2]) < 1e-5 for row in ring)  # unmasked, masked: errors
     steps = [line.split("|") for line in report.split("## 3.")[1].splitlines() if line.startswith(("| 256", "| 512"))]
     assert [row[2].strip() for row in steps] == list(gpu.FEATURES) * 2
     assert all(int(row[-2]) > 0 for row in steps if "tiling" in row[2])  # tiling ran (networks tiled)
     assert all(float(row[3]) > 0 and float(row[5]) > 0 for row in steps)  # a peak and a throughput were measured
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_gpu_check_part_is_recorded_and_the_rest_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part that raises leaves its error in the results file, the later parts' figures, and a failed command."""
+    def broken(sizes: gpu.Sizes, device: torch.device) -> list[dict]:
+        raise torch.cuda.OutOfMemoryError("out of memory at 131072 tokens")
+
+    title, _, rows_of = gpu.PARTS["ring"]
+    monkeypatch.setitem(gpu.PARTS, "ring", (title, broken, rows_of))
+    with pytest.raises(RuntimeError, match=r"the ring part\(s\) failed"):
+        gpu.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    report = next(tmp_path.glob("gpu_*.md")).read_text()
+    assert "**Failed:** OutOfMemoryError: out of memory at 131072 tokens" in report.split("## 3.")[0]
+    assert "| 512 | checkpointing + tiling |" in report.split("## 3.")[1]  # the step part ran after it
 
 
 def overlap_rows(seqs: list[int]) -> list[dict[str, float]]:

@@ -4,7 +4,7 @@ A ring computes attention against one KV block at a time and merges the partial 
 needs each block's log-sum-exp (LSE) and a backward that takes the *global* output and LSE.
 PyTorch exposes exactly that as ATen ops (the ones ``scaled_dot_product_attention`` dispatches
 to): the CPU flash kernel, and on CUDA cuDNN's kernel or the flash kernel (fp16/bf16) or the
-memory-efficient kernel (fp32, key masks, head dims flash does not take). Layout ``(batch, heads,
+memory-efficient kernel (fp32, key masks where cuDNN does not serve, head dims flash does not take). Layout ``(batch, heads,
 seq, head_dim)``; LSE ``(batch, heads, seq)`` in float32 (float64 for float64 inputs, which only
 the CPU kernel takes). Key masks arrive as an additive bias (0 / -inf), the form every kernel
 accepts. ``merge_partial`` combines the per-block results; ``benchmarks.blockwise`` runs the same
@@ -48,14 +48,18 @@ def check_dtype(q: torch.Tensor) -> None:
 def kernel_for(q: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The one place a kernel is chosen, so forward and backward always agree.
 
-    Flash and cuDNN need half precision and a head dim that is a multiple of 8 up to 256, and here take
-    no bias; cuDNN where PyTorch's SDPA would pick it (enabled, compute capability 9.0 or newer).
+    Flash and cuDNN need half precision and a head dim that is a multiple of 8 up to 256; cuDNN where
+    PyTorch's SDPA would pick it (enabled, compute capability 9.0 or newer), with or without a key mask's
+    bias; flash takes no bias, so a masked block without cuDNN goes to the memory-efficient kernel.
     """
     if q.device.type == "cpu":
         return "cpu"
     head_dim = q.shape[-1]
-    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0:
-        return "cudnn" if _cudnn_serves(q.device) else "flash"
+    if q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0:
+        if _cudnn_serves(q.device):
+            return "cudnn"
+        if bias is None:
+            return "flash"
     return "efficient"
 
 
@@ -78,7 +82,12 @@ def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
     """
     if key_mask is None:
         return None
-    bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
+    keys = key_mask.shape[-1]
+    # CUDA's memory-efficient kernel wants each bias row to start aligned ("attn_bias is not correctly aligned"
+    # at 2007 keys on an H100): its rows are laid out at a multiple of 16 and sliced, as fused SDPA pads a mask.
+    padded = -(-keys // 16) * 16 if kernel_for(q, key_mask) == "efficient" else keys
+    bias = torch.zeros(*key_mask.shape[:-1], padded, dtype=q.dtype, device=q.device)[..., :keys]
+    bias = bias.masked_fill_(~key_mask, float("-inf"))
     bias = bias[:, None, None, :] if key_mask.dim() == 2 else bias[:, None]
     # CUDA's memory-efficient kernel wants the bias at full size (a stride-0 expand is enough).
     return bias if q.device.type == "cpu" else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -92,7 +101,7 @@ def attention_forward(
     if backend == "cpu":
         out, lse = sdpa_flash_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     elif backend == "cudnn":
-        out, lse, *_ = sdpa_cudnn(q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, False, False,
+        out, lse, *_ = sdpa_cudnn(q.contiguous(), k.contiguous(), v.contiguous(), bias, True, 0.0, False, False,
                                   scale=scale)
         lse = lse.squeeze(-1)
     elif backend == "flash":
@@ -129,7 +138,7 @@ def attention_backward(
     if backend == "cudnn":
         return sdpa_cudnn_backward(
             grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.unsqueeze(-1).contiguous(),
-            _no_rng(q), _no_rng(q), None, None, None, q.shape[2], k.shape[2], 0.0, False, scale=scale,
+            _no_rng(q), _no_rng(q), bias, None, None, q.shape[2], k.shape[2], 0.0, False, scale=scale,
         )
     if backend == "flash":
         return sdpa_flash_backward(
