@@ -2,16 +2,18 @@
 
     python -m benchmarks.gpu              # on a CUDA machine: writes benchmarks/results/gpu_<device name>.md
     python -m benchmarks.gpu --tiny       # the same checks at toy sizes (any device; the test suite runs it)
+    CUDA_LAUNCH_BLOCKING=1 python -m benchmarks.gpu --parts steps   # one part again, naming a failing kernel
 
 Three parts, each on the device alone (no process group: one GPU is enough):
 
 1. **Kernel exactness.** The blockwise path the ring runs (``cp_plugin.attention.ring._RingAttention``
    over ``benchmarks.loopback.LoopbackRing``, forward and backward) against one fused SDPA, in bf16 and
-   fp32, without and with a key mask, on each kernel the library picks there: cuDNN (bf16, Hopper and
-   newer), flash (bf16, with cuDNN's SDPA switched off), memory-efficient (fp32, and every masked case).
-   Each error is held to its dtype's bound and the verdict printed.
+   fp32, without and with a key mask (an odd number of keys per block), on each kernel the library picks
+   there: cuDNN (bf16, masked or not, Hopper and newer), flash (bf16, with cuDNN's SDPA switched off),
+   memory-efficient (fp32, and bf16 masked blocks without cuDNN). Each error is held to its dtype's bound.
 2. **Ring throughput.** Ring rank 0's attention at ring 2 as a ratio to fused SDPA of the same FLOPs,
-   16K-128K tokens, bf16 (``benchmarks.blockwise``'s measure), with its TFLOP/s.
+   16K-128K tokens, bf16 (``benchmarks.blockwise``'s measure), with its TFLOP/s; at two lengths also with
+   the last quarter of the keys masked.
 3. **A training step of a Flux-width model** (one double-stream and one single-stream block, 24 heads x
    128, 512 text tokens, bf16) at 32K, 64K and 128K image tokens on one device: peak memory (CUDA's
    allocator, above the weights and inputs), tokens/s, model TFLOP/s (``torch.utils.flop_counter`` of
@@ -231,9 +233,13 @@ def report(name: str, command: str, done: dict[str, list[dict] | str], seconds: 
     lines = [f"# GPU check: {name}", "",
              f"{describe(command, 'cuda' if torch.cuda.is_available() else None)} {seconds:.0f} s in all.", ""]
     for key, (title, _, rows_of) in PARTS.items():
-        result = done.get(key, "not run (the check stopped before this part)")
         lines += [f"## {title}", ""]
-        lines += [f"**Failed:** {result}"] if isinstance(result, str) else rows_of(result, peak)
+        if key not in done:
+            lines.append("Not run (not asked for, or the check stopped before this part).")
+        elif isinstance(done[key], str):
+            lines.append(f"**Failed:** {done[key]}")
+        else:
+            lines += rows_of(done[key], peak)
         lines.append("")
     return "\n".join(lines)
 
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--tiny", action="store_true", help="toy sizes, any device (what the test suite runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+                        help="run only these parts (a rerun of one that failed, e.g. with CUDA_LAUNCH_BLOCKING=1)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" and not args.tiny:
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     done: dict[str, list[dict] | str] = {}
     for key, (title, run, _) in PARTS.items():
+        if key not in args.parts:
+            continue
         began = time.perf_counter()
         try:
             done[key] = run(sizes, device)

@@ -89,6 +89,8 @@ def test_a_failing_gpu_check_part_is_recorded_and_the_rest_still_runs(
     report = next(tmp_path.glob("gpu_*.md")).read_text()
     assert "**Failed:** OutOfMemoryError: out of memory at 131072 tokens" in report.split("## 3.")[0]
     assert "| 512 | checkpointing + tiling |" in report.split("## 3.")[1]  # the step part ran after it
+    only = gpu.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--parts", "kernels"]).read_text()
+    assert "| fp32 | none |" in only and only.count("Not run") == 2  # --parts: that part alone
 
 
 def overlap_rows(seqs: list[int]) -> list[dict[str, float]]:
