@@ -16,7 +16,9 @@ that the block's own operations relate them:
   splits are a *selection*: whole on every rank, joined to split tokens in attention, whose routing
   counts their copies as keys once (``attention/dispatch.py``);
 - a token count its code reads as a number (a proportional attention's ``log(S)`` scale) is read
-  unguarded in a second probe, so that it stays a symbol (``read_counts``).
+  unguarded in a second probe, so that it stays a symbol (``read_counts``);
+- split tokens cut by a count inside an attention layer that takes them as keys only are probed again
+  as that layer's whole inputs, which the split gathers there (``BlockRoles.gathered``).
 
 What comes back is data flow, decided by structure: for every input, the dimensions that index
 tokens and which sequences they index, in order; for every attention call, which sequences its
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,6 +95,10 @@ class BlockRoles:
     # (Lumina-Next's proportional attention, sqrt(log(S, base)) / sqrt(d)): the scale one process passes, which
     # holds for the whole sizes and plain inputs the probe ran at (``read_counts``)
     scales: tuple[tuple[int, Any], ...] = ()
+    # (attention layer's path in the block, flattened input of its call, dim) of the split tokens a layer takes as
+    # keys only and cuts by a count (Motif-Video's image-to-video cross-attention keys, encoder[:, 3:]): gathered
+    # where they enter that layer, so the cut runs on the whole sequence as on one process (``streams.py``)
+    gathered: tuple[tuple[str, int, int], ...] = ()
 
     def fit(self, shapes: Sequence[tuple[int, ...] | None]) -> bool:
         """Whether these roles hold for inputs of ``shapes`` (one per flattened input; None: not a tensor)."""
@@ -118,6 +125,10 @@ class _Recording(CountingMode):
         self.pads: list[tuple[Any, Any, Any]] = []  # (length before, padding before, padding after)
         self.slices: list[tuple[Any, Any]] = []  # (length before, length after) of a slice along one dimension
         self.regroups: list[tuple[Any, Any, Any]] = []  # (length, leading size, the rest) of a dim unflattened
+        self.inside: list[str] = []  # the block's attention layers running now (paths), innermost last
+        self.slice_at: list[str | None] = []  # per slice, the attention layer it was cut in (None: outside any)
+        self.attention_at: list[str | None] = []  # per attention call, the layer that made it
+        self.layer_inputs: dict[str, list[Any]] = {}  # each attention layer's flattened inputs at its first call
         self.selections: list[tuple[Any, Any]] = []  # (count, entries) of each nonzero: how many of them are set
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
         self.statistics: list[tuple[str, Any]] = []  # (op, length) of dimensions softmaxes, means, scans run over
@@ -186,13 +197,16 @@ class _Recording(CountingMode):
         if func in (torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow):
             x = args[0]
             if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor) and out.dim() == x.dim():
-                self.slices += [(a, b) for a, b in zip(x.shape, out.shape) if a is not b]
+                cut = [(a, b) for a, b in zip(x.shape, out.shape) if a is not b]
+                self.slices += cut
+                self.slice_at += [self.inside[-1] if self.inside else None] * len(cut)
         return out
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> None:
         """Note one attention call; its mask must broadcast over ``(batch, heads, queries, keys)``."""
         self.attention.append((query.shape[-2], key.shape[-2]))
+        self.attention_at.append(self.inside[-1] if self.inside else None)
         self.batches.append((math.prod(query.shape[:-2]), math.prod(key.shape[:-2])))
         self.scales.append(kwargs.get("scale", args[2] if len(args) > 2 else None))
         if attn_mask is not None:
@@ -262,6 +276,15 @@ class ProbeError(ValueError):
     """The block could not be run on symbolic shapes, or relates its tokens in a way no split can follow."""
 
 
+class _KeysOnly(ProbeError):
+    """The block cuts split tokens by a count, inside attention layers that take those tokens as keys only:
+    ``inputs`` names, per layer, the (flattened input, dim) that carry them, to be probed again whole."""
+
+    def __init__(self, message: str, inputs: dict[str, tuple[tuple[int, int], ...]]) -> None:
+        super().__init__(message)
+        self.inputs = inputs
+
+
 def probe_block(
     forward: Callable[..., Any], args: tuple, kwargs: dict, names: Sequence[str], where: str,
     shapes: Sequence[tuple[int, ...] | None] | None = None, grid: bool = False,
@@ -273,8 +296,14 @@ def probe_block(
     the block convolves its tokens on their grid (``grid.py``), whose reshapes are followed.
     Raises :class:`ProbeError` saying what failed.
     """
-    probe = (forward, args, kwargs, names, where, shapes, grid)
-    record, _, roles = _probe(*probe)
+    probe: tuple = (forward, args, kwargs, names, where, shapes, grid, {})
+    try:
+        record, _, roles = _probe(*probe)
+    except _KeysOnly as found:  # probed again with those inputs whole: a second refusal stands
+        probe = (*probe[:-1], found.inputs)
+        record, _, roles = _probe(*probe)
+        roles = dataclasses.replace(roles, gathered=tuple(
+            (layer, index, dim) for layer, entries in found.inputs.items() for index, dim in entries))
     return read_counts(probe, roles) if record.reads else roles
 
 
@@ -312,9 +341,11 @@ def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
 
 def _probe(
     forward: Callable[..., Any], args: tuple, kwargs: dict, names: Sequence[str], where: str,
-    shapes: Sequence[tuple[int, ...] | None] | None, grid: bool, number: Callable[[Any], Any] | None = None,
+    shapes: Sequence[tuple[int, ...] | None] | None, grid: bool, whole: dict[str, tuple[tuple[int, int], ...]],
+    number: Callable[[Any], Any] | None = None,
 ) -> tuple[_Recording, _Resolver, BlockRoles]:
-    """One probe of the block; ``number`` gives the sizes its code reads as numbers (``None``: guarded)."""
+    """One probe of the block; ``whole``: the attention layers' inputs to give fresh (unsplit) token counts
+    (``_KeysOnly``); ``number`` gives the sizes its code reads as numbers (``None``: guarded)."""
     leaves, spec = tree_flatten((args, kwargs))
     record = _Recording()
     fake_mode, env = symbolic_fake_mode(lambda expr, hint: record.read(expr, hint, number))
@@ -322,11 +353,12 @@ def _probe(
     fake_args, fake_kwargs = tree_unflatten(fakes, spec)
     grids = ProbeGrid(fake_mode) if grid else contextlib.nullcontext()
     _RECORDING.append(record)
+    layers = _LayerHooks(getattr(forward, "__self__", None), record, whole, fake_mode)
     try:
         # Outside the caller's dispatch modes: selective checkpointing would keep the probe's fake attention
         # outputs and count its ops as the block's, and a recompute (which probes nothing) would not match.
         with (outside_dispatch_modes(), quiet_fake_kernels(), torch.no_grad(), fake_mode, _Decompose(fake_mode, record),
-              record, grids):
+              record, grids, layers):
             output = forward(*fake_args, **fake_kwargs)
     except ProbeError as err:  # an attention call the routing refuses (its mask's type), named for this block
         raise ProbeError(f"{where}: {err}") from err
@@ -347,6 +379,42 @@ def _probe(
     resolver = _Resolver(env, record, where, fakes)
     roles = resolver.roles(fakes, names, output)
     return record, resolver, dataclasses.replace(roles, grid=grids.ops()) if grid else roles
+
+
+class _LayerHooks:
+    """While a probe runs: which of the block's attention layers is running (``_Recording.inside``), the inputs of
+    each at its first call, and the inputs ``whole`` names given fresh token counts, as if gathered there."""
+
+    def __init__(self, block: Any, record: _Recording, whole: dict[str, tuple[tuple[int, int], ...]],
+                 fake_mode: FakeTensorMode) -> None:
+        from cp_plugin.plans import attention_modules  # plans -> attention.dispatch -> probe
+
+        self.layers = attention_modules(block) if isinstance(block, torch.nn.Module) else []
+        self.record, self.whole, self.fake_mode = record, whole, fake_mode
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _LayerHooks:
+        for path, layer in self.layers:
+            self.handles += [layer.register_forward_pre_hook(functools.partial(self.enter, path), with_kwargs=True),
+                             layer.register_forward_hook(self.exit, always_call=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def enter(self, path: str, layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        leaves, spec = tree_flatten((args, kwargs))
+        for index, dim in self.whole.get(path, ()):
+            shape = list(leaves[index].shape)
+            shape[dim] = fresh_size(self.fake_mode, size_hint(shape[dim]))
+            leaves[index] = leaves[index].new_empty(shape)
+        self.record.layer_inputs.setdefault(path, leaves)
+        self.record.inside.append(path)
+        return tree_unflatten(leaves, spec)
+
+    def exit(self, layer: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.record.inside.pop()
 
 
 def _symbolic(fake_mode: FakeTensorMode, x: Any, shape: tuple[int, ...] | None) -> Any:
@@ -426,19 +494,38 @@ class _Resolver:
         for length, before, after in record.pads:
             self.align(self.expr(length), self.expr(before), self.expr(after))
         self.sliced: dict[sympy.Symbol, sympy.Expr] = {}  # an input's length -> the tokens a slice cut from it
-        self.fixed: list[tuple[sympy.Expr, sympy.Expr]] = []  # tokens cut at a fixed position: (length, cut)
-        for length, cut in record.slices:
+        # tokens cut at a fixed position: (length, cut, the attention layer that cut them or None)
+        self.fixed: list[tuple[sympy.Expr, sympy.Expr, str | None]] = []
+        self.attention_at, self.layer_inputs = record.attention_at, record.layer_inputs
+        for (length, cut), at in zip(record.slices, record.slice_at):
             length, cut = self.expr(length), self.expr(cut)
             data_dependent = not all(is_backed(env, sym) and sym not in self.selected  # a routing's token count
                                      for sym in cut.free_symbols)
             if length.free_symbols & self.split and cut != 0 and cut != length and not data_dependent and not (
                     cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
-                self.fixed.append((length, cut))
+                self.fixed.append((length, cut, at))
             if isinstance(length, sympy.Symbol) and length not in self.split and cut.free_symbols & self.split:
                 if self.env.size_hint(length) == self.env.size_hint(cut):
                     self.aligned[length] = cut  # the slice takes all of it: it is as long as the tokens
                 else:
                     self.sliced[length] = cut
+
+    def keys_only_inputs(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Where every cut by a count is made inside an attention layer, of split tokens that layer takes no queries
+        from (so as keys only): per layer, its (flattened input, dim) holding those tokens; else nothing."""
+        found: dict[str, set[tuple[int, int]]] = {}
+        for length, _, at in self.fixed:
+            if at is None:
+                return {}
+            queries = set().union(*(q.xreplace(self.aligned).free_symbols for (q, _), where in zip(self.calls, self.attention_at)
+                                    if where == at))
+            keys = (length.free_symbols & self.split) - queries
+            inputs = {(i, d) for i, x in enumerate(self.layer_inputs[at]) if isinstance(x, torch.Tensor)
+                      for d, size in enumerate(x.shape) if self.expr(size).free_symbols & keys}
+            if not keys or not inputs:
+                return {}
+            found.setdefault(at, set()).update(inputs)
+        return {at: tuple(sorted(entries)) for at, entries in found.items()}
 
     def expr(self, size: Any) -> sympy.Expr:
         found = size_expr(self.env, size)
@@ -505,7 +592,7 @@ class _Resolver:
 
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
         if self.fixed:
-            length, cut = self.fixed[0]
+            length, cut, _ = self.fixed[0]
             per_cut = [i for i, (q, k) in enumerate(self.calls) if not q.free_symbols or not k.free_symbols]
             if per_cut:  # attention calls over runs of tokens cut at fixed positions: a mask decomposed into calls
                 i = per_cut[0]
@@ -517,11 +604,13 @@ class _Resolver:
                     f"((batch, 1, {length}, {length}) bool, built before the blocks and passed to each block): give "
                     "the blocks that mask and a processor that makes the one masked call"
                 )
-            raise ProbeError(
+            message = (
                 f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
                 "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "
                 "expert's token capacity): every rank would cut its own part there"
             )
+            keys_only = self.keys_only_inputs()
+            raise _KeysOnly(message, keys_only) if keys_only else ProbeError(message)
         for x, name in zip(fakes, names):
             for dim, size in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
                 cut = self.sliced.get(self.expr(size))

@@ -20,8 +20,11 @@ Every other whole input indexing a stream is split along that dimension: one str
 joint sequence part by part in the block's order (a concatenation inside the block shows it, see
 ``probe.py``; a concatenation the model made between blocks is seen there, see ``locality.py``). A
 ``(queries, keys)`` mask over a whole stream stays whole: the attention takes this rank's rows. A
-split input whose tokens this block takes as keys only is gathered for it. Sequences the CP size
-does not divide are padded and masked.
+split input whose tokens this block takes as keys only is gathered for it, and so are split tokens
+that an attention layer inside the block takes as keys only and cuts by a count (Motif-Video's
+image-to-video cross-attention keys, ``encoder_hidden_states[:, 3:]``), where they enter that layer:
+the cut then runs on the whole sequence, as on one process. Sequences the CP size does not divide
+are padded and masked.
 
 The last block of a forward (the one that completes the count of blocks, remembered for later
 forwards and activation-checkpoint recomputes) ends the split region: the model's other children
@@ -203,7 +206,7 @@ class BlockStreams(ModelHook):
             state.running.append((roles, itertools.count(), streams))
             state.padding.in_blocks += 1
             try:
-                with self._block_ops(roles):
+                with self._block_ops(module, roles):
                     output = self.fn_ref.original_forward(*args, **kwargs)
                 if cuts is not None:
                     leaves, spec = tree_flatten(output)
@@ -215,13 +218,26 @@ class BlockStreams(ModelHook):
             state.routing.exit()
         return self._exit(module, output, roles)
 
-    def _block_ops(self, roles: BlockRoles) -> contextlib.ExitStack:
-        """The block's own ops that the split must follow: grid reshapes (halos), sums over tokens."""
+    def _block_ops(self, module: torch.nn.Module, roles: BlockRoles) -> contextlib.ExitStack:
+        """The block's own ops that the split must follow: grid reshapes (halos), sums over tokens, and split tokens
+        an attention layer takes as keys only and cuts by a count, gathered where they enter it."""
         stack, state = contextlib.ExitStack(), self.state
         if roles.grid is not None and roles.grid.entries:
             stack.enter_context(HaloGrid(roles.grid, state.padding, state.mesh, self.radius, self.where))
         if roles.reductions:
             stack.enter_context(TokenReductions(roles.reductions, state.padding, state.mesh))
+        for path, entries in itertools.groupby(roles.gathered, key=lambda entry: entry[0]):
+            wanted = [(index, dim) for _, index, dim in entries]
+            where = f"{self.where}'s layer '{path}'"
+
+            def gather(layer: torch.nn.Module, args: tuple, kwargs: dict, wanted: list = wanted, where: str = where
+                       ) -> tuple[tuple, dict]:
+                leaves, spec = tree_flatten((args, kwargs))
+                for index, dim in wanted:
+                    leaves[index] = state.gather(leaves[index], dim, where)
+                return tree_unflatten(leaves, spec)
+
+            stack.callback(module.get_submodule(path).register_forward_pre_hook(gather, with_kwargs=True).remove)
         return stack
 
     # entry ------------------------------------------------------------------------------------

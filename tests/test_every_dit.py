@@ -44,12 +44,13 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # a whole-sequence causal mask that prepare_attention_mask would pad to this rank's token count (the unCLIP prior),
 # a split that ends after a refiner whose outputs the model measures (BriaFibo2), attention per latent frame against
 # keys every rank holds (Wan-Animate's face adapter, its frames cut mid-way by the split), text selected per sample by
-# its mask beside the split video (Mochi).
+# its mask beside the split video (Mochi), and image-context tokens cut off a split stream by a count inside a
+# cross-attention layer that takes them as keys only (Motif-Video's image-to-video: gathered where they enter it).
 COMMON = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
           "pixart", "auraflow", "cogview4", "hunyuanimage", "flux2", "cosmos", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
-              "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi")
+              "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi", "motif_video:second")
 SUITE = COMMON + MECHANISMS
 
 
@@ -199,6 +200,13 @@ def _no_token_sums(self: Any, sums: Any, *args: Any) -> None:
     self._unmutated_init__((), *args)
 
 
+def _no_keys_only_gather(self: Any, module: Any, roles: Any) -> Any:
+    """Leave the tokens an attention layer takes as keys only, and cuts by a count, as this rank's share."""
+    import dataclasses
+
+    return self._unmutated_block_ops(module, dataclasses.replace(roles, gathered=()))
+
+
 # mutation -> (where, what, replacement, cases it must make fail)
 MUTATIONS = {
     # a (1, 24, 1, 24) rotary table: 24 video tokens, head dim 24
@@ -212,6 +220,9 @@ MUTATIONS = {
                      [("sana", {"ring_degree": 2}), ("sana_video", {"ulysses_degree": 2})]),
     "sums over tokens kept local": ("cp_plugin.reductions.TokenReductions", "__init__", _no_token_sums,
                                     [("sana", {"ulysses_degree": 2})]),
+    # Motif-Video's image-to-video cross-attention: encoder_hidden_states[:, 3:] of the split encoder stream
+    "keys-only gather dropped": ("cp_plugin.streams.BlockStreams", "_block_ops", _no_keys_only_gather,
+                                 [("motif_video:second", {"ring_degree": 2})]),
 }
 
 

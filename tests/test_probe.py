@@ -290,3 +290,42 @@ def test_a_scale_from_the_token_count_is_one_processs_and_other_uses_are_refused
         roles = run()
         assert roles.inputs[0] == (TokenDim(1, roles.sequences),) and roles.attention == ((roles.sequences,) * 2,)
         assert roles.scales == ((0, math.sqrt(math.log(8, 16)) / 2),)  # the whole sequence's scale
+
+
+def test_tokens_a_cross_attention_cuts_by_a_count_and_takes_as_keys_only_are_gathered_where_they_enter_it() -> None:
+    """Motif-Video image-to-video: its cross-attention cuts 3 image-context tokens off the split encoder stream
+    (``encoder_hidden_states[:, 3:]``, and its mask alike) and attends to the rest as keys: gathered there."""
+    from fixtures.dits import CASES
+
+    case = CASES["motif_video:second"]
+    block, args, kwargs = first_block_inputs(case.build(), "transformer_blocks", case.inputs(torch.Generator()))
+    _, roles = probe(block, args, kwargs)
+    assert roles.gathered == (("cross_attn", 1, 1), ("cross_attn", 2, 3))  # encoder_hidden_states, the mask's keys
+    video = roles.attention[0][0][0]
+    assert roles.attention[1] == ((video,), ())  # the cross-attention: split video queries over whole keys
+
+
+class _CutQueries:
+    """A processor that cuts 3 tokens off its queries' own sequence by a count before attending."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = hidden_states[:, 3:]
+        q, k, v = (f(x).unflatten(-1, (attn.heads, -1)).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        return attn.to_out[0](torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class _CutBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(query_dim=8, heads=2, dim_head=4, processor=_CutQueries())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.attn(hidden_states)
+
+
+def test_tokens_an_attention_layer_cuts_by_a_count_and_takes_queries_from_stay_refused() -> None:
+    """Only tokens a layer takes as keys only are gathered for it: cut queries would be every rank's own cut."""
+    with pytest.raises(ProbeError, match=r"_CutBlock: it cuts \w+ - 3 of the \w+ tokens of a split sequence by a count"):
+        probe(_CutBlock(), (torch.randn(BATCH, 10, 8),), {})
