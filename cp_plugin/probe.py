@@ -278,10 +278,11 @@ class ProbeError(ValueError):
 
 class _KeysOnly(ProbeError):
     """The block cuts split tokens by a count, inside attention layers that take those tokens as keys only:
-    ``inputs`` names, per layer, the (flattened input, dim) that carry them, to be probed again whole."""
+    ``inputs`` names, per layer, the (flattened input, dim) that carry them, to be probed again whole (a probe
+    given whole inputs refuses any cut it still finds instead)."""
 
-    def __init__(self, message: str, inputs: dict[str, tuple[tuple[int, int], ...]]) -> None:
-        super().__init__(message)
+    def __init__(self, inputs: dict[str, tuple[tuple[int, int], ...]]) -> None:
+        super().__init__(f"attention layers take split tokens as keys only and cut them by a count: {inputs}")
         self.inputs = inputs
 
 
@@ -376,7 +377,7 @@ def _probe(
         ) from err
     finally:
         _RECORDING.pop()
-    resolver = _Resolver(env, record, where, fakes)
+    resolver = _Resolver(env, record, where, fakes, retried=bool(whole))
     roles = resolver.roles(fakes, names, output)
     return record, resolver, dataclasses.replace(roles, grid=grids.ops()) if grid else roles
 
@@ -437,8 +438,9 @@ class _Resolver:
     whole on every rank: each rank's queries attend all of it, which is exact and needs no exchange.
     """
 
-    def __init__(self, env: ShapeEnv, record: _Recording, where: str, fakes: Sequence[Any]) -> None:
-        self.env, self.where = env, where
+    def __init__(self, env: ShapeEnv, record: _Recording, where: str, fakes: Sequence[Any], retried: bool = False
+                 ) -> None:
+        self.env, self.where, self.retried = env, where, retried
         self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
@@ -604,13 +606,14 @@ class _Resolver:
                     f"((batch, 1, {length}, {length}) bool, built before the blocks and passed to each block): give "
                     "the blocks that mask and a processor that makes the one masked call"
                 )
-            message = (
+            keys_only = {} if self.retried else self.keys_only_inputs()
+            if keys_only:
+                raise _KeysOnly(keys_only)
+            raise ProbeError(
                 f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
                 "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "
                 "expert's token capacity): every rank would cut its own part there"
             )
-            keys_only = self.keys_only_inputs()
-            raise _KeysOnly(message, keys_only) if keys_only else ProbeError(message)
         for x, name in zip(fakes, names):
             for dim, size in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
                 cut = self.sliced.get(self.expr(size))
