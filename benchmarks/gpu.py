@@ -10,7 +10,9 @@ Three parts, each on the device alone (no process group: one GPU is enough):
    over ``benchmarks.loopback.LoopbackRing``, forward and backward) against one fused SDPA, in bf16 and
    fp32, without and with a key mask (an odd number of keys per block), on each kernel the library picks
    there: cuDNN (bf16, masked or not, Hopper and newer), flash (bf16, with cuDNN's SDPA switched off),
-   memory-efficient (fp32, and bf16 masked blocks without cuDNN). Each error is held to its dtype's bound.
+   memory-efficient (fp32, and bf16 masked blocks without cuDNN); then one block's kernels alone with a mask
+   per query and with a batch entry whose keys are all masked, against float32 math attention. Each error is
+   held to its dtype's bound.
 2. **Ring throughput.** Ring rank 0's attention at ring 2 as a ratio to fused SDPA of the same FLOPs,
    16K-128K tokens, bf16 (``benchmarks.blockwise``'s measure), with its TFLOP/s; at two lengths also with
    the last quarter of the keys masked.
@@ -27,6 +29,7 @@ Needs only what the README's install line installs, on a CUDA build of torch.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import re
 import sys
@@ -37,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.blockwise import fused_step, max_rel_error, peak_bytes, ring_step, run_case, timed
 from benchmarks.provenance import describe
-from cp_plugin.attention.kernels import additive_mask, kernel_for
+from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, kernel_for
 from cp_plugin.memory import apply_memory_options
 from fixtures.models import tiny_flux
 
@@ -116,8 +120,40 @@ def kernel_check(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
         finally:
             if device.type == "cuda":
                 torch.backends.cuda.enable_cudnn_sdp(enabled)
-        rows.append({"dtype": label, "masked": masked, "keys": seq // ring, "kernel": kernel, "error": error,
-                     "bound": BOUNDS[dtype]})
+        rows.append({"dtype": label, "mask": "last quarter masked" if masked else "none", "keys": seq // ring,
+                     "kernel": kernel, "error": error, "bound": BOUNDS[dtype]})
+    return rows + other_masks(sizes, device)
+
+
+def other_masks(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    """One KV block through the kernels alone, bf16, with masks the key-masked ring above does not make: a mask per
+    query (a block of block-causal attention), and a batch entry whose keys are all masked (a block past the
+    padding: its output and gradients must be zeros, not NaN), against float32 math attention; odd token counts."""
+    g = torch.Generator(device).manual_seed(0)
+    batch, queries, keys, scale = 2, sizes.kernel_tokens // 8 + 1, sizes.kernel_tokens // 4 + 3, sizes.head_dim ** -0.5
+    q, grad = (torch.randn(batch, sizes.heads, queries, sizes.head_dim, generator=g, device=device,
+                           dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(batch, sizes.heads, keys, sizes.head_dim, generator=g, device=device, dtype=torch.bfloat16)
+            for _ in range(2))
+    per_query = torch.rand(batch, queries, keys, generator=g, device=device) > 0.3
+    per_query[..., 0] = True
+    key_mask = torch.rand(batch, keys, generator=g, device=device) > 0.3
+    key_mask[0, 0], key_mask[1] = True, False
+    rows = []
+    for label, mask, dense, checked in (("per query", per_query, per_query[:, None], batch),
+                                        ("batch entry 1 all masked", key_mask, key_mask[:, None, None], 1)):
+        bias = additive_mask(mask, q, k)
+        out, lse = attention_forward(q, k, v, scale, bias)
+        got = (out, *attention_backward(grad, q, k, v, out, lse, scale, bias))
+        exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        with sdpa_kernel(SDPBackend.MATH):
+            want = torch.nn.functional.scaled_dot_product_attention(*exact, attn_mask=dense, scale=scale)
+        want.backward(grad.float())
+        error = max_rel_error(tuple(x[:checked] for x in got), (want[:checked], *(x.grad[:checked] for x in exact)))
+        if not all(bool(x[checked:].isfinite().all()) and not bool(x[checked:].any()) for x in got):
+            error = math.inf  # a fully masked entry must contribute nothing
+        rows.append({"dtype": "bf16", "mask": label, "keys": keys, "kernel": kernel_for(q, bias), "error": error,
+                     "bound": BOUNDS[torch.bfloat16]})
     return rows
 
 
@@ -189,11 +225,11 @@ def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
 
 # report ---------------------------------------------------------------------------------------------------------------
 def kernel_lines(kernels: list[dict]) -> list[str]:
-    lines = ["| dtype | key mask | keys per block | kernel | max rel err (out, dq, dk, dv) | bound | verdict |",
+    lines = ["| dtype | mask | keys per block | kernel | max rel err (out, dq, dk, dv) | bound | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in kernels:
         verdict = "ok" if r["error"] <= r["bound"] else "OVER THE BOUND"
-        lines.append(f"| {r['dtype']} | {'last quarter masked' if r['masked'] else 'none'} | {r['keys']} | {r['kernel']} "
+        lines.append(f"| {r['dtype']} | {r['mask']} | {r['keys']} | {r['kernel']} "
                      f"| {r['error']:.1e} | {r['bound']:.0e} | {verdict} |")
     return lines
 
@@ -218,7 +254,8 @@ def step_lines(steps: list[dict], peak: float | None) -> list[str]:
 
 
 PARTS = {  # title, what runs it, how its rows read
-    "kernels": ("1. Kernel exactness: the ring's blockwise path vs fused SDPA (forward and backward, ring 2)",
+    "kernels": ("1. Kernel exactness, forward and backward: the ring's blockwise path vs fused SDPA (ring 2); one "
+                "block's kernels with other masks vs float32 math attention",
                 kernel_check, lambda rows, peak: kernel_lines(rows)),
     "ring": ("2. Ring throughput: ring rank 0 (ring 2) vs fused SDPA of the same FLOPs", ring_throughput,
              lambda rows, peak: ring_lines(rows)),
