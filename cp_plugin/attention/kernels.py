@@ -4,15 +4,17 @@ A ring computes attention against one KV block at a time and merges the partial 
 needs each block's log-sum-exp (LSE) and a backward that takes the *global* output and LSE.
 PyTorch exposes exactly that as ATen ops (the ones ``scaled_dot_product_attention`` dispatches
 to): the CPU flash kernel, and on CUDA cuDNN's kernel or the flash kernel (fp16/bf16) or the
-memory-efficient kernel (fp32, key masks where cuDNN does not serve, head dims flash does not take). Layout ``(batch, heads,
-seq, head_dim)``; LSE ``(batch, heads, seq)`` in float32 (float64 for float64 inputs, which only
-the CPU kernel takes). Key masks arrive as an additive bias (0 / -inf), the form every kernel
-accepts. ``merge_partial`` combines the per-block results; ``benchmarks.blockwise`` runs the same
-three pieces on one device.
+memory-efficient kernel (fp32, key masks where cuDNN does not serve, head dims flash does not
+take). Layout ``(batch, heads, seq, head_dim)``; LSE ``(batch, heads, seq)`` in float32 (float64
+for float64 inputs, which only the CPU kernel takes). Key masks arrive as an additive bias
+(0 / -inf), the form every kernel accepts. ``merge_partial`` combines the per-block results;
+``benchmarks.blockwise`` runs the same three pieces on one device.
 
 On Hopper, fused SDPA runs cuDNN's kernel, twice as fast as flash (measured on an H200, bf16, 24
 heads x 128: 608 vs 311 TFLOP/s forward + backward); its backward takes a merged output and LSE
-(its LSE as ``(batch, heads, seq, 1)``) and gave the same gradients as fused SDPA there.
+(its LSE as ``(batch, heads, seq, 1)``) and gave the same gradients as fused SDPA there. With a
+mask's bias it ran 2.8x faster than the memory-efficient kernel on an H100 (4096 x 8192 tokens),
+and a batch entry whose keys are all masked gets zeros and an LSE of -inf from it, as the merge needs.
 """
 
 from __future__ import annotations
