@@ -12,9 +12,9 @@ for float64 inputs, which only the CPU kernel takes). Key masks arrive as an add
 
 On Hopper, fused SDPA runs cuDNN's kernel, twice as fast as flash (measured on an H200, bf16, 24
 heads x 128: 608 vs 311 TFLOP/s forward + backward); its backward takes a merged output and LSE
-(its LSE as ``(batch, heads, seq, 1)``) and gave the same gradients as fused SDPA there. With a
-mask's bias it ran 2.8x faster than the memory-efficient kernel on an H100 (4096 x 8192 tokens),
-and a batch entry whose keys are all masked gets zeros and an LSE of -inf from it, as the merge needs.
+(its LSE as ``(batch, heads, seq, 1)``) and gave the same gradients as fused SDPA there. It takes a
+mask's bias too, and gives a batch entry whose keys are all masked zeros and an LSE of -inf, as the
+merge needs (part 1 of ``benchmarks.gpu`` checks both on the device).
 """
 
 from __future__ import annotations
