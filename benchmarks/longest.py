@@ -2,6 +2,7 @@
 
     python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl} and docs/benchmarks.md's table
     python -m benchmarks.longest --budget-mib 64 --blocks 4 --worlds 1 2   # another budget and depth
+    python -m benchmarks.longest --budget-mib 64 --worlds 1 2 4 --resume  # run only what the jsonl lacks
 
 One invocation runs ``benchmarks.worker``'s measured search (every length it reports was run, see
 ``benchmarks.worker.search``) on the same wide Flux of ``--blocks`` double- and single-stream blocks,
@@ -41,6 +42,7 @@ KINDS = {"forward": "held from the forward (saved activations; block inputs when
          "communication": "cp_plugin's communication buffers",
          "backward": "backward (recompute, activation and weight gradients)"}
 # docs/benchmarks.md carries the table between these lines (rewritten by each run).
+OUT = Path("benchmarks/results")
 README_START, README_END = "<!-- longest table: python -m benchmarks.longest -->", "<!-- end of longest table -->"
 LAYOUTS = {
     1: [f"single{f}" for f in FEATURES],
@@ -51,7 +53,7 @@ LAYOUTS = {
 }
 
 
-def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command: str) -> str:
+def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command: str, resumed: int = 0) -> str:
     found = {(r["world"], r["name"]): r for r in records}
     baseline = found.get((1, "single"), {}).get("fits_seq")
     diffusers = {w: found.get((w, "diffusers_ulysses+ckpt"), {}).get("fits_seq") for w in (2, 4)}
@@ -63,7 +65,9 @@ def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command
         f"{blocks} single-stream blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; budget {budget_mib:g} MiB of step "
         "peak per rank (benchmarks.measure.PeakMemory, worst rank). Tokens are image tokens of the whole sequence; "
         "every length was run: `fits` is the longest within the budget, `next` the first beyond it. At the peak: "
-        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + ".",
+        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + "."
+        + (f" The first {resumed} rows come from an earlier start of the same command, stopped part way and "
+           "resumed (`--resume`) with the same code." if resumed else ""),
         "",
         "| ranks | layout | fits (tokens) | its peak MiB | next (tokens) | its peak MiB | vs one process plain | "
         "vs diffusers Ulysses + ckpt, same ranks | at the peak, MiB: " + " / ".join(KINDS) + " |",
@@ -83,6 +87,11 @@ def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command
     return "\n".join(lines) + "\n"
 
 
+def read(raw: Path) -> list[dict[str, Any]]:
+    """The records a search has written so far (none if it has not started)."""
+    return [json.loads(line) for line in raw.read_text().splitlines()] if raw.exists() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-mib", type=float, default=128.0, help="step peak per rank")
@@ -90,20 +99,31 @@ def main() -> None:
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2],
                         help="process counts to search (add 4 where there are cores for it: on 2 cores a 4-process "
                              "step at these lengths takes minutes)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the existing jsonl")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the jsonl's records (same command, stopped part way: a 4-process search on 2 "
+                             "cores takes tens of minutes per layout) and search only the layouts it lacks")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "longest.jsonl"
+    resumed = 0
     if not args.report_only:
-        raw.unlink(missing_ok=True)
+        if not args.resume:
+            raw.unlink(missing_ok=True)
+        resumed = len(read(raw))
+        done = {(r["world"], r["name"]) for r in read(raw)}
         for world in args.worlds:
-            launch(world, LAYOUTS[world], [], 1, args.budget_mib, raw, blocks=args.blocks)
-    records = [json.loads(line) for line in raw.read_text().splitlines()]
-    command = ("python -m benchmarks.longest " + " ".join(a for a in sys.argv[1:] if a != "--report-only")).strip()
-    report = table(records, args.budget_mib, args.blocks, command)
+            todo = [name for name in LAYOUTS[world] if (world, name) not in done]
+            if todo:
+                launch(world, todo, [], 1, args.budget_mib, raw, blocks=args.blocks)
+    records = read(raw)
+    command = ("python -m benchmarks.longest "
+               + " ".join(a for a in sys.argv[1:] if a not in ("--report-only", "--resume"))).strip()
+    report = table(records, args.budget_mib, args.blocks, command, resumed)
     (args.out / "longest.md").write_text(report)
-    replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip(), DOCS / "benchmarks.md")
+    if args.out == OUT:  # the docs show the default budget's table; other budgets stay in their own folder
+        replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip(), DOCS / "benchmarks.md")
     print(report)
 
 
