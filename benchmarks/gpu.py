@@ -11,8 +11,9 @@ Three parts, each on the device alone (no process group: one GPU is enough):
    fp32, without and with a key mask (an odd number of keys per block), on each kernel the library picks
    there: cuDNN (bf16, masked or not, Hopper and newer), flash (bf16, with cuDNN's SDPA switched off),
    memory-efficient (fp32, and bf16 masked blocks without cuDNN); then one block's kernels alone with a mask
-   per query and with a batch entry whose keys are all masked, against float32 math attention. Each error is
-   held to its dtype's bound.
+   per query and with a batch entry whose keys are all masked, at an odd key count and at 64 keys past a
+   whole 128-key tile (where cuDNN's backward with a bias is known to give NaN), against float32 math
+   attention. Each error is held to its dtype's bound.
 2. **Ring throughput.** Ring rank 0's attention at ring 2 as a ratio to fused SDPA of the same FLOPs,
    16K-128K tokens, bf16 (``benchmarks.blockwise``'s measure), with its TFLOP/s; at two lengths also with
    the last quarter of the keys masked.
@@ -128,32 +129,35 @@ def kernel_check(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
 def other_masks(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     """One KV block through the kernels alone, bf16, with masks the key-masked ring above does not make: a mask per
     query (a block of block-causal attention), and a batch entry whose keys are all masked (a block past the
-    padding: its output and gradients must be zeros, not NaN), against float32 math attention; odd token counts."""
+    padding: its output and gradients must be zeros, not NaN), against float32 math attention; an odd key count,
+    and one 64 keys past a whole 128-key tile, where cuDNN's backward with a bias gave NaN for rows whose LSE is
+    -inf (``cp_plugin.attention.kernels.whole_key_tiles``)."""
     g = torch.Generator(device).manual_seed(0)
-    batch, queries, keys, scale = 2, sizes.kernel_tokens // 8 + 1, sizes.kernel_tokens // 4 + 3, sizes.head_dim ** -0.5
-    q, grad = (torch.randn(batch, sizes.heads, queries, sizes.head_dim, generator=g, device=device,
-                           dtype=torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(batch, sizes.heads, keys, sizes.head_dim, generator=g, device=device, dtype=torch.bfloat16)
-            for _ in range(2))
-    per_query = torch.rand(batch, queries, keys, generator=g, device=device) > 0.3
-    per_query[..., 0] = True
-    key_mask = torch.rand(batch, keys, generator=g, device=device) > 0.3
-    key_mask[0, 0], key_mask[1] = True, False
+    batch, queries, scale = 2, sizes.kernel_tokens // 8 + 1, sizes.head_dim ** -0.5
     rows = []
-    for label, mask, dense, checked in (("per query", per_query, per_query[:, None], batch),
-                                        ("batch entry 1 all masked", key_mask, key_mask[:, None, None], 1)):
-        bias = additive_mask(mask, q, k)
-        out, lse = attention_forward(q, k, v, scale, bias)
-        got = (out, *attention_backward(grad, q, k, v, out, lse, scale, bias))
-        exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
-        with sdpa_kernel(SDPBackend.MATH):
-            want = torch.nn.functional.scaled_dot_product_attention(*exact, attn_mask=dense, scale=scale)
-        want.backward(grad.float())
-        error = max_rel_error(tuple(x[:checked] for x in got), (want[:checked], *(x.grad[:checked] for x in exact)))
-        if not all(bool(x[checked:].isfinite().all()) and not bool(x[checked:].any()) for x in got):
-            error = math.inf  # a fully masked entry must contribute nothing
-        rows.append({"dtype": "bf16", "mask": label, "keys": keys, "kernel": kernel_for(q, bias), "error": error,
-                     "bound": BOUNDS[torch.bfloat16]})
+    for keys in (sizes.kernel_tokens // 4 + 3, sizes.kernel_tokens // 4 // 128 * 128 + 64):
+        q, grad = (torch.randn(batch, sizes.heads, queries, sizes.head_dim, generator=g, device=device,
+                               dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(batch, sizes.heads, keys, sizes.head_dim, generator=g, device=device,
+                            dtype=torch.bfloat16) for _ in range(2))
+        per_query = torch.rand(batch, queries, keys, generator=g, device=device) > 0.3
+        per_query[..., 0] = True
+        key_mask = torch.rand(batch, keys, generator=g, device=device) > 0.3
+        key_mask[0, 0], key_mask[1] = True, False
+        for label, mask, dense, checked in (("per query", per_query, per_query[:, None], batch),
+                                            ("batch entry 1 all masked", key_mask, key_mask[:, None, None], 1)):
+            bias = additive_mask(mask, q, k)
+            out, lse = attention_forward(q, k, v, scale, bias)
+            got = (out, *attention_backward(grad, q, k, v, out, lse, scale, bias))
+            exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+            with sdpa_kernel(SDPBackend.MATH):
+                want = torch.nn.functional.scaled_dot_product_attention(*exact, attn_mask=dense, scale=scale)
+            want.backward(grad.float())
+            error = max_rel_error(tuple(x[:checked] for x in got), (want[:checked], *(x.grad[:checked] for x in exact)))
+            if not all(bool(x[checked:].isfinite().all()) and not bool(x[checked:].any()) for x in got):
+                error = math.inf  # a fully masked entry must contribute nothing
+            rows.append({"dtype": "bf16", "mask": label, "keys": keys, "kernel": kernel_for(q, bias), "error": error,
+                         "bound": BOUNDS[torch.bfloat16]})
     return rows
 
 

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.measure import PeakMemory
 from cp_plugin import ParallelConfig, ParallelMesh
-from cp_plugin.attention import context_parallel_attention
+from cp_plugin.attention import context_parallel_attention, kernels
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
 from cp_plugin.comm import COMM_STATS
 
@@ -229,8 +229,6 @@ def test_non_cpu_branch_follows_the_aten_schemas(
     This checks the plumbing only; the CUDA kernels' numbers come from ``benchmarks.blockwise`` on a GPU
     (``benchmarks/results/blockwise_cuda.md``). cuDNN stands in for a GPU that has it (Hopper).
     """
-    import cp_plugin.attention.kernels as kernels
-
     monkeypatch.setattr(kernels, "_cudnn_serves", lambda device: "cudnn" in kernel)
     q, k, v, grad_out = (torch.empty(B, H, S, head_dim, dtype=dtype, device="meta") for _ in range(4))
     bias = additive_mask(torch.ones(B, S, dtype=torch.bool, device="meta"), q, k) if masked else None
@@ -248,6 +246,10 @@ def test_non_cpu_branch_follows_the_aten_schemas(
         assert (backward_args[8] is None) == (not masked)  # the key mask's bias, the forward's own
         assert backward_args[9:11] == (None, None)  # cum_seq_q/k undefined: dense kernel
         assert backward_args[5].shape == (B, H, S, 1)  # the merged LSE in cuDNN's own layout
+        # S % 128 == 64: with a bias its backward gets whole 128-key tiles (pytorch/pytorch#196678), without one S
+        tiled = -(-S // 128) * 128 if masked else S
+        assert backward_args[2].shape[2] == backward_args[3].shape[2] == backward_args[12] == tiled
+        assert not masked or backward_args[8].shape == (B, H, S, tiled)
     else:
         assert (backward_args[4] is None) == (not masked)  # attn_bias undefined unless there is a mask
 
@@ -259,9 +261,30 @@ def test_a_cuda_bias_rows_start_aligned_at_any_key_count(shape: tuple[int, ...])
     keys, queries = shape[-1], shape[1] if len(shape) == 3 else 5
     q = torch.empty(2, 3, queries, 16, dtype=torch.bfloat16, device="meta")
     k = torch.empty(2, 3, keys, 16, dtype=torch.bfloat16, device="meta")
-    bias = additive_mask(torch.ones(shape, dtype=torch.bool, device="meta"), q, k)
+    bias = kernels._full_size(additive_mask(torch.ones(shape, dtype=torch.bool, device="meta"), q, k), q, k)
     assert bias.shape == (2, 3, queries, keys)
     assert bias.stride(0) % 16 == 0 and bias.stride(2) % 16 == 0 and bias.stride(3) == 1
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_whole_key_tiles_add_keys_that_change_nothing(per_query: bool) -> None:
+    """The keys cuDNN's backward with a bias is padded with (to whole 128-key tiles, pytorch/pytorch#196678) are
+    masked zeros: over them the CPU kernel gives the same output, LSE and gradients, and zero dk, dv for them."""
+    g = torch.Generator().manual_seed(0)
+    keys = 192  # 64 past a whole tile
+    q, grad = (torch.randn(B, H, S, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, H, keys, D, generator=g) for _ in range(2))
+    mask = torch.rand((B, S, keys) if per_query else (B, keys), generator=g) > 0.4
+    mask[..., 0] = True
+    bias = additive_mask(mask, q, k)
+    out, lse = attention_forward(q, k, v, 0.25, bias)
+    grads = attention_backward(grad, q, k, v, out, lse, 0.25, bias)
+    k_tiled, v_tiled, bias_tiled = kernels.whole_key_tiles(k, v, bias)
+    assert k_tiled.shape[2] == v_tiled.shape[2] == bias_tiled.shape[-1] == 256
+    tiled_out, tiled_lse = attention_forward(q, k_tiled, v_tiled, 0.25, bias_tiled)
+    dq, dk, dv = attention_backward(grad, q, k_tiled, v_tiled, out, lse, 0.25, bias_tiled)
+    torch.testing.assert_close((tiled_out, tiled_lse, dq, dk[:, :, :keys], dv[:, :, :keys]), (out, lse, *grads))
+    assert not dk[:, :, keys:].any() and not dv[:, :, keys:].any()
 
 
 def test_dtypes_no_kernel_takes_are_named_with_a_fix() -> None:

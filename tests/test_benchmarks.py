@@ -65,7 +65,8 @@ def test_the_gpu_check_runs_end_to_end_in_its_tiny_mode(tmp_path: Path) -> None:
     """``python -m benchmarks.gpu --tiny``: every part runs here, so the one-command GPU check cannot rot."""
     report = gpu.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]).read_text()
     kernels = [line for line in report.split("## 2.")[0].splitlines() if line.startswith(("| bf16", "| fp32"))]
-    assert len(kernels) == 6 and all(line.endswith("| ok |") for line in kernels), kernels  # 2 x 2 ring, 2 masks
+    assert len(kernels) == 8 and all(line.endswith("| ok |") for line in kernels), kernels  # 2 x 2 ring, 2 x 2 masks
+    assert {int(line.split("|")[3]) % 128 for line in kernels[4:]} == {64 + 3, 64}  # odd; 64 past a whole tile
     ring = [line for line in report.split("## 2.")[1].split("## 3.")[0].splitlines() if line.startswith("| 256")]
     assert len(ring) == 2 and all(float(row.split("|")[-2]) < 1e-5 for row in ring)  # unmasked, masked: errors
     steps = [line.split("|") for line in report.split("## 3.")[1].splitlines() if line.startswith(("| 256", "| 512"))]

@@ -14,12 +14,14 @@ On Hopper, fused SDPA runs cuDNN's kernel, twice as fast as flash (measured on a
 heads x 128: 608 vs 311 TFLOP/s forward + backward); its backward takes a merged output and LSE
 (its LSE as ``(batch, heads, seq, 1)``) and gave the same gradients as fused SDPA there. It takes a
 mask's bias too, and gives a batch entry whose keys are all masked zeros and an LSE of -inf, as the
-merge needs (part 1 of ``benchmarks.gpu`` checks both on the device).
+merge needs (part 1 of ``benchmarks.gpu`` checks both on the device). Its backward with a bias is given
+whole 128-key tiles (see :func:`whole_key_tiles`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cp_plugin.compat import (
     sdpa_cudnn,
@@ -90,9 +92,31 @@ def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
     padded = -(-keys // 16) * 16 if kernel_for(q, key_mask) == "efficient" else keys
     bias = torch.zeros(*key_mask.shape[:-1], padded, dtype=q.dtype, device=q.device)[..., :keys]
     bias = bias.masked_fill_(~key_mask, float("-inf"))
-    bias = bias[:, None, None, :] if key_mask.dim() == 2 else bias[:, None]
-    # CUDA's memory-efficient kernel wants the bias at full size (a stride-0 expand is enough).
-    return bias if q.device.type == "cpu" else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return bias[:, None, None, :] if key_mask.dim() == 2 else bias[:, None]
+
+
+def _full_size(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """CUDA's kernels want the bias at full size: a stride-0 expand of ``(B, 1, 1 or S_q, S_k)``, no copy."""
+    return None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+# cuDNN's backward with a bias scores the missing keys of a last, partial 128-key tile 0 instead of -inf. A query
+# row whose LSE is below ln(FLT_MAX), -88.7 (-inf for a row with no valid key, which masked ring blocks make), then
+# gets exp(0 - lse) = inf times a zero key: NaN in dq (pytorch/pytorch#196678: torch 2.11 to 2.13 on H100/H200,
+# bf16 and fp16, at keys % 128 == 64; clean at whole tiles).
+CUDNN_KEY_TILE = 128
+
+
+def whole_key_tiles(
+    k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k, v`` and the bias (``(B, 1, 1 or S_q, S_k)``) over whole ``CUDNN_KEY_TILE``-key tiles: zero keys the
+    bias masks (-inf), which add nothing to any output or gradient, so that no tile of cuDNN's has missing keys."""
+    pad = -k.shape[2] % CUDNN_KEY_TILE
+    if pad == 0:
+        return k, v, bias
+    return (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)),
+            F.pad(bias, (0, pad), value=float("-inf")))
 
 
 def attention_forward(
@@ -103,13 +127,13 @@ def attention_forward(
     if backend == "cpu":
         out, lse = sdpa_flash_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     elif backend == "cudnn":
-        out, lse, *_ = sdpa_cudnn(q.contiguous(), k.contiguous(), v.contiguous(), bias, True, 0.0, False, False,
-                                  scale=scale)
+        out, lse, *_ = sdpa_cudnn(q.contiguous(), k.contiguous(), v.contiguous(), _full_size(bias, q, k), True, 0.0,
+                                  False, False, scale=scale)
         lse = lse.squeeze(-1)
     elif backend == "flash":
         out, lse, *_ = sdpa_flash(q, k, v, 0.0, False, False, scale=scale)
     else:
-        out, lse, *_ = sdpa_efficient(q, k, v, bias, True, 0.0, False, scale=scale)
+        out, lse, *_ = sdpa_efficient(q, k, v, _full_size(bias, q, k), True, 0.0, False, scale=scale)
         lse = lse[..., : q.shape[2]]  # the kernel pads the LSE's sequence dim to a multiple of 32
     return out, lse.to(torch.promote_types(lse.dtype, torch.float32))
 
@@ -138,18 +162,23 @@ def attention_backward(
     # ``None`` is an undefined tensor to ATen: dense (not variable-length) flash, no bias. An empty
     # tensor would be *defined* and switch the kernels to their varlen / bias paths.
     if backend == "cudnn":
-        return sdpa_cudnn_backward(
+        keys = k.shape[2]
+        if bias is not None:
+            k, v, bias = whole_key_tiles(k, v, bias)
+        dq, dk, dv = sdpa_cudnn_backward(
             grad_out, q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.unsqueeze(-1).contiguous(),
-            _no_rng(q), _no_rng(q), bias, None, None, q.shape[2], k.shape[2], 0.0, False, scale=scale,
+            _no_rng(q), _no_rng(q), _full_size(bias, q, k), None, None, q.shape[2], k.shape[2], 0.0, False,
+            scale=scale,
         )
+        return dq, dk[:, :, :keys], dv[:, :, :keys]
     if backend == "flash":
         return sdpa_flash_backward(
             grad_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, _no_rng(q), _no_rng(q),
             scale=scale,
         )
     dq, dk, dv, _ = sdpa_efficient_backward(
-        grad_out, q, k, v, bias, out, lse.contiguous(), _no_rng(q), _no_rng(q), 0.0, [True, True, True, False], False,
-        scale=scale,
+        grad_out, q, k, v, _full_size(bias, q, k), out, lse.contiguous(), _no_rng(q), _no_rng(q), 0.0,
+        [True, True, True, False], False, scale=scale,
     )
     return dq, dk, dv
 
