@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu              # on a CUDA machine: writes benchmarks/results/gpu_<device name>.md
     python -m benchmarks.gpu --tiny       # the same checks at toy sizes (any device; the test suite runs it)
-    CUDA_LAUNCH_BLOCKING=1 python -m benchmarks.gpu --parts steps   # one part again, naming a failing kernel
+    python -m benchmarks.gpu --parts steps --no-cudnn-sdp   # one part again, with cuDNN's SDPA switched off
 
 Three parts, each on the device alone (no process group: one GPU is enough):
 
@@ -22,7 +22,14 @@ Three parts, each on the device alone (no process group: one GPU is enough):
    allocator, above the weights and inputs), tokens/s, model TFLOP/s (``torch.utils.flop_counter`` of
    the plain step; a recompute is not useful work) and utilisation against the device's dense bf16
    peak, plain, with the model's gradient checkpointing, and with checkpointing and tiled
-   feed-forward networks (``cp_plugin.tiling``).
+   feed-forward networks (``cp_plugin.tiling``). An option that runs out of memory at a length is that
+   row's result.
+
+A part that fails with a device error (CUDA, cuBLAS, cuDNN) leaves this process's CUDA context unusable
+and, run asynchronously, names a later kernel than the one that failed; so it is rerun at once in fresh
+processes: with ``CUDA_LAUNCH_BLOCKING=1`` (the traceback then ends at the failing kernel) and with
+cuDNN's SDPA switched off (the kernel known to fail at some shapes). The results file gets each rerun's
+outcome, and the figures of one that passes, marked as such.
 
 Needs only what the README's install line installs, on a CUDA build of torch.
 """
@@ -30,10 +37,14 @@ Needs only what the README's install line installs, on a CUDA build of torch.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
 import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -213,15 +224,23 @@ def training_steps(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
                 out.float().square().mean().backward()
                 model.zero_grad(set_to_none=True)
 
-            if flops is None:  # the plain step's FLOPs: what the model needs, whatever a feature recomputes
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                flops = counter.get_total_flops()
-            median, _, _ = timed(step, device, sizes.repeats)
-            rows.append({"tokens": tokens, "feature": feature, "peak": peak_bytes(step, device),
-                         "tokens_per_s": tokens / median, "step_s": median, "tflops": flops / median / 1e12,
-                         "tiled": len(applied.paths)})
-            applied.remove()
+            row: dict[str, Any] = {"tokens": tokens, "feature": feature, "tiled": len(applied.paths)}
+            try:
+                if not options:  # the plain step's FLOPs: what the model needs, whatever a feature recomputes
+                    with FlopCounterMode(display=False) as counter:
+                        step()
+                    flops = counter.get_total_flops()
+                median, _, _ = timed(step, device, sizes.repeats)
+                row.update(peak=peak_bytes(step, device), tokens_per_s=tokens / median, step_s=median,
+                           tflops=None if flops is None else flops / median / 1e12)
+            except torch.OutOfMemoryError:  # a result (this option does not fit here), not a failure of the check
+                row["error"] = "out of memory"
+                model.zero_grad(set_to_none=True)
+            finally:
+                applied.remove()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
         del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -252,9 +271,13 @@ def step_lines(steps: list[dict], peak: float | None) -> list[str]:
     lines = [f"| image tokens | memory option | peak MiB | step s | tokens/s | model TFLOP/s | {util} | networks tiled |",
              "|---|---|---|---|---|---|---|---|"]
     for r in steps:
-        share = f"{r['tflops'] / peak:.2f}" if peak else "n/a"
+        if "error" in r:
+            lines.append(f"| {r['tokens']} | {r['feature']} | {r['error']} | | | | | {r['tiled']} |")
+            continue
+        known = r["tflops"] is not None  # unknown where the plain step did not fit to be counted
+        tflops, share = (f"{r['tflops']:.3g}", f"{r['tflops'] / peak:.2f}" if peak else "n/a") if known else ("n/a",) * 2
         lines.append(f"| {r['tokens']} | {r['feature']} | {r['peak'] / 2**20:.1f} | {r['step_s']:.3f} "
-                     f"| {r['tokens_per_s']:.0f} | {r['tflops']:.3g} | {share} | {r['tiled']} |")
+                     f"| {r['tokens_per_s']:.0f} | {tflops} | {share} | {r['tiled']} |")
     return lines
 
 
@@ -268,8 +291,44 @@ PARTS = {  # title, what runs it, how its rows read (given the device's peak TFL
 }
 
 
-def report(name: str, command: str, done: dict[str, list[dict] | str], seconds: float) -> str:
-    """The results file; a part that raised shows its error, one that has not run yet says so."""
+# How a part that failed with a device error is rerun, each in a fresh process: (what the rerun changes, environment,
+# extra arguments).
+RERUNS = (("CUDA_LAUNCH_BLOCKING=1 (the traceback ends at the failing kernel)", {"CUDA_LAUNCH_BLOCKING": "1"}, []),
+          ("cuDNN's SDPA switched off", {}, ["--no-cudnn-sdp"]))
+DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS", "AcceleratorError")
+RERUN_TIMEOUT_S = 180
+
+
+def device_error(text: str) -> bool:
+    """Whether an error came from the device (its context is then unusable) rather than from the check's code."""
+    return any(fragment in text for fragment in DEVICE_ERRORS)
+
+
+def rerun(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rerun part ``key`` in a fresh process per entry of ``RERUNS``: ``{"how", "rows" or "error", "tail"}`` each."""
+    outcomes = []
+    for how, env, extra in RERUNS:
+        with tempfile.TemporaryDirectory() as out:
+            rows_file = Path(out) / "rows.json"
+            cmd = [sys.executable, "-m", "benchmarks.gpu", "--parts", key, "--device", args.device, "--out", out,
+                   "--rows", str(rows_file), "--no-rerun", *(["--tiny"] if args.tiny else []), *extra]
+            try:
+                proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                                      timeout=RERUN_TIMEOUT_S)
+                written = json.loads(rows_file.read_text()) if rows_file.exists() else {}
+                result = written.get("done", {}).get(key, f"exit {proc.returncode}")
+                tail = written.get("tracebacks", {}).get(key, proc.stderr.strip().splitlines()[-12:])
+            except subprocess.TimeoutExpired:
+                tail, result = [], f"did not finish in {RERUN_TIMEOUT_S} s"
+        outcome = {"how": how, "tail": tail}
+        outcome.update({"error": result} if isinstance(result, str) else {"rows": result})
+        outcomes.append(outcome)
+    return outcomes
+
+
+def report(name: str, command: str, done: dict[str, list[dict] | str], seconds: float,
+           reruns: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """The results file; a part that raised shows its error and its reruns, one that has not run yet says so."""
     peak = peak_tflops(name)
     lines = [f"# GPU check: {name}", "",
              f"{describe(command, 'cuda' if torch.cuda.is_available() else None)} {seconds:.0f} s in all.", ""]
@@ -279,6 +338,12 @@ def report(name: str, command: str, done: dict[str, list[dict] | str], seconds: 
             lines.append("Not run (not asked for, or the check stopped before this part).")
         elif isinstance(done[key], str):
             lines.append(f"**Failed:** {done[key]}")
+            for outcome in (reruns or {}).get(key, []):
+                lines += ["", f"Rerun in a fresh process with {outcome['how']}: "
+                          + (f"**failed:** {outcome['error']}" if "error" in outcome else "**passed**:"), ""]
+                lines += rows_of(outcome["rows"], peak) if "rows" in outcome else []
+                if "error" in outcome and outcome["tail"]:
+                    lines += ["```", *outcome["tail"], "```"]
         else:
             lines += rows_of(done[key], peak)
         lines.append("")
@@ -296,7 +361,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
                         help="run only these parts (a rerun of one that failed, e.g. with CUDA_LAUNCH_BLOCKING=1)")
+    parser.add_argument("--no-cudnn-sdp", action="store_true", help="switch cuDNN's SDPA off (what a rerun tries)")
+    parser.add_argument("--no-rerun", action="store_true", help="do not rerun a part that fails with a device error")
+    parser.add_argument("--rows", type=Path, help="also write each part's rows or error, and traceback, as JSON")
     args = parser.parse_args(argv)
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device(args.device)
     if device.type != "cuda" and not args.tiny:
         raise SystemExit("benchmarks.gpu needs a CUDA device (a CUDA build of torch); without one, run it with --tiny")
@@ -307,6 +377,8 @@ def main(argv: list[str] | None = None) -> Path:
     path = args.out / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.md"
     start = time.perf_counter()
     done: dict[str, list[dict] | str] = {}
+    reruns: dict[str, list[dict[str, Any]]] = {}
+    tracebacks: dict[str, list[str]] = {}  # a failed part's last frames (a rerun's, to name the failing kernel)
     for key, (title, run, _) in PARTS.items():
         if key not in args.parts:
             continue
@@ -315,10 +387,16 @@ def main(argv: list[str] | None = None) -> Path:
             done[key] = run(sizes, device)
         except Exception as error:  # noqa: BLE001 - recorded in the results file; the command still fails below
             done[key] = f"{type(error).__name__}: {error}"
+            tracebacks[key] = traceback.format_exc().strip().splitlines()[-12:]
             traceback.print_exc()
+        if args.rows:
+            args.rows.write_text(json.dumps({"done": done, "tracebacks": tracebacks}))
         print(f"[benchmarks.gpu] {title.split(':')[0]} done in {time.perf_counter() - began:.0f} s", file=sys.stderr,
               flush=True)
-        path.write_text(report(name, command, done, time.perf_counter() - start))
+        path.write_text(report(name, command, done, time.perf_counter() - start, reruns))
+        if isinstance(done[key], str) and device_error(done[key]) and not args.no_rerun:
+            reruns[key] = rerun(key, args)
+            path.write_text(report(name, command, done, time.perf_counter() - start, reruns))
     text = path.read_text()
     print(text)
     failed = [key for key, result in done.items() if isinstance(result, str)]

@@ -94,6 +94,48 @@ def test_a_failing_gpu_check_part_is_recorded_and_the_rest_still_runs(
     assert "| fp32 | none |" in only and only.count("Not run") == 2  # --parts: that part alone
 
 
+@pytest.mark.timeout(120)
+def test_a_step_that_runs_out_of_memory_is_a_row_of_the_gpu_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """An option that does not fit at a length is that row's result; the other rows keep their figures (model
+    TFLOP/s unknown where the plain step, which they are counted from, did not fit)."""
+    plain_steps = iter(range(100))
+
+    class OutOfMemoryAt512(gpu.FlopCounterMode):
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            if next(plain_steps) == 1:  # the plain step at 512 tokens
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().__enter__()
+
+    monkeypatch.setattr(gpu, "FlopCounterMode", OutOfMemoryAt512)
+    steps = gpu.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--parts", "steps"]).read_text()
+    rows = [line.split("|") for line in steps.splitlines() if line.startswith(("| 256", "| 512"))]
+    assert [row[3].strip() for row in rows if row[1] == " 512 "][0] == "out of memory"
+    assert [row[6].strip() == "n/a" for row in rows] == [False] * 3 + [False, True, True]
+    assert all(float(row[3]) > 0 for row in rows if "memory" not in row[3])
+
+
+@pytest.mark.timeout(180)
+def test_a_part_failing_with_a_device_error_is_rerun_in_fresh_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device error leaves the process's CUDA context unusable: the part is rerun in fresh processes, and each
+    rerun's outcome lands in the results file, a passing one's figures and a failing one's last frames."""
+    def broken(sizes: gpu.Sizes, device: torch.device) -> list[dict]:
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(...)`")
+
+    title, _, rows_of = gpu.PARTS["ring"]
+    monkeypatch.setitem(gpu.PARTS, "ring", (title, broken, rows_of))
+    monkeypatch.setattr(gpu, "RERUNS", (("nothing changed", {}, []), ("an argument it does not take", {}, ["--bad"])))
+    with pytest.raises(RuntimeError, match=r"the ring part\(s\) failed"):
+        gpu.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--parts", "ring"])
+    ring = next(tmp_path.glob("gpu_*.md")).read_text().split("## 2.")[1].split("## 3.")[0]
+    assert "**Failed:** RuntimeError: CUDA error: CUBLAS_STATUS_EXECUTION_FAILED" in ring
+    passed, failed = ring.split("Rerun in a fresh process with ")[1:]
+    assert passed.startswith("nothing changed: **passed**:") and passed.count("| 256 |") == 2  # the rerun's figures
+    assert failed.startswith("an argument it does not take: **failed:** exit 2") and "--bad" in failed  # its stderr
+
+
 def overlap_rows(seqs: list[int]) -> list[dict[str, float]]:
     """Rank body: ``benchmarks.overlap``'s measures at toy sizes."""
     import argparse
