@@ -48,8 +48,8 @@ LAYOUTS = {
     1: [f"single{f}" for f in FEATURES],
     2: ["diffusers_ulysses", "diffusers_ulysses+ckpt", *(f"{split}/sharded{f}" for split in ("ulysses", "ring_p2p")
                                                         for f in FEATURES)],
-    # 4 processes on 2 cores take a minute per step at these lengths: the comparisons the goals name only
-    4: ["diffusers_ulysses+ckpt", "ulysses/sharded+ckpt+tile", "ring_x_ulysses/sharded+ckpt+tile"],
+    # 4 processes on 2 cores take a minute per step at these lengths: every feature on, each way to split
+    4: ["diffusers_ulysses+ckpt", *(f"{split}/sharded+ckpt+tile" for split in ("ulysses", "ring_x_ulysses", "ring_p2p"))],
 }
 
 
