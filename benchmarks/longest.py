@@ -1,6 +1,6 @@
 """The longest sequence per rank within a step-peak budget, each memory feature on and off, measured side by side.
 
-    python -m benchmarks.longest                 # writes benchmarks/results/longest.{md,jsonl} and docs/benchmarks.md's table
+    python -m benchmarks.longest    # writes benchmarks/results/longest.{md,jsonl}, docs/benchmarks.md's table, the README's
     python -m benchmarks.longest --budget-mib 64 --blocks 4 --worlds 1 2   # another budget and depth
     python -m benchmarks.longest --budget-mib 64 --worlds 1 2 4 --resume  # run only what the jsonl lacks
 
@@ -53,43 +53,79 @@ LAYOUTS = {
 }
 
 
-def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, command: str, resumed: int = 0) -> str:
+def ratios(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each record's longest sequence as ratios to the issue's two yardsticks of the same run: the plain
+    one-process step, and diffusers' Ulysses with its checkpointing at the same number of ranks."""
     found = {(r["world"], r["name"]): r for r in records}
     baseline = found.get((1, "single"), {}).get("fits_seq")
     diffusers = {w: found.get((w, "diffusers_ulysses+ckpt"), {}).get("fits_seq") for w in (2, 4)}
+    out = []
+    for r in records:
+        ref = diffusers.get(r["world"])
+        fits = r.get("fits_seq")
+        out.append((f"{fits / baseline:.2f}x" if fits and baseline else "",
+                    f"{fits / ref:.2f}x" if fits and ref and r["world"] > 1 else ""))
+    return out
+
+
+def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, origin: str) -> str:
+    """The results file: ``origin`` is where the records were measured (:func:`provenance`)."""
     lines = [
         "# Longest sequence per rank within a step-peak budget, memory features on and off",
         "",
-        f"{describe(command)} gloo; Flux of "
+        f"{origin} gloo; Flux of "
         f"{WIDE_FLUX['num_attention_heads']} heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double-stream + "
         f"{blocks} single-stream blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; budget {budget_mib:g} MiB of step "
         "peak per rank (benchmarks.measure.PeakMemory, worst rank). Tokens are image tokens of the whole sequence; "
         "every length was run: `fits` is the longest within the budget, `next` the first beyond it. At the peak: "
-        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + "."
-        + (f" The first {resumed} rows come from an earlier start of the same command, stopped part way and "
-           "resumed (`--resume`) with the same code." if resumed else ""),
+        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + ".",
         "",
         "| ranks | layout | fits (tokens) | its peak MiB | next (tokens) | its peak MiB | vs one process plain | "
         "vs diffusers Ulysses + ckpt, same ranks | at the peak, MiB: " + " / ".join(KINDS) + " |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in records:
+    for r, (vs_one, vs_diffusers) in zip(records, ratios(records)):
         if "error" in r:
             lines.append(f"| {r['world']} | {r['name']} | fails: {r['error']} | | | | | | |")
             continue
         fits = r["fits_seq"]
-        vs_one = f"{fits / baseline:.2f}x" if baseline else ""
-        ref = diffusers.get(r["world"])
-        vs_diffusers = f"{fits / ref:.2f}x" if ref and r["world"] > 1 else ""
         kinds = " / ".join(f"{r['fits_by_kind'].get(kind, 0) / 2**20:.1f}" for kind in KINDS)
         lines.append(f"| {r['world']} | {r['name']} | {fits} | {r['fits_peak'] / 2**20:.1f} | {r['next_seq']} | "
                      f"{r['next_peak'] / 2**20:.1f} | {vs_one} | {vs_diffusers} | {kinds} |")
     return "\n".join(lines) + "\n"
 
 
+def summary(records: list[dict[str, Any]]) -> str:
+    """The README's short form of the table: each layout's longest sequence and its two ratios."""
+    lines = ["| ranks | layout | longest sequence (tokens) | vs one process, plain | "
+             "vs diffusers' Ulysses + its checkpointing |", "|---|---|---|---|---|"]
+    for r, (vs_one, vs_diffusers) in zip(records, ratios(records)):
+        fits = f"fails: {r['error']}" if "error" in r else r["fits_seq"]
+        lines.append(f"| {r['world']} | {r['name']} | {fits} | {vs_one} | {vs_diffusers} |")
+    return "\n".join(lines)
+
+
 def read(raw: Path) -> list[dict[str, Any]]:
-    """The records a search has written so far (none if it has not started)."""
+    """Everything a search has written so far (nothing if it has not started): its layouts' records, and a line
+    per start saying where it ran (``{"provenance": ..., "resumed": rows measured before it}``)."""
     return [json.loads(line) for line in raw.read_text().splitlines()] if raw.exists() else []
+
+
+def layouts(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in entries if "provenance" not in e]
+
+
+def provenance(entries: list[dict[str, Any]]) -> str:
+    """Where the records were measured, from the lines each start wrote, so a rewritten report keeps them."""
+    starts = [e for e in entries if "provenance" in e]
+    line = starts[0]["provenance"]
+    for start in starts:
+        if start is starts[0] and start.get("resumed"):
+            line += (f" The first {start['resumed']} rows come from an earlier start of the same command with the "
+                     "same code, stopped part way; this line is the resumed start's (`--resume`).")
+        elif start is not starts[0]:
+            line += f" Rows after the first {start['resumed']} come from a resumed start: {start['provenance']}"
+    return line
 
 
 def main() -> None:
@@ -107,23 +143,25 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "longest.jsonl"
-    resumed = 0
+    command = ("python -m benchmarks.longest "
+               + " ".join(a for a in sys.argv[1:] if a not in ("--report-only", "--resume"))).strip()
     if not args.report_only:
         if not args.resume:
             raw.unlink(missing_ok=True)
-        resumed = len(read(raw))
-        done = {(r["world"], r["name"]) for r in read(raw)}
+        done = {(r["world"], r["name"]) for r in layouts(read(raw))}
+        with raw.open("a") as f:
+            f.write(json.dumps({"provenance": describe(command), "resumed": len(done)}) + "\n")
         for world in args.worlds:
             todo = [name for name in LAYOUTS[world] if (world, name) not in done]
             if todo:
                 launch(world, todo, [], 1, args.budget_mib, raw, blocks=args.blocks)
-    records = read(raw)
-    command = ("python -m benchmarks.longest "
-               + " ".join(a for a in sys.argv[1:] if a not in ("--report-only", "--resume"))).strip()
-    report = table(records, args.budget_mib, args.blocks, command, resumed)
+    entries = read(raw)
+    records = layouts(entries)
+    report = table(records, args.budget_mib, args.blocks, provenance(entries))
     (args.out / "longest.md").write_text(report)
     if args.out == OUT:  # the docs show the default budget's table; other budgets stay in their own folder
         replace_section(README_START, README_END, "\n".join(report.splitlines()[2:]).strip(), DOCS / "benchmarks.md")
+        replace_section(README_START, README_END, summary(records))
     print(report)
 
 
