@@ -353,7 +353,8 @@ def report(name: str, command: str, done: dict[str, list[dict] | str], seconds: 
 def main(argv: list[str] | None = None) -> Path:
     """Run the three parts, rewriting the results file after each, so a check cut short still leaves its figures.
 
-    A part that raises is recorded in the file and the next one runs; the command then fails, naming it.
+    A part that raises is recorded in the file (one that raised a device error is first rerun in fresh processes,
+    ``RERUNS``) and the next one runs; the command then fails, naming it.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes, any device (what the test suite runs)")
