@@ -53,9 +53,15 @@ LAYOUTS = {
 }
 
 
-def ratios(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Each record's longest sequence as ratios to the issue's two yardsticks of the same run: the plain
-    one-process step, and diffusers' Ulysses with its checkpointing at the same number of ranks."""
+def features(name: str) -> str:
+    """A layout's memory features: ``+ckpt+tile`` of ``ulysses/sharded+ckpt+tile``."""
+    return name[name.index("+"):] if "+" in name else ""
+
+
+def ratios(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Each record's longest sequence as ratios to the issue's yardsticks of the same run: the plain one-process
+    step; diffusers' Ulysses with its checkpointing at the same number of ranks; and, on 4 ranks, 2 ranks with the
+    same features (the same layout, or the longest of 2 ranks where it has no 2-rank form: ring x Ulysses)."""
     found = {(r["world"], r["name"]): r for r in records}
     baseline = found.get((1, "single"), {}).get("fits_seq")
     diffusers = {w: found.get((w, "diffusers_ulysses+ckpt"), {}).get("fits_seq") for w in (2, 4)}
@@ -63,13 +69,18 @@ def ratios(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for r in records:
         ref = diffusers.get(r["world"])
         fits = r.get("fits_seq")
+        two = [q.get("fits_seq") or 0 for q in records if q["world"] == 2 and not q["name"].startswith("diffusers")
+               and features(q["name"]) == features(r["name"])]
+        half = found.get((2, r["name"]), {}).get("fits_seq") or max(two, default=0)
         out.append((f"{fits / baseline:.2f}x" if fits and baseline else "",
-                    f"{fits / ref:.2f}x" if fits and ref and r["world"] > 1 else ""))
+                    f"{fits / ref:.2f}x" if fits and ref and r["world"] > 1 else "",
+                    f"{fits / half:.2f}x" if fits and half and r["world"] == 4 else ""))
     return out
 
 
 def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, origin: str) -> str:
     """The results file: ``origin`` is where the records were measured (:func:`provenance`)."""
+    four = any(r["world"] == 4 for r in records)  # a column for cp 4 against cp 2 where 4 ranks were searched
     lines = [
         "# Longest sequence per rank within a step-peak budget, memory features on and off",
         "",
@@ -78,20 +89,24 @@ def table(records: list[dict[str, Any]], budget_mib: float, blocks: int, origin:
         f"{blocks} single-stream blocks, {TEXT_TOKENS} text tokens, batch 1, fp32; budget {budget_mib:g} MiB of step "
         "peak per rank (benchmarks.measure.PeakMemory, worst rank). Tokens are image tokens of the whole sequence; "
         "every length was run: `fits` is the longest within the budget, `next` the first beyond it. At the peak: "
-        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + ".",
+        "what the worst rank held then, by kind: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + "."
+        + (" On 4 ranks, `vs 2 ranks` divides by the same layout's 2-rank figure (for ring x Ulysses, which has "
+           "none, by the longest 2-rank figure with the same features)." if four else ""),
         "",
         "| ranks | layout | fits (tokens) | its peak MiB | next (tokens) | its peak MiB | vs one process plain | "
-        "vs diffusers Ulysses + ckpt, same ranks | at the peak, MiB: " + " / ".join(KINDS) + " |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "vs diffusers Ulysses + ckpt, same ranks | " + ("vs 2 ranks, same features | " if four else "")
+        + "at the peak, MiB: " + " / ".join(KINDS) + " |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if four else "") + "---|",
     ]
-    for r, (vs_one, vs_diffusers) in zip(records, ratios(records)):
+    for r, (vs_one, vs_diffusers, vs_two) in zip(records, ratios(records)):
         if "error" in r:
-            lines.append(f"| {r['world']} | {r['name']} | fails: {r['error']} | | | | | | |")
+            lines.append(f"| {r['world']} | {r['name']} | fails: {r['error']} | | | | | | " + ("| " if four else "") + "|")
             continue
         fits = r["fits_seq"]
         kinds = " / ".join(f"{r['fits_by_kind'].get(kind, 0) / 2**20:.1f}" for kind in KINDS)
         lines.append(f"| {r['world']} | {r['name']} | {fits} | {r['fits_peak'] / 2**20:.1f} | {r['next_seq']} | "
-                     f"{r['next_peak'] / 2**20:.1f} | {vs_one} | {vs_diffusers} | {kinds} |")
+                     f"{r['next_peak'] / 2**20:.1f} | {vs_one} | {vs_diffusers} | " + (f"{vs_two} | " if four else "")
+                     + f"{kinds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -99,7 +114,7 @@ def summary(records: list[dict[str, Any]]) -> str:
     """The README's short form of the table: each layout's longest sequence and its two ratios."""
     lines = ["| ranks | layout | longest sequence (tokens) | vs one process, plain | "
              "vs diffusers' Ulysses + its checkpointing |", "|---|---|---|---|---|"]
-    for r, (vs_one, vs_diffusers) in zip(records, ratios(records)):
+    for r, (vs_one, vs_diffusers, _) in zip(records, ratios(records)):
         fits = f"fails: {r['error']}" if "error" in r else r["fits_seq"]
         lines.append(f"| {r['world']} | {r['name']} | {fits} | {vs_one} | {vs_diffusers} |")
     return "\n".join(lines)
