@@ -297,6 +297,7 @@ RERUNS = (("CUDA_LAUNCH_BLOCKING=1 (the traceback ends at the failing kernel)", 
           ("cuDNN's SDPA switched off", {}, ["--no-cudnn-sdp"]))
 DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS", "AcceleratorError")
 RERUN_TIMEOUT_S = 180
+TAIL_LINES = 12  # of a failed part's traceback (or a rerun's stderr) kept for the results file
 
 
 def device_error(text: str) -> bool:
@@ -317,7 +318,7 @@ def rerun(key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                                       timeout=RERUN_TIMEOUT_S)
                 written = json.loads(rows_file.read_text()) if rows_file.exists() else {}
                 result = written.get("done", {}).get(key, f"exit {proc.returncode}")
-                tail = written.get("tracebacks", {}).get(key, proc.stderr.strip().splitlines()[-12:])
+                tail = written.get("tracebacks", {}).get(key, proc.stderr.strip().splitlines()[-TAIL_LINES:])
             except subprocess.TimeoutExpired:
                 tail, result = [], f"did not finish in {RERUN_TIMEOUT_S} s"
         outcome = {"how": how, "tail": tail}
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> Path:
             done[key] = run(sizes, device)
         except Exception as error:  # noqa: BLE001 - recorded in the results file; the command still fails below
             done[key] = f"{type(error).__name__}: {error}"
-            tracebacks[key] = traceback.format_exc().strip().splitlines()[-12:]
+            tracebacks[key] = traceback.format_exc().strip().splitlines()[-TAIL_LINES:]
             traceback.print_exc()
         if args.rows:
             args.rows.write_text(json.dumps({"done": done, "tracebacks": tracebacks}))

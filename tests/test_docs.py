@@ -60,15 +60,15 @@ def test_the_families_table_is_the_one_its_results_file_makes_and_covers_every_f
 def test_the_longest_sequence_tables_are_the_ones_their_results_file_makes() -> None:
     """The README's longest-sequence table and the benchmarks page's are what ``python -m benchmarks.longest``
     wrote from ``benchmarks/results/longest.jsonl`` (``--report-only`` rewrites them from it)."""
-    from benchmarks.longest import OUT, README_END, README_START, layouts, read, summary
+    from benchmarks.longest import OUT, README_END, README_START, layouts, page_table, read, summary
 
     records = layouts(read(ROOT / OUT / "longest.jsonl"))
     assert {r["world"] for r in records} >= {1, 2}, "the search measured nothing: the test cannot fail"
     readme = (ROOT / "README.md").read_text().split(README_START, 1)[1].split(README_END, 1)[0].strip()
     assert readme == summary(records), "the README's table differs: run python -m benchmarks.longest --report-only"
     docs = (ROOT / "docs" / "benchmarks.md").read_text().split(README_START, 1)[1].split(README_END, 1)[0].strip()
-    results = (ROOT / OUT / "longest.md").read_text().splitlines()[2:]
-    assert docs == "\n".join(results).strip(), "docs/benchmarks.md's table differs from benchmarks/results/longest.md"
+    results = (ROOT / OUT / "longest.md").read_text()
+    assert docs == page_table(results), "docs/benchmarks.md's table differs from benchmarks/results/longest.md"
 
 
 # A measured figure: a number with decimals or an exponent, or with a unit; plain integers are counts and settings
