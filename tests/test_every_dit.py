@@ -51,7 +51,8 @@ COMMON = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "sky
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
               "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi", "motif_video:second")
-SUITE = COMMON + MECHANISMS
+# A mechanism is about where the split goes, which the optimizer does not change: those cases train with SGD only,
+# which shows a wrong gradient scale that AdamW would hide (python -m benchmarks.every_dit runs both for every class).
 
 
 def errors(result: dict[str, Any], reference: dict[str, Any], optimizer: str) -> dict[str, tuple[float, str]]:
@@ -116,8 +117,9 @@ SAVE_ATTENTION_MODELS = ("flux", "zimage")
 FOUR_RANK_MEMORY_MODELS = ("flux", "zimage")
 
 
-def _cases(models: tuple[str, ...], layouts: list[dict[str, int]], memory: list[dict[str, Any] | None]) -> list[tuple]:
-    return [(model, opt, layout, options) for model in models for opt in OPTIMIZERS for layout in layouts
+def _cases(models: tuple[str, ...], layouts: list[dict[str, int]], memory: list[dict[str, Any] | None],
+           optimizers: tuple[str, ...] = OPTIMIZERS) -> list[tuple]:
+    return [(model, opt, layout, options) for model in models for opt in optimizers for layout in layouts
             for options in memory]
 
 
@@ -135,7 +137,8 @@ def _run(world: int, cases: list[tuple]) -> None:
 
 @pytest.mark.timeout(900)
 def test_two_ranks_every_dit_matches_one_process() -> None:
-    _run(2, _cases(SUITE, TWO_RANKS, [None]) + _cases(MEMORY_MODELS, TWO_RANKS, MEMORY)
+    _run(2, _cases(COMMON, TWO_RANKS, [None]) + _cases(MECHANISMS, TWO_RANKS, [None], ("sgd",))
+         + _cases(MEMORY_MODELS, TWO_RANKS, MEMORY)
          + _cases(SAVE_ATTENTION_MODELS, TWO_RANKS, [SAVE_ATTENTION]))
 
 
