@@ -18,7 +18,11 @@ that the block's own operations relate them:
 - a token count its code reads as a number (a proportional attention's ``log(S)`` scale) is read
   unguarded in a second probe, so that it stays a symbol (``read_counts``);
 - split tokens cut by a count inside an attention layer that takes them as keys only are probed again
-  as that layer's whole inputs, which the split gathers there (``BlockRoles.gathered``).
+  as that layer's whole inputs, which the split gathers there (``BlockRoles.gathered``);
+- split tokens cut by a count inside a child of the block that holds no attention (an expert-choice
+  router's capacity: NucleusMoE's experts each take their top tokens of the whole sequence) are probed
+  again with that child on whole inputs and this rank's rows of its outputs: the split gathers its
+  token inputs where they enter it and takes this rank's rows of what it returns (``BlockRoles.localized``).
 
 What comes back is data flow, decided by structure: for every input, the dimensions that index
 tokens and which sequences they index, in order; for every attention call, which sequences its
@@ -99,6 +103,10 @@ class BlockRoles:
     # keys only and cuts by a count (Motif-Video's image-to-video cross-attention keys, encoder[:, 3:]): gathered
     # where they enter that layer, so the cut runs on the whole sequence as on one process (``streams.py``)
     gathered: tuple[tuple[str, int, int], ...] = ()
+    # (child's path in the block, flattened output leaf, dim) of what a child that cuts split tokens by a count
+    # (NucleusMoE's expert-choice routing) returns over the whole sequence it was given (its inputs in
+    # ``gathered``): this rank's rows are taken where it returns, so the child runs as on one process
+    localized: tuple[tuple[str, int, int], ...] = ()
 
     def fit(self, shapes: Sequence[tuple[int, ...] | None]) -> bool:
         """Whether these roles hold for inputs of ``shapes`` (one per flattened input; None: not a tensor)."""
@@ -127,11 +135,15 @@ class _Recording(CountingMode):
         self.regroups: list[tuple[Any, Any, Any]] = []  # (length, leading size, the rest) of a dim unflattened
         self.inside: list[str] = []  # the block's attention layers running now (paths), innermost last
         self.slice_at: list[str | None] = []  # per slice, the attention layer it was cut in (None: outside any)
+        self.children: list[str] = []  # the block's children without attention running now (paths), innermost last
+        self.slice_in: list[str | None] = []  # per slice outside attention layers, the outermost such child running
+        self.layer_outputs: dict[str, set[tuple[int, int]]] = {}  # per whole child, (output leaf, dim) of its tokens
         self.attention_at: list[str | None] = []  # per attention call, the layer that made it
-        self.layer_inputs: dict[str, list[Any]] = {}  # each attention layer's flattened inputs at its first call
+        self.layer_inputs: dict[str, list[Any]] = {}  # each hooked layer's flattened inputs at its first call
         self.selections: list[tuple[Any, Any]] = []  # (count, entries) of each nonzero: how many of them are set
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
         self.statistics: list[tuple[str, Any]] = []  # (op, length) of dimensions softmaxes, means, scans run over
+        self.statistic_in: list[tuple[str | None, str | None]] = []  # per statistic, (attention layer, child) running
         self.counter, self.statistic = OpCounter(SUMS), OpCounter(_STATISTICS)
         # Which statistics (indices) each tensor was computed from: only those reaching the block's outputs matter
         # (HiDream's router computes a load-balancing loss from a mean over tokens and drops it).
@@ -177,8 +189,14 @@ class _Recording(CountingMode):
         if index is not None and isinstance(args[0], torch.Tensor):
             self.sums.append((index, [(d, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]))
         sources = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves((tuple(args), kwargs))))
+        found = []
         if self.statistic.index(func) is not None and args and isinstance(args[0], torch.Tensor):
             found = [(func.__name__, args[0].shape[d]) for d in summed_dims(func, tuple(args), kwargs)]
+        elif func in _ORDERINGS and args and isinstance(args[0], torch.Tensor):
+            found = [(func.__name__, args[0].shape[_ordered_dim(func, tuple(args), kwargs) % args[0].dim()])]
+        if found:
+            self.statistic_in += [(self.inside[-1] if self.inside else None,
+                                   self.children[0] if self.children and not self.inside else None)] * len(found)
             sources |= set(range(len(self.statistics), len(self.statistics) + len(found)))
             self.statistics += found
         out = func(*args, **kwargs)
@@ -200,6 +218,7 @@ class _Recording(CountingMode):
                 cut = [(a, b) for a, b in zip(x.shape, out.shape) if a is not b]
                 self.slices += cut
                 self.slice_at += [self.inside[-1] if self.inside else None] * len(cut)
+                self.slice_in += [self.children[0] if self.children and not self.inside else None] * len(cut)
         return out
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -230,6 +249,18 @@ _STATISTICS = frozenset({torch.softmax, torch.Tensor.softmax, torch.nn.functiona
                torch.mean, torch.Tensor.mean, torch.var, torch.Tensor.var, torch.std, torch.Tensor.std, torch.amax,
                torch.Tensor.amax, torch.amin, torch.Tensor.amin, torch.cumsum, torch.Tensor.cumsum, torch.cumprod,
                torch.Tensor.cumprod})
+
+# Ops that order a dimension (an expert-choice router's top tokens): under a split they rank this rank's tokens only.
+_ORDERINGS = frozenset({torch.topk, torch.Tensor.topk, torch.kthvalue, torch.Tensor.kthvalue, torch.sort,
+                        torch.Tensor.sort, torch.argsort, torch.Tensor.argsort})
+
+
+def _ordered_dim(func: Callable, args: tuple, kwargs: dict) -> int:
+    """The dimension an ``_ORDERINGS`` op orders: ``topk``/``kthvalue`` take a count before it, the others not."""
+    position = 2 if func in (torch.topk, torch.Tensor.topk, torch.kthvalue, torch.Tensor.kthvalue) else 1
+    dim = args[position] if len(args) > position and isinstance(args[position], int) else kwargs.get("dim", -1)
+    return int(dim)
+
 
 # The probe running now, if any (a list rather than a ContextVar: compiled blocks read it without a graph break).
 _RECORDING: list[_Recording] = []
@@ -276,6 +307,16 @@ class ProbeError(ValueError):
     """The block could not be run on symbolic shapes, or relates its tokens in a way no split can follow."""
 
 
+class _WholeChildren(ProbeError):
+    """The block cuts split tokens by a count, each cut inside a child of the block that holds no attention:
+    ``inputs`` names, per child, the (flattened input, dim) that carry split tokens, to be probed again with the
+    child run on them whole and this rank's rows taken from its outputs (a second refusal stands)."""
+
+    def __init__(self, inputs: dict[str, tuple[tuple[int, int], ...]]) -> None:
+        super().__init__(f"children of the block cut split tokens by a count: {inputs}")
+        self.inputs = inputs
+
+
 class _KeysOnly(ProbeError):
     """The block cuts split tokens by a count, inside attention layers that take those tokens as keys only:
     ``inputs`` names, per layer, the (flattened input, dim) that carry them, to be probed again whole (a probe
@@ -297,14 +338,16 @@ def probe_block(
     the block convolves its tokens on their grid (``grid.py``), whose reshapes are followed.
     Raises :class:`ProbeError` saying what failed.
     """
-    probe: tuple = (forward, args, kwargs, names, where, shapes, grid, {})
+    probe: tuple = (forward, args, kwargs, names, where, shapes, grid, {}, False)
     try:
         record, _, roles = _probe(*probe)
-    except _KeysOnly as found:  # probed again with those inputs whole: a second refusal stands
-        probe = (*probe[:-1], found.inputs)
+    except (_KeysOnly, _WholeChildren) as found:  # probed again with those inputs whole: a second refusal stands
+        probe = (*probe[:-2], found.inputs, isinstance(found, _WholeChildren))
         record, _, roles = _probe(*probe)
         roles = dataclasses.replace(roles, gathered=tuple(
-            (layer, index, dim) for layer, entries in found.inputs.items() for index, dim in entries))
+            (layer, index, dim) for layer, entries in found.inputs.items() for index, dim in entries),
+            localized=tuple((layer, index, dim) for layer, entries in record.layer_outputs.items()
+                            for index, dim in sorted(entries)))
     return read_counts(probe, roles) if record.reads else roles
 
 
@@ -343,10 +386,11 @@ def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
 def _probe(
     forward: Callable[..., Any], args: tuple, kwargs: dict, names: Sequence[str], where: str,
     shapes: Sequence[tuple[int, ...] | None] | None, grid: bool, whole: dict[str, tuple[tuple[int, int], ...]],
-    number: Callable[[Any], Any] | None = None,
+    localize: bool, number: Callable[[Any], Any] | None = None,
 ) -> tuple[_Recording, _Resolver, BlockRoles]:
-    """One probe of the block; ``whole``: the attention layers' inputs to give fresh (unsplit) token counts
-    (``_KeysOnly``); ``number`` gives the sizes its code reads as numbers (``None``: guarded)."""
+    """One probe of the block; ``whole``: the layers' inputs to give fresh (unsplit) token counts (``_KeysOnly``,
+    ``_WholeChildren``), with ``localize`` their outputs given the block's token counts back (this rank's rows);
+    ``number`` gives the sizes its code reads as numbers (``None``: guarded)."""
     leaves, spec = tree_flatten((args, kwargs))
     record = _Recording()
     fake_mode, env = symbolic_fake_mode(lambda expr, hint: record.read(expr, hint, number))
@@ -354,7 +398,7 @@ def _probe(
     fake_args, fake_kwargs = tree_unflatten(fakes, spec)
     grids = ProbeGrid(fake_mode) if grid else contextlib.nullcontext()
     _RECORDING.append(record)
-    layers = _LayerHooks(getattr(forward, "__self__", None), record, whole, fake_mode)
+    layers = _LayerHooks(getattr(forward, "__self__", None), record, whole, fake_mode, localize)
     try:
         # Outside the caller's dispatch modes: selective checkpointing would keep the probe's fake attention
         # outputs and count its ops as the block's, and a recompute (which probes nothing) would not match.
@@ -377,45 +421,75 @@ def _probe(
         ) from err
     finally:
         _RECORDING.pop()
-    resolver = _Resolver(env, record, where, fakes, retried=bool(whole))
+    # A child run whole would put gathered tokens on the grid the block's halo exchange follows by number: not tried
+    resolver = _Resolver(env, record, where, fakes, retried=bool(whole), whole_children=not grid and not whole)
     roles = resolver.roles(fakes, names, output)
     return record, resolver, dataclasses.replace(roles, grid=grids.ops()) if grid else roles
 
 
 class _LayerHooks:
-    """While a probe runs: which of the block's attention layers is running (``_Recording.inside``), the inputs of
-    each at its first call, and the inputs ``whole`` names given fresh token counts, as if gathered there."""
+    """While a probe runs: which of the block's attention layers is running (``_Recording.inside``) and which of its
+    children without attention (``_Recording.children``), the inputs of each at its first call, and the inputs
+    ``whole`` names given fresh token counts, as if gathered there; with ``localize``, a child's outputs along those
+    fresh counts are given the block's own counts back, as the split takes this rank's rows of them."""
 
     def __init__(self, block: Any, record: _Recording, whole: dict[str, tuple[tuple[int, int], ...]],
-                 fake_mode: FakeTensorMode) -> None:
+                 fake_mode: FakeTensorMode, localize: bool = False) -> None:
         from cp_plugin.plans import attention_modules  # plans -> attention.dispatch -> probe
 
-        self.layers = attention_modules(block) if isinstance(block, torch.nn.Module) else []
-        self.record, self.whole, self.fake_mode = record, whole, fake_mode
+        is_block = isinstance(block, torch.nn.Module)
+        self.layers = attention_modules(block) if is_block else []
+        self.children = [(path, child) for path, child in (block.named_children() if is_block else ())
+                         if not isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
+                         and not attention_modules(child)]
+        self.record, self.whole, self.fake_mode, self.localize = record, whole, fake_mode, localize
         self.handles: list[Any] = []
+        self.fresh: list[dict[Any, Any]] = []  # per whole child running, its fresh token counts -> the block's
 
     def __enter__(self) -> _LayerHooks:
-        for path, layer in self.layers:
-            self.handles += [layer.register_forward_pre_hook(functools.partial(self.enter, path), with_kwargs=True),
-                             layer.register_forward_hook(self.exit, always_call=True)]
+        for (path, layer), stack in [*((entry, self.record.inside) for entry in self.layers),
+                                     *((entry, self.record.children) for entry in self.children)]:
+            self.handles += [
+                layer.register_forward_pre_hook(functools.partial(self.enter, path, stack), with_kwargs=True),
+                layer.register_forward_hook(functools.partial(self.exit, path, stack), always_call=True)]
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
 
-    def enter(self, path: str, layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def enter(self, path: str, stack: list[str], layer: torch.nn.Module, args: tuple, kwargs: dict
+              ) -> tuple[tuple, dict]:
         leaves, spec = tree_flatten((args, kwargs))
+        fresh = {}
         for index, dim in self.whole.get(path, ()):
             shape = list(leaves[index].shape)
             shape[dim] = fresh_size(self.fake_mode, size_hint(shape[dim]))
+            fresh[shape[dim].node.expr] = leaves[index].shape[dim]
             leaves[index] = leaves[index].new_empty(shape)
+        if stack is self.record.children and path in self.whole:
+            self.fresh.append(fresh)
         self.record.layer_inputs.setdefault(path, leaves)
-        self.record.inside.append(path)
+        stack.append(path)
         return tree_unflatten(leaves, spec)
 
-    def exit(self, layer: torch.nn.Module, args: tuple, output: Any) -> None:
-        self.record.inside.pop()
+    def exit(self, path: str, stack: list[str], layer: torch.nn.Module, args: tuple, output: Any) -> Any:
+        stack.pop()
+        if stack is not self.record.children or path not in self.whole:
+            return None
+        fresh = self.fresh.pop()
+        if not self.localize:
+            return None
+        leaves, spec = tree_flatten(output)
+        for index, x in enumerate(leaves):
+            sizes = list(x.shape) if isinstance(x, torch.Tensor) else []
+            dims = [d for d, size in enumerate(sizes) if isinstance(size, torch.SymInt) and size.node.expr in fresh]
+            for d in dims:
+                sizes[d] = fresh[sizes[d].node.expr]
+                self.record.layer_outputs.setdefault(path, set()).add((index, d))
+            if dims:
+                leaves[index] = x.new_empty(sizes)
+        return tree_unflatten(leaves, spec)
 
 
 def _symbolic(fake_mode: FakeTensorMode, x: Any, shape: tuple[int, ...] | None) -> Any:
@@ -438,9 +512,9 @@ class _Resolver:
     whole on every rank: each rank's queries attend all of it, which is exact and needs no exchange.
     """
 
-    def __init__(self, env: ShapeEnv, record: _Recording, where: str, fakes: Sequence[Any], retried: bool = False
-                 ) -> None:
-        self.env, self.where, self.retried = env, where, retried
+    def __init__(self, env: ShapeEnv, record: _Recording, where: str, fakes: Sequence[Any], retried: bool = False,
+                 whole_children: bool = False) -> None:
+        self.env, self.where, self.retried, self.whole_children = env, where, retried, whole_children
         self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
@@ -454,6 +528,7 @@ class _Resolver:
                 runs[rest] = (length, count)
         self.grouped = {i: runs[q] for i, (q, _) in enumerate(self.calls) if q in runs}
         self.statistics = [(op, self.expr(length)) for op, length in record.statistics]
+        self.statistic_in = record.statistic_in
         self.derived = record.derived
         self.sums = [(i, [(d, self.expr(length)) for d, length in dims]) for i, dims in record.sums]
         for i, (q, _) in enumerate(record.attention):
@@ -496,16 +571,17 @@ class _Resolver:
         for length, before, after in record.pads:
             self.align(self.expr(length), self.expr(before), self.expr(after))
         self.sliced: dict[sympy.Symbol, sympy.Expr] = {}  # an input's length -> the tokens a slice cut from it
-        # tokens cut at a fixed position: (length, cut, the attention layer that cut them or None)
-        self.fixed: list[tuple[sympy.Expr, sympy.Expr, str | None]] = []
+        # tokens cut at a fixed position: (length, cut, the attention layer that cut them or None, the child without
+        # attention that cut them or None)
+        self.fixed: list[tuple[sympy.Expr, sympy.Expr, str | None, str | None]] = []
         self.attention_at, self.layer_inputs = record.attention_at, record.layer_inputs
-        for (length, cut), at in zip(record.slices, record.slice_at):
+        for (length, cut), at, child in zip(record.slices, record.slice_at, record.slice_in):
             length, cut = self.expr(length), self.expr(cut)
             data_dependent = not all(is_backed(env, sym) and sym not in self.selected  # a routing's token count
                                      for sym in cut.free_symbols)
             if length.free_symbols & self.split and cut != 0 and cut != length and not data_dependent and not (
                     cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
-                self.fixed.append((length, cut, at))
+                self.fixed.append((length, cut, at, child))
             if isinstance(length, sympy.Symbol) and length not in self.split and cut.free_symbols & self.split:
                 if self.env.size_hint(length) == self.env.size_hint(cut):
                     self.aligned[length] = cut  # the slice takes all of it: it is as long as the tokens
@@ -516,7 +592,7 @@ class _Resolver:
         """Where every cut by a count is made inside an attention layer, of split tokens that layer takes no queries
         from (so as keys only): per layer, its (flattened input, dim) holding those tokens; else nothing."""
         found: dict[str, set[tuple[int, int]]] = {}
-        for length, _, at in self.fixed:
+        for length, _, at, _ in self.fixed:
             if at is None:
                 return {}
             queries = set().union(*(q.xreplace(self.aligned).free_symbols for (q, _), where in zip(self.calls, self.attention_at)
@@ -528,6 +604,19 @@ class _Resolver:
                 return {}
             found.setdefault(at, set()).update(inputs)
         return {at: tuple(sorted(entries)) for at, entries in found.items()}
+
+    def whole_children_inputs(self, mixed: list[int]) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Where every cut by a count, and every statistic over split tokens that reaches the outputs (``mixed``), is
+        made inside a child of the block that holds no attention: per child, its (flattened input, dim) holding split
+        tokens, which it can take whole (as one process gives them); else nothing."""
+        found: dict[str, set[tuple[int, int]]] = {}
+        for at, child in [(at, child) for _, _, at, child in self.fixed] + [self.statistic_in[i] for i in mixed]:
+            inputs = {(i, d) for i, x in enumerate(self.layer_inputs.get(child, ())) if isinstance(x, torch.Tensor)
+                      for d, size in enumerate(x.shape) if self.expr(size).free_symbols & self.split}
+            if at is not None or child is None or not inputs:
+                return {}
+            found.setdefault(child, set()).update(inputs)
+        return {child: tuple(sorted(entries)) for child, entries in found.items()}
 
     def expr(self, size: Any) -> sympy.Expr:
         found = size_expr(self.env, size)
@@ -593,8 +682,10 @@ class _Resolver:
         return tuple(TokenDim(dim, parts) for dim, parts in found if parts)
 
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
+        reaching = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves(output)))
+        mixed = [i for i in sorted(reaching) if self.statistics[i][1].free_symbols & self.split]
         if self.fixed:
-            length, cut, _ = self.fixed[0]
+            length, cut, _, _ = self.fixed[0]
             per_cut = [i for i, (q, k) in enumerate(self.calls) if not q.free_symbols or not k.free_symbols]
             if per_cut:  # attention calls over runs of tokens cut at fixed positions: a mask decomposed into calls
                 i = per_cut[0]
@@ -609,6 +700,11 @@ class _Resolver:
             keys_only = {} if self.retried else self.keys_only_inputs()
             if keys_only:
                 raise _KeysOnly(keys_only)
+        children = self.whole_children_inputs(mixed) if self.whole_children and (self.fixed or mixed) else {}
+        if children:
+            raise _WholeChildren(children)
+        if self.fixed:
+            length, cut, _, _ = self.fixed[0]
             raise ProbeError(
                 f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
                 "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "
@@ -623,14 +719,13 @@ class _Resolver:
                         f"to the token count {cut} inside the block, so it holds more positions than tokens; a split "
                         "cannot tell which of them each rank's tokens take"
                     )
-        reaching = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves(output)))
-        for op, length in (self.statistics[i] for i in sorted(reaching)):
-            if length.free_symbols & self.split:
-                raise ProbeError(
-                    f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "
-                    "dispatch_attention_fn is attention computed by hand), which under a split would see this rank's "
-                    "tokens only; for attention, set a processor that calls one of them (attn.set_processor(...))"
-                )
+        if mixed:
+            op, length = self.statistics[mixed[0]]
+            raise ProbeError(
+                f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "
+                "dispatch_attention_fn is attention computed by hand), which under a split would see this rank's "
+                "tokens only; for attention, set a processor that calls one of them (attn.set_processor(...))"
+            )
         inputs = tuple(self.dims(x, f"input '{name}'") for x, name in zip(fakes, names))
         sequences = list(dict.fromkeys(p for dims in inputs for d in dims for p in d.parts))
         attention = []

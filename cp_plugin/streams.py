@@ -23,8 +23,11 @@ joint sequence part by part in the block's order (a concatenation inside the blo
 split input whose tokens this block takes as keys only is gathered for it, and so are split tokens
 that an attention layer inside the block takes as keys only and cuts by a count (Motif-Video's
 image-to-video cross-attention keys, ``encoder_hidden_states[:, 3:]``), where they enter that layer:
-the cut then runs on the whole sequence, as on one process. Sequences the CP size does not divide
-are padded and masked.
+the cut then runs on the whole sequence, as on one process. So does a child of the block without
+attention that cuts split tokens by a count (NucleusMoE's expert-choice routing: each expert takes its
+top tokens of the whole sequence): its token inputs are gathered where they enter it and this rank's
+rows taken of what it returns, so every rank runs it whole (its compute and activations are not
+divided by the CP size). Sequences the CP size does not divide are padded and masked.
 
 The last block of a forward (the one that completes the count of blocks, remembered for later
 forwards and activation-checkpoint recomputes) ends the split region: the model's other children
@@ -219,25 +222,42 @@ class BlockStreams(ModelHook):
         return self._exit(module, output, roles)
 
     def _block_ops(self, module: torch.nn.Module, roles: BlockRoles) -> contextlib.ExitStack:
-        """The block's own ops that the split must follow: grid reshapes (halos), sums over tokens, and split tokens
-        an attention layer takes as keys only and cuts by a count, gathered where they enter it."""
+        """The block's own ops that the split must follow: grid reshapes (halos), sums over tokens, split tokens
+        an attention layer takes as keys only and cuts by a count, gathered where they enter it, and a child without
+        attention that cuts split tokens by a count, run on its inputs gathered and giving back this rank's rows."""
         stack, state = contextlib.ExitStack(), self.state
         if roles.grid is not None and roles.grid.entries:
             stack.enter_context(HaloGrid(roles.grid, state.padding, state.mesh, self.radius, self.where))
         if roles.reductions:
             stack.enter_context(TokenReductions(roles.reductions, state.padding, state.mesh))
         for path, entries in itertools.groupby(roles.gathered, key=lambda entry: entry[0]):
+            layer = module.get_submodule(path)
             wanted = [(index, dim) for _, index, dim in entries]
+            rows = [(index, dim) for at, index, dim in roles.localized if at == path]
+            orders: list[dict[int, tuple[str, ...]]] = []  # per call running, whole length -> the streams it holds
             where = f"{self.where}'s layer '{path}'"
 
-            def gather(layer: torch.nn.Module, args: tuple, kwargs: dict, wanted: list = wanted, where: str = where
-                       ) -> tuple[tuple, dict]:
+            def gather(layer: torch.nn.Module, args: tuple, kwargs: dict, wanted: list = wanted, where: str = where,
+                       orders: list = orders) -> tuple[tuple, dict]:
                 leaves, spec = tree_flatten((args, kwargs))
+                held = {}
                 for index, dim in wanted:
+                    order = state.padding.composition(leaves[index].shape[dim])
                     leaves[index] = state.gather(leaves[index], dim, where)
+                    held[leaves[index].shape[dim]] = order
+                orders.append(held)
                 return tree_unflatten(leaves, spec)
 
-            stack.callback(module.get_submodule(path).register_forward_pre_hook(gather, with_kwargs=True).remove)
+            def take_rows(layer: torch.nn.Module, args: tuple, output: Any, rows: list = rows, orders: list = orders
+                          ) -> Any:
+                held = orders.pop()
+                leaves, spec = tree_flatten(output)
+                for index, dim in rows:
+                    leaves[index] = state.shard(leaves[index], dim, held[leaves[index].shape[dim]])
+                return tree_unflatten(leaves, spec) if rows else None
+
+            stack.callback(layer.register_forward_pre_hook(gather, with_kwargs=True).remove)
+            stack.callback(layer.register_forward_hook(take_rows).remove)
         return stack
 
     # entry ------------------------------------------------------------------------------------

@@ -44,13 +44,15 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # a whole-sequence causal mask that prepare_attention_mask would pad to this rank's token count (the unCLIP prior),
 # a split that ends after a refiner whose outputs the model measures (BriaFibo2), attention per latent frame against
 # keys every rank holds (Wan-Animate's face adapter, its frames cut mid-way by the split), text selected per sample by
-# its mask beside the split video (Mochi), and image-context tokens cut off a split stream by a count inside a
-# cross-attention layer that takes them as keys only (Motif-Video's image-to-video: gathered where they enter it).
+# its mask beside the split video (Mochi), image-context tokens cut off a split stream by a count inside a
+# cross-attention layer that takes them as keys only (Motif-Video's image-to-video: gathered where they enter it), and
+# an expert-choice MoE that takes each expert's top tokens of the whole sequence (NucleusMoE: run on it gathered).
 COMMON = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
           "pixart", "auraflow", "cogview4", "hunyuanimage", "flux2", "cosmos", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
-              "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi", "motif_video:second")
+              "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi", "motif_video:second",
+              "nucleusmoe")
 # A mechanism is about where the split goes, which the optimizer does not change: those cases train with SGD only,
 # which shows a wrong gradient scale that AdamW would hide (python -m benchmarks.every_dit runs both for every class).
 
@@ -203,11 +205,12 @@ def _no_token_sums(self: Any, sums: Any, *args: Any) -> None:
     self._unmutated_init__((), *args)
 
 
-def _no_keys_only_gather(self: Any, module: Any, roles: Any) -> Any:
-    """Leave the tokens an attention layer takes as keys only, and cuts by a count, as this rank's share."""
+def _no_layer_gather(self: Any, module: Any, roles: Any) -> Any:
+    """Leave the tokens a layer cuts by a count (an attention layer's keys, an expert-choice MoE's tokens) as this
+    rank's share."""
     import dataclasses
 
-    return self._unmutated_block_ops(module, dataclasses.replace(roles, gathered=()))
+    return self._unmutated_block_ops(module, dataclasses.replace(roles, gathered=(), localized=()))
 
 
 # mutation -> (where, what, replacement, cases it must make fail)
@@ -223,9 +226,10 @@ MUTATIONS = {
                      [("sana", {"ring_degree": 2}), ("sana_video", {"ulysses_degree": 2})]),
     "sums over tokens kept local": ("cp_plugin.reductions.TokenReductions", "__init__", _no_token_sums,
                                     [("sana", {"ulysses_degree": 2})]),
-    # Motif-Video's image-to-video cross-attention: encoder_hidden_states[:, 3:] of the split encoder stream
-    "keys-only gather dropped": ("cp_plugin.streams.BlockStreams", "_block_ops", _no_keys_only_gather,
-                                 [("motif_video:second", {"ring_degree": 2})]),
+    # Motif-Video's image-to-video cross-attention: encoder_hidden_states[:, 3:] of the split encoder stream;
+    # NucleusMoE's experts, each taking its top tokens of the whole sequence
+    "gather at a layer dropped": ("cp_plugin.streams.BlockStreams", "_block_ops", _no_layer_gather,
+                                  [("motif_video:second", {"ring_degree": 2}), ("nucleusmoe", {"ulysses_degree": 2})]),
 }
 
 

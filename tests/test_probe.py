@@ -329,3 +329,63 @@ def test_tokens_an_attention_layer_cuts_by_a_count_and_takes_queries_from_stay_r
     """Only tokens a layer takes as keys only are gathered for it: cut queries would be every rank's own cut."""
     with pytest.raises(ProbeError, match=r"_CutBlock: it cuts \w+ - 3 of the \w+ tokens of a split sequence by a count"):
         probe(_CutBlock(), (torch.randn(BATCH, 10, 8),), {})
+
+
+def test_a_child_without_attention_that_cuts_tokens_by_a_count_runs_on_the_whole_sequence() -> None:
+    """NucleusMoE's expert-choice MoE: each expert takes its top ``capacity`` tokens of the whole sequence, a cut by a
+    count inside the block's ``img_mlp``. Its two token inputs are gathered where they enter it and this rank's rows
+    are taken of its output; the block's attention stays split."""
+    from fixtures.dits import CASES
+
+    case = CASES["nucleusmoe"]
+    model = case.build()
+    block, args, kwargs = first_block_inputs(model, "transformer_blocks", case.inputs(torch.Generator()))
+    moe = model.transformer_blocks[1]  # the first block is dense
+    assert moe.moe_enabled and not block.moe_enabled
+    _, roles = probe(moe, args, kwargs)
+    assert roles.gathered == (("img_mlp", 0, 1), ("img_mlp", 1, 1))  # hidden_states, hidden_states_unmodulated
+    assert roles.localized == (("img_mlp", 0, 1),)  # its one output, along its tokens
+    image = roles.inputs[0][0].parts
+    assert roles.attention[0][0] == image  # split image queries, as in the dense block
+
+
+class _TopTokens(torch.nn.Module):
+    """Keeps the 2 tokens of largest norm, scaled, and zeros the rest: a cut by a count over all tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top = x.norm(dim=-1).topk(2, dim=1).indices
+        picked = torch.zeros_like(x).scatter(1, top[..., None].expand(-1, -1, x.shape[-1]), 2.0)
+        return x * picked[:, : x.shape[1]]
+
+
+class _OwnCutBlock(torch.nn.Module):
+    def __init__(self, in_child: bool) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(query_dim=8, heads=2, dim_head=4)
+        self.top = _TopTokens() if in_child else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.attn(hidden_states)
+        if self.top is not None:
+            return self.top(x)
+        n = math.ceil(x.shape[1] / 4)  # the block's own forward keeps a count of tokens
+        return torch.cat([x[:, :n] * 2, x[:, n:]], 1)
+
+
+class _OwnTopBlock(_OwnCutBlock):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _TopTokens.forward(self, self.attn(hidden_states))  # the same top-2 of all tokens, in its own forward
+
+
+def test_a_cut_by_a_count_or_a_top_k_in_the_blocks_own_forward_stays_refused_and_in_a_child_is_run_whole() -> None:
+    """A child without attention can take the whole sequence (gathered where it enters, this rank's rows where it
+    returns); the block's own forward cannot, as its attention runs on the split."""
+    x = torch.randn(BATCH, 10, 8)
+    with pytest.raises(ProbeError, match=r"_OwnCutBlock: it cuts .* of the \w+ tokens of a split sequence by a count"):
+        probe(_OwnCutBlock(in_child=False), (x,), {})
+    with pytest.raises(ProbeError, match=r"_OwnTopBlock: it takes a topk over split tokens"):
+        probe(_OwnTopBlock(in_child=False), (x,), {})
+    _, roles = probe(_OwnCutBlock(in_child=True), (x,), {})  # a top-k over tokens alone, no cut: a statistic
+    assert roles.gathered == (("top", 0, 1),) and roles.localized == (("top", 0, 1),)
