@@ -2,8 +2,8 @@
 
     python -m benchmarks.troubleshooting      # rewrites docs/troubleshooting.md
 
-Each ``raise`` of the library with a message is listed under its module and the function that raises
-it; the message is shown as written, its computed parts as ``{expression}``. ``tests/test_docs.py``
+Each ``raise`` of the library with a message, and each error a function builds for its caller to raise
+(``return ValueError(...)``), is listed under its module and that function; the message is shown as written, its computed parts as ``{expression}``. ``tests/test_docs.py``
 checks that the page is current, so a new error cannot go undocumented.
 """
 
@@ -45,10 +45,13 @@ def errors(path: Path) -> list[tuple[str, str, str]]:
         for child in ast.iter_child_nodes(node):
             inner = f"{where}.{child.name}" if where and isinstance(child, (ast.FunctionDef, ast.ClassDef)) else (
                 child.name if isinstance(child, (ast.FunctionDef, ast.ClassDef)) else where)
-            if isinstance(child, ast.Raise) and isinstance(child.exc, ast.Call) and child.exc.args:
-                message = _message(child.exc.args[0])
+            # ``raise Error(...)``, and ``return Error(...)`` from a function that builds an error its caller raises
+            made = child.exc if isinstance(child, ast.Raise) else child.value if isinstance(child, ast.Return) else None
+            if (isinstance(made, ast.Call) and made.args and (isinstance(child, ast.Raise)
+                                                               or ast.unparse(made.func).endswith("Error"))):
+                message = _message(made.args[0])
                 if message:
-                    found.append((where or "module", ast.unparse(child.exc.func), " ".join(message.split())))
+                    found.append((where or "module", ast.unparse(made.func), " ".join(message.split())))
             visit(child, inner)
 
     visit(ast.parse(path.read_text()), "")

@@ -308,13 +308,15 @@ class ProbeError(ValueError):
 
 
 class _WholeChildren(ProbeError):
-    """The block cuts split tokens by a count, each cut inside a child of the block that holds no attention:
-    ``inputs`` names, per child, the (flattened input, dim) that carry split tokens, to be probed again with the
-    child run on them whole and this rank's rows taken from its outputs (a second refusal stands)."""
+    """The block cuts split tokens by a count, or takes a statistic over them, each inside a child of the block that
+    holds no attention: ``inputs`` names, per child, the (flattened input, dim) that carry split tokens, to be probed
+    again with the child run on them whole and this rank's rows taken from its outputs. A second refusal stands, and
+    so does ``refusal`` where a child gives back no output along the tokens it was given (it read their count as a
+    number: SanaWM's recurrent scan over frames reshapes by the grid's sizes)."""
 
-    def __init__(self, inputs: dict[str, tuple[tuple[int, int], ...]]) -> None:
-        super().__init__(f"children of the block cut split tokens by a count: {inputs}")
-        self.inputs = inputs
+    def __init__(self, inputs: dict[str, tuple[tuple[int, int], ...]], refusal: str) -> None:
+        super().__init__(refusal)
+        self.inputs, self.refusal = inputs, refusal
 
 
 class _KeysOnly(ProbeError):
@@ -344,6 +346,8 @@ def probe_block(
     except (_KeysOnly, _WholeChildren) as found:  # probed again with those inputs whole: a second refusal stands
         probe = (*probe[:-2], found.inputs, isinstance(found, _WholeChildren))
         record, _, roles = _probe(*probe)
+        if isinstance(found, _WholeChildren) and set(record.layer_outputs) != set(found.inputs):
+            raise ProbeError(found.refusal) from found
         roles = dataclasses.replace(roles, gathered=tuple(
             (layer, index, dim) for layer, entries in found.inputs.items() for index, dim in entries),
             localized=tuple((layer, index, dim) for layer, entries in record.layer_outputs.items()
@@ -421,7 +425,7 @@ def _probe(
         ) from err
     finally:
         _RECORDING.pop()
-    # A child run whole would put gathered tokens on the grid the block's halo exchange follows by number: not tried
+    # A child run whole would put whole tokens on the grid that the block's halo exchange follows by number: not tried
     resolver = _Resolver(env, record, where, fakes, retried=bool(whole), whole_children=not grid and not whole)
     roles = resolver.roles(fakes, names, output)
     return record, resolver, dataclasses.replace(roles, grid=grids.ops()) if grid else roles
@@ -681,6 +685,23 @@ class _Resolver:
         found = ((dim, self.parts(self.expr(size), f"{what} (dim {dim})", strict)) for dim, size in enumerate(x.shape))
         return tuple(TokenDim(dim, parts) for dim, parts in found if parts)
 
+    def mixing_error(self, mixed: list[int]) -> ProbeError:
+        """The refusal of a block that cuts split tokens by a count, else of one whose outputs a statistic over split
+        tokens (``mixed``) reaches."""
+        if self.fixed:
+            length, cut, _, _ = self.fixed[0]
+            return ProbeError(
+                f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
+                "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "
+                "expert's token capacity): every rank would cut its own part there"
+            )
+        op, length = self.statistics[mixed[0]]
+        return ProbeError(
+            f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "
+            "dispatch_attention_fn is attention computed by hand), which under a split would see this rank's "
+            "tokens only; for attention, set a processor that calls one of them (attn.set_processor(...))"
+        )
+
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
         reaching = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves(output)))
         mixed = [i for i in sorted(reaching) if self.statistics[i][1].free_symbols & self.split]
@@ -702,14 +723,9 @@ class _Resolver:
                 raise _KeysOnly(keys_only)
         children = self.whole_children_inputs(mixed) if self.whole_children and (self.fixed or mixed) else {}
         if children:
-            raise _WholeChildren(children)
+            raise _WholeChildren(children, str(self.mixing_error(mixed)))
         if self.fixed:
-            length, cut, _, _ = self.fixed[0]
-            raise ProbeError(
-                f"{self.where}: it cuts {cut} of the {length} tokens of a split sequence by a count rather than at a "
-                "boundary between sequences (history or image-context tokens kept at the start of a stream, or an "
-                "expert's token capacity): every rank would cut its own part there"
-            )
+            raise self.mixing_error(mixed)
         for x, name in zip(fakes, names):
             for dim, size in enumerate(x.shape if isinstance(x, torch.Tensor) else ()):
                 cut = self.sliced.get(self.expr(size))
@@ -720,12 +736,7 @@ class _Resolver:
                         "cannot tell which of them each rank's tokens take"
                     )
         if mixed:
-            op, length = self.statistics[mixed[0]]
-            raise ProbeError(
-                f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "
-                "dispatch_attention_fn is attention computed by hand), which under a split would see this rank's "
-                "tokens only; for attention, set a processor that calls one of them (attn.set_processor(...))"
-            )
+            raise self.mixing_error(mixed)
         inputs = tuple(self.dims(x, f"input '{name}'") for x, name in zip(fakes, names))
         sequences = list(dict.fromkeys(p for dims in inputs for d in dims for p in d.parts))
         attention = []

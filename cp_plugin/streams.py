@@ -251,13 +251,15 @@ class BlockStreams(ModelHook):
             def take_rows(layer: torch.nn.Module, args: tuple, output: Any, rows: list = rows, orders: list = orders
                           ) -> Any:
                 held = orders.pop()
+                if output is None:  # the child raised (a hook that always runs): nothing to take rows of
+                    return None
                 leaves, spec = tree_flatten(output)
                 for index, dim in rows:
                     leaves[index] = state.shard(leaves[index], dim, held[leaves[index].shape[dim]])
                 return tree_unflatten(leaves, spec) if rows else None
 
             stack.callback(layer.register_forward_pre_hook(gather, with_kwargs=True).remove)
-            stack.callback(layer.register_forward_hook(take_rows).remove)
+            stack.callback(layer.register_forward_hook(take_rows, always_call=True).remove)
         return stack
 
     # entry ------------------------------------------------------------------------------------

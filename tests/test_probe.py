@@ -374,6 +374,14 @@ class _OwnCutBlock(torch.nn.Module):
         return torch.cat([x[:, :n] * 2, x[:, n:]], 1)
 
 
+class _TopTokensFlat(_TopTokens):
+    """The same top 2, returned with batch and tokens flattened together: no dimension of what it returns is the
+    tokens it was given, so this rank's rows of it cannot be taken."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).flatten(0, 1)
+
+
 class _OwnTopBlock(_OwnCutBlock):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return _TopTokens.forward(self, self.attn(hidden_states))  # the same top-2 of all tokens, in its own forward
@@ -389,3 +397,7 @@ def test_a_cut_by_a_count_or_a_top_k_in_the_blocks_own_forward_stays_refused_and
         probe(_OwnTopBlock(in_child=False), (x,), {})
     _, roles = probe(_OwnCutBlock(in_child=True), (x,), {})  # a top-k over tokens alone, no cut: a statistic
     assert roles.gathered == (("top", 0, 1),) and roles.localized == (("top", 0, 1),)
+    flat = _OwnCutBlock(in_child=True)
+    flat.top = _TopTokensFlat()
+    with pytest.raises(ProbeError, match=r"_OwnCutBlock: it takes a topk over split tokens"):
+        probe(flat, (x,), {})
