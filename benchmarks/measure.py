@@ -37,27 +37,38 @@ class _LiveStorages:
     under the kind it was allocated as; ``at_peak`` is the live bytes of each kind at the high-water mark.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, labelled: bool = False) -> None:
         self.live = 0
         self.peak = 0
+        self.labelled = labelled  # keep a label per storage, and which were live at the high-water mark
+        self._labels: dict[int, str] = {}
+        self.labels_at_peak: dict[str, int] = {}
         self.allocated = 0  # every storage's bytes, freed or not: unlike the peak, not moved by when a buffer is freed
         self._sizes: dict[int, tuple[int, str]] = {}
         self.live_by_kind: dict[str, int] = {}
         self.at_peak: dict[str, int] = {}
 
-    def add(self, storage: torch.UntypedStorage, kind: str = "all") -> None:
+    def add(self, storage: torch.UntypedStorage, kind: str = "all", label: str = "") -> None:
         key = storage._cdata
         if key in self._sizes or not storage.nbytes():
             return
         self._sizes[key] = (storage.nbytes(), kind)
+        if self.labelled:
+            self._labels[key] = label
         self.allocated += storage.nbytes()
         self.live += storage.nbytes()
         self.live_by_kind[kind] = self.live_by_kind.get(kind, 0) + storage.nbytes()
         if self.live > self.peak:
             self.peak, self.at_peak = self.live, dict(self.live_by_kind)
+            if self.labelled:
+                self.labels_at_peak = {}
+                for live, (nbytes, _) in self._sizes.items():
+                    name = self._labels[live]
+                    self.labels_at_peak[name] = self.labels_at_peak.get(name, 0) + nbytes
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
+        self._labels.pop(key, None)
         size, kind = self._sizes.pop(key)
         self.live -= size
         self.live_by_kind[kind] -= size
@@ -141,12 +152,14 @@ class PeakMemory(TorchDispatchMode):
     allocate nothing) is counted until that storage is freed. Tensors that existed before the block
     (parameters, inputs) are not counted, so ``peak`` is what the measured code adds on top of them.
     Autograd runs CPU backward ops on the calling thread, so a backward inside the block is seen.
-    Not seen: scratch memory a kernel or a communication backend allocates internally.
+    Not seen: scratch memory a kernel or a communication backend allocates internally. With
+    ``labelled``, ``labels_at_peak`` says which tensors were live at the mark, by the op and shape that
+    made them (``benchmarks.peak_tensors``; slower: the live set is copied at every new mark).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, labelled: bool = False) -> None:
         super().__init__()
-        self._storages = _LiveStorages()
+        self._storages = _LiveStorages(labelled)
 
     @property
     def peak(self) -> int:
@@ -166,6 +179,11 @@ class PeakMemory(TorchDispatchMode):
         """Live bytes by kind (:func:`current_kind` when each was allocated) at the high-water mark."""
         return {kind: size for kind, size in self._storages.at_peak.items() if size}
 
+    @property
+    def labels_at_peak(self) -> dict[str, int]:
+        """With ``labelled``: live bytes at the high-water mark by what made them (kind, op and shape)."""
+        return self._storages.labels_at_peak
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -174,7 +192,8 @@ class PeakMemory(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor):
                 for storage in storages(tensor):
                     if storage._cdata not in inputs:
-                        self._storages.add(storage, current_kind())
+                        label = f"{current_kind()}: {func} {tuple(tensor.shape)}" if self._storages.labelled else ""
+                        self._storages.add(storage, current_kind(), label)
         return out
 
 

@@ -205,6 +205,23 @@ def test_peak_memory_names_what_was_live_at_the_peak_by_kind() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_peak_memory_labels_the_tensors_live_at_the_peak() -> None:
+    """``labelled``: what was live at the high-water mark, by kind, op and shape, adds up to the peak; a tensor freed
+    before it is not there."""
+    with PeakMemory(labelled=True) as peak:
+        kept = torch.ones(MIB // 4) * 2  # 1 MiB, live at the peak
+        freed = torch.zeros(MIB // 2)  # 2 MiB, freed before it
+        del freed
+        with phase("communication"):
+            received = torch.empty(2, MIB // 2)  # 4 MiB: the peak, 5 MiB
+        del received
+    assert peak.labels_at_peak == {f"forward: aten.mul.Tensor {(MIB // 4,)}": MIB,
+                                   f"communication: aten.empty.memory_format {(2, MIB // 2)}": 4 * MIB}
+    assert sum(peak.labels_at_peak.values()) == peak.peak == 5 * MIB
+    assert kept.numel()
+
+
+@pytest.mark.timeout(30)
 def test_saved_activations_count_forward_storages_once() -> None:
     """A storage saved by several ops counts once, parameters never, backward-time saves not at all."""
     layer = torch.nn.Linear(256, 256, bias=False)
