@@ -135,7 +135,7 @@ class _Recording(CountingMode):
         self.regroups: list[tuple[Any, Any, Any]] = []  # (length, leading size, the rest) of a dim unflattened
         self.inside: list[str] = []  # the block's attention layers running now (paths), innermost last
         self.slice_at: list[str | None] = []  # per slice, the attention layer it was cut in (None: outside any)
-        self.children: list[str] = []  # the block's children without attention running now (paths), innermost last
+        self.children: list[str] = []  # the block's children without attention running now (paths), outermost first
         self.slice_in: list[str | None] = []  # per slice outside attention layers, the outermost such child running
         self.layer_outputs: dict[str, set[tuple[int, int]]] = {}  # per whole child, (output leaf, dim) of its tokens
         self.attention_at: list[str | None] = []  # per attention call, the layer that made it
