@@ -22,7 +22,6 @@ runs first, so it cannot reuse memory the one-file save freed. Rank 0 writes
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.launch import relaunch_under_torchrun
+from benchmarks.launch import driver_parser, run_or_relaunch
 from benchmarks.provenance import describe
 from benchmarks.worker import WIDE_FLUX, flux_inputs
 from cp_plugin import ParallelConfig, ParallelMesh, checkpoint
@@ -161,18 +160,12 @@ def report(rows: dict[str, dict[str, Any]], files: dict[str, int], model_bytes: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=4, help="processes the driver launches (ignored under torchrun)")
+    parser = driver_parser(__doc__.splitlines()[0], world=4)
     parser.add_argument("--ring", type=int, default=2)
     parser.add_argument("--layers", type=int, default=8, help="double-stream blocks of the wide Flux")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/checkpoint_memory.md"))
-    parser.add_argument("--command", help=argparse.SUPPRESS)  # how the driver was invoked, for the report
-    args = parser.parse_args()
-    if "RANK" in os.environ:
-        run_rank(args)
-        return
-    relaunch_under_torchrun("benchmarks.checkpoint_memory", args.world)
+    run_or_relaunch("benchmarks.checkpoint_memory", parser.parse_args(), run_rank)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ measures: the same module then runs unchanged under your own launcher (``torchru
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 
 def relaunch_under_torchrun(module: str, world: int) -> None:
@@ -17,3 +19,20 @@ def relaunch_under_torchrun(module: str, world: int) -> None:
          "--command", command.strip()],
         check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
+
+
+def driver_parser(description: str, world: int) -> argparse.ArgumentParser:
+    """A benchmark's parser with the two arguments every such driver takes: ``--world`` (how many processes it
+    launches) and the hidden ``--command`` (how the driver was invoked, passed on for the report)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--world", type=int, default=world, help="processes the driver launches (ignored under torchrun)")
+    parser.add_argument("--command", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_or_relaunch(module: str, args: argparse.Namespace, run_rank: Callable[[argparse.Namespace], None]) -> None:
+    """Under torchrun (``RANK`` set), run this rank's body; otherwise relaunch ``module`` on ``args.world`` processes."""
+    if "RANK" in os.environ:
+        run_rank(args)
+    else:
+        relaunch_under_torchrun(module, args.world)

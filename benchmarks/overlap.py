@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from benchmarks.launch import relaunch_under_torchrun
+from benchmarks.launch import driver_parser, run_or_relaunch
 from benchmarks.provenance import describe
 from cp_plugin.attention.ring import RingComm, ring_attention
 
@@ -176,20 +176,14 @@ def run_rank(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=2, help="processes the driver launches (ignored under torchrun)")
+    parser = driver_parser(__doc__.splitlines()[0], world=2)
     parser.add_argument("--seq", nargs="+", type=int, default=[2048, 8192])
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--command", help=argparse.SUPPRESS)  # how the driver was invoked, for the report
-    args = parser.parse_args()
-    if "RANK" in os.environ:
-        run_rank(args)
-        return
-    relaunch_under_torchrun("benchmarks.overlap", args.world)
+    run_or_relaunch("benchmarks.overlap", parser.parse_args(), run_rank)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.launch import relaunch_under_torchrun
+from benchmarks.launch import driver_parser, run_or_relaunch
 from benchmarks.measure import PeakMemory
 from benchmarks.provenance import describe
 from benchmarks.worker import WIDE_FLUX, build, inputs_for, layout_named, layouts_for, step_fn, tag_phases
@@ -79,19 +79,13 @@ def run_rank(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=2, help="processes the driver launches (ignored under torchrun)")
+    parser = driver_parser(__doc__.splitlines()[0], world=2)
     parser.add_argument("--layout", default="ulysses/sharded+ckpt+tile", help="a benchmarks.worker layout name")
     parser.add_argument("--seq", type=int, default=8464, help="image tokens (a square number: side x side)")
     parser.add_argument("--blocks", type=int, default=2, help="double-stream and single-stream blocks each")
     parser.add_argument("--min-mib", type=float, default=1.0, help="smaller groups are summed in one row")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--command", help=argparse.SUPPRESS)  # how the driver was invoked, for the report
-    args = parser.parse_args()
-    if "RANK" in os.environ:
-        run_rank(args)
-        return
-    relaunch_under_torchrun("benchmarks.peak_tensors", args.world)
+    run_or_relaunch("benchmarks.peak_tensors", parser.parse_args(), run_rank)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ storage once, padding included, so FSDP2's rounding of shards shows). Rank 0 wri
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.launch import relaunch_under_torchrun
+from benchmarks.launch import driver_parser, run_or_relaunch
 from benchmarks.measure import storages
 from benchmarks.provenance import describe
 from benchmarks.worker import WIDE_FLUX, flux_inputs
@@ -109,17 +108,11 @@ def run_rank(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=4, help="processes the driver launches (ignored under torchrun)")
+    parser = driver_parser(__doc__.splitlines()[0], world=4)
     parser.add_argument("--ring", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sharding.md"))
-    parser.add_argument("--command", help=argparse.SUPPRESS)  # how the driver was invoked, for the report
-    args = parser.parse_args()
-    if "RANK" in os.environ:
-        run_rank(args)
-        return
-    relaunch_under_torchrun("benchmarks.sharding", args.world)
+    run_or_relaunch("benchmarks.sharding", parser.parse_args(), run_rank)
 
 
 if __name__ == "__main__":
