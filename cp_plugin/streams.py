@@ -238,14 +238,15 @@ class BlockStreams(ModelHook):
             where = f"{self.where}'s layer '{path}'"
 
             def gather(layer: torch.nn.Module, args: tuple, kwargs: dict, wanted: list = wanted, where: str = where,
-                       orders: list = orders) -> tuple[tuple, dict]:
+                       rows: list = rows, orders: list = orders) -> tuple[tuple, dict]:
                 leaves, spec = tree_flatten((args, kwargs))
                 held = {}
                 for index, dim in wanted:
                     order = state.padding.composition(leaves[index].shape[dim])
                     leaves[index] = state.gather(leaves[index], dim, where)
                     held[leaves[index].shape[dim]] = order
-                orders.append(held)
+                if rows:  # what this rank's rows of the child's outputs will be taken from
+                    orders.append(held)
                 return tree_unflatten(leaves, spec)
 
             def take_rows(layer: torch.nn.Module, args: tuple, output: Any, rows: list = rows, orders: list = orders
@@ -256,10 +257,11 @@ class BlockStreams(ModelHook):
                 leaves, spec = tree_flatten(output)
                 for index, dim in rows:
                     leaves[index] = state.shard(leaves[index], dim, held[leaves[index].shape[dim]])
-                return tree_unflatten(leaves, spec) if rows else None
+                return tree_unflatten(leaves, spec)
 
             stack.callback(layer.register_forward_pre_hook(gather, with_kwargs=True).remove)
-            stack.callback(layer.register_forward_hook(take_rows, always_call=True).remove)
+            if rows:  # a child run whole (an attention layer's keys-only inputs give back this rank's queries' rows)
+                stack.callback(layer.register_forward_hook(take_rows, always_call=True).remove)
         return stack
 
     # entry ------------------------------------------------------------------------------------
