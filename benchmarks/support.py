@@ -5,7 +5,8 @@
 
 Every ``ModelMixin`` class in ``diffusers.models.transformers`` gets one row:
 
-- **verified exact**: every case of the class in ``fixtures/dits`` (two sizes: other head counts,
+- **verified exact**: every case of the class (set up as a user sets it up where the table says so: the
+  processor a model's docs opt into) in ``fixtures/dits`` (two sizes: other head counts,
   head dims, token and text lengths, one token count equal to a feature width) trains under ulysses
   2 and ring 2 with SGD and AdamW as one process does, within the bounds of
   ``tests/test_every_dit.py`` (``benchmarks/results/every_dit.md`` has the errors); the layouts column
@@ -36,6 +37,7 @@ from diffusers import ModelMixin
 from benchmarks.provenance import describe
 from benchmarks.readme import DOCS, replace_section
 from cp_plugin.plans import DERIVED_OVER_OWN
+from fixtures.dits import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -144,6 +146,9 @@ def main() -> None:
     for cls in transformer_classes():
         name = cls.__name__
         text, layouts = status(name, by_class[name]) if name in by_class else ("no case", [])
+        setup = next((CASES[r["case"]].setup for r in by_class.get(name, ()) if CASES[r["case"]].setup), "")
+        if setup and text == "verified exact":
+            text = f"verified exact ({setup})"
         if text == "verified exact":
             layouts = sorted(set(layouts) | lightning.get(name, set()))
         counts[text.split(" (")[0]] += 1

@@ -41,7 +41,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
-    "decomposition", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
+    "decomposition", "expr_hint", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
     "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "flux2_image_latents", "qwenimage_edit_size", "cogvideox_rotary_embeddings", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
@@ -166,6 +166,13 @@ def same_size(a: Any, b: Any) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return (isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt)) and bool(statically_known_true(a == b))
+
+
+def expr_hint(env: ShapeEnv, expr: Any) -> int:
+    """The number a probe's size expression stands for, at the sizes the probe was given (torch 2.13 renamed
+    ``ShapeEnv.size_hint``, which warns there, to ``guarding_hint_or_throw``)."""
+    hint = getattr(env, "guarding_hint_or_throw", None)
+    return hint(expr) if hint is not None else env.size_hint(expr)
 
 
 def size_hint(size: torch.SymInt) -> int | None:

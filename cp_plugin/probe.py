@@ -49,6 +49,7 @@ from cp_plugin.compat import (
     ShapeEnv,
     TorchDispatchMode,
     decomposition,
+    expr_hint,
     fresh_size,
     is_backed,
     outside_dispatch_modes,
@@ -64,12 +65,14 @@ from cp_plugin.compat import (
 from cp_plugin.grid import GridOps, ProbeGrid, grid_sizes
 
 Parts = tuple[str, ...]  # the token sequences one dimension indexes, in order (several: a joint sequence)
-SELECTED = "selected:"  # a part of a joint attention sequence that the block selected from whole tokens by data
+SELECTED = "selected:"  # a part of a joint attention sequence that every rank holds whole, beside split tokens
 
 
 def is_selection(part: str) -> bool:
-    """Whether ``part`` of an attention call's sequence is tokens the block picked by data (``nonzero`` of a mask)
-    from a sequence every rank holds whole: the same tokens on every rank, whose count only the data knows."""
+    """Whether ``part`` of an attention call's sequence is tokens every rank holds alike beside split ones: picked by
+    data (``nonzero`` of a mask) from a sequence every rank holds whole, whose count only the data knows (Mochi's
+    valid text), or keys of a fixed count the block takes from outside its inputs (a KV cache's attention-sink and
+    history keys, SANA-WM's refiner)."""
     return part.startswith(SELECTED)
 
 
@@ -139,6 +142,8 @@ class _Recording(CountingMode):
         self.slice_in: list[str | None] = []  # per slice outside attention layers, the outermost such child running
         self.layer_outputs: dict[str, set[tuple[int, int]]] = {}  # per whole child, (output leaf, dim) of its tokens
         self.attention_at: list[str | None] = []  # per attention call, the layer that made it
+        self.block_sizes: dict[int, tuple[int, int]] = {}  # per call with flex's BlockMask, its block size
+        self.inner_block_masks: list[int] = []  # the calls whose BlockMask the block built (from its own tokens)
         self.layer_inputs: dict[str, list[Any]] = {}  # each hooked layer's flattened inputs at its first call
         self.selections: list[tuple[Any, Any]] = []  # (count, entries) of each nonzero: how many of them are set
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
@@ -341,18 +346,27 @@ def probe_block(
     Raises :class:`ProbeError` saying what failed.
     """
     probe: tuple = (forward, args, kwargs, names, where, shapes, grid, {}, False)
+    record, _, roles, probe = _probe_layers_whole(probe)
+    return read_counts(probe, roles) if record.reads else roles
+
+
+def _probe_layers_whole(probe: tuple, number: Callable[[Any], Any] | None = None
+                        ) -> tuple[_Recording, _Resolver, BlockRoles, tuple]:
+    """``_probe``, and where it finds layers that must take split tokens whole (``_KeysOnly``, ``_WholeChildren``),
+    again with those layers' inputs whole: a second refusal stands. Also returns the probe's arguments that gave
+    the roles, for probes that read the block's sizes as other numbers (``read_counts``)."""
     try:
-        record, _, roles = _probe(*probe)
-    except (_KeysOnly, _WholeChildren) as found:  # probed again with those inputs whole: a second refusal stands
+        record, resolver, roles = _probe(*probe, number=number)
+    except (_KeysOnly, _WholeChildren) as found:
         probe = (*probe[:-2], found.inputs, isinstance(found, _WholeChildren))
-        record, _, roles = _probe(*probe)
+        record, resolver, roles = _probe(*probe, number=number)
         if isinstance(found, _WholeChildren) and set(record.layer_outputs) != set(found.inputs):
             raise ProbeError(found.refusal) from found
         roles = dataclasses.replace(roles, gathered=tuple(
             (layer, index, dim) for layer, entries in found.inputs.items() for index, dim in entries),
             localized=tuple((layer, index, dim) for layer, entries in record.layer_outputs.items()
                             for index, dim in sorted(entries)))
-    return read_counts(probe, roles) if record.reads else roles
+    return record, resolver, roles, probe
 
 
 def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
@@ -367,14 +381,17 @@ def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
     """
     where = probe[4]
     try:
-        whole, resolver, found = _probe(*probe, number=lambda hint: hint)
+        whole, resolver, found, probe = _probe_layers_whole(probe, lambda hint: hint)
     except ProbeError:
         return roles  # the guarded probe's answer stands
     counts = [e for e in whole.reads if resolver.env.simplify(e).free_symbols & resolver.split]
     if not counts:
         return roles  # it read other sizes (a batch, a width): constants either way
+    if whole.block_sizes and all(_block_padding(resolver.env.simplify(e), whole.block_sizes.values()) for e in counts):
+        return roles  # the zeros flex attention's tokens are padded with: the guarded probe strips them, and so does
+        # the routing, at whatever the count (attention/dispatch.py)
     try:
-        other = _probe(*probe, number=lambda hint: hint // 2 if hint >= 4 else hint + 1)[0]
+        other = _probe_layers_whole(probe, lambda hint: hint // 2 if hint >= 4 else hint + 1)[0]
     except ProbeError:
         other = None
     if other is None or other.numbers != whole.numbers:
@@ -385,6 +402,27 @@ def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
         )
     scales = tuple((i, s) for i, (s, t) in enumerate(zip(whole.scales, other.scales)) if s != t)
     return dataclasses.replace(found, scales=scales)
+
+
+def _fixed_runs_joined(sizes: list[sympy.Expr]) -> list[sympy.Expr]:
+    """A concatenation's sizes with each run of numbers summed: several fixed parts (a cache's sink and history
+    keys) are one part of fixed count beside the token sequences."""
+    joined: list[sympy.Expr] = []
+    for size in sizes:
+        if joined and size.is_Integer and joined[-1].is_Integer:
+            joined[-1] += size
+        else:
+            joined.append(size)
+    return joined
+
+
+def _block_padding(count: sympy.Expr, block_sizes: Any) -> bool:
+    """Whether a number read from a token count S is the padding that takes S to a multiple of flex attention's block
+    size (``ceil(S / 128) * 128 - S``, as AnyFlow-FAR's processor computes it): the same function over three blocks."""
+    if len(count.free_symbols) != 1:
+        return False
+    symbol = next(iter(count.free_symbols))
+    return any(all(int(count.subs(symbol, n)) == -n % rows for n in range(1, 3 * rows + 1)) for rows, _ in block_sizes)
 
 
 def _probe(
@@ -522,6 +560,9 @@ class _Resolver:
         self.aligned: dict[sympy.Symbol, sympy.Expr] = {}
         self.cats = [[self.expr(size) for size in cat] for cat in record.cats]
         self.calls = [(self.expr(q), self.expr(k)) for q, k in record.attention]
+        self.inner_block_masks = record.inner_block_masks
+        for i, sizes in record.block_sizes.items():
+            self.calls[i] = tuple(self.unpadded(length, size, record) for length, size in zip(self.calls[i], sizes))
         # Queries cut per entry of another input: a token dim of length S unflattened into (count, rest), the count
         # a dimension of its own (Wan-Animate's frames), and attention over runs of rest consecutive tokens.
         runs = {}
@@ -587,7 +628,7 @@ class _Resolver:
                     cut.free_symbols and all(t in self.split for t in sympy.Add.make_args(cut))):
                 self.fixed.append((length, cut, at, child))
             if isinstance(length, sympy.Symbol) and length not in self.split and cut.free_symbols & self.split:
-                if self.env.size_hint(length) == self.env.size_hint(cut):
+                if expr_hint(self.env, length) == expr_hint(self.env, cut):
                     self.aligned[length] = cut  # the slice takes all of it: it is as long as the tokens
                 else:
                     self.sliced[length] = cut
@@ -622,6 +663,31 @@ class _Resolver:
             found.setdefault(child, set()).update(inputs)
         return {child: tuple(sorted(entries)) for child, entries in found.items()}
 
+    def unpadded(self, length: sympy.Expr, block: int, record: _Recording) -> sympy.Expr:
+        """The tokens of an attention call with flex's ``BlockMask``, without the zeros its processor padded them with
+        to a multiple of the mask's block size: flex attention takes sequences so padded.
+
+        The padding is a number the processor computed from the count, ``ceil(S / 128) * 128 - S``. Where it
+        appended that many zeros (AnyFlow-FAR's), the padding is a constant here; where it padded to the
+        rounded length (Qwen-Image 2.1's ``F.pad``), the length is a constant and the padding made it: the
+        tokens are what was padded. Tokens the block adds (registers, say) are no padding to the block size.
+        """
+        extra, tokens = length.as_coeff_Add()
+        if tokens.free_symbols and 0 < extra < block and expr_hint(self.env, length) % block == 0:
+            return tokens
+        if length.free_symbols or length % block:
+            return length
+        padded = {before for before, pad_before, pad_after in
+                  ((self.expr(a), self.expr(b), self.expr(c)) for a, b, c in record.pads)
+                  if before.free_symbols and pad_before == 0 and sympy.expand(before + pad_after) == length}
+        if len(padded) > 1:
+            raise ProbeError(
+                f"{self.where}: an attention call with flex attention's BlockMask takes {length} tokens padded from "
+                f"one of {', '.join(map(str, padded))}, and the block does not show which; pad the tokens of that call "
+                "only, or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
+            )
+        return next(iter(padded), length)
+
     def expr(self, size: Any) -> sympy.Expr:
         found = size_expr(self.env, size)
         return found.xreplace(self.aligned) if self.aligned else found
@@ -644,17 +710,24 @@ class _Resolver:
         except ProbeError:
             return
         ends = [ordered[i:] for i in range(1, len(ordered))] if after == 0 else [ordered[:i] for i in range(1, len(ordered))]
-        hint = self.env.size_hint(length)
-        fits = [sympy.Add(*end) for end in ends if self.env.size_hint(sympy.Add(*end)) == hint]
+        hint = expr_hint(self.env, length)
+        fits = [sympy.Add(*end) for end in ends if expr_hint(self.env, sympy.Add(*end)) == hint]
         if len(fits) == 1:
             self.aligned[length] = fits[0]
 
-    def parts(self, expr: sympy.Expr, what: str, strict: bool = True) -> Parts:
-        """The split token sequences a dimension of length ``expr`` indexes, in order; () if none."""
+    def parts(self, expr: sympy.Expr, what: str, strict: bool = True, keys: bool = False) -> Parts:
+        """The split token sequences a dimension of length ``expr`` indexes, in order; () if none.
+
+        ``keys``: an attention call's keys, which may also hold a fixed number of keys the block takes from
+        outside its inputs (a KV cache's prefix: every input's sizes are symbols here, so a number is none of
+        them). Every rank holds them alike, as it holds a selection.
+        """
         if not expr.free_symbols & self.split:
             return ()
         terms = sympy.Add.make_args(expr)
-        if any(t not in self.split and t not in self.selected for t in terms) or len(set(terms)) != len(terms):
+        fixed = {t for t in terms if keys and t.is_Integer and t > 0}
+        if (any(t not in self.split and t not in self.selected and t not in fixed for t in terms)
+                or len(set(terms)) != len(terms)):
             if not strict:
                 return ()
             raise ProbeError(
@@ -662,7 +735,7 @@ class _Resolver:
                 f"({', '.join(sorted(map(str, self.split)))}), which is neither one token sequence nor several "
                 "concatenated; a split cannot follow tokens that the block adds, drops or reshapes"
             )
-        return tuple(SELECTED * (t in self.selected) + str(t) for t in self.ordered(terms, what))
+        return tuple(SELECTED * (t in self.selected or t in fixed) + str(t) for t in self.ordered(terms, what))
 
     def ordered(self, terms: tuple[sympy.Expr, ...], what: str) -> list[sympy.Expr]:
         """``terms`` in the order a concatenation made during the probe put them."""
@@ -671,7 +744,7 @@ class _Resolver:
         total = sympy.Add(*terms)
         for cat in self.cats:
             if all(size != 0 for size in cat) and sympy.expand(sympy.Add(*cat) - total) == 0:
-                pieces = [sympy.Add.make_args(size) for size in cat]
+                pieces = [sympy.Add.make_args(size) for size in _fixed_runs_joined(cat)]
                 if all(set(p) <= set(terms) for p in pieces):
                     return [t for p in pieces for t in self.ordered(p, what)]
         raise ProbeError(
@@ -703,6 +776,13 @@ class _Resolver:
         )
 
     def roles(self, fakes: Sequence[Any], names: Sequence[str], output: Any) -> BlockRoles:
+        if self.inner_block_masks:
+            raise ProbeError(
+                f"{self.where}: attention call {self.inner_block_masks[0]} takes flex attention's BlockMask built inside "
+                "the block from the tokens it holds (a block-sparse pattern from its queries and keys, as NABLA's), "
+                "which under a split would cover this rank's tokens only; a split follows a BlockMask built over the "
+                "whole sequence before the blocks and passed to them"
+            )
         reaching = frozenset().union(*(self.derived.get(id(x), ()) for x in tree_leaves(output)))
         mixed = [i for i in sorted(reaching) if self.statistics[i][1].free_symbols & self.split]
         if self.fixed:
@@ -715,8 +795,10 @@ class _Resolver:
                     f"runs its attention per run of them (call {i}: {self.calls[i][0]} queries, {self.calls[i][1]} "
                     "keys; a block-causal mask decomposed into one call per segment): every rank would cut its own "
                     "part there. A split follows the same attention as one call with a mask over the whole sequence "
-                    f"((batch, 1, {length}, {length}) bool, built before the blocks and passed to each block): give "
-                    "the blocks that mask and a processor that makes the one masked call"
+                    f"(a (batch, 1, {length}, {length}) bool tensor, or flex attention's BlockMask, built before the "
+                    "blocks and passed to each block): give the blocks that mask and a processor that makes the one "
+                    "masked call (where the model ships a flex attention processor, set it: "
+                    "model.set_attn_processor(...))"
                 )
             keys_only = {} if self.retried else self.keys_only_inputs()
             if keys_only:
@@ -731,7 +813,7 @@ class _Resolver:
                 cut = self.sliced.get(self.expr(size))
                 if cut is not None:
                     raise ProbeError(
-                        f"{self.where}: input '{name}' (dim {dim}, {self.env.size_hint(self.expr(size))} long) is sliced "
+                        f"{self.where}: input '{name}' (dim {dim}, {expr_hint(self.env, self.expr(size))} long) is sliced "
                         f"to the token count {cut} inside the block, so it holds more positions than tokens; a split "
                         "cannot tell which of them each rank's tokens take"
                     )
@@ -744,7 +826,8 @@ class _Resolver:
             if i in self.grouped:  # per run, over keys every rank holds whole: local attention (``groups.py``)
                 attention.append(((), ()))
                 continue
-            queries, keys = self.parts(q, f"the queries of attention call {i}"), self.parts(k, f"the keys of call {i}")
+            queries = self.parts(q, f"the queries of attention call {i}")
+            keys = self.parts(k, f"the keys of call {i}", keys=True)
             if keys and not queries:
                 raise ProbeError(
                     f"{self.where}: attention call {i} takes queries that are not tokens ({q}) over the split tokens "

@@ -11,6 +11,8 @@ same training as a plain LightningModule, for the strategy's own run.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -35,6 +37,34 @@ def _slice(value: Any, dp_rank: int, dp: int) -> Any:
     if isinstance(value, list) and len(value) == BATCH:
         return value[dp_rank * BATCH // dp : (dp_rank + 1) * BATCH // dp]
     return value
+
+
+def _dense_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
+                scale: float | None = None, **_: Any) -> torch.Tensor:
+    """diffusers' flex backend (``(B, S, H, D)`` layout) as SDPA with the BlockMask's ``mask_mod`` evaluated for every
+    (query, key); a query that attends no key gets zeros, as flex attention gives it."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    mask = create_mask(attn_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    rows = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~rows, scale=scale)
+    return (out * rows).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def flex_as_sdpa() -> Iterator[None]:
+    """One process's reference for a model that attends through flex attention, which has no backward on CPU: the
+    same attention through SDPA (``_dense_flex``). ``tests/test_every_dit.py`` checks it against flex's forward."""
+    from cp_plugin.compat import attention_backends
+
+    backends = attention_backends()
+    flex = backends["flex"]
+    backends["flex"] = _dense_flex
+    try:
+        yield
+    finally:
+        backends["flex"] = flex
 
 
 def optimizer_for(name: str, params: Any) -> torch.optim.Optimizer:
@@ -70,6 +100,13 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None,
         apply_context_parallel(model, mesh)
         dp, dp_rank, world = mesh.dp_size, mesh.dp_rank, dist.get_world_size()
     opt = optimizer_for(optimizer, model.parameters())
+    with flex_as_sdpa() if layout is None else contextlib.nullcontext():
+        return _steps(model, case, opt, dp, dp_rank, world, layout is not None and dp > 1, before)
+
+
+def _steps(model: torch.nn.Module, case: Any, opt: torch.optim.Optimizer, dp: int, dp_rank: int, world: int,
+           global_loss: bool, before: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``STEPS`` steps of training ``model`` on this dp rank's share of each step's batch."""
     losses, first_grads = [], None
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 + step)
@@ -82,7 +119,7 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None,
             if p.grad is not None and world > 1:
                 dist.all_reduce(p.grad)
                 p.grad /= world
-        if layout is not None and dp > 1:  # the loss of the global batch, as one process computes it
+        if global_loss:  # the loss of the global batch, as one process computes it
             loss = loss.detach().clone()
             dist.all_reduce(loss)
             loss /= world

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from dits_exact import SGD_LR, STEPS, lightning_train_many, train, train_many
+from dits_exact import SGD_LR, STEPS, flex_as_sdpa, lightning_train_many, train, train_many
 from exact import assert_update_close, update_error
 from launcher import run_distributed
 
@@ -45,14 +45,18 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # a split that ends after a refiner whose outputs the model measures (BriaFibo2), attention per latent frame against
 # keys every rank holds (Wan-Animate's face adapter, its frames cut mid-way by the split), text selected per sample by
 # its mask beside the split video (Mochi), image-context tokens cut off a split stream by a count inside a
-# cross-attention layer that takes them as keys only (Motif-Video's image-to-video: gathered where they enter it), and
-# an expert-choice MoE that takes each expert's top tokens of the whole sequence (NucleusMoE: run on it gathered).
+# cross-attention layer that takes them as keys only (Motif-Video's image-to-video: gathered where they enter it),
+# an expert-choice MoE that takes each expert's top tokens of the whole sequence (NucleusMoE: run on it gathered), and
+# flex attention's BlockMask built over the whole sequence, the tokens padded to its block size in the processor
+# (AnyFlow-FAR's frame-causal mask, zeros appended; Qwen-Image 2.1's block-causal one through its flex processor,
+# F.pad to the rounded length), and keys of a fixed count from a KV cache beside the split keys (SANA-WM's refiner:
+# attention-sink and history keys, held alike by every rank).
 COMMON = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
           "pixart", "auraflow", "cogview4", "hunyuanimage", "flux2", "cosmos", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
               "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi", "motif_video:second",
-              "nucleusmoe")
+              "nucleusmoe", "anyflow_far:second", "qwenimage21", "sana_wm_refiner:second")
 # A mechanism is about where the split goes, which the optimizer does not change: those cases train with SGD only,
 # which shows a wrong gradient scale that AdamW would hide (python -m benchmarks.every_dit runs both for every class).
 # AdamW trains the memory options' models and these common ones: SDPA called directly (SD3), a joint (B, 1, S, S)
@@ -218,6 +222,20 @@ def _no_layer_gather(self: Any, module: Any, roles: Any) -> Any:
     return self._unmutated_block_ops(module, dataclasses.replace(roles, gathered=(), localized=()))
 
 
+def _block_mask_attends_all(block_mask: Any, length: int) -> torch.Tensor:
+    """Read flex attention's BlockMask as letting every query attend every key."""
+    return torch.ones(1, 1, length, length, dtype=torch.bool)
+
+
+def _whole_keys_on_every_rank(key: torch.Tensor, parts: Any, padding: Any, mesh: Any) -> torch.Tensor:
+    """Count the keys every rank holds alike (a selection, a cache's prefix) on every rank, not once."""
+    from types import SimpleNamespace
+
+    from cp_plugin.attention import dispatch
+
+    return dispatch._unmutated_selection_key_mask(key, parts, padding, SimpleNamespace(cp_rank=0))
+
+
 # mutation -> (where, what, replacement, cases it must make fail)
 MUTATIONS = {
     # a (1, 24, 1, 24) rotary table: 24 video tokens, head dim 24
@@ -235,6 +253,14 @@ MUTATIONS = {
     # NucleusMoE's experts, each taking its top tokens of the whole sequence
     "gather at a layer dropped": ("cp_plugin.streams.BlockStreams", "_block_ops", _no_layer_gather,
                                   [("motif_video:second", {"ring_degree": 2}), ("nucleusmoe", {"ulysses_degree": 2})]),
+    # AnyFlow-FAR's frame-causal BlockMask, Qwen-Image 2.1's block-causal one
+    "BlockMask ignored": ("cp_plugin.attention.dispatch", "block_mask_dense", _block_mask_attends_all,
+                          [("anyflow_far:second", {"ring_degree": 2}), ("qwenimage21", {"ulysses_degree": 2})]),
+    # Mochi's valid text selected per sample, SANA-WM's refiner's sink and history keys from its KV cache
+    "keys held alike counted on every rank": ("cp_plugin.attention.dispatch", "_selection_key_mask",
+                                              _whole_keys_on_every_rank,
+                                              [("mochi", {"ring_degree": 2}), ("sana_wm_refiner:second",
+                                                                               {"ulysses_degree": 2})]),
 }
 
 
@@ -270,3 +296,18 @@ def test_the_exactness_check_catches_a_wrong_plan(mutation: str) -> None:
             continue
         with pytest.raises(AssertionError):
             check(result, train(case, "sgd"), "sgd", f"{case} {layout} with {mutation}")
+
+
+@pytest.mark.parametrize("case", ["anyflow_far", "qwenimage21:second"])
+def test_the_flex_reference_is_flex_attention(case: str) -> None:
+    """The one-process reference of a model that attends through flex attention (no backward on CPU) runs the same
+    attention through SDPA: its forward is flex attention's."""
+    from fixtures.dits import CASES
+
+    model, inputs = CASES[case].build(), CASES[case].inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        flex = model(**inputs, return_dict=False)[0]
+        with flex_as_sdpa():
+            dense = model(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(dense, flex, rtol=1e-5, atol=1e-5)
+    assert dense.abs().max() > 0

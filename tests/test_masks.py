@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import pytest
 import torch
 
-from cp_plugin.attention.masks import key_padding_mask, outer_product, whole_sequence_mask
+from cp_plugin.attention.masks import block_mask_dense, key_padding_mask, outer_product, whole_sequence_mask
 
 
 def test_key_padding_masks_in_every_form_become_one_bool_mask() -> None:
@@ -51,3 +54,26 @@ def test_an_outer_product_over_the_whole_sequence_becomes_a_padded_key_mask_and_
     keys, full, rows = whole_sequence_mask((valid[:, :, None] & valid[:, None, :])[:, None], length=5, padded=6)
     assert full is None and keys.tolist() == [[True, True, True, False, True, False]]
     assert rows.tolist() == [[True, True, True, False, True, True]]  # a padded query attends the real keys
+
+
+def test_a_block_mask_read_densely_attends_what_flex_attention_attends() -> None:
+    """Frame-causal over 200 tokens padded to 256 (full blocks of 16 below the diagonal, partial ones on it): SDPA with
+    the dense mask gives flex attention's output for the real tokens."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    length, frames = 200, torch.arange(256) // 48
+
+    def frame_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (frames[kv] <= frames[q]) & (q < length) & (kv < length)
+
+    block_mask = create_block_mask(frame_causal, 2, None, 256, 256, device="cpu", BLOCK_SIZE=16)
+    assert block_mask.full_kv_num_blocks is not None and int(block_mask.full_kv_num_blocks.sum()) > 0
+    q, k, v = (torch.randn(2, 3, 256, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    dense = block_mask_dense(block_mask, length)
+    assert dense.shape == (2, 1, length, length) and not bool(dense.all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex attention uncompiled
+        want = flex_attention(q, k, v, block_mask=block_mask)[:, :, :length]
+    got = torch.nn.functional.scaled_dot_product_attention(q[:, :, :length], k[:, :, :length], v[:, :, :length],
+                                                           attn_mask=dense)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -401,3 +401,75 @@ def test_a_cut_by_a_count_or_a_top_k_in_the_blocks_own_forward_stays_refused_and
     flat.top = _TopTokensFlat()
     with pytest.raises(ProbeError, match=r"_OwnCutBlock: it takes a topk over split tokens"):
         probe(flat, (x,), {})
+
+
+class FlexBlock(torch.nn.Module):
+    """Self-attention through diffusers' flex backend with a BlockMask, its tokens padded to the mask's block size
+    as processors do for flex attention: zeros appended (AnyFlow-FAR) or ``F.pad`` to the rounded length (Qwen-Image
+    2.1). ``built``: the mask is made from the tokens' own block means (NABLA's pattern) instead of passed in."""
+
+    def __init__(self, pad: str = "cat", built: bool = False) -> None:
+        super().__init__()
+        self.pad, self.built = pad, built
+
+    def forward(self, hidden_states: torch.Tensor, block_mask: Any = None) -> torch.Tensor:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from torch.nn.attention.flex_attention import BlockMask
+
+        q = hidden_states.unflatten(-1, (2, -1))
+        tokens = q.shape[1]
+        if self.pad == "cat":
+            extra = int(math.ceil(tokens / 128.0) * 128.0 - tokens)
+            q = torch.cat([q, q.new_zeros(q.shape[0], extra, *q.shape[2:])], 1)
+        else:
+            q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, int(math.ceil(tokens / 128) * 128) - tokens))
+        if self.built:
+            means = q.unflatten(1, (-1, 128)).mean(2).transpose(1, 2)  # (B, H, blocks, D)
+            order = (means @ means.transpose(-1, -2)).argsort(-1, descending=True).to(torch.int32)
+            block_mask = BlockMask.from_kv_blocks(torch.ones_like(order[..., 0]), order, BLOCK_SIZE=128)
+        out = dispatch_attention_fn(q, q, q, attn_mask=block_mask, backend="flex")
+        return out[:, :tokens].flatten(2)
+
+
+def _probe_with_routing(block: torch.nn.Module, *args: Any) -> Any:
+    """``probe_block`` as the split runs it: with the attention routing in place, so dispatch calls reach the probe."""
+    from cp_plugin.attention.dispatch import AttentionRouting
+
+    names = ["hidden_states", "block_mask"][:len(args)]
+    return AttentionRouting().run(None, probe_block, block.forward, args, {}, names, "FlexBlock")
+
+
+@pytest.mark.parametrize("pad", ["cat", "pad"])
+def test_tokens_padded_to_a_block_masks_block_size_are_the_tokens(pad: str) -> None:
+    """27 tokens padded to 128 for a BlockMask over the whole sequence: the call attends the split tokens (the zeros
+    are left out where the split runs it), by a constant appended or by a pad to a rounded length."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, 1, None, 128, 128, device="cpu")
+    roles = _probe_with_routing(FlexBlock(pad), torch.randn(2, 27, 16), mask)
+    (sequence,) = roles.sequences
+    assert roles.inputs == ((TokenDim(1, (sequence,)),), ())
+    assert roles.attention == (((sequence,), (sequence,)),)
+
+
+def test_a_block_mask_built_from_the_tokens_a_rank_holds_is_refused() -> None:
+    with pytest.raises(ProbeError, match="BlockMask built inside the block"):
+        _probe_with_routing(FlexBlock(built=True), torch.randn(2, 200, 16))
+
+
+class _CountScaledTop(_CountScaled):
+    """Proportional attention (its scale from the token count), then a top-2 of all tokens in a child."""
+
+    def __init__(self) -> None:
+        super().__init__(scaled_output=False)
+        self.top = _TopTokens()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.top(super().forward(hidden_states))
+
+
+def test_a_block_that_reads_its_token_count_keeps_the_child_it_runs_whole() -> None:
+    """The probe that follows a count read as a number keeps what the first probe found: the child run whole."""
+    _, roles = probe(_CountScaledTop(), (torch.randn(BATCH, 8, 8),), {})
+    assert roles.gathered == (("top", 0, 1),) and roles.localized == (("top", 0, 1),)
+    assert roles.scales  # the attention's scale, at the sequence's count

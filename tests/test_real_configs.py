@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from dits_exact import flex_as_sdpa
 
+from cp_plugin.attention.dispatch import AttentionRouting
 from cp_plugin.compat import tree_flatten, tree_flatten_with_path, tree_unflatten
 from cp_plugin.grid import grid_radius
 from cp_plugin.plans import DerivedPlan, resolve_plans
@@ -61,7 +63,7 @@ def probe_real(name: str) -> list[str]:
                 seen.setdefault(key, (where, module, args, kwargs))
             hooks.append(block.register_forward_pre_hook(capture, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), flex_as_sdpa():  # flex attention does not run on meta
             model(**inputs)
     finally:
         for hook in hooks:
@@ -70,8 +72,9 @@ def probe_real(name: str) -> list[str]:
     for where, block, args, kwargs in seen.values():
         names = _names(args, kwargs)
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in tree_flatten((args, kwargs))[0]]
-        roles = probe_block(block.forward, args, kwargs, names, f"{case.cls} {where}", shapes,
-                            grid=grid_radius(block, where) > 0)
+        # with the attention routing in place, as a converted model probes: dispatch calls reach the probe
+        roles = AttentionRouting().run(None, probe_block, block.forward, args, kwargs, names, f"{case.cls} {where}",
+                                       shapes, grid=grid_radius(block, where) > 0)
         check_roles(roles, names, shapes, f"{case.cls} {where}")
         probed.append(where)
     return probed

@@ -34,9 +34,9 @@ import diffusers
 import torch
 
 from cp_plugin.attention import context_parallel_attention
-from cp_plugin.attention.masks import key_padding_mask, whole_sequence_mask
+from cp_plugin.attention.masks import block_mask_dense, is_block_mask, key_padding_mask, whole_sequence_mask
 from cp_plugin.blockops import counting, foreign
-from cp_plugin.compat import PARALLEL_CONFIG_ATTR, SDPA, attention_backends, mask_preparers
+from cp_plugin.compat import PARALLEL_CONFIG_ATTR, SDPA, attention_backends, is_symbolic, mask_preparers
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
 from cp_plugin.probe import ProbeError, is_selection, recording
@@ -301,6 +301,9 @@ def _routed_attention(
     are not traceable, so a compiled block graph-breaks here and runs attention eagerly, while its
     projections, norms and MLP stay compiled.
     """
+    if is_block_mask(attn_mask) and roles is not None:
+        return _block_masked_attention(query, key, value, config, call, roles, attn_mask, is_causal=is_causal,
+                                       scale=scale, dropout_p=dropout_p, return_lse=return_lse)
     unsupported = {
         "dropout_p": dropout_p != 0.0,
         "return_lse": return_lse,
@@ -332,6 +335,38 @@ def _routed_attention(
     return out if rows is None else out * rows[:, :, None, None].to(out.dtype)
 
 
+def _block_masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: RoutedParallelConfig, call: AttentionCall | None,
+    roles: tuple[tuple[str, ...], tuple[str, ...]], block_mask: Any, **kwargs: Any,
+) -> torch.Tensor:
+    """A call with flex attention's ``BlockMask``, built over the whole sequence before the split: the same
+    attention with that mask as a tensor over the whole sequence.
+
+    flex attention takes sequences padded to a multiple of the mask's block size, so a processor pads the
+    tokens it holds with zeros (AnyFlow-FAR's) and trims them from the output: here this rank's part of
+    the split streams, whose length the call's roles give. The zeros beyond it are no tokens of the
+    sequence: they are left out of the attention and get zero rows back, which the processor trims.
+    """
+    padding = config.padding
+    queries = sum(map(padding.local_stream, roles[0]))
+    keys = sum(map(padding.local_stream, roles[1]))
+    streams = padding.composition(queries)
+    rows, cols = block_mask.BLOCK_SIZE
+    if (streams is None or len(streams) != 1 or roles[0] != roles[1]
+            or not queries <= query.shape[1] < queries + rows or not keys <= key.shape[1] < keys + cols):
+        raise ValueError(
+            f"context-parallel attention got flex attention's BlockMask for {query.shape[1]} queries and "
+            f"{key.shape[1]} keys per rank, over the sequences {' + '.join(roles[0])} and {' + '.join(roles[1])}; "
+            "cp_plugin takes a BlockMask built over the whole sequence for one token stream's self-attention (its "
+            "tokens padded to the mask's block size or not). Pass the mask as a tensor over the whole sequence, or "
+            "train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
+        )
+    dense = block_mask_dense(block_mask, padding.lengths[streams[0]])
+    out = _routed_attention(query[:, :queries], key[:, :keys], value[:, :keys], config, call, roles,
+                            attn_mask=dense, **kwargs)
+    return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[1] - queries))
+
+
 def _causal_mask(
     query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None
 ) -> torch.Tensor:
@@ -353,22 +388,11 @@ def _causal_mask(
 
 
 def _check_mask_type(attn_mask: Any) -> None:
-    if type(attn_mask).__name__ == "BlockMask":
-        raise ValueError(
-            "context-parallel attention got flex attention's BlockMask, whose mask_mod is evaluated at positions of "
-            f"the sequence it was built for, padded to a multiple of its block size ({attn_mask.BLOCK_SIZE[0]}): under "
-            "a split that is neither this rank's share nor, where a processor pads its own tokens to that multiple, "
-            "aligned with them, and cp_plugin's attention "
-            "takes tensor masks only (flex attention has no backward on CPU either). Pass the same structure as a "
-            "boolean mask over the whole sequence, (batch, 1, S, S) (flex_attention.create_mask(block_mask.mask_mod, "
-            "...) cropped to S), through a processor that calls dispatch_attention_fn or SDPA with it, or train this "
-            "model without context parallelism (ring_degree=1, ulysses_degree=1)"
-        )
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise ValueError(
-            f"context-parallel attention got an attention mask of type {type(attn_mask).__name__} (flex attention's "
-            "BlockMask, say); cp_plugin's attention takes tensor masks only. Use a dense or key-padding mask, or train "
-            "this model without context parallelism (ring_degree=1, ulysses_degree=1)"
+            f"context-parallel attention got an attention mask of type {type(attn_mask).__name__}; cp_plugin's "
+            "attention takes tensor masks (and flex attention's BlockMask in a derived plan's blocks). Use a dense or "
+            "key-padding mask, or train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
 
 
@@ -377,6 +401,12 @@ def _probe_attention(
     scale: float | None = None, enable_gqa: bool = False, **_: Any,
 ) -> torch.Tensor:
     """A dispatch call during a probe: SDPA in the ``(B, S, H, D)`` layout (which the probe notes)."""
+    if is_block_mask(attn_mask):  # a mask over the whole sequence: its tokens' padding is noted (probe.py)
+        record = recording()
+        record.block_sizes[len(record.attention)] = tuple(attn_mask.BLOCK_SIZE)
+        if is_symbolic(attn_mask.kv_num_blocks):  # made in the block from its fake tokens, not passed to it
+            record.inner_block_masks.append(len(record.attention))
+        attn_mask = None
     try:
         _check_mask_type(attn_mask)
     except ValueError as err:  # the block's own structure: said whole, not as a failure to run it

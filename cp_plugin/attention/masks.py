@@ -21,6 +21,7 @@ What models pass, and what it becomes:
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -124,3 +125,34 @@ def whole_sequence_mask(
     if extra:
         full[:, length:, :length] = True
     return None, full, None
+
+
+def is_block_mask(mask: object) -> bool:
+    """Whether ``mask`` is flex attention's ``BlockMask`` (checked by name: flex attention may be absent)."""
+    return type(mask).__name__ == "BlockMask"
+
+
+def block_mask_dense(block_mask: Any, length: int) -> torch.Tensor:
+    """``(B, H, length, length)`` bool: what flex attention's ``BlockMask`` lets each of the first ``length`` queries
+    attend among the first ``length`` keys.
+
+    A model builds the ``BlockMask`` over its whole sequence before the split (AnyFlow-FAR's frame-causal
+    mask), padded to a multiple of its block size; ``length`` is the real sequence. flex attention applies
+    ``mask_mod`` inside the partial blocks and attends every key of the full blocks, so the same is done
+    here, as a tensor mask that the context-parallel attention slices like any mask over the whole sequence.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    rows, cols = block_mask.BLOCK_SIZE
+
+    def tokens(num_blocks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        blocks = BlockMask.from_kv_blocks(num_blocks, indices, BLOCK_SIZE=(rows, cols)).to_dense().bool()
+        return blocks.repeat_interleave(rows, -2).repeat_interleave(cols, -1)[..., :length, :length]
+
+    batch, heads = block_mask.kv_num_blocks.shape[:2]
+    allowed = tokens(block_mask.kv_num_blocks, block_mask.kv_indices)
+    if block_mask.mask_mod is not None:
+        allowed = allowed & create_mask(block_mask.mask_mod, batch, heads, length, length, allowed.device)
+    if block_mask.full_kv_num_blocks is not None:
+        allowed = allowed | tokens(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    return allowed
