@@ -21,6 +21,7 @@ What models pass, and what it becomes:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -132,7 +133,19 @@ def is_block_mask(mask: object) -> bool:
     return type(mask).__name__ == "BlockMask"
 
 
+# Each BlockMask's dense form, per length: a model passes one mask to every block, and a recompute passes it again.
+_DENSE: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def block_mask_dense(block_mask: Any, length: int) -> torch.Tensor:
+    """:func:`dense_block_mask`, computed once per ``BlockMask`` (and length) for as long as the mask lives."""
+    found = _DENSE.setdefault(block_mask, {})
+    if length not in found:
+        found[length] = dense_block_mask(block_mask, length)
+    return found[length]
+
+
+def dense_block_mask(block_mask: Any, length: int) -> torch.Tensor:
     """``(B, H, length, length)`` bool: what flex attention's ``BlockMask`` lets each of the first ``length`` queries
     attend among the first ``length`` keys.
 
