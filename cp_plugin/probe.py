@@ -205,6 +205,11 @@ class _Recording(CountingMode):
             sources |= set(range(len(self.statistics), len(self.statistics) + len(found)))
             self.statistics += found
         out = func(*args, **kwargs)
+        if func is torch.arange and isinstance(out, torch.Tensor):  # positions 0..n-1: a rank would number its own
+            self.statistic_in.append((self.inside[-1] if self.inside else None,
+                                      self.children[0] if self.children and not self.inside else None))
+            sources |= {len(self.statistics)}
+            self.statistics.append(("arange", out.shape[0]))
         if sources:  # what the op made, and what it wrote into (in-place ops, item assignment)
             written = args[:1] if func is torch.Tensor.__setitem__ or func.__name__.endswith("_") else ()
             for x in (*tree_leaves(out), *written):
@@ -382,8 +387,11 @@ def read_counts(probe: tuple, roles: BlockRoles) -> BlockRoles:
     where = probe[4]
     try:
         whole, resolver, found, probe = _probe_layers_whole(probe, lambda hint: hint)
-    except ProbeError:
-        return roles  # the guarded probe's answer stands
+    except ProbeError as err:  # the guarded probe may have made a token count a constant: its roles would not hold
+        raise ProbeError(
+            f"{where}: it reads a size as a number, and the probe that keeps that number a size fails ({err}); "
+            "whether it is a count of split tokens, which a rank would read as its own, cannot be told"
+        ) from err
     counts = [e for e in whole.reads if resolver.env.simplify(e).free_symbols & resolver.split]
     if not counts:
         return roles  # it read other sizes (a batch, a width): constants either way
@@ -769,6 +777,12 @@ class _Resolver:
                 "expert's token capacity): every rank would cut its own part there"
             )
         op, length = self.statistics[mixed[0]]
+        if op == "arange":
+            return ProbeError(
+                f"{self.where}: it numbers split tokens (torch.arange over their count, {length}: positions for a "
+                "rotary table or a mask, say), which under a split would number this rank's tokens from 0; compute "
+                "positions before the blocks, where the split takes each rank's share of them"
+            )
         return ProbeError(
             f"{self.where}: it takes a {op} over split tokens ({length} of them; a softmax outside SDPA and "
             "dispatch_attention_fn is attention computed by hand), which under a split would see this rank's "

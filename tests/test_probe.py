@@ -473,3 +473,18 @@ def test_a_block_that_reads_its_token_count_keeps_the_child_it_runs_whole() -> N
     _, roles = probe(_CountScaledTop(), (torch.randn(BATCH, 8, 8),), {})
     assert roles.gathered == (("top", 0, 1),) and roles.localized == (("top", 0, 1),)
     assert roles.scales  # the attention's scale, at the sequence's count
+
+
+class _Numbered(torch.nn.Module):
+    """Self-attention, then each token's position added: positions numbered from the count of the tokens it holds."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        heads = hidden_states.unflatten(-1, (2, -1)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(heads, heads, heads).transpose(1, 2).flatten(2)
+        return out + torch.arange(hidden_states.shape[1], dtype=out.dtype)[None, :, None]
+
+
+def test_positions_numbered_inside_a_block_are_refused() -> None:
+    """Under a split each rank would number its own tokens from 0: positions must come from before the split."""
+    with pytest.raises(ProbeError, match=r"_Numbered: it numbers split tokens \(torch.arange over their count"):
+        probe(_Numbered(), (torch.randn(BATCH, 8, 8),), {})
