@@ -146,11 +146,10 @@ def main() -> None:
     for cls in transformer_classes():
         name = cls.__name__
         text, layouts = status(name, by_class[name]) if name in by_class else ("no case", [])
-        setup = next((CASES[r["case"]].setup for r in by_class.get(name, ()) if CASES[r["case"]].setup), "")
-        if setup and text == "verified exact":
-            text = f"verified exact ({setup})"
         if text == "verified exact":
             layouts = sorted(set(layouts) | lightning.get(name, set()))
+            setup = next((CASES[r["case"]].setup for r in by_class[name] if CASES[r["case"]].setup), "")
+            text += f" ({setup})" if setup else ""
         counts[text.split(" (")[0]] += 1
         lines.append(f"| {name} | {text} | {plan_kind(cls)} | {'; '.join(layouts)} | {attention_calls(cls)} |")
     summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]))

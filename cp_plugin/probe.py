@@ -177,6 +177,11 @@ class _Recording(CountingMode):
         finally:
             self.depth -= 1
 
+    def running(self) -> tuple[str | None, str | None]:
+        """Where an op runs now: the innermost attention layer, else the outermost child without attention."""
+        return (self.inside[-1] if self.inside else None,
+                self.children[0] if self.children and not self.inside else None)
+
     def _call(self, func: Callable, args: Sequence, kwargs: dict) -> Any:
         if func is SDPA:  # (B, H, S, D); dispatch calls arrive here too
             self._attend(*args, **kwargs)
@@ -200,14 +205,12 @@ class _Recording(CountingMode):
         elif func in _ORDERINGS and args and isinstance(args[0], torch.Tensor):
             found = [(func.__name__, args[0].shape[_ordered_dim(func, tuple(args), kwargs) % args[0].dim()])]
         if found:
-            self.statistic_in += [(self.inside[-1] if self.inside else None,
-                                   self.children[0] if self.children and not self.inside else None)] * len(found)
+            self.statistic_in += [self.running()] * len(found)
             sources |= set(range(len(self.statistics), len(self.statistics) + len(found)))
             self.statistics += found
         out = func(*args, **kwargs)
         if func is torch.arange and isinstance(out, torch.Tensor):  # positions 0..n-1: a rank would number its own
-            self.statistic_in.append((self.inside[-1] if self.inside else None,
-                                      self.children[0] if self.children and not self.inside else None))
+            self.statistic_in.append(self.running())
             sources |= {len(self.statistics)}
             self.statistics.append(("arange", out.shape[0]))
         if sources:  # what the op made, and what it wrote into (in-place ops, item assignment)
@@ -227,8 +230,9 @@ class _Recording(CountingMode):
             if isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor) and out.dim() == x.dim():
                 cut = [(a, b) for a, b in zip(x.shape, out.shape) if a is not b]
                 self.slices += cut
-                self.slice_at += [self.inside[-1] if self.inside else None] * len(cut)
-                self.slice_in += [self.children[0] if self.children and not self.inside else None] * len(cut)
+                at, child = self.running()
+                self.slice_at += [at] * len(cut)
+                self.slice_in += [child] * len(cut)
         return out
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

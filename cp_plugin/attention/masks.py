@@ -138,14 +138,14 @@ _DENSE: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKe
 
 
 def block_mask_dense(block_mask: Any, length: int) -> torch.Tensor:
-    """:func:`dense_block_mask`, computed once per ``BlockMask`` (and length) for as long as the mask lives."""
+    """:func:`_dense_block_mask`, computed once per ``BlockMask`` (and length) for as long as the mask lives."""
     found = _DENSE.setdefault(block_mask, {})
     if length not in found:
-        found[length] = dense_block_mask(block_mask, length)
+        found[length] = _dense_block_mask(block_mask, length)
     return found[length]
 
 
-def dense_block_mask(block_mask: Any, length: int) -> torch.Tensor:
+def _dense_block_mask(block_mask: Any, length: int) -> torch.Tensor:
     """``(B, H, length, length)`` bool: what flex attention's ``BlockMask`` lets each of the first ``length`` queries
     attend among the first ``length`` keys.
 
