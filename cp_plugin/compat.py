@@ -126,9 +126,14 @@ class _ReadingShapeEnv(ShapeEnv):
 
 
 def symbolic_fake_mode(read: Callable[[Any, Any], Any] | None = None) -> tuple[FakeTensorMode, ShapeEnv]:
+    """A fake mode over a fresh reading ``ShapeEnv``. Its dispatch cache is off (``cache_enabled``): a probe runs
+    each block once, and with every size symbolic, building cache entries costs more than they save (a third of
+    a probe's time, measured on four diffusers DiTs)."""
     env = _ReadingShapeEnv(duck_shape=False)
     env.read = read
-    return FakeTensorMode(shape_env=env, allow_non_fake_inputs=True), env
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    mode.cache_enabled = False
+    return mode, env
 
 
 def symbolic_fake(mode: FakeTensorMode, x: torch.Tensor) -> torch.Tensor:
