@@ -132,24 +132,9 @@ def _steps(model: torch.nn.Module, case: Any, opt: torch.optim.Optimizer, dp: in
     return {"losses": losses, "grads": first_grads, "before": before, "after": after}
 
 
-# A one-process reference: the case, the optimizer, and whether its blocks are checkpointed.
-Reference = tuple[str, str, bool]
-
-
-def train_references(references: list[Reference]) -> dict[Reference, dict[str, Any]]:
-    """This rank's share of the one-process references (every world-th), so that every rank of a launch trains some
-    and no core idles while they train. Called before anything in the process is made context parallel: nothing of a
-    conversion can reach them."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return {ref: train(ref[0], ref[1], None, {"gradient_checkpointing": True} if ref[2] else None)
-            for ref in references[rank::world]}
-
-
-def train_many(cases: list[tuple], references: list[Reference] = ()) -> dict[str, Any]:
-    """Rank body: this rank's share of ``references`` (:func:`train_references`), then several (case, optimizer,
-    layout, memory options) runs in one launch, one after another."""
-    own = train_references(list(references))
-    return {"references": own, "runs": [train(*case) for case in cases]}
+def train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[str, Any]]:
+    """Rank body: several (case, optimizer, layout) runs in one launch, one after another."""
+    return [train(*case) for case in cases]
 
 
 def try_train_many(cases: list[tuple[str, str, dict[str, int]]]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from dits_exact import SGD_LR, STEPS, Reference, flex_as_sdpa, lightning_train_many, train, train_many, train_references
+from dits_exact import SGD_LR, STEPS, flex_as_sdpa, lightning_train_many, train, train_many
 from exact import assert_update_close, update_error
 from launcher import run_distributed
 
@@ -133,19 +133,16 @@ def _cases(models: tuple[str, ...], layouts: list[dict[str, int]], memory: list[
             for options in memory]
 
 
-def _reference(model: str, opt: str, options: dict[str, Any] | None) -> Reference:
-    """The one-process run a case is checked against: the same model and optimizer, checkpointed as the case is."""
-    return model, opt, bool(options and options.get("gradient_checkpointing"))
-
-
 def _run(world: int, cases: list[tuple]) -> None:
-    wanted = list(dict.fromkeys(_reference(model, opt, options) for model, opt, _, options in cases))
-    results = run_distributed(train_many, world, cases, wanted, timeout=600)
-    references = {ref: run for rank_results in results for ref, run in rank_results["references"].items()}
+    results = run_distributed(train_many, world, cases, timeout=600)
+    references: dict[tuple, dict[str, Any]] = {}
     for i, (model, opt, layout, options) in enumerate(cases):
+        checkpointing = bool(options and options.get("gradient_checkpointing"))
+        key = (model, opt, checkpointing)
+        if key not in references:
+            references[key] = train(model, opt, None, {"gradient_checkpointing": checkpointing})
         for rank, rank_results in enumerate(results):
-            check(rank_results["runs"][i], references[_reference(model, opt, options)], opt,
-                  f"{model} {opt} {layout} {options or ''} rank {rank}")
+            check(rank_results[i], references[key], opt, f"{model} {opt} {layout} {options or ''} rank {rank}")
 
 
 @pytest.mark.timeout(900)
@@ -267,15 +264,13 @@ MUTATIONS = {
 }
 
 
-def mutated_runs(mutations: list[str]) -> dict[str, Any]:
-    """Rank body: this rank's share of the cases' one-process references, then each mutation's cases trained with
-    that mutation in place (an error is a result too), one mutation after another, each put back before the next."""
+def mutated_runs(mutations: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Rank body: each mutation's cases trained with that mutation in place (an error is a result too), one mutation
+    after another in one launch, each put back before the next."""
     import importlib
 
     import cp_plugin.streams
 
-    cases = dict.fromkeys(case for mutation in mutations for case, _ in MUTATIONS[mutation][3])
-    references = train_references([(case, "sgd", False) for case in cases])
     found: dict[str, list[dict[str, Any]]] = {}
     for mutation in mutations:
         path, attribute, replacement, cases = MUTATIONS[mutation]
@@ -295,26 +290,24 @@ def mutated_runs(mutations: list[str]) -> dict[str, Any]:
         finally:
             setattr(owner, attribute, original)
             cp_plugin.streams._ROLES.clear()
-    return {"references": references, "mutations": found}
+    return found
 
 
 @pytest.fixture(scope="module")
-def mutated() -> dict[str, Any]:
-    """Rank 0's results of every mutation, from one two-process launch, and the references both ranks trained."""
-    results = run_distributed(mutated_runs, 2, list(MUTATIONS), timeout=600)
-    return {"mutations": results[0]["mutations"],
-            "references": {case: run for rank in results for (case, _, _), run in rank["references"].items()}}
+def mutated() -> dict[str, list[dict[str, Any]]]:
+    """Rank 0's results of every mutation, from one two-process launch."""
+    return run_distributed(mutated_runs, 2, list(MUTATIONS), timeout=600)[0]
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_the_exactness_check_catches_a_wrong_plan(mutation: str, mutated: dict[str, Any]) -> None:
-    for (case, layout), result in zip(MUTATIONS[mutation][3], mutated["mutations"][mutation], strict=True):
+def test_the_exactness_check_catches_a_wrong_plan(mutation: str, mutated: dict[str, list[dict[str, Any]]]) -> None:
+    for (case, layout), result in zip(MUTATIONS[mutation][3], mutated[mutation], strict=True):
         if "error" in result:  # the plan's own checks refused it (a shape error or a contradiction)
             assert result["error"].startswith(("ValueError", "RuntimeError")), result["error"]
             continue
         with pytest.raises(AssertionError):
-            check(result, mutated["references"][case], "sgd", f"{case} {layout} with {mutation}")
+            check(result, train(case, "sgd"), "sgd", f"{case} {layout} with {mutation}")
 
 
 @pytest.mark.parametrize("case", ["anyflow_far", "qwenimage21:second"])
