@@ -65,8 +65,8 @@ DOCS_START, DOCS_END = "<!-- failures table: python -m benchmarks.failures -->",
 CASES = [
     Case("raise", False, FAILED_RANK_RECORD, 15.0),
     Case("kill", False, f"{LAUNCHER_SAW_RANK_DIE}|{PEER_VANISHED}", 20.0),  # Lightning's child watcher polls every 5 s
-    Case("hang", False, f"{PEER_VANISHED}|{LAUNCHER_SAW_RANK_DIE}", HANG_TIMEOUT_S + 20.0,  # peers give up at the timeout
-         timeout_s=HANG_TIMEOUT_S),
+    # peers give up at the timeout
+    Case("hang", False, f"{PEER_VANISHED}|{LAUNCHER_SAW_RANK_DIE}", HANG_TIMEOUT_S + 20.0, timeout_s=HANG_TIMEOUT_S),
     Case("kill", True, f"{TORCHRUN_NAMES_RANK_1}|{PEER_VANISHED}", 20.0),
     Case("raise", True, f"{FAILED_RANK_RECORD}|{TORCHRUN_NAMES_FAILED_RANK_1}", 20.0, "accelerate"),
     Case("kill", True, f"{TORCHRUN_NAMES_RANK_1}|{PEER_VANISHED}", 20.0, "accelerate"),

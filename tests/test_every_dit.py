@@ -49,8 +49,8 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # an expert-choice MoE that takes each expert's top tokens of the whole sequence (NucleusMoE: run on it gathered), and
 # flex attention's BlockMask built over the whole sequence, the tokens padded to its block size in the processor
 # (AnyFlow-FAR's frame-causal mask, zeros appended; Qwen-Image 2.1's block-causal one through its flex processor,
-# F.pad to the rounded length, trains in the mutation check below and in the sweep), and keys of a fixed count from a KV cache beside the split keys (SANA-WM's refiner:
-# attention-sink and history keys, held alike by every rank).
+# F.pad to the rounded length, trains in the mutation check below and in the sweep), and keys of a fixed count from a
+# KV cache beside the split keys (SANA-WM's refiner: attention-sink and history keys, held alike by every rank).
 COMMON = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
           "pixart", "auraflow", "cogview4", "hunyuanimage", "flux2", "cosmos", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
