@@ -60,7 +60,7 @@ def ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch
     k0, v0 = (x.chunk(ring, 2)[0].detach().requires_grad_() for x in (k, v))
     q0 = q.detach().requires_grad_()
     masks = None if mask is None else mask.unflatten(1, (ring, -1)).movedim(1, 0)
-    out = _RingAttention.apply(q0, k0, v0, masks, loop, q.shape[-1] ** -0.5, rotate, True)
+    out = _RingAttention.apply(q0, k0, v0, masks, None, loop, q.shape[-1] ** -0.5, rotate, True)
     out.backward(grad_out)
     if not record:
         return out.detach(), q0.grad, k0.grad, v0.grad

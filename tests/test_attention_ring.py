@@ -22,6 +22,7 @@ from benchmarks.measure import PeakMemory
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention, kernels
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
+from cp_plugin.attention.masks import DenseTiles
 from cp_plugin.comm import COMM_STATS
 
 B, S, H, D = 2, 64, 4, 16
@@ -45,17 +46,26 @@ def key_mask() -> torch.Tensor:
     return mask
 
 
+def frame_causal() -> torch.Tensor:
+    """``(1, S, S)``: frames of 12 tokens (across the shards' edges), each attending itself and earlier frames."""
+    frames = torch.arange(S) // 12
+    return (frames[:, None] >= frames[None, :])[None]
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA in the ``(B, S, H, D)`` layout, with an optional boolean key mask ``(B, S_k)``."""
-    bias = None if mask is None else mask[:, None, None, :]
+    """SDPA in the ``(B, S, H, D)`` layout, with an optional boolean key mask ``(B, S_k)`` or ``(B, S_q, S_k)``."""
+    bias = None if mask is None else mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
     return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=bias).transpose(1, 2)
 
 
 @functools.lru_cache
-def reference(dtype: torch.dtype, masked: bool) -> tuple[torch.Tensor, ...]:
+def reference(dtype: torch.dtype, masked: bool, tiled: bool = False) -> tuple[torch.Tensor, ...]:
     """Full-sequence output and q/k/v grads in float64, from the inputs as rounded to ``dtype``."""
     q, k, v, grad_out = (x.double().requires_grad_(i < 3) for i, x in enumerate(full_inputs(dtype)))
-    out = sdpa(q, k, v, key_mask() if masked else None)
+    mask = key_mask() if masked else None
+    if tiled:
+        mask = frame_causal() if mask is None else frame_causal() & mask[:, None, :]
+    out = sdpa(q, k, v, mask)
     out.backward(grad_out)
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -71,6 +81,7 @@ class Case(NamedTuple):
     dtype: torch.dtype = torch.float32
     fp32_merge: bool = True
     masked: bool = False
+    tiled: bool = False  # a frame-causal mask over the whole sequence, read in tiles of a few keys
 
 
 def _layouts(world: int) -> list[tuple[int, int, str]]:
@@ -81,6 +92,7 @@ def _layouts(world: int) -> list[tuple[int, int, str]]:
 
 def cases(world: int) -> list[Case]:
     fp32 = [Case(r, u, rotate, masked=masked) for masked in (False, True) for r, u, rotate in _layouts(world)]
+    fp32 += [Case(r, u, rotate, masked=True, tiled=True) for r, u, rotate in _layouts(world)]
     low = [Case(world, 1, "p2p", dtype) for dtype in (torch.bfloat16, torch.float16)]
     low += [Case(2, world // 2, "allgather", torch.bfloat16), Case(world, 1, "p2p", torch.bfloat16, fp32_merge=False)]
     fp64 = [Case(r, u, rotate, torch.float64) for r, u, rotate in _layouts(world) if r > 1]
@@ -89,6 +101,9 @@ def cases(world: int) -> list[Case]:
 
 def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
     """Rank body: each case's local output and q/k/v grads, bytes saved for backward, bytes sent."""
+    from cp_plugin.attention import ring
+
+    ring.tile_keys = lambda q: 5  # tiles of 5 keys: tile edges inside every ring block
     results = []
     for case in world_cases:
         config = ParallelConfig(
@@ -109,7 +124,8 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
         COMM_STATS.reset()
         mask = key_mask()[:, shard] if case.masked else None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), PeakMemory() as forward:
-            out = context_parallel_attention(q, k, v, mesh, key_mask=mask)
+            tiles = DenseTiles(frame_causal()) if case.tiled else None
+            out = context_parallel_attention(q, k, v, mesh, key_mask=mask, tiles=tiles)
         with PeakMemory() as backward:
             out.backward(grad_out)
         results.append({"case": case, "shard": shard, "tensors": (out.detach(), q.grad, k.grad, v.grad),
@@ -128,7 +144,7 @@ def launch(world: int) -> dict[Case, list[dict[str, Any]]]:
 
 def rel_errors(case: Case, ranks: list[dict[str, Any]]) -> list[float]:
     """Max error of out, dq, dk, dv against the reference, each relative to the reference's max."""
-    expected = reference(case.dtype, case.masked)
+    expected = reference(case.dtype, case.masked, case.tiled)
     errors = [0.0] * 4
     for result in ranks:
         for i, (got, want) in enumerate(zip(result["tensors"], expected)):

@@ -222,9 +222,9 @@ def _no_layer_gather(self: Any, module: Any, roles: Any) -> Any:
     return self._unmutated_block_ops(module, dataclasses.replace(roles, gathered=(), localized=()))
 
 
-def _block_mask_attends_all(block_mask: Any, length: int) -> torch.Tensor:
+def _block_mask_attends_all(self: Any, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
     """Read flex attention's BlockMask as letting every query attend every key."""
-    return torch.ones(1, 1, length, length, dtype=torch.bool)
+    return torch.ones(1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
 
 
 def _whole_keys_on_every_rank(key: torch.Tensor, parts: Any, padding: Any, mesh: Any) -> torch.Tensor:
@@ -254,7 +254,7 @@ MUTATIONS = {
     "gather at a layer dropped": ("cp_plugin.streams.BlockStreams", "_block_ops", _no_layer_gather,
                                   [("motif_video:second", {"ring_degree": 2}), ("nucleusmoe", {"ulysses_degree": 2})]),
     # AnyFlow-FAR's frame-causal BlockMask, Qwen-Image 2.1's block-causal one
-    "BlockMask ignored": ("cp_plugin.attention.dispatch", "block_mask_dense", _block_mask_attends_all,
+    "BlockMask ignored": ("cp_plugin.attention.masks.BlockMaskTiles", "real", _block_mask_attends_all,
                           [("anyflow_far:second", {"ring_degree": 2}), ("qwenimage21", {"ulysses_degree": 2})]),
     # Mochi's valid text selected per sample, SANA-WM's refiner's sink and history keys from its KV cache
     "keys held alike counted on every rank": ("cp_plugin.attention.dispatch", "_selection_key_mask",

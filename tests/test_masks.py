@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from cp_plugin.attention.masks import block_mask_dense, key_padding_mask, outer_product, whole_sequence_mask
+from cp_plugin.attention.masks import (
+    BlockMaskTiles,
+    CausalTiles,
+    key_padding_mask,
+    outer_product,
+    whole_sequence_mask,
+)
 
 
 def test_key_padding_masks_in_every_form_become_one_bool_mask() -> None:
@@ -40,13 +46,26 @@ def test_masks_that_differ_between_heads_or_hold_biases_are_refused() -> None:
         key_padding_mask(torch.full((1, 3), 0.5), batch=1, queries=3, keys=3)
 
 
-def test_a_block_causal_mask_over_the_whole_sequence_is_padded_and_kept_whole() -> None:
+def test_a_block_causal_mask_over_the_whole_sequence_is_read_in_padded_tiles() -> None:
     frames = torch.arange(5) // 2  # frame blocks of 2 tokens, 5 tokens: padded to 6 on 2 or 3 ranks
     block_causal = (frames[:, None] >= frames[None, :])[None, None]
     with pytest.warns(UserWarning, match=r"5 x 5 attention mask on every rank \(O\(S\^2\) memory\)"):
-        keys, full, rows = whole_sequence_mask(block_causal, length=5, padded=6)
-    assert keys is None and rows is None and full.shape == (1, 6, 6)
+        keys, tiles, rows = whole_sequence_mask(block_causal, length=5, padded=6)
+    assert keys is None and rows is None
+    full = tiles.tile((0, 6), (0, 6), torch.device("cpu"))
+    assert full.shape == (1, 6, 6)
     assert full[0, :5, :5].equal(block_causal[0, 0]) and not full[0, :, 5].any() and full[0, 5, :5].all()
+    for rows_, cols in (((0, 3), (3, 6)), ((3, 6), (0, 3)), ((4, 6), (2, 5)), ((5, 6), (5, 6))):
+        assert tiles.tile(rows_, cols, torch.device("cpu")).equal(full[:, slice(*rows_), slice(*cols)]), (rows_, cols)
+
+
+def test_causal_tiles_are_the_lower_triangle_of_the_whole_sequence() -> None:
+    tiles = CausalTiles(7)
+    whole = tiles.tile((0, 8), (0, 8), torch.device("cpu"))[0]
+    want = torch.ones(8, 8, dtype=torch.bool).tril()
+    want[:, 7], want[7, :7] = False, True  # the padded key is masked; the padded query attends every real key
+    assert whole.equal(want)
+    assert tiles.tile((2, 6), (4, 8), torch.device("cpu"))[0].equal(want[2:6, 4:8])
 
 
 def test_an_outer_product_over_the_whole_sequence_becomes_a_padded_key_mask_and_query_rows() -> None:
@@ -56,9 +75,9 @@ def test_an_outer_product_over_the_whole_sequence_becomes_a_padded_key_mask_and_
     assert rows.tolist() == [[True, True, True, False, True, True]]  # a padded query attends the real keys
 
 
-def test_a_block_mask_read_densely_attends_what_flex_attention_attends() -> None:
+def test_a_block_mask_read_in_tiles_attends_what_flex_attention_attends() -> None:
     """Frame-causal over 200 tokens padded to 256 (full blocks of 16 below the diagonal, partial ones on it): SDPA with
-    the dense mask gives flex attention's output for the real tokens."""
+    the mask's tiles put together gives flex attention's output for the real tokens, and any tile is that mask's."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     length, frames = 200, torch.arange(256) // 48
@@ -69,11 +88,15 @@ def test_a_block_mask_read_densely_attends_what_flex_attention_attends() -> None
     block_mask = create_block_mask(frame_causal, 2, None, 256, 256, device="cpu", BLOCK_SIZE=16)
     assert block_mask.full_kv_num_blocks is not None and int(block_mask.full_kv_num_blocks.sum()) > 0
     q, k, v = (torch.randn(2, 3, 256, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    dense = block_mask_dense(block_mask, length)
-    assert dense.shape == (2, 1, length, length) and not bool(dense.all())
+    tiles = BlockMaskTiles(block_mask, length)
+    cpu = torch.device("cpu")
+    dense = tiles.tile((0, length), (0, length), cpu)
+    assert dense.shape == (2, length, length) and not bool(dense.all())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex attention uncompiled
         want = flex_attention(q, k, v, block_mask=block_mask)[:, :, :length]
     got = torch.nn.functional.scaled_dot_product_attention(q[:, :, :length], k[:, :, :length], v[:, :, :length],
-                                                           attn_mask=dense)
+                                                           attn_mask=dense[:, None])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for rows, cols in (((0, 100), (100, 200)), ((37, 141), (5, 163)), ((150, 200), (0, 60))):  # across block edges
+        assert tiles.tile(rows, cols, cpu).equal(dense[:, slice(*rows), slice(*cols)]), (rows, cols)

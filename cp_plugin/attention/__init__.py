@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from cp_plugin.attention.masks import MaskTiles
 from cp_plugin.attention.ulysses import gather_key_mask, heads_to_seq, seq_to_heads
 from cp_plugin.compat import SDPA  # the builtin: a converted model's routing (dispatch.py) must not see it
 from cp_plugin.mesh import ParallelMesh
@@ -21,7 +22,7 @@ def context_parallel_attention(
     *,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
-    full_mask: torch.Tensor | None = None,
+    tiles: MaskTiles | None = None,
 ) -> torch.Tensor:
     """Full-sequence softmax attention of local shards ``(B, S/cp, H, D)``, returned as local shards.
 
@@ -29,8 +30,9 @@ def context_parallel_attention(
     the ring then covers the remaining ``ring`` blocks of the sequence. ``key_mask`` (boolean
     ``(B, S/cp)``, True = attend) is sharded like the keys and follows them. Keys may be a sequence
     of another length than the queries (cross-attention to split text): then queries and key/values
-    travel in two all-to-alls instead of one. ``full_mask`` (boolean ``(B or 1, S, S)``, every rank
-    holds all of it) masks each query row on its own, e.g. block-causally; it costs O(S^2) memory.
+    travel in two all-to-alls instead of one. ``tiles`` (a mask over the whole sequence) masks each
+    query row on its own, e.g. block-causally: attention then runs a tile of it at a time, through
+    the ring's blockwise kernels even on a ring of one, so no rank holds it whole.
     """
     if mesh.ulysses_size > 1:
         if query.shape == key.shape:
@@ -40,24 +42,22 @@ def context_parallel_attention(
             key, value = seq_to_heads(mesh.ulysses_group, key, value)
         if key_mask is not None:
             key_mask = gather_key_mask(key_mask, mesh.ulysses_group)
-    if mesh.ring_size > 1:
+    if mesh.ring_size > 1 or tiles is not None:
         from cp_plugin.attention.ring import ring_attention
 
         out = ring_attention(
             query,
             key,
             value,
-            group=mesh.ring_group,
+            group=mesh.ring_group if mesh.ring_size > 1 else None,
             scale=scale,
             rotate_method=mesh.config.rotate_method,
             convert_to_fp32=mesh.config.convert_to_fp32,
             key_mask=key_mask,
-            full_mask=full_mask,
+            tiles=tiles,
         )
     else:
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        if full_mask is not None:
-            mask = full_mask[:, None] if mask is None else full_mask[:, None] & mask
         out = SDPA(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         ).transpose(1, 2)

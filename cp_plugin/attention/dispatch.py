@@ -34,7 +34,14 @@ import diffusers
 import torch
 
 from cp_plugin.attention import context_parallel_attention
-from cp_plugin.attention.masks import block_mask_dense, is_block_mask, key_padding_mask, whole_sequence_mask
+from cp_plugin.attention.masks import (
+    BlockMaskTiles,
+    CausalTiles,
+    MaskTiles,
+    is_block_mask,
+    key_padding_mask,
+    whole_sequence_mask,
+)
 from cp_plugin.blockops import counting, foreign
 from cp_plugin.compat import PARALLEL_CONFIG_ATTR, SDPA, attention_backends, is_symbolic, mask_preparers
 from cp_plugin.mesh import ParallelMesh
@@ -217,23 +224,27 @@ class AttentionRouting:
 
 
 def _masks(
-    query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None,
-    mesh: ParallelMesh,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(key_mask (B, keys), full_mask, query rows (B, queries))`` of a routed call: the model's mask and our
+    query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | MaskTiles | None,
+    padding: SequencePadding | None, mesh: ParallelMesh,
+) -> tuple[torch.Tensor | None, MaskTiles | None, torch.Tensor | None]:
+    """``(key_mask (B, keys), tiles, query rows (B, queries))`` of a routed call: the model's mask and our
     padding's, combined, and which of this rank's queries attend anything (``None``: all do)."""
     batch, queries, keys = key.shape[0], query.shape[1], key.shape[1]
-    key_mask = full_mask = rows = None
-    if attn_mask is not None and attn_mask.shape[-1] == keys:
+    key_mask = tiles = rows = None
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.shape[-1] == keys:
         key_mask, rows = key_padding_mask(attn_mask, batch, queries, keys)
     elif attn_mask is not None:  # over a whole stream: only self-attention of one stream has one
         streams = None if padding is None else padding.composition(queries)
         if streams is None or len(streams) != 1 or keys != queries:
+            which = f"of shape {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor) else "over a sequence"
             raise ValueError(
-                f"context-parallel attention got attn_mask of shape {tuple(attn_mask.shape)} for {keys} keys per "
+                f"context-parallel attention got attn_mask {which} for {keys} keys per "
                 "rank; masks must cover this rank's keys, or a whole stream in its self-attention"
             )
-        whole_keys, full_mask, whole_rows = whole_sequence_mask(attn_mask, padding.lengths[streams[0]],
+        if isinstance(attn_mask, MaskTiles):
+            whole_keys, tiles = None, attn_mask
+        else:
+            whole_keys, tiles, whole_rows = whole_sequence_mask(attn_mask, padding.lengths[streams[0]],
                                                                 keys * mesh.cp_size)
         if whole_keys is not None:
             key_mask = whole_keys.expand(batch, -1).chunk(mesh.cp_size, 1)[mesh.cp_rank]
@@ -242,7 +253,7 @@ def _masks(
         pad_mask = padding.key_mask(keys, batch, key.device)
         if pad_mask is not None:
             key_mask = pad_mask if key_mask is None else key_mask & pad_mask
-    return key_mask, full_mask, rows
+    return key_mask, tiles, rows
 
 
 def _selection_key_mask(key: torch.Tensor, parts: tuple[str, ...], padding: SequencePadding,
@@ -326,11 +337,11 @@ def _routed_attention(
         _check_split(query, key, config.padding)
     if is_causal:
         attn_mask = _causal_mask(query, key, attn_mask, config.padding)
-    key_mask, full_mask, rows = _masks(query, key, attn_mask, None if selection else config.padding, mesh)
+    key_mask, tiles, rows = _masks(query, key, attn_mask, None if selection else config.padding, mesh)
     if selection:
         counted = _selection_key_mask(key, roles[1], config.padding, mesh)
         key_mask = counted if key_mask is None else key_mask & counted
-    out = context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, full_mask=full_mask)
+    out = context_parallel_attention(query, key, value, mesh, scale=scale, key_mask=key_mask, tiles=tiles)
     # a query that attends no key gets SDPA's zero row (see cp_plugin.attention.masks)
     return out if rows is None else out * rows[:, :, None, None].to(out.dtype)
 
@@ -340,7 +351,7 @@ def _block_masked_attention(
     roles: tuple[tuple[str, ...], tuple[str, ...]], block_mask: Any, **kwargs: Any,
 ) -> torch.Tensor:
     """A call with flex attention's ``BlockMask``, built over the whole sequence before the split: the same
-    attention with that mask as a tensor over the whole sequence.
+    attention with that mask read a tile at a time (:class:`~cp_plugin.attention.masks.BlockMaskTiles`).
 
     flex attention takes sequences padded to a multiple of the mask's block size, so a processor pads the
     tokens it holds with zeros (AnyFlow-FAR's) and trims them from the output: here this rank's part of
@@ -361,15 +372,15 @@ def _block_masked_attention(
             "tokens padded to the mask's block size or not). Pass the mask as a tensor over the whole sequence, or "
             "train this model without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
-    dense = block_mask_dense(block_mask, padding.lengths[streams[0]])
+    tiles = BlockMaskTiles(block_mask, padding.lengths[streams[0]])
     out = _routed_attention(query[:, :queries], key[:, :keys], value[:, :keys], config, call, roles,
-                            attn_mask=dense, **kwargs)
+                            attn_mask=tiles, **kwargs)
     return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[1] - queries))
 
 
 def _causal_mask(
     query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None
-) -> torch.Tensor:
+) -> CausalTiles:
     """``is_causal`` as what it means over the whole sequence: the lower triangle of one stream's self-attention.
 
     Each rank's queries sit at their whole-sequence positions, so the triangle is taken over the
@@ -383,12 +394,11 @@ def _causal_mask(
             "self-attention without another mask. Pass the causal structure as attn_mask, or train this model "
             "without context parallelism (ring_degree=1, ulysses_degree=1)"
         )
-    length = padding.lengths[streams[0]]
-    return torch.ones(1, length, length, dtype=torch.bool, device=query.device).tril()
+    return CausalTiles(padding.lengths[streams[0]])
 
 
 def _check_mask_type(attn_mask: Any) -> None:
-    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+    if attn_mask is not None and not isinstance(attn_mask, (torch.Tensor, MaskTiles)):
         raise ValueError(
             f"context-parallel attention got an attention mask of type {type(attn_mask).__name__}; cp_plugin's "
             "attention takes tensor masks (and flex attention's BlockMask in a derived plan's blocks). Use a dense or "

@@ -14,12 +14,15 @@ What models pass, and what it becomes:
   when gradient checkpointing is on, so there the masked text tokens are keys again. The output of
   those rows is zeroed after attention, which is what SDPA gives, forward and backward;
 - masks over the whole sequence ``(B or 1, 1, S, S)`` that a model builds before the split and passes
-  to every block (SkyReels-V2's block-causal diffusion forcing): kept whole, with a warning about
-  their O(S^2) memory, unless they too are an outer product.
+  to every block (SkyReels-V2's block-causal diffusion forcing): read a tile at a time
+  (:class:`MaskTiles`), with a warning about the O(S^2) memory the model's own tensor takes, unless
+  they too are an outer product. Flex attention's ``BlockMask`` and ``is_causal`` are read as tiles
+  too, built from the mask's block tables or from positions: O(tile) memory, never O(S^2).
 """
 
 from __future__ import annotations
 
+import abc
 import warnings
 import weakref
 from typing import Any
@@ -95,9 +98,9 @@ def key_padding_mask(
 
 def whole_sequence_mask(
     attn_mask: torch.Tensor, length: int, padded: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, MaskTiles | None, torch.Tensor | None]:
     """A mask over all ``length`` tokens -> ``(key_mask (B, padded), None, query rows (B, padded))`` for an outer
-    product, else ``(None, full_mask (B, padded, padded), None)``.
+    product, else ``(None, tiles, None)``: the mask read a tile at a time (:class:`DenseTiles`).
 
     The sequence is padded to ``padded`` tokens: padded keys are masked; padded query rows attend the
     real keys (their outputs are trimmed off, but must not be NaN in the backward).
@@ -122,10 +125,61 @@ def whole_sequence_mask(
         "a key-padding mask costs O(S)",
         stacklevel=3,
     )
-    full = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=False)
-    if extra:
-        full[:, length:, :length] = True
-    return None, full, None
+    return None, DenseTiles(mask), None
+
+
+class MaskTiles(abc.ABC):
+    """A mask over one stream's whole sequence of ``length`` tokens, read one tile of (queries, keys) at a time.
+
+    Context-parallel attention never needs a two-dimensional mask whole: each attention kernel call
+    takes its queries against a block of keys, so it asks for that tile, forward and again backward,
+    and holds O(tile) of the mask instead of O(S^2) (a mask of 32K tokens is 1 GiB of booleans,
+    and 4 GiB as the additive bias a kernel takes). A tile may reach past ``length`` into the
+    padding that evens the sequence out over the ranks: padded keys are masked, and padded query
+    rows attend the real keys (their outputs are trimmed off, but must not be NaN in the backward).
+    """
+
+    def __init__(self, length: int, batch: int) -> None:
+        self.length, self.batch = length, batch
+
+    def tile(self, rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """``(batch, rows, cols)`` bool, True = attend, for queries ``rows[0]:rows[1]`` and keys ``cols[0]:cols[1]``."""
+        (q0, q1), (k0, k1) = rows, cols
+        real_q, real_k = min(q1, self.length), min(k1, self.length)
+        if (real_q, real_k) == (q1, k1):
+            return self.real(q0, q1, k0, k1, device)
+        out = torch.zeros(self.batch, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+        if k0 < real_k:
+            if q0 < real_q:
+                out[:, : real_q - q0, : real_k - k0] = self.real(q0, real_q, k0, real_k, device)
+            out[:, max(real_q, q0) - q0 :, : real_k - k0] = True
+        return out
+
+    @abc.abstractmethod
+    def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+        """The tile within the real tokens: ``(1 or batch, q1 - q0, k1 - k0)`` bool."""
+
+
+class DenseTiles(MaskTiles):
+    """Tiles of a boolean ``(B or 1, S, S)`` mask the model built over the whole sequence (SkyReels-V2's
+    block-causal diffusion forcing): the model holds it whole; no padded or additive copy of it is made."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__(mask.shape[-1], mask.shape[0])
+        self.mask = mask
+
+    def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+        return self.mask[:, q0:q1, k0:k1].to(device)
+
+
+class CausalTiles(MaskTiles):
+    """``is_causal`` over one stream's self-attention: query ``i`` attends keys ``0..i`` of the whole sequence."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length, 1)
+
+    def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+        return (torch.arange(q0, q1, device=device)[:, None] >= torch.arange(k0, k1, device=device)[None, :])[None]
 
 
 def is_block_mask(mask: object) -> bool:
@@ -133,39 +187,59 @@ def is_block_mask(mask: object) -> bool:
     return type(mask).__name__ == "BlockMask"
 
 
-# Each BlockMask's dense form, per length: a model passes one mask to every block, and a recompute passes it again.
-_DENSE: weakref.WeakKeyDictionary[Any, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+class BlockMaskTiles(MaskTiles):
+    """Tiles of what flex attention's ``BlockMask`` lets each of the first ``length`` queries attend.
 
-
-def block_mask_dense(block_mask: Any, length: int) -> torch.Tensor:
-    """:func:`_dense_block_mask`, computed once per ``BlockMask`` (and length) for as long as the mask lives."""
-    found = _DENSE.setdefault(block_mask, {})
-    if length not in found:
-        found[length] = _dense_block_mask(block_mask, length)
-    return found[length]
-
-
-def _dense_block_mask(block_mask: Any, length: int) -> torch.Tensor:
-    """``(B, H, length, length)`` bool: what flex attention's ``BlockMask`` lets each of the first ``length`` queries
-    attend among the first ``length`` keys.
-
-    A model builds the ``BlockMask`` over its whole sequence before the split (AnyFlow-FAR's frame-causal
-    mask), padded to a multiple of its block size; ``length`` is the real sequence. flex attention applies
-    ``mask_mod`` inside the partial blocks and attends every key of the full blocks, so the same is done
-    here, as a tensor mask that the context-parallel attention slices like any mask over the whole sequence.
+    A model builds the ``BlockMask`` over its whole sequence before the split (AnyFlow-FAR's
+    frame-causal mask), padded to a multiple of its block size; ``length`` is the real sequence.
+    flex attention applies ``mask_mod`` inside the partial blocks and attends every key of the full
+    blocks, so a tile does the same: its blocks' entries (the mask's own O((S / block)^2) tables,
+    read densely once) spread over the tile's tokens, and ``mask_mod`` on the tile's positions.
     """
-    from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-    rows, cols = block_mask.BLOCK_SIZE
+    def __init__(self, block_mask: Any, length: int) -> None:
+        super().__init__(length, block_mask.kv_num_blocks.shape[0])
+        self.block_mask = block_mask
+        self.partial, self.full = _block_tables(block_mask)
 
-    def tokens(num_blocks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        blocks = BlockMask.from_kv_blocks(num_blocks, indices, BLOCK_SIZE=(rows, cols)).to_dense().bool()
-        return blocks.repeat_interleave(rows, -2).repeat_interleave(cols, -1)[..., :length, :length]
+    def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_mask
 
-    batch, heads = block_mask.kv_num_blocks.shape[:2]
-    allowed = tokens(block_mask.kv_num_blocks, block_mask.kv_indices)
-    if block_mask.mask_mod is not None:
-        allowed = allowed & create_mask(block_mask.mask_mod, batch, heads, length, length, allowed.device)
-    if block_mask.full_kv_num_blocks is not None:
-        allowed = allowed | tokens(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    return allowed
+        rows, cols = self.block_mask.BLOCK_SIZE
+        first_row, first_col = q0 // rows * rows, k0 // cols * cols
+
+        def spread(table: torch.Tensor) -> torch.Tensor:  # the tile's blocks, each repeated over its tokens
+            blocks = table[:, :, first_row // rows: -(-q1 // rows), first_col // cols: -(-k1 // cols)].to(device)
+            tokens = blocks.repeat_interleave(rows, 2).repeat_interleave(cols, 3)
+            return tokens[:, :, q0 - first_row: q1 - first_row, k0 - first_col: k1 - first_col]
+
+        allowed = spread(self.partial)
+        mask_mod = self.block_mask.mask_mod
+        if mask_mod is not None:
+            def shifted(b: Any, h: Any, q: Any, kv: Any) -> Any:
+                return mask_mod(b, h, q + q0, kv + k0)
+
+            allowed &= create_mask(shifted, *allowed.shape[:2], q1 - q0, k1 - k0, device)
+        if self.full is not None:
+            allowed |= spread(self.full)
+        return _one_for_all_heads(allowed, tuple(self.block_mask.shape))
+
+
+# Each BlockMask's tables of blocks, dense: a model passes one mask to every block, and a recompute passes it again.
+_TABLES: weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None]] = weakref.WeakKeyDictionary()
+
+
+def _block_tables(block_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(partial, full)``: ``(B, H, query blocks, key blocks)`` bool, which blocks each query block reaches
+    (through ``mask_mod``) and which it attends whole (``None``: no full blocks)."""
+    if block_mask not in _TABLES:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        def table(num_blocks: torch.Tensor | None, indices: torch.Tensor | None) -> torch.Tensor | None:
+            if num_blocks is None:
+                return None
+            return BlockMask.from_kv_blocks(num_blocks, indices, BLOCK_SIZE=block_mask.BLOCK_SIZE).to_dense().bool()
+
+        _TABLES[block_mask] = (table(block_mask.kv_num_blocks, block_mask.kv_indices),
+                               table(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+    return _TABLES[block_mask]

@@ -18,6 +18,8 @@ Bytes sent are counted in :data:`cp_plugin.comm.COMM_STATS` under ``ring_p2p``/`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -30,6 +32,7 @@ from cp_plugin.attention.kernels import (
     check_dtype,
     merge_partial,
 )
+from cp_plugin.attention.masks import MaskTiles
 from cp_plugin.comm import all_gather, count_sent, reduce_scatter
 
 
@@ -122,51 +125,79 @@ class GroupTransport:
         return reduce_scatter(blocks.flatten(0, 1), self.group, kind)
 
 
+class _Alone:
+    """A ring of one: rank 0 holds every block; nothing travels (its exchanges are never posted)."""
+
+    rank, size = 0, 1
+
+    def exchange(self, travels: str, kind: str) -> _Alone:
+        return self
+
+    def wait(self) -> None:
+        """Nothing was posted."""
+
+    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        return x[None]
+
+    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+        return blocks[0]
+
+
+_ALONE = _Alone()
+
+
 class _RingAttention(torch.autograd.Function):
     """Ring attention over ``(B, H, S_local, D)`` shards; KV travels as one stacked ``(2, ...)`` buffer.
 
     Communication goes through ``transport`` (a :class:`RingTransport`), the only thing that
     differs between training (:class:`GroupTransport`) and ``benchmarks.blockwise`` (loopback).
 
-    ``key_masks`` is ``None`` or, per KV block ``j``, the boolean mask of our queries over it:
-    ``(r, B, S_local)`` key masks (bytes per token, so gathered once instead of travelling with the
-    blocks), or ``(r, B, S_q, S_local)`` blocks of a two-dimensional mask every rank holds.
+    ``key_masks`` is ``None`` or ``(r, B, S_local)``: per KV block ``j``, the key mask over it (bytes
+    per token, so gathered once instead of travelling with the blocks). ``tiles`` is ``None`` or a
+    two-dimensional mask over the whole sequence (:class:`~cp_plugin.attention.masks.MaskTiles`),
+    read a tile at a time as each block is computed, forward and again backward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_masks, transport, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
+    def forward(ctx, q, k, v, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
         acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
         rank, size = transport.rank, transport.size
         kv = own_kv = torch.stack((k, v))  # saved as it is: the backward needs it stacked too
+        tile = _TileOf(tiles, rank, q.shape[2], kv.shape[3])
         out = lse = None
         if rotate_method == "allgather":
             for origin, block in enumerate(transport.all_gather(kv, "ring_allgather")):
-                out, lse = merge_partial(out, lse, *_block_forward(q, block, _mask_of(key_masks, origin), scale, acc_dtype))
+                mask = _mask_of(key_masks, origin)
+                out, lse = merge_partial(out, lse, *_block_forward(q, block, mask, tile.of(origin), scale, acc_dtype))
         else:
             comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
                 incoming = comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
-                mask = _mask_of(key_masks, (rank - step) % size)
-                out, lse = merge_partial(out, lse, *_block_forward(q, kv, mask, scale, acc_dtype))
+                origin = (rank - step) % size
+                mask = _mask_of(key_masks, origin)
+                out, lse = merge_partial(out, lse, *_block_forward(q, kv, mask, tile.of(origin), scale, acc_dtype))
                 if incoming is not None:
                     comm.wait()
                     kv = incoming
         out, lse = out.to(q.dtype), lse.squeeze(-1)
         ctx.save_for_backward(q, own_kv, out, lse, key_masks)
-        ctx.transport, ctx.scale, ctx.rotate_method = transport, scale, rotate_method
+        ctx.transport, ctx.scale, ctx.rotate_method, ctx.tile = transport, scale, rotate_method, tile
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, kv, out, lse, key_masks = ctx.saved_tensors
-        transport, scale = ctx.transport, ctx.scale
+        transport, scale, tile = ctx.transport, ctx.scale, ctx.tile
+        # A query that attends no key at all (a row of a two-dimensional mask) has LSE -inf and an output of zero, as
+        # SDPA gives it; any finite LSE makes its probabilities exp(-inf) = 0, so its gradients are zero too, not NaN.
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)
         rank, size = transport.rank, transport.size
         dq = torch.zeros_like(q, dtype=_wide(q.dtype))
         kv_dtype = kv.dtype
         if ctx.rotate_method == "allgather":
             blocks = transport.all_gather(kv, "ring_allgather_backward")
             dkv_all = torch.stack(
-                [_block_backward(grad_out, q, block, _mask_of(key_masks, origin), out, lse, scale, dq)
+                [_block_backward(grad_out, q, block, _mask_of(key_masks, origin), tile.of(origin), out, lse, scale, dq)
                  for origin, block in enumerate(blocks)]
             )
             dkv = transport.reduce_scatter(dkv_all, "ring_allgather_backward")
@@ -176,8 +207,9 @@ class _RingAttention(torch.autograd.Function):
             own_dkv = incoming_dkv = None
             for step in range(size):
                 incoming_kv = kv_comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
-                mask = _mask_of(key_masks, (rank - step) % size)
-                block_dkv = _block_backward(grad_out, q, kv, mask, out, lse, scale, dq)
+                origin = (rank - step) % size
+                block_dkv = _block_backward(grad_out, q, kv, _mask_of(key_masks, origin), tile.of(origin), out, lse,
+                                            scale, dq)
                 if step == 0:  # our own block: keep its share until its accumulator comes home
                     own_dkv = block_dkv
                 else:
@@ -194,7 +226,7 @@ class _RingAttention(torch.autograd.Function):
                 own_dkv += incoming_dkv
             dkv = own_dkv
         dk, dv = dkv.to(kv_dtype).unbind(0)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -206,14 +238,72 @@ def _mask_of(key_masks: torch.Tensor | None, origin: int) -> torch.Tensor | None
     return None if key_masks is None else key_masks[origin]
 
 
+# Keys per tile of a two-dimensional mask, at the least: below this a kernel call is mostly overhead.
+MIN_TILE_KEYS = 128
+
+
+def tile_keys(q: torch.Tensor) -> int:
+    """Keys per tile of a two-dimensional mask for queries ``q`` ``(B, H, S_q, D)``: as many as the queries' width
+    ``H x D``, so that a tile's additive bias ``(B, S_q, keys)`` is never larger than the queries themselves (and
+    its boolean mask a quarter of that): the mask costs what one more activation costs, whatever the length."""
+    return max(MIN_TILE_KEYS, q.shape[1] * q.shape[3])
+
+
+@dataclass(frozen=True)
+class _TileOf:
+    """Where this rank's queries and each KV block sit in the whole sequence, to read a two-dimensional mask's tiles:
+    ring rank ``r`` holds queries and keys ``r * S_local`` onwards."""
+
+    tiles: MaskTiles | None
+    rank: int
+    queries: int
+    keys: int
+
+    def of(self, origin: int) -> _BlockTile | None:
+        if self.tiles is None:
+            return None
+        return _BlockTile(self.tiles, (self.rank * self.queries, (self.rank + 1) * self.queries), origin * self.keys)
+
+
+@dataclass(frozen=True)
+class _BlockTile:
+    tiles: MaskTiles
+    rows: tuple[int, int]
+    first_key: int
+
+    def chunks(self, q: torch.Tensor, keys: int, key_mask: torch.Tensor | None
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, mask (B, S_q, stop - start))`` per chunk of the block's keys, with its key mask."""
+        step = tile_keys(q)
+        for start in range(0, keys, step):
+            stop = min(keys, start + step)
+            mask = self.tiles.tile(self.rows, (self.first_key + start, self.first_key + stop), q.device)
+            yield start, stop, mask if key_mask is None else mask & key_mask[:, None, start:stop]
+
+
+def _chunks(q: torch.Tensor, keys: int, key_mask: torch.Tensor | None, tile: _BlockTile | None
+            ) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+    """The block's keys in one piece with its key mask, or in tiles of its two-dimensional mask."""
+    if tile is None:
+        yield 0, keys, key_mask
+    else:
+        yield from tile.chunks(q, keys, key_mask)
+
+
 def _block_forward(
-    q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, scale: float, acc_dtype: torch.dtype
+    q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, tile: _BlockTile | None, scale: float,
+    acc_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = attention_forward(q, kv[0], kv[1], scale, additive_mask(key_mask, q, kv[0]))
-    if key_mask is not None:  # the kernel reports LSE 0 for a row with no valid key in the block; it is -inf
-        empty = ~key_mask.any(-1)  # (B,) for a key mask, (B, S_q) for a block of a 2-D mask
-        lse = lse.masked_fill(empty[:, None, None] if empty.dim() == 1 else empty[:, None], float("-inf"))
-    return out.to(acc_dtype), lse
+    out = lse = None
+    for start, stop, mask in _chunks(q, kv.shape[3], key_mask, tile):
+        k, v = kv[0, :, :, start:stop], kv[1, :, :, start:stop]
+        chunk_out, chunk_lse = attention_forward(q, k, v, scale, additive_mask(mask, q, k))
+        if mask is not None:  # the kernel reports LSE 0 for a row with no valid key in the block; it is -inf
+            empty = ~mask.any(-1)  # (B,) for a key mask, (B, S_q) for a tile of a 2-D mask
+            chunk_lse = chunk_lse.masked_fill(empty[:, None, None] if empty.dim() == 1 else empty[:, None],
+                                              float("-inf"))
+        out, lse = merge_partial(out, lse, chunk_out.to(acc_dtype), chunk_lse)
+    return out, lse.squeeze(-1)
 
 
 def _block_backward(
@@ -221,16 +311,24 @@ def _block_backward(
     q: torch.Tensor,
     kv: torch.Tensor,
     key_mask: torch.Tensor | None,
+    tile: _BlockTile | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
     dq: torch.Tensor,
 ) -> torch.Tensor:
     """Add this block's dq into ``dq`` and return its ``(2, ...)`` dK/dV in ``dq``'s (wide) dtype."""
-    bias = additive_mask(key_mask, q, kv[0])
-    block_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale, bias)
-    dq += block_dq
-    return torch.stack((dk, dv)).to(dq.dtype)
+    keys, dkv = kv.shape[3], None
+    for start, stop, mask in _chunks(q, keys, key_mask, tile):
+        k, v = kv[0, :, :, start:stop], kv[1, :, :, start:stop]
+        chunk_dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, scale, additive_mask(mask, q, k))
+        dq += chunk_dq
+        if stop - start == keys:
+            return torch.stack((dk, dv)).to(dq.dtype)
+        if dkv is None:
+            dkv = kv.new_empty(kv.shape, dtype=dq.dtype)
+        dkv[0, :, :, start:stop], dkv[1, :, :, start:stop] = dk, dv
+    return dkv
 
 
 def ring_attention(
@@ -238,12 +336,12 @@ def ring_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    group: dist.ProcessGroup,
+    group: dist.ProcessGroup | None,
     scale: float | None = None,
     rotate_method: str = "p2p",
     convert_to_fp32: bool = True,
     key_mask: torch.Tensor | None = None,
-    full_mask: torch.Tensor | None = None,
+    tiles: MaskTiles | None = None,
 ) -> torch.Tensor:
     """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``).
 
@@ -251,27 +349,22 @@ def ring_attention(
     flow to the local ``query``, ``key`` and ``value``.
 
     Args:
-        group: the ring's process group; its rank order is the order of the sequence blocks.
+        group: the ring's process group; its rank order is the order of the sequence blocks. ``None``:
+            a ring of one, which holds the whole sequence (attention over a two-dimensional mask's tiles).
         scale: softmax scale, ``head_dim ** -0.5`` by default (as SDPA).
         rotate_method: ``"p2p"`` (double-buffered ring, two KV blocks resident) or ``"allgather"``
             (every KV block at once; for comparison).
         convert_to_fp32: merge the partial outputs in float32; ``False`` merges in the input dtype.
         key_mask: optional boolean ``(B, S_local)``, True where a key may be attended to.
-        full_mask: optional boolean ``(B or 1, S, S)`` over the whole ring sequence, held by every
-            rank (a genuinely two-dimensional mask such as a block-causal one): each step uses the
-            rows of our queries and the columns of the block in flight.
+        tiles: optional two-dimensional mask over the whole ring sequence (a block-causal one, flex
+            attention's ``BlockMask``): each step reads the tiles of our queries and the block in flight.
     """
     if rotate_method not in ("p2p", "allgather"):
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
     check_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    transport = GroupTransport(group)
+    transport = _ALONE if group is None else GroupTransport(group)
     key_masks = None if key_mask is None else transport.all_gather(key_mask, "ring_mask")
-    if full_mask is not None:
-        s_local = q.shape[2]
-        rows = full_mask[:, transport.rank * s_local : (transport.rank + 1) * s_local]
-        blocks = rows.unflatten(2, (transport.size, s_local)).movedim(2, 0)  # (r, B, S_q, S_local)
-        key_masks = blocks if key_masks is None else blocks & key_masks[:, :, None, :]
-    out = _RingAttention.apply(q, k, v, key_masks, transport, scale, rotate_method, convert_to_fp32)
+    out = _RingAttention.apply(q, k, v, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32)
     return out.transpose(1, 2)
