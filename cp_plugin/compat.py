@@ -243,6 +243,32 @@ def attention_backends() -> dict[Any, Callable[..., torch.Tensor]]:
     return _AttentionBackendRegistry._backends
 
 
+# Functions that build a block's attention mask from statistics over the queries and keys it holds: under a split
+# they must see the whole sequence, as one process does. (module, function) -> (the sequence dim of the statistics'
+# inputs, their argument positions). Derivation sees only the mask such a function returns (built inside the block
+# from its own tokens, a refusal), not the statistics behind it, so each entry is shipped, verified on diffusers 0.42:
+# - Kandinsky 6 SR's NABLA pattern softmaxes per-64-token block means of q (B, heads, S, D) over those of k.
+WHOLE_SEQUENCE_STATISTICS = {
+    ("diffusers.models.transformers.transformer_kandinsky6_sr", "nabla_block_mask"): (2, (0, 1)),
+}
+
+
+def statistics_mask_builders() -> list[tuple[Any, str, int, tuple[int, ...]]]:
+    """``(module, function name, sequence dim, argument positions)`` of each entry of
+    :data:`WHOLE_SEQUENCE_STATISTICS` that this diffusers has."""
+    import importlib
+
+    found = []
+    for (module_name, name), (dim, positions) in WHOLE_SEQUENCE_STATISTICS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            found.append((module, name, dim, positions))
+    return found
+
+
 def mask_preparers() -> tuple[type, ...]:
     """The diffusers attention classes that define ``prepare_attention_mask`` (the legacy ``Attention`` and the
     ``AttentionModuleMixin`` of the newer ones); verified on diffusers 0.42."""

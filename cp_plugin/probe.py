@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,8 @@ class _Recording(CountingMode):
         self.attention_at: list[str | None] = []  # per attention call, the layer that made it
         self.block_sizes: dict[int, tuple[int, int]] = {}  # per call with flex's BlockMask, its block size
         self.inner_block_masks: list[int] = []  # the calls whose BlockMask the block built (from its own tokens)
+        self.whole_block_masks: set[int] = set()  # ids of BlockMasks built from whole-sequence statistics (compat)
+        self._unrecorded = 0  # > 0: inside a mask builder that sees the whole sequence at run time (unrecorded)
         self.layer_inputs: dict[str, list[Any]] = {}  # each hooked layer's flattened inputs at its first call
         self.selections: list[tuple[Any, Any]] = []  # (count, entries) of each nonzero: how many of them are set
         self.sums: list[tuple[int, list[tuple[int, Any]]]] = []  # (number, [(dim, length)]) of its products, sums
@@ -167,8 +169,21 @@ class _Recording(CountingMode):
         self.reads.append(expr)
         return None if number is None else number(hint)
 
+    @contextlib.contextmanager
+    def whole_sequence_mask(self) -> Iterator[set[int]]:
+        """Around a mask builder that runs on the whole sequence at run time (``compat.WHOLE_SEQUENCE_STATISTICS``):
+        its ops on this probe's tokens are not the block's and go unrecorded; the masks it returns go into the set
+        this yields, so that attention takes them as built over the whole sequence."""
+        self._unrecorded += 1
+        try:
+            yield self.whole_block_masks
+        finally:
+            self._unrecorded -= 1
+
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self._unrecorded:
+            return func(*args, **kwargs)
         plain = {k: v for k, v in kwargs.items() if not (func is SDPA and k == "scale")}
         self.numbers.append((getattr(func, "__name__", repr(func)), _plain((args[:6] if func is SDPA else args, plain))))
         self.depth += 1

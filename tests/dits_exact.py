@@ -42,11 +42,16 @@ def _slice(value: Any, dp_rank: int, dp: int) -> Any:
 def _dense_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
                 scale: float | None = None, **_: Any) -> torch.Tensor:
     """diffusers' flex backend (``(B, S, H, D)`` layout) as SDPA with the BlockMask's ``mask_mod`` evaluated for every
-    (query, key); a query that attends no key gets zeros, as flex attention gives it."""
+    (query, key) of the blocks it lists; a query that attends no key gets zeros, as flex attention gives it. (The
+    masks of the models here either list every block they reach as partial, or list full blocks where ``mask_mod`` is
+    true throughout, as ``create_block_mask`` does, or have no ``mask_mod``: NABLA's.)"""
     from torch.nn.attention.flex_attention import create_mask
 
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    rows, cols = attn_mask.BLOCK_SIZE
+    listed = attn_mask.to_dense().bool().repeat_interleave(rows, -2).repeat_interleave(cols, -1)
     mask = create_mask(attn_mask.mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    mask = mask & listed[..., : q.shape[2], : k.shape[2]]
     rows = mask.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~rows, scale=scale)
     return (out * rows).transpose(1, 2)

@@ -50,13 +50,15 @@ FOUR_RANK_MODELS = ("sd3", "hunyuanvideo")
 # flex attention's BlockMask built over the whole sequence, the tokens padded to its block size in the processor
 # (AnyFlow-FAR's frame-causal mask, zeros appended; Qwen-Image 2.1's block-causal one through its flex processor,
 # F.pad to the rounded length, trains in the mutation check below and in the sweep), and keys of a fixed count from a
-# KV cache beside the split keys (SANA-WM's refiner: attention-sink and history keys, held alike by every rank).
+# KV cache beside the split keys (SANA-WM's refiner: attention-sink and history keys, held alike by every rank), and a
+# BlockMask a processor builds per head from statistics of its queries and keys (Kandinsky 6 SR's NABLA: taken over
+# the whole sequence, each rank's heads under Ulysses).
 COMMON = ("sd3", "cogvideox", "hunyuanvideo", "hunyuanvideo15", "wan_vace", "skyreels_v2", "chroma", "ltx", "qwenimage",
           "pixart", "auraflow", "cogview4", "hunyuanimage", "flux2", "cosmos", "stableaudio")
 MECHANISMS = ("chroma:second", "skyreels_v2:second", "flux:second", "wan:second", "zimage", "lumina2", "kandinsky5",
               "hidream", "krea2", "acestep", "stableaudio3", "dreamlite", "ltx2", "helios", "minimax_music3_depth", "sana",
               "sana_video", "prior", "bria_fibo2", "wan_animate", "mochi", "motif_video:second",
-              "nucleusmoe", "anyflow_far:second", "sana_wm_refiner:second")
+              "nucleusmoe", "anyflow_far:second", "sana_wm_refiner:second", "kandinsky6_sr")
 # A mechanism is about where the split goes, which the optimizer does not change: those cases train with SGD only,
 # which shows a wrong gradient scale that AdamW would hide (python -m benchmarks.every_dit runs both for every class).
 # AdamW trains the memory options' models and these common ones: SDPA called directly (SD3), a joint (B, 1, S, S)
@@ -227,6 +229,18 @@ def _block_mask_attends_all(self: Any, q0: int, q1: int, k0: int, k1: int, devic
     return torch.ones(1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
 
 
+def _statistics_of_local_tokens(x: torch.Tensor, dim: int, config: Any) -> torch.Tensor:
+    """Build a mask from statistics (NABLA's) over the tokens this rank holds, not over the whole sequence."""
+    return x
+
+
+def _first_heads(self: Any, first: int, stop: int) -> Any:
+    """Give every Ulysses rank the per-head mask of the first ranks' heads."""
+    from cp_plugin.attention.masks import BlockMaskTiles
+
+    return self if len(self.lead) == 1 else BlockMaskTiles(self.block_mask, self.length, (0, stop - first))
+
+
 def _whole_keys_on_every_rank(key: torch.Tensor, parts: Any, padding: Any, mesh: Any) -> torch.Tensor:
     """Count the keys every rank holds alike (a selection, a cache's prefix) on every rank, not once."""
     from types import SimpleNamespace
@@ -256,6 +270,13 @@ MUTATIONS = {
     # AnyFlow-FAR's frame-causal BlockMask, Qwen-Image 2.1's block-causal one
     "BlockMask ignored": ("cp_plugin.attention.masks.BlockMaskTiles", "real", _block_mask_attends_all,
                           [("anyflow_far:second", {"ring_degree": 2}), ("qwenimage21", {"ulysses_degree": 2})]),
+    # Kandinsky 6 SR's NABLA mask, per head: from q/k block means over the whole sequence, the rank's heads under Ulysses
+    "mask statistics of this rank's tokens": ("cp_plugin.attention.dispatch", "_whole_sequence",
+                                              _statistics_of_local_tokens,
+                                              [("kandinsky6_sr", {"ring_degree": 2}),
+                                               ("kandinsky6_sr:second", {"ulysses_degree": 2})]),
+    "per-head mask of other heads": ("cp_plugin.attention.masks.BlockMaskTiles", "for_heads", _first_heads,
+                                     [("kandinsky6_sr:second", {"ulysses_degree": 2})]),
     # Mochi's valid text selected per sample, SANA-WM's refiner's sink and history keys from its KV cache
     "keys held alike counted on every rank": ("cp_plugin.attention.dispatch", "_selection_key_mask",
                                               _whole_keys_on_every_rank,
@@ -310,13 +331,32 @@ def test_the_exactness_check_catches_a_wrong_plan(mutation: str, mutated: dict[s
             check(result, train(case, "sgd"), "sgd", f"{case} {layout} with {mutation}")
 
 
-@pytest.mark.parametrize("case", ["anyflow_far", "qwenimage21:second"])
-def test_the_flex_reference_is_flex_attention(case: str) -> None:
+def _nabla_with_its_blocks_as_mask_mod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NABLA's BlockMask lists the blocks each query block attends and has no ``mask_mod``. Compiled flex attention
+    (which the model needs at video sizes) computes the listed blocks only; eager flex attention, the only one that runs
+    here, evaluates ``mask_mod`` alone and so attends every key. Give it the listed blocks as its ``mask_mod`` too."""
+    from diffusers.models.transformers import transformer_kandinsky6_sr as k6
+
+    build = k6.nabla_block_mask
+
+    def nabla(*args: Any, **kwargs: Any) -> Any:
+        mask = build(*args, **kwargs)
+        listed, (rows, cols) = mask.to_dense().bool(), mask.BLOCK_SIZE
+        mask.mask_mod = lambda b, h, q, kv: listed[b, h, q // rows, kv // cols]
+        return mask
+
+    monkeypatch.setattr(k6, "nabla_block_mask", nabla)
+
+
+@pytest.mark.parametrize("case", ["anyflow_far", "qwenimage21:second", "kandinsky6_sr"])
+def test_the_flex_reference_is_flex_attention(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one-process reference of a model that attends through flex attention (no backward on CPU) runs the same
     attention through SDPA: its forward is flex attention's."""
     from fixtures.dits import CASES
 
     model, inputs = CASES[case].build(), CASES[case].inputs(torch.Generator().manual_seed(0))
+    if case == "kandinsky6_sr":
+        _nabla_with_its_blocks_as_mask_mod(monkeypatch)
     with torch.no_grad():
         flex = model(**inputs, return_dict=False)[0]
         with flex_as_sdpa():

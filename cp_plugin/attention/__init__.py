@@ -42,6 +42,9 @@ def context_parallel_attention(
             key, value = seq_to_heads(mesh.ulysses_group, key, value)
         if key_mask is not None:
             key_mask = gather_key_mask(key_mask, mesh.ulysses_group)
+        if tiles is not None:  # rank j of the exchange holds head group j
+            heads = query.shape[2]
+            tiles = tiles.for_heads(mesh.ulysses_rank * heads, (mesh.ulysses_rank + 1) * heads)
     if mesh.ring_size > 1 or tiles is not None:
         from cp_plugin.attention.ring import ring_attention
 

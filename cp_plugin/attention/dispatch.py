@@ -25,6 +25,7 @@ diffusers' dispatch; models stay untouched.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,15 @@ from cp_plugin.attention.masks import (
     whole_sequence_mask,
 )
 from cp_plugin.blockops import counting, foreign
-from cp_plugin.compat import PARALLEL_CONFIG_ATTR, SDPA, attention_backends, is_symbolic, mask_preparers
+from cp_plugin.comm import all_gather
+from cp_plugin.compat import (
+    PARALLEL_CONFIG_ATTR,
+    SDPA,
+    attention_backends,
+    is_symbolic,
+    mask_preparers,
+    statistics_mask_builders,
+)
 from cp_plugin.mesh import ParallelMesh
 from cp_plugin.padding import SequencePadding
 from cp_plugin.probe import ProbeError, is_selection, recording
@@ -85,6 +94,8 @@ class AttentionRouting:
         self._wrappers: dict[Any, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (backend, wrapper)
         self._sdpa_wrapper = self._wrap_sdpa()
         self._mask_wrappers = {cls: self._wrap_prepare_mask(cls.prepare_attention_mask) for cls in mask_preparers()}
+        self._statistics_wrappers = [(module, name, self._wrap_statistics(getattr(module, name), dim, positions))
+                                     for module, name, dim, positions in statistics_mask_builders()]
 
     @property
     def active(self) -> bool:
@@ -119,6 +130,8 @@ class AttentionRouting:
         torch.nn.functional.scaled_dot_product_attention = self._sdpa_wrapper
         for cls, wrapper in self._mask_wrappers.items():
             cls.prepare_attention_mask = wrapper
+        for module, name, wrapper in self._statistics_wrappers:
+            setattr(module, name, wrapper)
 
     @torch.compiler.disable
     def _uninstall(self) -> None:
@@ -134,6 +147,9 @@ class AttentionRouting:
         for cls, wrapper in self._mask_wrappers.items():
             if cls.__dict__.get("prepare_attention_mask") is wrapper:
                 cls.prepare_attention_mask = wrapper.__wrapped__
+        for module, name, wrapper in self._statistics_wrappers:
+            if getattr(module, name) is wrapper:
+                setattr(module, name, wrapper.__wrapped__)
         self._found = None
 
     def run(self, call: AttentionCall | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -192,6 +208,31 @@ class AttentionRouting:
 
         prepare_attention_mask.__wrapped__ = prepare  # type: ignore[attr-defined]
         return prepare_attention_mask
+
+    def _wrap_statistics(self, build: Callable[..., Any], dim: int, positions: tuple[int, ...]
+                         ) -> Callable[..., Any]:
+        """A mask builder (``compat.WHOLE_SEQUENCE_STATISTICS``) given the whole sequence's queries and keys.
+
+        Inside a derived plan's block, its statistics' inputs (``positions``) are this rank's tokens
+        along ``dim``: they are gathered over the CP group, without gradient (a mask has none), and the
+        mask is built over the whole sequence, as one process builds it; attention then reads it a tile
+        at a time. In a probe the mask is noted as one over the whole sequence.
+        """
+        @functools.wraps(build)
+        def whole_sequence(*args: Any, **kwargs: Any) -> Any:
+            record = recording()
+            if record is not None:
+                with record.whole_sequence_mask() as whole:
+                    mask = build(*args, **kwargs)
+                whole.add(id(mask))
+                return mask
+            call = self._calls[-1] if self._calls else None
+            if call is None or call.state is None:
+                return build(*args, **kwargs)
+            args = tuple(_whole_sequence(x, dim, call.config) if i in positions else x for i, x in enumerate(args))
+            return build(*args, **kwargs)
+
+        return whole_sequence
 
     def _wrap_sdpa(self) -> Callable[..., torch.Tensor]:
         def routed_sdpa(
@@ -254,6 +295,22 @@ def _masks(
         if pad_mask is not None:
             key_mask = pad_mask if key_mask is None else key_mask & pad_mask
     return key_mask, tiles, rows
+
+
+def _whole_sequence(x: torch.Tensor, dim: int, config: RoutedParallelConfig) -> torch.Tensor:
+    """This rank's tokens of one split stream along ``dim`` -> the whole stream's, gathered (no gradient)."""
+    padding, mesh = config.padding, config.cp_mesh
+    streams = padding.composition(x.shape[dim])
+    if streams is None or len(streams) != 1:
+        raise ValueError(
+            f"context-parallel attention: a mask built from statistics over tokens got {x.shape[dim]} tokens along dim "
+            f"{dim}, which are not this rank's part of one split sequence "
+            f"({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}); train this model without "
+            "context parallelism (ring_degree=1, ulysses_degree=1)"
+        )
+    with torch.no_grad():
+        gathered = all_gather(x.detach().movedim(dim, 0), mesh.cp_group, "statistics_all_gather")
+    return gathered[: padding.lengths[streams[0]]].movedim(0, dim)
 
 
 def _selection_key_mask(key: torch.Tensor, parts: tuple[str, ...], padding: SequencePadding,
@@ -414,7 +471,8 @@ def _probe_attention(
     if is_block_mask(attn_mask):  # a mask over the whole sequence: its tokens' padding is noted (probe.py)
         record = recording()
         record.block_sizes[len(record.attention)] = tuple(attn_mask.BLOCK_SIZE)
-        if is_symbolic(attn_mask.kv_num_blocks):  # made in the block from its fake tokens, not passed to it
+        # made in the block from its fake tokens, not passed to it, nor from statistics gathered over the sequence
+        if is_symbolic(attn_mask.kv_num_blocks) and id(attn_mask) not in record.whole_block_masks:
             record.inner_block_masks.append(len(record.attention))
         attn_mask = None
     try:

@@ -82,7 +82,8 @@ def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
     """Boolean mask (True = attend) -> additive bias the kernels take, or ``None``.
 
     ``(B, S_k)`` is a key-padding mask (the same for every query); ``(B, S_q, S_k)`` masks each
-    query row on its own (a block of a two-dimensional mask, e.g. block-causal).
+    query row on its own (a block of a two-dimensional mask, e.g. block-causal); ``(B, H, S_q, S_k)``
+    each head's rows on their own.
     """
     if key_mask is None:
         return None
@@ -92,7 +93,7 @@ def additive_mask(key_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tenso
     padded = -(-keys // 16) * 16 if kernel_for(q, key_mask) == "efficient" else keys
     bias = torch.zeros(*key_mask.shape[:-1], padded, dtype=q.dtype, device=q.device)[..., :keys]
     bias = bias.masked_fill_(~key_mask, float("-inf"))
-    return bias[:, None, None, :] if key_mask.dim() == 2 else bias[:, None]
+    return bias[:, None, None, :] if key_mask.dim() == 2 else bias[:, None] if key_mask.dim() == 3 else bias
 
 
 def _full_size(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

@@ -137,27 +137,34 @@ class MaskTiles(abc.ABC):
     and 4 GiB as the additive bias a kernel takes). A tile may reach past ``length`` into the
     padding that evens the sequence out over the ranks: padded keys are masked, and padded query
     rows attend the real keys (their outputs are trimmed off, but must not be NaN in the backward).
+    A tile is ``(batch, queries, keys)``, one mask for every head, or ``(batch, heads, queries, keys)``
+    where the mask has one per head (a ``BlockMask`` with a head dim): :meth:`for_heads` keeps the
+    heads a rank holds after Ulysses' exchange.
     """
 
-    def __init__(self, length: int, batch: int) -> None:
-        self.length, self.batch = length, batch
+    def __init__(self, length: int, lead: tuple[int, ...]) -> None:
+        self.length, self.lead = length, lead  # lead: (batch,) or (batch, heads)
+
+    def for_heads(self, first: int, stop: int) -> MaskTiles:
+        """The mask of heads ``first:stop`` only (itself where one mask serves every head)."""
+        return self
 
     def tile(self, rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """``(batch, rows, cols)`` bool, True = attend, for queries ``rows[0]:rows[1]`` and keys ``cols[0]:cols[1]``."""
+        """``(*lead, rows, cols)`` bool, True = attend, for queries ``rows[0]:rows[1]`` and keys ``cols[0]:cols[1]``."""
         (q0, q1), (k0, k1) = rows, cols
         real_q, real_k = min(q1, self.length), min(k1, self.length)
         if (real_q, real_k) == (q1, k1):
             return self.real(q0, q1, k0, k1, device)
-        out = torch.zeros(self.batch, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+        out = torch.zeros(*self.lead, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
         if k0 < real_k:
             if q0 < real_q:
-                out[:, : real_q - q0, : real_k - k0] = self.real(q0, real_q, k0, real_k, device)
-            out[:, max(real_q, q0) - q0 :, : real_k - k0] = True
+                out[..., : real_q - q0, : real_k - k0] = self.real(q0, real_q, k0, real_k, device)
+            out[..., max(real_q, q0) - q0 :, : real_k - k0] = True
         return out
 
     @abc.abstractmethod
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
-        """The tile within the real tokens: ``(1 or batch, q1 - q0, k1 - k0)`` bool."""
+        """The tile within the real tokens: ``(*lead, q1 - q0, k1 - k0)`` bool (any dim of size 1 broadcasts)."""
 
 
 class DenseTiles(MaskTiles):
@@ -165,7 +172,7 @@ class DenseTiles(MaskTiles):
     block-causal diffusion forcing): the model holds it whole; no padded or additive copy of it is made."""
 
     def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__(mask.shape[-1], mask.shape[0])
+        super().__init__(mask.shape[-1], (mask.shape[0],))
         self.mask = mask
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
@@ -176,7 +183,7 @@ class CausalTiles(MaskTiles):
     """``is_causal`` over one stream's self-attention: query ``i`` attends keys ``0..i`` of the whole sequence."""
 
     def __init__(self, length: int) -> None:
-        super().__init__(length, 1)
+        super().__init__(length, (1,))
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
         return (torch.arange(q0, q1, device=device)[:, None] >= torch.arange(k0, k1, device=device)[None, :])[None]
@@ -194,35 +201,46 @@ class BlockMaskTiles(MaskTiles):
     frame-causal mask), padded to a multiple of its block size; ``length`` is the real sequence.
     flex attention applies ``mask_mod`` inside the partial blocks and attends every key of the full
     blocks, so a tile does the same: its blocks' entries (the mask's own O((S / block)^2) tables,
-    read densely once) spread over the tile's tokens, and ``mask_mod`` on the tile's positions.
+    read densely once) spread over the tile's tokens, and ``mask_mod`` on the tile's positions. A
+    mask with a head dim (Kandinsky 6 SR's NABLA pattern, one per head) gives a tile per head.
     """
 
-    def __init__(self, block_mask: Any, length: int) -> None:
-        super().__init__(length, block_mask.kv_num_blocks.shape[0])
+    def __init__(self, block_mask: Any, length: int, heads: tuple[int, int] | None = None) -> None:
+        batch, mask_heads = block_mask.kv_num_blocks.shape[:2]
+        self.heads = heads or (0, mask_heads)
+        super().__init__(length, (batch,) if mask_heads == 1 else (batch, self.heads[1] - self.heads[0]))
         self.block_mask = block_mask
         self.partial, self.full = _block_tables(block_mask)
+
+    def for_heads(self, first: int, stop: int) -> MaskTiles:
+        if len(self.lead) == 1:
+            return self
+        return BlockMaskTiles(self.block_mask, self.length, (self.heads[0] + first, self.heads[0] + stop))
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
         from torch.nn.attention.flex_attention import create_mask
 
         rows, cols = self.block_mask.BLOCK_SIZE
         first_row, first_col = q0 // rows * rows, k0 // cols * cols
+        heads = slice(*self.heads) if len(self.lead) == 2 else slice(None)
 
         def spread(table: torch.Tensor) -> torch.Tensor:  # the tile's blocks, each repeated over its tokens
-            blocks = table[:, :, first_row // rows: -(-q1 // rows), first_col // cols: -(-k1 // cols)].to(device)
+            blocks = table[:, heads, first_row // rows: -(-q1 // rows), first_col // cols: -(-k1 // cols)].to(device)
             tokens = blocks.repeat_interleave(rows, 2).repeat_interleave(cols, 3)
             return tokens[:, :, q0 - first_row: q1 - first_row, k0 - first_col: k1 - first_col]
 
         allowed = spread(self.partial)
         mask_mod = self.block_mask.mask_mod
         if mask_mod is not None:
+            first_head = self.heads[0] if len(self.lead) == 2 else 0
+
             def shifted(b: Any, h: Any, q: Any, kv: Any) -> Any:
-                return mask_mod(b, h, q + q0, kv + k0)
+                return mask_mod(b, h + first_head, q + q0, kv + k0)
 
             allowed &= create_mask(shifted, *allowed.shape[:2], q1 - q0, k1 - k0, device)
         if self.full is not None:
             allowed |= spread(self.full)
-        return _one_for_all_heads(allowed, tuple(self.block_mask.shape))
+        return allowed if len(self.lead) == 2 else allowed[:, 0]
 
 
 # Each BlockMask's tables of blocks, dense: a model passes one mask to every block, and a recompute passes it again.

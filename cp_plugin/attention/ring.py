@@ -278,7 +278,9 @@ class _BlockTile:
         for start in range(0, keys, step):
             stop = min(keys, start + step)
             mask = self.tiles.tile(self.rows, (self.first_key + start, self.first_key + stop), q.device)
-            yield start, stop, mask if key_mask is None else mask & key_mask[:, None, start:stop]
+            if key_mask is not None:  # (B, keys) under a (B, queries, keys) or (B, heads, queries, keys) tile
+                mask = mask & key_mask[(slice(None),) + (None,) * (mask.dim() - 2) + (slice(start, stop),)]
+            yield start, stop, mask
 
 
 def _chunks(q: torch.Tensor, keys: int, key_mask: torch.Tensor | None, tile: _BlockTile | None
@@ -299,9 +301,9 @@ def _block_forward(
         k, v = kv[0, :, :, start:stop], kv[1, :, :, start:stop]
         chunk_out, chunk_lse = attention_forward(q, k, v, scale, additive_mask(mask, q, k))
         if mask is not None:  # the kernel reports LSE 0 for a row with no valid key in the block; it is -inf
-            empty = ~mask.any(-1)  # (B,) for a key mask, (B, S_q) for a tile of a 2-D mask
-            chunk_lse = chunk_lse.masked_fill(empty[:, None, None] if empty.dim() == 1 else empty[:, None],
-                                              float("-inf"))
+            empty = ~mask.any(-1)  # (B,) for a key mask, (B, S_q) or (B, H, S_q) for a tile of a 2-D mask
+            empty = empty[:, None, None] if empty.dim() == 1 else empty[:, None] if empty.dim() == 2 else empty
+            chunk_lse = chunk_lse.masked_fill(empty, float("-inf"))
         out, lse = merge_partial(out, lse, chunk_out.to(acc_dtype), chunk_lse)
     return out, lse.squeeze(-1)
 
