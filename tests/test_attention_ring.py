@@ -103,7 +103,7 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
     """Rank body: each case's local output and q/k/v grads, bytes saved for backward, bytes sent."""
     from cp_plugin.attention import ring
 
-    ring.tile_keys = lambda q: 5  # tiles of 5 keys: tile edges inside every ring block
+    ring.tile_keys = lambda q, per_head: 5  # tiles of 5 keys: tile edges inside every ring block
     results = []
     for case in world_cases:
         config = ParallelConfig(

@@ -242,11 +242,12 @@ def _mask_of(key_masks: torch.Tensor | None, origin: int) -> torch.Tensor | None
 MIN_TILE_KEYS = 128
 
 
-def tile_keys(q: torch.Tensor) -> int:
+def tile_keys(q: torch.Tensor, per_head: bool) -> int:
     """Keys per tile of a two-dimensional mask for queries ``q`` ``(B, H, S_q, D)``: as many as the queries' width
-    ``H x D``, so that a tile's additive bias ``(B, S_q, keys)`` is never larger than the queries themselves (and
-    its boolean mask a quarter of that): the mask costs what one more activation costs, whatever the length."""
-    return max(MIN_TILE_KEYS, q.shape[1] * q.shape[3])
+    ``H x D`` (``D`` for a mask per head), so that a tile's additive bias, ``(B, S_q, keys)`` (``(B, H, S_q, keys)``),
+    is never larger than the queries themselves (and its boolean mask a quarter of that): the mask costs what one
+    more activation costs, whatever the length."""
+    return max(MIN_TILE_KEYS, q.shape[3] * (1 if per_head else q.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ class _BlockTile:
     def chunks(self, q: torch.Tensor, keys: int, key_mask: torch.Tensor | None
                ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(start, stop, mask (B, S_q, stop - start))`` per chunk of the block's keys, with its key mask."""
-        step = tile_keys(q)
+        step = tile_keys(q, per_head=len(self.tiles.lead) == 2)
         for start in range(0, keys, step):
             stop = min(keys, start + step)
             mask = self.tiles.tile(self.rows, (self.first_key + start, self.first_key + stop), q.device)
