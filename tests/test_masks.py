@@ -100,3 +100,23 @@ def test_a_block_mask_read_in_tiles_attends_what_flex_attention_attends() -> Non
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for rows, cols in (((0, 100), (100, 200)), ((37, 141), (5, 163)), ((150, 200), (0, 60))):  # across block edges
         assert tiles.tile(rows, cols, cpu).equal(dense[:, slice(*rows), slice(*cols)]), (rows, cols)
+
+
+def test_a_block_mask_per_head_gives_each_heads_tiles() -> None:
+    """A BlockMask with a head dim and no ``mask_mod`` (NABLA's: the blocks it lists are all it attends) is read per head,
+    and ``for_heads`` keeps the heads a rank holds after Ulysses' exchange."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    listed = torch.tensor([[[[1, 0, 0], [0, 1, 1], [1, 0, 1]], [[1, 1, 0], [0, 1, 0], [0, 1, 1]]]], dtype=torch.bool)
+    count = listed.sum(-1).to(torch.int32)
+    order = listed.int().argsort(-1, descending=True).to(torch.int32)
+    block_mask = BlockMask.from_kv_blocks(torch.zeros_like(count), order, count, order, BLOCK_SIZE=4)
+    tiles, cpu = BlockMaskTiles(block_mask, 11), torch.device("cpu")  # 11 tokens: the last block partly real
+    want = listed.repeat_interleave(4, -2).repeat_interleave(4, -1)[..., :11, :11]
+    assert tiles.tile((0, 11), (0, 11), cpu).equal(want)
+    assert tiles.tile((3, 9), (2, 11), cpu).equal(want[..., 3:9, 2:11])
+    second = tiles.for_heads(1, 2)
+    assert second.tile((0, 12), (5, 12), cpu).shape == (1, 1, 12, 7)
+    assert second.tile((0, 11), (5, 11), cpu).equal(want[:, 1:, :, 5:])
+    padded = second.tile((8, 12), (0, 12), cpu)[0, 0]
+    assert not padded[:, 11].any() and padded[3, :11].all()  # the padded key is masked; the padded query attends all
