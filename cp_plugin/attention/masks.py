@@ -1,8 +1,9 @@
 """The attention masks diffusers models build, in the forms context-parallel attention can carry.
 
 Context-parallel attention holds a shard of the queries and sees the keys block by block, so a mask
-must be expressible per key (a key-padding mask, O(S), travels with the keys) or be held whole by
-every rank (a genuinely two-dimensional mask, O(S^2), sliced to our rows and each block's columns).
+must be expressible per key (a key-padding mask, O(S), travels with the keys) or be readable by every
+rank over the whole sequence (a genuinely two-dimensional mask, read a tile of our rows and a block's
+columns at a time).
 What models pass, and what it becomes:
 
 - key-padding masks ``(B, S)``, ``(B, 1, S)``, ``(B, 1, 1, S)`` and ``(B, H, 1, S)`` (the same for
