@@ -219,7 +219,7 @@ class BlockMaskTiles(MaskTiles):
         return BlockMaskTiles(self.block_mask, self.length, (self.heads[0] + first, self.heads[0] + stop))
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
-        from torch.nn.attention.flex_attention import create_mask
+        from torch.nn.attention.flex_attention import create_mask, noop_mask
 
         rows, cols = self.block_mask.BLOCK_SIZE
         first_row, first_col = q0 // rows * rows, k0 // cols * cols
@@ -232,7 +232,7 @@ class BlockMaskTiles(MaskTiles):
 
         allowed = spread(self.partial)
         mask_mod = self.block_mask.mask_mod
-        if mask_mod is not None:
+        if mask_mod is not None and mask_mod is not noop_mask:  # NABLA's lists its blocks only
             first_head = self.heads[0] if len(self.lead) == 2 else 0
 
             def shifted(b: Any, h: Any, q: Any, kv: Any) -> Any:
