@@ -393,7 +393,7 @@ def _routed_attention(
     if call is not None and not selection:
         _check_split(query, key, config.padding)
     if is_causal:
-        attn_mask = _causal_mask(query, key, attn_mask, config.padding)
+        attn_mask = _causal_tiles(query, key, attn_mask, config.padding)
     key_mask, tiles, rows = _masks(query, key, attn_mask, None if selection else config.padding, mesh)
     if selection:
         counted = _selection_key_mask(key, roles[1], config.padding, mesh)
@@ -435,7 +435,7 @@ def _block_masked_attention(
     return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[1] - queries))
 
 
-def _causal_mask(
+def _causal_tiles(
     query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, padding: SequencePadding | None
 ) -> CausalTiles:
     """``is_causal`` as what it means over the whole sequence: the lower triangle of one stream's self-attention.
