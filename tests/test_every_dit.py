@@ -234,6 +234,14 @@ def _statistics_of_local_tokens(x: torch.Tensor, dim: int, config: Any) -> torch
     return x
 
 
+def _statistics_out_of_order(x: torch.Tensor, dim: int, config: Any) -> torch.Tensor:
+    """Gather the mask statistics' inputs over the sequence, but with the ranks' parts in reverse order."""
+    from cp_plugin.attention import dispatch
+
+    whole = dispatch._unmutated_whole_sequence(x, dim, config)
+    return torch.cat(whole.chunk(config.cp_mesh.cp_size, dim)[::-1], dim)
+
+
 def _first_heads(self: Any, first: int, stop: int) -> Any:
     """Give every Ulysses rank the per-head mask of the first ranks' heads."""
     from cp_plugin.attention.masks import BlockMaskTiles
@@ -270,11 +278,14 @@ MUTATIONS = {
     # AnyFlow-FAR's frame-causal BlockMask, Qwen-Image 2.1's block-causal one
     "BlockMask ignored": ("cp_plugin.attention.masks.BlockMaskTiles", "real", _block_mask_attends_all,
                           [("anyflow_far:second", {"ring_degree": 2}), ("qwenimage21", {"ulysses_degree": 2})]),
-    # Kandinsky 6 SR's NABLA mask, per head: from q/k block means over the whole sequence, the rank's heads under Ulysses
+    # Kandinsky 6 SR's NABLA mask, per head: from q/k block means over the whole sequence in order, each rank's heads
     "mask statistics of this rank's tokens": ("cp_plugin.attention.dispatch", "_whole_sequence",
                                               _statistics_of_local_tokens,
                                               [("kandinsky6_sr", {"ring_degree": 2}),
                                                ("kandinsky6_sr:second", {"ulysses_degree": 2})]),
+    "mask statistics out of sequence order": ("cp_plugin.attention.dispatch", "_whole_sequence",
+                                              _statistics_out_of_order,
+                                              [("kandinsky6_sr:second", {"ring_degree": 2})]),
     "per-head mask of other heads": ("cp_plugin.attention.masks.BlockMaskTiles", "for_heads", _first_heads,
                                      [("kandinsky6_sr:second", {"ulysses_degree": 2})]),
     # Mochi's valid text selected per sample, SANA-WM's refiner's sink and history keys from its KV cache
