@@ -68,6 +68,10 @@ class SequencePadding:
         """This rank's share of stream ``stream``, padding included."""
         return self.padded_stream(stream) // self.cp_size
 
+    def local_shares(self) -> str:
+        """This rank's share of every stream, as errors name them: ``"hidden_states: 64, encoder_hidden_states: 4"``."""
+        return ", ".join(f"{stream}: {self.local_stream(stream)}" for stream in self.lengths)
+
     def padded(self, length: int) -> int:
         """A split ``length``-token sequence padded: as the stream of that length, else to a multiple of cp."""
         for stream, known in self.lengths.items():

@@ -346,7 +346,7 @@ class BlockStreams(ModelHook):
         if found is None:
             raise ValueError(
                 f"{self.state.model}: block '{self.name}' gets {x.shape[dim]} split tokens along dim {dim}, which is "
-                f"neither one stream's share ({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}) "
+                f"neither one stream's share ({padding.local_shares()}) "
                 f"nor a concatenation of them in an order the model showed; {PLAN_HINT}"
             )
         return found

@@ -305,7 +305,7 @@ def _whole_sequence(x: torch.Tensor, dim: int, config: RoutedParallelConfig) -> 
         raise ValueError(
             f"context-parallel attention: a mask built from statistics over tokens got {x.shape[dim]} tokens along dim "
             f"{dim}, which are not this rank's part of one split sequence "
-            f"({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}); train this model without "
+            f"({padding.local_shares()}); train this model without "
             "context parallelism (ring_degree=1, ulysses_degree=1)"
         )
     with torch.no_grad():
@@ -341,7 +341,7 @@ def _check_split(query: torch.Tensor, key: torch.Tensor, padding: SequencePaddin
     if padding.composition(query.shape[1]) is None or padding.composition(key.shape[1]) is None:
         raise ValueError(
             f"context-parallel attention inside a block attends {query.shape[1]} queries to {key.shape[1]} keys, which "
-            f"are not this rank's split tokens ({', '.join(f'{s}: {padding.local_stream(s)}' for s in padding.lengths)}"
+            f"are not this rank's split tokens ({padding.local_shares()}"
             "): the block runs on a sequence the derived plan does not split (e.g. per-sample packing or tokens made "
             "inside the blocks); pass cp_plan naming where that sequence enters the blocks"
         )

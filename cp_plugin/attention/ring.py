@@ -274,7 +274,8 @@ class _BlockTile:
 
     def chunks(self, q: torch.Tensor, keys: int, key_mask: torch.Tensor | None
                ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, mask (B, S_q, stop - start))`` per chunk of the block's keys, with its key mask."""
+        """``(start, stop, mask)`` per chunk of the block's keys, the mask ``(B, S_q, stop - start)`` (or
+        ``(B, H, S_q, stop - start)`` for a mask per head) with the key mask applied."""
         step = tile_keys(q, per_head=len(self.tiles.lead) == 2)
         for start in range(0, keys, step):
             stop = min(keys, start + step)
