@@ -11,7 +11,8 @@ same inputs, same output and loss, in one run:
   (what a model's dense mask costs, and how cp_plugin read a ``BlockMask`` before it read tiles);
 - ``tiles``: ``cp_plugin.attention.ring.ring_attention`` on a ring of one with
   ``cp_plugin.attention.masks.BlockMaskTiles``: the mask's tiles made as each kernel call needs them,
-  forward and again backward.
+  forward and again backward; tiles the mask leaves out are skipped, and tiles it attends whole run
+  without a mask.
 
 Peak: ``benchmarks.measure.PeakMemory`` (what the step allocates, the inputs not counted); time:
 median of repeats. The error is the largest difference of the output and of the query, key and value

@@ -101,9 +101,17 @@ def cases(world: int) -> list[Case]:
 
 def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
     """Rank body: each case's local output and q/k/v grads, bytes saved for backward, bytes sent."""
-    from cp_plugin.attention import ring
+    from cp_plugin.attention import masks, ring
 
-    ring.tile_keys = lambda q, per_head: 5  # tiles of 5 keys: tile edges inside every ring block
+    ring.tile_keys = lambda q, per_head: 5  # tiles of 5 keys and 20 queries: tile edges inside every ring block
+    masks.DENSE_BLOCK = 4  # the frames of 12 tokens are whole blocks: tiles that attend nothing or all are known
+    kernel, computed = ring.attention_forward, [0]
+
+    def counted(q: torch.Tensor, k: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        computed[0] += q.shape[2] * k.shape[2]  # query-key pairs the forward kernels compute
+        return kernel(q, k, *args)
+
+    ring.attention_forward = counted
     results = []
     for case in world_cases:
         config = ParallelConfig(
@@ -122,6 +130,7 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
             return tensor
 
         COMM_STATS.reset()
+        computed[0] = 0
         mask = key_mask()[:, shard] if case.masked else None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), PeakMemory() as forward:
             tiles = DenseTiles(frame_causal()) if case.tiled else None
@@ -129,7 +138,7 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
         with PeakMemory() as backward:
             out.backward(grad_out)
         results.append({"case": case, "shard": shard, "tensors": (out.detach(), q.grad, k.grad, v.grad),
-                        "saved": sum(saved.values()), "sent": dict(COMM_STATS.by_kind),
+                        "saved": sum(saved.values()), "sent": dict(COMM_STATS.by_kind), "computed": computed[0],
                         "allocated": (forward.allocated, backward.allocated)})
     return results
 
@@ -326,6 +335,21 @@ def test_fp32_layouts_match_full_sequence_sdpa(world: int) -> None:
     for case in fp32:
         assert max(rel_errors(case, results[case])) < TOL[torch.float32], case
     assert local_only_error(world) > 1000 * TOL[torch.float32]  # teeth: moving no KV is far off
+
+
+@pytest.mark.timeout(150)
+@WORLDS
+def test_tiles_a_mask_leaves_out_are_not_computed(world: int) -> None:
+    """Over the frame-causal mask (which attends 59% of the query-key pairs), the ranks' forward kernels compute
+    fewer pairs than every query against every key: the tiles that attend nothing are skipped, yet the results
+    match (the test above)."""
+    results = launch(world)
+    tiled = [case for case in results if case.tiled]
+    assert tiled
+    for case in tiled:
+        computed = sum(rank["computed"] for rank in results[case])
+        whole = case.ulysses * S * S  # the heads are split over ulysses ranks: each computes every pair of its heads
+        assert computed < 0.85 * whole, (case, computed, whole)
 
 
 @pytest.mark.timeout(150)

@@ -8,9 +8,13 @@ from typing import Any
 import pytest
 import torch
 
+from cp_plugin.attention import masks
 from cp_plugin.attention.masks import (
     BlockMaskTiles,
     CausalTiles,
+    DenseTiles,
+    MaskTiles,
+    Reach,
     key_padding_mask,
     outer_product,
     whole_sequence_mask,
@@ -120,3 +124,57 @@ def test_a_block_mask_per_head_gives_each_heads_tiles() -> None:
     assert second.tile((0, 11), (5, 11), cpu).equal(want[:, 1:, :, 5:])
     padded = second.tile((8, 12), (0, 12), cpu)[0, 0]
     assert not padded[:, 11].any() and padded[3, :11].all()  # the padded key is masked; the padded query attends all
+
+
+def _frame_causal_tiles(kind: str) -> MaskTiles:
+    """Frames of 48 tokens over 200 real tokens, as tiles of each kind (blocks of 16)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length, frames = 200, torch.arange(256) // 48
+    if kind == "causal":
+        return CausalTiles(length)
+    if kind == "dense":
+        return DenseTiles((frames[:length, None] >= frames[None, :length])[None])
+
+    def frame_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (frames[kv] <= frames[q]) & (q < length) & (kv < length)
+
+    return BlockMaskTiles(create_block_mask(frame_causal, 1, None, 256, 256, device="cpu", BLOCK_SIZE=16), length)
+
+
+@pytest.mark.parametrize("kind", ["causal", "dense", "block mask"])
+def test_tiles_that_attend_nothing_or_everything_are_known_without_reading_them(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``reach`` says NONE only of a tile with no attended pair and ALL only of one whose pairs are all attended (so a
+    ring may skip the one and run the other without a mask), and for tiles on the mask's 16-token blocks it says
+    which, never the undecided SOME where the tile is empty or full; padded rows and keys (past 200) included."""
+    monkeypatch.setattr(masks, "DENSE_BLOCK", 16)
+    tiles, cpu = _frame_causal_tiles(kind), torch.device("cpu")
+    edges = [0, 16, 37, 48, 96, 101, 144, 192, 200, 208, 224]
+    decided = {Reach.NONE: 0, Reach.ALL: 0}
+    for rows in zip(edges, edges[1:]):
+        for first in range(len(edges) - 1):
+            for cols in ((edges[first], edges[later]) for later in range(first + 1, len(edges))):
+                tile, reach = tiles.tile(rows, cols, cpu), tiles.reach(rows, cols)
+                aligned = all(edge % 16 == 0 for edge in (*rows, *cols)) and max(rows[1], cols[1]) <= 192
+                if reach is Reach.NONE or (aligned and not tile.any()):
+                    assert reach is Reach.NONE and not tile.any(), (rows, cols, reach)
+                elif reach is Reach.ALL or (aligned and tile.all()):
+                    assert reach is Reach.ALL and tile.all(), (rows, cols, reach)
+                decided[reach] = decided.get(reach, 0) + 1
+    assert decided[Reach.NONE] > 10 and decided[Reach.ALL] > 10, decided
+
+
+def test_a_block_mask_per_head_is_skipped_only_where_every_head_held_attends_nothing() -> None:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    listed = torch.tensor([[[[1, 0, 0], [0, 1, 1], [1, 0, 1]], [[1, 1, 0], [0, 1, 0], [0, 1, 1]]]], dtype=torch.bool)
+    count = listed.sum(-1).to(torch.int32)
+    order = listed.int().argsort(-1, descending=True).to(torch.int32)
+    tiles = BlockMaskTiles(BlockMask.from_kv_blocks(torch.zeros_like(count), order, count, order, BLOCK_SIZE=4), 12)
+    assert tiles.reach((0, 4), (4, 8)) is Reach.SOME  # head 1 attends it, head 0 does not
+    assert tiles.for_heads(0, 1).reach((0, 4), (4, 8)) is Reach.NONE
+    assert tiles.for_heads(1, 2).reach((0, 4), (4, 8)) is Reach.ALL
+    assert tiles.reach((4, 8), (4, 8)) is Reach.ALL and tiles.reach((0, 8), (8, 12)) is Reach.SOME
+    assert tiles.reach((0, 4), (8, 12)) is Reach.NONE

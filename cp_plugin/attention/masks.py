@@ -24,10 +24,12 @@ What models pass, and what it becomes:
 from __future__ import annotations
 
 import abc
+import enum
 import warnings
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 
 # An additive bias at or below this gives a key exactly zero softmax weight in every float dtype
@@ -129,6 +131,19 @@ def whole_sequence_mask(
     return None, DenseTiles(mask), None
 
 
+class Reach(enum.Enum):
+    """How much of a tile a mask attends, decided on the host (from positions, or block tables read once)."""
+
+    NONE = "none"  # no query attends any key: the tile is skipped
+    ALL = "all"  # every query attends every key: the kernel runs without a mask
+    SOME = "some"  # the tile's mask is made and applied
+
+
+def _combined(parts: set[Reach]) -> Reach:
+    """The reach of a tile made of parts that reach as ``parts`` do."""
+    return parts.pop() if len(parts) == 1 else Reach.SOME
+
+
 class MaskTiles(abc.ABC):
     """A mask over one stream's whole sequence of ``length`` tokens, read one tile of (queries, keys) at a time.
 
@@ -141,6 +156,10 @@ class MaskTiles(abc.ABC):
     A tile is ``(batch, queries, keys)``, one mask for every head, or ``(batch, heads, queries, keys)``
     where the mask has one per head (a ``BlockMask`` with a head dim): :meth:`for_heads` keeps the
     heads a rank holds after Ulysses' exchange.
+
+    :meth:`reach` says, without reading the device, whether a tile attends nothing (it is skipped:
+    most of a block-causal or block-sparse mask) or everything (no mask is made). Where it cannot
+    tell, it says ``SOME``, which is always correct: the tile's mask is then made and applied.
     """
 
     def __init__(self, length: int, lead: tuple[int, ...]) -> None:
@@ -163,18 +182,72 @@ class MaskTiles(abc.ABC):
             out[..., max(real_q, q0) - q0 :, : real_k - k0] = True
         return out
 
+    def reach(self, rows: tuple[int, int], cols: tuple[int, int]) -> Reach:
+        """Whether the tile of queries ``rows`` and keys ``cols`` attends nothing, everything or some of its keys."""
+        (q0, q1), (k0, k1) = rows, cols
+        real_q, real_k = min(q1, self.length), min(k1, self.length)
+        if k0 >= real_k:
+            return Reach.NONE  # padded keys only: masked for every query
+        parts = set()
+        if q0 < real_q:
+            parts.add(self.real_reach(q0, real_q, k0, real_k))
+        if q1 > real_q:
+            parts.add(Reach.ALL)  # padded queries attend every real key
+        if k1 > real_k:
+            parts.add(Reach.NONE)  # padded keys are masked for every query
+        return _combined(parts)
+
+    def real_reach(self, q0: int, q1: int, k0: int, k1: int) -> Reach:
+        """:meth:`reach` within the real tokens; ``SOME`` unless a subclass can tell more without reading the device."""
+        return Reach.SOME
+
     @abc.abstractmethod
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
         """The tile within the real tokens: ``(*lead, q1 - q0, k1 - k0)`` bool (any dim of size 1 broadcasts)."""
 
 
+def _reach_of(listed: np.ndarray, full: np.ndarray | None) -> Reach:
+    """The reach of a tile from its blocks: those that attend some key (``listed``) and those that attend all."""
+    if full is not None and full.all():
+        return Reach.ALL
+    return Reach.SOME if listed.any() else Reach.NONE
+
+
+# Rows and columns per block of a dense mask's host tables, which tell the tiles that attend nothing or everything.
+DENSE_BLOCK = 128
+
+
+def _dense_tables(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(listed, full)``: ``(B, row blocks, column blocks)`` host arrays, whether each ``DENSE_BLOCK``-square block of
+    ``mask`` ``(B, S, S)`` attends some of its entries and whether it attends all; one read of the device."""
+    batch, length = mask.shape[0], mask.shape[-1]
+    pad = -length % DENSE_BLOCK
+    listed, full = [], []
+    for top in range(0, length, DENSE_BLOCK):  # a band of rows at a time: no copy of the whole mask
+        band = mask[:, top: top + DENSE_BLOCK]
+        for reduce, out, value in ((torch.any, listed, False), (torch.all, full, True)):
+            columns = torch.nn.functional.pad(reduce(band, 1), (0, pad), value=value)
+            out.append(reduce(columns.view(batch, -1, DENSE_BLOCK), -1))
+    return torch.stack(listed, 1).cpu().numpy(), torch.stack(full, 1).cpu().numpy()
+
+
 class DenseTiles(MaskTiles):
     """Tiles of a boolean ``(B or 1, S, S)`` mask the model built over the whole sequence (SkyReels-V2's
-    block-causal diffusion forcing): the model holds it whole; no padded or additive copy of it is made."""
+    block-causal diffusion forcing): the model holds it whole; no padded or additive copy of it is made.
+    Which tiles attend nothing or everything comes from tables of its 128-square blocks, read once."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__(mask.shape[-1], (mask.shape[0],))
         self.mask = mask
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+
+    def real_reach(self, q0: int, q1: int, k0: int, k1: int) -> Reach:
+        if self._tables is None:
+            self._tables = _dense_tables(self.mask)
+        region = (slice(None), slice(q0 // DENSE_BLOCK, -(-q1 // DENSE_BLOCK)),
+                  slice(k0 // DENSE_BLOCK, -(-k1 // DENSE_BLOCK)))
+        listed, full = self._tables
+        return _reach_of(listed[region], full[region])
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
         return self.mask[:, q0:q1, k0:k1].to(device)
@@ -188,6 +261,11 @@ class CausalTiles(MaskTiles):
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
         return (torch.arange(q0, q1, device=device)[:, None] >= torch.arange(k0, k1, device=device)[None, :])[None]
+
+    def real_reach(self, q0: int, q1: int, k0: int, k1: int) -> Reach:
+        if k0 >= q1:
+            return Reach.NONE  # every key after every query
+        return Reach.ALL if k1 - 1 <= q0 else Reach.SOME
 
 
 def is_block_mask(mask: object) -> bool:
@@ -217,6 +295,13 @@ class BlockMaskTiles(MaskTiles):
         if len(self.lead) == 1:
             return self
         return BlockMaskTiles(self.block_mask, self.length, (self.heads[0] + first, self.heads[0] + stop))
+
+    def real_reach(self, q0: int, q1: int, k0: int, k1: int) -> Reach:
+        rows, cols = self.block_mask.BLOCK_SIZE
+        heads = slice(*self.heads) if len(self.lead) == 2 else slice(None)
+        region = (slice(None), heads, slice(q0 // rows, -(-q1 // rows)), slice(k0 // cols, -(-k1 // cols)))
+        listed, full = _host_tables(self.block_mask)
+        return _reach_of(listed[region], None if full is None else full[region])
 
     def real(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
         from torch.nn.attention.flex_attention import create_mask, noop_mask
@@ -262,3 +347,18 @@ def _block_tables(block_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _TABLES[block_mask] = (table(block_mask.kv_num_blocks, block_mask.kv_indices),
                                table(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
     return _TABLES[block_mask]
+
+
+
+# Each BlockMask's ``(listed, full)`` tables on the host, read from the device once: which tiles to skip or leave unmasked.
+_HOST_TABLES: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray | None]] = weakref.WeakKeyDictionary()
+
+
+def _host_tables(block_mask: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(listed, full)``: ``(B, H, query blocks, key blocks)`` host arrays, the blocks each query block reaches
+    (partly or whole) and those it attends whole (``None``: no full blocks)."""
+    if block_mask not in _HOST_TABLES:
+        partial, full = _block_tables(block_mask)
+        listed = partial if full is None else partial | full
+        _HOST_TABLES[block_mask] = (listed.cpu().numpy(), None if full is None else full.cpu().numpy())
+    return _HOST_TABLES[block_mask]

@@ -32,7 +32,7 @@ from cp_plugin.attention.kernels import (
     check_dtype,
     merge_partial,
 )
-from cp_plugin.attention.masks import MaskTiles
+from cp_plugin.attention.masks import MaskTiles, Reach
 from cp_plugin.comm import all_gather, count_sent, reduce_scatter
 
 
@@ -240,14 +240,22 @@ def _mask_of(key_masks: torch.Tensor | None, origin: int) -> torch.Tensor | None
 
 # Keys per tile of a two-dimensional mask, at the least: below this a kernel call is mostly overhead.
 MIN_TILE_KEYS = 128
+# Queries per tile, as a multiple of its keys: enough rows per kernel call to run at speed, few enough that the rows
+# of a block-causal or block-sparse mask's tile often attend nothing (skipped) or everything (no mask).
+TILE_ROWS_PER_KEY = 4
 
 
 def tile_keys(q: torch.Tensor, per_head: bool) -> int:
     """Keys per tile of a two-dimensional mask for queries ``q`` ``(B, H, S_q, D)``: as many as the queries' width
-    ``H x D`` (``D`` for a mask per head), so that a tile's additive bias, ``(B, S_q, keys)`` (``(B, H, S_q, keys)``),
+    ``H x D`` (``D`` for a mask per head), so that a tile's additive bias, ``(B, rows, keys)`` (``(B, H, rows, keys)``),
     is never larger than the queries themselves (and its boolean mask a quarter of that): the mask costs what one
     more activation costs, whatever the length."""
     return max(MIN_TILE_KEYS, q.shape[3] * (1 if per_head else q.shape[1]))
+
+
+def tile_rows(q: torch.Tensor, per_head: bool) -> int:
+    """Queries per tile of a two-dimensional mask: ``TILE_ROWS_PER_KEY`` times its keys."""
+    return TILE_ROWS_PER_KEY * tile_keys(q, per_head)
 
 
 @dataclass(frozen=True)
@@ -263,50 +271,65 @@ class _TileOf:
     def of(self, origin: int) -> _BlockTile | None:
         if self.tiles is None:
             return None
-        return _BlockTile(self.tiles, (self.rank * self.queries, (self.rank + 1) * self.queries), origin * self.keys)
+        return _BlockTile(self.tiles, self.rank * self.queries, origin * self.keys)
 
 
 @dataclass(frozen=True)
 class _BlockTile:
     tiles: MaskTiles
-    rows: tuple[int, int]
+    first_query: int
     first_key: int
 
     def chunks(self, q: torch.Tensor, keys: int, key_mask: torch.Tensor | None
-               ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, mask)`` per chunk of the block's keys, the mask ``(B, S_q, stop - start)`` (or
-        ``(B, H, S_q, stop - start)`` for a mask per head) with the key mask applied."""
-        step = tile_keys(q, per_head=len(self.tiles.lead) == 2)
-        for start in range(0, keys, step):
-            stop = min(keys, start + step)
-            mask = self.tiles.tile(self.rows, (self.first_key + start, self.first_key + stop), q.device)
-            if key_mask is not None:  # (B, keys) under a (B, queries, keys) or (B, heads, queries, keys) tile
-                mask = mask & key_mask[(slice(None),) + (None,) * (mask.dim() - 2) + (slice(start, stop),)]
-            yield start, stop, mask
+               ) -> Iterator[tuple[slice, int, int, torch.Tensor | None]]:
+        """``(rows, start, stop, mask)`` per tile of our queries and the block's keys that attends anything: the mask
+        ``(B, rows, stop - start)`` (``(B, H, rows, stop - start)`` for a mask per head) with the key mask applied,
+        or the key mask alone ``(B, stop - start)`` (``None`` without one) where the tile attends every key."""
+        per_head = len(self.tiles.lead) == 2
+        height, step = tile_rows(q, per_head), tile_keys(q, per_head)
+        for top in range(0, q.shape[2], height):
+            bottom = min(q.shape[2], top + height)
+            rows = (self.first_query + top, self.first_query + bottom)
+            for start in range(0, keys, step):
+                stop = min(keys, start + step)
+                cols = (self.first_key + start, self.first_key + stop)
+                reach = self.tiles.reach(rows, cols)
+                if reach is Reach.NONE:
+                    continue
+                key_part = None if key_mask is None else key_mask[:, start:stop]
+                if reach is Reach.ALL:
+                    yield slice(top, bottom), start, stop, key_part
+                    continue
+                mask = self.tiles.tile(rows, cols, q.device)
+                if key_part is not None:  # (B, keys) under a (B, rows, keys) or (B, heads, rows, keys) tile
+                    mask = mask & key_part[(slice(None),) + (None,) * (mask.dim() - 2)]
+                yield slice(top, bottom), start, stop, mask
 
 
-def _chunks(q: torch.Tensor, keys: int, key_mask: torch.Tensor | None, tile: _BlockTile | None
-            ) -> Iterator[tuple[int, int, torch.Tensor | None]]:
-    """The block's keys in one piece with its key mask, or in tiles of its two-dimensional mask."""
-    if tile is None:
-        yield 0, keys, key_mask
-    else:
-        yield from tile.chunks(q, keys, key_mask)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` over keys ``k`` under a boolean ``mask``: a query that attends none gets LSE -inf."""
+    out, lse = attention_forward(q, k, v, scale, additive_mask(mask, q, k))
+    if mask is not None:  # the kernel reports LSE 0 for a row with no valid key in the block; it is -inf
+        empty = ~mask.any(-1)  # (B,) for a key mask, (B, rows) or (B, H, rows) for a tile of a 2-D mask
+        empty = empty[:, None, None] if empty.dim() == 1 else empty[:, None] if empty.dim() == 2 else empty
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out.to(acc_dtype), lse
 
 
 def _block_forward(
     q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, tile: _BlockTile | None, scale: float,
     acc_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = lse = None
-    for start, stop, mask in _chunks(q, kv.shape[3], key_mask, tile):
-        k, v = kv[0, :, :, start:stop], kv[1, :, :, start:stop]
-        chunk_out, chunk_lse = attention_forward(q, k, v, scale, additive_mask(mask, q, k))
-        if mask is not None:  # the kernel reports LSE 0 for a row with no valid key in the block; it is -inf
-            empty = ~mask.any(-1)  # (B,) for a key mask, (B, S_q) or (B, H, S_q) for a tile of a 2-D mask
-            empty = empty[:, None, None] if empty.dim() == 1 else empty[:, None] if empty.dim() == 2 else empty
-            chunk_lse = chunk_lse.masked_fill(empty, float("-inf"))
-        out, lse = merge_partial(out, lse, chunk_out.to(acc_dtype), chunk_lse)
+    """``(out, lse)`` of our queries over the block; over a two-dimensional mask, tile by tile (a query that attends
+    none of the block's keys gets 0 and -inf)."""
+    if tile is None:
+        return _attend(q, kv[0], kv[1], key_mask, scale, acc_dtype)
+    out = q.new_zeros(q.shape, dtype=acc_dtype)
+    lse = q.new_full((*q.shape[:3], 1), float("-inf"), dtype=_wide(q.dtype))
+    for rows, start, stop, mask in tile.chunks(q, kv.shape[3], key_mask):
+        chunk = _attend(q[:, :, rows], kv[0, :, :, start:stop], kv[1, :, :, start:stop], mask, scale, acc_dtype)
+        out[:, :, rows], lse[:, :, rows] = merge_partial(out[:, :, rows], lse[:, :, rows], *chunk)
     return out, lse.squeeze(-1)
 
 
@@ -322,16 +345,19 @@ def _block_backward(
     dq: torch.Tensor,
 ) -> torch.Tensor:
     """Add this block's dq into ``dq`` and return its ``(2, ...)`` dK/dV in ``dq``'s (wide) dtype."""
-    keys, dkv = kv.shape[3], None
-    for start, stop, mask in _chunks(q, keys, key_mask, tile):
-        k, v = kv[0, :, :, start:stop], kv[1, :, :, start:stop]
-        chunk_dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, scale, additive_mask(mask, q, k))
+    if tile is None:
+        chunk_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale,
+                                              additive_mask(key_mask, q, kv[0]))
         dq += chunk_dq
-        if stop - start == keys:
-            return torch.stack((dk, dv)).to(dq.dtype)
-        if dkv is None:
-            dkv = kv.new_empty(kv.shape, dtype=dq.dtype)
-        dkv[0, :, :, start:stop], dkv[1, :, :, start:stop] = dk, dv
+        return torch.stack((dk, dv)).to(dq.dtype)
+    dkv = kv.new_zeros(kv.shape, dtype=dq.dtype)  # keys no tile attends get no gradient
+    for rows, start, stop, mask in tile.chunks(q, kv.shape[3], key_mask):
+        q_rows, k, v = q[:, :, rows], kv[0, :, :, start:stop], kv[1, :, :, start:stop]
+        chunk_dq, dk, dv = attention_backward(grad_out[:, :, rows], q_rows, k, v, out[:, :, rows], lse[:, :, rows],
+                                              scale, additive_mask(mask, q_rows, k))
+        dq[:, :, rows] += chunk_dq
+        dkv[0, :, :, start:stop] += dk
+        dkv[1, :, :, start:stop] += dv
     return dkv
 
 
