@@ -51,10 +51,13 @@ def _to_others(x: torch.Tensor, group: dist.ProcessGroup) -> int:
     return x.nbytes - x.chunk(dist.get_world_size(group))[dist.get_rank(group)].nbytes
 
 
-def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
-    """Equal chunks of ``x`` along dim 0, chunk ``j`` to rank ``j``; chunk ``j`` of the result came from rank ``j``."""
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Equal chunks of ``x`` along dim 0, chunk ``j`` to rank ``j``; chunk ``j`` of the result came from rank ``j``.
+
+    ``out``: a contiguous tensor shaped as ``x`` to receive into (a view of the caller's result), else a new one.
+    """
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     dist.all_to_all_single(out, x, group=group)
     count_sent(kind, _to_others(x, group))
     return out

@@ -1,18 +1,18 @@
-"""Ulysses: trade a sequence shard for a head shard with one all-to-all, and back.
+"""Ulysses: trade a sequence shard for a head shard with an all-to-all, and back.
 
 Before attention each rank holds ``S/u`` tokens of all ``H`` heads; after the exchange it holds
 all ``S`` tokens of ``H/u`` heads, so attention over those heads is purely local. Query, key and
-value travel in one all-to-all (one latency instead of three), each written straight into its
-place in the send buffer: stacking them first and then reordering the stack for the exchange would
-hold two more copies of all three at once, at the moment a checkpointed block's recompute peaks.
-The exchange is its own autograd function: its adjoint is the inverse exchange of the gradients,
-which the backward issues itself through :func:`cp_plugin.comm.all_to_all`, so the bytes counted
-are those of the gradients actually handed over.
+value travel one after the other, each in its own all-to-all: one at a time, a send and a receive
+buffer of one tensor are alive beside the results, where one exchange of all three would hold
+stacked send and receive buffers of all three (six tensors' worth) at the moment a checkpointed
+block's recompute peaks, in the backward beside the attention's gradients. At batch 1 the exchange
+to head shards receives straight into its result, in sequence order. The exchange is its own
+autograd function: its adjoint is the inverse exchange of the gradients, which the backward issues
+itself through :func:`cp_plugin.comm.all_to_all`, so the bytes counted are those of the gradients
+actually handed over.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -46,20 +46,22 @@ def _heads_in(y: torch.Tensor) -> torch.Tensor:
 
 def _exchange(xs: tuple[torch.Tensor, ...], to_heads: bool, group: dist.ProcessGroup, kind: str
               ) -> tuple[torch.Tensor, ...]:
-    """One all-to-all of every tensor of ``xs``, sequence shards to head shards (``to_heads``) or back."""
+    """An all-to-all of each tensor of ``xs`` in turn, sequence shards to head shards (``to_heads``) or back."""
     u = dist.get_world_size(group)
     split, join = (_heads_out, _tokens_in) if to_heads else (_tokens_out, _heads_in)
-    chunks = [split(x, u) for x in xs]
-    dtype = functools.reduce(torch.promote_types, [x.dtype for x in xs])  # as stacking them would
-    send = chunks[0].new_empty(u, len(xs), *chunks[0].shape[1:], dtype=dtype)  # row j goes to rank j
-    for i, chunk in enumerate(chunks):
-        send[:, i].copy_(chunk)
-    received = all_to_all(send, group, kind)
-    del send
-    joined = [join(received[:, i]) for i in range(len(xs))]
-    # A view of the buffer (one tensor, batch 1: already in order) is copied: an autograd function's output
-    # that is a view of its own buffer cannot be modified in place by the code that called attention.
-    return tuple(t if t._base is None else t.clone() for t in joined)
+    out = []
+    for x in xs:
+        if to_heads and x.shape[0] == 1:  # batch 1: the exchange delivers the tokens in order, straight into place
+            b, s, h, d = x.shape
+            result = x.new_empty(b, u * s, h // u, d)
+            all_to_all(split(x, u), group, kind, out=_tokens_out(result, u))
+        else:
+            result = join(all_to_all(split(x, u), group, kind))
+            # an autograd function's output that is a view of its own buffer cannot be modified in place by the code
+            # that called attention
+            result = result if result._base is None else result.clone()
+        out.append(result)
+    return tuple(out)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -78,7 +80,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 def seq_to_heads(group: dist.ProcessGroup, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each ``(B, S/u, H, D)`` -> ``(B, S, H/u, D)``, all in one all-to-all."""
+    """Each ``(B, S/u, H, D)`` -> ``(B, S, H/u, D)``, one all-to-all after another."""
     return _AllToAll.apply(group, True, *xs)
 
 
