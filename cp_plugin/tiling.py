@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -137,6 +138,97 @@ class TiledFeedForward(ModelHook):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+# Parameterless activations of each element alone, as a block's own inline MLP applies them to its hidden layer.
+ELEMENTWISE = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid, activations.FP32SiLU)
+
+
+def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear]]]:
+    """Elementwise activations outside attention layers and feed-forward networks, each with the widening linear
+    layers beside it (children of the same parent) whose output it may take: an MLP a block writes inline (Flux's
+    and HunyuanVideo's single-stream blocks: ``act_mlp(proj_mlp(x))``, then concatenated with the attention)."""
+    outside = [f"{name}." for name, _ in attention_modules(module) + feed_forward_networks(module)]
+    found = []
+    for name, parent in module.named_modules():
+        if any(f"{name}.".startswith(prefix) for prefix in outside):
+            continue
+        widening = [c for c in parent.children() if type(c) is torch.nn.Linear and c.out_features > c.in_features]
+        for child_name, child in parent.named_children():
+            if widening and type(child) in ELEMENTWISE:
+                found.append((f"{name}.{child_name}" if name else child_name, child, widening))
+    return found
+
+
+class _LastCall(ModelHook):
+    """Remembers, without keeping them alive, a linear layer's last input and output while gradients are recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output: weakref.ref[torch.Tensor] | None = None
+        self.input: weakref.ref[torch.Tensor] | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.linear = module
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and len(args) == 1 and not kwargs
+                and isinstance(out, torch.Tensor) and not is_symbolic(out)):
+            self.output, self.input = weakref.ref(out), weakref.ref(args[0])
+        return out
+
+
+class _RecomputedHidden(torch.autograd.Function):
+    """``act(hidden)`` for ``hidden = linear(x)``, saving ``x`` (which the linear layer saves anyway), not the hidden
+    layer: the backward recomputes it a chunk of tokens at a time to take the activation's derivative."""
+
+    @staticmethod
+    def forward(ctx, hidden, x, linear, act, rows):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.linear, ctx.act, ctx.rows = linear, act, rows
+        return act(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        inputs, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_hidden = torch.empty_like(grads)
+        for start in range(0, inputs.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            with torch.enable_grad():
+                hidden = torch.nn.functional.linear(inputs[part], ctx.linear.weight, ctx.linear.bias)
+                hidden = hidden.detach().requires_grad_()
+                (grad_hidden[part],) = torch.autograd.grad(ctx.act(hidden), hidden, grads[part])
+        return grad_hidden.view(grad.shape), None, None, None, None
+
+
+class RecomputedActivation(ModelHook):
+    """An inline MLP's activation, when its input is what a linear layer beside it just returned: the hidden layer is
+    not saved for the backward (its linear layer's input is), and is recomputed there in chunks of tokens."""
+
+    def __init__(self, linears: list[_LastCall], rows: int | None) -> None:
+        super().__init__()
+        self.linears, self.rows = linears, rows
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if len(args) != 1 or kwargs or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return forward(*args, **kwargs)
+        hidden = args[0]
+        if not isinstance(hidden, torch.Tensor) or not hidden.requires_grad:
+            return forward(hidden)  # no backward to save anything for
+        for call in self.linears:
+            x = None if call.output is None or call.output() is not hidden else call.input()
+            if x is None:
+                continue
+            tokens, width = x.shape[:-1].numel(), x.shape[-1]
+            rows = chunk_tokens(tokens, width, hidden.shape[-1], self.rows)
+            if tokens < MIN_TILED_TOKENS and self.rows is None:
+                break
+            return _RecomputedHidden.apply(hidden, x, call.linear, forward, rows)
+        return forward(hidden)
+
+
 def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
     """Tile every feed-forward network in ``module`` over its tokens; ``.remove()`` on the result undoes it.
 
@@ -152,5 +244,13 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
     tiling = Conversion()
     for name, sub in feed_forward_networks(module):
         tiling.hook(sub, TiledFeedForward(rows), "tiled_feed_forward")
+        tiling.paths.append(name)
+    calls: dict[torch.nn.Linear, _LastCall] = {}
+    for name, act, linears in inline_mlps(module):
+        for linear in linears:
+            if linear not in calls:
+                calls[linear] = _LastCall()
+                tiling.hook(linear, calls[linear], "inline_mlp_linear")
+        tiling.hook(act, RecomputedActivation([calls[linear] for linear in linears], rows), "inline_mlp_activation")
         tiling.paths.append(name)
     return tiling
