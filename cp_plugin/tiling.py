@@ -19,6 +19,14 @@ per-module registry does it, so no model code changes and ``remove()`` puts the 
 composes with context parallelism (each rank tiles its own tokens), with activation checkpointing
 (torch nests the checkpoints) and with ``torch.compile`` (the chunks are traced into the graph);
 the derived plan's symbolic probe sees each network whole.
+
+An MLP a block writes inline instead, as Flux's and HunyuanVideo's single-stream blocks do
+(``act_mlp(proj_mlp(x))``, concatenated with the attention's output before ``proj_out``), is no
+module to tile. Its hidden layer is kept from the backward instead: where an elementwise activation
+takes exactly what a widening linear layer beside it has just returned (checked per call, by
+identity), it saves that layer's input, which the layer saves anyway, and the backward recomputes
+the hidden layer a chunk of tokens at a time for the activation's derivative. The forward computes
+what it always did; the backward holds one chunk of the hidden layer instead of all of it.
 """
 
 from __future__ import annotations
@@ -230,7 +238,9 @@ class RecomputedActivation(ModelHook):
 
 
 def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
-    """Tile every feed-forward network in ``module`` over its tokens; ``.remove()`` on the result undoes it.
+    """Tile every feed-forward network in ``module`` over its tokens, and recompute its inline MLPs' hidden layers in
+    the backward; ``.remove()`` on the result undoes it. Its ``paths``: the networks, and the activations of an
+    inline MLP (those whose input turns out, per call, not to be a linear layer's output run as they are).
 
     Args:
         module: a model, or anything holding models.
