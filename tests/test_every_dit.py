@@ -165,6 +165,9 @@ LIGHTNING = [
     ("hunyuanvideo15", "adamw", {"ring_degree": 2}),  # no _cp_plan; its last text branch is unused (plain DDP raises)
     ("sd3", "sgd", {"ulysses_degree": 2, "fsdp": True}),  # a derived plan under FSDP2
     ("wan", "sgd", {"ring_degree": 2, "gradient_checkpointing": True, "tile_feed_forward": True, "tile_tokens": 5}),
+    # an inline MLP's hidden layer recomputed from FSDP2's unsharded weights
+    ("flux", "sgd", {"ulysses_degree": 2, "fsdp": True, "gradient_checkpointing": True, "tile_feed_forward": True,
+                     "tile_tokens": 5}),
 ]
 
 
