@@ -194,6 +194,8 @@ class _RecomputedHidden(torch.autograd.Function):
     def forward(ctx, hidden, x, linear, act, rows):  # type: ignore[override]
         ctx.save_for_backward(x)
         ctx.linear, ctx.act, ctx.rows = linear, act, rows
+        device = x.device.type  # the recompute runs under the autocast the forward ran under (mixed precision)
+        ctx.autocast = device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
         return act(hidden)
 
     @staticmethod
@@ -201,9 +203,10 @@ class _RecomputedHidden(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         inputs, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_hidden = torch.empty_like(grads)
+        device, dtype, enabled = ctx.autocast
         for start in range(0, inputs.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 hidden = torch.nn.functional.linear(inputs[part], ctx.linear.weight, ctx.linear.bias)
                 hidden = hidden.detach().requires_grad_()
                 (grad_hidden[part],) = torch.autograd.grad(ctx.act(hidden), hidden, grads[part])
