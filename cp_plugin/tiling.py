@@ -150,10 +150,13 @@ class TiledFeedForward(ModelHook):
 ELEMENTWISE = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid, activations.FP32SiLU)
 
 
-def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear]]]:
+def inline_mlps(
+    module: torch.nn.Module,
+) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear], torch.nn.Module]]:
     """Elementwise activations outside attention layers and feed-forward networks, each with the widening linear
-    layers beside it (children of the same parent) whose output it may take: an MLP a block writes inline (Flux's
-    and HunyuanVideo's single-stream blocks: ``act_mlp(proj_mlp(x))``, then concatenated with the attention)."""
+    layers beside it (children of the same parent) whose output it may take, and that parent: an MLP a block writes
+    inline (Flux's and HunyuanVideo's single-stream blocks: ``act_mlp(proj_mlp(x))``, then concatenated with the
+    attention's output and projected by ``proj_out``)."""
     outside = [f"{name}." for name, _ in attention_modules(module) + feed_forward_networks(module)]
     found = []
     for name, parent in module.named_modules():
@@ -162,12 +165,13 @@ def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, lis
         widening = [c for c in parent.children() if type(c) is torch.nn.Linear and c.out_features > c.in_features]
         for child_name, child in parent.named_children():
             if widening and type(child) in ELEMENTWISE:
-                found.append((f"{name}.{child_name}" if name else child_name, child, widening))
+                found.append((f"{name}.{child_name}" if name else child_name, child, widening, parent))
     return found
 
 
 class _LastCall(ModelHook):
-    """Remembers, without keeping them alive, a linear layer's last input and output while gradients are recorded."""
+    """Remembers, without keeping them alive, a layer's last output while gradients are recorded, and its input where
+    it took one tensor alone (a linear layer's)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,9 +184,10 @@ class _LastCall(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and len(args) == 1 and not kwargs
-                and isinstance(out, torch.Tensor) and not is_symbolic(out)):
-            self.output, self.input = weakref.ref(out), weakref.ref(args[0])
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and isinstance(out, torch.Tensor)
+                and not is_symbolic(out)):
+            alone = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            self.output, self.input = weakref.ref(out), weakref.ref(args[0]) if alone else None
         return out
 
 
@@ -220,6 +225,8 @@ class RecomputedActivation(ModelHook):
     def __init__(self, linears: list[_LastCall], rows: int | None) -> None:
         super().__init__()
         self.linears, self.rows = linears, rows
+        # its last output, and how to recompute it: for a projection of a concatenation that holds it
+        self.last: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], torch.nn.Linear, int] | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -229,15 +236,98 @@ class RecomputedActivation(ModelHook):
         if not isinstance(hidden, torch.Tensor) or not hidden.requires_grad:
             return forward(hidden)  # no backward to save anything for
         for call in self.linears:
-            x = None if call.output is None or call.output() is not hidden else call.input()
+            x = None if call.output is None or call.output() is not hidden or call.input is None else call.input()
             if x is None:
                 continue
             tokens, width = x.shape[:-1].numel(), x.shape[-1]
             rows = chunk_tokens(tokens, width, hidden.shape[-1], self.rows)
             if tokens < MIN_TILED_TOKENS and self.rows is None:
                 break
-            return _RecomputedHidden.apply(hidden, x, call.linear, forward, rows)
+            out = _RecomputedHidden.apply(hidden, x, call.linear, forward, rows)
+            self.last = weakref.ref(out), weakref.ref(x), call.linear, rows
+            return out
         return forward(hidden)
+
+
+def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
+    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+
+
+class _ProjectedHidden(torch.autograd.Function):
+    """``linear(cat([part, act(mlp(x))], -1))`` (Flux's ``proj_out`` of the attention's output and the inline MLP's)
+    saving ``part`` and ``x``, not the concatenation: the backward takes the concatenation's gradient, the inline
+    MLP's hidden layer and both layers' weight gradients a chunk of tokens at a time, so neither the
+    concatenation nor its gradient, each as wide as the part and the hidden layer together, is ever held whole."""
+
+    @staticmethod
+    def forward(ctx, joined, part, x, w_mlp, b_mlp, w_out, b_out, act, rows):  # type: ignore[override]
+        ctx.save_for_backward(part, x, w_mlp, b_mlp, w_out, b_out)
+        ctx.act, ctx.rows, ctx.autocast = act, rows, _autocast_state(x.device.type)
+        return torch.nn.functional.linear(joined, w_out, b_out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        part, x, w_mlp, b_mlp, w_out, b_out = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        width = part.shape[-1]
+        grads = grad.reshape(-1, grad.shape[-1])
+        parts, inputs = part.reshape(-1, width), x.reshape(-1, x.shape[-1])
+        grad_part, grad_x = torch.empty_like(parts), torch.empty_like(inputs)
+        grad_w_out, grad_w_mlp = torch.zeros_like(w_out), torch.zeros_like(w_mlp)
+        grad_b_mlp = None if b_mlp is None else torch.zeros_like(b_mlp)
+        for start in range(0, grads.shape[0], ctx.rows):
+            rows = slice(start, start + ctx.rows)
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                hidden = torch.nn.functional.linear(inputs[rows], w_mlp, b_mlp).detach().requires_grad_()
+                activated = ctx.act(hidden)
+                (grad_hidden,) = torch.autograd.grad(activated, hidden, grads[rows] @ w_out[:, width:].to(grads.dtype))
+            grad_part[rows] = grads[rows] @ w_out[:, :width].to(grads.dtype)
+            grad_w_out[:, :width] += (grads[rows].t() @ parts[rows].to(grads.dtype)).to(w_out.dtype)
+            grad_w_out[:, width:] += (grads[rows].t() @ activated.detach().to(grads.dtype)).to(w_out.dtype)
+            grad_x[rows] = (grad_hidden @ w_mlp.to(grad_hidden.dtype)).to(x.dtype)
+            grad_w_mlp += (grad_hidden.t() @ inputs[rows].to(grad_hidden.dtype)).to(w_mlp.dtype)
+            if grad_b_mlp is not None:
+                grad_b_mlp += grad_hidden.sum(0).to(b_mlp.dtype)
+        grad_b_out = None if b_out is None else grads.sum(0).to(b_out.dtype)
+        return (None, grad_part.view(part.shape), grad_x.view(x.shape), grad_w_mlp, grad_b_mlp, grad_w_out, grad_b_out,
+                None, None)
+
+
+def _cat_dim(node: Any, dims: int) -> int:
+    """The dimension a ``CatBackward0`` node's forward concatenated along, counted from 0."""
+    dim = node._saved_dim
+    dim = dim - 2**64 if dim >= 2**63 else dim  # stored unsigned
+    return dim % dims
+
+
+class ProjectedConcatenation(ModelHook):
+    """A narrowing linear layer beside an inline MLP, when it takes the concatenation (last dim) of what an attention
+    layer beside it returned and what the inline MLP's activation returned, found from that tensor's autograd node:
+    the concatenation is not saved for the backward, which runs in chunks of tokens (:class:`_ProjectedHidden`)."""
+
+    def __init__(self, attention: list[_LastCall], activations: list[RecomputedActivation]) -> None:
+        super().__init__()
+        self.attention, self.activations = attention, activations
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        joined = args[0] if len(args) == 1 and not kwargs and not torch.compiler.is_compiling() else None
+        node = None if not isinstance(joined, torch.Tensor) or not torch.is_grad_enabled() else joined.grad_fn
+        if node is None or node.name() != "CatBackward0" or _cat_dim(node, joined.dim()) != joined.dim() - 1:
+            return forward(*args, **kwargs)
+        edges = [edge for edge, _ in node.next_functions]
+        for activation in self.activations:
+            last = activation.last
+            hidden, x = (None, None) if last is None else (last[0](), last[1]())
+            if hidden is None or x is None or len(edges) != 2 or hidden.grad_fn is not edges[1]:
+                continue
+            for call in self.attention:
+                part = None if call.output is None else call.output()
+                if part is not None and part.grad_fn is edges[0] and part.shape[:-1] == hidden.shape[:-1]:
+                    linear, rows = last[2], last[3]
+                    return _ProjectedHidden.apply(joined.detach(), part, x, linear.weight, linear.bias, module.weight,
+                                                  module.bias, activation.fn_ref.original_forward, rows)
+        return forward(*args, **kwargs)
 
 
 def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
@@ -258,12 +348,24 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
     for name, sub in feed_forward_networks(module):
         tiling.hook(sub, TiledFeedForward(rows), "tiled_feed_forward")
         tiling.paths.append(name)
-    calls: dict[torch.nn.Linear, _LastCall] = {}
-    for name, act, linears in inline_mlps(module):
-        for linear in linears:
-            if linear not in calls:
-                calls[linear] = _LastCall()
-                tiling.hook(linear, calls[linear], "inline_mlp_linear")
-        tiling.hook(act, RecomputedActivation([calls[linear] for linear in linears], rows), "inline_mlp_activation")
+    calls: dict[torch.nn.Module, _LastCall] = {}
+
+    def last_call(sub: torch.nn.Module, name: str) -> _LastCall:
+        if sub not in calls:
+            calls[sub] = _LastCall()
+            tiling.hook(sub, calls[sub], name)
+        return calls[sub]
+
+    beside: dict[torch.nn.Module, list[RecomputedActivation]] = {}
+    for name, act, linears, parent in inline_mlps(module):
+        hook = RecomputedActivation([last_call(linear, "inline_mlp_linear") for linear in linears], rows)
+        tiling.hook(act, hook, "inline_mlp_activation")
         tiling.paths.append(name)
+        beside.setdefault(parent, []).append(hook)
+    attention = {sub for _, sub in attention_modules(module)}
+    for parent, hooks in beside.items():
+        attentions = [last_call(c, "inline_mlp_attention") for c in parent.children() if c in attention]
+        for child in parent.children():
+            if attentions and type(child) is torch.nn.Linear and child.in_features > child.out_features:
+                tiling.hook(child, ProjectedConcatenation(attentions, hooks), "inline_mlp_projection")
     return tiling
