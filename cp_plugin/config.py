@@ -72,7 +72,8 @@ class ParallelConfig:
         tile_feed_forward: run every feed-forward network (found by structure, ``cp_plugin.tiling``)
             over its tokens a chunk at a time, forward and backward: its hidden layer exists for one
             chunk only; an MLP a block writes inline (Flux's single-stream blocks) keeps its hidden
-            layer out of the backward, which recomputes it in chunks.
+            layer, and the projection of it concatenated with the attention's output keeps that
+            concatenation, out of the backward, which recomputes them in chunks.
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
             2048 tokens, else chunks whose hidden layer is the size of the block's input).
     """

@@ -26,7 +26,13 @@ module to tile. Its hidden layer is kept from the backward instead: where an ele
 takes exactly what a widening linear layer beside it has just returned (checked per call, by
 identity), it saves that layer's input, which the layer saves anyway, and the backward recomputes
 the hidden layer a chunk of tokens at a time for the activation's derivative. The forward computes
-what it always did; the backward holds one chunk of the hidden layer instead of all of it.
+what it always did; the backward holds one chunk of the hidden layer instead of all of it. Where a
+narrowing linear layer beside them (Flux's ``proj_out``) then takes the concatenation of what an
+attention layer beside them returned and what that activation returned, which it sees from the
+concatenation's autograd node, it saves the attention's output and the MLP's input instead of the
+concatenation, and its backward takes the concatenation's gradient, the hidden layer and both
+layers' weight gradients a chunk of tokens at a time: neither the concatenation nor its gradient
+(each as wide as the attention's output and the hidden layer together) is held whole.
 """
 
 from __future__ import annotations
