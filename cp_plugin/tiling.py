@@ -58,12 +58,15 @@ from cp_plugin.plans import attention_modules
 MIN_TILED_TOKENS = 2048
 
 
+# Parameterless activations of each element alone, as a block's own inline MLP applies them to its hidden layer.
+ELEMENTWISE = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid, activations.FP32SiLU)
+
+
 # Modules without children a token-wise network is built of: linear layers, pointwise activations, and the
 # containers and dropouts adapters (peft's LoRA) add around them.
-POINTWISE = (torch.nn.Linear, torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid,
-             torch.nn.Identity, torch.nn.Dropout, torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.ParameterDict,
-             torch.nn.ParameterList, activations.GELU, activations.GEGLU, activations.SwiGLU,
-             activations.ApproximateGELU, activations.FP32SiLU, activations.LinearActivation)
+POINTWISE = (torch.nn.Linear, *ELEMENTWISE, torch.nn.Identity, torch.nn.Dropout, torch.nn.ModuleDict,
+             torch.nn.ModuleList, torch.nn.ParameterDict, torch.nn.ParameterList, activations.GELU, activations.GEGLU,
+             activations.SwiGLU, activations.ApproximateGELU, activations.LinearActivation)
 
 
 # What a forward calls to combine tokens: attention, products of activations, reductions. A network whose own
@@ -152,10 +155,6 @@ class TiledFeedForward(ModelHook):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-# Parameterless activations of each element alone, as a block's own inline MLP applies them to its hidden layer.
-ELEMENTWISE = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid, activations.FP32SiLU)
-
-
 def inline_mlps(
     module: torch.nn.Module,
 ) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear], torch.nn.Module]]:
@@ -185,7 +184,7 @@ class _LastCall(ModelHook):
         self.input: weakref.ref[torch.Tensor] | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.linear = module
+        self.layer = module
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -197,6 +196,25 @@ class _LastCall(ModelHook):
         return out
 
 
+def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
+    """The autocast a forward runs under, for its recompute in the backward (mixed precision)."""
+    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+
+
+def _activation_backward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any, grad: torch.Tensor,
+    autocast: tuple[str, torch.dtype, bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(hidden), gradient of hidden)`` for ``hidden = linear(x)`` recomputed (a chunk of tokens) under the
+    forward's ``autocast``, given ``grad``, the gradient of ``act(hidden)``."""
+    device, dtype, enabled = autocast
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        hidden = torch.nn.functional.linear(x, weight, bias).detach().requires_grad_()
+        activated = act(hidden)
+        (grad_hidden,) = torch.autograd.grad(activated, hidden, grad)
+    return activated.detach(), grad_hidden
+
+
 class _RecomputedHidden(torch.autograd.Function):
     """``act(hidden)`` for ``hidden = linear(x)``, saving ``x`` (which the linear layer saves anyway), not the hidden
     layer: the backward recomputes it a chunk of tokens at a time to take the activation's derivative."""
@@ -204,9 +222,7 @@ class _RecomputedHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, x, linear, act, rows):  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.linear, ctx.act, ctx.rows = linear, act, rows
-        device = x.device.type  # the recompute runs under the autocast the forward ran under (mixed precision)
-        ctx.autocast = device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+        ctx.linear, ctx.act, ctx.rows, ctx.autocast = linear, act, rows, _autocast_state(x.device.type)
         return act(hidden)
 
     @staticmethod
@@ -214,13 +230,10 @@ class _RecomputedHidden(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         inputs, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_hidden = torch.empty_like(grads)
-        device, dtype, enabled = ctx.autocast
         for start in range(0, inputs.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                hidden = torch.nn.functional.linear(inputs[part], ctx.linear.weight, ctx.linear.bias)
-                hidden = hidden.detach().requires_grad_()
-                (grad_hidden[part],) = torch.autograd.grad(ctx.act(hidden), hidden, grads[part])
+            grad_hidden[part] = _activation_backward(inputs[part], ctx.linear.weight, ctx.linear.bias, ctx.act,
+                                                     grads[part], ctx.autocast)[1]
         return grad_hidden.view(grad.shape), None, None, None, None
 
 
@@ -249,14 +262,10 @@ class RecomputedActivation(ModelHook):
             rows = chunk_tokens(tokens, width, hidden.shape[-1], self.rows)
             if tokens < MIN_TILED_TOKENS and self.rows is None:
                 break
-            out = _RecomputedHidden.apply(hidden, x, call.linear, forward, rows)
-            self.last = weakref.ref(out), weakref.ref(x), call.linear, rows
+            out = _RecomputedHidden.apply(hidden, x, call.layer, forward, rows)
+            self.last = weakref.ref(out), weakref.ref(x), call.layer, rows
             return out
         return forward(hidden)
-
-
-def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
-    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
 
 
 class _ProjectedHidden(torch.autograd.Function):
@@ -274,7 +283,6 @@ class _ProjectedHidden(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         part, x, w_mlp, b_mlp, w_out, b_out = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
         width = part.shape[-1]
         grads = grad.reshape(-1, grad.shape[-1])
         parts, inputs = part.reshape(-1, width), x.reshape(-1, x.shape[-1])
@@ -283,13 +291,11 @@ class _ProjectedHidden(torch.autograd.Function):
         grad_b_mlp = None if b_mlp is None else torch.zeros_like(b_mlp)
         for start in range(0, grads.shape[0], ctx.rows):
             rows = slice(start, start + ctx.rows)
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                hidden = torch.nn.functional.linear(inputs[rows], w_mlp, b_mlp).detach().requires_grad_()
-                activated = ctx.act(hidden)
-                (grad_hidden,) = torch.autograd.grad(activated, hidden, grads[rows] @ w_out[:, width:].to(grads.dtype))
+            activated, grad_hidden = _activation_backward(inputs[rows], w_mlp, b_mlp, ctx.act,
+                                                          grads[rows] @ w_out[:, width:].to(grads.dtype), ctx.autocast)
             grad_part[rows] = grads[rows] @ w_out[:, :width].to(grads.dtype)
             grad_w_out[:, :width] += (grads[rows].t() @ parts[rows].to(grads.dtype)).to(w_out.dtype)
-            grad_w_out[:, width:] += (grads[rows].t() @ activated.detach().to(grads.dtype)).to(w_out.dtype)
+            grad_w_out[:, width:] += (grads[rows].t() @ activated.to(grads.dtype)).to(w_out.dtype)
             grad_x[rows] = (grad_hidden @ w_mlp.to(grad_hidden.dtype)).to(x.dtype)
             grad_w_mlp += (grad_hidden.t() @ inputs[rows].to(grad_hidden.dtype)).to(w_mlp.dtype)
             if grad_b_mlp is not None:
@@ -319,13 +325,14 @@ class ProjectedConcatenation(ModelHook):
         forward = self.fn_ref.original_forward
         joined = args[0] if len(args) == 1 and not kwargs and not torch.compiler.is_compiling() else None
         node = None if not isinstance(joined, torch.Tensor) or not torch.is_grad_enabled() else joined.grad_fn
-        if node is None or node.name() != "CatBackward0" or _cat_dim(node, joined.dim()) != joined.dim() - 1:
+        if (node is None or node.name() != "CatBackward0" or len(node.next_functions) != 2
+                or _cat_dim(node, joined.dim()) != joined.dim() - 1):
             return forward(*args, **kwargs)
         edges = [edge for edge, _ in node.next_functions]
         for activation in self.activations:
             last = activation.last
             hidden, x = (None, None) if last is None else (last[0](), last[1]())
-            if hidden is None or x is None or len(edges) != 2 or hidden.grad_fn is not edges[1]:
+            if hidden is None or x is None or hidden.grad_fn is not edges[1]:
                 continue
             for call in self.attention:
                 part = None if call.output is None else call.output()

@@ -206,6 +206,11 @@ class MaskTiles(abc.ABC):
         """The tile within the real tokens: ``(*lead, q1 - q0, k1 - k0)`` bool (any dim of size 1 broadcasts)."""
 
 
+def _blocks(start: int, stop: int, size: int) -> slice:
+    """The blocks of ``size`` tokens that tokens ``start:stop`` fall in."""
+    return slice(start // size, -(-stop // size))
+
+
 def _reach_of(listed: np.ndarray, full: np.ndarray | None) -> Reach:
     """The reach of a tile from its blocks: those that attend some key (``listed``) and those that attend all."""
     if full is not None and full.all():
@@ -244,8 +249,7 @@ class DenseTiles(MaskTiles):
     def real_reach(self, q0: int, q1: int, k0: int, k1: int) -> Reach:
         if self._tables is None:
             self._tables = _dense_tables(self.mask)
-        region = (slice(None), slice(q0 // DENSE_BLOCK, -(-q1 // DENSE_BLOCK)),
-                  slice(k0 // DENSE_BLOCK, -(-k1 // DENSE_BLOCK)))
+        region = (slice(None), _blocks(q0, q1, DENSE_BLOCK), _blocks(k0, k1, DENSE_BLOCK))
         listed, full = self._tables
         return _reach_of(listed[region], full[region])
 
@@ -299,7 +303,7 @@ class BlockMaskTiles(MaskTiles):
     def real_reach(self, q0: int, q1: int, k0: int, k1: int) -> Reach:
         rows, cols = self.block_mask.BLOCK_SIZE
         heads = slice(*self.heads) if len(self.lead) == 2 else slice(None)
-        region = (slice(None), heads, slice(q0 // rows, -(-q1 // rows)), slice(k0 // cols, -(-k1 // cols)))
+        region = (slice(None), heads, _blocks(q0, q1, rows), _blocks(k0, k1, cols))
         listed, full = _host_tables(self.block_mask)
         return _reach_of(listed[region], None if full is None else full[region])
 
@@ -347,7 +351,6 @@ def _block_tables(block_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _TABLES[block_mask] = (table(block_mask.kv_num_blocks, block_mask.kv_indices),
                                table(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
     return _TABLES[block_mask]
-
 
 
 # Each BlockMask's ``(listed, full)`` tables on the host, read from the device once: which tiles to skip or leave unmasked.
