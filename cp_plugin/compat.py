@@ -29,7 +29,7 @@ from torch.distributed.distributed_c10d import _get_default_store
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_map_only, tree_unflatten
 
 # (major, minor) versions the full test suite passed on.
 VERIFIED: dict[str, tuple[str, ...]] = {
@@ -42,7 +42,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
     "decomposition", "expr_hint", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
-    "tree_leaves", "tree_unflatten", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
+    "tree_leaves", "tree_map_only", "tree_unflatten", "forward_is_hooked_only_by", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "flux2_image_latents", "qwenimage_edit_size", "cogvideox_rotary_embeddings", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
     "HOOK_REGISTRY_ATTR", "PARALLEL_CONFIG_ATTR",
@@ -283,6 +283,15 @@ def mask_preparers() -> tuple[type, ...]:
 # its attention backends as the keyword of the same name).
 HOOK_REGISTRY_ATTR = "_diffusers_hook"
 PARALLEL_CONFIG_ATTR = "_parallel_config"
+
+
+def forward_is_hooked_only_by(module: torch.nn.Module, hooks: int = 1) -> bool:
+    """Whether ``module``'s forward runs inside no hook but the ``hooks`` of its diffusers hook registry: no torch
+    forward hooks of its own or global ones (a caller that skips the forward would skip theirs)."""
+    registry = module.__dict__.get(HOOK_REGISTRY_ATTR)
+    return (registry is not None and len(registry.hooks) == hooks and not module._forward_hooks
+            and not module._forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks)
 
 
 def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:

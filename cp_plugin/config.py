@@ -71,11 +71,11 @@ class ParallelConfig:
             (one more tensor of the block's width per attention call, for no attention recompute).
         tile_feed_forward: run every feed-forward network (found by structure, ``cp_plugin.tiling``)
             over its tokens a chunk at a time, forward and backward: its hidden layer exists for one
-            chunk only; an MLP a block writes inline (Flux's single-stream blocks) keeps its hidden
-            layer, and the projection of it concatenated with the attention's output keeps that
-            concatenation, out of the backward, which recomputes them in chunks.
+            chunk only; an MLP a block writes inline (Flux's single-stream blocks) is computed with
+            the projection of it and the attention's output a chunk of tokens at a time too, its
+            hidden layer and that concatenation never whole.
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
-            2048 tokens, else chunks whose hidden layer is the size of the block's input).
+            2048 tokens, else chunks whose hidden layer is half the size of the block's input).
     """
 
     ring_degree: int | str = 1

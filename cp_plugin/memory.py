@@ -14,8 +14,8 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
   keys still run: the backward needs their results;
 - ``tile_feed_forward``: every feed-forward network (found by structure, :mod:`cp_plugin.tiling`)
   over its tokens a chunk at a time, ``tile_tokens`` per chunk or chosen per call; an MLP a block
-  writes inline keeps its hidden layer (and a projection of it concatenated with the attention's
-  output, that concatenation) out of the backward and recomputes it there in chunks.
+  writes inline is computed with the projection of it (concatenated after the attention's output)
+  a chunk at a time too, forward and backward.
 
 Both work with or without context parallelism, so a one-process run can use the same options.
 """

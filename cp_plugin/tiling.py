@@ -20,36 +20,42 @@ composes with context parallelism (each rank tiles its own tokens), with activat
 (torch nests the checkpoints) and with ``torch.compile`` (the chunks are traced into the graph);
 the derived plan's symbolic probe sees each network whole.
 
-An MLP a block writes inline instead, as Flux's and HunyuanVideo's single-stream blocks do
-(``act_mlp(proj_mlp(x))``, concatenated with the attention's output before ``proj_out``), is no
-module to tile. Its hidden layer is kept from the backward instead: where an elementwise activation
-takes exactly what a widening linear layer beside it has just returned (checked per call, by
-identity), it saves that layer's input, which the layer saves anyway, and the backward recomputes
-the hidden layer a chunk of tokens at a time for the activation's derivative. The forward computes
-what it always did; the backward holds one chunk of the hidden layer instead of all of it. Where a
-narrowing linear layer beside them (Flux's ``proj_out``) then takes the concatenation of what an
-attention layer beside them returned and what that activation returned, which it sees from the
-concatenation's autograd node, it saves the attention's output and the MLP's input instead of the
-concatenation, and its backward takes the concatenation's gradient, the hidden layer and both
-layers' weight gradients a chunk of tokens at a time: neither the concatenation nor its gradient
-(each as wide as the attention's output and the hidden layer together) is held whole.
+An MLP a block writes inline instead, as Flux's, Chroma's and HunyuanVideo's single-stream blocks
+do (``act_mlp(proj_mlp(x))``, concatenated after the attention's output and projected by
+``proj_out``), is no module to tile; it is never computed whole instead. While such a block runs,
+a torch function mode lets a widening linear layer beside an elementwise activation return a
+placeholder (an expanded scalar: no memory) for its output, the activation one for the hidden
+layer, and a concatenation along the last dim that ends with it one for the concatenation. A
+narrowing linear layer beside them that takes such a placeholder (``proj_out``) computes
+``proj_out(cat([part, act(proj_mlp(x))]))`` a chunk of tokens at a time, saving only ``part`` and
+``x``; its backward recomputes each chunk's hidden layer under the forward's autocast and takes
+the concatenation's gradient and both layers' weight gradients chunk by chunk. Neither the hidden
+layer nor the concatenation (each 4 or 5 times the block's width) exists for more than one chunk,
+forward or backward. Anything else that reads a placeholder (an op, or the block's caller) gets
+the tensor it stands for, computed then as it would have been (same input, grad mode and
+autocast; an input written in place since raises), its hidden layer still recomputed in the
+backward rather than saved. Only layers no other hook wraps are deferred, so a user's forward
+hook sees real tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import math
 import re
-import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from diffusers.hooks.hooks import ModelHook
 from diffusers.models import activations
 from diffusers.models.attention import FeedForward
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from cp_plugin.compat import is_symbolic
+from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tree_map_only
 from cp_plugin.model import Conversion
 from cp_plugin.plans import attention_modules
 
@@ -115,13 +121,15 @@ def hidden_width(module: torch.nn.Module) -> int:
 
 
 def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
-    """Tokens per chunk: ``rows`` if set, else as many chunks as the hidden layer is wider than the input,
-    so that one chunk's hidden layer is the size of the block's input (no tiling below ``MIN_TILED_TOKENS``)."""
+    """Tokens per chunk: ``rows`` if set, else twice as many chunks as the hidden layer is wider than the input, so
+    that one chunk's hidden layer is half the size of the block's input: the few tensors of that width a chunk's
+    backward holds at once stay small beside the block's own (no tiling below ``MIN_TILED_TOKENS``, and no chunk
+    shorter than a quarter of it, which keeps each chunk's matrix products at full speed)."""
     if rows is not None:
         return rows
     if tokens < MIN_TILED_TOKENS or hidden <= width:
         return tokens
-    return max(-(-tokens // math.ceil(hidden / width)), MIN_TILED_TOKENS // 2)
+    return max(-(-tokens // (2 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
 
 
 class TiledFeedForward(ModelHook):
@@ -151,6 +159,8 @@ class TiledFeedForward(ModelHook):
             outputs = [checkpoint(forward, part, use_reentrant=False) for part in parts]
         else:
             outputs = [forward(part) for part in parts]
+        if not all(isinstance(out, torch.Tensor) for out in outputs):
+            return forward(x)  # more than one output: which of them are per token is not known
         out = torch.cat(outputs)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -174,31 +184,17 @@ def inline_mlps(
     return found
 
 
-class _LastCall(ModelHook):
-    """Remembers, without keeping them alive, a layer's last output while gradients are recorded, and its input where
-    it took one tensor alone (a linear layer's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.output: weakref.ref[torch.Tensor] | None = None
-        self.input: weakref.ref[torch.Tensor] | None = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.layer = module
-        return module
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and isinstance(out, torch.Tensor)
-                and not is_symbolic(out)):
-            alone = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-            self.output, self.input = weakref.ref(out), weakref.ref(args[0]) if alone else None
-        return out
-
-
 def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
     """The autocast a forward runs under, for its recompute in the backward (mixed precision)."""
     return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+
+
+def _activated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any,
+               autocast: tuple[str, torch.dtype, bool]) -> torch.Tensor:
+    """``act(linear(x))`` (a chunk of tokens) under ``autocast``."""
+    device, dtype, enabled = autocast
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        return act(torch.nn.functional.linear(x, weight, bias))
 
 
 def _activation_backward(
@@ -237,110 +233,274 @@ class _RecomputedHidden(torch.autograd.Function):
         return grad_hidden.view(grad.shape), None, None, None, None
 
 
-class RecomputedActivation(ModelHook):
-    """An inline MLP's activation, when its input is what a linear layer beside it just returned: the hidden layer is
-    not saved for the backward (its linear layer's input is), and is recomputed there in chunks of tokens."""
-
-    def __init__(self, linears: list[_LastCall], rows: int | None) -> None:
-        super().__init__()
-        self.linears, self.rows = linears, rows
-        # its last output, and how to recompute it: for a projection of a concatenation that holds it
-        self.last: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], torch.nn.Linear, int] | None = None
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward = self.fn_ref.original_forward
-        if len(args) != 1 or kwargs or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return forward(*args, **kwargs)
-        hidden = args[0]
-        if not isinstance(hidden, torch.Tensor) or not hidden.requires_grad:
-            return forward(hidden)  # no backward to save anything for
-        for call in self.linears:
-            x = None if call.output is None or call.output() is not hidden or call.input is None else call.input()
-            if x is None:
-                continue
-            tokens, width = x.shape[:-1].numel(), x.shape[-1]
-            rows = chunk_tokens(tokens, width, hidden.shape[-1], self.rows)
-            if tokens < MIN_TILED_TOKENS and self.rows is None:
-                break
-            out = _RecomputedHidden.apply(hidden, x, call.layer, forward, rows)
-            self.last = weakref.ref(out), weakref.ref(x), call.layer, rows
-            return out
-        return forward(hidden)
-
-
 class _ProjectedHidden(torch.autograd.Function):
-    """``linear(cat([part, act(mlp(x))], -1))`` (Flux's ``proj_out`` of the attention's output and the inline MLP's)
-    saving ``part`` and ``x``, not the concatenation: the backward takes the concatenation's gradient, the inline
-    MLP's hidden layer and both layers' weight gradients a chunk of tokens at a time, so neither the
-    concatenation nor its gradient, each as wide as the part and the hidden layer together, is ever held whole."""
+    """``linear(cat([part, act(mlp(x))], -1))`` (Flux's ``proj_out`` of the attention's output and the inline MLP's;
+    ``linear(act(mlp(x)))`` where ``part`` is ``None``), a chunk of tokens at a time, saving ``part`` and ``x``: neither
+    the hidden layer, nor the concatenation, nor its gradient (each as wide as the part and the hidden layer together)
+    is ever held whole, forward or backward. The backward recomputes each chunk's hidden layer under the forward's
+    ``autocast`` and takes both layers' weight gradients chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, joined, part, x, w_mlp, b_mlp, w_out, b_out, act, rows):  # type: ignore[override]
+    def forward(ctx, part, x, w_mlp, b_mlp, w_out, b_out, act, rows, autocast):  # type: ignore[override]
         ctx.save_for_backward(part, x, w_mlp, b_mlp, w_out, b_out)
-        ctx.act, ctx.rows, ctx.autocast = act, rows, _autocast_state(x.device.type)
-        return torch.nn.functional.linear(joined, w_out, b_out)
+        ctx.act, ctx.rows, ctx.autocast = act, rows, autocast
+        inputs = x.reshape(-1, x.shape[-1])
+        parts = None if part is None else part.reshape(-1, part.shape[-1])
+        out = None
+        for start in range(0, inputs.shape[0], rows):
+            chunk = slice(start, start + rows)
+            joined = _activated(inputs[chunk], w_mlp, b_mlp, act, autocast)
+            joined = joined if parts is None else torch.cat([parts[chunk], joined], -1)
+            projected = torch.nn.functional.linear(joined, w_out, b_out)
+            out = projected.new_empty(inputs.shape[0], projected.shape[-1]) if out is None else out
+            out[chunk] = projected
+            del joined, projected  # before the next chunk's are made
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         part, x, w_mlp, b_mlp, w_out, b_out = ctx.saved_tensors
-        width = part.shape[-1]
+        width = 0 if part is None else part.shape[-1]
         grads = grad.reshape(-1, grad.shape[-1])
-        parts, inputs = part.reshape(-1, width), x.reshape(-1, x.shape[-1])
-        grad_part, grad_x = torch.empty_like(parts), torch.empty_like(inputs)
+        inputs = x.reshape(-1, x.shape[-1])
+        parts = None if part is None else part.reshape(-1, width)
+        grad_part = None if part is None else torch.empty_like(parts)
+        grad_x = torch.empty_like(inputs)
         grad_w_out, grad_w_mlp = torch.zeros_like(w_out), torch.zeros_like(w_mlp)
         grad_b_mlp = None if b_mlp is None else torch.zeros_like(b_mlp)
         for start in range(0, grads.shape[0], ctx.rows):
             rows = slice(start, start + ctx.rows)
             activated, grad_hidden = _activation_backward(inputs[rows], w_mlp, b_mlp, ctx.act,
                                                           grads[rows] @ w_out[:, width:].to(grads.dtype), ctx.autocast)
-            grad_part[rows] = grads[rows] @ w_out[:, :width].to(grads.dtype)
-            grad_w_out[:, :width] += (grads[rows].t() @ parts[rows].to(grads.dtype)).to(w_out.dtype)
+            if parts is not None:
+                grad_part[rows] = grads[rows] @ w_out[:, :width].to(grads.dtype)
+                grad_w_out[:, :width] += (grads[rows].t() @ parts[rows].to(grads.dtype)).to(w_out.dtype)
             grad_w_out[:, width:] += (grads[rows].t() @ activated.to(grads.dtype)).to(w_out.dtype)
             grad_x[rows] = (grad_hidden @ w_mlp.to(grad_hidden.dtype)).to(x.dtype)
             grad_w_mlp += (grad_hidden.t() @ inputs[rows].to(grad_hidden.dtype)).to(w_mlp.dtype)
             if grad_b_mlp is not None:
                 grad_b_mlp += grad_hidden.sum(0).to(b_mlp.dtype)
+            del activated, grad_hidden  # before the next chunk's are made
         grad_b_out = None if b_out is None else grads.sum(0).to(b_out.dtype)
-        return (None, grad_part.view(part.shape), grad_x.view(x.shape), grad_w_mlp, grad_b_mlp, grad_w_out, grad_b_out,
-                None, None)
+        return (None if part is None else grad_part.view(part.shape), grad_x.view(x.shape), grad_w_mlp, grad_b_mlp,
+                grad_w_out, grad_b_out, None, None, None)
 
 
-def _cat_dim(node: Any, dims: int) -> int:
-    """The dimension a ``CatBackward0`` node's forward concatenated along, counted from 0."""
-    dim = node._saved_dim
-    dim = dim - 2**64 if dim >= 2**63 else dim  # stored unsigned
-    return dim % dims
+@dataclasses.dataclass
+class _Call:
+    """The grad mode and autocast a deferred computation was called under, to compute it as it was called."""
+
+    grad: bool
+    autocast: tuple[str, torch.dtype, bool]
+
+    @classmethod
+    def now(cls, x: torch.Tensor) -> _Call:
+        return cls(torch.is_grad_enabled(), _autocast_state(x.device.type))
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        device, dtype, enabled = self.autocast
+        with torch.set_grad_enabled(self.grad), torch.autocast(device, dtype=dtype, enabled=enabled):
+            yield
 
 
-class ProjectedConcatenation(ModelHook):
-    """A narrowing linear layer beside an inline MLP, when it takes the concatenation (last dim) of what an attention
-    layer beside it returned and what the inline MLP's activation returned, found from that tensor's autograd node:
-    the concatenation is not saved for the backward, which runs in chunks of tokens (:class:`_ProjectedHidden`)."""
+@dataclasses.dataclass
+class _Linear:
+    """``layer(x)``, not computed yet: the input of an inline MLP's activation."""
 
-    def __init__(self, attention: list[_LastCall], activations: list[RecomputedActivation]) -> None:
+    x: torch.Tensor
+    layer: torch.nn.Linear
+    call: _Call
+    version: int  # of ``x`` when called: computed later, it must read what it would have read then
+
+    def check(self) -> None:
+        if self.x._version != self.version:
+            raise RuntimeError(
+                f"tiling: the input of {self.layer} was modified in place after the layer took it, before its output "
+                "was read, so its output would differ; set tile_feed_forward=False (Hydra: parallel.tile_feed_forward=false)")
+
+    def compute(self) -> torch.Tensor:
+        self.check()
+        with self.call.restored():
+            return torch.nn.functional.linear(self.x, self.layer.weight, self.layer.bias)
+
+
+@dataclasses.dataclass
+class _Activation:
+    """``act(layer(x))``, an inline MLP's hidden layer, not computed yet."""
+
+    linear: _Linear
+    act: Any
+    rows: int
+
+    def compute(self) -> torch.Tensor:
+        hidden, linear = self.linear.compute(), self.linear
+        with linear.call.restored():
+            if not hidden.requires_grad:
+                return self.act(hidden)
+            return _RecomputedHidden.apply(hidden, linear.x, linear.layer, self.act, self.rows)
+
+
+@dataclasses.dataclass
+class _Concatenation:
+    """``cat([part, hidden], -1)`` of an inline MLP's hidden layer after another tensor (an attention's output)."""
+
+    part: torch.Tensor
+    activation: _Activation
+    call: _Call
+
+    def compute(self) -> torch.Tensor:
+        hidden = self.activation.compute()
+        with self.call.restored():
+            return torch.cat([self.part, hidden], -1)
+
+
+_Recipe = _Linear | _Activation | _Concatenation
+
+# What reads only a tensor's metadata: a placeholder answers it as the tensor it stands for would, uncomputed.
+_METADATA = frozenset({*(getattr(torch.Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "layout")),
+                       torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.__len__})
+_CONCATENATIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
+
+
+class DeferredHidden(TorchFunctionMode):
+    """Within a block's forward, placeholders for an inline MLP's hidden layer (and the concatenation ending with it):
+    a widening linear layer's output, its activation and their concatenation along the last dim stand uncomputed
+    until a narrowing linear layer beside them takes them in chunks (:class:`_ProjectedHidden`). Anything else that
+    reads a placeholder gets the tensor it stands for, computed then as it would have been (same grad mode, autocast
+    and input), so the block computes what it always did."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.attention, self.activations = attention, activations
+        self.recipes: dict[int, tuple[torch.Tensor, _Recipe | torch.Tensor]] = {}
+
+    def defer(self, recipe: _Recipe, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A placeholder of ``like``'s dtype and device and of ``shape``, holding no memory, for ``recipe``."""
+        placeholder = like.new_empty(()).expand(shape)
+        self.recipes[id(placeholder)] = (placeholder, recipe)
+        return placeholder
+
+    def recipe(self, x: Any) -> _Recipe | None:
+        """What ``x`` stands for, if it is a placeholder not computed yet."""
+        entry = self.recipes.get(id(x))
+        return entry[1] if entry is not None and entry[0] is x and not isinstance(entry[1], torch.Tensor) else None
+
+    def materialize(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor ``x`` stands for (computed once), or ``x`` if it is no placeholder."""
+        entry = self.recipes.get(id(x))
+        if entry is None or entry[0] is not x:
+            return x
+        value = entry[1] if isinstance(entry[1], torch.Tensor) else entry[1].compute()
+        self.recipes[id(x)] = (x, value)
+        return value
+
+    def _concatenation(self, tensors: Any, dim: Any = 0, **kwargs: Any) -> torch.Tensor | None:
+        if kwargs or not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not isinstance(dim, int):
+            return None
+        part, hidden = tensors
+        activation = self.recipe(hidden)
+        if (not isinstance(activation, _Activation) or not isinstance(part, torch.Tensor) or part.dim() != hidden.dim()
+                or self.recipe(part) is not None or dim % hidden.dim() != hidden.dim() - 1
+                or part.shape[:-1] != hidden.shape[:-1]):
+            return None
+        like = part.new_empty((), dtype=torch.promote_types(part.dtype, hidden.dtype))
+        return self.defer(_Concatenation(part, activation, _Call.now(part)), like,
+                          (*part.shape[:-1], part.shape[-1] + hidden.shape[-1]))
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.recipes and func not in _METADATA:
+            joined = self._concatenation(*args, **kwargs) if func in _CONCATENATIONS else None
+            if joined is not None:
+                return joined
+            args, kwargs = tree_map_only(torch.Tensor, self.materialize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+class DeferringBlock(ModelHook):
+    """Runs a module holding inline MLPs (a single-stream block) under :class:`DeferredHidden`; what it returns is
+    never a placeholder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: DeferredHidden | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        joined = args[0] if len(args) == 1 and not kwargs and not torch.compiler.is_compiling() else None
-        node = None if not isinstance(joined, torch.Tensor) or not torch.is_grad_enabled() else joined.grad_fn
-        if (node is None or node.name() != "CatBackward0" or len(node.next_functions) != 2
-                or _cat_dim(node, joined.dim()) != joined.dim() - 1):
+        if torch.compiler.is_compiling():
             return forward(*args, **kwargs)
-        edges = [edge for edge, _ in node.next_functions]
-        for activation in self.activations:
-            last = activation.last
-            hidden, x = (None, None) if last is None else (last[0](), last[1]())
-            if hidden is None or x is None or hidden.grad_fn is not edges[1]:
-                continue
-            for call in self.attention:
-                part = None if call.output is None else call.output()
-                if part is not None and part.grad_fn is edges[0] and part.shape[:-1] == hidden.shape[:-1]:
-                    linear, rows = last[2], last[3]
-                    return _ProjectedHidden.apply(joined.detach(), part, x, linear.weight, linear.bias, module.weight,
-                                                  module.bias, activation.fn_ref.original_forward, rows)
-        return forward(*args, **kwargs)
+        mode, outer = DeferredHidden(), self.active
+        self.active = mode
+        try:
+            with mode:
+                out = forward(*args, **kwargs)
+        finally:
+            self.active = outer
+        return tree_map_only(torch.Tensor, mode.materialize, out) if mode.recipes else out
+
+
+class _BesideInlineMlp(ModelHook):
+    """A hook on a layer of a block holding inline MLPs: it defers or reads placeholders while that block runs."""
+
+    def __init__(self, block: DeferringBlock, rows: int | None) -> None:
+        super().__init__()
+        self.block, self.rows = block, rows
+
+    def deferred(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Recipe | None:
+        """What this layer's one argument stands for, where it may be taken as that (no other hook on the layer)."""
+        mode = self.block.active
+        if mode is None or len(args) != 1 or kwargs or not forward_is_hooked_only_by(module):
+            return None
+        return mode.recipe(args[0])
+
+
+class DeferredLinear(_BesideInlineMlp):
+    """A widening linear layer beside an inline MLP's activation: where its tokens make more than one chunk, its output
+    is a placeholder."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward, mode = self.fn_ref.original_forward, self.block.active
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if (mode is None or not isinstance(x, torch.Tensor) or is_symbolic(x) or mode.recipe(x) is not None
+                or not forward_is_hooked_only_by(module)):
+            return forward(*args, **kwargs)
+        tokens = x.shape[:-1].numel()
+        if chunk_tokens(tokens, module.in_features, module.out_features, self.rows) >= tokens:
+            return forward(x)  # one chunk: nothing to gain (a modulation's linear layer of one token per sample)
+        with torch.no_grad():
+            like = forward(x.reshape(-1, x.shape[-1])[:1])  # the output's dtype and device
+        return mode.defer(_Linear(x, module, _Call.now(x), x._version), like, (*x.shape[:-1], module.out_features))
+
+
+class DeferredActivation(_BesideInlineMlp):
+    """An inline MLP's elementwise activation of a deferred linear layer's output: its output is a placeholder too."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        linear = self.deferred(module, args, kwargs)
+        if not isinstance(linear, _Linear):
+            return forward(*args, **kwargs)
+        x = linear.x
+        rows = chunk_tokens(x.shape[:-1].numel(), x.shape[-1], linear.layer.out_features, self.rows)
+        with torch.no_grad():
+            like = forward(torch.nn.functional.linear(x.reshape(-1, x.shape[-1])[:1], linear.layer.weight,
+                                                      linear.layer.bias))
+        return self.block.active.defer(_Activation(linear, forward, rows), like, args[0].shape)
+
+
+class ProjectedHidden(_BesideInlineMlp):
+    """A narrowing linear layer beside an inline MLP taking its deferred hidden layer, alone or after another tensor
+    (Flux's ``proj_out``): computed a chunk of tokens at a time, forward and backward (:class:`_ProjectedHidden`)."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        recipe = self.deferred(module, args, kwargs)
+        part, activation = (recipe.part, recipe.activation) if isinstance(recipe, _Concatenation) else (None, recipe)
+        if not isinstance(activation, _Activation):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        linear = activation.linear
+        linear.check()
+        return _ProjectedHidden.apply(part, linear.x, linear.layer.weight, linear.layer.bias, module.weight,
+                                      module.bias, activation.act, activation.rows, linear.call.autocast)
 
 
 def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
@@ -351,8 +511,8 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
     Args:
         module: a model, or anything holding models.
         rows: tokens per chunk (counted over every leading dimension of the input); ``None`` chooses
-            them per call: no tiling below ``MIN_TILED_TOKENS`` tokens, else as many chunks as the
-            hidden layer is wider than the input.
+            them per call: no tiling below ``MIN_TILED_TOKENS`` tokens, else twice as many chunks as
+            the hidden layer is wider than the input.
     """
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"tile_tokens={rows!r} must be a number of tokens >= 1, or None to choose them per call "
@@ -361,24 +521,15 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
     for name, sub in feed_forward_networks(module):
         tiling.hook(sub, TiledFeedForward(rows), "tiled_feed_forward")
         tiling.paths.append(name)
-    calls: dict[torch.nn.Module, _LastCall] = {}
-
-    def last_call(sub: torch.nn.Module, name: str) -> _LastCall:
-        if sub not in calls:
-            calls[sub] = _LastCall()
-            tiling.hook(sub, calls[sub], name)
-        return calls[sub]
-
-    beside: dict[torch.nn.Module, list[RecomputedActivation]] = {}
-    for name, act, linears, parent in inline_mlps(module):
-        hook = RecomputedActivation([last_call(linear, "inline_mlp_linear") for linear in linears], rows)
-        tiling.hook(act, hook, "inline_mlp_activation")
+    blocks: dict[torch.nn.Module, DeferringBlock] = {}
+    for name, act, _, parent in inline_mlps(module):
+        if parent not in blocks:
+            blocks[parent] = block = DeferringBlock()
+            tiling.hook(parent, block, "inline_mlp_block")
+            for child in parent.children():
+                if type(child) is torch.nn.Linear and child.out_features != child.in_features:
+                    hook = DeferredLinear if child.out_features > child.in_features else ProjectedHidden
+                    tiling.hook(child, hook(block, rows), "inline_mlp_linear")
+        tiling.hook(act, DeferredActivation(blocks[parent], rows), "inline_mlp_activation")
         tiling.paths.append(name)
-        beside.setdefault(parent, []).append(hook)
-    attention = {sub for _, sub in attention_modules(module)}
-    for parent, hooks in beside.items():
-        attentions = [last_call(c, "inline_mlp_attention") for c in parent.children() if c in attention]
-        for child in parent.children():
-            if attentions and type(child) is torch.nn.Linear and child.in_features > child.out_features:
-                tiling.hook(child, ProjectedConcatenation(attentions, hooks), "inline_mlp_projection")
     return tiling

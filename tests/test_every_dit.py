@@ -118,11 +118,12 @@ def check(result: dict[str, Any], reference: dict[str, Any], optimizer: str, wha
 
 # Memory options (cp_plugin.memory) under every layout: the models' own gradient checkpointing (blocks recomputed
 # under CP) with tiled feed-forward networks, and tiling alone, in chunks of 5 tokens so the tiny fixtures are cut.
-# Flux and Wan on their own plans; Z-Image (refiners, samples packed between blocks) and Chroma (a joint mask that
-# diffusers drops from its single-stream blocks when checkpointing) on derived plans. The reference checkpoints too
+# Flux and Wan on their own plans; Z-Image (refiners, samples packed between blocks), Chroma (a joint mask that
+# diffusers drops from its single-stream blocks when checkpointing) and HunyuanVideo (its single-stream proj_out of
+# the two streams' attention outputs and the inline MLP, taken in chunks) on derived plans. The reference checkpoints too
 # (whole blocks): the save_attention policy, which keeps the attention kernels' outputs through a recompute, must
 # train as a full recompute does.
-MEMORY_MODELS = ("flux", "wan", "zimage", "chroma")
+MEMORY_MODELS = ("flux", "wan", "zimage", "chroma", "hunyuanvideo")
 MEMORY = [{"gradient_checkpointing": True, "tiling": True, "tile_tokens": 5}, {"tiling": True, "tile_tokens": 5}]
 SAVE_ATTENTION = {"gradient_checkpointing": True, "checkpoint_policy": "save_attention", "tiling": True, "tile_tokens": 5}
 SAVE_ATTENTION_MODELS = ("flux", "zimage")

@@ -60,33 +60,41 @@ def test_a_tiled_feed_forward_is_exact_and_holds_less(rows: int | None) -> None:
 
 
 class _SingleStream(torch.nn.Module):
-    """A single-stream block's inline MLP (Flux, HunyuanVideo: ``act_mlp(proj_mlp(x))``) concatenated with another
-    branch before ``proj_out`` (with ``attention``, an attention layer's output, as in Flux), and a modulation whose
-    activation comes before its linear layer (AdaLayerNorm's)."""
+    """A single-stream block's inline MLP (Flux, HunyuanVideo: ``act_mlp(proj_mlp(x))``), whose hidden layer is, by
+    ``use``: concatenated after another branch before ``proj_out`` (``"linear"``: a linear layer's output;
+    ``"attention"``: an attention layer's, as in Flux), projected alone (``"alone"``), or also read by something else
+    (``"read"``); beside a modulation whose activation comes before its linear layer (AdaLayerNorm's)."""
 
-    def __init__(self, width: int = 32, attention: bool = False) -> None:
+    def __init__(self, width: int = 32, use: str = "linear") -> None:
         super().__init__()
+        self.use = use
         self.proj_mlp, self.act_mlp = torch.nn.Linear(width, 4 * width), torch.nn.GELU(approximate="tanh")
-        self.mix = Attention(width, heads=2, dim_head=width // 2) if attention else torch.nn.Linear(width, width)
-        self.proj_out = torch.nn.Linear(5 * width, width)
+        self.mix = Attention(width, heads=2, dim_head=width // 2) if use == "attention" else torch.nn.Linear(width, width)
+        self.proj_out = torch.nn.Linear((4 if use == "alone" else 5) * width, width)
         self.silu, self.linear = torch.nn.SiLU(), torch.nn.Linear(width, 2 * width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act_mlp(self.proj_mlp(x))
         attended = self.mix(x)  # held while projected, as Flux's attn_output is
         scale = self.linear(self.silu(x.mean(1)))[:, None, : x.shape[-1]]
+        if self.use == "alone":
+            return self.proj_out(hidden) * (1 + scale) + attended
+        if self.use == "read":
+            scale = scale + hidden[..., : x.shape[-1]].mean(1, keepdim=True)
         return self.proj_out(torch.cat([attended, hidden], -1)) * (1 + scale)
 
 
-@pytest.mark.parametrize(("rows", "attention", "bound"), [(None, False, 0.9), (1000, False, 0.9), (None, True, 0.8)])
-def test_an_inline_mlp_recomputes_its_hidden_layer_exactly_and_holds_less(
-    rows: int | None, attention: bool, bound: float, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("rows", "use", "bound"), [
+    (None, "linear", 0.5), (1000, "linear", 0.6), (None, "attention", 0.6), (None, "alone", 0.5), (None, "read", 0.9)])
+def test_an_inline_mlp_is_projected_in_chunks_exactly_and_holds_less(
+    rows: int | None, use: str, bound: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hidden layer (4 x 32 wide) is no longer saved for the backward (measured: 0.88 of the untiled peak); with
-    an attention layer's output beside it, ``proj_out`` saves neither the concatenation (5 x 32) nor takes its
-    gradient whole (measured: 0.75)."""
+    """Where ``proj_out`` takes the hidden layer (4 x 32 wide), alone or concatenated after another branch, neither it
+    nor the concatenation (5 x 32) is ever whole, forward or backward (measured: 0.40-0.55 of the untiled peak).
+    Where something else reads the hidden layer, it is computed whole as before but not saved for the backward
+    (measured: 0.86)."""
     torch.manual_seed(0)
-    block = _SingleStream(attention=attention)
+    block = _SingleStream(use=use)
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
     out, grad_x, grads, untiled = _step(block, x)
     assert [name for name, _, _, _ in inline_mlps(block)] == ["act_mlp", "silu"]  # candidates; silu's input is no output
@@ -96,7 +104,7 @@ def test_an_inline_mlp_recomputes_its_hidden_layer_exactly_and_holds_less(
     class Counted(original):
         @staticmethod
         def forward(ctx: Any, *args: Any) -> torch.Tensor:
-            projected.append(args[0].shape)
+            projected.append(args[1].shape)
             return original.forward(ctx, *args)
 
     monkeypatch.setattr(tiling_module, "_ProjectedHidden", Counted)
@@ -105,17 +113,69 @@ def test_an_inline_mlp_recomputes_its_hidden_layer_exactly_and_holds_less(
     torch.testing.assert_close(tiled_grad_x, grad_x, rtol=1e-6, atol=1e-7)
     for got, want in zip(tiled_grads, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert len(projected) == attention
+    assert len(projected) == (use != "read")
     assert tiled < bound * untiled, (tiled, untiled)
     tiling.remove()
     assert not any("_diffusers_hook" in vars(m) for m in block.modules())
     assert _step(block, x)[3] == untiled
 
 
-def test_an_inline_mlp_under_bf16_autocast_recomputes_its_hidden_layer_as_the_forward_computed_it() -> None:
-    """Mixed precision (Lightning's ``bf16-mixed``): the linear layer ran under autocast, so its recompute does too."""
+class _Escaping(torch.nn.Module):
+    """An inline MLP whose hidden layer leaves the block (returned) or whose input is written in place after the
+    linear layer took it: the block computes what it computes untiled, or names the setting that avoids it."""
+
+    def __init__(self, width: int = 16, in_place: bool = False) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.proj_mlp, self.act_mlp = torch.nn.Linear(width, 4 * width), torch.nn.GELU()
+        self.proj_out = torch.nn.Linear(5 * width, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x - x.mean(1, keepdim=True)  # combines tokens: a block, no feed-forward network
+        hidden = self.act_mlp(self.proj_mlp(x))
+        if self.in_place:
+            x.mul_(2)
+        return self.proj_out(torch.cat([x, hidden], -1)), hidden
+
+
+def test_a_hidden_layer_that_leaves_the_block_or_is_hooked_is_computed_as_untiled() -> None:
     torch.manual_seed(0)
-    block = _SingleStream()
+    block, x = _Escaping(), torch.randn(2, MIN_TILED_TOKENS, 16)
+    want = block(x)
+    seen: list[torch.Tensor] = []
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
+    got = block(x)  # returned: the placeholder is computed on the way out
+    for tiled, untiled in zip(got, want, strict=True):
+        torch.testing.assert_close(tiled, untiled, rtol=1e-6, atol=1e-6)
+    handle = block.proj_mlp.register_forward_hook(lambda module, args, out: seen.append(out))
+    hooked = block(x)  # a user's hook on the linear layer sees its real output: nothing is deferred
+    handle.remove()
+    tiling.remove()
+    centered = x - x.mean(1, keepdim=True)
+    torch.testing.assert_close(seen[0], torch.nn.functional.linear(centered, block.proj_mlp.weight, block.proj_mlp.bias))
+    torch.testing.assert_close(hooked[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_an_input_written_in_place_before_its_hidden_layer_is_read_names_the_setting() -> None:
+    block, x = _Escaping(in_place=True), torch.randn(2, MIN_TILED_TOKENS, 16)
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
+    with pytest.raises(RuntimeError, match=r"modified in place.*tile_feed_forward=False"):
+        block(x)
+    tiling.remove()
+    block(x)  # untiled, it runs
+
+
+@pytest.mark.parametrize(("use", "bound"), [("read", 1e-3), ("linear", 4e-3)])
+def test_an_inline_mlp_under_bf16_autocast_recomputes_its_hidden_layer_as_the_forward_computed_it(
+    use: str, bound: float
+) -> None:
+    """Mixed precision (Lightning's ``bf16-mixed``): the linear layer ran under autocast, so its recompute does too.
+    Recomputed for the activation's derivative alone (``"read"``), the gradients are the same (0 here); recomputed in
+    float32 they are 5e-3 off. Projected in chunks (``"linear"``), the forward is the same and the gradients are within
+    about one bf16 rounding (measured: 3.1e-3): each chunk's weight gradient is rounded to bf16 before the chunks are
+    summed, as under gradient accumulation, where one product over every token is rounded once."""
+    torch.manual_seed(0)
+    block = _SingleStream(use=use)
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
 
     def step() -> tuple[torch.Tensor, ...]:
@@ -131,14 +191,14 @@ def test_an_inline_mlp_under_bf16_autocast_recomputes_its_hidden_layer_as_the_fo
     got = step()
     tiling.remove()
     assert got[0].dtype == torch.bfloat16 and got[0].equal(want[0])
-    # the same bf16 hidden layer gives the same gradients (0 here); one recomputed in float32 is 7e-3 off
     for tiled, untiled in zip(got[1:], want[1:], strict=True):
-        assert float((tiled - untiled).abs().max()) <= 1e-3 * float(untiled.abs().max())
+        assert float((tiled - untiled).abs().max()) <= bound * float(untiled.abs().max())
 
 
 def test_the_automatic_chunk_tiles_long_sequences_only() -> None:
     assert chunk_tokens(MIN_TILED_TOKENS - 1, 64, 256, None) == MIN_TILED_TOKENS - 1  # not tiled
-    assert chunk_tokens(8192, 64, 256, None) == 2048  # 4 chunks: each hidden layer the size of the input
+    assert chunk_tokens(8192, 64, 256, None) == 1024  # 8 chunks: each hidden layer half the size of the input
+    assert chunk_tokens(MIN_TILED_TOKENS, 64, 4096, None) == MIN_TILED_TOKENS // 4  # no shorter chunks
     assert chunk_tokens(8192, 64, 64, None) == 8192  # nothing wider than the input
     assert chunk_tokens(8192, 64, 256, 100) == 100  # tile_tokens overrides
     with pytest.raises(ValueError, match=r"tile_tokens=0 must be a number of tokens >= 1"):
