@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -285,11 +285,12 @@ HOOK_REGISTRY_ATTR = "_diffusers_hook"
 PARALLEL_CONFIG_ATTR = "_parallel_config"
 
 
-def forward_is_hooked_only_by(module: torch.nn.Module, hooks: int = 1) -> bool:
-    """Whether ``module``'s forward runs inside no hook but the ``hooks`` of its diffusers hook registry: no torch
-    forward hooks of its own or global ones (a caller that skips the forward would skip theirs)."""
+def forward_is_hooked_only_by(module: torch.nn.Module, names: Collection[str]) -> bool:
+    """Whether nothing wraps ``module``'s forward but the hooks of its diffusers hook registry named in ``names``: no
+    other registry hook, no torch forward hooks of its own or global ones (a caller that skips or reruns the forward
+    would skip or rerun theirs)."""
     registry = module.__dict__.get(HOOK_REGISTRY_ATTR)
-    return (registry is not None and len(registry.hooks) == hooks and not module._forward_hooks
+    return (registry is not None and set(registry.hooks) <= set(names) and not module._forward_hooks
             and not module._forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
             and not torch.nn.modules.module._global_forward_pre_hooks)
 

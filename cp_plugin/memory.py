@@ -15,7 +15,8 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
 - ``tile_feed_forward``: every feed-forward network (found by structure, :mod:`cp_plugin.tiling`)
   over its tokens a chunk at a time, ``tile_tokens`` per chunk or chosen per call; an MLP a block
   writes inline is computed with the projection of it (concatenated after the attention's output)
-  a chunk at a time too, forward and backward.
+  a chunk at a time too, forward and backward; and normalization layers keep only their inputs for
+  the backward, which recomputes them (:mod:`cp_plugin.norms`).
 
 Both work with or without context parallelism, so a one-process run can use the same options.
 """
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cp_plugin.compat import ATTENTION_FORWARD_KERNELS, supports_gradient_checkpointing
 from cp_plugin.config import check_checkpoint_policy
 from cp_plugin.model import Conversion
+from cp_plugin.norms import recompute_norms
 from cp_plugin.tiling import tile_feed_forward
 
 
@@ -84,6 +86,8 @@ def apply_memory_options(
 ) -> Conversion:
     """Apply the options to ``module``; ``.remove()`` on the result puts it back."""
     conversion = tile_feed_forward(module, tile_tokens) if tiling else Conversion()
+    if tiling:
+        recompute_norms(module, conversion, tile_tokens)
     if gradient_checkpointing:
         enable_checkpointing(module, conversion, checkpoint_policy)
     return conversion

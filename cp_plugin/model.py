@@ -125,6 +125,11 @@ class _AttentionScope(ModelHook):
         return self.routing.run(self.call, self.fn_ref.original_forward, *args, **kwargs)  # a recompute
 
 
+def hook_name(name: str) -> str:
+    """The name :meth:`Conversion.hook` registers a hook under in a module's diffusers hook registry."""
+    return f"{_HOOK_PREFIX}{name}"
+
+
 class Conversion:
     """What :func:`apply_context_parallel` changed in a module, and ``remove()`` to put it back exactly.
 
@@ -144,8 +149,8 @@ class Conversion:
         """Register ``hook`` on ``module`` under ``name`` (cp_plugin's prefix added), remembering how to undo it."""
         if all(m is not module for m, _, _ in self._made):
             self._made.append((module, HOOK_REGISTRY_ATTR in module.__dict__, "forward" in module.__dict__))
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, f"{_HOOK_PREFIX}{name}")
-        self._hooks.append((module, f"{_HOOK_PREFIX}{name}"))
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name(name))
+        self._hooks.append((module, hook_name(name)))
 
     def set_parallel_config(self, processor: object, config: RoutedParallelConfig) -> None:
         """Give an attention processor our config (diffusers' convention for models with their own plan)."""

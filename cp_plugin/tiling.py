@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tree_map_only
-from cp_plugin.model import Conversion
+from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules
 
 # Tokens below this are not tiled: a chunk's matrix products stay large enough to run at full speed, and a
@@ -417,6 +417,10 @@ class DeferredHidden(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# What the hook that runs a block holding inline MLPs under :class:`DeferredHidden` is registered as.
+INLINE_MLP_BLOCK = "inline_mlp_block"
+
+
 class DeferringBlock(ModelHook):
     """Runs a module holding inline MLPs (a single-stream block) under :class:`DeferredHidden`; what it returns is
     never a placeholder."""
@@ -442,6 +446,8 @@ class DeferringBlock(ModelHook):
 class _BesideInlineMlp(ModelHook):
     """A hook on a layer of a block holding inline MLPs: it defers or reads placeholders while that block runs."""
 
+    name = "inline_mlp_linear"  # what it is registered as on its layer
+
     def __init__(self, block: DeferringBlock, rows: int | None) -> None:
         super().__init__()
         self.block, self.rows = block, rows
@@ -449,7 +455,7 @@ class _BesideInlineMlp(ModelHook):
     def deferred(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Recipe | None:
         """What this layer's one argument stands for, where it may be taken as that (no other hook on the layer)."""
         mode = self.block.active
-        if mode is None or len(args) != 1 or kwargs or not forward_is_hooked_only_by(module):
+        if mode is None or len(args) != 1 or kwargs or not forward_is_hooked_only_by(module, {hook_name(self.name)}):
             return None
         return mode.recipe(args[0])
 
@@ -462,7 +468,7 @@ class DeferredLinear(_BesideInlineMlp):
         forward, mode = self.fn_ref.original_forward, self.block.active
         x = args[0] if len(args) == 1 and not kwargs else None
         if (mode is None or not isinstance(x, torch.Tensor) or is_symbolic(x) or mode.recipe(x) is not None
-                or not forward_is_hooked_only_by(module)):
+                or not forward_is_hooked_only_by(module, {hook_name(self.name)})):
             return forward(*args, **kwargs)
         tokens = x.shape[:-1].numel()
         if chunk_tokens(tokens, module.in_features, module.out_features, self.rows) >= tokens:
@@ -474,6 +480,8 @@ class DeferredLinear(_BesideInlineMlp):
 
 class DeferredActivation(_BesideInlineMlp):
     """An inline MLP's elementwise activation of a deferred linear layer's output: its output is a placeholder too."""
+
+    name = "inline_mlp_activation"
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -525,11 +533,11 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
     for name, act, _, parent in inline_mlps(module):
         if parent not in blocks:
             blocks[parent] = block = DeferringBlock()
-            tiling.hook(parent, block, "inline_mlp_block")
+            tiling.hook(parent, block, INLINE_MLP_BLOCK)
             for child in parent.children():
                 if type(child) is torch.nn.Linear and child.out_features != child.in_features:
                     hook = DeferredLinear if child.out_features > child.in_features else ProjectedHidden
-                    tiling.hook(child, hook(block, rows), "inline_mlp_linear")
-        tiling.hook(act, DeferredActivation(blocks[parent], rows), "inline_mlp_activation")
+                    tiling.hook(child, hook(block, rows), hook.name)
+        tiling.hook(act, DeferredActivation(blocks[parent], rows), DeferredActivation.name)
         tiling.paths.append(name)
     return tiling
