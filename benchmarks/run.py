@@ -59,9 +59,11 @@ def theoretical_bytes(record: dict[str, Any]) -> float | None:
 
 
 def launch(world: int, layouts: list[str], seqs: list[int], repeats: int, search_mib: float, raw: Path,
-           blocks: int = 1) -> None:
+           blocks: int = 1, interleave_tiling: bool = False) -> None:
     cmd = ["torchrun", "--standalone", f"--nproc-per-node={world}", "-m", "benchmarks.worker",
            "--layouts", *layouts, "--repeats", str(repeats), "--out", str(raw), "--blocks", str(blocks)]
+    if interleave_tiling:
+        cmd.append("--interleave-tiling")
     if seqs:
         cmd += ["--seq", *map(str, seqs)]
     if search_mib:

@@ -5,15 +5,19 @@
 ``benchmarks.worker`` runs the same Flux (``--blocks`` double- and single-stream blocks), the same global
 tokens and cores, with and without ``+tile`` (``cp_plugin.tiling``, chunks chosen per call: on from 2048
 tokens per call), on one process and on Ulysses 2 (sharded path), plain and with the model's gradient
-checkpointing, in one invocation. Each pair is reported as tiled / untiled: step time (median of
-repeats, with the tiled run's min-max over the untiled median) and peak memory per rank; the errors
-against the one-process untiled step show tiling changes nothing else.
+checkpointing, in one invocation. Each pair is reported as tiled / untiled: step time and peak memory
+per rank; the errors against the one-process untiled step show tiling changes nothing else. Step time
+is measured on one model with tiling put on and taken off in turn, a tiled step after each untiled
+one (``benchmarks.worker.interleaved_tiling``): the median of the pairs' ratios, with their min-max.
+Timed in separate runs instead, one after the other, a machine's drift over minutes reads as
+tiling's cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +34,9 @@ def tiled(name: str) -> str:
 
 
 def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
+    interleaved = {(r["world"], r["name"], r["seq"]): r for r in records if r.get("interleaved")}
     worst: dict[tuple, dict[str, Any]] = {}
-    for r in records:  # the worst rank of each case
+    for r in (r for r in records if not r.get("interleaved")):  # the worst rank of each case
         key = (r["world"], r["name"], r["seq"])
         if key not in worst or r.get("peak_bytes", 0) > worst[key].get("peak_bytes", 0):
             worst[key] = r
@@ -39,7 +44,8 @@ def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
         "# Tiled feed-forward networks: step time and peak memory, tiled / untiled", "",
         f"{describe(command)} Flux of {WIDE_FLUX['num_attention_heads']} "
         f"heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double- + {blocks} single-stream blocks, {TEXT_TOKENS} "
-        "text tokens, fp32; one forward+backward step, median of repeats [tiled min-max / untiled median]; peak: "
+        "text tokens, fp32; one forward+backward step; time: median [min-max] of tiled / untiled over pairs of steps "
+        "taken in turn on one model; peak: "
         "benchmarks.measure.PeakMemory, worst rank; errors of the tiled step against one untiled process.", "",
         "| ranks | layout | tokens | tiled step time / untiled | tiled peak / untiled | max rel err out / grad |",
         "|---|---|---|---|---|---|",
@@ -53,8 +59,9 @@ def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
                 if "error" in base or "error" in tile:
                     lines.append(f"| {world} | {name} | {seq} | fails: {base.get('error') or tile.get('error')} | | |")
                     continue
-                ratio = tile["time_median_s"] / base["time_median_s"]
-                low, high = tile["time_low_s"] / base["time_median_s"], tile["time_high_s"] / base["time_median_s"]
+                pairs = interleaved[(world, tiled(name), seq)]
+                ratios = [t / u for t, u in zip(pairs["time_tiled_s"], pairs["time_untiled_s"], strict=True)]
+                ratio, low, high = statistics.median(ratios), min(ratios), max(ratios)
                 lines.append(f"| {world} | {name} | {seq} | {ratio:.3f} [{low:.3f}-{high:.3f}] "
                              f"| {tile['peak_bytes'] / base['peak_bytes']:.3f} "
                              f"| {tile.get('out_rel_err', 0.0):.1e} / {tile.get('grad_rel_err', 0.0):.1e} |")
@@ -73,7 +80,7 @@ def main() -> None:
     raw.unlink(missing_ok=True)
     for world, names in PAIRS.items():  # world 1 first: its untiled "single" step is the errors' reference
         launch(world, [n for name in names for n in (name, tiled(name))], args.seq, args.repeats, 0.0, raw,
-               blocks=args.blocks)
+               blocks=args.blocks, interleave_tiling=True)
     records = [json.loads(line) for line in raw.read_text().splitlines()]
     report = table(records, args.blocks, ("python -m benchmarks.tiling " + " ".join(sys.argv[1:])).strip())
     (args.out / "tiling.md").write_text(report)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from benchmarks.measure import PeakMemory, count_saved_activations, phase, time_steps
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
-from cp_plugin.memory import apply_memory_options
+from cp_plugin.memory import apply_memory_options, apply_tiling
 from cp_plugin.model import apply_context_parallel
 from fixtures.models import tiny_flux
 
@@ -222,6 +222,24 @@ def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str,
     return record
 
 
+def interleaved_tiling(layout: Layout, seq: int, repeats: int) -> dict[str, Any]:
+    """Step times of ``layout`` (a ``+tile`` one) with tiling on and off in turn on one model, ``repeats`` pairs: what
+    a machine's speed drifts by over a run falls on both alike, where separate runs of each would take it as cost."""
+    model, mesh = build(replace(layout, tiling=False))
+    step = step_fn(model, inputs_for(layout, seq, mesh))
+    times: dict[str, list[float]] = {"untiled": [], "tiled": []}
+    for repeat in range(repeats + 1):  # the first pair warms both up
+        for kind in times:
+            tiling = apply_tiling(model, None) if kind == "tiled" else None
+            seconds = time_steps(step, 1, warmup=0, barrier=dist.barrier).median_s
+            if tiling is not None:
+                tiling.remove()
+            if repeat:
+                times[kind].append(seconds)
+    return {**asdict(layout), "world": dist.get_world_size(), "seq": seq, "rank": dist.get_rank(), "interleaved": True,
+            "time_untiled_s": times["untiled"], "time_tiled_s": times["tiled"]}
+
+
 SIDE_STEP = 4  # search lengths are side x side tokens (Flux's image grid), side a multiple of 4 (every cp size)
 
 
@@ -320,6 +338,8 @@ def main() -> None:
     parser.add_argument("--search-mib", type=float, help="search the longest sequence within this step peak per rank")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines file; one record per rank and case")
     parser.add_argument("--blocks", type=int, default=1, help="double-stream and single-stream blocks each")
+    parser.add_argument("--interleave-tiling", action="store_true",
+                        help="also time each +tile layout with tiling on and off in turn (interleaved_tiling)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -335,6 +355,8 @@ def main() -> None:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, record)
             write(gathered, args.out)
+            if args.interleave_tiling and layouts[name].tiling:
+                write([interleaved_tiling(layouts[name], seq, args.repeats)], args.out)  # ranks time alike: rank 0
     if args.search_mib:
         for name in args.layouts:
             try:  # the search's figures are all-reduced: rank 0's record speaks for every rank

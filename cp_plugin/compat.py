@@ -290,7 +290,7 @@ def forward_is_hooked_only_by(module: torch.nn.Module, names: Collection[str]) -
     other registry hook, no torch forward hooks of its own or global ones (a caller that skips or reruns the forward
     would skip or rerun theirs)."""
     registry = module.__dict__.get(HOOK_REGISTRY_ATTR)
-    return (registry is not None and set(registry.hooks) <= set(names) and not module._forward_hooks
+    return ((registry is None or set(registry.hooks) <= set(names)) and not module._forward_hooks
             and not module._forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
             and not torch.nn.modules.module._global_forward_pre_hooks)
 

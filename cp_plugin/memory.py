@@ -80,14 +80,19 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy
             conversion.on_remove(model.disable_gradient_checkpointing)
 
 
+def apply_tiling(module: torch.nn.Module, tile_tokens: int | None) -> Conversion:
+    """The tiling option alone: feed-forward networks and inline MLPs in chunks, normalizations recomputed."""
+    conversion = tile_feed_forward(module, tile_tokens)
+    recompute_norms(module, conversion, tile_tokens)
+    return conversion
+
+
 def apply_memory_options(
     module: torch.nn.Module, *, gradient_checkpointing: bool, tiling: bool, tile_tokens: int | None,
     checkpoint_policy: str = "full",
 ) -> Conversion:
     """Apply the options to ``module``; ``.remove()`` on the result puts it back."""
-    conversion = tile_feed_forward(module, tile_tokens) if tiling else Conversion()
-    if tiling:
-        recompute_norms(module, conversion, tile_tokens)
+    conversion = apply_tiling(module, tile_tokens) if tiling else Conversion()
     if gradient_checkpointing:
         enable_checkpointing(module, conversion, checkpoint_policy)
     return conversion
