@@ -42,7 +42,7 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 __all__ = [
     "SDPA", "ContextParallelInput", "ContextParallelOutput", "FakeTensorMode", "ShapeEnv", "TorchDispatchMode", "VERIFIED",
     "decomposition", "expr_hint", "outside_dispatch_modes", "is_symbolic", "quiet_fake_kernels", "supports_gradient_checkpointing", "fresh_size", "is_backed", "same_size", "size_expr", "size_hint", "symbolic_fake", "symbolic_fake_mode", "tree_flatten", "tree_flatten_with_path",
-    "tree_leaves", "tree_map_only", "tree_unflatten", "forward_is_hooked_only_by", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
+    "tree_leaves", "tree_map_only", "tree_unflatten", "forward_is_hooked_only_by", "tensor_version", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "attention_backends",
     "check_versions", "ddp_ignore_parameters", "ddp_kwargs", "default_store", "flatten_mesh",
     "flux_pack_latents", "flux2_image_latents", "qwenimage_edit_size", "cogvideox_rotary_embeddings", "ltx_pack_latents", "ltx_unpack_latents", "ltx_normalize_latents", "foreach_norm", "mark_prepared", "mask_preparers", "submodules_by_name", "unwrap_optimizer",
     "HOOK_REGISTRY_ATTR", "PARALLEL_CONFIG_ATTR",
@@ -293,6 +293,11 @@ def forward_is_hooked_only_by(module: torch.nn.Module, names: Collection[str]) -
     return ((registry is None or set(registry.hooks) <= set(names)) and not module._forward_hooks
             and not module._forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
             and not torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def tensor_version(x: torch.Tensor) -> int:
+    """How many times ``x``'s storage was written in place (autograd's version counter)."""
+    return x._version
 
 
 def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:

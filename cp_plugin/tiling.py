@@ -55,7 +55,7 @@ from diffusers.models.attention import FeedForward
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tree_map_only
+from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tensor_version, tree_map_only
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules
 
@@ -314,7 +314,7 @@ class _Linear:
     version: int  # of ``x`` when called: computed later, it must read what it would have read then
 
     def check(self) -> None:
-        if self.x._version != self.version:
+        if tensor_version(self.x) != self.version:
             raise RuntimeError(
                 f"tiling: the input of {self.layer} was modified in place after the layer took it, before its output "
                 "was read, so its output would differ; set tile_feed_forward=False (Hydra: parallel.tile_feed_forward=false)")
@@ -475,7 +475,7 @@ class DeferredLinear(_BesideInlineMlp):
             return forward(x)  # one chunk: nothing to gain (a modulation's linear layer of one token per sample)
         with torch.no_grad():
             like = forward(x.reshape(-1, x.shape[-1])[:1])  # the output's dtype and device
-        return mode.defer(_Linear(x, module, _Call.now(x), x._version), like, (*x.shape[:-1], module.out_features))
+        return mode.defer(_Linear(x, module, _Call.now(x), tensor_version(x)), like, (*x.shape[:-1], module.out_features))
 
 
 class DeferredActivation(_BesideInlineMlp):
