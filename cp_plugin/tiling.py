@@ -165,11 +165,9 @@ class TiledFeedForward(ModelHook):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def inline_mlps(
-    module: torch.nn.Module,
-) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear], torch.nn.Module]]:
-    """Elementwise activations outside attention layers and feed-forward networks, each with the widening linear
-    layers beside it (children of the same parent) whose output it may take, and that parent: an MLP a block writes
+def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """Elementwise activations outside attention layers and feed-forward networks that have a widening linear layer
+    beside them (a child of the same parent) whose output they may take, each with that parent: an MLP a block writes
     inline (Flux's and HunyuanVideo's single-stream blocks: ``act_mlp(proj_mlp(x))``, then concatenated with the
     attention's output and projected by ``proj_out``)."""
     outside = [f"{name}." for name, _ in attention_modules(module) + feed_forward_networks(module)]
@@ -177,10 +175,11 @@ def inline_mlps(
     for name, parent in module.named_modules():
         if any(f"{name}.".startswith(prefix) for prefix in outside):
             continue
-        widening = [c for c in parent.children() if type(c) is torch.nn.Linear and c.out_features > c.in_features]
+        if not any(type(c) is torch.nn.Linear and c.out_features > c.in_features for c in parent.children()):
+            continue
         for child_name, child in parent.named_children():
-            if widening and type(child) in ELEMENTWISE:
-                found.append((f"{name}.{child_name}" if name else child_name, child, widening, parent))
+            if type(child) in ELEMENTWISE:
+                found.append((f"{name}.{child_name}" if name else child_name, child, parent))
     return found
 
 
@@ -189,11 +188,16 @@ def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
     return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
 
 
+def _autocast(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
+    """The autocast :func:`_autocast_state` recorded, entered again."""
+    device, dtype, enabled = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
 def _activated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any,
                autocast: tuple[str, torch.dtype, bool]) -> torch.Tensor:
     """``act(linear(x))`` (a chunk of tokens) under ``autocast``."""
-    device, dtype, enabled = autocast
-    with torch.autocast(device, dtype=dtype, enabled=enabled):
+    with _autocast(autocast):
         return act(torch.nn.functional.linear(x, weight, bias))
 
 
@@ -203,8 +207,7 @@ def _activation_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(act(hidden), gradient of hidden)`` for ``hidden = linear(x)`` recomputed (a chunk of tokens) under the
     forward's ``autocast``, given ``grad``, the gradient of ``act(hidden)``."""
-    device, dtype, enabled = autocast
-    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+    with torch.enable_grad(), _autocast(autocast):
         hidden = torch.nn.functional.linear(x, weight, bias).detach().requires_grad_()
         activated = act(hidden)
         (grad_hidden,) = torch.autograd.grad(activated, hidden, grad)
@@ -299,8 +302,7 @@ class _Call:
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        device, dtype, enabled = self.autocast
-        with torch.set_grad_enabled(self.grad), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.set_grad_enabled(self.grad), _autocast(self.autocast):
             yield
 
 
@@ -323,6 +325,12 @@ class _Linear:
         self.check()
         with self.call.restored():
             return torch.nn.functional.linear(self.x, self.layer.weight, self.layer.bias)
+
+    def sample(self) -> torch.Tensor:
+        """The output's first token, computed now without gradient: the dtype and device of the whole output."""
+        with self.call.restored(), torch.no_grad():
+            return torch.nn.functional.linear(self.x.reshape(-1, self.x.shape[-1])[:1], self.layer.weight,
+                                              self.layer.bias)
 
 
 @dataclasses.dataclass
@@ -473,9 +481,8 @@ class DeferredLinear(_BesideInlineMlp):
         tokens = x.shape[:-1].numel()
         if chunk_tokens(tokens, module.in_features, module.out_features, self.rows) >= tokens:
             return forward(x)  # one chunk: nothing to gain (a modulation's linear layer of one token per sample)
-        with torch.no_grad():
-            like = forward(x.reshape(-1, x.shape[-1])[:1])  # the output's dtype and device
-        return mode.defer(_Linear(x, module, _Call.now(x), tensor_version(x)), like, (*x.shape[:-1], module.out_features))
+        linear = _Linear(x, module, _Call.now(x), tensor_version(x))
+        return mode.defer(linear, linear.sample(), (*x.shape[:-1], module.out_features))
 
 
 class DeferredActivation(_BesideInlineMlp):
@@ -491,8 +498,7 @@ class DeferredActivation(_BesideInlineMlp):
         x = linear.x
         rows = chunk_tokens(x.shape[:-1].numel(), x.shape[-1], linear.layer.out_features, self.rows)
         with torch.no_grad():
-            like = forward(torch.nn.functional.linear(x.reshape(-1, x.shape[-1])[:1], linear.layer.weight,
-                                                      linear.layer.bias))
+            like = forward(linear.sample())
         return self.block.active.defer(_Activation(linear, forward, rows), like, args[0].shape)
 
 
@@ -530,7 +536,7 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
         tiling.hook(sub, TiledFeedForward(rows), "tiled_feed_forward")
         tiling.paths.append(name)
     blocks: dict[torch.nn.Module, DeferringBlock] = {}
-    for name, act, _, parent in inline_mlps(module):
+    for name, act, parent in inline_mlps(module):
         if parent not in blocks:
             blocks[parent] = block = DeferringBlock()
             tiling.hook(parent, block, INLINE_MLP_BLOCK)

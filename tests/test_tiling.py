@@ -97,7 +97,7 @@ def test_an_inline_mlp_is_projected_in_chunks_exactly_and_holds_less(
     block = _SingleStream(use=use)
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
     out, grad_x, grads, untiled = _step(block, x)
-    assert [name for name, _, _, _ in inline_mlps(block)] == ["act_mlp", "silu"]  # candidates; silu's input is no output
+    assert [name for name, _, _ in inline_mlps(block)] == ["act_mlp", "silu"]  # candidates; silu's input is no output
     tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}), rows)
     projected, original = [], tiling_module._ProjectedHidden
 
