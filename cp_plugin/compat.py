@@ -300,6 +300,11 @@ def tensor_version(x: torch.Tensor) -> int:
     return x._version
 
 
+def view_base(x: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``x`` is a view of (autograd's ``_base``), or ``None`` if it owns its storage."""
+    return x._base
+
+
 def submodules_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module | list[torch.nn.Module]:
     """The submodule(s) a ``_cp_plan`` key names (``"blocks.*"`` gives a list), as diffusers resolves it."""
     return _get_submodule_by_name(model, name)

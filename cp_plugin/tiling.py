@@ -183,13 +183,13 @@ def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tor
     return found
 
 
-def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
+def autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
     """The autocast a forward runs under, for its recompute in the backward (mixed precision)."""
     return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
 
 
-def _autocast(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
-    """The autocast :func:`_autocast_state` recorded, entered again."""
+def recorded_autocast(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
+    """The autocast :func:`autocast_state` recorded, entered again."""
     device, dtype, enabled = state
     return torch.autocast(device, dtype=dtype, enabled=enabled)
 
@@ -197,7 +197,7 @@ def _autocast(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
 def _activated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any,
                autocast: tuple[str, torch.dtype, bool]) -> torch.Tensor:
     """``act(linear(x))`` (a chunk of tokens) under ``autocast``."""
-    with _autocast(autocast):
+    with recorded_autocast(autocast):
         return act(torch.nn.functional.linear(x, weight, bias))
 
 
@@ -207,7 +207,7 @@ def _activation_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(act(hidden), gradient of hidden)`` for ``hidden = linear(x)`` recomputed (a chunk of tokens) under the
     forward's ``autocast``, given ``grad``, the gradient of ``act(hidden)``."""
-    with torch.enable_grad(), _autocast(autocast):
+    with torch.enable_grad(), recorded_autocast(autocast):
         hidden = torch.nn.functional.linear(x, weight, bias).detach().requires_grad_()
         activated = act(hidden)
         (grad_hidden,) = torch.autograd.grad(activated, hidden, grad)
@@ -221,7 +221,7 @@ class _RecomputedHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, x, linear, act, rows):  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.linear, ctx.act, ctx.rows, ctx.autocast = linear, act, rows, _autocast_state(x.device.type)
+        ctx.linear, ctx.act, ctx.rows, ctx.autocast = linear, act, rows, autocast_state(x.device.type)
         return act(hidden)
 
     @staticmethod
@@ -298,11 +298,11 @@ class _Call:
 
     @classmethod
     def now(cls, x: torch.Tensor) -> _Call:
-        return cls(torch.is_grad_enabled(), _autocast_state(x.device.type))
+        return cls(torch.is_grad_enabled(), autocast_state(x.device.type))
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        with torch.set_grad_enabled(self.grad), _autocast(self.autocast):
+        with torch.set_grad_enabled(self.grad), recorded_autocast(self.autocast):
             yield
 
 

@@ -88,3 +88,63 @@ def test_a_norm_is_recomputed_unless_another_hook_wraps_it_or_its_sequence_is_sh
     conversion.remove()
     assert block.norm_q.calls == forwards
     assert seen == ([tokens] if hooked else [])
+
+
+class _Heads(torch.nn.Module):
+    """An attention's projections and their RMS norms over heads: ``norm_q(to_q(x).unflatten(-1, (heads, -1)))``, the
+    way diffusers' processors split heads between the two; ``edit`` changes the projection before the norm sees it."""
+
+    def __init__(self, width: int = 32, heads: int = 4, edit: str = "") -> None:
+        super().__init__()
+        self.to_q, self.to_k = torch.nn.Linear(width, width), torch.nn.Linear(width, 2 * width)
+        self.norm_q, self.norm_k = RMSNorm(width // heads, eps=1e-6), torch.nn.RMSNorm(width // heads, eps=1e-6)
+        self.out = torch.nn.Linear(width, 8 * width)  # a wide layer after them, whose backward is the step's peak
+        self.heads, self.edit = heads, edit
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        q = self.to_q(x)
+        if self.edit == "in_place":
+            q.mul_(2.0)
+        k = self.to_k(x)[..., : x.shape[-1]]  # half of a wider projection (as of a fused one): a part, not all of it
+        q = self.norm_q(q.unflatten(-1, (self.heads, -1)))
+        k = self.norm_k(k.unflatten(-1, (self.heads, -1)))
+        return self.out((q * k.sigmoid()).flatten(-2) * emb[:, None])
+
+
+@pytest.mark.parametrize("edit", ["", "in_place"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_of_a_projection_recomputes_the_projection_exactly(
+    edit: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A norm given a sibling linear layer's whole output (through a view splitting heads) keeps the layer's input, not
+    the output, and recomputes the output in its backward under the forward's autocast: the same ops, so the same
+    bits, and less held at the peak than a plain recompute of the norm (measured: one tensor of the output's size).
+    A changed output (written in place) or a part of one (a fused projection's third) takes the plain recompute."""
+    import cp_plugin.norms as norms
+
+    torch.manual_seed(0)
+    block = _Heads(edit=edit)
+    x, emb = torch.randn(2, MIN_TILED_TOKENS, 32), torch.randn(2, 32)
+
+    def step() -> tuple[list[torch.Tensor], int]:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return _step(block, x, emb)
+
+    want, plain = step()
+    projected: list[bool] = []
+    apply = norms._ProjectedNorm.apply
+    monkeypatch.setattr(norms._ProjectedNorm, "apply", lambda *a: projected.append(True) or apply(*a))
+    conversion = Conversion()
+    recompute_norms(block, conversion)
+    got, recomputed = step()
+    for tiled, untiled in zip(got, want, strict=True):
+        assert tiled.equal(untiled)
+    assert projected == ([] if edit else [True])  # norm_q's alone: norm_k sees a part of to_k's output
+    conversion.remove()
+    if not edit:  # the plain recompute of both norms, for the same step: the projected one holds one output less
+        conversion = Conversion()
+        recompute_norms(block, conversion)
+        monkeypatch.setattr(norms.Projections, "source", lambda self, x: None)
+        checkpointed = step()[1]
+        conversion.remove()
+        assert recomputed <= checkpointed - 0.4 * x.numel() * x.element_size(), (recomputed, checkpointed)
