@@ -300,6 +300,12 @@ def tensor_version(x: torch.Tensor) -> int:
     return x._version
 
 
+def unviewed(x: torch.Tensor) -> torch.Tensor:
+    """``x``, as a tensor autograd does not track as a view (``aten._unsafe_view``, which ``matmul`` returns its folded
+    products as): an autograd function's output that is a view of a tensor it made cannot be written in place."""
+    return x if x._base is None else torch.ops.aten._unsafe_view(x, x.shape)
+
+
 def view_base(x: torch.Tensor) -> torch.Tensor | None:
     """The tensor ``x`` is a view of (autograd's ``_base``), or ``None`` if it owns its storage."""
     return x._base

@@ -25,6 +25,9 @@ else (a LoRA layer's sum, a tensor another hook returned) takes the plain checkp
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,8 +36,9 @@ from diffusers.models import normalization
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tensor_version, view_base
+from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tensor_version, unviewed, view_base
 from cp_plugin.model import Conversion, hook_name
+from cp_plugin.plans import attention_modules
 from cp_plugin.tiling import INLINE_MLP_BLOCK, MIN_TILED_TOKENS, autocast_state, recorded_autocast
 
 # Normalizations that save a normalized tensor of their input's size for their weight's or modulation's gradient.
@@ -63,105 +67,229 @@ def _root(x: torch.Tensor) -> torch.Tensor:
     return x if base is None else base
 
 
+_KEPT = object()  # where a skeleton's tensor was
+
+
+class _Token:
+    """What a tensor made again is shared under: weakly referenced, so an entry goes with the last record of it."""
+
+    __slots__ = ("__weakref__",)
+
+
 @dataclasses.dataclass
-class _Projection:
-    """``layer(x)``, as a linear layer computed it: what a norm of it recomputes in its backward."""
+class _Made:
+    """How a tensor was made, to make it again in a backward rather than keep it: ``fn(*args, **kwargs)`` (its
+    ``index``-th output where it returns several) under ``autocast``, viewed as ``shape``. A tensor argument is kept;
+    one that was made so itself is a ``_Made`` too, whose own arguments are kept instead."""
 
-    x: torch.Tensor
-    layer: torch.nn.Linear
-    versions: tuple[int, int]  # of ``x`` and of the output, when made
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    index: int | None
     autocast: tuple[str, torch.dtype, bool]
+    shape: torch.Size
+    versions: list[int] = dataclasses.field(default_factory=list)  # of the kept tensors, when made
+    # What made again is shared under, while the tensor's gradient is still to come (see :meth:`Made.again`); its
+    # skeleton and views of it share it.
+    token: _Token = dataclasses.field(default_factory=lambda: _Token())
+
+    def __post_init__(self) -> None:
+        self.versions = self.versions or [tensor_version(t) for t in self.kept()]
+
+    def _inputs(self) -> list[Any]:
+        return [*self.args, *self.kwargs.values()]
+
+    def kept(self) -> list[torch.Tensor]:
+        """The tensors it is made from: what a backward that makes it again saves."""
+        kept: list[torch.Tensor] = []
+        for a in self._inputs():
+            kept.extend(a.kept() if isinstance(a, _Made) else [a] if isinstance(a, torch.Tensor) else [])
+        return kept
+
+    def unchanged(self) -> bool:
+        """Whether no tensor it is made from was written in place since: made again, it is what it was."""
+        return [tensor_version(t) for t in self.kept()] == self.versions
+
+    def skeleton(self) -> _Made:
+        """It without its tensors (each a ``None``, given back to :meth:`make` in the order of :meth:`kept`), for an
+        autograd function to hold beside its saved tensors: a tensor it held itself would outlive a checkpoint."""
+        def bare(a: Any) -> Any:
+            return a.skeleton() if isinstance(a, _Made) else _KEPT if isinstance(a, torch.Tensor) else a
+
+        return dataclasses.replace(self, args=tuple(bare(a) for a in self.args),
+                                   kwargs={name: bare(a) for name, a in self.kwargs.items()}, versions=[])
+
+    def make(self, kept: Iterator[torch.Tensor], shared: weakref.WeakKeyDictionary) -> torch.Tensor:
+        """It again, from the tensors :meth:`kept` listed, in their order (each consumed, even where ``shared`` already
+        holds it made again, or an input of it)."""
+        def again(a: Any) -> Any:
+            return a.make(kept, shared) if isinstance(a, _Made) else next(kept) if a is _KEPT else a
+
+        args = [again(a) for a in self.args]
+        kwargs = {name: again(a) for name, a in self.kwargs.items()}
+        out = shared.get(self.token)
+        if out is None:
+            with torch.no_grad(), recorded_autocast(self.autocast):
+                out = self.fn(*args, **kwargs)
+            out = out if self.index is None else out[self.index]
+            if self.token in shared:  # its gradient is still to come: others that take it may take it from here
+                shared[self.token] = out
+        return out.view(self.shape)
 
 
-class Projections:
-    """The outputs of the linear layers beside single-input norms, each while it lives, with how it was made."""
+class Made:
+    """The outputs of recomputed norms and of the linear layers that take or feed them, each while it lives, with how
+    it was made."""
 
     def __init__(self) -> None:
         self.made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Tensors made again in a backward, by token, from the first backward that needs one until the gradient of the
+        # tensor it stands for is complete (the query, key and value layers of one adaptive norm's output each need
+        # it; its own backward comes after all of theirs). ``None`` until made.
+        self.shared: weakref.WeakKeyDictionary[_Token, torch.Tensor | None] = weakref.WeakKeyDictionary()
 
-    def source(self, x: torch.Tensor) -> _Projection | None:
-        """How ``x`` was made, if it is a recorded output unchanged since, or a view of all of one in its layout."""
-        out = _root(x)
-        projection = self.made.get(out)
-        if (projection is None or projection.versions != (tensor_version(projection.x), tensor_version(out))
-                or projection.autocast != autocast_state(x.device.type)):
+    def _release(self, token: _Token, grad: torch.Tensor) -> None:
+        self.shared.pop(token, None)
+
+    def record(self, out: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record each tensor in ``out`` (a tensor, or a tuple such as an adaptive norm's) as ``fn(*args, **kwargs)``."""
+        args, kwargs = tuple(self.source(a) or a for a in args), {k: self.source(a) or a for k, a in kwargs.items()}
+        outputs = [(None, out)] if isinstance(out, torch.Tensor) else enumerate(out) if isinstance(out, tuple) else []
+        autocast = None
+        for index, tensor in outputs:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
+                autocast = autocast or autocast_state(tensor.device.type)
+                made = _Made(fn, args, kwargs, index, autocast, tensor.shape)
+                self.made[_root(tensor)] = (tensor_version(tensor), made)
+                if tensor.requires_grad:  # shared from the first backward that makes it again until its own gradient
+                    self.shared[made.token] = None
+                    tensor.register_hook(functools.partial(self._release, made.token))
+
+    def source(self, x: Any) -> _Made | None:
+        """How ``x`` was made, if it is a recorded output (or a view of all of one in its layout) unchanged since."""
+        if not isinstance(x, torch.Tensor):
             return None
-        whole = x.numel() == out.numel() and x.storage_offset() == out.storage_offset()
-        return projection if whole and x.is_contiguous() and out.is_contiguous() else None
-
-
-class RecordedProjection(ModelHook):
-    """On a linear layer beside a single-input norm: records each output gradients are recorded for."""
-
-    def __init__(self, projections: Projections) -> None:
-        super().__init__()
-        self.projections = projections
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        x = args[0] if len(args) == 1 and not kwargs else None
-        if (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not is_symbolic(x)):
-            self.projections.made[_root(out)] = _Projection(x, module, (tensor_version(x), tensor_version(out)),
-                                                            autocast_state(x.device.type))
-        return out
+        out = _root(x)
+        entry = self.made.get(out)
+        if entry is None or entry[0] != tensor_version(out) or not entry[1].unchanged():
+            return None
+        made = entry[1]
+        if made.autocast != autocast_state(x.device.type) or x.numel() != out.numel():
+            return None
+        if x.storage_offset() != out.storage_offset() or not (x.is_contiguous() and out.is_contiguous()):
+            return None
+        return dataclasses.replace(made, shape=x.shape, versions=made.versions)
 
 
 class _ProjectedNorm(torch.autograd.Function):
-    """``norm(y)`` for ``y = layer(x)`` (or a view of it), saving ``x`` rather than ``y``: the backward recomputes ``y``
-    under the forward's autocast, then the norm, and takes the gradients of ``y`` and of the norm's parameters."""
+    """``norm(y)`` for ``y`` made by a linear layer (or a view of it), keeping what ``y`` was made from rather than
+    ``y``: the backward makes ``y`` again under the forward's autocast, then the norm, and takes the gradients of ``y``
+    and of the norm's parameters."""
 
     @staticmethod
-    def forward(ctx, y, x, weight, bias, norm, module, autocast, *params):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, bias)
-        ctx.norm, ctx.module, ctx.autocast, ctx.shape = norm, module, autocast, y.shape
+    def forward(ctx, y, made, shared, norm, module, *kept_and_params):  # type: ignore[override]
+        ctx.save_for_backward(*kept_and_params[:len(made.kept())])
+        ctx.made, ctx.shared, ctx.norm, ctx.module = made.skeleton(), shared, norm, module
         return norm(y)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, weight, bias = ctx.saved_tensors
+        kept = ctx.saved_tensors  # once: under a checkpoint, each saved tensor may be unpacked only once
+        y = ctx.made.make(iter(kept), ctx.shared).detach().requires_grad_()
         params = [p for p in ctx.module.parameters() if p.requires_grad]
-        with torch.enable_grad(), recorded_autocast(ctx.autocast):
-            y = torch.nn.functional.linear(x, weight, bias).detach().view(ctx.shape).requires_grad_()
+        with torch.enable_grad(), recorded_autocast(ctx.made.autocast):
             out = ctx.norm(y)
         grads = torch.autograd.grad(out, [y, *params], grad, allow_unused=True)
-        return grads[0], None, None, None, None, None, None, *grads[1:]
+        return grads[0], None, None, None, None, *(None for _ in kept), *grads[1:]
+
+
+class _LinearOfMade(torch.autograd.Function):
+    """``linear(x)`` for ``x`` a recomputed norm's output (or made from one), keeping what ``x`` was made from rather
+    than ``x``: the backward makes ``x`` again for the weight's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, made, shared, *kept):  # type: ignore[override]
+        ctx.save_for_backward(weight, *kept)
+        ctx.made, ctx.shared, ctx.has_bias = made.skeleton(), shared, bias is not None
+        return unviewed(torch.nn.functional.linear(x, weight, bias))  # the caller may write it in place
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        weight, *kept = ctx.saved_tensors
+        x = ctx.made.make(iter(kept), ctx.shared)
+        grads = grad.reshape(-1, grad.shape[-1])
+        grad_x = grads.mm(weight.to(grads.dtype)).view(*grad.shape[:-1], weight.shape[-1])
+        grad_weight = x.reshape(-1, x.shape[-1]).to(grads.dtype).t().mm(grads).t().to(weight.dtype)
+        grad_bias = grads.sum(0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, *(None for _ in kept)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.shape[:-1].numel()
+
+
+class RecordedProjection(ModelHook):
+    """On a linear layer beside a single-input norm or in an attention layer: records each output gradients are
+    recorded for, and takes a recorded input through :class:`_LinearOfMade`."""
+
+    def __init__(self, made: Made, rows: int | None) -> None:
+        super().__init__()
+        self.made, self.rows = made, rows
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if (not isinstance(x, torch.Tensor) or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or is_symbolic(x) or _tokens(x) < (MIN_TILED_TOKENS if self.rows is None else self.rows)):
+            return forward(*args, **kwargs)
+        source = self.made.source(x)
+        if source is None:
+            out = forward(x)
+        else:
+            out = _LinearOfMade.apply(x, module.weight, module.bias, source, self.made.shared, *source.kept())
+        self.made.record(out, torch.nn.functional.linear, (x, module.weight, module.bias), {})
+        return out
 
 
 class RecomputedNorm(ModelHook):
     """Runs a normalization layer under a non-reentrant checkpoint where gradients are recorded for enough tokens; of a
-    recorded linear layer's output, through :class:`_ProjectedNorm`."""
+    recorded linear layer's output, through :class:`_ProjectedNorm`. Records its outputs."""
 
-    def __init__(self, rows: int | None, projections: Projections | None = None) -> None:
+    def __init__(self, rows: int | None, made: Made | None = None) -> None:
         super().__init__()
-        self.rows, self.projections = rows, projections
+        self.rows, self.made = rows, made
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         x = next((a for a in (*args, kwargs.get("hidden_states")) if isinstance(a, torch.Tensor)), None)
         if (x is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or is_symbolic(x)
                 or not forward_is_hooked_only_by(module, RUNS_UNDER)
-                or x.shape[:-1].numel() < (MIN_TILED_TOKENS if self.rows is None else self.rows)):
+                or _tokens(x) < (MIN_TILED_TOKENS if self.rows is None else self.rows)):
             return forward(*args, **kwargs)
-        source = None if self.projections is None or len(args) != 1 or kwargs else self.projections.source(x)
-        if source is not None:
-            layer = source.layer
-            return _ProjectedNorm.apply(x, source.x, layer.weight, layer.bias, forward, module, source.autocast,
-                                        *(p for p in module.parameters() if p.requires_grad))
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        source = None if self.made is None or len(args) != 1 or kwargs else self.made.source(x)
+        if source is not None and isinstance(module, SINGLE_INPUT_NORMS):
+            out = _ProjectedNorm.apply(x, source, self.made.shared, forward, module, *source.kept(),
+                                       *(p for p in module.parameters() if p.requires_grad))
+        else:
+            out = checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        if self.made is not None:
+            self.made.record(out, forward, args, kwargs)
+        return out
 
 
 def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int | None = None) -> None:
     """Hook every normalization layer of :data:`RECOMPUTED_NORMS` in ``module`` into ``conversion`` (undone by its
     ``remove()``); ``rows``: the tokens from which a call is recomputed (``None``: ``MIN_TILED_TOKENS``)."""
     hooked: list[str] = []
-    projections = Projections()
+    made = Made()
     for name, sub in module.named_modules():
         if isinstance(sub, RECOMPUTED_NORMS) and not any(name.startswith(f"{outer}.") for outer in hooked):
-            conversion.hook(sub, RecomputedNorm(rows, projections), RECOMPUTED_NORM)
+            conversion.hook(sub, RecomputedNorm(rows, made), RECOMPUTED_NORM)
             hooked.append(name)  # a norm inside it is recomputed with it
+    layers = {id(sub): sub for _, attn in attention_modules(module) for sub in attn.modules()}
     for parent in module.modules():
         if any(isinstance(child, SINGLE_INPUT_NORMS) for child in parent.children()):
-            for child in parent.children():  # a layer another hook already wraps (tiling's) is left alone
-                if type(child) is torch.nn.Linear and forward_is_hooked_only_by(child, ()):
-                    conversion.hook(child, RecordedProjection(projections), RECORDED_PROJECTION)
+            layers.update((id(child), child) for child in parent.children())
+    for layer in layers.values():  # a layer another hook already wraps (tiling's) is left alone
+        if type(layer) is torch.nn.Linear and forward_is_hooked_only_by(layer, ()):
+            conversion.hook(layer, RecordedProjection(made, rows), RECORDED_PROJECTION)

@@ -8,6 +8,9 @@ it is, and leave the model as it was on ``remove()``. Its exactness under every 
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 import torch
 from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
@@ -91,35 +94,42 @@ def test_a_norm_is_recomputed_unless_another_hook_wraps_it_or_its_sequence_is_sh
 
 
 class _Heads(torch.nn.Module):
-    """An attention's projections and their RMS norms over heads: ``norm_q(to_q(x).unflatten(-1, (heads, -1)))``, the
-    way diffusers' processors split heads between the two; ``edit`` changes the projection before the norm sees it."""
+    """An attention's projections of an adaptive norm's output and the RMS norms of queries and keys over heads:
+    ``norm_q(to_q(norm1(x)).unflatten(-1, (heads, -1)))``, the way diffusers' processors split heads between the two;
+    ``edit`` writes a projection (``"q"``) or the adaptive norm's output (``"normed"``) in place before it is read."""
 
     def __init__(self, width: int = 32, heads: int = 4, edit: str = "") -> None:
         super().__init__()
+        self.norm1 = AdaLayerNormZero(width)
         self.to_q, self.to_k = torch.nn.Linear(width, width), torch.nn.Linear(width, 2 * width)
+        self.to_v = torch.nn.Linear(width, width)
         self.norm_q, self.norm_k = RMSNorm(width // heads, eps=1e-6), torch.nn.RMSNorm(width // heads, eps=1e-6)
         self.out = torch.nn.Linear(width, 8 * width)  # a wide layer after them, whose backward is the step's peak
         self.heads, self.edit = heads, edit
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        q = self.to_q(x)
-        if self.edit == "in_place":
+        normed, gate, *_ = self.norm1(x, emb=emb)
+        if self.edit == "normed":
+            normed.mul_(2.0)
+        q = self.to_q(normed)
+        if self.edit == "q":
             q.mul_(2.0)
-        k = self.to_k(x)[..., : x.shape[-1]]  # half of a wider projection (as of a fused one): a part, not all of it
+        k = self.to_k(normed)[..., : x.shape[-1]]  # half of a wider projection (as of a fused one): a part of it
         q = self.norm_q(q.unflatten(-1, (self.heads, -1)))
         k = self.norm_k(k.unflatten(-1, (self.heads, -1)))
-        return self.out((q * k.sigmoid()).flatten(-2) * emb[:, None])
+        return self.out((q * k.sigmoid()).flatten(-2) * self.to_v(normed) * gate[:, None])
 
 
-@pytest.mark.parametrize("edit", ["", "in_place"])
+@pytest.mark.parametrize(("edit", "paths"), [("", (1, 3)), ("q", (0, 3)), ("normed", (1, 0))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_norm_of_a_projection_recomputes_the_projection_exactly(
-    edit: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+def test_projections_of_norms_and_norms_of_projections_are_made_again_exactly(
+    edit: str, paths: tuple[int, int], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A norm given a sibling linear layer's whole output (through a view splitting heads) keeps the layer's input, not
-    the output, and recomputes the output in its backward under the forward's autocast: the same ops, so the same
-    bits, and less held at the peak than a plain recompute of the norm (measured: one tensor of the output's size).
-    A changed output (written in place) or a part of one (a fused projection's third) takes the plain recompute."""
+    """A linear layer given a recomputed norm's output keeps what the norm took, not its output, and a norm given a
+    sibling linear layer's whole output (through a view splitting heads) keeps what the layer took: each backward
+    makes the tensor again under the forward's autocast. The same ops run, so the same bits come out, and less is
+    held at the peak than with plain recomputes of the norms (measured: more than an output's size). A tensor
+    written in place after it was made, or a part of one (a fused projection's share), is kept as it is."""
     import cp_plugin.norms as norms
 
     torch.manual_seed(0)
@@ -131,20 +141,25 @@ def test_a_norm_of_a_projection_recomputes_the_projection_exactly(
             return _step(block, x, emb)
 
     want, plain = step()
-    projected: list[bool] = []
-    apply = norms._ProjectedNorm.apply
-    monkeypatch.setattr(norms._ProjectedNorm, "apply", lambda *a: projected.append(True) or apply(*a))
+    taken = {"norm": 0, "linear": 0}
+    for path, function in (("norm", norms._ProjectedNorm), ("linear", norms._LinearOfMade)):
+        monkeypatch.setattr(function, "apply", functools.partial(_counted, function.apply, taken, path))
     conversion = Conversion()
     recompute_norms(block, conversion)
     got, recomputed = step()
     for tiled, untiled in zip(got, want, strict=True):
         assert tiled.equal(untiled)
-    assert projected == ([] if edit else [True])  # norm_q's alone: norm_k sees a part of to_k's output
+    assert (taken["norm"], taken["linear"]) == paths  # norm_k's never: it sees a part of to_k's output
     conversion.remove()
-    if not edit:  # the plain recompute of both norms, for the same step: the projected one holds one output less
+    if not edit:  # the plain recompute of both norms, for the same step
         conversion = Conversion()
         recompute_norms(block, conversion)
-        monkeypatch.setattr(norms.Projections, "source", lambda self, x: None)
+        monkeypatch.setattr(norms.Made, "source", lambda self, x: None)
         checkpointed = step()[1]
         conversion.remove()
-        assert recomputed <= checkpointed - 0.4 * x.numel() * x.element_size(), (recomputed, checkpointed)
+        assert recomputed <= checkpointed - x.numel() * x.element_size(), (recomputed, checkpointed)
+
+
+def _counted(apply: Any, taken: dict[str, int], path: str, *args: Any) -> Any:
+    taken[path] += 1
+    return apply(*args)
