@@ -25,8 +25,6 @@ else (a LoRA layer's sum, a tensor another hook returned) takes the plain checkp
 from __future__ import annotations
 
 import dataclasses
-import functools
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,12 +68,6 @@ def _root(x: torch.Tensor) -> torch.Tensor:
 _KEPT = object()  # where a skeleton's tensor was
 
 
-class _Token:
-    """What a tensor made again is shared under: weakly referenced, so an entry goes with the last record of it."""
-
-    __slots__ = ("__weakref__",)
-
-
 @dataclasses.dataclass
 class _Made:
     """How a tensor was made, to make it again in a backward rather than keep it: ``fn(*args, **kwargs)`` (its
@@ -89,9 +81,6 @@ class _Made:
     autocast: tuple[str, torch.dtype, bool]
     shape: torch.Size
     versions: list[int] = dataclasses.field(default_factory=list)  # of the kept tensors, when made
-    # What made again is shared under, while the tensor's gradient is still to come (see :meth:`Made.again`); its
-    # skeleton and views of it share it.
-    token: _Token = dataclasses.field(default_factory=lambda: _Token())
 
     def __post_init__(self) -> None:
         self.versions = self.versions or [tensor_version(t) for t in self.kept()]
@@ -119,22 +108,16 @@ class _Made:
         return dataclasses.replace(self, args=tuple(bare(a) for a in self.args),
                                    kwargs={name: bare(a) for name, a in self.kwargs.items()}, versions=[])
 
-    def make(self, kept: Iterator[torch.Tensor], shared: weakref.WeakKeyDictionary) -> torch.Tensor:
-        """It again, from the tensors :meth:`kept` listed, in their order (each consumed, even where ``shared`` already
-        holds it made again, or an input of it)."""
+    def make(self, kept: Iterator[torch.Tensor]) -> torch.Tensor:
+        """It again, from the tensors :meth:`kept` listed, in their order."""
         def again(a: Any) -> Any:
-            return a.make(kept, shared) if isinstance(a, _Made) else next(kept) if a is _KEPT else a
+            return a.make(kept) if isinstance(a, _Made) else next(kept) if a is _KEPT else a
 
         args = [again(a) for a in self.args]
         kwargs = {name: again(a) for name, a in self.kwargs.items()}
-        out = shared.get(self.token)
-        if out is None:
-            with torch.no_grad(), recorded_autocast(self.autocast):
-                out = self.fn(*args, **kwargs)
-            out = out if self.index is None else out[self.index]
-            if self.token in shared:  # its gradient is still to come: others that take it may take it from here
-                shared[self.token] = out
-        return out.view(self.shape)
+        with torch.no_grad(), recorded_autocast(self.autocast):
+            out = self.fn(*args, **kwargs)
+        return (out if self.index is None else out[self.index]).view(self.shape)
 
 
 class Made:
@@ -143,13 +126,6 @@ class Made:
 
     def __init__(self) -> None:
         self.made: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        # Tensors made again in a backward, by token, from the first backward that needs one until the gradient of the
-        # tensor it stands for is complete (the query, key and value layers of one adaptive norm's output each need
-        # it; its own backward comes after all of theirs). ``None`` until made.
-        self.shared: weakref.WeakKeyDictionary[_Token, torch.Tensor | None] = weakref.WeakKeyDictionary()
-
-    def _release(self, token: _Token, grad: torch.Tensor) -> None:
-        self.shared.pop(token, None)
 
     def record(self, out: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Record each tensor in ``out`` (a tensor, or a tuple such as an adaptive norm's) as ``fn(*args, **kwargs)``."""
@@ -159,11 +135,8 @@ class Made:
         for index, tensor in outputs:
             if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
                 autocast = autocast or autocast_state(tensor.device.type)
-                made = _Made(fn, args, kwargs, index, autocast, tensor.shape)
-                self.made[_root(tensor)] = (tensor_version(tensor), made)
-                if tensor.requires_grad:  # shared from the first backward that makes it again until its own gradient
-                    self.shared[made.token] = None
-                    tensor.register_hook(functools.partial(self._release, made.token))
+                self.made[_root(tensor)] = (tensor_version(tensor),
+                                            _Made(fn, args, kwargs, index, autocast, tensor.shape))
 
     def source(self, x: Any) -> _Made | None:
         """How ``x`` was made, if it is a recorded output (or a view of all of one in its layout) unchanged since."""
@@ -187,20 +160,20 @@ class _ProjectedNorm(torch.autograd.Function):
     and of the norm's parameters."""
 
     @staticmethod
-    def forward(ctx, y, made, shared, norm, module, *kept_and_params):  # type: ignore[override]
+    def forward(ctx, y, made, norm, module, *kept_and_params):  # type: ignore[override]
         ctx.save_for_backward(*kept_and_params[:len(made.kept())])
-        ctx.made, ctx.shared, ctx.norm, ctx.module = made.skeleton(), shared, norm, module
+        ctx.made, ctx.norm, ctx.module = made.skeleton(), norm, module
         return norm(y)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         kept = ctx.saved_tensors  # once: under a checkpoint, each saved tensor may be unpacked only once
-        y = ctx.made.make(iter(kept), ctx.shared).detach().requires_grad_()
+        y = ctx.made.make(iter(kept)).requires_grad_()
         params = [p for p in ctx.module.parameters() if p.requires_grad]
         with torch.enable_grad(), recorded_autocast(ctx.made.autocast):
             out = ctx.norm(y)
         grads = torch.autograd.grad(out, [y, *params], grad, allow_unused=True)
-        return grads[0], None, None, None, None, *(None for _ in kept), *grads[1:]
+        return grads[0], None, None, None, *(None for _ in kept), *grads[1:]
 
 
 class _LinearOfMade(torch.autograd.Function):
@@ -208,20 +181,20 @@ class _LinearOfMade(torch.autograd.Function):
     than ``x``: the backward makes ``x`` again for the weight's gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, made, shared, *kept):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, made, *kept):  # type: ignore[override]
         ctx.save_for_backward(weight, *kept)
-        ctx.made, ctx.shared, ctx.has_bias = made.skeleton(), shared, bias is not None
+        ctx.made, ctx.has_bias = made.skeleton(), bias is not None
         return unviewed(torch.nn.functional.linear(x, weight, bias))  # the caller may write it in place
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight, *kept = ctx.saved_tensors
-        x = ctx.made.make(iter(kept), ctx.shared)
+        x = ctx.made.make(iter(kept))
         grads = grad.reshape(-1, grad.shape[-1])
         grad_x = grads.mm(weight.to(grads.dtype)).view(*grad.shape[:-1], weight.shape[-1])
         grad_weight = x.reshape(-1, x.shape[-1]).to(grads.dtype).t().mm(grads).t().to(weight.dtype)
         grad_bias = grads.sum(0) if ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, *(None for _ in kept)
+        return grad_x, grad_weight, grad_bias, None, *(None for _ in kept)
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -246,7 +219,7 @@ class RecordedProjection(ModelHook):
         if source is None:
             out = forward(x)
         else:
-            out = _LinearOfMade.apply(x, module.weight, module.bias, source, self.made.shared, *source.kept())
+            out = _LinearOfMade.apply(x, module.weight, module.bias, source, *source.kept())
         self.made.record(out, torch.nn.functional.linear, (x, module.weight, module.bias), {})
         return out
 
@@ -268,7 +241,7 @@ class RecomputedNorm(ModelHook):
             return forward(*args, **kwargs)
         source = None if self.made is None or len(args) != 1 or kwargs else self.made.source(x)
         if source is not None and isinstance(module, SINGLE_INPUT_NORMS):
-            out = _ProjectedNorm.apply(x, source, self.made.shared, forward, module, *source.kept(),
+            out = _ProjectedNorm.apply(x, source, forward, module, *source.kept(),
                                        *(p for p in module.parameters() if p.requires_grad))
         else:
             out = checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
