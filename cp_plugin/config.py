@@ -74,7 +74,9 @@ class ParallelConfig:
             chunk only; an MLP a block writes inline (Flux's single-stream blocks) is computed with
             the projection of it and the attention's output a chunk of tokens at a time too, its
             hidden layer and that concatenation never whole; normalization layers are recomputed in
-            the backward instead of keeping their output (``cp_plugin.norms``).
+            the backward instead of keeping their output, and an attention's projections of a norm's
+            output (and the norms of its query and key projections) keep what that output was made of,
+            made again in the backward (``cp_plugin.norms``).
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
             2048 tokens, else chunks whose hidden layer is half the size of the block's input).
     """

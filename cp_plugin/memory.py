@@ -15,8 +15,10 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
 - ``tile_feed_forward``: every feed-forward network (found by structure, :mod:`cp_plugin.tiling`)
   over its tokens a chunk at a time, ``tile_tokens`` per chunk or chosen per call; an MLP a block
   writes inline is computed with the projection of it (concatenated after the attention's output)
-  a chunk at a time too, forward and backward; and normalization layers keep only their inputs for
-  the backward, which recomputes them (:mod:`cp_plugin.norms`).
+  a chunk at a time too, forward and backward; normalization layers keep only their inputs for
+  the backward, which recomputes them, and an attention's projections of a norm's output and norms
+  of its projections keep what those were made of, made again in the backward
+  (:mod:`cp_plugin.norms`).
 
 Both work with or without context parallelism, so a one-process run can use the same options.
 """

@@ -12,14 +12,21 @@ run again in the backward, so the gradients are those of the untouched layer. La
 class (the normalizations above, whose forward reads each token alone); one another hook wraps
 (a context-parallel split or gather) is left as it is, so a recompute never communicates.
 
-An RMS norm of a linear layer's output (an attention's ``norm_q(to_q(x))``, its heads split by a view
-between them) would still keep that output, a tensor of the block's width, as its checkpoint's input:
-through a block's recompute, one each for queries and keys. Where the linear layer is the norm's
-sibling (a child of the same module), the layer's output is recorded as it is made, and the norm
-keeps the layer's input instead (which the layer keeps anyway), recomputing the layer's output in
-its backward (:class:`_ProjectedNorm`). It is taken only where the norm is given exactly that
-output, or a view of all of it, unchanged since (same version, same input, same autocast); anything
-else (a LoRA layer's sum, a tensor another hook returned) takes the plain checkpoint.
+Two tensors of the block's width would still be kept around each attention: the adaptive norm's
+output, which the query, key and value layers keep as their input for their weights' gradients, and
+the query and key layers' outputs, which the RMS norms of queries and keys keep as their input. Both
+are cheap to make again from what they were made of. So the outputs of these norms, and of the linear
+layers in attention layers or beside a single-input norm (a child of the same module), are recorded
+as they are made (:class:`Made`): how, from which tensors. A linear layer given a recorded output
+keeps what that output was made of and makes it again in its backward for its weight's gradient
+(:class:`_LinearOfMade`); an RMS norm given a linear layer's recorded output (``norm_q(to_q(x))``,
+heads split by a view between them) does the same for its own backward (:class:`_ProjectedNorm`), and
+where ``x`` is a recorded norm's output, it keeps what that norm took, so neither tensor is kept. What
+is kept is what the block keeps anyway (its input, the modulation, the weights). A record is taken
+only for exactly that tensor, or a view of all of it, unchanged since (same version, its inputs
+unchanged, same autocast); anything else (a LoRA layer's sum, a part of a fused projection, a tensor
+written in place or returned by another hook) is kept as it is. Made again, a tensor comes from the
+same ops on the same inputs: the gradients are bit for bit those of the untouched layers.
 """
 
 from __future__ import annotations

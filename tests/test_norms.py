@@ -163,3 +163,24 @@ def test_projections_of_norms_and_norms_of_projections_are_made_again_exactly(
 def _counted(apply: Any, taken: dict[str, int], path: str, *args: Any) -> Any:
     taken[path] += 1
     return apply(*args)
+
+
+def test_a_token_count_equal_to_the_width_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a tensor was made of is found by where it came from (the recorded tensor itself, or a view of all of it),
+    never by sizes: 32 tokens of width 32, heads of 8, every path taken and every bit the same."""
+    import cp_plugin.norms as norms
+
+    torch.manual_seed(0)
+    block = _Heads(width=32, heads=4)
+    x, emb = torch.randn(2, 32, 32), torch.randn(2, 32)
+    want, _ = _step(block, x, emb)
+    taken = {"norm": 0, "linear": 0}
+    for path, function in (("norm", norms._ProjectedNorm), ("linear", norms._LinearOfMade)):
+        monkeypatch.setattr(function, "apply", functools.partial(_counted, function.apply, taken, path))
+    conversion = Conversion()
+    recompute_norms(block, conversion, rows=16)
+    got, _ = _step(block, x, emb)
+    conversion.remove()
+    for tiled, untiled in zip(got, want, strict=True):
+        assert tiled.equal(untiled)
+    assert (taken["norm"], taken["linear"]) == (1, 3)
