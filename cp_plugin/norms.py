@@ -107,7 +107,7 @@ class _Made:
         return [tensor_version(t) for t in self.kept()] == self.versions
 
     def skeleton(self) -> _Made:
-        """It without its tensors (each a ``None``, given back to :meth:`make` in the order of :meth:`kept`), for an
+        """It without its tensors (each a placeholder, filled by :meth:`make` in the order of :meth:`kept`), for an
         autograd function to hold beside its saved tensors: a tensor it held itself would outlive a checkpoint."""
         def bare(a: Any) -> Any:
             return a.skeleton() if isinstance(a, _Made) else _KEPT if isinstance(a, torch.Tensor) else a
@@ -205,16 +205,19 @@ class _LinearOfMade(torch.autograd.Function):
 
 
 def _tokens(x: torch.Tensor) -> int:
+    """Tokens in ``x``, counted over every dimension but the features."""
     return x.shape[:-1].numel()
 
 
 class RecordedProjection(ModelHook):
-    """On a linear layer beside a single-input norm or in an attention layer: records each output gradients are
-    recorded for, and takes a recorded input through :class:`_LinearOfMade`."""
+    """On a linear layer in an attention layer or beside a single-input norm: takes a recorded input through
+    :class:`_LinearOfMade`, and (beside a single-input norm, which may take them) records the outputs gradients are
+    recorded for. A record holds what the output was made of while the output lives: only an output a norm may take
+    is recorded, so that a frozen layer's input (which its own backward does not keep) is not held."""
 
-    def __init__(self, made: Made, rows: int | None) -> None:
+    def __init__(self, made: Made, rows: int | None, records: bool) -> None:
         super().__init__()
-        self.made, self.rows = made, rows
+        self.made, self.rows, self.records = made, rows, records
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
@@ -227,7 +230,8 @@ class RecordedProjection(ModelHook):
             out = forward(x)
         else:
             out = _LinearOfMade.apply(x, module.weight, module.bias, source, *source.kept())
-        self.made.record(out, torch.nn.functional.linear, (x, module.weight, module.bias), {})
+        if self.records:
+            self.made.record(out, torch.nn.functional.linear, (x, module.weight, module.bias), {})
         return out
 
 
@@ -266,10 +270,11 @@ def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int |
         if isinstance(sub, RECOMPUTED_NORMS) and not any(name.startswith(f"{outer}.") for outer in hooked):
             conversion.hook(sub, RecomputedNorm(rows, made), RECOMPUTED_NORM)
             hooked.append(name)  # a norm inside it is recomputed with it
+    beside_norms = {id(child) for parent in module.modules()
+                    if any(isinstance(child, SINGLE_INPUT_NORMS) for child in parent.children())
+                    for child in parent.children()}
     layers = {id(sub): sub for _, attn in attention_modules(module) for sub in attn.modules()}
-    for parent in module.modules():
-        if any(isinstance(child, SINGLE_INPUT_NORMS) for child in parent.children()):
-            layers.update((id(child), child) for child in parent.children())
-    for layer in layers.values():  # a layer another hook already wraps (tiling's) is left alone
+    layers.update((id(sub), sub) for sub in module.modules() if id(sub) in beside_norms)
+    for key, layer in layers.items():  # a layer another hook already wraps (tiling's) is left alone
         if type(layer) is torch.nn.Linear and forward_is_hooked_only_by(layer, ()):
-            conversion.hook(layer, RecordedProjection(made, rows), RECORDED_PROJECTION)
+            conversion.hook(layer, RecordedProjection(made, rows, key in beside_norms), RECORDED_PROJECTION)
