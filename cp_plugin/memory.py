@@ -51,10 +51,16 @@ def save_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPo
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpoint_saving_attention(module: torch.nn.Module, *args: Any) -> Any:
-    """diffusers' ``gradient_checkpointing_func`` with the :func:`save_attention` policy (non-reentrant, as diffusers')."""
+def checkpoint_block(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """diffusers' ``gradient_checkpointing_func`` (non-reentrant, as diffusers'), passing keyword arguments on: some
+    models call their blocks with them (HunyuanImage's ``attention_mask=``), which diffusers' own function rejects."""
+    return checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_saving_attention(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """:func:`checkpoint_block` with the :func:`save_attention` policy."""
     return checkpoint(module.__call__, *args, use_reentrant=False,
-                      context_fn=functools.partial(create_selective_checkpoint_contexts, save_attention))
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, save_attention), **kwargs)
 
 
 def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy: str = "full") -> None:
@@ -75,7 +81,7 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy
             "enable_gradient_checkpointing()), which recomputes whole blocks; leave it to gradient_checkpointing=True "
             "(remove that call) or use checkpoint_policy='full'"
         )
-    function = checkpoint_saving_attention if policy == "save_attention" else None
+    function = checkpoint_saving_attention if policy == "save_attention" else checkpoint_block
     for _, model in models:
         if not model.is_gradient_checkpointing:
             model.enable_gradient_checkpointing(function)

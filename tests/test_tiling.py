@@ -300,3 +300,27 @@ def test_save_attention_turns_on_selective_checkpointing_and_leaves_a_users_own_
                                          r".*remove that call.*checkpoint_policy='full'"):
         apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None,
                              checkpoint_policy="save_attention")
+
+
+@pytest.mark.parametrize("policy", ["full", "save_attention"])
+def test_blocks_called_with_keyword_arguments_are_checkpointed(policy: str) -> None:
+    """HunyuanImage calls its blocks' checkpointing function with ``attention_mask=``, which diffusers' own function
+    rejects (a TypeError on one process with ``enable_gradient_checkpointing()``): the option's function passes it on,
+    and the step gives the gradients of the model without checkpointing."""
+    case = CASES["hunyuanimage"]
+    model = case.build().train()
+    inputs = case.inputs(torch.Generator().manual_seed(0))
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(**inputs, return_dict=False)[0].square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = grads()
+    options = apply_memory_options(model, gradient_checkpointing=True, tiling=False, tile_tokens=None,
+                                   checkpoint_policy=policy)
+    got = grads()
+    options.remove()
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
