@@ -204,9 +204,10 @@ class _LinearOfMade(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, *(None for _ in kept)
 
 
-def _tokens(x: torch.Tensor) -> int:
-    """Tokens in ``x``, counted over every dimension but the features."""
-    return x.shape[:-1].numel()
+def _long_enough(x: torch.Tensor, rows: int | None) -> bool:
+    """Whether ``x`` has the tokens (counted over every dimension but the features) from which a call is recomputed:
+    ``rows``, or ``MIN_TILED_TOKENS`` where it is ``None``."""
+    return x.shape[:-1].numel() >= (MIN_TILED_TOKENS if rows is None else rows)
 
 
 class RecordedProjection(ModelHook):
@@ -223,7 +224,7 @@ class RecordedProjection(ModelHook):
         forward = self.fn_ref.original_forward
         x = args[0] if len(args) == 1 and not kwargs else None
         if (not isinstance(x, torch.Tensor) or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or is_symbolic(x) or _tokens(x) < (MIN_TILED_TOKENS if self.rows is None else self.rows)):
+                or is_symbolic(x) or not _long_enough(x, self.rows)):
             return forward(*args, **kwargs)
         source = self.made.source(x)
         if source is None:
@@ -239,7 +240,7 @@ class RecomputedNorm(ModelHook):
     """Runs a normalization layer under a non-reentrant checkpoint where gradients are recorded for enough tokens; of a
     recorded linear layer's output, through :class:`_ProjectedNorm`. Records its outputs."""
 
-    def __init__(self, rows: int | None, made: Made | None = None) -> None:
+    def __init__(self, rows: int | None, made: Made) -> None:
         super().__init__()
         self.rows, self.made = rows, made
 
@@ -248,16 +249,16 @@ class RecomputedNorm(ModelHook):
         x = next((a for a in (*args, kwargs.get("hidden_states")) if isinstance(a, torch.Tensor)), None)
         if (x is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or is_symbolic(x)
                 or not forward_is_hooked_only_by(module, RUNS_UNDER)
-                or _tokens(x) < (MIN_TILED_TOKENS if self.rows is None else self.rows)):
+                or not _long_enough(x, self.rows)):
             return forward(*args, **kwargs)
-        source = None if self.made is None or len(args) != 1 or kwargs else self.made.source(x)
-        if source is not None and isinstance(module, SINGLE_INPUT_NORMS):
+        single = isinstance(module, SINGLE_INPUT_NORMS) and len(args) == 1 and not kwargs
+        source = self.made.source(x) if single else None
+        if source is not None:
             out = _ProjectedNorm.apply(x, source, forward, module, *source.kept(),
                                        *(p for p in module.parameters() if p.requires_grad))
         else:
             out = checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-        if self.made is not None:
-            self.made.record(out, forward, args, kwargs)
+        self.made.record(out, forward, args, kwargs)
         return out
 
 
