@@ -78,7 +78,7 @@ class ParallelConfig:
             output (and the norms of its query and key projections) keep what that output was made of,
             made again in the backward (``cp_plugin.norms``).
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
-            2048 tokens, else chunks whose hidden layer is half the size of the block's input).
+            2048 tokens, else chunks whose hidden layer is a quarter of the size of the block's input).
     """
 
     ring_degree: int | str = 1

@@ -36,6 +36,7 @@ from cp_plugin.compat import ATTENTION_FORWARD_KERNELS, supports_gradient_checkp
 from cp_plugin.config import check_checkpoint_policy
 from cp_plugin.model import Conversion
 from cp_plugin.norms import recompute_norms
+from cp_plugin.products import keep_products_made
 from cp_plugin.tiling import tile_feed_forward
 
 
@@ -91,7 +92,8 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy
 def apply_tiling(module: torch.nn.Module, tile_tokens: int | None) -> Conversion:
     """The tiling option alone: feed-forward networks and inline MLPs in chunks, normalizations recomputed."""
     conversion = tile_feed_forward(module, tile_tokens)
-    recompute_norms(module, conversion, tile_tokens)
+    made, producers = recompute_norms(module, conversion, tile_tokens)
+    keep_products_made(module, conversion, made, producers, tile_tokens)
     return conversion
 
 

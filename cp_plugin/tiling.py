@@ -121,15 +121,16 @@ def hidden_width(module: torch.nn.Module) -> int:
 
 
 def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
-    """Tokens per chunk: ``rows`` if set, else twice as many chunks as the hidden layer is wider than the input, so
-    that one chunk's hidden layer is half the size of the block's input: the few tensors of that width a chunk's
-    backward holds at once stay small beside the block's own (no tiling below ``MIN_TILED_TOKENS``, and no chunk
-    shorter than a quarter of it, which keeps each chunk's matrix products at full speed)."""
+    """Tokens per chunk: ``rows`` if set, else four times as many chunks as the hidden layer is wider than the input,
+    so that one chunk's hidden layer is a quarter of the size of the block's input: the four tensors of that width a
+    chunk's backward holds at once (the hidden layer, its activation and their gradients) stay one input's size (no
+    tiling below ``MIN_TILED_TOKENS``, and no chunk shorter than a quarter of it, which keeps each chunk's matrix
+    products at full speed)."""
     if rows is not None:
         return rows
     if tokens < MIN_TILED_TOKENS or hidden <= width:
         return tokens
-    return max(-(-tokens // (2 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
+    return max(-(-tokens // (4 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
 
 
 class TiledFeedForward(ModelHook):
@@ -525,8 +526,8 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
     Args:
         module: a model, or anything holding models.
         rows: tokens per chunk (counted over every leading dimension of the input); ``None`` chooses
-            them per call: no tiling below ``MIN_TILED_TOKENS`` tokens, else twice as many chunks as
-            the hidden layer is wider than the input.
+            them per call: no tiling below ``MIN_TILED_TOKENS`` tokens, else four times as many chunks
+            as the hidden layer is wider than the input.
     """
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"tile_tokens={rows!r} must be a number of tokens >= 1, or None to choose them per call "

@@ -72,10 +72,10 @@ class _Counted(RMSNorm):
         return super().forward(hidden_states)
 
 
-@pytest.mark.parametrize(("tokens", "hooked", "forwards"), [(MIN_TILED_TOKENS, False, 2), (MIN_TILED_TOKENS, True, 1),
-                                                             (16, False, 1)])
+@pytest.mark.parametrize(("tokens", "hooked", "again"), [(MIN_TILED_TOKENS, False, True), (MIN_TILED_TOKENS, True, False),
+                                                          (16, False, False)])
 def test_a_norm_is_recomputed_unless_another_hook_wraps_it_or_its_sequence_is_short(
-    tokens: int, hooked: bool, forwards: int
+    tokens: int, hooked: bool, again: bool
 ) -> None:
     """A user's forward hook (or a context-parallel split) on the layer would run again in a recompute: such a layer
     runs once, as a layer does under ``MIN_TILED_TOKENS`` tokens, where its output is small."""
@@ -89,7 +89,7 @@ def test_a_norm_is_recomputed_unless_another_hook_wraps_it_or_its_sequence_is_sh
     recompute_norms(block, conversion)
     _step(block, torch.randn(2, tokens, 32), torch.randn(2, 32))
     conversion.remove()
-    assert block.norm_q.calls == forwards
+    assert (block.norm_q.calls > 1) == again
     assert seen == ([tokens] if hooked else [])
 
 

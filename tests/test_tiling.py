@@ -197,7 +197,7 @@ def test_an_inline_mlp_under_bf16_autocast_recomputes_its_hidden_layer_as_the_fo
 
 def test_the_automatic_chunk_tiles_long_sequences_only() -> None:
     assert chunk_tokens(MIN_TILED_TOKENS - 1, 64, 256, None) == MIN_TILED_TOKENS - 1  # not tiled
-    assert chunk_tokens(8192, 64, 256, None) == 1024  # 8 chunks: each hidden layer half the size of the input
+    assert chunk_tokens(16384, 64, 256, None) == 1024  # 16 chunks: each hidden layer a quarter of the input's size
     assert chunk_tokens(MIN_TILED_TOKENS, 64, 4096, None) == MIN_TILED_TOKENS // 4  # no shorter chunks
     assert chunk_tokens(8192, 64, 64, None) == 8192  # nothing wider than the input
     assert chunk_tokens(8192, 64, 256, 100) == 100  # tile_tokens overrides
