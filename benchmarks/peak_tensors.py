@@ -81,7 +81,7 @@ def run_rank(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = driver_parser(__doc__.splitlines()[0], world=2)
     parser.add_argument("--layout", default="ulysses/sharded+ckpt+tile", help="a benchmarks.worker layout name")
-    parser.add_argument("--seq", type=int, default=14400, help="image tokens (a square number: side x side)")
+    parser.add_argument("--seq", type=int, default=15376, help="image tokens (a square number: side x side)")
     parser.add_argument("--blocks", type=int, default=2, help="double-stream and single-stream blocks each")
     parser.add_argument("--min-mib", type=float, default=1.0, help="smaller groups are summed in one row")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

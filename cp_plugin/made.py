@@ -85,8 +85,8 @@ class _Made:
 
 
 class Made:
-    """The outputs of recomputed norms and of the linear layers that take or feed them, each while it lives, with how
-    it was made."""
+    """The outputs of normalization layers and of the linear layers that take or feed them or project an attention's
+    output, each while it lives, with how it was made."""
 
     def __init__(self) -> None:
         self.made: WeakIdKeyDictionary = WeakIdKeyDictionary()

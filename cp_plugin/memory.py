@@ -16,9 +16,9 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
   over its tokens a chunk at a time, ``tile_tokens`` per chunk or chosen per call; an MLP a block
   writes inline is computed with the projection of it (concatenated after the attention's output)
   a chunk at a time too, forward and backward; normalization layers keep only their inputs for
-  the backward, which recomputes them, and an attention's projections of a norm's output and norms
-  of its projections keep what those were made of, made again in the backward
-  (:mod:`cp_plugin.norms`).
+  the backward, which recomputes them, and an attention's projections of a norm's output, norms
+  of its projections and a block's products of either with its modulation or gate keep what those
+  were made of, made again in the backward (:mod:`cp_plugin.norms`, :mod:`cp_plugin.products`).
 
 Both work with or without context parallelism, so a one-process run can use the same options.
 """

@@ -15,9 +15,10 @@ class (the normalizations above, whose forward reads each token alone); one anot
 Two tensors of the block's width would still be kept around each attention: the adaptive norm's
 output, which the query, key and value layers keep as their input for their weights' gradients, and
 the query and key layers' outputs, which the RMS norms of queries and keys keep as their input. Both
-are cheap to make again from what they were made of. So the outputs of these norms, and of the linear
-layers in attention layers or beside a single-input norm (a child of the same module), are recorded
-as they are made (:class:`Made`): how, from which tensors. A linear layer given a recorded output
+are cheap to make again from what they were made of. So the outputs of these norms (and of layer
+norms, which a block's modulation multiplies: :mod:`cp_plugin.products`), and of the linear layers in
+attention layers or beside a single-input norm (a child of the same module), are recorded as they are
+made (:class:`Made`, :mod:`cp_plugin.made`): how, from which tensors. A linear layer given a recorded output
 keeps what that output was made of and makes it again in its backward for its weight's gradient
 (:class:`_LinearOfMade`); an RMS norm given a linear layer's recorded output (``norm_q(to_q(x))``,
 heads split by a view between them) does the same for its own backward (:class:`_ProjectedNorm`), and

@@ -349,6 +349,7 @@ def _block_backward(
         chunk_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale,
                                               additive_mask(key_mask, q, kv[0]))
         dq += chunk_dq
+        del chunk_dq  # before the stack is made: at the ring's peak, one block's share of q fewer
         return torch.stack((dk, dv)).to(dq.dtype)
     dkv = kv.new_zeros(kv.shape, dtype=dq.dtype)  # keys no tile attends get no gradient
     for rows, start, stop, mask in tile.chunks(q, kv.shape[3], key_mask):
