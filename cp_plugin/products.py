@@ -22,6 +22,7 @@ from diffusers import ModelMixin
 from diffusers.hooks.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
+from cp_plugin.compat import is_symbolic
 from cp_plugin.made import Made, long_enough
 from cp_plugin.model import Conversion
 
@@ -66,8 +67,8 @@ class ProductsOfMade(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in PRODUCTS and len(args) == 2 and not kwargs and torch.is_grad_enabled():
             for x, other in (args, args[::-1]):
-                if (_plain(x) and _plain(other) and other.requires_grad and long_enough(x, self.rows)
-                        and torch.broadcast_shapes(x.shape, other.shape) == x.shape):
+                if (_plain(x) and _plain(other) and other.requires_grad and not is_symbolic(x)
+                        and long_enough(x, self.rows) and torch.broadcast_shapes(x.shape, other.shape) == x.shape):
                     source = self.made.source(x)
                     if source is not None:
                         return _ProductOfMade.apply(x, other, source, *source.kept())

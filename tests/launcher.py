@@ -6,8 +6,10 @@ suite runs on 2 cores). Each rank gets torchrun's environment variables (``RANK`
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so code under test sees exactly what a user's
 ``torchrun`` gives it: Lightning's Trainer and Accelerate pick the process group up from there.
 
-A rank that raises sends its traceback; the parent then kills the others at once, so a failing rank
-never leaves the suite hanging, and a rank that is silent past ``timeout`` fails the test.
+A rank that raises sends its traceback; the parent gives the others ``ERROR_GRACE_S`` to send theirs
+(the first to fail is not always the cause: a rank whose peer failed first may report only a reset
+connection), then kills them, so a failing rank never leaves the suite hanging, and a rank that is
+silent past ``timeout`` fails the test.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 _PRELOAD = ["torch", "torch.distributed", "diffusers", "lightning", "cp_plugin"]
+ERROR_GRACE_S = 5.0  # after one rank fails, how long the others may take to report their own errors
 
 
 def free_port() -> int:
@@ -80,6 +83,20 @@ def _worker(
             dist.destroy_process_group()
 
 
+def _later_errors(results: Any, pending: int) -> dict[int, str]:
+    """The errors of up to ``pending`` more ranks that report one within ``ERROR_GRACE_S``."""
+    errors: dict[int, str] = {}
+    end = time.monotonic() + ERROR_GRACE_S
+    while len(errors) < pending and (left := end - time.monotonic()) > 0:
+        try:
+            rank, status, payload = results.get(timeout=left)
+        except queue.Empty:
+            break
+        if status == "error":
+            errors[rank] = payload
+    return errors
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -92,7 +109,7 @@ def run_distributed(
 
     ``fn`` must be importable (a module-level function). With ``init_process_group`` the default
     gloo group is ready when ``fn`` starts; otherwise ``fn`` (e.g. a Lightning Trainer) makes it.
-    Raises ``RuntimeError`` with the failing rank's traceback, or ``TimeoutError``.
+    Raises ``RuntimeError`` with the tracebacks of the ranks that failed, or ``TimeoutError``.
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -124,7 +141,8 @@ def run_distributed(
                     raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
                 continue
             if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+                errors = {rank: payload, **_later_errors(results, world_size - len(collected) - 1)}
+                raise RuntimeError("\n".join(f"rank {r} failed:\n{p}" for r, p in sorted(errors.items())))
             collected[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for proc in procs:
