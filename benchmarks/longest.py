@@ -9,8 +9,8 @@ One invocation runs ``benchmarks.worker``'s measured search (every length it rep
 the same cores, for:
 
 - one process: plain, with the model's gradient checkpointing (``+ckpt``), and with checkpointing and
-  the tiling option: feed-forward networks and inline MLPs in chunks, normalizations and attention
-  projections made again in the backward (``+ckpt+tile``);
+  the tiling option: feed-forward networks and inline MLPs in chunks, normalizations, attention
+  projections and a block's products of them made again in the backward (``+ckpt+tile``);
 - diffusers' own Ulysses (the manual path; ``enable_parallelism`` fails on CPU), with and without its
   gradient checkpointing;
 - cp_plugin's Ulysses, ring, and ring x Ulysses (4 processes), each plain, ``+ckpt`` and ``+ckpt+tile``,

@@ -18,8 +18,8 @@ the query and key layers' outputs, which the RMS norms of queries and keys keep 
 are cheap to make again from what they were made of. So the outputs of these norms (and of layer
 norms, which a block's modulation multiplies: :mod:`cp_plugin.products`), and of the linear layers in
 attention layers or beside a single-input norm (a child of the same module), are recorded as they are
-made (:class:`Made`, :mod:`cp_plugin.made`): how, from which tensors. A linear layer given a recorded output
-keeps what that output was made of and makes it again in its backward for its weight's gradient
+made (:class:`Made`, :mod:`cp_plugin.made`): how, from which tensors. A linear layer given a recorded
+output keeps what that output was made of and makes it again in its backward for its weight's gradient
 (:class:`_LinearOfMade`); an RMS norm given a linear layer's recorded output (``norm_q(to_q(x))``,
 heads split by a view between them) does the same for its own backward (:class:`_ProjectedNorm`), and
 where ``x`` is a recorded norm's output, it keeps what that norm took, so neither tensor is kept. What

@@ -52,6 +52,7 @@ class _ProductOfMade(torch.autograd.Function):
 
 
 def _plain(x: Any) -> bool:
+    """Whether ``x`` is a plain tensor or parameter (no subclass, such as a DTensor, whose ops another layer handles)."""
     return type(x) in (torch.Tensor, torch.nn.Parameter)
 
 
