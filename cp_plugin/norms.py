@@ -101,8 +101,9 @@ class _ProjectedNorm(torch.autograd.Function):
         trailing = y.dim() - normalized_dims(ctx.module)
         rows, grads = y.reshape(-1, *y.shape[trailing:]), grad.reshape(-1, *y.shape[trailing:])
         grad_y = torch.empty_like(rows)
-        for piece in range(0, rows.shape[0], -(-rows.shape[0] // NORM_PIECES)):
-            part = slice(piece, piece + -(-rows.shape[0] // NORM_PIECES))
+        size = -(-rows.shape[0] // NORM_PIECES)
+        for start in range(0, rows.shape[0], size):
+            part = slice(start, start + size)
             row = rows[part].detach().requires_grad_()
             with torch.enable_grad(), recorded_autocast(ctx.made.autocast):
                 out = ctx.norm(row)
@@ -202,12 +203,12 @@ def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int |
             conversion.hook(sub, RecomputedNorm(rows, made), RECOMPUTED_NORM)
             hooked.append(name)  # a norm inside it is recomputed with it
             producers.append(sub)
-    beside_norms = {id(child) for parent in module.modules()
-                    if any(isinstance(child, SINGLE_INPUT_NORMS) for child in parent.children())
-                    for child in parent.children()}
-    layers = {id(sub): sub for _, attn in attention_modules(module) for sub in attn.modules()}
-    layers.update((id(sub), sub) for sub in module.modules() if id(sub) in beside_norms)
+    attentions = [attn for _, attn in attention_modules(module)]
+    layers = {id(sub): sub for attn in attentions for sub in attn.modules()}
+    for parent in module.modules():
+        if any(isinstance(child, SINGLE_INPUT_NORMS) for child in parent.children()):
+            layers.update((id(child), child) for child in parent.children())
     for layer in layers.values():  # a layer another hook already wraps (tiling's) is left alone
         if type(layer) is torch.nn.Linear and forward_is_hooked_only_by(layer, ()):
             conversion.hook(layer, RecordedProjection(made, rows), RECORDED_PROJECTION)
-    return made, producers + [attn for _, attn in attention_modules(module)]
+    return made, producers + attentions
