@@ -3,6 +3,7 @@
     python -m benchmarks.longest    # writes benchmarks/results/longest.{md,jsonl}, docs/benchmarks.md's table, the README's
     python -m benchmarks.longest --budget-mib 64 --blocks 4 --worlds 1 2   # another budget and depth
     python -m benchmarks.longest --budget-mib 64 --worlds 1 2 4 --resume  # run only what the jsonl lacks
+    python -m benchmarks.longest --worlds 4 --layouts ulysses/sharded+ckpt+tile --resume  # one layout more
 
 One invocation runs ``benchmarks.worker``'s measured search (every length it reports was run, see
 ``benchmarks.worker.search``) on the same wide Flux of ``--blocks`` double- and single-stream blocks,
@@ -158,12 +159,18 @@ def main() -> None:
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2],
                         help="process counts to search (add 4 where there are cores for it: on 2 cores a 4-process "
                              "step at these lengths takes minutes)")
+    parser.add_argument("--layouts", nargs="+", metavar="NAME",
+                        help="search only these of each world's layouts (with --resume, added to the jsonl's)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the existing jsonl")
     parser.add_argument("--resume", action="store_true",
                         help="keep the jsonl's records (same command, stopped part way: a 4-process search on 2 "
                              "cores takes tens of minutes per layout) and search only the layouts it lacks")
     args = parser.parse_args()
+    unknown = set(args.layouts or ()) - {name for world in args.worlds for name in LAYOUTS[world]}
+    if unknown:
+        parser.error(f"--layouts: {', '.join(sorted(unknown))} not among the layouts of --worlds "
+                     f"{' '.join(map(str, args.worlds))}: {[LAYOUTS[world] for world in args.worlds]}")
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "longest.jsonl"
     command = ("python -m benchmarks.longest "
@@ -175,7 +182,8 @@ def main() -> None:
         with raw.open("a") as f:
             f.write(json.dumps({"provenance": describe(command), "resumed": len(done)}) + "\n")
         for world in args.worlds:
-            todo = [name for name in LAYOUTS[world] if (world, name) not in done]
+            todo = [name for name in LAYOUTS[world]
+                    if (world, name) not in done and (args.layouts is None or name in args.layouts)]
             if todo:
                 launch(world, todo, [], 1, args.budget_mib, raw, blocks=args.blocks)
     entries = read(raw)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cp_plugin.compat import tensor_version, view_base
-from cp_plugin.tiling import MIN_TILED_TOKENS, autocast_state, recorded_autocast
+from cp_plugin.tiling import MIN_TILED_TOKENS, AutocastState, autocast_state, recorded_autocast
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class _Made:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     index: int | None
-    autocast: tuple[str, torch.dtype, bool]
+    autocast: AutocastState
     shape: torch.Size
     versions: list[int] = dataclasses.field(default_factory=list)  # of the kept tensors, when made
 

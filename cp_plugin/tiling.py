@@ -184,19 +184,26 @@ def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tor
     return found
 
 
-def autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
-    """The autocast a forward runs under, for its recompute in the backward (mixed precision)."""
+# What a forward's autocast was: (device type, dtype or None where the device has no autocast, enabled).
+AutocastState = tuple[str, torch.dtype | None, bool]
+
+
+def autocast_state(device: str) -> AutocastState:
+    """The autocast a forward runs under, for its recompute in the backward (mixed precision); none on a device
+    without autocast (the meta device, where a step runs for its shapes alone, as a FLOP count does)."""
+    if not torch.amp.is_autocast_available(device):
+        return device, None, False
     return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
 
 
-def recorded_autocast(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
+def recorded_autocast(state: AutocastState) -> contextlib.AbstractContextManager:
     """The autocast :func:`autocast_state` recorded, entered again."""
     device, dtype, enabled = state
-    return torch.autocast(device, dtype=dtype, enabled=enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device, dtype=dtype, enabled=enabled)
 
 
 def _activated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any,
-               autocast: tuple[str, torch.dtype, bool]) -> torch.Tensor:
+               autocast: AutocastState) -> torch.Tensor:
     """``act(linear(x))`` (a chunk of tokens) under ``autocast``."""
     with recorded_autocast(autocast):
         return act(torch.nn.functional.linear(x, weight, bias))
@@ -204,7 +211,7 @@ def _activated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _activation_backward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any, grad: torch.Tensor,
-    autocast: tuple[str, torch.dtype, bool],
+    autocast: AutocastState,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(act(hidden), gradient of hidden)`` for ``hidden = linear(x)`` recomputed (a chunk of tokens) under the
     forward's ``autocast``, given ``grad``, the gradient of ``act(hidden)``."""
@@ -295,7 +302,7 @@ class _Call:
     """The grad mode and autocast a deferred computation was called under, to compute it as it was called."""
 
     grad: bool
-    autocast: tuple[str, torch.dtype, bool]
+    autocast: AutocastState
 
     @classmethod
     def now(cls, x: torch.Tensor) -> _Call:

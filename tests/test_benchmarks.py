@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from diffusers import WanTransformer3DModel
 from launcher import run_distributed
 
 from benchmarks import blockwise, gpu, overlap, run, worker
@@ -329,3 +330,19 @@ def test_layout_names_turn_memory_options_on() -> None:
     assert (full.checkpointing, full.checkpoint_policy, full.tiling) == (True, "full", False)
     with pytest.raises(ValueError, match=r"optionally with \+ckpt or \+sac"):
         worker.layout_named(layouts, "ulysses/sharded+selective")
+
+
+def test_the_flop_count_of_tiling_sees_its_recompute_on_the_meta_device() -> None:
+    """``benchmarks.tiling_flops`` counts a tiled step on the meta device: more operations than untiled (each chunk's
+    hidden layer is recomputed), by the up-projections' share alone; with tiling acting on nothing (a call below
+    2048 tokens), the same count."""
+    from benchmarks.tiling_flops import FRAME, counted, wan_step
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      text_dim=32, freq_dim=16, ffn_dim=128, num_layers=1)
+    untiled, tiled = (counted(model, wan_step, 4 * FRAME, False, tiling) for tiling in (False, True))
+    up_projection = 2 * 4 * FRAME * 32 * 128  # one more forward of each token's first feed-forward layer
+    assert tiled - untiled >= up_projection, (tiled, untiled)
+    assert tiled / untiled < 1.5
+    assert counted(model, wan_step, FRAME, False, True) == counted(model, wan_step, FRAME, False, False)
