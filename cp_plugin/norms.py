@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, unviewed
 from cp_plugin.made import Made, long_enough
 from cp_plugin.model import Conversion, hook_name
-from cp_plugin.plans import attention_modules
+from cp_plugin.plans import attention_modules, outermost
 from cp_plugin.tiling import INLINE_MLP_BLOCK, recorded_autocast
 
 # Normalizations that save a normalized tensor of their input's size for their weight's or modulation's gradient.
@@ -195,14 +195,11 @@ def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int |
     """Hook every normalization layer of :data:`RECOMPUTED_NORMS` and :data:`RECORDED_NORMS` in ``module`` into
     ``conversion`` (undone by its ``remove()``); ``rows``: the tokens from which a call is recomputed (``None``:
     ``MIN_TILED_TOKENS``). Returns the records and the layers that make them (the norms and attention layers)."""
-    hooked: list[str] = []
-    made, producers = Made(), []
-    for name, sub in module.named_modules():
-        if (isinstance(sub, (*RECOMPUTED_NORMS, *RECORDED_NORMS))
-                and not any(name.startswith(f"{outer}.") for outer in hooked)):
-            conversion.hook(sub, RecomputedNorm(rows, made), RECOMPUTED_NORM)
-            hooked.append(name)  # a norm inside it is recomputed with it
-            producers.append(sub)
+    made = Made()
+    # a norm inside another is recomputed with it
+    producers = [sub for _, sub in outermost(module, lambda sub: isinstance(sub, (*RECOMPUTED_NORMS, *RECORDED_NORMS)))]
+    for norm in producers:
+        conversion.hook(norm, RecomputedNorm(rows, made), RECOMPUTED_NORM)
     attentions = [attn for _, attn in attention_modules(module)]
     layers = {id(sub): sub for attn in attentions for sub in attn.modules()}
     for parent in module.modules():

@@ -20,7 +20,7 @@ followed (softmax attention by hand, tokens cut by a count) is refused by its pr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,13 +68,26 @@ def attention_heads(attn: torch.nn.Module) -> int | None:
     return int(heads) if heads else None
 
 
+def within(name: str, outer: str) -> bool:
+    """Whether the module at attribute path ``name`` is the one at ``outer`` or inside it (``""``: the root)."""
+    return outer == "" or name == outer or name.startswith(f"{outer}.")
+
+
+def outermost(module: torch.nn.Module, picked: Callable[[torch.nn.Module], bool],
+              outside: Iterable[str] = ()) -> list[tuple[str, torch.nn.Module]]:
+    """The modules of ``module`` that ``picked`` selects, by attribute path, none inside another one selected or inside
+    a module ``outside`` names: a hook on each reaches what is inside it once."""
+    excluded, found = list(outside), []
+    for name, sub in module.named_modules():
+        if not any(within(name, outer) for outer in excluded) and picked(sub):
+            found.append((name, sub))
+            excluded.append(name)
+    return found
+
+
 def find_models(module: torch.nn.Module) -> dict[str, ModelMixin]:
     """Outermost diffusers models inside ``module`` (``""`` if ``module`` is one), by attribute path."""
-    found: dict[str, ModelMixin] = {}
-    for name, sub in module.named_modules():
-        if isinstance(sub, ModelMixin) and not any(name.startswith(f"{p}.") or p == "" for p in found):
-            found[name] = sub
-    return found
+    return dict(outermost(module, lambda sub: isinstance(sub, ModelMixin)))
 
 
 def derive_plan(model: torch.nn.Module, path: str) -> DerivedPlan:

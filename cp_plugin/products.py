@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from cp_plugin.compat import is_symbolic
 from cp_plugin.made import Made, long_enough
 from cp_plugin.model import Conversion
+from cp_plugin.plans import outermost
 
 # The out-of-place products of two tensors, as a block writes them (``a * b``, ``torch.mul``, ``a.mul(b)``).
 PRODUCTS = frozenset({torch.mul, torch.multiply, torch.Tensor.mul, torch.Tensor.multiply, torch.Tensor.__mul__,
@@ -99,10 +100,6 @@ def keep_products_made(module: torch.nn.Module, conversion: Conversion, made: Ma
     ids = {id(p) for p in producers}
     inside_models = {id(sub) for model in module.modules() if isinstance(model, ModelMixin)
                      for sub in model.modules() if not isinstance(sub, ModelMixin)}
-    blocks: list[str] = []
-    for name, sub in module.named_modules():
-        if id(sub) not in inside_models or any(name.startswith(f"{outer}.") for outer in blocks):
-            continue
-        if any(id(child) in ids for child in sub.children()):
-            conversion.hook(sub, KeepsProductsMade(made, rows), PRODUCTS_OF_MADE)
-            blocks.append(name)
+    for _, block in outermost(module, lambda sub: id(sub) in inside_models
+                              and any(id(child) in ids for child in sub.children())):
+        conversion.hook(block, KeepsProductsMade(made, rows), PRODUCTS_OF_MADE)

@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tensor_version, tree_map_only
 from cp_plugin.model import Conversion, hook_name
-from cp_plugin.plans import attention_modules
+from cp_plugin.plans import attention_modules, outermost, within
 
 # Tokens below this are not tiled: a chunk's matrix products stay large enough to run at full speed, and a
 # sequence this short has a hidden layer too small to be the step's peak.
@@ -105,14 +105,7 @@ def is_feed_forward(module: torch.nn.Module) -> bool:
 
 def feed_forward_networks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost feed-forward networks in ``module`` that are not inside an attention layer."""
-    attention = [f"{name}." for name, _ in attention_modules(module)]
-    found: list[tuple[str, torch.nn.Module]] = []
-    for name, sub in module.named_modules():
-        inside = (any(f"{name}.".startswith(p) for p in attention)
-                  or any(f == "" or name.startswith(f"{f}.") for f, _ in found))
-        if not inside and is_feed_forward(sub):
-            found.append((name, sub))
-    return found
+    return outermost(module, is_feed_forward, outside=[name for name, _ in attention_modules(module)])
 
 
 def hidden_width(module: torch.nn.Module) -> int:
@@ -171,10 +164,10 @@ def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tor
     beside them (a child of the same parent) whose output they may take, each with that parent: an MLP a block writes
     inline (Flux's and HunyuanVideo's single-stream blocks: ``act_mlp(proj_mlp(x))``, then concatenated with the
     attention's output and projected by ``proj_out``)."""
-    outside = [f"{name}." for name, _ in attention_modules(module) + feed_forward_networks(module)]
+    outside = [name for name, _ in attention_modules(module) + feed_forward_networks(module)]
     found = []
     for name, parent in module.named_modules():
-        if any(f"{name}.".startswith(prefix) for prefix in outside):
+        if any(within(name, outer) for outer in outside):
             continue
         if not any(type(c) is torch.nn.Linear and c.out_features > c.in_features for c in parent.children()):
             continue
