@@ -298,6 +298,8 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
     def peak(side: int) -> int:
         if side not in probes:
             probes[side], kinds[side] = probe_peak(model, layout, mesh, side)
+            if dist.get_rank() == 0:  # a search of 4 processes on 2 cores runs for tens of minutes: show where it is
+                print(f"{layout.name}: {side * side} tokens peak at {probes[side] / 2**20:.1f} MiB", flush=True)
         return probes[side]
 
     small, large = 4 * SIDE_STEP, 8 * SIDE_STEP

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from diffusers import WanTransformer3DModel
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 from launcher import run_distributed
 
 from benchmarks import blockwise, gpu, overlap, run, worker
@@ -333,16 +333,24 @@ def test_layout_names_turn_memory_options_on() -> None:
 
 
 def test_the_flop_count_of_tiling_sees_its_recompute_on_the_meta_device() -> None:
-    """``benchmarks.tiling_flops`` counts a tiled step on the meta device: more operations than untiled (each chunk's
-    hidden layer is recomputed), by the up-projections' share alone; with tiling acting on nothing (a call below
-    2048 tokens), the same count."""
-    from benchmarks.tiling_flops import FRAME, counted, wan_step
+    """``benchmarks.tiling_flops`` counts a tiled step on the meta device: more operations than untiled by at least
+    one more forward of each chunk's first layer, for a feed-forward network (Wan's) and for an MLP a block writes
+    inline (Flux's single-stream block, which the option leaves alone under a global forward hook: a counter that
+    tracks modules with one would count it untiled); with tiling acting on nothing (a call below 2048 tokens), the
+    same count."""
+    from benchmarks.tiling_flops import FRAME, counted, flux_step, wan_step
 
     with torch.device("meta"):
-        model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                      text_dim=32, freq_dim=16, ffn_dim=128, num_layers=1)
-    untiled, tiled = (counted(model, wan_step, 4 * FRAME, False, tiling) for tiling in (False, True))
-    up_projection = 2 * 4 * FRAME * 32 * 128  # one more forward of each token's first feed-forward layer
-    assert tiled - untiled >= up_projection, (tiled, untiled)
-    assert tiled / untiled < 1.5
-    assert counted(model, wan_step, FRAME, False, True) == counted(model, wan_step, FRAME, False, False)
+        wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                    text_dim=32, freq_dim=16, ffn_dim=128, num_layers=1)
+        flux = FluxTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=0,
+                                      num_single_layers=1, joint_attention_dim=32, pooled_projection_dim=32,
+                                      axes_dims_rope=(4, 6, 6))
+    flux_forward = flux_step(dict(flux.config), 8)
+    for model, forward, tokens, up_projection in (
+            (wan, wan_step, 4 * FRAME, 2 * 4 * FRAME * 32 * 128),
+            (flux, flux_forward, 4096, 2 * (4096 + 8) * 32 * 128)):  # Flux's MLP runs over text and image tokens
+        untiled, tiled = (counted(model, forward, tokens, False, tiling) for tiling in (False, True))
+        assert tiled - untiled >= up_projection, (type(model).__name__, tiled, untiled)
+        assert tiled / untiled < 1.5
+    assert counted(wan, wan_step, FRAME, False, True) == counted(wan, wan_step, FRAME, False, False)
