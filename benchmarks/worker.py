@@ -283,12 +283,38 @@ def probe_peak(model: torch.nn.Module, layout: Layout, mesh: ParallelMesh | None
     return max(ranks, key=lambda r: r[0])
 
 
+def bracket(peak: Callable[[int], int], side: int, budget: int) -> tuple[int, int]:
+    """The longest side whose ``peak`` fits ``budget`` (0 if none does) and the next side step, over it, both measured:
+    from ``side``, steps that double until one length fits and a longer one does not, then the gap between them
+    halved until they are one side step apart (``peak`` grows with the side)."""
+    fits, over, step = (side, None, SIDE_STEP) if peak(side) <= budget else (None, side, SIDE_STEP)
+    while over is None:  # ``side`` fits: double the step up until a length is over the budget
+        if peak(fits + step) > budget:
+            over = fits + step
+        else:
+            fits, step = fits + step, 2 * step
+    while fits is None:  # ``side`` is over: double the step down until a length fits, or none is left to try
+        lower = max(over - step, 0)
+        if lower == 0 or peak(lower) <= budget:
+            fits = lower
+        else:
+            over, step = lower, 2 * step
+    while over - fits > SIDE_STEP:
+        middle = (fits + over) // 2 // SIDE_STEP * SIDE_STEP
+        if peak(middle) <= budget:
+            fits = middle
+        else:
+            over = middle
+    return fits, over
+
+
 def search(layout: Layout, budget: int) -> dict[str, Any]:
     """The longest ``side * side`` sequence whose measured step peak fits ``budget`` bytes on every rank.
 
     A run, not a fit: two short probes only estimate bytes per token (peaks grow linearly, as flash
-    attention keeps no S x S scores) to pick where to start; from there every length is measured,
-    one side step at a time, until one fits and the next does not. Both are reported.
+    attention keeps no S x S scores) to pick where to start; from there :func:`bracket` measures
+    lengths until one fits and the next side step does not (stepping one side at a time from an
+    estimate that the short probes put far off took hours on 4 processes). Both are reported.
     """
     model, mesh = build(layout)
     tag_phases()
@@ -306,14 +332,10 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
     per_token = (peak(large) - peak(small)) / (large**2 - small**2)
     estimate = large**2 + (budget - peak(large)) / per_token
     side = max(SIDE_STEP, int(max(estimate, 0) ** 0.5) // SIDE_STEP * SIDE_STEP)
-    while peak(side) <= budget:
-        side += SIDE_STEP
-    while side > SIDE_STEP and peak(side - SIDE_STEP) > budget:
-        side -= SIDE_STEP
-    fits = side - SIDE_STEP  # measured within budget (0: not even the shortest length fits)
+    fits, over = bracket(peak, side, budget)
     return {"budget_bytes": budget, "fits_seq": fits * fits, "fits_peak": probes.get(fits, 0),
             "fits_by_kind": kinds.get(fits, {}),
-            "next_seq": side * side, "next_peak": probes[side],
+            "next_seq": over * over, "next_peak": probes[over],
             "probes": [[s * s, p] for s, p in sorted(probes.items())]}
 
 

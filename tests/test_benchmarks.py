@@ -354,3 +354,20 @@ def test_the_flop_count_of_tiling_sees_its_recompute_on_the_meta_device() -> Non
         assert tiled - untiled >= up_projection, (type(model).__name__, tiled, untiled)
         assert tiled / untiled < 1.5
     assert counted(wan, wan_step, FRAME, False, True) == counted(wan, wan_step, FRAME, False, False)
+
+
+@pytest.mark.parametrize("start", [4, 40, 120, 400])
+@pytest.mark.parametrize("boundary", [0, 4, 116, 120, 1000])
+def test_the_search_brackets_the_longest_length_that_fits_from_any_start(start: int, boundary: int) -> None:
+    """``worker.bracket`` returns the longest side within the budget and the next side step over it, both measured,
+    from an estimate below, at or far above the boundary (0: not even the shortest fits), in few probes."""
+    measured: list[int] = []
+
+    def peak(side: int) -> int:  # grows with the side: within the budget (100) up to ``boundary``
+        measured.append(side)
+        return 100 if side <= boundary else 101
+
+    fits, over = worker.bracket(peak, start, budget=100)
+    assert (fits, over) == (boundary, boundary + worker.SIDE_STEP)
+    assert over in measured and (fits in measured or fits == 0)
+    assert len(measured) <= 2 * (abs(start - boundary) // worker.SIDE_STEP).bit_length() + 2, measured
