@@ -285,20 +285,21 @@ def probe_peak(model: torch.nn.Module, layout: Layout, mesh: ParallelMesh | None
 
 def bracket(peak: Callable[[int], int], side: int, budget: int) -> tuple[int, int]:
     """The longest side whose ``peak`` fits ``budget`` (0 if none does) and the next side step, over it, both measured:
-    from ``side``, steps that double until one length fits and a longer one does not, then the gap between them
-    halved until they are one side step apart (``peak`` grows with the side)."""
-    fits, over, step = (side, None, SIDE_STEP) if peak(side) <= budget else (None, side, SIDE_STEP)
-    while over is None:  # ``side`` fits: double the step up until a length is over the budget
-        if peak(fits + step) > budget:
-            over = fits + step
+    from ``side``, the side doubled or halved until one length fits and a longer one does not, then the gap between
+    them halved until they are one side step apart (``peak`` grows with the side). Geometric steps reach the
+    boundary in a few probes however far off ``side`` is."""
+    fits, over = (side, None) if peak(side) <= budget else (None, side)
+    while over is None:
+        if peak(2 * fits) > budget:
+            over = 2 * fits
         else:
-            fits, step = fits + step, 2 * step
-    while fits is None:  # ``side`` is over: double the step down until a length fits, or none is left to try
-        lower = max(over - step, 0)
+            fits *= 2
+    while fits is None:
+        lower = over // 2 // SIDE_STEP * SIDE_STEP
         if lower == 0 or peak(lower) <= budget:
             fits = lower
         else:
-            over, step = lower, 2 * step
+            over = lower
     while over - fits > SIDE_STEP:
         middle = (fits + over) // 2 // SIDE_STEP * SIDE_STEP
         if peak(middle) <= budget:
@@ -328,7 +329,7 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
                 print(f"{layout.name}: {side * side} tokens peak at {probes[side] / 2**20:.1f} MiB", flush=True)
         return probes[side]
 
-    small, large = 4 * SIDE_STEP, 8 * SIDE_STEP
+    small, large = 8 * SIDE_STEP, 16 * SIDE_STEP  # 1024 and 4096 tokens: long enough for fixed costs to cancel
     per_token = (peak(large) - peak(small)) / (large**2 - small**2)
     estimate = large**2 + (budget - peak(large)) / per_token
     side = max(SIDE_STEP, int(max(estimate, 0) ** 0.5) // SIDE_STEP * SIDE_STEP)

@@ -370,4 +370,5 @@ def test_the_search_brackets_the_longest_length_that_fits_from_any_start(start: 
     fits, over = worker.bracket(peak, start, budget=100)
     assert (fits, over) == (boundary, boundary + worker.SIDE_STEP)
     assert over in measured and (fits in measured or fits == 0)
-    assert len(measured) <= 2 * (abs(start - boundary) // worker.SIDE_STEP).bit_length() + 2, measured
+    ratio = max(start, boundary, 1) // max(min(start, boundary), 1)
+    assert len(measured) <= ratio.bit_length() + (max(start, boundary) // worker.SIDE_STEP).bit_length() + 2, measured
