@@ -8,9 +8,9 @@ activation of each chunk's hidden layer) weighs as much there. What tiling costs
 GPU is mostly the matrix products it redoes, and those depend on the model's width, which a CPU
 cannot run at a useful length. So this counts them instead (``torch.utils.flop_counter``'s
 formulas: every matrix product and attention kernel of one forward and backward, recomputes
-included) on the meta device, where a step is shapes alone: Flux.1 and Wan2.1-T2V-14B at their own configs (one double- and
-two single-stream blocks, Flux's ratio; one Wan block), and the CPU benchmark's Flux for comparison,
-with tiling on and off, with and without gradient checkpointing. The counts are exact; what they
+included) on the meta device, where a step is shapes alone: Flux.1 and Wan2.1-T2V-14B at their
+own configs (one double- and two single-stream blocks, Flux's ratio; one Wan block), and the CPU
+benchmark's Flux for comparison, with tiling on and off, with and without gradient checkpointing. The counts are exact; what they
 leave out (elementwise work, memory traffic, launch overhead) is what a GPU timing would add.
 """
 
@@ -111,8 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     command = ("python -m benchmarks.tiling_flops " + " ".join(sys.argv[1:])).strip()
     lines = ["# Tiling's cost in floating-point operations, counted at real model widths", "",
-             f"{describe(command)} Operations of one forward and backward (torch.utils.flop_counter's formulas, on the meta "
-             "device: matrix products and attention, recomputes included; elementwise work not counted), with "
+             f"{describe(command)} Operations of one forward and backward (torch.utils.flop_counter's formulas, "
+             "on the meta device: matrix products and attention, recomputes included; elementwise work not counted), with "
              "the tiling option (`tile_feed_forward=True`, chunks chosen per call) over without, at the same "
              "options otherwise.", "",
              "| model | tokens | TFLOP, untiled | tiled / untiled | TFLOP, checkpointed | tiled / untiled, "

@@ -314,8 +314,8 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
 
     A run, not a fit: two short probes only estimate bytes per token (peaks grow linearly, as flash
     attention keeps no S x S scores) to pick where to start; from there :func:`bracket` measures
-    lengths until one fits and the next side step does not (stepping one side at a time from an
-    estimate that the short probes put far off took hours on 4 processes). Both are reported.
+    lengths until one fits and the next side step does not, in a few probes however far off the
+    estimate is. Both are reported.
     """
     model, mesh = build(layout)
     tag_phases()
