@@ -56,16 +56,18 @@ def ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch
     are what this rank's queries contribute to every key (full length) when ``record`` is set;
     without it (timing, peak memory) the loopback keeps nothing a real ring would not.
     """
-    loop = LoopbackRing(0, ring, k, v, record=record)
-    k0, v0 = (x.chunk(ring, 2)[0].detach().requires_grad_() for x in (k, v))
-    q0 = q.detach().requires_grad_()
+    # the ring takes (B, S, H, D) shards: views of the same tensors
+    loop = LoopbackRing(0, ring, k.transpose(1, 2), v.transpose(1, 2), record=record)
+    k0, v0 = (x.transpose(1, 2).chunk(ring, 1)[0].detach().requires_grad_() for x in (k, v))
+    q0 = q.transpose(1, 2).detach().requires_grad_()
     masks = None if mask is None else mask.unflatten(1, (ring, -1)).movedim(1, 0)
     out = _RingAttention.apply(q0, k0, v0, masks, None, loop, q.shape[-1] ** -0.5, rotate, True)
-    out.backward(grad_out)
+    out.backward(grad_out.transpose(1, 2))
+    out, dq = out.detach().transpose(1, 2), q0.grad.transpose(1, 2)
     if not record:
-        return out.detach(), q0.grad, k0.grad, v0.grad
-    dk, dv = loop.dk_dv(torch.stack((k0.grad, v0.grad)))
-    return out.detach(), q0.grad, dk, dv
+        return out, dq, k0.grad.transpose(1, 2), v0.grad.transpose(1, 2)
+    dk, dv = (x.transpose(1, 2) for x in loop.dk_dv((k0.grad, v0.grad)))
+    return out, dq, dk, dv
 
 
 def fused_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,

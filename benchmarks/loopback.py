@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from cp_plugin.attention.ring import Block
+
 
 class _LoopbackExchange:
     """A ``RingComm`` whose peer is the full tensor: ``block`` is the index this rank sends next."""
@@ -23,18 +25,18 @@ class _LoopbackExchange:
         # KV rotates from our own block on; dK/dV accumulators start at a block's second holder.
         self.ring, self.travels = ring, travels
         self.block = ring.rank if travels == "kv" else ring.rank - 1
-        self._spare: torch.Tensor | None = None
+        self._spare: Block | None = None
 
-    def send_recv(self, send: torch.Tensor, keep: bool = False) -> torch.Tensor:
+    def send_recv(self, send: Block, keep: bool = False) -> Block:
         size = self.ring.size
-        if self.travels == "kv":  # the previous rank's block, copied into the spare buffer as a receive would
-            recv = torch.empty_like(send) if self._spare is None else self._spare
+        if self.travels == "kv":  # the previous rank's block, copied into the spare buffers as a receive would
+            recv = tuple(torch.empty_like(x) for x in send) if self._spare is None else self._spare
             for held, block in zip(recv, self.ring.kv_blocks[(self.block - 1) % size]):
                 held.copy_(block)
             self._spare = None if keep else send
         else:  # our share of the block's gradient leaves; the other ranks add nothing
             self.ring.keep(self.block % size, send)
-            recv = torch.zeros_like(send)
+            recv = tuple(torch.zeros_like(x) for x in send)
         self.block -= 1
         return recv
 
@@ -43,15 +45,15 @@ class _LoopbackExchange:
 
 
 class LoopbackRing:
-    """Rank ``rank`` of a ``size``-rank ring whose KV is ``k``, ``v`` (full ``(B, H, S, D)`` tensors)."""
+    """Rank ``rank`` of a ``size``-rank ring whose KV is ``k``, ``v`` (full ``(B, S, H, D)`` tensors)."""
 
     def __init__(self, rank: int, size: int, k: torch.Tensor, v: torch.Tensor, record: bool = True) -> None:
         self.rank, self.size, self.record = rank, size, record
         # views, so that the loopback itself allocates nothing a real rank would not
-        self.kv_blocks = list(zip(k.chunk(size, dim=-2), v.chunk(size, dim=-2)))
-        self.sent_dkv: dict[int, torch.Tensor] = {}
+        self.kv_blocks = list(zip(k.chunk(size, dim=1), v.chunk(size, dim=1)))
+        self.sent_dkv: dict[int, Block] = {}
 
-    def keep(self, block: int, dkv: torch.Tensor) -> None:
+    def keep(self, block: int, dkv: Block) -> None:
         """Record this rank's dK/dV contribution to ``block`` (only when recording)."""
         if self.record:
             self.sent_dkv[block] = dkv
@@ -59,18 +61,18 @@ class LoopbackRing:
     def exchange(self, travels: str, kind: str) -> _LoopbackExchange:
         return _LoopbackExchange(self, travels)
 
-    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        block = torch.stack(self.kv_blocks[0])
-        if x.shape != block.shape:
-            raise ValueError(f"the loopback ring gathers KV blocks of shape {tuple(block.shape)}, got {tuple(x.shape)}")
-        return torch.stack([torch.stack(kv) for kv in self.kv_blocks])
+    def all_gather(self, xs: Block, kind: str) -> Block:
+        shapes = [tuple(x.shape) for x in self.kv_blocks[0]]
+        if [tuple(x.shape) for x in xs] != shapes:
+            raise ValueError(f"the loopback ring gathers KV blocks of shapes {shapes}, got {[tuple(x.shape) for x in xs]}")
+        return tuple(torch.stack(parts) for parts in zip(*self.kv_blocks))
 
-    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
-        for block, dkv in enumerate(blocks):
-            self.keep(block, dkv)
-        return blocks[self.rank].clone()
+    def reduce_scatter(self, blocks: Block, kind: str) -> Block:
+        for block in range(self.size):
+            self.keep(block, tuple(x[block] for x in blocks))
+        return tuple(x[self.rank].clone() for x in blocks)
 
-    def dk_dv(self, own: torch.Tensor) -> torch.Tensor:
-        """``(2, B, H, S, D)``: this rank's dK/dV contributions to every block, ``own`` for its own block."""
+    def dk_dv(self, own: Block) -> Block:
+        """``(dk, dv)``, each ``(B, S, H, D)``: this rank's contributions to every block, ``own`` for its own block."""
         parts = {**self.sent_dkv, self.rank: own}
-        return torch.cat([parts[j].to(own.dtype) for j in range(self.size)], dim=-2)
+        return tuple(torch.cat([parts[j][i].to(x.dtype) for j in range(self.size)], dim=1) for i, x in enumerate(own))

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from benchmarks.launch import driver_parser, run_or_relaunch
 from benchmarks.provenance import describe
-from cp_plugin.attention.ring import RingComm, ring_attention
+from cp_plugin.attention.ring import Block, RingComm, ring_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -74,7 +74,7 @@ def serial_transfers() -> Iterator[None]:
     """Every ``send_recv`` waits for its own transfer before returning: the ring without overlap."""
     original = RingComm.send_recv
 
-    def send_recv_and_wait(comm: RingComm, send: torch.Tensor, keep: bool = False) -> torch.Tensor:
+    def send_recv_and_wait(comm: RingComm, send: Block, keep: bool = False) -> Block:
         received = original(comm, send, keep)
         RingComm.wait(comm)
         return received

@@ -154,12 +154,12 @@ def attention_backward(
     With the global normaliser, each block's softmax probabilities are the true ones, so the
     per-block gradients simply add up (dq over blocks; dk, dv per block).
     """
-    grad_out = grad_out.contiguous()
     backend = kernel_for(q, bias)
-    if backend == "cpu":
+    if backend == "cpu":  # reads ``grad_out`` by its strides: no copy (the gradient of a transposed output is one)
         return sdpa_flash_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
         )
+    grad_out = grad_out.contiguous()
     # ``None`` is an undefined tensor to ATen: dense (not variable-length) flash, no bias. An empty
     # tensor would be *defined* and switch the kernels to their varlen / bias paths.
     if backend == "cudnn":
@@ -187,11 +187,15 @@ def attention_backward(
 def merge_partial(
     out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax attentions by their LSEs, in the numerically stable form.
+    """Combine two partial softmax attentions by their LSEs, in the numerically stable form, into ``out`` in place.
 
     ``out - sigmoid(lse_i - lse) * (out - out_i)`` never exponentiates a large number; the LSE uses
     ``logaddexp`` (the same quantity as ``lse - logsigmoid(lse - lse_i)``) because it stays finite
-    when a block, or everything so far, was fully masked (LSE ``-inf``).
+    when a block, or everything so far, was fully masked (LSE ``-inf``). The product is formed in
+    ``block_out``, which is spent, and added to ``out``: at a ring's peak the two partial outputs are
+    what attention holds, and the form's temporaries would be two more of their size. Negating a
+    difference and a product is exact, so ``out + weight * (out_i - out)`` is bit for bit the form.
+    Returns ``out`` (``block_out`` where there is none yet) and the merged LSE.
     """
     block_lse = block_lse.unsqueeze(-1)
     if out is None:
@@ -199,4 +203,5 @@ def merge_partial(
     # The weight is computed from float32 LSEs and cast to ``out``'s dtype, so ``out`` stays in the
     # accumulation dtype the caller chose. NaN only when both LSEs are -inf: nothing to add.
     weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0).to(out.dtype)
-    return out - weight * (out - block_out), torch.logaddexp(lse, block_lse)
+    out += block_out.sub_(out).mul_(weight)
+    return out, torch.logaddexp(lse, block_lse)

@@ -35,16 +35,20 @@ from cp_plugin.attention.kernels import (
 from cp_plugin.attention.masks import MaskTiles, Reach
 from cp_plugin.comm import all_gather, count_sent, reduce_scatter
 
+Block = tuple[torch.Tensor, ...]
+"""What one ring step hands on: a KV block ``(k, v)``, or the dK/dV accumulators of one, each ``(B, S_local, H, D)``
+(the callers' order of dims, in which the kernels lay out their outputs too). The tensors travel side by side, so
+neither pass copies a pair into one buffer to send it."""
+
 
 class RingComm:
     """Double-buffered ring exchange: send to the next ring rank, receive from the previous.
 
-    ``send_recv`` posts both transfers and returns the receive buffer at once, so the caller
+    ``send_recv`` posts the transfers and returns the receive buffers at once, so the caller
     computes on its current block while the next one is in flight; ``wait`` completes them. The
-    comm owns the spare buffer: a sent buffer is free once ``wait`` returns, so it receives the
+    comm owns the spare buffers: a sent block is free once ``wait`` returns, so it receives the
     transfer after next, unless the caller keeps it (our own block, which the autograd function saves
-    stacked, so that neither pass copies ``k`` and ``v`` into one more buffer). Besides our own block,
-    that is two blocks resident, never more.
+    for the backward). Besides our own block, that is two blocks resident, never more.
     """
 
     def __init__(self, group: dist.ProcessGroup, kind: str) -> None:
@@ -52,37 +56,38 @@ class RingComm:
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.next, self.prev = (rank + 1) % size, (rank - 1) % size
         self._pending: list[dist.Work] = []
-        self._spare: torch.Tensor | None = None
+        self._sending: Block = ()  # held until its transfer completes, whatever the caller drops meanwhile
+        self._spare: Block | None = None
 
-    def send_recv(self, send: torch.Tensor, keep: bool = False) -> torch.Tensor:
-        """Post ``send`` to the next rank and a receive from the previous one; returns its buffer. ``keep``: the
+    def send_recv(self, send: Block, keep: bool = False) -> Block:
+        """Post ``send`` to the next rank and a receive from the previous one; returns its buffers. ``keep``: the
         caller keeps ``send`` (our own block, saved for the backward), so it never receives a later transfer."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called before wait(): the spare buffer may still be in flight")
-        recv = torch.empty_like(send) if self._spare is None else self._spare
-        # One batch for both directions: every rank posts the same pair in the same order, so
+        recv = tuple(torch.empty_like(x) for x in send) if self._spare is None else self._spare
+        # One batch for both directions: every rank posts the same pairs in the same order, so
         # gloo and NCCL match them without the send-before-receive deadlock of blocking p2p.
-        self._pending = dist.batch_isend_irecv(
-            [
-                dist.P2POp(dist.isend, send, group=self.group, group_peer=self.next),
-                dist.P2POp(dist.irecv, recv, group=self.group, group_peer=self.prev),
-            ]
-        )
-        count_sent(self.kind, send.nbytes)
+        self._pending = dist.batch_isend_irecv([
+            op for out, into in zip(send, recv)
+            for op in (dist.P2POp(dist.isend, out, group=self.group, group_peer=self.next),
+                       dist.P2POp(dist.irecv, into, group=self.group, group_peer=self.prev))
+        ])
+        count_sent(self.kind, sum(x.nbytes for x in send))
+        self._sending = send
         self._spare = None if keep else send
         return recv
 
     def wait(self) -> None:
-        """Complete the posted pair: the received buffer is filled, the sent one may be reused."""
+        """Complete the posted transfers: the received buffers are filled, the sent ones may be reused."""
         for work in self._pending:
             work.wait()
-        self._pending = []
+        self._pending, self._sending = [], ()
 
 
 class BlockExchange(Protocol):
     """One double-buffered rotation: post a send and a receive, compute, then wait (``RingComm``)."""
 
-    def send_recv(self, send: torch.Tensor, keep: bool = False) -> torch.Tensor: ...
+    def send_recv(self, send: Block, keep: bool = False) -> Block: ...
 
     def wait(self) -> None: ...
 
@@ -101,11 +106,11 @@ class RingTransport(Protocol):
     def exchange(self, travels: str, kind: str) -> BlockExchange:
         """A rotation of ``travels`` (``"kv"`` blocks, or ``"dkv"`` accumulators), bytes counted as ``kind``."""
 
-    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """``(size, *x.shape)``: every ring rank's ``x`` (a KV block), in ring order."""
+    def all_gather(self, xs: Block, kind: str) -> Block:
+        """Per tensor of ``xs`` (a KV block), ``(size, *x.shape)``: every ring rank's, in ring order."""
 
-    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
-        """``blocks[j]`` summed over ring ranks arrives at rank ``j``; returns this rank's sum."""
+    def reduce_scatter(self, blocks: Block, kind: str) -> Block:
+        """Per tensor, ``blocks[i][j]`` summed over ring ranks arrives at rank ``j``; returns this rank's sums."""
 
 
 class GroupTransport:
@@ -118,11 +123,11 @@ class GroupTransport:
     def exchange(self, travels: str, kind: str) -> RingComm:
         return RingComm(self.group, kind)
 
-    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        return all_gather(x, self.group, kind).view(self.size, *x.shape)
+    def all_gather(self, xs: Block, kind: str) -> Block:
+        return tuple(all_gather(x, self.group, kind).view(self.size, *x.shape) for x in xs)
 
-    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
-        return reduce_scatter(blocks.flatten(0, 1), self.group, kind)
+    def reduce_scatter(self, blocks: Block, kind: str) -> Block:
+        return tuple(reduce_scatter(x.flatten(0, 1), self.group, kind) for x in blocks)
 
 
 class _Alone:
@@ -136,21 +141,22 @@ class _Alone:
     def wait(self) -> None:
         """Nothing was posted."""
 
-    def all_gather(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        return x[None]
+    def all_gather(self, xs: Block, kind: str) -> Block:
+        return tuple(x[None] for x in xs)
 
-    def reduce_scatter(self, blocks: torch.Tensor, kind: str) -> torch.Tensor:
-        return blocks[0]
+    def reduce_scatter(self, blocks: Block, kind: str) -> Block:
+        return tuple(x[0] for x in blocks)
 
 
 _ALONE = _Alone()
 
 
 class _RingAttention(torch.autograd.Function):
-    """Ring attention over ``(B, H, S_local, D)`` shards; KV travels as one stacked ``(2, ...)`` buffer.
+    """Ring attention over ``(B, S_local, H, D)`` shards; each KV block travels as the pair ``(k, v)``.
 
     Communication goes through ``transport`` (a :class:`RingTransport`), the only thing that
     differs between training (:class:`GroupTransport`) and ``benchmarks.blockwise`` (loopback).
+    The kernels see ``(B, H, S, D)`` views of the same tensors.
 
     ``key_masks`` is ``None`` or ``(r, B, S_local)``: per KV block ``j``, the key mask over it (bytes
     per token, so gathered once instead of travelling with the blocks). ``tiles`` is ``None`` or a
@@ -162,45 +168,54 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
         acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
         rank, size = transport.rank, transport.size
-        kv = own_kv = torch.stack((k, v))  # saved as it is: the backward needs it stacked too
-        tile = _TileOf(tiles, rank, q.shape[2], kv.shape[3])
+        kv = own_kv = (k.contiguous(), v.contiguous())  # as it travels; saved for the backward
+        queries = q.transpose(1, 2)
+        tile = _TileOf(tiles, rank, q.shape[1], k.shape[1])
         out = lse = None
         if rotate_method == "allgather":
-            for origin, block in enumerate(transport.all_gather(kv, "ring_allgather")):
+            for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather"))):
                 mask = _mask_of(key_masks, origin)
-                out, lse = merge_partial(out, lse, *_block_forward(q, block, mask, tile.of(origin), scale, acc_dtype))
+                out, lse = merge_partial(out, lse, *_block_forward(queries, block, mask, tile.of(origin), scale,
+                                                                   acc_dtype))
         else:
             comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
                 incoming = comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
                 origin = (rank - step) % size
                 mask = _mask_of(key_masks, origin)
-                out, lse = merge_partial(out, lse, *_block_forward(q, kv, mask, tile.of(origin), scale, acc_dtype))
+                out, lse = merge_partial(out, lse, *_block_forward(queries, kv, mask, tile.of(origin), scale,
+                                                                   acc_dtype))
                 if incoming is not None:
                     comm.wait()
                     kv = incoming
         out, lse = out.to(q.dtype), lse.squeeze(-1)
-        ctx.save_for_backward(q, own_kv, out, lse, key_masks)
+        ctx.save_for_backward(q, *own_kv, out, lse, key_masks)
         ctx.transport, ctx.scale, ctx.rotate_method, ctx.tile = transport, scale, rotate_method, tile
-        return out
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, kv, out, lse, key_masks = ctx.saved_tensors
+        q, k, v, out, lse, key_masks = ctx.saved_tensors
+        # From here only ``kv`` holds our own block: under a checkpoint the recomputed block is freed once the ring
+        # has moved past it.
+        kv: Block | None = (k, v)
+        kv_dtype = k.dtype
+        del k, v
         transport, scale, tile = ctx.transport, ctx.scale, ctx.tile
         # A query that attends no key at all (a row of a two-dimensional mask) has LSE -inf and an output of zero, as
         # SDPA gives it; any finite LSE makes its probabilities exp(-inf) = 0, so its gradients are zero too, not NaN.
         lse = lse.masked_fill(lse == float("-inf"), 0.0)
         rank, size = transport.rank, transport.size
-        dq = torch.zeros_like(q, dtype=_wide(q.dtype))
-        kv_dtype = kv.dtype
+        queries, grad_out = q.transpose(1, 2), grad_out.transpose(1, 2)
+        dq = torch.zeros_like(queries, dtype=_wide(q.dtype))
         if ctx.rotate_method == "allgather":
-            blocks = transport.all_gather(kv, "ring_allgather_backward")
-            dkv_all = torch.stack(
-                [_block_backward(grad_out, q, block, _mask_of(key_masks, origin), tile.of(origin), out, lse, scale, dq)
-                 for origin, block in enumerate(blocks)]
-            )
-            dkv = transport.reduce_scatter(dkv_all, "ring_allgather_backward")
+            per_block = [
+                _block_backward(grad_out, queries, block, _mask_of(key_masks, origin), tile.of(origin), out, lse,
+                                scale, dq)
+                for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather_backward")))
+            ]
+            dkv = transport.reduce_scatter(tuple(torch.stack(parts) for parts in zip(*per_block)),
+                                           "ring_allgather_backward")
         else:
             kv_comm = transport.exchange("kv", "ring_p2p_backward")
             dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
@@ -208,14 +223,17 @@ class _RingAttention(torch.autograd.Function):
             for step in range(size):
                 incoming_kv = kv_comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
                 origin = (rank - step) % size
-                block_dkv = _block_backward(grad_out, q, kv, _mask_of(key_masks, origin), tile.of(origin), out, lse,
-                                            scale, dq)
+                block_dkv = _block_backward(grad_out, queries, kv, _mask_of(key_masks, origin), tile.of(origin), out,
+                                            lse, scale, dq)
+                # Done with it: on the last step nothing else holds the block (our own, recomputed under a
+                # checkpoint, once it has left), so it is freed before the buffer for our accumulator is made.
+                kv = None
                 if step == 0:  # our own block: keep its share until its accumulator comes home
                     own_dkv = block_dkv
                 else:
                     if incoming_dkv is not None:  # the accumulator of the block we now hold
                         dkv_comm.wait()  # it travelled while we computed
-                        block_dkv += incoming_dkv
+                        _accumulate(block_dkv, incoming_dkv)
                     # on to the block's next holder; after the last step that is its owner
                     incoming_dkv = dkv_comm.send_recv(block_dkv)
                 if incoming_kv is not None:
@@ -223,10 +241,16 @@ class _RingAttention(torch.autograd.Function):
                     kv = incoming_kv
             dkv_comm.wait()
             if incoming_dkv is not None:  # our own block's accumulator, home after ring - 1 hops
-                own_dkv += incoming_dkv
+                _accumulate(own_dkv, incoming_dkv)
             dkv = own_dkv
-        dk, dv = dkv.to(kv_dtype).unbind(0)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
+        dk, dv = (x.to(kv_dtype) for x in dkv)
+        return dq.to(q.dtype).transpose(1, 2), dk, dv, None, None, None, None, None, None
+
+
+def _accumulate(into: Block, more: Block) -> None:
+    """Add ``more`` into ``into``, tensor by tensor."""
+    for acc, part in zip(into, more):
+        acc += part
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -318,47 +342,50 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _block_forward(
-    q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, tile: _BlockTile | None, scale: float,
+    q: torch.Tensor, kv: Block, key_mask: torch.Tensor | None, tile: _BlockTile | None, scale: float,
     acc_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of our queries over the block; over a two-dimensional mask, tile by tile (a query that attends
-    none of the block's keys gets 0 and -inf)."""
+    """``(out, lse)`` of our queries ``(B, H, S, D)`` over the block; over a two-dimensional mask, tile by tile (a
+    query that attends none of the block's keys gets 0 and -inf)."""
+    k, v = (x.transpose(1, 2) for x in kv)
     if tile is None:
-        return _attend(q, kv[0], kv[1], key_mask, scale, acc_dtype)
+        return _attend(q, k, v, key_mask, scale, acc_dtype)
     out = q.new_zeros(q.shape, dtype=acc_dtype)
     lse = q.new_full((*q.shape[:3], 1), float("-inf"), dtype=_wide(q.dtype))
-    for rows, start, stop, mask in tile.chunks(q, kv.shape[3], key_mask):
-        chunk = _attend(q[:, :, rows], kv[0, :, :, start:stop], kv[1, :, :, start:stop], mask, scale, acc_dtype)
-        out[:, :, rows], lse[:, :, rows] = merge_partial(out[:, :, rows], lse[:, :, rows], *chunk)
+    for rows, start, stop, mask in tile.chunks(q, k.shape[2], key_mask):
+        chunk = _attend(q[:, :, rows], k[:, :, start:stop], v[:, :, start:stop], mask, scale, acc_dtype)
+        lse[:, :, rows] = merge_partial(out[:, :, rows], lse[:, :, rows], *chunk)[1]  # out's rows: merged in place
     return out, lse.squeeze(-1)
 
 
 def _block_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
-    kv: torch.Tensor,
+    kv: Block,
     key_mask: torch.Tensor | None,
     tile: _BlockTile | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
     dq: torch.Tensor,
-) -> torch.Tensor:
-    """Add this block's dq into ``dq`` and return its ``(2, ...)`` dK/dV in ``dq``'s (wide) dtype."""
+) -> Block:
+    """Add this block's dq into ``dq`` (queries ``(B, H, S, D)``) and return its dK/dV, shaped and laid out as the
+    block travels, in ``dq``'s (wide) dtype."""
+    k, v = (x.transpose(1, 2) for x in kv)
     if tile is None:
-        chunk_dq, dk, dv = attention_backward(grad_out, q, kv[0], kv[1], out, lse, scale,
-                                              additive_mask(key_mask, q, kv[0]))
+        chunk_dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, scale, additive_mask(key_mask, q, k))
         dq += chunk_dq
-        del chunk_dq  # before the stack is made: at the ring's peak, one block's share of q fewer
-        return torch.stack((dk, dv)).to(dq.dtype)
-    dkv = kv.new_zeros(kv.shape, dtype=dq.dtype)  # keys no tile attends get no gradient
-    for rows, start, stop, mask in tile.chunks(q, kv.shape[3], key_mask):
-        q_rows, k, v = q[:, :, rows], kv[0, :, :, start:stop], kv[1, :, :, start:stop]
-        chunk_dq, dk, dv = attention_backward(grad_out[:, :, rows], q_rows, k, v, out[:, :, rows], lse[:, :, rows],
-                                              scale, additive_mask(mask, q_rows, k))
+        del chunk_dq  # at the ring's peak, one block's share of q fewer
+        return tuple(x.transpose(1, 2).to(dq.dtype).contiguous() for x in (dk, dv))
+    dkv = tuple(x.new_zeros(x.shape, dtype=dq.dtype) for x in kv)  # keys no tile attends get no gradient
+    dk_all, dv_all = (x.transpose(1, 2) for x in dkv)
+    for rows, start, stop, mask in tile.chunks(q, k.shape[2], key_mask):
+        q_rows, k_part, v_part = q[:, :, rows], k[:, :, start:stop], v[:, :, start:stop]
+        chunk_dq, dk, dv = attention_backward(grad_out[:, :, rows], q_rows, k_part, v_part, out[:, :, rows],
+                                              lse[:, :, rows], scale, additive_mask(mask, q_rows, k_part))
         dq[:, :, rows] += chunk_dq
-        dkv[0, :, :, start:stop] += dk
-        dkv[1, :, :, start:stop] += dv
+        dk_all[:, :, start:stop] += dk
+        dv_all[:, :, start:stop] += dv
     return dkv
 
 
@@ -394,8 +421,7 @@ def ring_attention(
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
     check_dtype(query)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     transport = _ALONE if group is None else GroupTransport(group)
-    key_masks = None if key_mask is None else transport.all_gather(key_mask, "ring_mask")
-    out = _RingAttention.apply(q, k, v, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32)
-    return out.transpose(1, 2)
+    key_masks = None if key_mask is None else transport.all_gather((key_mask,), "ring_mask")[0]
+    return _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method,
+                                convert_to_fp32)
