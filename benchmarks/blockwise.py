@@ -141,7 +141,7 @@ def report(rows: list[dict], args: argparse.Namespace, device: torch.device, com
         f"{args.head_dim}, last {args.masked_keys:g} of the keys masked; forward + backward of ring rank 0's S/r "
         f"queries over S keys with `_RingAttention` (KV blocks handed over by local copies); median of "
         f"{args.repeats} [min-max]. Efficiency = fused time / ring time (target >= 0.9 on GPU). Peak: bytes "
-        f"allocated above the inputs ({peak_source}), also in KV blocks (stacked k, v of S/r tokens).",
+        f"allocated above the inputs ({peak_source}), also in KV blocks (k and v of S/r tokens).",
         "",
         "| tokens S | ring r | rotate | efficiency | ring ms | fused ms | ring TFLOP/s | peak MiB ring / fused "
         "| ring peak in KV blocks | max rel err vs fused |",

@@ -111,8 +111,8 @@ def run_length(seq: int, args: argparse.Namespace) -> dict[str, float]:
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
         ring_attention(qs, ks, vs, group=group).backward(grad)
 
-    kv = torch.stack((k, v)).transpose(2, 3).contiguous()  # what travels: (2, B, H, S/r, D)
-    dkv = torch.zeros_like(kv, dtype=torch.promote_types(dtype, torch.float32))
+    kv = (k, v)  # what travels: each (B, S/r, H, D)
+    dkv = tuple(torch.zeros_like(x, dtype=torch.promote_types(dtype, torch.float32)) for x in kv)
 
     def transfers() -> None:
         for block, rounds in ((kv, world - 1), (kv, world - 1), (dkv, world - 1)):
@@ -141,7 +141,7 @@ def run_length(seq: int, args: argparse.Namespace) -> dict[str, float]:
     step_s, serial_s, transfer_s, exposed = worst.tolist()
     return {"seq": seq, "step_s": step_s, "serial_s": serial_s, "transfer_s": transfer_s, "exposed_s": exposed,
             "hidden": 1 - exposed / transfer_s if transfer_s else 0.0,
-            "kv_mib": kv.nbytes / 2**20}
+            "kv_mib": sum(x.nbytes for x in kv) / 2**20}
 
 
 def report(rows: list[dict[str, float]], args: argparse.Namespace, command: str) -> str:
