@@ -62,8 +62,8 @@ def ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch
     q0 = q.transpose(1, 2).detach().requires_grad_()
     masks = None if mask is None else mask.unflatten(1, (ring, -1)).movedim(1, 0)
     out = _RingAttention.apply(q0, k0, v0, masks, None, loop, q.shape[-1] ** -0.5, rotate, True)
-    out.backward(grad_out.transpose(1, 2))
-    out, dq = out.detach().transpose(1, 2), q0.grad.transpose(1, 2)
+    out.backward(grad_out)
+    out, dq = out.detach(), q0.grad.transpose(1, 2)
     if not record:
         return out, dq, k0.grad.transpose(1, 2), v0.grad.transpose(1, 2)
     dk, dv = (x.transpose(1, 2) for x in loop.dk_dv((k0.grad, v0.grad)))

@@ -156,7 +156,8 @@ class _RingAttention(torch.autograd.Function):
 
     Communication goes through ``transport`` (a :class:`RingTransport`), the only thing that
     differs between training (:class:`GroupTransport`) and ``benchmarks.blockwise`` (loopback).
-    The kernels see ``(B, H, S, D)`` views of the same tensors.
+    The kernels see ``(B, H, S, D)`` views of the same tensors, and the output is theirs,
+    ``(B, H, S_local, D)``: a view made here could not be written in place by the caller.
 
     ``key_masks`` is ``None`` or ``(r, B, S_local)``: per KV block ``j``, the key mask over it (bytes
     per token, so gathered once instead of travelling with the blocks). ``tiles`` is ``None`` or a
@@ -191,7 +192,7 @@ class _RingAttention(torch.autograd.Function):
         out, lse = out.to(q.dtype), lse.squeeze(-1)
         ctx.save_for_backward(q, *own_kv, out, lse, key_masks)
         ctx.transport, ctx.scale, ctx.rotate_method, ctx.tile = transport, scale, rotate_method, tile
-        return out.transpose(1, 2)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -206,7 +207,7 @@ class _RingAttention(torch.autograd.Function):
         # SDPA gives it; any finite LSE makes its probabilities exp(-inf) = 0, so its gradients are zero too, not NaN.
         lse = lse.masked_fill(lse == float("-inf"), 0.0)
         rank, size = transport.rank, transport.size
-        queries, grad_out = q.transpose(1, 2), grad_out.transpose(1, 2)
+        queries = q.transpose(1, 2)
         dq = torch.zeros_like(queries, dtype=_wide(q.dtype))
         if ctx.rotate_method == "allgather":
             per_block = [
@@ -423,5 +424,5 @@ def ring_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     transport = _ALONE if group is None else GroupTransport(group)
     key_masks = None if key_mask is None else transport.all_gather((key_mask,), "ring_mask")[0]
-    return _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method,
-                                convert_to_fp32)
+    out = _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32)
+    return out.transpose(1, 2)
