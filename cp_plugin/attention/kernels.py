@@ -155,7 +155,7 @@ def attention_backward(
     per-block gradients simply add up (dq over blocks; dk, dv per block).
     """
     backend = kernel_for(q, bias)
-    if backend == "cpu":  # reads ``grad_out`` by its strides: no copy (the gradient of a transposed output is one)
+    if backend == "cpu":  # reads ``grad_out`` by its strides: the ring's, a transposed view, is not copied
         return sdpa_flash_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
         )
