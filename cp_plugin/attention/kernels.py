@@ -185,17 +185,19 @@ def attention_backward(
 
 
 def merge_partial(
-    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax attentions by their LSEs, in the numerically stable form, into ``out`` in place.
+    """Combine two partial softmax attentions by their LSEs, in the numerically stable form.
 
     ``out - sigmoid(lse_i - lse) * (out - out_i)`` never exponentiates a large number; the LSE uses
     ``logaddexp`` (the same quantity as ``lse - logsigmoid(lse - lse_i)``) because it stays finite
-    when a block, or everything so far, was fully masked (LSE ``-inf``). The product is formed in
-    ``block_out``, which is spent, and added to ``out``: at a ring's peak the two partial outputs are
-    what attention holds, and the form's temporaries would be two more of their size. Negating a
-    difference and a product is exact, so ``out + weight * (out_i - out)`` is bit for bit the form.
-    Returns ``out`` (``block_out`` where there is none yet) and the merged LSE.
+    when a block, or everything so far, was fully masked (LSE ``-inf``). It is formed as
+    ``weight * (out_i - out) + out`` in one temporary of ``out``'s size, not three (negating a
+    difference and a product is exact, so this is bit for bit the form). ``in_place`` adds it into
+    ``out``, which the caller must own: a kernel's output may be kept by a selective activation
+    checkpoint, so only a merge's result is ever written. ``block_out`` is never written. Returns
+    the merged output (``block_out`` where there is none yet) and LSE.
     """
     block_lse = block_lse.unsqueeze(-1)
     if out is None:
@@ -203,5 +205,5 @@ def merge_partial(
     # The weight is computed from float32 LSEs and cast to ``out``'s dtype, so ``out`` stays in the
     # accumulation dtype the caller chose. NaN only when both LSEs are -inf: nothing to add.
     weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0).to(out.dtype)
-    out += block_out.sub_(out).mul_(weight)
-    return out, torch.logaddexp(lse, block_lse)
+    step = torch.sub(block_out, out).mul_(weight)
+    return out.add_(step) if in_place else step.add_(out), torch.logaddexp(lse, block_lse)

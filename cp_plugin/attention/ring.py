@@ -176,8 +176,9 @@ class _RingAttention(torch.autograd.Function):
         if rotate_method == "allgather":
             for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather"))):
                 mask = _mask_of(key_masks, origin)
+                # from the second merge on, ``out`` is a merge's own result: written in place
                 out, lse = merge_partial(out, lse, *_block_forward(queries, block, mask, tile.of(origin), scale,
-                                                                   acc_dtype))
+                                                                   acc_dtype), in_place=origin > 1)
         else:
             comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
@@ -185,7 +186,7 @@ class _RingAttention(torch.autograd.Function):
                 origin = (rank - step) % size
                 mask = _mask_of(key_masks, origin)
                 out, lse = merge_partial(out, lse, *_block_forward(queries, kv, mask, tile.of(origin), scale,
-                                                                   acc_dtype))
+                                                                   acc_dtype), in_place=step > 1)
                 if incoming is not None:
                     comm.wait()
                     kv = incoming
@@ -355,7 +356,8 @@ def _block_forward(
     lse = q.new_full((*q.shape[:3], 1), float("-inf"), dtype=_wide(q.dtype))
     for rows, start, stop, mask in tile.chunks(q, k.shape[2], key_mask):
         chunk = _attend(q[:, :, rows], k[:, :, start:stop], v[:, :, start:stop], mask, scale, acc_dtype)
-        lse[:, :, rows] = merge_partial(out[:, :, rows], lse[:, :, rows], *chunk)[1]  # out's rows: merged in place
+        # ``out`` is ours: its rows are merged in place
+        lse[:, :, rows] = merge_partial(out[:, :, rows], lse[:, :, rows], *chunk, in_place=True)[1]
     return out, lse.squeeze(-1)
 
 
