@@ -62,9 +62,9 @@ class LoopbackRing:
         return _LoopbackExchange(self, travels)
 
     def all_gather(self, xs: Block, kind: str) -> Block:
-        shapes = [tuple(x.shape) for x in self.kv_blocks[0]]
-        if [tuple(x.shape) for x in xs] != shapes:
-            raise ValueError(f"the loopback ring gathers KV blocks of shapes {shapes}, got {[tuple(x.shape) for x in xs]}")
+        shapes, given = [tuple(x.shape) for x in self.kv_blocks[0]], [tuple(x.shape) for x in xs]
+        if given != shapes:
+            raise ValueError(f"the loopback ring gathers KV blocks of shapes {shapes}, got {given}")
         return tuple(torch.stack(parts) for parts in zip(*self.kv_blocks))
 
     def reduce_scatter(self, blocks: Block, kind: str) -> Block:

@@ -10,8 +10,9 @@ cannot run at a useful length. So this counts them instead (``torch.utils.flop_c
 formulas: every matrix product and attention kernel of one forward and backward, recomputes
 included) on the meta device, where a step is shapes alone: Flux.1 and Wan2.1-T2V-14B at their
 own configs (one double- and two single-stream blocks, Flux's ratio; one Wan block), and the CPU
-benchmark's Flux for comparison, with tiling on and off, with and without gradient checkpointing. The counts are exact; what they
-leave out (elementwise work, memory traffic, launch overhead) is what a GPU timing would add.
+benchmark's Flux for comparison, with tiling on and off, with and without gradient checkpointing.
+The counts are exact; what they leave out (elementwise work, memory traffic, launch overhead) is
+what a GPU timing would add.
 """
 
 from __future__ import annotations
@@ -112,9 +113,9 @@ def main() -> None:
     command = ("python -m benchmarks.tiling_flops " + " ".join(sys.argv[1:])).strip()
     lines = ["# Tiling's cost in floating-point operations, counted at real model widths", "",
              f"{describe(command)} Operations of one forward and backward (torch.utils.flop_counter's formulas, "
-             "on the meta device: matrix products and attention, recomputes included; elementwise work not counted), with "
-             "the tiling option (`tile_feed_forward=True`, chunks chosen per call) over without, at the same "
-             "options otherwise.", "",
+             "on the meta device: matrix products and attention, recomputes included; elementwise work not "
+             "counted), with the tiling option (`tile_feed_forward=True`, chunks chosen per call) over without, "
+             "at the same options otherwise.", "",
              "| model | tokens | TFLOP, untiled | tiled / untiled | TFLOP, checkpointed | tiled / untiled, "
              "checkpointed |", "|---|---|---|---|---|---|"]
     for name, model, forward, lengths in models():
