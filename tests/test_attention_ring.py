@@ -185,17 +185,19 @@ WORLDS = pytest.mark.parametrize("world", [2, 4])
 
 
 @pytest.mark.timeout(30)
-def test_ring_backward_lets_go_of_blocks_it_is_done_with() -> None:
-    """The ring's backward under a checkpoint (ring rank 0 of 2 over a loopback ring, so no gloo thread decides when
-    a buffer is freed) peaks at 10 shards of one of q, k, v: the recomputed q, k and v, the received block, the merged
-    output, dq's accumulator and one kernel call's dq, dk and dv. Nothing else holds our own block once the ring has
-    moved past it, nor the last block once it is done with: a name left bound to our own block makes the peak 12, to
-    the last block 11."""
+@pytest.mark.parametrize(("ring", "bound"), [(2, 10), (3, 14)])
+def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, bound: int) -> None:
+    """The ring's backward under a checkpoint (ring rank 0 over a loopback ring, so no gloo thread decides when a
+    buffer is freed) peaks at 10 shards of one of q, k, v on a ring of 2: the recomputed q, k and v, the received
+    block, the merged output, dq's accumulator and one kernel call's dq, dk and dv. Nothing else holds our own block
+    once the ring has moved past it, nor the last block once it is done with: a name left bound to our own block makes
+    the peak 12, to the last block 11. On a ring of 3 it peaks at 14: the last sends keep no spare buffer, which no
+    transfer would fill (kept, 16)."""
     torch.manual_seed(0)
-    batch, seq, heads, dim = 1, 1024, 2, 16
+    batch, seq, heads, dim = 1, 512 * ring, 2, 16
     k, v = (torch.randn(batch, seq, heads, dim) for _ in range(2))
-    q0, k0, v0 = (torch.randn(batch, seq // 2, heads, dim, requires_grad=True) for _ in range(3))
-    loop = LoopbackRing(0, 2, k, v, record=False)
+    q0, k0, v0 = (torch.randn(batch, seq // ring, heads, dim, requires_grad=True) for _ in range(3))
+    loop = LoopbackRing(0, ring, k, v, record=False)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # made inside the checkpoint, so the recomputed q, k and v are held by the saved tensors alone
@@ -205,7 +207,7 @@ def test_ring_backward_lets_go_of_blocks_it_is_done_with() -> None:
     grad = torch.randn_like(out)
     with PeakMemory() as backward:
         out.backward(grad)
-    assert backward.peak / q0.nbytes < 10.5, f"the backward peaks at {backward.peak / q0.nbytes:.2f} shards"
+    assert backward.peak / q0.nbytes < bound + 0.5, f"the backward peaks at {backward.peak / q0.nbytes:.2f} shards"
     assert q0.grad is not None and float(q0.grad.abs().max()) > 0
 
 

@@ -48,7 +48,7 @@ class RingComm:
     computes on its current block while the next one is in flight; ``wait`` completes them. The
     comm owns the spare buffers: a sent block is free once ``wait`` returns, so it receives the
     transfer after next, unless the caller keeps it (our own block, which the autograd function saves
-    for the backward). Besides our own block, that is two blocks resident, never more.
+    for the backward) or no transfer follows. Besides our own block, that is two blocks resident, never more.
     """
 
     def __init__(self, group: dist.ProcessGroup, kind: str) -> None:
@@ -60,8 +60,9 @@ class RingComm:
         self._spare: Block | None = None
 
     def send_recv(self, send: Block, keep: bool = False) -> Block:
-        """Post ``send`` to the next rank and a receive from the previous one; returns its buffers. ``keep``: the
-        caller keeps ``send`` (our own block, saved for the backward), so it never receives a later transfer."""
+        """Post ``send`` to the next rank and a receive from the previous one; returns its buffers. ``keep``: ``send``
+        never receives a later transfer, because the caller keeps it (our own block, saved for the backward) or none
+        follows (the exchange's last), so the comm lets go of it once it has left."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called before wait(): the spare buffer may still be in flight")
         recv = tuple(torch.empty_like(x) for x in send) if self._spare is None else self._spare
@@ -166,7 +167,8 @@ class _RingAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32):  # type: ignore[override]
+    def forward(ctx, q, k, v, key_masks, tiles, transport, scale, rotate_method,  # type: ignore[override]
+                convert_to_fp32):
         acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
         rank, size = transport.rank, transport.size
         kv = own_kv = (k.contiguous(), v.contiguous())  # as it travels; saved for the backward
@@ -182,7 +184,7 @@ class _RingAttention(torch.autograd.Function):
         else:
             comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
-                incoming = comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
+                incoming = comm.send_recv(kv, keep=step == 0 or step + 2 == size) if step + 1 < size else None
                 origin = (rank - step) % size
                 mask = _mask_of(key_masks, origin)
                 out, lse = merge_partial(out, lse, *_block_forward(queries, kv, mask, tile.of(origin), scale,
@@ -223,7 +225,7 @@ class _RingAttention(torch.autograd.Function):
             dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
             own_dkv = incoming_dkv = None
             for step in range(size):
-                incoming_kv = kv_comm.send_recv(kv, keep=step == 0) if step + 1 < size else None
+                incoming_kv = kv_comm.send_recv(kv, keep=step == 0 or step + 2 == size) if step + 1 < size else None
                 origin = (rank - step) % size
                 block_dkv = _block_backward(grad_out, queries, kv, _mask_of(key_masks, origin), tile.of(origin), out,
                                             lse, scale, dq)
@@ -236,8 +238,8 @@ class _RingAttention(torch.autograd.Function):
                     if incoming_dkv is not None:  # the accumulator of the block we now hold
                         dkv_comm.wait()  # it travelled while we computed
                         _accumulate(block_dkv, incoming_dkv)
-                    # on to the block's next holder; after the last step that is its owner
-                    incoming_dkv = dkv_comm.send_recv(block_dkv)
+                    # on to the block's next holder; after the last step that is its owner, and the comm keeps no spare
+                    incoming_dkv = dkv_comm.send_recv(block_dkv, keep=step + 1 == size)
                 if incoming_kv is not None:
                     kv_comm.wait()
                     kv = incoming_kv
