@@ -447,8 +447,9 @@ def test_exchanges_make_no_extra_copies(world: int) -> None:
     stack: its forward allocates 13 shards (16 with the stack at 2 ranks, 15 at 4). The p2p ring sends k and v as they
     are, side by side, and merges partial outputs with one temporary: its forward allocates 5 shards at ring 2 (the
     received block, two partial outputs and their merge; 9 with a stacked block and the merge's three temporaries),
-    17 at ring 2 x ulysses 2 (21). Its backward sends each block's dK/dV as the kernel gives them: 11 shards at ring 2 (19 stacked), 23 at
-    ring 2 x ulysses 2 (29). Totals, not peaks: a peak depends on when gloo's thread lets go of a buffer it sent."""
+    17 at ring 2 x ulysses 2 (21). Its backward sends each block's dK/dV as the kernel gives them: 11 shards at ring 2
+    (19 stacked), 23 at ring 2 x ulysses 2 (29). Totals, not peaks: a peak depends on when gloo's thread lets go of a
+    buffer it sent."""
     bounds = {(1, world, 0): 13, (2, world // 2, 0): 5 if world == 2 else 17,
               (2, world // 2, 1): 11 if world == 2 else 23}
     results = launch(world)
