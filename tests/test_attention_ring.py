@@ -211,6 +211,7 @@ def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, bound: int) 
     assert q0.grad is not None and float(q0.grad.abs().max()) > 0
 
 
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_kernels_give_sdpa_lse_and_grads(dtype: torch.dtype) -> None:
     q, k, v, grad_out = (x.transpose(1, 2) for x in full_inputs(dtype))
