@@ -184,7 +184,7 @@ class _RingAttention(torch.autograd.Function):
         else:
             comm = transport.exchange("kv", "ring_p2p")
             for step in range(size):
-                incoming = comm.send_recv(kv, keep=step == 0 or step + 2 == size) if step + 1 < size else None
+                incoming = comm.send_recv(kv, keep=_kv_kept(step, size)) if step + 1 < size else None
                 origin = (rank - step) % size
                 mask = _mask_of(key_masks, origin)
                 out, lse = merge_partial(out, lse, *_block_forward(queries, kv, mask, tile.of(origin), scale,
@@ -225,7 +225,7 @@ class _RingAttention(torch.autograd.Function):
             dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
             own_dkv = incoming_dkv = None
             for step in range(size):
-                incoming_kv = kv_comm.send_recv(kv, keep=step == 0 or step + 2 == size) if step + 1 < size else None
+                incoming_kv = kv_comm.send_recv(kv, keep=_kv_kept(step, size)) if step + 1 < size else None
                 origin = (rank - step) % size
                 block_dkv = _block_backward(grad_out, queries, kv, _mask_of(key_masks, origin), tile.of(origin), out,
                                             lse, scale, dq)
@@ -249,6 +249,12 @@ class _RingAttention(torch.autograd.Function):
             dkv = own_dkv
         dk, dv = (x.to(kv_dtype) for x in dkv)
         return dq.to(q.dtype).transpose(1, 2), dk, dv, None, None, None, None, None, None
+
+
+def _kv_kept(step: int, size: int) -> bool:
+    """Whether the KV block sent at ``step`` must not receive a later transfer: our own (step 0, saved for the
+    backward), or the ring's last send (at step ``size - 2``), after which no transfer comes."""
+    return step == 0 or step + 2 == size
 
 
 def _accumulate(into: Block, more: Block) -> None:
