@@ -49,14 +49,29 @@ class LoopbackRing:
 
     def __init__(self, rank: int, size: int, k: torch.Tensor, v: torch.Tensor, record: bool = True) -> None:
         self.rank, self.size, self.record = rank, size, record
+        self.k, self.v = k, v
         # views, so that the loopback itself allocates nothing a real rank would not
         self.kv_blocks = list(zip(k.chunk(size, dim=1), v.chunk(size, dim=1)))
         self.sent_dkv: dict[int, Block] = {}
+        self.whole, self.part = self, slice(None)
+
+    def heads(self, part: slice) -> LoopbackRing:
+        """The ring of heads ``part`` only, recording into this one's contributions."""
+        ring = LoopbackRing(self.rank, self.size, self.k[:, :, part], self.v[:, :, part], self.record)
+        ring.whole, ring.part = self, part
+        return ring
 
     def keep(self, block: int, dkv: Block) -> None:
-        """Record this rank's dK/dV contribution to ``block`` (only when recording)."""
-        if self.record:
+        """Record this rank's dK/dV contribution to ``block`` (only when recording), in its heads' place."""
+        if not self.record:
+            return
+        if self.whole is self:
             self.sent_dkv[block] = dkv
+            return
+        shapes = [x.shape for x in self.whole.kv_blocks[block]]
+        into = self.whole.sent_dkv.setdefault(block, tuple(x.new_zeros(s) for x, s in zip(dkv, shapes)))
+        for whole, part in zip(into, dkv):
+            whole[:, :, self.part] = part
 
     def exchange(self, travels: str, kind: str) -> _LoopbackExchange:
         return _LoopbackExchange(self, travels)

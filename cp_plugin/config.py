@@ -79,6 +79,10 @@ class ParallelConfig:
             made again in the backward (``cp_plugin.norms``).
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
             2048 tokens, else chunks whose hidden layer is a quarter of the size of the block's input).
+        ring_heads_per_pass: at most this many heads go round the ring together (the largest divisor
+            of a layer's head count not above it); ``None`` chooses per call the fewest that keep the
+            kernels busy (``cp_plugin.attention.ring.heads_per_pass``). The KV blocks in flight, the
+            dK/dV accumulators and the kernels' outputs are one group's, so fewer heads hold less.
     """
 
     ring_degree: int | str = 1
@@ -95,11 +99,13 @@ class ParallelConfig:
     checkpoint_policy: str = "full"
     tile_feed_forward: bool = False
     tile_tokens: int | None = None
+    ring_heads_per_pass: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ring_degree", "ulysses_degree", "dp_degree", "sequence_length", "tile_tokens"):
+        optional = ("dp_degree", "sequence_length", "tile_tokens", "ring_heads_per_pass")
+        for name in ("ring_degree", "ulysses_degree", *optional):
             value = getattr(self, name)
-            if value is None and name in ("dp_degree", "sequence_length", "tile_tokens"):
+            if value is None and name in optional:
                 continue
             if value == AUTO and name in ("ring_degree", "ulysses_degree"):
                 continue

@@ -74,8 +74,8 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
     Args:
         parallel_config: the layout: ``cp_plugin.ParallelConfig``, a diffusers ``ParallelConfig`` or
             ``ContextParallelConfig``, or a dict. Keyword degrees and memory options (``fsdp``,
-            ``gradient_checkpointing``, ``checkpoint_policy``, ``tile_feed_forward``, ``tile_tokens``)
-            override its fields.
+            ``gradient_checkpointing``, ``checkpoint_policy``, ``tile_feed_forward``, ``tile_tokens``,
+            ``ring_heads_per_pass``) override its fields.
         cp_plan: ``{attribute path: plan}`` to supply or override diffusers ``_cp_plan`` s, e.g.
             ``{"transformer": {...}}``. By default every diffusers model with a ``_cp_plan`` is used.
         shard_batch: ``{batch key: sequence dim}``: shard these entries of each (dict) batch after
@@ -115,6 +115,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         checkpoint_policy: str | None = None,
         tile_feed_forward: bool | None = None,
         tile_tokens: int | None = None,
+        ring_heads_per_pass: int | None = None,
         cp_plan: Mapping[str, Plan] | None = None,
         shard_batch: Mapping[str, int] | None = None,
         presharded_inputs: Sequence[str] = ("hidden_states",),
@@ -138,6 +139,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
             "checkpoint_policy": checkpoint_policy,
             "tile_feed_forward": tile_feed_forward,
             "tile_tokens": tile_tokens,
+            "ring_heads_per_pass": ring_heads_per_pass,
         }
         base = ParallelConfig.from_any(parallel_config)
         self.core = ContextParallelCore(

@@ -25,7 +25,7 @@ from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention, kernels
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
 from cp_plugin.attention.masks import DenseTiles
-from cp_plugin.attention.ring import _RingAttention
+from cp_plugin.attention.ring import _RingAttention, heads_per_pass
 from cp_plugin.comm import COMM_STATS
 
 B, S, H, D = 2, 64, 4, 16
@@ -86,6 +86,7 @@ class Case(NamedTuple):
     masked: bool = False
     tiled: bool = False  # a frame-causal mask over the whole sequence, read in tiles of a few keys
     batch: int = B  # the first samples only (batch 1: Ulysses receives straight into its result)
+    heads: int | None = None  # ring_heads_per_pass; None chooses: one head a pass here (one thread per rank)
 
 
 def _layouts(world: int) -> list[tuple[int, int, str]]:
@@ -98,9 +99,12 @@ def cases(world: int) -> list[Case]:
     fp32 = [Case(r, u, rotate, masked=masked) for masked in (False, True) for r, u, rotate in _layouts(world)]
     fp32 += [Case(r, u, rotate, masked=True, tiled=True) for r, u, rotate in _layouts(world)]
     fp32 += [Case(r, u, masked=masked, batch=1) for r, u, _ in _layouts(world) if u > 1 for masked in (False, True)]
+    fp32 += [Case(r, u, rotate, masked=masked, tiled=tiled, heads=H) for r, u, rotate in _layouts(world) if r > 1
+             for masked, tiled in ((False, False), (True, False), (True, True))]  # every head in one pass
     low = [Case(world, 1, "p2p", dtype) for dtype in (torch.bfloat16, torch.float16)]
     low += [Case(2, world // 2, "allgather", torch.bfloat16), Case(world, 1, "p2p", torch.bfloat16, fp32_merge=False)]
-    fp64 = [Case(r, u, rotate, torch.float64) for r, u, rotate in _layouts(world) if r > 1]
+    fp64 = [Case(r, u, rotate, torch.float64, heads=heads) for r, u, rotate in _layouts(world) if r > 1
+            for heads in (None, H)]
     return fp32 + low + fp64
 
 
@@ -113,7 +117,7 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
     kernel, computed = ring.attention_forward, [0]
 
     def counted(q: torch.Tensor, k: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        computed[0] += q.shape[2] * k.shape[2]  # query-key pairs the forward kernels compute
+        computed[0] += q.shape[1] * q.shape[2] * k.shape[2]  # query-key pairs of each head the forward kernels compute
         return kernel(q, k, *args)
 
     ring.attention_forward = counted
@@ -121,7 +125,7 @@ def run_cases(world_cases: list[Case]) -> list[dict[str, Any]]:
     for case in world_cases:
         config = ParallelConfig(
             ring_degree=case.ring, ulysses_degree=case.ulysses, rotate_method=case.rotate,
-            convert_to_fp32=case.fp32_merge,
+            convert_to_fp32=case.fp32_merge, ring_heads_per_pass=case.heads,
         )
         mesh = ParallelMesh.build(config, "cpu")
         shard = slice(mesh.cp_rank * S // mesh.cp_size, (mesh.cp_rank + 1) * S // mesh.cp_size)
@@ -185,14 +189,15 @@ WORLDS = pytest.mark.parametrize("world", [2, 4])
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("ring", "bound"), [(2, 10), (3, 14)])
-def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, bound: int) -> None:
+@pytest.mark.parametrize(("ring", "per_pass", "bound"), [(2, 2, 10), (3, 2, 14), (2, 1, 8.5), (3, 1, 10.5)])
+def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, per_pass: int, bound: float) -> None:
     """The ring's backward under a checkpoint (ring rank 0 over a loopback ring, so no gloo thread decides when a
     buffer is freed) peaks at 10 shards of one of q, k, v on a ring of 2: the recomputed q, k and v, the received
     block, the merged output, dq's accumulator and one kernel call's dq, dk and dv. Nothing else holds our own block
     once the ring has moved past it, nor the last block once it is done with: a name left bound to our own block makes
     the peak 12, to the last block 11. On a ring of 3 it peaks at 14: the last sends keep no spare buffer, which no
-    transfer would fill (kept, 16)."""
+    transfer would fill (kept, 16). One head a pass (of two), the blocks in flight and the kernels' outputs are half
+    the size: 8.5 shards on a ring of 2, 10.5 on a ring of 3."""
     torch.manual_seed(0)
     batch, seq, heads, dim = 1, 512 * ring, 2, 16
     k, v = (torch.randn(batch, seq, heads, dim) for _ in range(2))
@@ -201,7 +206,7 @@ def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, bound: int) 
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # made inside the checkpoint, so the recomputed q, k and v are held by the saved tensors alone
-        return _RingAttention.apply(q * 1, k * 1, v * 1, None, None, loop, dim**-0.5, "p2p", True)
+        return _RingAttention.apply(q * 1, k * 1, v * 1, None, None, loop, dim**-0.5, "p2p", True, per_pass)
 
     out = checkpoint(attend, q0, k0, v0, use_reentrant=False)
     grad = torch.randn_like(out)
@@ -209,6 +214,21 @@ def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, bound: int) 
         out.backward(grad)
     assert backward.peak / q0.nbytes < bound + 0.5, f"the backward peaks at {backward.peak / q0.nbytes:.2f} shards"
     assert q0.grad is not None and float(q0.grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize(("threads", "batch", "most", "want"),
+                         [(1, 1, None, 1), (2, 1, None, 2), (4, 1, None, 6), (4, 2, None, 2), (8, 1, 4, 3),
+                          (8, 1, 1, 1), (1, 1, 10, 6)])
+def test_a_pass_takes_the_fewest_heads_that_keep_every_thread_busy(threads: int, batch: int, most: int | None,
+                                                                   want: int) -> None:
+    """Of 6 heads, a pass takes the fewest (a divisor of 6) with a (batch, head) pair per thread, which the CPU
+    kernel's backward runs in parallel; ``ring_heads_per_pass`` caps it at the largest divisor not above it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert heads_per_pass(torch.empty(batch, 8, 6, 4), most) == want
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.timeout(30)
@@ -381,7 +401,7 @@ def test_tiles_a_mask_leaves_out_are_not_computed(world: int) -> None:
     assert tiled
     for case in tiled:
         computed = sum(rank["computed"] for rank in results[case])
-        whole = case.ulysses * S * S  # the heads are split over ulysses ranks: each computes every pair of its heads
+        whole = H * S * S  # every pair of every head
         assert computed < 0.85 * whole, (case, computed, whole)
 
 
@@ -445,17 +465,17 @@ def test_exchanges_make_no_extra_copies(world: int) -> None:
     """What attention allocates in all (freed or not), in local shards of one of q, k, v (float32, unmasked).
 
     Ulysses writes q, k and v straight into its all-to-all's send buffer instead of stacking them and reordering the
-    stack: its forward allocates 13 shards (16 with the stack at 2 ranks, 15 at 4). The p2p ring sends k and v as they
-    are, side by side, and merges partial outputs with one temporary: its forward allocates 5 shards at ring 2 (the
-    received block, two partial outputs and their merge; 9 with a stacked block and the merge's three temporaries),
-    17 at ring 2 x ulysses 2 (21). Its backward sends each block's dK/dV as the kernel gives them: 11 shards at ring 2
-    (19 stacked), 23 at ring 2 x ulysses 2 (29). Totals, not peaks: a peak depends on when gloo's thread lets go of a
-    buffer it sent."""
+    stack: its forward allocates 13 shards (16 with the stack at 2 ranks, 15 at 4). The p2p ring, every head in one
+    pass, sends k and v as they are, side by side, and merges partial outputs with one temporary: its forward
+    allocates 5 shards at ring 2 (the received block, two partial outputs and their merge; 9 with a stacked block and
+    the merge's three temporaries), 17 at ring 2 x ulysses 2 (21). Its backward sends each block's dK/dV as the kernel
+    gives them: 11 shards at ring 2 (19 stacked), 23 at ring 2 x ulysses 2 (29). Totals, not peaks: a peak depends on
+    when gloo's thread lets go of a buffer it sent."""
     bounds = {(1, world, 0): 13, (2, world // 2, 0): 5 if world == 2 else 17,
               (2, world // 2, 1): 11 if world == 2 else 23}
     results = launch(world)
     for (ring, ulysses, when), bound in bounds.items():
-        case = Case(ring, ulysses, "p2p")
+        case = Case(ring, ulysses, "p2p", heads=H if ring > 1 else None)  # the ring's heads in one pass
         shard = B * (S // world) * H * D * case.dtype.itemsize
         for rank in results[case]:
             allocated = rank["allocated"][when] / shard

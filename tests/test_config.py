@@ -18,6 +18,7 @@ from cp_plugin.config import register_configs
         ({"ulysses_degree": 1.5}, "ulysses_degree=1.5 must be an integer >= 1"),
         ({"dp_degree": -2}, "dp_degree=-2 must be an integer >= 1"),
         ({"ring_degree": True}, "ring_degree=True must be an integer >= 1"),
+        ({"ring_heads_per_pass": 0}, "ring_heads_per_pass=0 must be an integer >= 1"),
         ({"rotate_method": "alltoall"}, "rotate_method='alltoall' is not supported; use one of 'p2p', 'allgather'"),
         ({"gradient_checkpointing": True, "checkpoint_policy": "selective"},
          "checkpoint_policy='selective' is not supported; use one of 'full', 'save_attention'"),

@@ -58,6 +58,7 @@ def context_parallel_attention(
             convert_to_fp32=mesh.config.convert_to_fp32,
             key_mask=key_mask,
             tiles=tiles,
+            most_heads=mesh.config.ring_heads_per_pass,
         )
     else:
         mask = None if key_mask is None else key_mask[:, None, None, :]

@@ -10,6 +10,11 @@ and the dK/dV accumulator of a block follows the block from its second holder on
 owner after the last step, so dK/dV, like KV, make ``ring - 1`` hops: the minimum traffic. Only
 ``q, k, v, out, lse`` of the local shard are saved, O(S_local) per rank.
 
+The heads go round in groups (:func:`heads_per_pass`), one group's passes after another, forward and
+backward: the blocks in flight, the accumulators and the kernels' outputs are one group's, not all
+heads'. In the backward our KV is held once, each group's heads together, and each group's dK/dV
+take its place once the group is done with it.
+
 ``rotate_method="allgather"`` gathers every KV block at once instead (O(S) memory, no overlap),
 kept to compare against; its backward returns dK/dV to their owners with a reduce-scatter.
 Bytes sent are counted in :data:`cp_plugin.comm.COMM_STATS` under ``ring_p2p``/``ring_allgather``
@@ -113,6 +118,9 @@ class RingTransport(Protocol):
     def reduce_scatter(self, blocks: Block, kind: str) -> Block:
         """Per tensor, ``blocks[i][j]`` summed over ring ranks arrives at rank ``j``; returns this rank's sums."""
 
+    def heads(self, part: slice) -> RingTransport:
+        """The transport for one group of heads going round the ring (``part`` of every block's heads)."""
+
 
 class GroupTransport:
     """The ring over a process group: point-to-point ``RingComm`` rotations and cp_plugin's counted collectives."""
@@ -129,6 +137,9 @@ class GroupTransport:
 
     def reduce_scatter(self, blocks: Block, kind: str) -> Block:
         return tuple(reduce_scatter(x.flatten(0, 1), self.group, kind) for x in blocks)
+
+    def heads(self, part: slice) -> GroupTransport:
+        return self  # every rank sends what it is given
 
 
 class _Alone:
@@ -148,6 +159,9 @@ class _Alone:
     def reduce_scatter(self, blocks: Block, kind: str) -> Block:
         return tuple(x[0] for x in blocks)
 
+    def heads(self, part: slice) -> _Alone:
+        return self
+
 
 _ALONE = _Alone()
 
@@ -164,91 +178,174 @@ class _RingAttention(torch.autograd.Function):
     per token, so gathered once instead of travelling with the blocks). ``tiles`` is ``None`` or a
     two-dimensional mask over the whole sequence (:class:`~cp_plugin.attention.masks.MaskTiles`),
     read a tile at a time as each block is computed, forward and again backward.
+
+    ``heads`` heads go round the ring at a time (:func:`head_groups`): each group makes its own passes, forward and
+    backward, so the blocks in flight and the kernels' outputs are a group's, not all heads'.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, key_masks, tiles, transport, scale, rotate_method,  # type: ignore[override]
-                convert_to_fp32):
+                convert_to_fp32, heads):
         acc_dtype = _wide(q.dtype) if convert_to_fp32 else q.dtype
-        rank, size = transport.rank, transport.size
-        kv = own_kv = (k.contiguous(), v.contiguous())  # as it travels; saved for the backward
-        queries = q.transpose(1, 2)
-        tile = _TileOf(tiles, rank, q.shape[1], k.shape[1])
-        out = lse = None
-        if rotate_method == "allgather":
-            for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather"))):
-                mask = _mask_of(key_masks, origin)
-                # from the second merge on, ``out`` is a merge's own result: written in place
-                out, lse = merge_partial(out, lse, *_block_forward(queries, block, mask, tile.of(origin), scale,
-                                                                   acc_dtype), in_place=origin > 1)
+        groups = head_groups(q.shape[2], heads)
+        if len(groups) == 1:
+            k, v = k.contiguous(), v.contiguous()  # as it travels; saved for the backward
+            out, lse = _forward_pass(q, (k, v), key_masks, tiles, transport, scale, rotate_method, acc_dtype)
         else:
-            comm = transport.exchange("kv", "ring_p2p")
-            for step in range(size):
-                incoming = comm.send_recv(kv, keep=_kv_kept(step, size)) if step + 1 < size else None
-                origin = (rank - step) % size
-                mask = _mask_of(key_masks, origin)
-                out, lse = merge_partial(out, lse, *_block_forward(queries, kv, mask, tile.of(origin), scale,
-                                                                   acc_dtype), in_place=step > 1)
-                if incoming is not None:
-                    comm.wait()
-                    kv = incoming
-        out, lse = out.to(q.dtype), lse.squeeze(-1)
-        ctx.save_for_backward(q, *own_kv, out, lse, key_masks)
-        ctx.transport, ctx.scale, ctx.rotate_method, ctx.tile = transport, scale, rotate_method, tile
+            batch, length, count, dim = q.shape
+            out = q.new_empty(batch, count, length, dim)
+            lse = q.new_empty(batch, count, length, dtype=_wide(q.dtype))
+            for part in groups:  # a group's block is copied to travel; what is saved is ``k`` and ``v`` themselves
+                out[:, part], lse[:, part] = _forward_pass(
+                    q[:, :, part], (k[:, :, part].contiguous(), v[:, :, part].contiguous()), key_masks,
+                    _heads_of(tiles, part), transport.heads(part), scale, rotate_method, acc_dtype)
+        ctx.save_for_backward(q, k, v, out, lse, key_masks)
+        ctx.transport, ctx.scale, ctx.rotate_method = transport, scale, rotate_method
+        ctx.tiles, ctx.heads = tiles, heads
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, key_masks = ctx.saved_tensors
-        # From here only ``kv`` holds our own block: under a checkpoint the recomputed block is freed once the ring
-        # has moved past it.
-        kv: Block | None = (k, v)
-        kv_dtype = k.dtype
-        del k, v
-        transport, scale, tile = ctx.transport, ctx.scale, ctx.tile
         # A query that attends no key at all (a row of a two-dimensional mask) has LSE -inf and an output of zero, as
         # SDPA gives it; any finite LSE makes its probabilities exp(-inf) = 0, so its gradients are zero too, not NaN.
         lse = lse.masked_fill(lse == float("-inf"), 0.0)
-        rank, size = transport.rank, transport.size
         queries = q.transpose(1, 2)
         dq = torch.zeros_like(queries, dtype=_wide(q.dtype))
-        if ctx.rotate_method == "allgather":
-            per_block = [
-                _block_backward(grad_out, queries, block, _mask_of(key_masks, origin), tile.of(origin), out, lse,
-                                scale, dq)
-                for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather_backward")))
-            ]
-            dkv = transport.reduce_scatter(tuple(torch.stack(parts) for parts in zip(*per_block)),
-                                           "ring_allgather_backward")
+        groups = head_groups(q.shape[2], ctx.heads)
+        args = (key_masks, ctx.scale, ctx.rotate_method)
+        if len(groups) == 1:
+            # From here only the pass holds our own block: under a checkpoint the recomputed block is freed once the
+            # ring has moved past it.
+            blocks, kv_dtype = [(k, v)], k.dtype
+            del k, v
+            dk, dv = _backward_pass(grad_out, queries, blocks, out, lse, dq, ctx.tiles, ctx.transport, *args)
+            dk, dv = dk.to(kv_dtype), dv.to(kv_dtype)
         else:
-            kv_comm = transport.exchange("kv", "ring_p2p_backward")
-            dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
-            own_dkv = incoming_dkv = None
-            for step in range(size):
-                incoming_kv = kv_comm.send_recv(kv, keep=_kv_kept(step, size)) if step + 1 < size else None
-                origin = (rank - step) % size
-                block_dkv = _block_backward(grad_out, queries, kv, _mask_of(key_masks, origin), tile.of(origin), out,
-                                            lse, scale, dq)
-                # Done with it: on the last step nothing else holds the block (our own, recomputed under a
-                # checkpoint, once it has left), so it is freed before the buffer for our accumulator is made.
-                kv = None
-                if step == 0:  # our own block: keep its share until its accumulator comes home
-                    own_dkv = block_dkv
-                else:
-                    if incoming_dkv is not None:  # the accumulator of the block we now hold
-                        dkv_comm.wait()  # it travelled while we computed
-                        _accumulate(block_dkv, incoming_dkv)
-                    # on to the block's next holder; after the last step that is its owner, and the comm keeps no spare
-                    incoming_dkv = dkv_comm.send_recv(block_dkv, keep=step + 1 == size)
-                if incoming_kv is not None:
-                    kv_comm.wait()
-                    kv = incoming_kv
-            dkv_comm.wait()
-            if incoming_dkv is not None:  # our own block's accumulator, home after ring - 1 hops
-                _accumulate(own_dkv, incoming_dkv)
-            dkv = own_dkv
-        dk, dv = (x.to(kv_dtype) for x in dkv)
-        return dq.to(q.dtype).transpose(1, 2), dk, dv, None, None, None, None, None, None
+            # Our KV once more, ours to write: under a checkpoint nothing else holds the recomputed ``k`` and ``v``,
+            # freed here. Each group's dK/dV take its heads' place once the group is done with them, so KV and dK/dV
+            # together take one KV's memory, and the gradients are returned as they are.
+            dk = k.clone()
+            del k
+            dv = v.clone()
+            del v
+            for part in groups:
+                own = _backward_pass(grad_out[:, part], queries[:, part],
+                                     [(dk[:, :, part].contiguous(), dv[:, :, part].contiguous())], out[:, part],
+                                     lse[:, part], dq[:, part], _heads_of(ctx.tiles, part), ctx.transport.heads(part),
+                                     *args)
+                dk[:, :, part], dv[:, :, part] = own
+                del own
+        return dq.to(q.dtype).transpose(1, 2), dk, dv, *(None,) * 7
+
+
+# Query rows a CUDA kernel call keeps per streaming multiprocessor, at the least: four waves of 128-row tiles, so that
+# a group of heads keeps the device as busy as all heads would.
+CUDA_ROWS_PER_SM = 4 * 128
+
+
+def heads_per_pass(query: torch.Tensor, most: int | None) -> int:
+    """How many heads go round the ring together, for queries ``(B, S_local, H, D)``: a divisor of ``H``.
+
+    The fewer heads a pass takes, the smaller the blocks in flight and the kernels' outputs (the ring's share of a
+    step's peak falls as 1/groups), but a kernel call needs enough work to keep the device busy. So the pass takes
+    the fewest heads that do: on CPU, a (batch, head) pair per thread, over which the kernel's backward runs in
+    parallel; on CUDA, ``CUDA_ROWS_PER_SM`` query rows per multiprocessor. ``most`` (``ring_heads_per_pass``) caps
+    it: the largest divisor of ``H`` not above it.
+    """
+    batch, rows, count, _ = query.shape
+    fits = [d for d in range(1, count + 1) if count % d == 0]
+    if most is not None:
+        return max(d for d in fits if d <= most)
+    if query.device.type == "cuda":
+        lanes = torch.cuda.get_device_properties(query.device).multi_processor_count * CUDA_ROWS_PER_SM
+        per_head = batch * rows
+    else:
+        lanes, per_head = torch.get_num_threads(), batch
+    return next(d for d in fits if d * per_head >= lanes or d == count)
+
+
+def head_groups(count: int, heads: int) -> list[slice]:
+    """The heads that go round the ring together: ``heads`` at a time (a divisor of ``count``)."""
+    return [slice(first, first + heads) for first in range(0, count, heads)]
+
+
+def _heads_of(tiles: MaskTiles | None, part: slice) -> MaskTiles | None:
+    """A two-dimensional mask for heads ``part`` only (itself where one mask serves every head)."""
+    return None if tiles is None else tiles.for_heads(part.start, part.stop)
+
+
+def _forward_pass(q: torch.Tensor, kv: Block, key_masks: torch.Tensor | None, tiles: MaskTiles | None,
+                  transport: RingTransport, scale: float, rotate_method: str, acc_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of our queries ``(B, S_local, h, D)`` over every KV block, our own ``kv`` first: ``out``
+    ``(B, h, S_local, D)`` in the queries' dtype, ``lse`` ``(B, h, S_local)``."""
+    rank, size = transport.rank, transport.size
+    queries = q.transpose(1, 2)
+    tile = _TileOf(tiles, rank, q.shape[1], kv[0].shape[1])
+    out = lse = None
+    if rotate_method == "allgather":
+        for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather"))):
+            mask = _mask_of(key_masks, origin)
+            # from the second merge on, ``out`` is a merge's own result: written in place
+            out, lse = merge_partial(out, lse, *_block_forward(queries, block, mask, tile.of(origin), scale,
+                                                               acc_dtype), in_place=origin > 1)
+    else:
+        comm = transport.exchange("kv", "ring_p2p")
+        for step in range(size):
+            incoming = comm.send_recv(kv, keep=_kv_kept(step, size)) if step + 1 < size else None
+            origin = (rank - step) % size
+            mask = _mask_of(key_masks, origin)
+            out, lse = merge_partial(out, lse, *_block_forward(queries, kv, mask, tile.of(origin), scale,
+                                                               acc_dtype), in_place=step > 1)
+            if incoming is not None:
+                comm.wait()
+                kv = incoming
+    return out.to(q.dtype), lse.squeeze(-1)
+
+
+def _backward_pass(grad_out: torch.Tensor, queries: torch.Tensor, blocks: list[Block], out: torch.Tensor,
+                   lse: torch.Tensor, dq: torch.Tensor, tiles: MaskTiles | None, transport: RingTransport,
+                   key_masks: torch.Tensor | None, scale: float, rotate_method: str) -> Block:
+    """Add our queries' gradient ``(B, h, S_local, D)`` into ``dq`` and return our own block's dK/dV, in ``dq``'s
+    (wide) dtype. ``blocks`` hands over our own KV block, the pass taking the only reference to it."""
+    kv: Block | None = blocks.pop()
+    rank, size = transport.rank, transport.size
+    tile = _TileOf(tiles, rank, queries.shape[2], kv[0].shape[1])
+    if rotate_method == "allgather":
+        per_block = [
+            _block_backward(grad_out, queries, block, _mask_of(key_masks, origin), tile.of(origin), out, lse,
+                            scale, dq)
+            for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather_backward")))
+        ]
+        return transport.reduce_scatter(tuple(torch.stack(parts) for parts in zip(*per_block)),
+                                        "ring_allgather_backward")
+    kv_comm = transport.exchange("kv", "ring_p2p_backward")
+    dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
+    own_dkv = incoming_dkv = None
+    for step in range(size):
+        incoming_kv = kv_comm.send_recv(kv, keep=_kv_kept(step, size)) if step + 1 < size else None
+        origin = (rank - step) % size
+        block_dkv = _block_backward(grad_out, queries, kv, _mask_of(key_masks, origin), tile.of(origin), out,
+                                    lse, scale, dq)
+        # Done with it: on the last step nothing else holds the block (our own, recomputed under a
+        # checkpoint, once it has left), so it is freed before the buffer for our accumulator is made.
+        kv = None
+        if step == 0:  # our own block: keep its share until its accumulator comes home
+            own_dkv = block_dkv
+        else:
+            if incoming_dkv is not None:  # the accumulator of the block we now hold
+                dkv_comm.wait()  # it travelled while we computed
+                _accumulate(block_dkv, incoming_dkv)
+            # on to the block's next holder; after the last step that is its owner, and the comm keeps no spare
+            incoming_dkv = dkv_comm.send_recv(block_dkv, keep=step + 1 == size)
+        if incoming_kv is not None:
+            kv_comm.wait()
+            kv = incoming_kv
+    dkv_comm.wait()
+    if incoming_dkv is not None:  # our own block's accumulator, home after ring - 1 hops
+        _accumulate(own_dkv, incoming_dkv)
+    return own_dkv
 
 
 def _kv_kept(step: int, size: int) -> bool:
@@ -411,6 +508,7 @@ def ring_attention(
     convert_to_fp32: bool = True,
     key_mask: torch.Tensor | None = None,
     tiles: MaskTiles | None = None,
+    most_heads: int | None = None,
 ) -> torch.Tensor:
     """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``).
 
@@ -427,6 +525,8 @@ def ring_attention(
         key_mask: optional boolean ``(B, S_local)``, True where a key may be attended to.
         tiles: optional two-dimensional mask over the whole ring sequence (a block-causal one, flex
             attention's ``BlockMask``): each step reads the tiles of our queries and the block in flight.
+        most_heads: at most this many heads go round the ring at a time (:func:`heads_per_pass`; ``None``: the
+            fewest that keep the device busy).
     """
     if rotate_method not in ("p2p", "allgather"):
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
@@ -434,5 +534,6 @@ def ring_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     transport = _ALONE if group is None else GroupTransport(group)
     key_masks = None if key_mask is None else transport.all_gather((key_mask,), "ring_mask")[0]
-    out = _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32)
+    out = _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32,
+                               heads_per_pass(query, most_heads))
     return out.transpose(1, 2)
