@@ -75,6 +75,7 @@ def run_rank(args: argparse.Namespace) -> None:
         text = report(args, rank, peak, labels)
         (args.out / "peak_tensors.md").write_text(text)
         print(text, flush=True)
+    dist.barrier()  # every rank leaves the group together: one leaving while rank 0 writes could abort at exit
     dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -41,12 +42,15 @@ class ParallelMesh:
     """A built mesh plus the resolved config it came from (``config.dp_degree`` is set).
 
     ``cp_mesh`` is the flattened ``("ring", "ulysses")`` mesh, kept here because torch deprecates
-    slicing a flattened dimension back out of the root mesh.
+    slicing a flattened dimension back out of the root mesh. ``kernel_lanes`` is what an attention
+    kernel call needs to keep a device busy, the least over every rank, so that every ring rank
+    sends its heads in the same groups (``cp_plugin.attention.ring.heads_per_pass``).
     """
 
     config: ParallelConfig
     device_mesh: DeviceMesh
     cp_mesh: DeviceMesh
+    kernel_lanes: int
 
     @classmethod
     def build(cls, config: ParallelConfig, device_type: str) -> ParallelMesh:
@@ -65,7 +69,11 @@ class ParallelMesh:
             (resolved.dp_degree, resolved.ring_degree, resolved.ulysses_degree),
             mesh_dim_names=MESH_DIMS,
         )
-        return cls(resolved, mesh, flatten_mesh(mesh["ring", "ulysses"], "cp"))
+        from cp_plugin.attention.kernels import kernel_lanes  # here: the attention package imports this module
+
+        lanes = torch.tensor([kernel_lanes(device_type)], device=device_type)
+        dist.all_reduce(lanes, op=dist.ReduceOp.MIN)
+        return cls(resolved, mesh, flatten_mesh(mesh["ring", "ulysses"], "cp"), int(lanes))
 
     # sizes -----------------------------------------------------------------------------------
     @property

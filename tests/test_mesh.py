@@ -18,6 +18,7 @@ LAYOUTS = [(2, 1, 2), (1, 2, 2), (2, 2, 1), (1, 1, 4), (4, 1, 1)]  # (dp, ring, 
 
 
 def describe_meshes() -> list[dict[str, Any]]:
+    torch.set_num_threads(1 + dist.get_rank())  # the ranks' kernels need different work to keep them busy
     out = []
     for dp, ring, ulysses in LAYOUTS:
         mesh = ParallelMesh.build(ParallelConfig(ring_degree=ring, ulysses_degree=ulysses, dp_degree=dp), "cpu")
@@ -28,6 +29,7 @@ def describe_meshes() -> list[dict[str, Any]]:
                 "dp_group": dist.get_process_group_ranks(mesh.dp_group),
                 "sampler": mesh.sampler_kwargs,
                 "seed": mesh.seed(100),
+                "lanes": mesh.kernel_lanes,
             }
         )
     return out
@@ -46,6 +48,7 @@ def test_cp_groups_are_neighbouring_ranks_with_ulysses_innermost() -> None:
             assert got["dp_group"] == list(range(rank % cp, 4, cp))
             assert got["sampler"] == {"num_replicas": dp, "rank": rank // cp}
             assert got["seed"] == 100 + rank // cp
+            assert got["lanes"] == 1  # the least of every rank's, so that every ring rank groups its heads alike
 
 
 class RecordingModule(FlowMatchingModule):

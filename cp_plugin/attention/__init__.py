@@ -59,6 +59,7 @@ def context_parallel_attention(
             key_mask=key_mask,
             tiles=tiles,
             most_heads=mesh.config.ring_heads_per_pass,
+            lanes=mesh.kernel_lanes,
         )
     else:
         mask = None if key_mask is None else key_mask[:, None, None, :]

@@ -49,6 +49,19 @@ def check_dtype(q: torch.Tensor) -> None:
         )
 
 
+# Query rows a CUDA kernel call keeps per streaming multiprocessor, at the least: four waves of 128-row tiles.
+CUDA_ROWS_PER_SM = 4 * 128
+
+
+def kernel_lanes(device_type: str) -> int:
+    """How much work one kernel call needs to keep this process's device busy: on CUDA, query rows
+    (``CUDA_ROWS_PER_SM`` per multiprocessor); elsewhere, (batch, head) pairs, one per thread, over which the CPU
+    kernel's backward runs in parallel."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count * CUDA_ROWS_PER_SM
+    return torch.get_num_threads()
+
+
 def kernel_for(q: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The one place a kernel is chosen, so forward and backward always agree.
 

@@ -35,6 +35,7 @@ from cp_plugin.attention.kernels import (
     attention_backward,
     attention_forward,
     check_dtype,
+    kernel_lanes,
     merge_partial,
 )
 from cp_plugin.attention.masks import MaskTiles, Reach
@@ -239,29 +240,21 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype).transpose(1, 2), dk, dv, *(None,) * 7
 
 
-# Query rows a CUDA kernel call keeps per streaming multiprocessor, at the least: four waves of 128-row tiles, so that
-# a group of heads keeps the device as busy as all heads would.
-CUDA_ROWS_PER_SM = 4 * 128
-
-
-def heads_per_pass(query: torch.Tensor, most: int | None) -> int:
+def heads_per_pass(query: torch.Tensor, most: int | None, lanes: int) -> int:
     """How many heads go round the ring together, for queries ``(B, S_local, H, D)``: a divisor of ``H``.
 
     The fewer heads a pass takes, the smaller the blocks in flight and the kernels' outputs (the ring's share of a
-    step's peak falls as 1/groups), but a kernel call needs enough work to keep the device busy. So the pass takes
-    the fewest heads that do: on CPU, a (batch, head) pair per thread, over which the kernel's backward runs in
-    parallel; on CUDA, ``CUDA_ROWS_PER_SM`` query rows per multiprocessor. ``most`` (``ring_heads_per_pass``) caps
-    it: the largest divisor of ``H`` not above it.
+    step's peak falls as 1/groups), but a kernel call needs ``lanes`` of work to keep the device busy
+    (:func:`~cp_plugin.attention.kernels.kernel_lanes`: query rows on CUDA, (batch, head) pairs elsewhere), so a
+    pass takes the fewest heads that give it that. ``most`` (``ring_heads_per_pass``) caps it instead: the largest
+    divisor of ``H`` not above it. Every ring rank must choose alike (their blocks must match): the mesh agrees on
+    ``lanes`` once, when it is built.
     """
     batch, rows, count, _ = query.shape
     fits = [d for d in range(1, count + 1) if count % d == 0]
     if most is not None:
         return max(d for d in fits if d <= most)
-    if query.device.type == "cuda":
-        lanes = torch.cuda.get_device_properties(query.device).multi_processor_count * CUDA_ROWS_PER_SM
-        per_head = batch * rows
-    else:
-        lanes, per_head = torch.get_num_threads(), batch
+    per_head = batch * rows if query.device.type == "cuda" else batch
     return next(d for d in fits if d * per_head >= lanes or d == count)
 
 
@@ -509,6 +502,7 @@ def ring_attention(
     key_mask: torch.Tensor | None = None,
     tiles: MaskTiles | None = None,
     most_heads: int | None = None,
+    lanes: int | None = None,
 ) -> torch.Tensor:
     """Full-sequence attention of ring shards ``(B, S_local, H, D)`` (ring rank ``r`` holds block ``r``).
 
@@ -527,6 +521,8 @@ def ring_attention(
             attention's ``BlockMask``): each step reads the tiles of our queries and the block in flight.
         most_heads: at most this many heads go round the ring at a time (:func:`heads_per_pass`; ``None``: the
             fewest that keep the device busy).
+        lanes: what a kernel call needs to keep the device busy, agreed by every ring rank (``ParallelMesh``);
+            ``None``: this process's own (:func:`~cp_plugin.attention.kernels.kernel_lanes`).
     """
     if rotate_method not in ("p2p", "allgather"):
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
@@ -535,5 +531,6 @@ def ring_attention(
     transport = _ALONE if group is None else GroupTransport(group)
     key_masks = None if key_mask is None else transport.all_gather((key_mask,), "ring_mask")[0]
     out = _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32,
-                               heads_per_pass(query, most_heads))
+                               heads_per_pass(query, most_heads,
+                                              kernel_lanes(query.device.type) if lanes is None else lanes))
     return out.transpose(1, 2)
