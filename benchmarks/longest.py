@@ -136,15 +136,31 @@ def layouts(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def provenance(entries: list[dict[str, Any]]) -> str:
-    """Where the records were measured, from the lines each start wrote, so a rewritten report keeps them."""
-    first, *later = [e for e in entries if "provenance" in e]
+    """Where the records were measured, from the lines each start wrote, so a rewritten report keeps them: a start
+    after the first names the layouts it measured (the table lists them in the layouts' order, not the file's)."""
+    starts: list[tuple[dict[str, Any], list[str]]] = []
+    for entry in entries:
+        if "provenance" in entry:
+            starts.append((entry, []))
+        elif starts:  # rows before any start's line: the first line's ``resumed`` counts them
+            starts[-1][1].append(f"{entry['name']} ({entry['world']} ranks)")
+    (first, _), *later = starts
     line = first["provenance"]
     if first.get("resumed"):  # the start that measured the rows before it wrote no line (a file from before them)
         line += (f" The first {first['resumed']} rows come from an earlier start of the same command with the "
                  "same code, stopped part way; this line is the resumed start's (`--resume`).")
-    for start in later:
-        line += f" Rows after the first {start['resumed']} come from a resumed start: {start['provenance']}"
+    for start, measured in later:
+        if measured:
+            line += f" The rows of {', '.join(measured)} come from a resumed start: {start['provenance']}"
     return line
+
+
+def in_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records by ranks, then in the order of ``LAYOUTS`` (a resumed start appends its layouts at the end)."""
+    def place(r: dict[str, Any]) -> tuple[int, int]:
+        names = LAYOUTS.get(r["world"], [])
+        return r["world"], names.index(r["name"]) if r["name"] in names else len(names)
+    return sorted(records, key=place)
 
 
 def page_table(report: str) -> str:
@@ -187,7 +203,7 @@ def main() -> None:
             if todo:
                 launch(world, todo, [], 1, args.budget_mib, raw, blocks=args.blocks)
     entries = read(raw)
-    records = layouts(entries)
+    records = in_order(layouts(entries))
     report = table(records, args.budget_mib, args.blocks, provenance(entries))
     (args.out / "longest.md").write_text(report)
     if args.out == OUT:  # the docs show the default budget's table; other budgets stay in their own folder

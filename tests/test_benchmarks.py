@@ -134,13 +134,17 @@ def test_a_step_that_runs_out_of_memory_is_a_row_of_the_gpu_check(tmp_path: Path
 
 def test_a_resumed_longest_search_says_which_rows_came_from_which_start() -> None:
     """``benchmarks.longest --resume`` keeps the rows measured before; the report says where each start ran."""
-    from benchmarks.longest import layouts, provenance
+    from benchmarks.longest import in_order, layouts, provenance
 
     row = {"world": 1, "name": "single", "fits_seq": 1}
     assert provenance([{"provenance": "`a` on here.", "resumed": 0}, row]) == "`a` on here."
-    stopped_then_resumed = [{"provenance": "`a` on here.", "resumed": 0}, row, {"provenance": "`a` later.", "resumed": 1}]
-    assert provenance(stopped_then_resumed) == "`a` on here. Rows after the first 1 come from a resumed start: `a` later."
-    assert layouts(stopped_then_resumed) == [row]
+    later = {"world": 2, "name": "ring_p2p/sharded", "fits_seq": 2}
+    stopped_then_resumed = [{"provenance": "`a` on here.", "resumed": 0}, row, {"provenance": "`a` later.", "resumed": 1},
+                            later]
+    assert provenance(stopped_then_resumed) == \
+        "`a` on here. The rows of ring_p2p/sharded (2 ranks) come from a resumed start: `a` later."
+    assert layouts(stopped_then_resumed) == [row, later]
+    assert in_order([later, row]) == [row, later]  # by ranks, whatever order the starts measured them in
     older = provenance([row, row, {"provenance": "`a` later.", "resumed": 2}])  # a file from before starts were noted
     assert older.startswith("`a` later. The first 2 rows come from an earlier start")
 
