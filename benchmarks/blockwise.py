@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from benchmarks.loopback import LoopbackRing
 from benchmarks.measure import PeakMemory
 from benchmarks.provenance import describe
-from cp_plugin.attention.kernels import kernel_lanes
 from cp_plugin.attention.ring import _RingAttention, heads_per_pass
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +62,7 @@ def ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch
     q0 = q.transpose(1, 2).detach().requires_grad_()
     masks = None if mask is None else mask.unflatten(1, (ring, -1)).movedim(1, 0)
     out = _RingAttention.apply(q0, k0, v0, masks, None, loop, q.shape[-1] ** -0.5, rotate, True,
-                               heads_per_pass(q0, None, kernel_lanes(q0.device.type)))
+                               heads_per_pass(q0, None))
     out.backward(grad_out)
     out, dq = out.detach(), q0.grad.transpose(1, 2)
     if not record:

@@ -40,6 +40,7 @@ from cp_plugin.attention.kernels import (
 )
 from cp_plugin.attention.masks import MaskTiles, Reach
 from cp_plugin.comm import all_gather, count_sent, reduce_scatter
+from cp_plugin.config import divisors
 
 Block = tuple[torch.Tensor, ...]
 """What one ring step hands on: a KV block ``(k, v)``, or the dK/dV accumulators of one, each ``(B, S_local, H, D)``
@@ -240,7 +241,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype).transpose(1, 2), dk, dv, *(None,) * 7
 
 
-def heads_per_pass(query: torch.Tensor, most: int | None, lanes: int) -> int:
+def heads_per_pass(query: torch.Tensor, most: int | None, lanes: int | None = None) -> int:
     """How many heads go round the ring together, for queries ``(B, S_local, H, D)``: a divisor of ``H``.
 
     The fewer heads a pass takes, the smaller the blocks in flight and the kernels' outputs (the ring's share of a
@@ -248,12 +249,13 @@ def heads_per_pass(query: torch.Tensor, most: int | None, lanes: int) -> int:
     (:func:`~cp_plugin.attention.kernels.kernel_lanes`: query rows on CUDA, (batch, head) pairs elsewhere), so a
     pass takes the fewest heads that give it that. ``most`` (``ring_heads_per_pass``) caps it instead: the largest
     divisor of ``H`` not above it. Every ring rank must choose alike (their blocks must match): the mesh agrees on
-    ``lanes`` once, when it is built.
+    ``lanes`` once, when it is built (``None``: this process's own).
     """
     batch, rows, count, _ = query.shape
-    fits = [d for d in range(1, count + 1) if count % d == 0]
+    fits = divisors(count)
     if most is not None:
         return max(d for d in fits if d <= most)
+    lanes = kernel_lanes(query.device.type) if lanes is None else lanes
     per_head = batch * rows if query.device.type == "cuda" else batch
     return next(d for d in fits if d * per_head >= lanes or d == count)
 
@@ -522,7 +524,7 @@ def ring_attention(
         most_heads: at most this many heads go round the ring at a time (:func:`heads_per_pass`; ``None``: the
             fewest that keep the device busy).
         lanes: what a kernel call needs to keep the device busy, agreed by every ring rank (``ParallelMesh``);
-            ``None``: this process's own (:func:`~cp_plugin.attention.kernels.kernel_lanes`).
+            ``None``: this process's own (:func:`heads_per_pass`).
     """
     if rotate_method not in ("p2p", "allgather"):
         raise ValueError(f"rotate_method={rotate_method!r} is not supported; use 'p2p' or 'allgather'")
@@ -531,6 +533,5 @@ def ring_attention(
     transport = _ALONE if group is None else GroupTransport(group)
     key_masks = None if key_mask is None else transport.all_gather((key_mask,), "ring_mask")[0]
     out = _RingAttention.apply(query, key, value, key_masks, tiles, transport, scale, rotate_method, convert_to_fp32,
-                               heads_per_pass(query, most_heads,
-                                              kernel_lanes(query.device.type) if lanes is None else lanes))
+                               heads_per_pass(query, most_heads, lanes))
     return out.transpose(1, 2)
