@@ -35,20 +35,25 @@ forward or backward. Anything else that reads a placeholder (an op, or the block
 the tensor it stands for, computed then as it would have been (same input, grad mode and
 autocast; an input written in place since raises), its hidden layer still recomputed in the
 backward rather than saved. Only layers no other hook wraps are deferred, so a user's forward
-hook sees real tensors.
+hook sees real tensors. A layer an adapter wraps (peft's LoRA, the usual fine-tune) is taken for
+the linear layer it wraps: each chunk then runs the adapted layers' own forwards under
+``torch.utils.checkpoint``, so their base products run once more in the backward, but the hidden
+layer and the concatenation are still never whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks.hooks import ModelHook
 from diffusers.models import activations
 from diffusers.models.attention import FeedForward
@@ -90,12 +95,20 @@ def mixes_tokens(module: torch.nn.Module) -> bool:
     return MIXES_TOKENS.search(source) is not None
 
 
+def linear_layer(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """The linear layer ``module`` is: itself, or the base layer of an adapter wrapping one (peft's LoRA, whose
+    forward adds a low-rank update of each token to the base layer's output); ``None`` for anything else."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    base = get_base_layer() if callable(get_base_layer) else module
+    return base if type(base) is torch.nn.Linear else None
+
+
 def is_feed_forward(module: torch.nn.Module) -> bool:
     """A diffusers ``FeedForward``, or a network of linear layers and pointwise activations that widens its input
-    and whose forward combines no tokens."""
+    and whose forward combines no tokens (not one linear layer an adapter wraps: that is a layer, not a network)."""
     if isinstance(module, FeedForward):
         return True
-    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)) or linear_layer(module) is not None:
         return False  # containers are never called; what they hold is
     leaves = [m for m in module.modules() if next(m.children(), None) is None]
     linears = [m for m in leaves if isinstance(m, torch.nn.Linear)]
@@ -169,7 +182,8 @@ def inline_mlps(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, tor
     for name, parent in module.named_modules():
         if any(within(name, outer) for outer in outside):
             continue
-        if not any(type(c) is torch.nn.Linear and c.out_features > c.in_features for c in parent.children()):
+        if not any((layer := linear_layer(c)) is not None and layer.out_features > layer.in_features
+                   for c in parent.children()):
             continue
         for child_name, child in parent.named_children():
             if type(child) in ELEMENTWISE:
@@ -195,21 +209,23 @@ def recorded_autocast(state: AutocastState) -> contextlib.AbstractContextManager
     return contextlib.nullcontext() if dtype is None else torch.autocast(device, dtype=dtype, enabled=enabled)
 
 
-def _activated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any,
+def _activated(x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor], act: Any,
                autocast: AutocastState) -> torch.Tensor:
     """``act(linear(x))`` (a chunk of tokens) under ``autocast``."""
     with recorded_autocast(autocast):
-        return act(torch.nn.functional.linear(x, weight, bias))
+        return act(linear(x))
 
 
 def _activation_backward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Any, grad: torch.Tensor,
+    x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor], act: Any, grad: torch.Tensor,
     autocast: AutocastState,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(act(hidden), gradient of hidden)`` for ``hidden = linear(x)`` recomputed (a chunk of tokens) under the
     forward's ``autocast``, given ``grad``, the gradient of ``act(hidden)``."""
+    with torch.no_grad(), recorded_autocast(autocast):
+        hidden = linear(x)
     with torch.enable_grad(), recorded_autocast(autocast):
-        hidden = torch.nn.functional.linear(x, weight, bias).detach().requires_grad_()
+        hidden.requires_grad_()
         activated = act(hidden)
         (grad_hidden,) = torch.autograd.grad(activated, hidden, grad)
     return activated.detach(), grad_hidden
@@ -221,6 +237,7 @@ class _RecomputedHidden(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, x, linear, act, rows):  # type: ignore[override]
+        # ``linear``: the layer's own forward (``x``'s gradient comes from the layer's node, which keeps its input)
         ctx.save_for_backward(x)
         ctx.linear, ctx.act, ctx.rows, ctx.autocast = linear, act, rows, autocast_state(x.device.type)
         return act(hidden)
@@ -232,8 +249,7 @@ class _RecomputedHidden(torch.autograd.Function):
         grad_hidden = torch.empty_like(grads)
         for start in range(0, inputs.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            grad_hidden[part] = _activation_backward(inputs[part], ctx.linear.weight, ctx.linear.bias, ctx.act,
-                                                     grads[part], ctx.autocast)[1]
+            grad_hidden[part] = _activation_backward(inputs[part], ctx.linear, ctx.act, grads[part], ctx.autocast)[1]
         return grad_hidden.view(grad.shape), None, None, None, None
 
 
@@ -253,7 +269,7 @@ class _ProjectedHidden(torch.autograd.Function):
         out = None
         for start in range(0, inputs.shape[0], rows):
             chunk = slice(start, start + rows)
-            joined = _activated(inputs[chunk], w_mlp, b_mlp, act, autocast)
+            joined = _activated(inputs[chunk], functools.partial(F.linear, weight=w_mlp, bias=b_mlp), act, autocast)
             joined = joined if parts is None else torch.cat([parts[chunk], joined], -1)
             projected = torch.nn.functional.linear(joined, w_out, b_out)
             out = projected.new_empty(inputs.shape[0], projected.shape[-1]) if out is None else out
@@ -274,7 +290,8 @@ class _ProjectedHidden(torch.autograd.Function):
         grad_b_mlp = None if b_mlp is None else torch.zeros_like(b_mlp)
         for start in range(0, grads.shape[0], ctx.rows):
             rows = slice(start, start + ctx.rows)
-            activated, grad_hidden = _activation_backward(inputs[rows], w_mlp, b_mlp, ctx.act,
+            activated, grad_hidden = _activation_backward(inputs[rows], functools.partial(F.linear, weight=w_mlp,
+                                                                                          bias=b_mlp), ctx.act,
                                                           grads[rows] @ w_out[:, width:].to(grads.dtype), ctx.autocast)
             if parts is not None:
                 grad_part[rows] = grads[rows] @ w_out[:, :width].to(grads.dtype)
@@ -312,7 +329,8 @@ class _Linear:
     """``layer(x)``, not computed yet: the input of an inline MLP's activation."""
 
     x: torch.Tensor
-    layer: torch.nn.Linear
+    layer: torch.nn.Module  # a linear layer, or an adapter wrapping one (:func:`linear_layer`)
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the layer's own forward, without the hook that deferred it
     call: _Call
     version: int  # of ``x`` when called: computed later, it must read what it would have read then
 
@@ -325,13 +343,12 @@ class _Linear:
     def compute(self) -> torch.Tensor:
         self.check()
         with self.call.restored():
-            return torch.nn.functional.linear(self.x, self.layer.weight, self.layer.bias)
+            return self.forward(self.x)
 
     def sample(self) -> torch.Tensor:
         """The output's first token, computed now without gradient: the dtype and device of the whole output."""
         with self.call.restored(), torch.no_grad():
-            return torch.nn.functional.linear(self.x.reshape(-1, self.x.shape[-1])[:1], self.layer.weight,
-                                              self.layer.bias)
+            return self.forward(self.x.reshape(-1, self.x.shape[-1])[:1])
 
 
 @dataclasses.dataclass
@@ -347,7 +364,7 @@ class _Activation:
         with linear.call.restored():
             if not hidden.requires_grad:
                 return self.act(hidden)
-            return _RecomputedHidden.apply(hidden, linear.x, linear.layer, self.act, self.rows)
+            return _RecomputedHidden.apply(hidden, linear.x, linear.forward, self.act, self.rows)
 
 
 @dataclasses.dataclass
@@ -479,11 +496,11 @@ class DeferredLinear(_BesideInlineMlp):
         if (mode is None or not isinstance(x, torch.Tensor) or is_symbolic(x) or mode.recipe(x) is not None
                 or not forward_is_hooked_only_by(module, {hook_name(self.name)})):
             return forward(*args, **kwargs)
-        tokens = x.shape[:-1].numel()
-        if chunk_tokens(tokens, module.in_features, module.out_features, self.rows) >= tokens:
+        tokens, layer = x.shape[:-1].numel(), linear_layer(module)
+        if chunk_tokens(tokens, layer.in_features, layer.out_features, self.rows) >= tokens:
             return forward(x)  # one chunk: nothing to gain (a modulation's linear layer of one token per sample)
-        linear = _Linear(x, module, _Call.now(x), tensor_version(x))
-        return mode.defer(linear, linear.sample(), (*x.shape[:-1], module.out_features))
+        linear = _Linear(x, module, forward, _Call.now(x), tensor_version(x))
+        return mode.defer(linear, linear.sample(), (*x.shape[:-1], layer.out_features))
 
 
 class DeferredActivation(_BesideInlineMlp):
@@ -497,15 +514,27 @@ class DeferredActivation(_BesideInlineMlp):
         if not isinstance(linear, _Linear):
             return forward(*args, **kwargs)
         x = linear.x
-        rows = chunk_tokens(x.shape[:-1].numel(), x.shape[-1], linear.layer.out_features, self.rows)
+        rows = chunk_tokens(x.shape[:-1].numel(), x.shape[-1], linear_layer(linear.layer).out_features, self.rows)
         with torch.no_grad():
             like = forward(linear.sample())
         return self.block.active.defer(_Activation(linear, forward, rows), like, args[0].shape)
 
 
+def _projected_chunk(part: torch.Tensor | None, x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor],
+                     act: Any, out: Callable[[torch.Tensor], torch.Tensor], autocast: AutocastState) -> torch.Tensor:
+    """``out(cat([part, act(linear(x))], -1))`` for one chunk of tokens (``out(act(linear(x)))`` where ``part`` is
+    ``None``), under ``autocast``."""
+    with recorded_autocast(autocast):
+        hidden = act(linear(x))
+        return out(hidden if part is None else torch.cat([part, hidden], -1))
+
+
 class ProjectedHidden(_BesideInlineMlp):
     """A narrowing linear layer beside an inline MLP taking its deferred hidden layer, alone or after another tensor
-    (Flux's ``proj_out``): computed a chunk of tokens at a time, forward and backward (:class:`_ProjectedHidden`)."""
+    (Flux's ``proj_out``): computed a chunk of tokens at a time, forward and backward. Two plain linear layers go
+    through :class:`_ProjectedHidden`, which takes their gradients itself; where an adapter wraps either (peft's
+    LoRA), each chunk runs the layers' own forwards under ``torch.utils.checkpoint``, which keeps the chunk's inputs
+    (views of ``part`` and ``x``) and runs the chunk again in the backward, the output layer's base product included."""
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         recipe = self.deferred(module, args, kwargs)
@@ -514,8 +543,16 @@ class ProjectedHidden(_BesideInlineMlp):
             return self.fn_ref.original_forward(*args, **kwargs)
         linear = activation.linear
         linear.check()
-        return _ProjectedHidden.apply(part, linear.x, linear.layer.weight, linear.layer.bias, module.weight,
-                                      module.bias, activation.act, activation.rows, linear.call.autocast)
+        if type(linear.layer) is torch.nn.Linear and type(module) is torch.nn.Linear:
+            return _ProjectedHidden.apply(part, linear.x, linear.layer.weight, linear.layer.bias, module.weight,
+                                          module.bias, activation.act, activation.rows, linear.call.autocast)
+        with linear.call.restored():
+            inputs = linear.x.reshape(-1, linear.x.shape[-1]).split(activation.rows)
+            parts = [None] * len(inputs) if part is None else part.reshape(-1, part.shape[-1]).split(activation.rows)
+            out = torch.cat([checkpoint(_projected_chunk, p, x, linear.forward, activation.act,
+                                        self.fn_ref.original_forward, linear.call.autocast, use_reentrant=False)
+                             for p, x in zip(parts, inputs, strict=True)])
+        return out.view(*linear.x.shape[:-1], out.shape[-1])
 
 
 def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
@@ -542,8 +579,9 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
             blocks[parent] = block = DeferringBlock()
             tiling.hook(parent, block, INLINE_MLP_BLOCK)
             for child in parent.children():
-                if type(child) is torch.nn.Linear and child.out_features != child.in_features:
-                    hook = DeferredLinear if child.out_features > child.in_features else ProjectedHidden
+                layer = linear_layer(child)
+                if layer is not None and layer.out_features != layer.in_features:
+                    hook = DeferredLinear if layer.out_features > layer.in_features else ProjectedHidden
                     tiling.hook(child, hook(block, rows), hook.name)
         tiling.hook(act, DeferredActivation(blocks[parent], rows), DeferredActivation.name)
         tiling.paths.append(name)

@@ -1,9 +1,9 @@
 """LoRA (``recipe/lora.py``): only the adapters train, exactly as on one process, and they reload where diffusers loads them.
 
 A tiny Flux gets rank-4 adapters with ``lora_alpha=8`` (a scale the saved file must carry) through
-``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 (with DDP, and with
-FSDP2 sharding the frozen base), with ulysses 2 x dp 2, and under ``ContextParallelPlugin``, and is
-compared with the same training on one process: the adapters' updates match, the frozen base does
+``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 (with DDP, with FSDP2
+sharding the frozen base, and, with adapters on its MLPs too, with checkpointing and tiling in chunks of
+8 tokens), with ulysses 2 x dp 2, and under ``ContextParallelPlugin``, and is compared with the same training on one process: the adapters' updates match, the frozen base does
 not move. The adapters saved in diffusers' format load into a fresh base with
 ``load_lora_adapter`` (what ``pipeline.load_lora_weights`` does for the transformer) and give the
 trained model's output.
@@ -34,27 +34,32 @@ from recipe.lora import LoraSettings, add_lora, lora_layers, save_lora
 
 STEPS, PER_RANK = 3, 2
 LORA = LoraSettings(rank=4, alpha=8)
+# the attention's layers and the MLPs' (Flux's single-stream inline MLP: proj_mlp, proj_out), which tiling computes in
+# chunks through the adapters' own forwards
+LORA_WITH_MLPS = LoraSettings(rank=4, alpha=8, target_modules=[*LORA.target_modules, "proj_mlp", "proj_out",
+                                                               "ff.net.0.proj", "ff.net.2"])
 
 
 class LoraFlow(FlowMatchingModule):
     """Tiny Flux with LoRA adapters (seeded, the same on every rank); the base is frozen."""
 
-    def __init__(self, optimizer: str) -> None:
+    def __init__(self, optimizer: str, settings: LoraSettings = LORA) -> None:
         super().__init__("flux", optimizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(7)
-            add_lora(self.transformer, LORA)
+            add_lora(self.transformer, settings)
             with torch.no_grad():  # start from non-zero adapters, so the base's gradients are not trivially zero
                 for name, weight in self.transformer.named_parameters():
                     if "lora_B" in name:
                         weight.normal_(0, 0.02)
 
 
-def lora_fit(optimizer: str, layout: dict[str, int], save_dir: str | None) -> dict[str, Any]:
+def lora_fit(optimizer: str, layout: dict[str, Any], save_dir: str | None,
+             settings: LoraSettings = LORA) -> dict[str, Any]:
     """Rank body: fit ``LoraFlow`` under ``ContextParallelStrategy(**layout)``; rank 0 saves the adapters."""
     from cp_plugin import ContextParallelStrategy
 
-    module = LoraFlow(optimizer)
+    module = LoraFlow(optimizer, settings)
     before = {k: v.clone() for k, v in module.transformer.state_dict().items()}
     strategy = ContextParallelStrategy(**layout)
     trainer = quiet_trainer(strategy, STEPS)
@@ -90,13 +95,14 @@ def lora_accelerate(optimizer: str, layout: dict[str, int]) -> dict[str, Any]:
     return {"losses": losses, "before": before, "state": module.transformer.state_dict(), "dp_size": cp.mesh.dp_size}
 
 
-def lora_fits(cases: list[tuple[str, dict[str, int], str | None]]) -> list[dict[str, Any]]:
+def lora_fits(cases: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     return [lora_fit(*case) for case in cases]
 
 
-def _check(results: list[dict[str, Any]], optimizer: str, what: str, sequential: bool = False) -> None:
-    reference = reference_run("flux", optimizer, results[0]["dp_size"], PER_RANK, STEPS, module=LoraFlow(optimizer),
-                              sequential=sequential)
+def _check(results: list[dict[str, Any]], optimizer: str, what: str, sequential: bool = False,
+           settings: LoraSettings = LORA) -> None:
+    reference = reference_run("flux", optimizer, results[0]["dp_size"], PER_RANK, STEPS,
+                              module=LoraFlow(optimizer, settings), sequential=sequential)
     dp = results[0]["dp_size"]
     # each rank's loss is its dp rank's batch: their mean over dp is the one process's
     losses = torch.tensor([r["losses"] for r in results]).view(dp, len(results) // dp, -1)[:, 0].mean(0)
@@ -133,10 +139,13 @@ def assert_adapters_reproduce(state: dict[str, torch.Tensor], directory: Path, w
 
 @pytest.mark.timeout(300)
 def test_lora_trains_only_adapters_as_one_process_and_reloads_in_diffusers_format(tmp_path: Path) -> None:
-    cases = [("adamw", {"ring_degree": 2, "fsdp": True}, str(tmp_path / "lora")), ("sgd", {"ring_degree": 2}, None)]
+    cases = [("adamw", {"ring_degree": 2, "fsdp": True}, str(tmp_path / "lora"), LORA),
+             ("sgd", {"ring_degree": 2}, None, LORA),
+             ("sgd", {"ring_degree": 2, "gradient_checkpointing": True, "tile_feed_forward": True, "tile_tokens": 8},
+              None, LORA_WITH_MLPS)]
     results = run_distributed(lora_fits, 2, cases, init_process_group=False)
-    for i, (optimizer, layout, _) in enumerate(cases):
-        _check([r[i] for r in results], optimizer, f"{optimizer} {layout}")
+    for i, (optimizer, layout, _, settings) in enumerate(cases):
+        _check([r[i] for r in results], optimizer, f"{optimizer} {layout}", settings=settings)
     assert_adapters_reproduce(results[0][0]["state"], tmp_path / "lora", "reloaded adapters")
 
 
