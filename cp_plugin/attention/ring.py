@@ -195,7 +195,8 @@ class _RingAttention(torch.autograd.Function):
             out, lse = _forward_pass(q, (k, v), key_masks, tiles, transport, scale, rotate_method, acc_dtype)
         else:
             batch, length, count, dim = q.shape
-            out = q.new_empty(batch, count, length, dim)
+            # laid out as the queries are, heads inside tokens: the caller's merge of the heads is then a view of it
+            out = q.new_empty(batch, length, count, dim).transpose(1, 2)
             lse = q.new_empty(batch, count, length, dtype=_wide(q.dtype))
             for part in groups:  # a group's block is copied to travel; what is saved is ``k`` and ``v`` themselves
                 out[:, part], lse[:, part] = _forward_pass(
