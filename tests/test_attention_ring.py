@@ -25,7 +25,7 @@ from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.attention import context_parallel_attention, kernels
 from cp_plugin.attention.kernels import additive_mask, attention_backward, attention_forward, check_dtype, merge_partial
 from cp_plugin.attention.masks import DenseTiles
-from cp_plugin.attention.ring import _RingAttention, heads_per_pass
+from cp_plugin.attention.ring import _RingAttention, heads_per_pass, ring_attention
 from cp_plugin.comm import COMM_STATS
 
 B, S, H, D = 2, 64, 4, 16
@@ -230,6 +230,19 @@ def test_a_pass_takes_the_fewest_heads_that_keep_every_thread_busy(threads: int,
     finally:
         torch.set_num_threads(before)
     assert heads_per_pass(torch.empty(batch, 8, 6, 4), most, threads) == want
+
+
+@pytest.mark.parametrize("most", [1, 2, 4, None])
+def test_the_output_of_heads_taken_in_groups_merges_its_heads_without_a_copy(most: int | None) -> None:
+    """A processor merges the heads of the ring's output (``out.flatten(2, 3)``) and projects it, and the projection
+    saves what it takes: laid out as the queries are, that merge is a view of the output the ring saves for its own
+    backward, so the output is held once (not the saved output and a copy beside it), in groups as in one pass."""
+    q, k, v = (torch.randn(1, 64, 4, 8) for _ in range(3))
+    out = ring_attention(q, k, v, group=None, most_heads=most)
+    merged = out.flatten(2, 3)
+    assert merged.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+                               .transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.timeout(30)
