@@ -122,19 +122,22 @@ class _LinearOfMade(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, made, *kept):  # type: ignore[override]
-        ctx.save_for_backward(weight, *kept)
-        ctx.made, ctx.has_bias = made.skeleton(), bias is not None
+        ctx.save_for_backward(weight, *(kept if ctx.needs_input_grad[1] else ()))
+        ctx.made, ctx.has_bias, ctx.kept = made.skeleton(), bias is not None, len(kept)
         return unviewed(torch.nn.functional.linear(x, weight, bias))  # the caller may write it in place
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight, *kept = ctx.saved_tensors
-        x = ctx.made.make(iter(kept))
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]  # a frozen layer (LoRA's base) makes nothing again
         grads = grad.reshape(-1, grad.shape[-1])
-        grad_x = grads.mm(weight.to(grads.dtype)).view(*grad.shape[:-1], weight.shape[-1])
-        grad_weight = x.reshape(-1, x.shape[-1]).to(grads.dtype).t().mm(grads).t().to(weight.dtype)
-        grad_bias = grads.sum(0) if ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None, *(None for _ in kept)
+        grad_x = grads.mm(weight.to(grads.dtype)).view(*grad.shape[:-1], weight.shape[-1]) if needs_x else None
+        grad_weight = None
+        if needs_weight:
+            x = ctx.made.make(iter(kept))
+            grad_weight = x.reshape(-1, x.shape[-1]).to(grads.dtype).t().mm(grads).t().to(weight.dtype)
+        grad_bias = grads.sum(0) if ctx.has_bias and needs_bias else None
+        return grad_x, grad_weight, grad_bias, None, *(None,) * ctx.kept
 
 
 class RecordedProjection(ModelHook):

@@ -41,7 +41,7 @@ def _step(block: torch.nn.Module, x: torch.Tensor, emb: torch.Tensor) -> tuple[l
     with PeakMemory() as memory:
         out = block(x, emb)
         out.square().mean().backward()
-    return [out.detach(), x.grad, *(p.grad.clone() for p in block.parameters())], memory.peak
+    return [out.detach(), x.grad, *(p.grad.clone() for p in block.parameters() if p.requires_grad)], memory.peak
 
 
 @pytest.mark.parametrize("rows", [None, 100])
@@ -158,6 +158,35 @@ def test_projections_of_norms_and_norms_of_projections_are_made_again_exactly(
         checkpointed = step()[1]
         conversion.remove()
         assert recomputed <= checkpointed - x.numel() * x.element_size(), (recomputed, checkpointed)
+
+
+def test_a_frozen_projection_of_a_norm_makes_nothing_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen linear layer (a LoRA's base) given a recomputed norm's output needs no weight gradient, so its backward
+    does not make the norm's output again to multiply it by the gradient: with the query, key and value layers frozen,
+    the adaptive norm's output is made again three times fewer (once, inside ``to_q``'s output, which ``norm_q``
+    needs), and every gradient left is the same."""
+    import cp_plugin.made as made
+
+    made_again: list[str] = []
+    make = made._Made.make
+    monkeypatch.setattr(made._Made, "make", lambda self, kept: made_again.append(self.fn.__qualname__) or make(self, kept))
+    x, emb = torch.randn(2, MIN_TILED_TOKENS, 32), torch.randn(2, 32)
+    counts = []
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        block = _Heads()
+        for layer in (block.to_q, block.to_k, block.to_v):
+            layer.requires_grad_(not frozen)
+        want, _ = _step(block, x, emb)
+        conversion = Conversion()
+        recompute_norms(block, conversion)
+        made_again.clear()
+        got, _ = _step(block, x, emb)
+        conversion.remove()
+        for tiled, untiled in zip(got, want, strict=True):
+            assert tiled.equal(untiled)
+        counts.append(made_again.count("AdaLayerNormZero.forward"))
+    assert counts == [4, 1], counts
 
 
 def _counted(apply: Any, taken: dict[str, int], path: str, *args: Any) -> Any:
