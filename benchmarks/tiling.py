@@ -1,6 +1,7 @@
 """What tiled feed-forward networks cost in step time and save in peak memory, where they are on by default.
 
     python -m benchmarks.tiling            # writes benchmarks/results/tiling.{md,jsonl}
+    python -m benchmarks.tiling --lora     # the same with LoRA adapters (a fine-tune): tiling_lora.{md,jsonl}
 
 ``benchmarks.worker`` runs the same Flux (``--blocks`` double- and single-stream blocks), the same global
 tokens and cores, with and without ``+tile`` (``cp_plugin.tiling``, chunks chosen per call: on from 2048
@@ -10,7 +11,8 @@ per rank; the errors against the one-process untiled step show tiling changes no
 is measured on one model with tiling put on and taken off in turn, a tiled step after each untiled
 one (``benchmarks.worker.interleaved_tiling``): the median of the pairs' ratios, with their min-max.
 Timed in separate runs instead, one after the other, a machine's drift over minutes reads as
-tiling's cost.
+tiling's cost. With ``--lora`` every layout is ``+lora``: a frozen base with rank-4 adapters on the
+attention and MLP layers (``benchmarks.worker.LORA``), the errors taken over the adapters' gradients.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def tiled(name: str) -> str:
     return f"{name}+tile"
 
 
-def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
+def adapted(names: list[str], lora: bool) -> list[str]:
+    """``names``, each ``+lora`` where the run trains adapters."""
+    return [f"{name}+lora" if lora else name for name in names]
+
+
+def table(records: list[dict[str, Any]], blocks: int, command: str, lora: bool = False) -> str:
     interleaved = {(r["world"], r["name"], r["seq"]): r for r in records if r.get("interleaved")}
     worst: dict[tuple, dict[str, Any]] = {}
     for r in (r for r in records if not r.get("interleaved")):  # the worst rank of each case
@@ -41,17 +48,19 @@ def table(records: list[dict[str, Any]], blocks: int, command: str) -> str:
         if key not in worst or r.get("peak_bytes", 0) > worst[key].get("peak_bytes", 0):
             worst[key] = r
     lines = [
-        "# Tiled feed-forward networks: step time and peak memory, tiled / untiled", "",
+        f"# Tiled feed-forward networks{' under LoRA' if lora else ''}: step time and peak memory, tiled / untiled",
+        "",
         f"{describe(command)} Flux of {WIDE_FLUX['num_attention_heads']} "
         f"heads x {WIDE_FLUX['attention_head_dim']}, {blocks} double- + {blocks} single-stream blocks, {TEXT_TOKENS} "
-        "text tokens, fp32; one forward+backward step; time: median [min-max] of tiled / untiled over pairs of steps "
+        f"text tokens, fp32{'; a frozen base with rank-4 LoRA adapters on the attention and MLP layers' if lora else ''}"
+        "; one forward+backward step; time: median [min-max] of tiled / untiled over pairs of steps "
         "taken in turn on one model; peak: "
         "benchmarks.measure.PeakMemory, worst rank; errors of the tiled step against one untiled process.", "",
         "| ranks | layout | tokens | tiled step time / untiled | tiled peak / untiled | max rel err out / grad |",
         "|---|---|---|---|---|---|",
     ]
     for world, names in PAIRS.items():
-        for name in names:
+        for name in adapted(names, lora):
             for seq in sorted({r["seq"] for r in records}):
                 base, tile = worst.get((world, name, seq)), worst.get((world, tiled(name), seq))
                 if base is None or tile is None:
@@ -74,16 +83,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--lora", action="store_true", help="a frozen base with LoRA adapters (tiling_lora.md)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    raw = args.out / "tiling.jsonl"
+    stem = "tiling_lora" if args.lora else "tiling"
+    raw = args.out / f"{stem}.jsonl"
     raw.unlink(missing_ok=True)
     for world, names in PAIRS.items():  # world 1 first: its untiled "single" step is the errors' reference
-        launch(world, [n for name in names for n in (name, tiled(name))], args.seq, args.repeats, 0.0, raw,
-               blocks=args.blocks, interleave_tiling=True)
+        launch(world, [n for name in adapted(names, args.lora) for n in (name, tiled(name))], args.seq, args.repeats,
+               0.0, raw, blocks=args.blocks, interleave_tiling=True)
     records = [json.loads(line) for line in raw.read_text().splitlines()]
-    report = table(records, args.blocks, ("python -m benchmarks.tiling " + " ".join(sys.argv[1:])).strip())
-    (args.out / "tiling.md").write_text(report)
+    report = table(records, args.blocks, ("python -m benchmarks.tiling " + " ".join(sys.argv[1:])).strip(), args.lora)
+    (args.out / f"{stem}.md").write_text(report)
     print(report)
 
 

@@ -5,7 +5,7 @@ forward+backward step on the same global tokens and records, per rank: step time
 repeats, every step bounded by barriers so it is the slowest rank's), bytes of saved activations,
 peak bytes allocated during the step, bytes sent at cp_plugin's collectives, and the error of
 outputs and gradients against the single-process reference (written by the ``single`` layout,
-which must run first, on one process).
+which must run first, on one process; by ``single+lora`` for layouts with adapters).
 
 Each layout runs one of two paths, named in its record:
 
@@ -16,8 +16,9 @@ Each layout runs one of two paths, named in its record:
 
 A layout name may end in ``+ckpt`` (the model's own gradient checkpointing), ``+sac`` (checkpointing
 that keeps the attention kernels' outputs: ``checkpoint_policy="save_attention"``) and/or ``+tile``
-(tiled feed-forward networks, ``cp_plugin.tiling``); ``--blocks N`` gives the model N double-stream and N
-single-stream blocks, so that the inputs each block keeps for the backward count.
+(tiled feed-forward networks, ``cp_plugin.tiling``) and/or ``+lora`` (a frozen base with trained rank-4 LoRA
+adapters on the attention and MLP layers, as a fine-tune has: ``LORA``); ``--blocks N`` gives the model N
+double-stream and N single-stream blocks, so that the inputs each block keeps for the backward count.
 
 ``--search-mib B`` instead searches, per layout, the longest sequence whose measured step peak
 stays within ``B`` MiB on every rank (probing lengths and measuring each; see :func:`search`).
@@ -46,6 +47,7 @@ from cp_plugin.comm import COMM_STATS
 from cp_plugin.memory import apply_memory_options, apply_tiling
 from cp_plugin.model import apply_context_parallel
 from fixtures.models import tiny_flux
+from recipe.lora import LoraSettings, add_lora
 
 WIDE_FLUX = {"num_attention_heads": 4, "attention_head_dim": 64, "in_channels": 64, "joint_attention_dim": 64,
              "pooled_projection_dim": 64, "axes_dims_rope": (16, 24, 24)}
@@ -68,18 +70,19 @@ class Layout:
     checkpoint_policy: str = "full"  # "save_attention" with the name suffix "+sac" (which implies checkpointing)
     tiling: bool = False  # cp_plugin's tiled feed-forward networks, chunks chosen per call (name suffix "+tile")
     blocks: int = 1  # double-stream and single-stream blocks each
+    lora: bool = False  # a frozen base with LoRA adapters (name suffix "+lora")
 
 
 def layout_named(layouts: dict[str, Layout], name: str, blocks: int = 1) -> Layout:
-    """``layouts[base]`` for a name ``base[+ckpt|+sac][+tile]``, with those memory options and ``blocks`` blocks."""
+    """``layouts[base]`` for a name ``base[+ckpt|+sac][+tile][+lora]``, with those options and ``blocks`` blocks."""
     base, *options = name.split("+")
-    unknown = set(options) - {"ckpt", "sac", "tile"}
+    unknown = set(options) - {"ckpt", "sac", "tile", "lora"}
     if base not in layouts or unknown:
         raise ValueError(f"layout {name!r}: use one of {', '.join(layouts)}, optionally with +ckpt or +sac, "
-                         "and/or +tile")
+                         "and/or +tile, and/or +lora")
     return replace(layouts[base], name=name, checkpointing=bool({"ckpt", "sac"} & set(options)),
                    checkpoint_policy="save_attention" if "sac" in options else "full", tiling="tile" in options,
-                   blocks=blocks)
+                   blocks=blocks, lora="lora" in options)
 
 
 def layouts_for(world: int) -> dict[str, Layout]:
@@ -137,9 +140,22 @@ def apply_diffusers_cp(model: torch.nn.Module, layout: Layout) -> None:
     diffusers_apply(model, config.context_parallel_config, model._cp_plan)
 
 
+# The adapters of ``+lora`` layouts: the attention's layers and the MLPs' (Flux's inline MLP: proj_mlp, proj_out).
+LORA = LoraSettings(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out",
+                                                     "ff.net.0.proj", "ff.net.2"])
+
+
 def build(layout: Layout) -> tuple[torch.nn.Module, ParallelMesh | None]:
     """The seeded model, made context parallel as ``layout`` says; the mesh for cp_plugin layouts."""
     model = tiny_flux(**WIDE_FLUX, num_layers=layout.blocks, num_single_layers=layout.blocks)
+    if layout.lora:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            add_lora(model, LORA)
+            with torch.no_grad():  # trained adapters: non-zero, so every adapter has a gradient to compare
+                for name, weight in model.named_parameters():
+                    if "lora_B" in name:
+                        weight.normal_(0, 0.02)
     apply_memory_options(model, gradient_checkpointing=layout.checkpointing, checkpoint_policy=layout.checkpoint_policy,
                          tiling=layout.tiling, tile_tokens=None)
     if layout.ring * layout.ulysses == 1:
@@ -175,8 +191,8 @@ def step_fn(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable
     return step
 
 
-def reference_path(out_dir: Path, seq: int) -> Path:
-    return out_dir / f"reference_flux_{seq}.pt"
+def reference_path(out_dir: Path, seq: int, lora: bool = False) -> Path:
+    return out_dir / f"reference_flux{'_lora' if lora else ''}_{seq}.pt"
 
 
 def exactness(model: torch.nn.Module, out: torch.Tensor, layout: Layout, mesh: ParallelMesh | None, ref: dict) -> dict:
@@ -190,6 +206,8 @@ def exactness(model: torch.nn.Module, out: torch.Tensor, layout: Layout, mesh: P
     out_err = float((out - expected_out).abs().max() / expected_out.abs().max())
     grad_err = 0.0
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # a frozen base
+            continue
         grad = param.grad.clone()
         dist.all_reduce(grad, group=group)
         expected = ref["grads"][name]
@@ -213,10 +231,11 @@ def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str,
     out, measured = measured_step(model, step)
     record: dict[str, Any] = {**asdict(layout), "world": dist.get_world_size(), "seq": seq, "rank": dist.get_rank(),
                               **measured}
-    if layout.name == "single":
-        torch.save({"out": out, "grads": {n: p.grad for n, p in model.named_parameters()}}, reference_path(out_dir, seq))
+    if layout.name == ("single+lora" if layout.lora else "single"):
+        torch.save({"out": out, "grads": {n: p.grad for n, p in model.named_parameters()}},
+                   reference_path(out_dir, seq, layout.lora))
     else:
-        record.update(exactness(model, out, layout, mesh, torch.load(reference_path(out_dir, seq))))
+        record.update(exactness(model, out, layout, mesh, torch.load(reference_path(out_dir, seq, layout.lora))))
     timing = time_steps(step, repeats, warmup=0, barrier=dist.barrier)
     record.update({"time_median_s": timing.median_s, "time_low_s": timing.low_s, "time_high_s": timing.high_s})
     return record

@@ -334,6 +334,26 @@ def test_layout_names_turn_memory_options_on() -> None:
     assert (full.checkpointing, full.checkpoint_policy, full.tiling) == (True, "full", False)
     with pytest.raises(ValueError, match=r"optionally with \+ckpt or \+sac"):
         worker.layout_named(layouts, "ulysses/sharded+selective")
+    assert worker.layout_named(layouts, "single+tile+lora").lora and not full.lora
+
+
+def _lora_cases(out_dir: str) -> list[dict[str, Any]]:
+    layouts = worker.layouts_for(1)
+    return [worker.run_case(worker.layout_named(layouts, name), 2304, 1, Path(out_dir))
+            for name in ("single+lora", "single+lora+tile")]
+
+
+@pytest.mark.timeout(120)
+def test_a_lora_layout_trains_adapters_on_a_frozen_base_and_tiles_them(tmp_path: Path) -> None:
+    """``+lora``: the base is frozen and only adapters train; the plain one-process step is the reference of the tiled
+    one (written by ``single+lora``), which matches it and, its MLPs' hidden layers never whole, holds less."""
+    model, _ = worker.build(worker.layout_named(worker.layouts_for(1), "single+lora"))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    assert any("proj_mlp.lora_A" in name for name in trained)  # the MLPs' layers too
+    reference, tiled = run_distributed(_lora_cases, 1, str(tmp_path), timeout=100)[0]
+    assert tiled["grad_rel_err"] <= 1e-5 and tiled["out_rel_err"] <= 1e-5, tiled
+    assert tiled["peak_bytes"] < 0.8 * reference["peak_bytes"], (tiled["peak_bytes"], reference["peak_bytes"])
 
 
 def test_the_flop_count_of_tiling_sees_its_recompute_on_the_meta_device() -> None:
