@@ -37,8 +37,9 @@ autocast; an input written in place since raises), its hidden layer still recomp
 backward rather than saved. Only layers no other hook wraps are deferred, so a user's forward
 hook sees real tensors. A layer an adapter wraps (peft's LoRA, the usual fine-tune) is taken for
 the linear layer it wraps: each chunk then runs the adapted layers' own forwards under
-``torch.utils.checkpoint``, so their base products run once more in the backward, but the hidden
-layer and the concatenation are still never whole.
+``torch.utils.checkpoint``, keeping the output layer's base product from the forward (its backward
+does not need it again) and running the rest again; the hidden layer and the concatenation are
+still never whole.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from diffusers.hooks.hooks import ModelHook
 from diffusers.models import activations
 from diffusers.models.attention import FeedForward
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tensor_version, tree_map_only
 from cp_plugin.model import Conversion, hook_name
@@ -529,12 +530,30 @@ def _projected_chunk(part: torch.Tensor | None, x: torch.Tensor, linear: Callabl
         return out(hidden if part is None else torch.cat([part, hidden], -1))
 
 
+def _keeping_products_of(weight: torch.Tensor) -> Callable[[], tuple[Any, Any]]:
+    """Selective checkpointing contexts that keep the outputs of the products a chunk takes with ``weight`` (an
+    output layer's base, whose product a backward does not need again) and recompute everything else: a chunk's
+    backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage."""
+    storage = weight.untyped_storage().data_ptr()
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        takes_weight = op in _PRODUCTS and any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage
+                                               for a in args)
+        return CheckpointPolicy.MUST_SAVE if takes_weight else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+_PRODUCTS = frozenset({torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default})
+
+
 class ProjectedHidden(_BesideInlineMlp):
     """A narrowing linear layer beside an inline MLP taking its deferred hidden layer, alone or after another tensor
     (Flux's ``proj_out``): computed a chunk of tokens at a time, forward and backward. Two plain linear layers go
     through :class:`_ProjectedHidden`, which takes their gradients itself; where an adapter wraps either (peft's
     LoRA), each chunk runs the layers' own forwards under ``torch.utils.checkpoint``, which keeps the chunk's inputs
-    (views of ``part`` and ``x``) and runs the chunk again in the backward, the output layer's base product included."""
+    (views of ``part`` and ``x``) and the output layer's base product (one chunk of the output's size), and runs the
+    rest of the chunk again in the backward."""
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         recipe = self.deferred(module, args, kwargs)
@@ -549,8 +568,10 @@ class ProjectedHidden(_BesideInlineMlp):
         with linear.call.restored():
             inputs = linear.x.reshape(-1, linear.x.shape[-1]).split(activation.rows)
             parts = [None] * len(inputs) if part is None else part.reshape(-1, part.shape[-1]).split(activation.rows)
+            keep = _keeping_products_of(linear_layer(module).weight)
             out = torch.cat([checkpoint(_projected_chunk, p, x, linear.forward, activation.act,
-                                        self.fn_ref.original_forward, linear.call.autocast, use_reentrant=False)
+                                        self.fn_ref.original_forward, linear.call.autocast, use_reentrant=False,
+                                        context_fn=keep)
                              for p, x in zip(parts, inputs, strict=True)])
         return out.view(*linear.x.shape[:-1], out.shape[-1])
 

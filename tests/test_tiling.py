@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.measure import PeakMemory
 from cp_plugin import tiling as tiling_module
@@ -120,6 +121,21 @@ def test_an_inline_mlp_is_projected_in_chunks_exactly_and_holds_less(
     assert _step(block, x)[3] == untiled
 
 
+class _ProductsWith(TorchDispatchMode):
+    """Counts the matrix products that take ``weight`` (by storage: as a layer passes it, transposed)."""
+
+    def __init__(self, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.storage = None if weight is None else weight.untyped_storage().data_ptr()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default) and any(
+                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.storage for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize(("adapted", "use", "bound"), [
     (("proj_mlp", "proj_out"), "linear", 0.6), (("proj_mlp",), "linear", 0.75), (("proj_out",), "alone", 0.45)])
 def test_an_inline_mlp_of_lora_layers_is_projected_in_chunks_exactly_and_holds_less(
@@ -128,7 +144,8 @@ def test_an_inline_mlp_of_lora_layers_is_projected_in_chunks_exactly_and_holds_l
     """peft's LoRA wraps the MLP's layers (the usual fine-tune): each chunk then runs the adapted layers' own
     forwards under a checkpoint, so the hidden layer and the concatenation are still never whole (measured: 0.51, 0.65
     and 0.33 of the untiled peak, where they were computed whole before: 1.0), the adapters' gradients are those of the
-    untiled block, and a wrapped linear layer is not taken for a feed-forward network of its own."""
+    untiled block, and a wrapped linear layer is not taken for a feed-forward network of its own. The output layer's
+    base product, which its backward does not need again, is kept from each chunk's forward rather than run again."""
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)
@@ -140,7 +157,11 @@ def test_an_inline_mlp_of_lora_layers_is_projected_in_chunks_exactly_and_holds_l
     out, grad_x, grads, untiled = _step(block, x)
     tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
     assert "block.act_mlp" in tiling.paths and not any("proj_" in path for path in tiling.paths)
-    tiled_out, tiled_grad_x, tiled_grads, tiled = _step(block, x)
+    with _ProductsWith(block.proj_out.get_base_layer().weight if "proj_out" in adapted else None) as products:
+        tiled_out, tiled_grad_x, tiled_grads, tiled = _step(block, x)
+    chunks = -(-x.shape[:-1].numel() // chunk_tokens(x.shape[:-1].numel(), 32, 128, None))
+    # the output layer's base product: once a chunk forward, once backward (its input's gradient), never again
+    assert products.count == (2 * chunks if "proj_out" in adapted else 0), (products.count, chunks)
     torch.testing.assert_close(tiled_out, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tiled_grad_x, grad_x, rtol=1e-6, atol=1e-7)
     for got, want in zip(tiled_grads, grads, strict=True):
