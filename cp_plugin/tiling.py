@@ -140,6 +140,18 @@ def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
     return max(-(-tokens // (4 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
 
 
+def adapted_output_layer(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """The linear layer an adapter (peft's LoRA) wraps as a diffusers ``FeedForward``'s output layer (the last layer of
+    its ``net``, dropouts aside), else ``None``. A chunk's recompute stops at the last tensor its backward reads, which
+    skips a plain output layer's product, but an adapter's branch runs after its base product, so that product would
+    run again: it is kept from the forward instead (one chunk of the network's output)."""
+    if not isinstance(module, FeedForward):
+        return None
+    layers = [m for m in module.net if not isinstance(m, torch.nn.Dropout)]
+    layer = linear_layer(layers[-1]) if layers else None
+    return layer if layer is not None and layer is not layers[-1] else None
+
+
 class TiledFeedForward(ModelHook):
     """Runs a token-wise network over the tokens of its input a chunk at a time, each chunk checkpointed."""
 
@@ -164,7 +176,9 @@ class TiledFeedForward(ModelHook):
             return forward(x)
         parts = x.reshape(tokens, width).split(rows)
         if torch.is_grad_enabled():
-            outputs = [checkpoint(forward, part, use_reentrant=False) for part in parts]
+            kept = adapted_output_layer(module)
+            context = {} if kept is None else {"context_fn": _keeping_products_of(kept.weight)}
+            outputs = [checkpoint(forward, part, use_reentrant=False, **context) for part in parts]
         else:
             outputs = [forward(part) for part in parts]
         if not all(isinstance(out, torch.Tensor) for out in outputs):
