@@ -10,7 +10,9 @@ cannot run at a useful length. So this counts them instead (``torch.utils.flop_c
 formulas: every matrix product and attention kernel of one forward and backward, recomputes
 included) on the meta device, where a step is shapes alone: Flux.1 and Wan2.1-T2V-14B at their
 own configs (one double- and two single-stream blocks, Flux's ratio; one Wan block), and the CPU
-benchmark's Flux for comparison, with tiling on and off, with and without gradient checkpointing.
+benchmark's Flux for comparison, with tiling on and off, with and without gradient checkpointing; and
+both real models again as a LoRA fine-tune trains them (a frozen base, rank-``LORA_RANK`` adapters on
+the attention and MLP layers), where the untiled step takes no gradient of the base's weights.
 The counts are exact; what they leave out (elementwise work, memory traffic, launch overhead) is
 what a GPU timing would add.
 """
@@ -31,9 +33,15 @@ from benchmarks.provenance import describe
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
 from cp_plugin.compat import TorchDispatchMode
 from cp_plugin.memory import apply_memory_options
+from recipe.lora import LoraSettings, add_lora
 
 OUT = Path("benchmarks/results/tiling_flops.md")
 PROMPT = 512  # text tokens of the real models' prompts (T5's length in Flux and Wan)
+LORA_RANK = 32
+# The layers a LoRA fine-tune adapts: attention's, and the MLPs' (Flux's inline proj_mlp / proj_out, its feed-forward
+# networks' ff.net.*, Wan's ffn.net.*).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "ffn.net.0.proj", "ffn.net.2"]
 FRAME = 32 * 32  # Wan's tokens per latent frame here (a 64 x 64 latent in 2 x 2 patches)
 
 
@@ -95,6 +103,10 @@ def models() -> list[tuple[str, torch.nn.Module, Callable, tuple[int, ...]]]:
         real_flux = FluxTransformer2DModel(num_layers=1, num_single_layers=2)
         wan = WanTransformer3DModel(num_layers=1)
         narrow = FluxTransformer2DModel(**WIDE_FLUX, num_layers=2, num_single_layers=2)
+        lora_flux = FluxTransformer2DModel(num_layers=1, num_single_layers=2)
+        lora_wan = WanTransformer3DModel(num_layers=1)
+        for model in (lora_flux, lora_wan):
+            add_lora(model, LoraSettings(rank=LORA_RANK, target_modules=LORA_TARGETS))
     lengths = (4096, 16384, 65536, 131072)
     return [
         (f"Flux.1 (width {real_flux.inner_dim}, 1 double + 2 single blocks, {PROMPT} text tokens)", real_flux,
@@ -103,6 +115,9 @@ def models() -> list[tuple[str, torch.nn.Module, Callable, tuple[int, ...]]]:
          f"{PROMPT} text tokens)", wan, wan_step, lengths),
         (f"benchmarks.tiling's Flux (width {narrow.inner_dim}, 2 + 2 blocks, {TEXT_TOKENS} text tokens)", narrow,
          flux_step(dict(narrow.config), TEXT_TOKENS), (4096, 9216)),
+        (f"Flux.1 as above, LoRA rank {LORA_RANK} (frozen base)", lora_flux, flux_step(dict(lora_flux.config), PROMPT),
+         lengths),
+        (f"Wan2.1-T2V-14B as above, LoRA rank {LORA_RANK} (frozen base)", lora_wan, wan_step, lengths),
     ]
 
 

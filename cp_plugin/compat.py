@@ -295,6 +295,12 @@ def forward_is_hooked_only_by(module: torch.nn.Module, names: Collection[str]) -
             and not torch.nn.modules.module._global_forward_pre_hooks)
 
 
+def storage_id(x: torch.Tensor) -> int:
+    """The identity of ``x``'s storage (its ``StorageImpl``), shared by every view of it: unique on every device, the
+    meta device included, where every data pointer is 0."""
+    return x.untyped_storage()._cdata
+
+
 def tensor_version(x: torch.Tensor) -> int:
     """How many times ``x``'s storage was written in place (autograd's version counter)."""
     return x._version

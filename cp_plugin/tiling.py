@@ -61,7 +61,7 @@ from diffusers.models.attention import FeedForward
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, tensor_version, tree_map_only
+from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, storage_id, tensor_version, tree_map_only
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules, outermost, within
 
@@ -548,11 +548,10 @@ def _keeping_products_of(weight: torch.Tensor) -> Callable[[], tuple[Any, Any]]:
     """Selective checkpointing contexts that keep the outputs of the products a chunk takes with ``weight`` (an
     output layer's base, whose product a backward does not need again) and recompute everything else: a chunk's
     backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage."""
-    storage = weight.untyped_storage().data_ptr()
+    storage = storage_id(weight)
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        takes_weight = op in _PRODUCTS and any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage
-                                               for a in args)
+        takes_weight = op in _PRODUCTS and any(isinstance(a, torch.Tensor) and storage_id(a) == storage for a in args)
         return CheckpointPolicy.MUST_SAVE if takes_weight else CheckpointPolicy.PREFER_RECOMPUTE
 
     return functools.partial(create_selective_checkpoint_contexts, policy)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.measure import PeakMemory
 from cp_plugin import tiling as tiling_module
-from cp_plugin.compat import FakeTensorMode
+from cp_plugin.compat import FakeTensorMode, storage_id
 from cp_plugin.memory import apply_memory_options
 from cp_plugin.tiling import (
     MIN_TILED_TOKENS,
@@ -153,12 +153,12 @@ class _ProductsWith(TorchDispatchMode):
 
     def __init__(self, weight: torch.Tensor | None) -> None:
         super().__init__()
-        self.storage = None if weight is None else weight.untyped_storage().data_ptr()
+        self.storage = None if weight is None else storage_id(weight)
         self.count = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default) and any(
-                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.storage for a in args):
+                isinstance(a, torch.Tensor) and storage_id(a) == self.storage for a in args):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
