@@ -140,6 +140,23 @@ def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
     return max(-(-tokens // (4 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
 
 
+# The matrix products a linear layer's forward dispatches to.
+_PRODUCTS = frozenset({torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default})
+
+
+def _keeping_products_of(weight: torch.Tensor) -> Callable[[], tuple[Any, Any]]:
+    """Selective checkpointing contexts that keep the outputs of the products a chunk takes with ``weight`` (an
+    output layer's base, whose product a backward does not need again) and recompute everything else: a chunk's
+    backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage."""
+    storage = storage_id(weight)
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        takes_weight = op in _PRODUCTS and any(isinstance(a, torch.Tensor) and storage_id(a) == storage for a in args)
+        return CheckpointPolicy.MUST_SAVE if takes_weight else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
 def adapted_output_layer(module: torch.nn.Module) -> torch.nn.Linear | None:
     """The linear layer an adapter (peft's LoRA) wraps as a diffusers ``FeedForward``'s output layer (the last layer of
     its ``net``, dropouts aside), else ``None``. A chunk's recompute stops at the last tensor its backward reads, which
@@ -542,22 +559,6 @@ def _projected_chunk(part: torch.Tensor | None, x: torch.Tensor, linear: Callabl
     with recorded_autocast(autocast):
         hidden = act(linear(x))
         return out(hidden if part is None else torch.cat([part, hidden], -1))
-
-
-def _keeping_products_of(weight: torch.Tensor) -> Callable[[], tuple[Any, Any]]:
-    """Selective checkpointing contexts that keep the outputs of the products a chunk takes with ``weight`` (an
-    output layer's base, whose product a backward does not need again) and recompute everything else: a chunk's
-    backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage."""
-    storage = storage_id(weight)
-
-    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        takes_weight = op in _PRODUCTS and any(isinstance(a, torch.Tensor) and storage_id(a) == storage for a in args)
-        return CheckpointPolicy.MUST_SAVE if takes_weight else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return functools.partial(create_selective_checkpoint_contexts, policy)
-
-
-_PRODUCTS = frozenset({torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default})
 
 
 class ProjectedHidden(_BesideInlineMlp):
