@@ -30,7 +30,7 @@ from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 from torch.utils.flop_counter import flop_registry
 
 from benchmarks.provenance import describe
-from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX
+from benchmarks.worker import LORA, TEXT_TOKENS, WIDE_FLUX
 from cp_plugin.compat import TorchDispatchMode
 from cp_plugin.memory import apply_memory_options
 from recipe.lora import LoraSettings, add_lora
@@ -38,10 +38,8 @@ from recipe.lora import LoraSettings, add_lora
 OUT = Path("benchmarks/results/tiling_flops.md")
 PROMPT = 512  # text tokens of the real models' prompts (T5's length in Flux and Wan)
 LORA_RANK = 32
-# The layers a LoRA fine-tune adapts: attention's, and the MLPs' (Flux's inline proj_mlp / proj_out, its feed-forward
-# networks' ff.net.*, Wan's ffn.net.*).
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "ffn.net.0.proj", "ffn.net.2"]
+# The layers a LoRA fine-tune adapts: the benchmarks' (attention's, and Flux's MLPs'), and Wan's feed-forward networks.
+LORA_TARGETS = [*LORA.target_modules, "ffn.net.0.proj", "ffn.net.2"]
 FRAME = 32 * 32  # Wan's tokens per latent frame here (a 64 x 64 latent in 2 x 2 patches)
 
 

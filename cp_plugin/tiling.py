@@ -553,12 +553,11 @@ class DeferredActivation(_BesideInlineMlp):
 
 
 def _projected_chunk(part: torch.Tensor | None, x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor],
-                     act: Any, out: Callable[[torch.Tensor], torch.Tensor], autocast: AutocastState) -> torch.Tensor:
+                     act: Any, out: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``out(cat([part, act(linear(x))], -1))`` for one chunk of tokens (``out(act(linear(x)))`` where ``part`` is
-    ``None``), under ``autocast``."""
-    with recorded_autocast(autocast):
-        hidden = act(linear(x))
-        return out(hidden if part is None else torch.cat([part, hidden], -1))
+    ``None``); its caller runs it under the layer's call's autocast, which the checkpoint's recompute restores."""
+    hidden = act(linear(x))
+    return out(hidden if part is None else torch.cat([part, hidden], -1))
 
 
 class ProjectedHidden(_BesideInlineMlp):
@@ -584,8 +583,7 @@ class ProjectedHidden(_BesideInlineMlp):
             parts = [None] * len(inputs) if part is None else part.reshape(-1, part.shape[-1]).split(activation.rows)
             keep = _keeping_products_of(linear_layer(module).weight)
             out = torch.cat([checkpoint(_projected_chunk, p, x, linear.forward, activation.act,
-                                        self.fn_ref.original_forward, linear.call.autocast, use_reentrant=False,
-                                        context_fn=keep)
+                                        self.fn_ref.original_forward, use_reentrant=False, context_fn=keep)
                              for p, x in zip(parts, inputs, strict=True)])
         return out.view(*linear.x.shape[:-1], out.shape[-1])
 

@@ -3,10 +3,10 @@
 A tiny Flux gets rank-4 adapters with ``lora_alpha=8`` (a scale the saved file must carry) through
 ``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 (with DDP, with FSDP2
 sharding the frozen base, and, with adapters on its MLPs too, with checkpointing and tiling in chunks of
-8 tokens), with ulysses 2 x dp 2, and under ``ContextParallelPlugin``, and is compared with the same training on one process: the adapters' updates match, the frozen base does
-not move. The adapters saved in diffusers' format load into a fresh base with
-``load_lora_adapter`` (what ``pipeline.load_lora_weights`` does for the transformer) and give the
-trained model's output.
+8 tokens), with ulysses 2 x dp 2, and under ``ContextParallelPlugin``, and is compared with the same
+training on one process: the adapters' updates match, the frozen base does not move. The adapters saved
+in diffusers' format load into a fresh base with ``load_lora_adapter`` (what
+``pipeline.load_lora_weights`` does for the transformer) and give the trained model's output.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from launcher import run_distributed
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
+# the benchmarks' adapters: the same rank and scale on the attention's layers and the MLPs' (Flux's single-stream
+# inline MLP: proj_mlp, proj_out), which tiling computes in chunks through the adapters' own forwards
+from benchmarks.worker import LORA as LORA_WITH_MLPS
 from fixtures.models import tiny_flux
 from recipe.lora import LoraSettings, add_lora, lora_layers, save_lora
 
 STEPS, PER_RANK = 3, 2
 LORA = LoraSettings(rank=4, alpha=8)
-# the attention's layers and the MLPs' (Flux's single-stream inline MLP: proj_mlp, proj_out), which tiling computes in
-# chunks through the adapters' own forwards
-LORA_WITH_MLPS = LoraSettings(rank=4, alpha=8, target_modules=[*LORA.target_modules, "proj_mlp", "proj_out",
-                                                               "ff.net.0.proj", "ff.net.2"])
 
 
 class LoraFlow(FlowMatchingModule):
