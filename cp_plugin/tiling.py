@@ -144,17 +144,21 @@ def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
 _PRODUCTS = frozenset({torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default})
 
 
-def _keeping_products_of(weight: torch.Tensor) -> Callable[[], tuple[Any, Any]]:
-    """Selective checkpointing contexts that keep the outputs of the products a chunk takes with ``weight`` (an
+def _keeping_products_of(weight: torch.Tensor, device: str) -> dict[str, Any]:
+    """``torch.utils.checkpoint`` keywords that keep the outputs of the products a chunk takes with ``weight`` (an
     output layer's base, whose product a backward does not need again) and recompute everything else: a chunk's
-    backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage."""
+    backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage. None
+    under autocast on ``device``: there a product takes a cast copy of the weight, and torch's selective checkpoint
+    fails in the backward to find the casts autocast made in the forward, so the chunk is recomputed whole."""
+    if torch.is_autocast_enabled(device):
+        return {}
     storage = storage_id(weight)
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         takes_weight = op in _PRODUCTS and any(isinstance(a, torch.Tensor) and storage_id(a) == storage for a in args)
         return CheckpointPolicy.MUST_SAVE if takes_weight else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return functools.partial(create_selective_checkpoint_contexts, policy)
+    return {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
 
 def adapted_output_layer(module: torch.nn.Module) -> torch.nn.Linear | None:
@@ -194,7 +198,7 @@ class TiledFeedForward(ModelHook):
         parts = x.reshape(tokens, width).split(rows)
         if torch.is_grad_enabled():
             kept = adapted_output_layer(module)
-            context = {} if kept is None else {"context_fn": _keeping_products_of(kept.weight)}
+            context = {} if kept is None else _keeping_products_of(kept.weight, x.device.type)
             outputs = [checkpoint(forward, part, use_reentrant=False, **context) for part in parts]
         else:
             outputs = [forward(part) for part in parts]
@@ -581,9 +585,9 @@ class ProjectedHidden(_BesideInlineMlp):
         with linear.call.restored():
             inputs = linear.x.reshape(-1, linear.x.shape[-1]).split(activation.rows)
             parts = [None] * len(inputs) if part is None else part.reshape(-1, part.shape[-1]).split(activation.rows)
-            keep = _keeping_products_of(linear_layer(module).weight)
+            keep = _keeping_products_of(linear_layer(module).weight, linear.x.device.type)
             out = torch.cat([checkpoint(_projected_chunk, p, x, linear.forward, activation.act,
-                                        self.fn_ref.original_forward, use_reentrant=False, context_fn=keep)
+                                        self.fn_ref.original_forward, use_reentrant=False, **keep)
                              for p, x in zip(parts, inputs, strict=True)])
         return out.view(*linear.x.shape[:-1], out.shape[-1])
 

@@ -198,6 +198,37 @@ def test_an_inline_mlp_of_lora_layers_is_projected_in_chunks_exactly_and_holds_l
     assert _step(block, x)[3] == untiled
 
 
+@pytest.mark.parametrize("adapted", [("proj_mlp", "proj_out"), ("proj_mlp",)])
+def test_an_inline_mlp_of_lora_layers_trains_under_bf16_autocast_as_untiled(adapted: tuple[str, ...]) -> None:
+    """Mixed precision with adapters: each chunk is recomputed under the forward's autocast, whole (the kept product
+    would take a cast copy of the weight), so the forward is the same and the gradients are within one bf16 rounding
+    (measured: 5.0e-3 and 5.8e-3; bf16's is 7.8e-3)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    block = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=list(adapted)),
+                                    _SingleStream())
+    for name, parameter in block.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    x = torch.randn(2, MIN_TILED_TOKENS, 32)
+
+    def step() -> list[torch.Tensor]:
+        block.zero_grad()
+        inputs = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(inputs)
+        out.float().square().mean().backward()
+        return [out.detach(), inputs.grad, *(p.grad.clone() for p in block.parameters() if p.requires_grad)]
+
+    want = step()
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
+    got = step()
+    tiling.remove()
+    assert got[0].dtype == torch.bfloat16 and got[0].equal(want[0])
+    for tiled, untiled in zip(got[1:], want[1:], strict=True):
+        assert float((tiled - untiled).abs().max()) <= 8e-3 * float(untiled.abs().max())
+
+
 class _Escaping(torch.nn.Module):
     """An inline MLP whose hidden layer leaves the block (returned) or whose input is written in place after the
     linear layer took it: the block computes what it computes untiled, or names the setting that avoids it."""
