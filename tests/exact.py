@@ -138,13 +138,15 @@ class FlowMatchingModule(L.LightningModule):
         if self.first_grads is None:
             self.first_grads = grads_of(self.transformer)
 
+    # Adam divides by sqrt(v) + eps: with eps=1e-8 a gradient entry of 4e-8 turns its fp32 rounding
+    # (1e-7 of the largest entry) into a 5% different step; eps=1e-6 and a small lr keep it below 1e-5.
+    adam_eps = 1e-6
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "sgd":
             # SGD exposes any error in gradient scale (AdamW normalises it away).
             return torch.optim.SGD(self.parameters(), lr=30 * self.lr)
-        # Adam divides by sqrt(v) + eps: with eps=1e-8 a gradient entry of 4e-8 turns its fp32 rounding
-        # (1e-7 of the largest entry) into a 5% different step; eps=1e-6 and a small lr keep it below 1e-5.
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, eps=1e-6, weight_decay=0.01)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, eps=self.adam_eps, weight_decay=0.01)
 
 
 def global_batches(dataset: Dataset, dp: int, per_rank: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
