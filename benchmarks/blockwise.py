@@ -126,7 +126,8 @@ def run_case(seq: int, ring: int, rotate: str, args: argparse.Namespace, device:
     fused, ringed = timed(fused_fn, device, args.repeats), timed(ring_fn, device, args.repeats)
     # forward: 2 matmuls of 2 FLOPs per multiply-add; backward: 5 (the scores are recomputed)
     flops = 2 * 7 * args.batch * args.heads * (seq // ring) * seq * args.head_dim
-    return {"seq": seq, "ring": ring, "rotate": rotate, "efficiency": fused[0] / ringed[0],
+    return {"seq": seq, "ring": ring, "rotate": rotate, "heads_per_pass": heads_per_pass(q.transpose(1, 2), None),
+            "efficiency": fused[0] / ringed[0],
             "spread": (fused[0] / ringed[2], fused[0] / ringed[1]), "fused_s": fused[0], "ring_s": ringed[0],
             "tflops": flops / ringed[0] / 1e12, "fused_peak": peak_bytes(fused_fn, device),
             "ring_peak": peak_bytes(ring_fn, device), "kv_block": 2 * k.nbytes // ring, "error": error}
@@ -144,14 +145,15 @@ def report(rows: list[dict], args: argparse.Namespace, device: torch.device, com
         f"{args.repeats} [min-max]. Efficiency = fused time / ring time (target >= 0.9 on GPU). Peak: bytes "
         f"allocated above the inputs ({peak_source}), also in KV blocks (k and v of S/r tokens).",
         "",
-        "| tokens S | ring r | rotate | efficiency | ring ms | fused ms | ring TFLOP/s | peak MiB ring / fused "
-        "| ring peak in KV blocks | max rel err vs fused |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens S | ring r | rotate | heads a pass | efficiency | ring ms | fused ms | ring TFLOP/s "
+        "| peak MiB ring / fused | ring peak in KV blocks | max rel err vs fused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         low, high = r["spread"]
         lines.append(
-            f"| {r['seq']} | {r['ring']} | {r['rotate']} | {r['efficiency']:.2f} [{low:.2f}-{high:.2f}] "
+            f"| {r['seq']} | {r['ring']} | {r['rotate']} | {r['heads_per_pass']} "
+            f"| {r['efficiency']:.2f} [{low:.2f}-{high:.2f}] "
             f"| {r['ring_s'] * 1e3:.1f} | {r['fused_s'] * 1e3:.1f} | {r['tflops']:.2f} "
             f"| {r['ring_peak'] / 2**20:.1f} / {r['fused_peak'] / 2**20:.1f} | {r['ring_peak'] / r['kv_block']:.2f} "
             f"| {r['error']:.1e} |"

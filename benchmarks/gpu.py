@@ -259,9 +259,10 @@ def kernel_lines(kernels: list[dict], peak: float | None) -> list[str]:
 
 
 def ring_lines(ring: list[dict], peak: float | None) -> list[str]:
-    lines = ["| tokens | key mask | efficiency (fused / ring time) | ring TFLOP/s | max rel err |", "|---|---|---|---|---|"]
+    lines = ["| tokens | key mask | heads a pass | efficiency (fused / ring time) | ring TFLOP/s | max rel err |",
+             "|---|---|---|---|---|---|"]
     for r in ring:
-        lines.append(f"| {r['seq']} | {r['mask']} | {r['efficiency']:.2f} "
+        lines.append(f"| {r['seq']} | {r['mask']} | {r['heads_per_pass']} | {r['efficiency']:.2f} "
                      f"| {r['tflops']:.3g} | {r['error']:.1e} |")
     return lines
 

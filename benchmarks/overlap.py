@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from benchmarks.launch import driver_parser, run_or_relaunch
 from benchmarks.provenance import describe
-from cp_plugin.attention.ring import Block, RingComm, ring_attention
+from cp_plugin.attention.ring import Block, RingComm, heads_per_pass, ring_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -149,7 +149,8 @@ def report(rows: list[dict[str, float]], args: argparse.Namespace, command: str)
     lines = [
         f"# Ring overlap: how much communication the double-buffered ring hides, {platform.machine()} CPU, gloo", "",
         f"{describe(command)} {world} processes x {torch.get_num_threads()} threads, ring "
-        f"{world}, {args.heads} heads x {args.head_dim}, {args.dtype}, forward + backward of "
+        f"{world}, {args.heads} heads x {args.head_dim} ({heads_per_pass(torch.empty(1, 1, args.heads, 1), None)} a pass "
+        f"of the ring), {args.dtype}, forward + backward of "
         f"`cp_plugin.attention.ring.ring_attention`; median of {args.repeats}, worst rank. See the module docstring "
         "of `benchmarks/overlap.py` for what a CPU figure can and cannot say about a GPU.", "",
         "| tokens | KV block MiB | step ms | serial step ms (no overlap) | saved by overlap | transfer alone ms "
