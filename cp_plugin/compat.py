@@ -301,6 +301,12 @@ def storage_id(x: torch.Tensor) -> int:
     return x.untyped_storage()._cdata
 
 
+def saved_tensors_hooked() -> bool:
+    """Whether hooks take what autograd saves here (``torch.autograd.graph.saved_tensors_hooks``: a non-reentrant
+    checkpoint's forward or recompute, offloading to the host), which has no public query."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def tensor_version(x: torch.Tensor) -> int:
     """How many times ``x``'s storage was written in place (autograd's version counter)."""
     return x._version

@@ -43,7 +43,7 @@ from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, unviewed
 from cp_plugin.made import Made, long_enough
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules, outermost
-from cp_plugin.tiling import INLINE_MLP_BLOCK, recorded_autocast
+from cp_plugin.tiling import INLINE_MLP_BLOCK, linear_layer, recorded_autocast
 
 # Normalizations that save a normalized tensor of their input's size for their weight's or modulation's gradient.
 RECOMPUTED_NORMS = (
@@ -75,6 +75,7 @@ SINGLE_INPUT_NORMS = (torch.nn.RMSNorm, normalization.RMSNorm, normalization.Moc
 
 RECOMPUTED_NORM = "recomputed_norm"
 RECORDED_PROJECTION = "recorded_projection"
+RECORDED_ADAPTER = "recorded_adapter"
 # The hooks a recomputed norm may run inside: its own, and tiling's over an adaptive norm's ``linear(silu(emb))``.
 RUNS_UNDER = frozenset({hook_name(RECOMPUTED_NORM), hook_name(INLINE_MLP_BLOCK)})
 
@@ -164,6 +165,33 @@ class RecordedProjection(ModelHook):
         return out
 
 
+# Layers whose forward draws random numbers in training: a call made again would not be the call that was made.
+DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+           torch.nn.FeatureAlphaDropout)
+
+
+class RecordedAdapter(ModelHook):
+    """On a layer an adapter wraps in an attention layer (peft's LoRA: the base layer's output plus a low-rank update
+    of each token): records its output as its own forward of its input, so a norm or a product that takes it
+    (``norm_q(to_q(x))``, ``gate * to_out(a)``) keeps what it was made of rather than the sum. The base and the
+    adapter's own linear layers are hooked as any other. Not while a dropout in it draws (made again, it would draw
+    another mask)."""
+
+    def __init__(self, made: Made, rows: int | None) -> None:
+        super().__init__()
+        self.made, self.rows = made, rows
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        out = forward(*args, **kwargs)
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not is_symbolic(x) and long_enough(x, self.rows)
+                and not any(isinstance(m, DROPOUT) and m.p > 0 and m.training for m in module.modules())):
+            self.made.record(out, forward, (x,), {})
+        return out
+
+
 class RecomputedNorm(ModelHook):
     """Runs a normalization layer of :data:`RECOMPUTED_NORMS` under a non-reentrant checkpoint where gradients are
     recorded for enough tokens; of a recorded linear layer's output, through :class:`_ProjectedNorm`. Records its
@@ -209,6 +237,10 @@ def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int |
         if any(isinstance(child, SINGLE_INPUT_NORMS) for child in parent.children()):
             layers.update((id(child), child) for child in parent.children())
     for layer in layers.values():  # a layer another hook already wraps (tiling's) is left alone
-        if type(layer) is torch.nn.Linear and forward_is_hooked_only_by(layer, ()):
+        if not forward_is_hooked_only_by(layer, ()):
+            continue
+        if type(layer) is torch.nn.Linear:
             conversion.hook(layer, RecordedProjection(made, rows), RECORDED_PROJECTION)
+        elif linear_layer(layer) is not None:
+            conversion.hook(layer, RecordedAdapter(made, rows), RECORDED_ADAPTER)
     return made, producers + attentions

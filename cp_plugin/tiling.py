@@ -61,7 +61,14 @@ from diffusers.models.attention import FeedForward
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, storage_id, tensor_version, tree_map_only
+from cp_plugin.compat import (
+    forward_is_hooked_only_by,
+    is_symbolic,
+    saved_tensors_hooked,
+    storage_id,
+    tensor_version,
+    tree_map_only,
+)
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules, outermost, within
 
@@ -148,9 +155,12 @@ def _keeping_products_of(weight: torch.Tensor, device: str) -> dict[str, Any]:
     """``torch.utils.checkpoint`` keywords that keep the outputs of the products a chunk takes with ``weight`` (an
     output layer's base, whose product a backward does not need again) and recompute everything else: a chunk's
     backward then runs the output layer's product no more. A product is known by taking ``weight``'s storage. None
-    under autocast on ``device``: there a product takes a cast copy of the weight, and torch's selective checkpoint
-    fails in the backward to find the casts autocast made in the forward, so the chunk is recomputed whole."""
-    if torch.is_autocast_enabled(device):
+    (the chunk is recomputed whole) under autocast on ``device``: there a product takes a cast copy of the weight, and
+    torch's selective checkpoint fails in the backward to find the casts autocast made in the forward. None either
+    where hooks take what autograd saves (a block's own checkpoint, offloading): the selective checkpoint keeps its
+    products beside autograd's saved tensors, where those hooks do not reach, so a checkpointed block's forward would
+    leave one output's worth of products behind it for its backward, in every block at once."""
+    if torch.is_autocast_enabled(device) or saved_tensors_hooked():
         return {}
     storage = storage_id(weight)
 
@@ -556,12 +566,26 @@ class DeferredActivation(_BesideInlineMlp):
         return self.block.active.defer(_Activation(linear, forward, rows), like, args[0].shape)
 
 
+class _CompactGradient(torch.autograd.Function):
+    """The identity, whose backward passes on a compact copy of the gradient. A chunk's gradient of ``part`` is a
+    slice of its concatenation's gradient; autograd holds it until every chunk's is there to be joined, and the slice
+    would keep the whole concatenation's gradient (five times its size in Flux) alive with it."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.contiguous()
+
+
 def _projected_chunk(part: torch.Tensor | None, x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor],
                      act: Any, out: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``out(cat([part, act(linear(x))], -1))`` for one chunk of tokens (``out(act(linear(x)))`` where ``part`` is
     ``None``); its caller runs it under the layer's call's autocast, which the checkpoint's recompute restores."""
     hidden = act(linear(x))
-    return out(hidden if part is None else torch.cat([part, hidden], -1))
+    return out(hidden if part is None else torch.cat([_CompactGradient.apply(part), hidden], -1))
 
 
 class ProjectedHidden(_BesideInlineMlp):

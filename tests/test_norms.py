@@ -213,3 +213,50 @@ def test_a_token_count_equal_to_the_width_changes_nothing(monkeypatch: pytest.Mo
     for tiled, untiled in zip(got, want, strict=True):
         assert tiled.equal(untiled)
     assert (taken["norm"], taken["linear"]) == (1, 3)
+
+
+@pytest.mark.parametrize(("dropout", "norms_made_again"), [(0.0, 1), (0.1, 0)])
+def test_a_lora_projection_of_a_norm_is_made_again_for_the_norm_of_it(
+    dropout: float, norms_made_again: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With peft's LoRA on the query, key and value layers (base frozen), ``norm_q`` takes the adapter's sum, not a
+    linear layer's output: that sum is recorded as the adapted layer's forward of its input, so the norm keeps what
+    it was made of (held at the peak: at least one output's size less than when the sum is kept). Every gradient is
+    bit for bit the same. With a dropout in the adapter the sum is not recorded: made again, it would draw another
+    mask."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    import cp_plugin.norms as norms
+
+    torch.manual_seed(0)
+    block = inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["to_q", "to_k", "to_v"]), _Heads())
+    for name, param in block.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, 0, 0.02)
+    x, emb = torch.randn(2, MIN_TILED_TOKENS, 32), torch.randn(2, 32)
+
+    def step() -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(1)  # the same dropout masks in every step
+        return _step(block, x, emb)
+
+    want, _ = step()
+    taken = {"norm": 0, "linear": 0}
+    monkeypatch.setattr(norms._ProjectedNorm, "apply",
+                        functools.partial(_counted, norms._ProjectedNorm.apply, taken, "norm"))
+    conversion = Conversion()
+    recompute_norms(block, conversion)
+    got, recorded = step()
+    for tiled, untiled in zip(got, want, strict=True):
+        assert tiled.equal(untiled)
+    assert taken["norm"] == norms_made_again
+    conversion.remove()
+    if not dropout:  # the same step with the sum kept (a hook takes its forward when it is registered)
+        monkeypatch.setattr(norms.RecordedAdapter, "new_forward",
+                            lambda self, module, *args, **kwargs: self.fn_ref.original_forward(*args, **kwargs))
+        conversion = Conversion()
+        recompute_norms(block, conversion)
+        kept = step()[1]
+        conversion.remove()
+        assert recorded <= kept - x.numel() * x.element_size(), (recorded, kept)
