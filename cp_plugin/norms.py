@@ -12,22 +12,24 @@ run again in the backward, so the gradients are those of the untouched layer. La
 class (the normalizations above, whose forward reads each token alone); one another hook wraps
 (a context-parallel split or gather) is left as it is, so a recompute never communicates.
 
-Two tensors of the block's width would still be kept around each attention: the adaptive norm's
-output, which the query, key and value layers keep as their input for their weights' gradients, and
-the query and key layers' outputs, which the RMS norms of queries and keys keep as their input. Both
-are cheap to make again from what they were made of. So the outputs of these norms (and of layer
-norms, which a block's modulation multiplies: :mod:`cp_plugin.products`), and of the linear layers in
-attention layers or beside a single-input norm (a child of the same module), are recorded as they are
-made (:class:`Made`, :mod:`cp_plugin.made`): how, from which tensors. A linear layer given a recorded
-output keeps what that output was made of and makes it again in its backward for its weight's gradient
-(:class:`_LinearOfMade`); an RMS norm given a linear layer's recorded output (``norm_q(to_q(x))``,
-heads split by a view between them) does the same for its own backward (:class:`_ProjectedNorm`), and
-where ``x`` is a recorded norm's output, it keeps what that norm took, so neither tensor is kept. What
-is kept is what the block keeps anyway (its input, the modulation, the weights). A record is taken
-only for exactly that tensor, or a view of all of it, unchanged since (same version, its inputs
-unchanged, same autocast); anything else (a LoRA layer's sum, a part of a fused projection, a tensor
-written in place or returned by another hook) is kept as it is. Made again, a tensor comes from the
-same ops on the same inputs: the gradients are bit for bit those of the untouched layers.
+Two tensors of the block's width would still be kept around each attention: the adaptive norm's output,
+which the query, key and value layers keep as their input for their weights' gradients, and the query
+and key layers' outputs, which the RMS norms of queries and keys keep as their input. Both are cheap to
+make again from what they were made of. So the outputs of these norms (and of layer norms, which a
+block's modulation multiplies: :mod:`cp_plugin.products`), and of the linear layers in attention layers
+or beside a single-input norm (a child of the same module), or of the layers an adapter wraps there
+(peft's LoRA: the base layer's output plus the adapter's, :class:`RecordedAdapter`), are recorded as
+they are made (:class:`Made`, :mod:`cp_plugin.made`): how, from which tensors. A linear layer given a
+recorded output keeps what that output was made of and makes it again in its backward for its weight's
+gradient (:class:`_LinearOfMade`); an RMS norm given a linear layer's recorded output
+(``norm_q(to_q(x))``, heads split by a view between them) does the same for its own backward
+(:class:`_ProjectedNorm`), and where ``x`` is a recorded norm's output, it keeps what that norm took, so
+neither tensor is kept. What is kept is what the block keeps anyway (its input, the modulation, the
+weights). A record is taken only for exactly that tensor, or a view of all of it, unchanged since (same
+version, its inputs unchanged, same autocast); anything else (a part of a fused projection, a tensor
+written in place or returned by another hook, an adapter's sum while its dropout draws) is kept as it
+is. Made again, a tensor comes from the same ops on the same inputs: the gradients are bit for bit those
+of the untouched layers.
 """
 
 from __future__ import annotations

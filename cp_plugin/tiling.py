@@ -38,8 +38,8 @@ backward rather than saved. Only layers no other hook wraps are deferred, so a u
 hook sees real tensors. A layer an adapter wraps (peft's LoRA, the usual fine-tune) is taken for
 the linear layer it wraps: each chunk then runs the adapted layers' own forwards under
 ``torch.utils.checkpoint``, keeping the output layer's base product from the forward (its backward
-does not need it again) and running the rest again; the hidden layer and the concatenation are
-still never whole.
+does not need it again; not under the block's own checkpoint, see :func:`_keeping_products_of`) and
+running the rest again; the hidden layer and the concatenation are still never whole.
 """
 
 from __future__ import annotations
@@ -593,8 +593,8 @@ class ProjectedHidden(_BesideInlineMlp):
     (Flux's ``proj_out``): computed a chunk of tokens at a time, forward and backward. Two plain linear layers go
     through :class:`_ProjectedHidden`, which takes their gradients itself; where an adapter wraps either (peft's
     LoRA), each chunk runs the layers' own forwards under ``torch.utils.checkpoint``, which keeps the chunk's inputs
-    (views of ``part`` and ``x``) and the output layer's base product (one chunk of the output's size), and runs the
-    rest of the chunk again in the backward."""
+    (views of ``part`` and ``x``) and, outside autocast and the block's own checkpoint, the output layer's base
+    product (one chunk of the output's size), and runs the rest of the chunk again in the backward."""
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         recipe = self.deferred(module, args, kwargs)
