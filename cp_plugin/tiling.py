@@ -158,9 +158,11 @@ def _keeping_products_of(weight: torch.Tensor, device: str) -> dict[str, Any]:
     (the chunk is recomputed whole) under autocast on ``device``: there a product takes a cast copy of the weight, and
     torch's selective checkpoint fails in the backward to find the casts autocast made in the forward. None either
     where hooks take what autograd saves (a block's own checkpoint, offloading): the selective checkpoint keeps its
-    products beside autograd's saved tensors, where those hooks do not reach, so a checkpointed block's forward would
-    leave one output's worth of products behind it for its backward, in every block at once."""
-    if torch.is_autocast_enabled(device) or saved_tensors_hooked():
+    products beside autograd's saved tensors, where those hooks do not reach, and a block's recompute only refills
+    the saved tensors of its first forward's graph, whose chunks read the first forward's products; kept, they would
+    be one output's worth per block from the forward to the backward, in every block at once (a checkpointed block
+    keeps its input alone, often the same size)."""
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)) or saved_tensors_hooked():
         return {}
     storage = storage_id(weight)
 

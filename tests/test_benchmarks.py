@@ -378,6 +378,14 @@ def test_the_flop_count_of_tiling_sees_its_recompute_on_the_meta_device() -> Non
         assert tiled - untiled >= up_projection, (type(model).__name__, tiled, untiled)
         assert tiled / untiled < 1.5
     assert counted(wan, wan_step, FRAME, False, True) == counted(wan, wan_step, FRAME, False, False)
+    # with adapters (their rows of the table), checkpointed or not: each chunk runs the adapted layers again
+    from benchmarks.tiling_flops import LORA_RANK, LORA_TARGETS
+    from recipe.lora import LoraSettings, add_lora
+
+    add_lora(flux, LoraSettings(rank=LORA_RANK, target_modules=LORA_TARGETS))
+    for checkpointing in (False, True):
+        untiled, tiled = (counted(flux, flux_forward, 4096, checkpointing, tiling) for tiling in (False, True))
+        assert untiled < tiled < 1.5 * untiled, (checkpointing, tiled, untiled)
 
 
 @pytest.mark.parametrize("start", [4, 40, 120, 400])
