@@ -3,10 +3,11 @@
 A tiny Flux gets rank-4 adapters with ``lora_alpha=8`` (a scale the saved file must carry) through
 ``transformer.add_adapter``, trains under ``ContextParallelStrategy`` with ring 2 (with DDP, with FSDP2
 sharding the frozen base, and, with adapters on its MLPs too, with checkpointing and tiling in chunks of 8
-tokens), with ulysses 2 x dp 2 (AdamW, adapters on the MLPs too), and under ``ContextParallelPlugin``, and is
-compared with the same training on one process: the adapters' updates match, the frozen base does not move.
-The adapters saved in diffusers' format load into a fresh base with ``load_lora_adapter`` (what
-``pipeline.load_lora_weights`` does for the transformer) and give the trained model's output.
+tokens, with DDP and with FSDP2), with ulysses 2 x dp 2 (AdamW, adapters on the MLPs too), and under
+``ContextParallelPlugin``, and is compared with the same training on one process: the adapters' updates match,
+the frozen base does not move. The adapters saved in diffusers' format load into a fresh base with
+``load_lora_adapter`` (what ``pipeline.load_lora_weights`` does for the transformer) and give the trained
+model's output.
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ def test_lora_trains_only_adapters_as_one_process_and_reloads_in_diffusers_forma
     cases = [("adamw", {"ring_degree": 2, "fsdp": True}, str(tmp_path / "lora"), LORA),
              ("sgd", {"ring_degree": 2}, None, LORA),
              ("sgd", {"ring_degree": 2, "gradient_checkpointing": True, "tile_feed_forward": True, "tile_tokens": 8},
-              None, LORA_WITH_MLPS)]
+              None, LORA_WITH_MLPS),
+             ("sgd", {"ring_degree": 2, "fsdp": True, "gradient_checkpointing": True, "tile_feed_forward": True,
+                      "tile_tokens": 8}, None, LORA_WITH_MLPS)]
     results = run_distributed(lora_fits, 2, cases, init_process_group=False)
     for i, (optimizer, layout, _, settings) in enumerate(cases):
         _check([r[i] for r in results], optimizer, f"{optimizer} {layout}", settings=settings)
