@@ -143,6 +143,13 @@ class _LinearOfMade(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, *(None,) * ctx.kept
 
 
+def recordable(x: Any, rows: int | None) -> bool:
+    """Whether a layer's one input ``x`` makes a call whose output is recorded: a tensor of enough tokens, with
+    gradients recorded, outside compilation and symbolic sizes."""
+    return (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not is_symbolic(x) and long_enough(x, rows))
+
+
 class RecordedProjection(ModelHook):
     """On a linear layer in an attention layer or beside a single-input norm: takes a recorded input through
     :class:`_LinearOfMade`, and records the outputs gradients are recorded for (which a norm, or a product with a
@@ -155,8 +162,7 @@ class RecordedProjection(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         x = args[0] if len(args) == 1 and not kwargs else None
-        if (not isinstance(x, torch.Tensor) or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or is_symbolic(x) or not long_enough(x, self.rows)):
+        if not recordable(x, self.rows):
             return forward(*args, **kwargs)
         source = self.made.source(x)
         if source is None:
@@ -187,9 +193,8 @@ class RecordedAdapter(ModelHook):
         forward = self.fn_ref.original_forward
         out = forward(*args, **kwargs)
         x = args[0] if len(args) == 1 and not kwargs else None
-        if (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not is_symbolic(x) and long_enough(x, self.rows)
-                and not any(isinstance(m, DROPOUT) and m.p > 0 and m.training for m in module.modules())):
+        if recordable(x, self.rows) and not any(isinstance(m, DROPOUT) and m.p > 0 and m.training
+                                                for m in module.modules()):
             self.made.record(out, forward, (x,), {})
         return out
 

@@ -112,6 +112,35 @@ class _SingleStream(torch.nn.Module):
         return self.proj_out(torch.cat([attended, hidden], -1)) * (1 + scale)
 
 
+def _lora_single_stream(adapted: tuple[str, ...], use: str = "linear") -> torch.nn.Module:
+    """A ``_SingleStream`` block with peft's LoRA (rank 4, non-zero) on the ``adapted`` layers and its base frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    block = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=list(adapted)),
+                                    _SingleStream(use=use))
+    for name, parameter in block.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return block
+
+
+def _bf16_untiled_and_tiled(block: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A step of ``block`` under bf16 autocast, untiled then tiled: its output, the input's gradient and the trained
+    parameters' gradients, each time."""
+    def step() -> list[torch.Tensor]:
+        block.zero_grad()
+        inputs = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(inputs)
+        out.float().square().mean().backward()
+        return [out.detach(), inputs.grad, *(p.grad.clone() for p in block.parameters() if p.requires_grad)]
+
+    untiled = step()
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
+    tiled = step()
+    tiling.remove()
+    return untiled, tiled
+
+
 @pytest.mark.parametrize(("rows", "use", "bound"), [
     (None, "linear", 0.5), (1000, "linear", 0.6), (None, "attention", 0.6), (None, "alone", 0.5), (None, "read", 0.9)])
 def test_an_inline_mlp_is_projected_in_chunks_exactly_and_holds_less(
@@ -173,13 +202,8 @@ def test_an_inline_mlp_of_lora_layers_is_projected_in_chunks_exactly_and_holds_l
     and 0.33 of the untiled peak, where they were computed whole before: 1.0), the adapters' gradients are those of the
     untiled block, and a wrapped linear layer is not taken for a feed-forward network of its own. The output layer's
     base product, which its backward does not need again, is kept from each chunk's forward rather than run again."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     torch.manual_seed(0)
-    block = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=list(adapted)),
-                                    _SingleStream(use=use))
-    for name, parameter in block.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    block = _lora_single_stream(adapted, use)
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
     out, grad_x, grads, untiled = _step(block, x)
     tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
@@ -204,13 +228,8 @@ def test_an_inline_mlp_of_lora_layers_under_a_block_checkpoint_leaves_nothing_be
     are not kept there, so the tiled forward leaves no more behind than the untiled one (measured: the same bytes;
     twice as many with them kept), and the backward of each chunk hands its share of the concatenation's gradient on
     as a copy of its own, not a slice of the whole (measured: 0.34 of the untiled peak, 0.51 with slices), exactly."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     torch.manual_seed(0)
-    block = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=["proj_mlp", "proj_out"]),
-                                    _SingleStream())
-    for name, parameter in block.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    block = _lora_single_stream(("proj_mlp", "proj_out"))
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
 
     def step() -> tuple[list[torch.Tensor], int, int]:
@@ -238,27 +257,11 @@ def test_an_inline_mlp_of_lora_layers_trains_under_bf16_autocast_as_untiled(adap
     """Mixed precision with adapters: each chunk is recomputed under the forward's autocast, whole (the kept product
     would take a cast copy of the weight), so the forward is the same and the gradients are within one bf16 rounding
     (measured: 5.0e-3 and 5.8e-3; bf16's is 7.8e-3)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     torch.manual_seed(0)
-    block = inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=list(adapted)),
-                                    _SingleStream())
-    for name, parameter in block.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    block = _lora_single_stream(adapted)
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
 
-    def step() -> list[torch.Tensor]:
-        block.zero_grad()
-        inputs = x.detach().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(inputs)
-        out.float().square().mean().backward()
-        return [out.detach(), inputs.grad, *(p.grad.clone() for p in block.parameters() if p.requires_grad)]
-
-    want = step()
-    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
-    got = step()
-    tiling.remove()
+    want, got = _bf16_untiled_and_tiled(block, x)
     assert got[0].dtype == torch.bfloat16 and got[0].equal(want[0])
     for tiled, untiled in zip(got[1:], want[1:], strict=True):
         assert float((tiled - untiled).abs().max()) <= 8e-3 * float(untiled.abs().max())
@@ -322,18 +325,7 @@ def test_an_inline_mlp_under_bf16_autocast_recomputes_its_hidden_layer_as_the_fo
     block = _SingleStream(use=use)
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
 
-    def step() -> tuple[torch.Tensor, ...]:
-        block.zero_grad()
-        inputs = x.detach().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(inputs)
-        out.float().square().mean().backward()
-        return out.detach(), inputs.grad, *(p.grad.clone() for p in block.parameters())
-
-    want = step()
-    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}))
-    got = step()
-    tiling.remove()
+    want, got = _bf16_untiled_and_tiled(block, x)
     assert got[0].dtype == torch.bfloat16 and got[0].equal(want[0])
     for tiled, untiled in zip(got[1:], want[1:], strict=True):
         assert float((tiled - untiled).abs().max()) <= bound * float(untiled.abs().max())
