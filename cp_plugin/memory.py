@@ -89,11 +89,19 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy
             conversion.on_remove(model.disable_gradient_checkpointing)
 
 
-def apply_tiling(module: torch.nn.Module, tile_tokens: int | None) -> Conversion:
-    """The tiling option alone: feed-forward networks and inline MLPs in chunks, normalizations recomputed."""
+# The tiling option's parts, in the order they are applied, each building on the ones before it.
+TILING_PARTS = ("feed-forward networks in chunks", "normalizations made again", "products made again")
+
+
+def apply_tiling(module: torch.nn.Module, tile_tokens: int | None, parts: int = len(TILING_PARTS)) -> Conversion:
+    """The tiling option alone: feed-forward networks and inline MLPs in chunks, normalizations recomputed, and
+    the products of what they make kept as what those were made of. ``parts``: only the first that many of
+    :data:`TILING_PARTS`, which ``benchmarks.tiling_parts`` uses to show what each one costs and saves."""
     conversion = tile_feed_forward(module, tile_tokens)
-    made, producers = recompute_norms(module, conversion, tile_tokens)
-    keep_products_made(module, conversion, made, producers, tile_tokens)
+    if parts > 1:
+        made, producers = recompute_norms(module, conversion, tile_tokens)
+        if parts > 2:
+            keep_products_made(module, conversion, made, producers, tile_tokens)
     return conversion
 
 

@@ -413,3 +413,26 @@ def test_the_search_brackets_the_longest_length_that_fits_from_any_start(start: 
     assert over in measured and (fits in measured or fits == 0)
     ratio = max(start, boundary, 1) // max(min(start, boundary), 1)
     assert len(measured) <= ratio.bit_length() + (max(start, boundary) // worker.SIDE_STEP).bit_length() + 2, measured
+
+
+def test_the_tiling_options_parts_add_up_to_the_option_and_each_saves_memory() -> None:
+    """``benchmarks.tiling_parts`` applies the tiling option a part at a time: all of its parts count the same
+    operations as the option itself (``benchmarks.tiling_flops``), each part adds operations, and on a real step each
+    lowers the peak (2304 tokens: tiled from 2048)."""
+    from benchmarks.tiling_flops import counted, flux_step
+    from benchmarks.tiling_parts import operations, peak
+    from cp_plugin.memory import TILING_PARTS
+
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1,
+                                      num_single_layers=1, joint_attention_dim=32, pooled_projection_dim=32,
+                                      axes_dims_rope=(4, 6, 6))
+    forward = flux_step(dict(flux.config), 8)
+    parts = range(len(TILING_PARTS) + 1)
+    for checkpointing in (False, True):
+        counts = [operations(flux, forward, 4096, checkpointing, part) for part in parts]
+        assert counts[0] == counted(flux, forward, 4096, checkpointing, tiling=False)
+        assert counts[-1] == counted(flux, forward, 4096, checkpointing, tiling=True), (checkpointing, counts)
+        assert counts == sorted(counts) and counts[1] > counts[0], (checkpointing, counts)
+    peaks = [peak(2304, False, part, blocks=1) for part in parts]
+    assert all(later < earlier for earlier, later in zip(peaks, peaks[1:])), peaks
