@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -46,6 +47,7 @@ from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
 from cp_plugin.memory import apply_memory_options, apply_tiling
 from cp_plugin.model import apply_context_parallel
+from cp_plugin.tiling import MIN_TILED_TOKENS
 from fixtures.models import tiny_flux
 from recipe.lora import LoraSettings, add_lora
 
@@ -333,13 +335,34 @@ def bracket(peak: Callable[[int], int], side: int, budget: int) -> tuple[int, in
     return fits, over
 
 
+def longest_fitting(peak: Callable[[int], int], side: int, budget: int, first_tiled: int | None) -> tuple[int, int]:
+    """:func:`bracket`'s two sides, where ``peak`` may fall where tiling turns on: from ``first_tiled``, the first side
+    at which every call is tiled (``None``: tiling is off), a step peaks lower than one just below it, so the peak
+    grows with the side below that side and from it, not across it. Where the boundary found lies below it and a step
+    of that side fits, the longest that fits is beyond it: bracketed again from there."""
+    fits, over = bracket(peak, side, budget)
+    if first_tiled is not None and over < first_tiled and peak(first_tiled) <= budget:
+        fits, over = bracket(peak, first_tiled, budget)
+    return fits, over
+
+
+def first_tiled_side(layout: Layout) -> int | None:
+    """The shortest side at which each rank's share of the image tokens reaches ``MIN_TILED_TOKENS`` (``None`` for a
+    layout without tiling): from it every feed-forward call is tiled with chunks chosen per call."""
+    if not layout.tiling:
+        return None
+    side = math.isqrt(MIN_TILED_TOKENS * layout.ring * layout.ulysses - 1) + 1
+    return -(-side // SIDE_STEP) * SIDE_STEP
+
+
 def search(layout: Layout, budget: int) -> dict[str, Any]:
     """The longest ``side * side`` sequence whose measured step peak fits ``budget`` bytes on every rank.
 
     A run, not a fit: two short probes only estimate bytes per token (peaks grow linearly, as flash
     attention keeps no S x S scores) to pick where to start; from there :func:`bracket` measures
     lengths until one fits and the next side step does not, in a few probes however far off the
-    estimate is. Both are reported.
+    estimate is; with tiling, the lengths from where every call is tiled are searched too
+    (:func:`longest_fitting`). Both are reported.
     """
     model, mesh = build(layout)
     tag_phases()
@@ -357,7 +380,7 @@ def search(layout: Layout, budget: int) -> dict[str, Any]:
     per_token = (peak(large) - peak(small)) / (large**2 - small**2)
     estimate = large**2 + (budget - peak(large)) / per_token
     side = max(SIDE_STEP, int(max(estimate, 0) ** 0.5) // SIDE_STEP * SIDE_STEP)
-    fits, over = bracket(peak, side, budget)
+    fits, over = longest_fitting(peak, side, budget, first_tiled_side(layout))
     return {"budget_bytes": budget, "fits_seq": fits * fits, "fits_peak": probes.get(fits, 0),
             "fits_by_kind": kinds.get(fits, {}),
             "next_seq": over * over, "next_peak": probes[over],

@@ -415,6 +415,24 @@ def test_the_search_brackets_the_longest_length_that_fits_from_any_start(start: 
     assert len(measured) <= ratio.bit_length() + (max(start, boundary) // worker.SIDE_STEP).bit_length() + 2, measured
 
 
+@pytest.mark.parametrize(("start", "first_tiled", "expected"), [
+    (40, None, (100, 104)),  # no tiling: the boundary as bracket finds it
+    (40, 120, (148, 152)),  # tiled from 120, a step peaks 50 lower: it fits again there, up to 148
+    (200, 120, (148, 152)),  # from an estimate in the tiled lengths, the same
+    (40, 200, (100, 104)),  # tiled from 200, 50 lower is still over the budget: nothing longer fits
+    (40, 100, (148, 152)),  # the boundary found lies beyond the first tiled side already
+])
+def test_the_search_finds_the_longest_fit_beyond_where_tiling_turns_on(
+        start: int, first_tiled: int | None, expected: tuple[int, int]) -> None:
+    """With tiling, a step's peak falls where every call starts being tiled (chunks chosen per call: from 2048 tokens a
+    rank), so a length just below that side can be over the budget while longer ones fit: ``worker.longest_fitting``
+    searches the tiled lengths too (budget 100, peak = side, 50 less from ``first_tiled`` on)."""
+    def peak(side: int) -> int:
+        return side - (50 if first_tiled is not None and side >= first_tiled else 0)
+
+    assert worker.longest_fitting(peak, start, 100, first_tiled) == expected
+    assert worker.first_tiled_side(worker.layout_named(worker.layouts_for(4), "ring_p2p/sharded+ckpt+tile")) == 92
+    assert worker.first_tiled_side(worker.layout_named(worker.layouts_for(2), "ulysses/sharded+ckpt")) is None
 def test_the_tiling_options_parts_add_up_to_the_option_and_each_saves_memory() -> None:
     """``benchmarks.tiling_parts`` applies the tiling option a part at a time: all of its parts count the same
     operations as the option itself (``benchmarks.tiling_flops``), each part adds operations, and on a real step each
