@@ -143,7 +143,7 @@ def provenance(entries: list[dict[str, Any]]) -> str:
         if "provenance" in entry:
             starts.append((entry, []))
         elif starts:  # rows before any start's line: the first line's ``resumed`` counts them
-            starts[-1][1].append(f"{entry['name']} ({entry['world']} ranks)")
+            starts[-1][1].append(f"{entry['name']} ({entry['world']} rank{'s' if entry['world'] > 1 else ''})")
     (first, _), *later = starts
     line = first["provenance"]
     if first.get("resumed"):  # the start that measured the rows before it wrote no line (a file from before them)
