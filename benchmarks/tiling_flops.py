@@ -20,6 +20,7 @@ what a GPU timing would add.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from benchmarks.provenance import describe
 from benchmarks.worker import LORA, TEXT_TOKENS, WIDE_FLUX
 from cp_plugin.compat import TorchDispatchMode
 from cp_plugin.memory import apply_memory_options
+from cp_plugin.model import Conversion
 from recipe.lora import LoraSettings, add_lora
 
 OUT = Path("benchmarks/results/tiling_flops.md")
@@ -85,7 +87,14 @@ class FlopCount(TorchDispatchMode):
 
 def counted(model: torch.nn.Module, forward: Callable, tokens: int, checkpointing: bool, tiling: bool) -> int:
     """Floating-point operations of one forward and backward with the options on."""
-    options = apply_memory_options(model, gradient_checkpointing=checkpointing, tiling=tiling, tile_tokens=None)
+    return counted_with(model, forward, tokens, functools.partial(
+        apply_memory_options, gradient_checkpointing=checkpointing, tiling=tiling, tile_tokens=None))
+
+
+def counted_with(model: torch.nn.Module, forward: Callable, tokens: int,
+                 apply: Callable[[torch.nn.Module], Conversion]) -> int:
+    """Floating-point operations of one forward and backward with the options ``apply`` puts on (and are undone)."""
+    options = apply(model)
     try:
         with FlopCount() as counter:
             forward(model, tokens).float().square().mean().backward()

@@ -17,6 +17,7 @@ each part buys for it.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,7 +28,7 @@ from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
 from benchmarks.measure import PeakMemory
 from benchmarks.provenance import describe
-from benchmarks.tiling_flops import PROMPT, FlopCount, flux_step, wan_step
+from benchmarks.tiling_flops import PROMPT, counted_with, flux_step, wan_step
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX, build, inputs_for, layouts_for, step_fn
 from cp_plugin.memory import TILING_PARTS, apply_tiling, enable_checkpointing
 from cp_plugin.model import Conversion
@@ -46,15 +47,9 @@ def with_parts(model: torch.nn.Module, parts: int, checkpointing: bool) -> Conve
 
 
 def operations(model: torch.nn.Module, forward: Callable, tokens: int, checkpointing: bool, parts: int) -> int:
-    """Floating-point operations of one forward and backward (``benchmarks.tiling_flops.FlopCount``) with ``parts``."""
-    options = with_parts(model, parts, checkpointing)
-    try:
-        with FlopCount() as counter:
-            forward(model, tokens).float().square().mean().backward()
-    finally:
-        options.remove()
-        model.zero_grad(set_to_none=True)
-    return counter.total
+    """Floating-point operations of one forward and backward (``benchmarks.tiling_flops``) with ``parts``."""
+    return counted_with(model, forward, tokens, functools.partial(with_parts, parts=parts,
+                                                                   checkpointing=checkpointing))
 
 
 def peak(tokens: int, checkpointing: bool, parts: int, blocks: int) -> int:
