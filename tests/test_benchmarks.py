@@ -431,8 +431,16 @@ def test_the_search_finds_the_longest_fit_beyond_where_tiling_turns_on(
         return side - (50 if first_tiled is not None and side >= first_tiled else 0)
 
     assert worker.longest_fitting(peak, start, 100, first_tiled) == expected
+
+
+def test_the_first_tiled_side_gives_each_rank_the_tokens_tiling_starts_at() -> None:
+    """4 ranks reach 2048 image tokens each from 8192: side 92 (8464 tokens), the next multiple of the side step; a
+    layout without tiling has no such side."""
     assert worker.first_tiled_side(worker.layout_named(worker.layouts_for(4), "ring_p2p/sharded+ckpt+tile")) == 92
+    assert worker.first_tiled_side(worker.layout_named(worker.layouts_for(1), "single+ckpt+tile")) == 48
     assert worker.first_tiled_side(worker.layout_named(worker.layouts_for(2), "ulysses/sharded+ckpt")) is None
+
+
 def test_the_tiling_options_parts_add_up_to_the_option_and_each_saves_memory() -> None:
     """``benchmarks.tiling_parts`` applies the tiling option a part at a time: all of its parts count the same
     operations as the option itself (``benchmarks.tiling_flops``), each part adds operations, and on a real step each
