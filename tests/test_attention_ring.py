@@ -189,15 +189,16 @@ WORLDS = pytest.mark.parametrize("world", [2, 4])
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("ring", "per_pass", "bound"), [(2, 2, 10), (3, 2, 14), (2, 1, 8.5), (3, 1, 10.5)])
+@pytest.mark.parametrize(("ring", "per_pass", "bound"), [(2, 2, 10), (3, 2, 12), (2, 1, 7.5), (3, 1, 8.5), (4, 1, 9.5)])
 def test_ring_backward_lets_go_of_blocks_it_is_done_with(ring: int, per_pass: int, bound: float) -> None:
     """The ring's backward under a checkpoint (ring rank 0 over a loopback ring, so no gloo thread decides when a
     buffer is freed) peaks at 10 shards of one of q, k, v on a ring of 2: the recomputed q, k and v, the received
     block, the merged output, dq's accumulator and one kernel call's dq, dk and dv. Nothing else holds our own block
     once the ring has moved past it, nor the last block once it is done with: a name left bound to our own block makes
-    the peak 12, to the last block 11. On a ring of 3 it peaks at 14: the last sends keep no spare buffer, which no
-    transfer would fill (kept, 16). One head a pass (of two), the blocks in flight and the kernels' outputs are half
-    the size: 8.5 shards on a ring of 2, 10.5 on a ring of 3."""
+    the peak 12, to the last block 11. On a ring of 3 it peaks at 12: a block's dK/dV, once sent on, are not held
+    beside the next block's (14). One head a pass (of two), the blocks in flight and the kernels' outputs are half
+    the size, and each group's own block travels from where its dK/dV then go, in its place: 7.5 shards on a ring of
+    2, 8.5 on a ring of 3, 9.5 on a ring of 4 (its dK/dV kept beside it: 8.5, 9.5 and 10.5)."""
     torch.manual_seed(0)
     batch, seq, heads, dim = 1, 512 * ring, 2, 16
     k, v = (torch.randn(batch, seq, heads, dim) for _ in range(2))

@@ -12,8 +12,8 @@ owner after the last step, so dK/dV, like KV, make ``ring - 1`` hops: the minimu
 
 The heads go round in groups (:func:`heads_per_pass`), one group's passes after another, forward and
 backward: the blocks in flight, the accumulators and the kernels' outputs are one group's, not all
-heads'. In the backward our KV is held once, each group's heads together, and each group's dK/dV
-take its place once the group is done with it.
+heads'. In the backward our KV is held once, heads outermost, so each group's block travels from
+where it lies, and each group's dK/dV take its place once it has left.
 
 ``rotate_method="allgather"`` gathers every KV block at once instead (O(S) memory, no overlap),
 kept to compare against; its backward returns dK/dV to their owners with a reduce-scatter.
@@ -44,8 +44,8 @@ from cp_plugin.config import divisors
 
 Block = tuple[torch.Tensor, ...]
 """What one ring step hands on: a KV block ``(k, v)``, or the dK/dV accumulators of one, each ``(B, S_local, H, D)``
-(the callers' order of dims, in which the kernels lay out their outputs too). The tensors travel side by side, so
-neither pass copies a pair into one buffer to send it."""
+(the callers' order of dims, in which the kernels lay out their outputs too), dense in any order in memory
+(:func:`in_memory_order`). The tensors travel side by side, so neither pass copies a pair into one buffer to send it."""
 
 
 class RingComm:
@@ -77,8 +77,8 @@ class RingComm:
         # gloo and NCCL match them without the send-before-receive deadlock of blocking p2p.
         self._pending = dist.batch_isend_irecv([
             op for out, into in zip(send, recv)
-            for op in (dist.P2POp(dist.isend, out, group=self.group, group_peer=self.next),
-                       dist.P2POp(dist.irecv, into, group=self.group, group_peer=self.prev))
+            for op in (dist.P2POp(dist.isend, in_memory_order(out), group=self.group, group_peer=self.next),
+                       dist.P2POp(dist.irecv, in_memory_order(into), group=self.group, group_peer=self.prev))
         ])
         count_sent(self.kind, sum(x.nbytes for x in send))
         self._sending = send
@@ -90,6 +90,17 @@ class RingComm:
         for work in self._pending:
             work.wait()
         self._pending, self._sending = [], ()
+
+
+def in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dims in the order its memory holds them, outermost first: the contiguous tensor a transfer sends
+    or receives into where ``x`` is dense in any order of dims (a group of heads of a KV held heads outermost, sent
+    without a copy; every ring rank lays its blocks out alike, so the bytes arrive where the receiver reads them)."""
+    ordered = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    if not ordered.is_contiguous():
+        raise RuntimeError(f"ring: a block of shape {tuple(x.shape)} and strides {x.stride()} is not dense; it "
+                           "cannot travel in place")
+    return ordered
 
 
 class BlockExchange(Protocol):
@@ -225,20 +236,19 @@ class _RingAttention(torch.autograd.Function):
             dk, dv = _backward_pass(grad_out, queries, blocks, out, lse, dq, ctx.tiles, ctx.transport, *args)
             dk, dv = dk.to(kv_dtype), dv.to(kv_dtype)
         else:
-            # Our KV once more, ours to write: under a checkpoint nothing else holds the recomputed ``k`` and ``v``,
-            # freed here. Each group's dK/dV take its heads' place once the group is done with them, so KV and dK/dV
-            # together take one KV's memory, and the gradients are returned as they are.
-            dk = k.clone()
+            # Our KV once more, ours to write, heads outermost: under a checkpoint nothing else holds the recomputed
+            # ``k`` and ``v``, freed here. A group's block is then one piece of memory, which travels as it is, and
+            # its dK/dV take its place once it has left, so KV and dK/dV together take one KV's memory at every step
+            # (the gradients are returned as they lie, their dims ordered as the inputs').
+            dk = _heads_outermost(k)
             del k
-            dv = v.clone()
+            dv = _heads_outermost(v)
             del v
             for part in groups:
-                own = _backward_pass(grad_out[:, part], queries[:, part],
-                                     [(dk[:, :, part].contiguous(), dv[:, :, part].contiguous())], out[:, part],
-                                     lse[:, part], dq[:, part], _heads_of(ctx.tiles, part), ctx.transport.heads(part),
-                                     *args)
-                dk[:, :, part], dv[:, :, part] = own
-                del own
+                block = (dk[:, :, part], dv[:, :, part])
+                _backward_pass(grad_out[:, part], queries[:, part], [block], out[:, part], lse[:, part], dq[:, part],
+                               _heads_of(ctx.tiles, part), ctx.transport.heads(part), *args, into=block)
+                del block
         return dq.to(q.dtype).transpose(1, 2), dk, dv, *(None,) * 7
 
 
@@ -302,9 +312,13 @@ def _forward_pass(q: torch.Tensor, kv: Block, key_masks: torch.Tensor | None, ti
 
 def _backward_pass(grad_out: torch.Tensor, queries: torch.Tensor, blocks: list[Block], out: torch.Tensor,
                    lse: torch.Tensor, dq: torch.Tensor, tiles: MaskTiles | None, transport: RingTransport,
-                   key_masks: torch.Tensor | None, scale: float, rotate_method: str) -> Block:
+                   key_masks: torch.Tensor | None, scale: float, rotate_method: str, into: Block | None = None
+                   ) -> Block:
     """Add our queries' gradient ``(B, h, S_local, D)`` into ``dq`` and return our own block's dK/dV, in ``dq``'s
-    (wide) dtype. ``blocks`` hands over our own KV block, the pass taking the only reference to it."""
+    (wide) dtype. ``blocks`` hands over our own KV block, the pass taking the only reference to it. ``into``: where
+    to write them instead (returned), the memory of that block itself, which they take once it has left: from then
+    on no step holds our block's dK/dV beside it (only where ``into`` has ``dq``'s dtype, so that the accumulators
+    coming home are added at that width; else written there at the end)."""
     kv: Block | None = blocks.pop()
     rank, size = transport.rank, transport.size
     tile = _TileOf(tiles, rank, queries.shape[2], kv[0].shape[1])
@@ -314,8 +328,8 @@ def _backward_pass(grad_out: torch.Tensor, queries: torch.Tensor, blocks: list[B
                             scale, dq)
             for origin, block in enumerate(zip(*transport.all_gather(kv, "ring_allgather_backward")))
         ]
-        return transport.reduce_scatter(tuple(torch.stack(parts) for parts in zip(*per_block)),
-                                        "ring_allgather_backward")
+        return _placed(transport.reduce_scatter(tuple(torch.stack(parts) for parts in zip(*per_block)),
+                                                "ring_allgather_backward"), into)
     kv_comm = transport.exchange("kv", "ring_p2p_backward")
     dkv_comm = transport.exchange("dkv", "ring_p2p_backward")
     own_dkv = incoming_dkv = None
@@ -338,16 +352,33 @@ def _backward_pass(grad_out: torch.Tensor, queries: torch.Tensor, blocks: list[B
         if incoming_kv is not None:
             kv_comm.wait()
             kv = incoming_kv
+        if step == 0 and into is not None and into[0].dtype == own_dkv[0].dtype:
+            own_dkv = _placed(own_dkv, into)  # our block has left (or goes nowhere): its dK/dV take its place
+        block_dkv = None  # kept where it must be (as ``own_dkv``, or by the comm until it has left), not beside the next
     dkv_comm.wait()
     if incoming_dkv is not None:  # our own block's accumulator, home after ring - 1 hops
         _accumulate(own_dkv, incoming_dkv)
-    return own_dkv
+    return _placed(own_dkv, into)
 
 
 def _kv_kept(step: int, size: int) -> bool:
     """Whether the KV block sent at ``step`` must not receive a later transfer: our own (step 0, saved for the
     backward), or the ring's last send (at step ``size - 2``), after which no transfer comes."""
     return step == 0 or step + 2 == size
+
+
+def _placed(dkv: Block, into: Block | None) -> Block:
+    """``dkv`` written into ``into`` (``into`` returned), or ``dkv`` itself where ``into`` is ``None`` or is it."""
+    if into is None or all(a is b for a, b in zip(dkv, into)):
+        return dkv
+    for slot, x in zip(into, dkv):
+        slot.copy_(x)
+    return into
+
+
+def _heads_outermost(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` ``(B, S, H, D)``, shaped as it but held heads outermost: a group of its heads is one piece."""
+    return x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
 
 
 def _accumulate(into: Block, more: Block) -> None:
