@@ -96,11 +96,16 @@ def in_memory_order(x: torch.Tensor) -> torch.Tensor:
     """``x`` with its dims in the order its memory holds them, outermost first: the contiguous tensor a transfer sends
     or receives into where ``x`` is dense in any order of dims (a group of heads of a KV held heads outermost, sent
     without a copy; every ring rank lays its blocks out alike, so the bytes arrive where the receiver reads them)."""
-    ordered = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    ordered = _ordered(x)
     if not ordered.is_contiguous():
         raise RuntimeError(f"ring: a block of shape {tuple(x.shape)} and strides {x.stride()} is not dense; it "
                            "cannot travel in place")
     return ordered
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dims permuted into the order of its strides, largest first (a view)."""
+    return x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
 
 
 class BlockExchange(Protocol):
@@ -238,8 +243,10 @@ class _RingAttention(torch.autograd.Function):
         else:
             # Our KV once more, ours to write, heads outermost: under a checkpoint nothing else holds the recomputed
             # ``k`` and ``v``, freed here. A group's block is then one piece of memory, which travels as it is, and
-            # its dK/dV take its place once it has left, so KV and dK/dV together take one KV's memory at every step
-            # (the gradients are returned as they lie, their dims ordered as the inputs').
+            # its dK/dV take its place once it has left, so KV and dK/dV together take one KV's memory at every step.
+            # Returned laid out as ``k`` and ``v`` were, one after the other once the ring is done (the backward of
+            # the caller's ops takes them as it would have: a view of its gradients stays a view).
+            layouts = (_layout(k), _layout(v))
             dk = _heads_outermost(k)
             del k
             dv = _heads_outermost(v)
@@ -249,6 +256,8 @@ class _RingAttention(torch.autograd.Function):
                 _backward_pass(grad_out[:, part], queries[:, part], [block], out[:, part], lse[:, part], dq[:, part],
                                _heads_of(ctx.tiles, part), ctx.transport.heads(part), *args, into=block)
                 del block
+            dk = _laid_out(dk, layouts[0])
+            dv = _laid_out(dv, layouts[1])
         return dq.to(q.dtype).transpose(1, 2), dk, dv, *(None,) * 7
 
 
@@ -379,6 +388,19 @@ def _placed(dkv: Block, into: Block | None) -> Block:
 def _heads_outermost(x: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` ``(B, S, H, D)``, shaped as it but held heads outermost: a group of its heads is one piece."""
     return x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+
+
+def _layout(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides a copy of ``x`` takes, as ``clone`` lays one out: ``x``'s own where it is dense, else ``None``
+    (contiguous)."""
+    return x.stride() if _ordered(x).is_contiguous() else None
+
+
+def _laid_out(x: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Tensor:
+    """A copy of ``x`` with ``strides`` (contiguous where ``None``)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if strides is None else x.new_empty_strided(
+        x.shape, strides)
+    return out.copy_(x)
 
 
 def _accumulate(into: Block, more: Block) -> None:
