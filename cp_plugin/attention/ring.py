@@ -244,8 +244,8 @@ class _RingAttention(torch.autograd.Function):
             # Our KV once more, ours to write, heads outermost: under a checkpoint nothing else holds the recomputed
             # ``k`` and ``v``, freed here. A group's block is then one piece of memory, which travels as it is, and
             # its dK/dV take its place once it has left, so KV and dK/dV together take one KV's memory at every step.
-            # Returned laid out as ``k`` and ``v`` were, one after the other once the ring is done (the backward of
-            # the caller's ops takes them as it would have: a view of its gradients stays a view).
+            # Returned laid out as ``k`` and ``v`` were, one after the other once the ring is done: the backward of
+            # the ops that made them (views, reshapes) would copy them otherwise, and at a higher peak than this.
             layouts = (_layout(k), _layout(v))
             dk = _heads_outermost(k)
             del k
