@@ -77,7 +77,7 @@ class RingComm:
         # gloo and NCCL match them without the send-before-receive deadlock of blocking p2p.
         self._pending = dist.batch_isend_irecv([
             op for out, into in zip(send, recv)
-            for op in (dist.P2POp(dist.isend, in_memory_order(out), group=self.group, group_peer=self.next),
+            for op in (dist.P2POp(dist.isend, in_memory_order(out).contiguous(), group=self.group, group_peer=self.next),
                        dist.P2POp(dist.irecv, in_memory_order(into), group=self.group, group_peer=self.prev))
         ])
         count_sent(self.kind, sum(x.nbytes for x in send))
@@ -93,18 +93,10 @@ class RingComm:
 
 
 def in_memory_order(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its dims in the order its memory holds them, outermost first: the contiguous tensor a transfer sends
-    or receives into where ``x`` is dense in any order of dims (a group of heads of a KV held heads outermost, sent
-    without a copy; every ring rank lays its blocks out alike, so the bytes arrive where the receiver reads them)."""
-    ordered = _ordered(x)
-    if not ordered.is_contiguous():
-        raise RuntimeError(f"ring: a block of shape {tuple(x.shape)} and strides {x.stride()} is not dense; it "
-                           "cannot travel in place")
-    return ordered
-
-
-def _ordered(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its dims permuted into the order of its strides, largest first (a view)."""
+    """``x`` with its dims in the order of its strides, largest first (a view): where ``x`` is dense in any order of
+    dims, the contiguous tensor a transfer sends or receives into (a group of heads of a KV held heads outermost,
+    sent without a copy). A receive buffer (``empty_like`` a block) is dense with its dims in that order, so every
+    ring rank, laying its blocks out alike, reads the bytes where the sender wrote them."""
     return x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
 
 
@@ -393,7 +385,7 @@ def _heads_outermost(x: torch.Tensor) -> torch.Tensor:
 def _layout(x: torch.Tensor) -> tuple[int, ...] | None:
     """The strides a copy of ``x`` takes, as ``clone`` lays one out: ``x``'s own where it is dense, else ``None``
     (contiguous)."""
-    return x.stride() if _ordered(x).is_contiguous() else None
+    return x.stride() if in_memory_order(x).is_contiguous() else None
 
 
 def _laid_out(x: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Tensor:
