@@ -390,9 +390,7 @@ def _layout(x: torch.Tensor) -> tuple[int, ...] | None:
 
 def _laid_out(x: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Tensor:
     """A copy of ``x`` with ``strides`` (contiguous where ``None``)."""
-    out = torch.empty_like(x, memory_format=torch.contiguous_format) if strides is None else x.new_empty_strided(
-        x.shape, strides)
-    return out.copy_(x)
+    return x.contiguous() if strides is None else x.new_empty_strided(x.shape, strides).copy_(x)
 
 
 def _accumulate(into: Block, more: Block) -> None:
