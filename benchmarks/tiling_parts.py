@@ -32,6 +32,7 @@ from benchmarks.tiling_flops import PROMPT, counted_with, flux_step, wan_step
 from benchmarks.worker import TEXT_TOKENS, WIDE_FLUX, build, inputs_for, layouts_for, step_fn
 from cp_plugin.memory import TILING_PARTS, apply_tiling, enable_checkpointing
 from cp_plugin.model import Conversion
+from cp_plugin.tiling import Tiles
 
 OUT = Path("benchmarks/results/tiling_parts.md")
 MIB = 2**20
@@ -40,7 +41,7 @@ MIB = 2**20
 def with_parts(model: torch.nn.Module, parts: int, checkpointing: bool) -> Conversion:
     """The memory options with the first ``parts`` of the tiling option's parts (0: none), applied as
     ``cp_plugin.memory.apply_memory_options`` applies them; ``.remove()`` undoes them."""
-    options = apply_tiling(model, None, parts) if parts else Conversion()
+    options = apply_tiling(model, Tiles.every(), parts) if parts else Conversion()
     if checkpointing:
         enable_checkpointing(model, options)
     return options

@@ -16,7 +16,8 @@ Each layout runs one of two paths, named in its record:
 
 A layout name may end in ``+ckpt`` (the model's own gradient checkpointing), ``+sac`` (checkpointing
 that keeps the attention kernels' outputs: ``checkpoint_policy="save_attention"``) and/or ``+tile``
-(tiled feed-forward networks, ``cp_plugin.tiling``) and/or ``+lora`` (a frozen base with trained rank-4 LoRA
+(tiled feed-forward networks, ``cp_plugin.tiling``: ``tile_feed_forward=True``) or ``+autotile`` (the default,
+``tile_feed_forward="auto"``; every other layout turns tiling off) and/or ``+lora`` (a frozen base with trained rank-4 LoRA
 adapters on the attention and MLP layers, as a fine-tune has: ``LORA``); ``--blocks N`` gives the model N
 double-stream and N single-stream blocks, so that the inputs each block keeps for the backward count.
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from benchmarks.measure import PeakMemory, count_saved_activations, phase, time_steps
 from cp_plugin import ParallelConfig, ParallelMesh
 from cp_plugin.comm import COMM_STATS
-from cp_plugin.memory import apply_memory_options, apply_tiling
+from cp_plugin.memory import apply_memory_options, apply_tiling, tiles_for
 from cp_plugin.model import apply_context_parallel
 from cp_plugin.tiling import MIN_TILED_TOKENS
 from fixtures.models import tiny_flux
@@ -70,20 +71,23 @@ class Layout:
     path: str = "module"
     checkpointing: bool = False  # the model's own gradient checkpointing (name suffix "+ckpt")
     checkpoint_policy: str = "full"  # "save_attention" with the name suffix "+sac" (which implies checkpointing)
-    tiling: bool = False  # cp_plugin's tiled feed-forward networks, chunks chosen per call (name suffix "+tile")
+    # cp_plugin's tiled feed-forward networks, chunks chosen per call: True (name suffix "+tile"), "auto" ("+autotile")
+    tiling: bool | str = False
     blocks: int = 1  # double-stream and single-stream blocks each
     lora: bool = False  # a frozen base with LoRA adapters (name suffix "+lora")
 
 
 def layout_named(layouts: dict[str, Layout], name: str, blocks: int = 1) -> Layout:
-    """``layouts[base]`` for a name ``base[+ckpt|+sac][+tile][+lora]``, with those options and ``blocks`` blocks."""
+    """``layouts[base]`` for a name ``base[+ckpt|+sac][+tile|+autotile][+lora]``, with those options and ``blocks``
+    blocks."""
     base, *options = name.split("+")
-    unknown = set(options) - {"ckpt", "sac", "tile", "lora"}
+    unknown = set(options) - {"ckpt", "sac", "tile", "autotile", "lora"}
     if base not in layouts or unknown:
         raise ValueError(f"layout {name!r}: use one of {', '.join(layouts)}, optionally with +ckpt or +sac, "
-                         "and/or +tile, and/or +lora")
+                         "and/or +tile or +autotile, and/or +lora")
+    tiling = "auto" if "autotile" in options else "tile" in options
     return replace(layouts[base], name=name, checkpointing=bool({"ckpt", "sac"} & set(options)),
-                   checkpoint_policy="save_attention" if "sac" in options else "full", tiling="tile" in options,
+                   checkpoint_policy="save_attention" if "sac" in options else "full", tiling=tiling,
                    blocks=blocks, lora="lora" in options)
 
 
@@ -159,7 +163,7 @@ def build(layout: Layout) -> tuple[torch.nn.Module, ParallelMesh | None]:
                     if "lora_B" in name:
                         weight.normal_(0, 0.02)
     apply_memory_options(model, gradient_checkpointing=layout.checkpointing, checkpoint_policy=layout.checkpoint_policy,
-                         tiling=layout.tiling, tile_tokens=None)
+                         tiling=layout.tiling, tile_tokens=None, shards=layout.ring * layout.ulysses)
     if layout.ring * layout.ulysses == 1:
         return model, None
     if layout.diffusers:
@@ -249,14 +253,15 @@ def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path) -> dict[str,
 
 
 def interleaved_tiling(layout: Layout, seq: int, repeats: int) -> dict[str, Any]:
-    """Step times of ``layout`` (a ``+tile`` one) with tiling on and off in turn on one model, ``repeats`` pairs: what
+    """Step times of ``layout`` (a ``+tile`` or ``+autotile`` one) with tiling on and off in turn on one model, ``repeats`` pairs: what
     a machine's speed drifts by over a run falls on both alike, where separate runs of each would take it as cost."""
     model, mesh = build(replace(layout, tiling=False))
     step = step_fn(model, inputs_for(layout, seq, mesh))
     times: dict[str, list[float]] = {"untiled": [], "tiled": []}
     for repeat in range(repeats + 1):  # the first pair warms both up
         for kind in times:
-            tiling = apply_tiling(model, None) if kind == "tiled" else None
+            tiles = tiles_for(model, layout.tiling, None, layout.ring * layout.ulysses) if kind == "tiled" else None
+            tiling = apply_tiling(model, tiles) if tiles is not None else None
             seconds = time_steps(step, 1, warmup=0, barrier=dist.barrier).median_s
             if tiling is not None:
                 tiling.remove()
@@ -348,8 +353,8 @@ def longest_fitting(peak: Callable[[int], int], side: int, budget: int, first_ti
 
 def first_tiled_side(layout: Layout) -> int | None:
     """The shortest side at which each rank's share of the image tokens reaches ``MIN_TILED_TOKENS`` (``None`` for a
-    layout without tiling): from it every feed-forward call is tiled with chunks chosen per call."""
-    if not layout.tiling:
+    layout without ``+tile``): from it every feed-forward call is tiled with chunks chosen per call."""
+    if layout.tiling is not True:
         return None
     side = math.isqrt(MIN_TILED_TOKENS * layout.ring * layout.ulysses - 1) + 1
     return -(-side // SIDE_STEP) * SIDE_STEP

@@ -76,9 +76,12 @@ class ParallelConfig:
             hidden layer and that concatenation never whole; normalization layers are recomputed in
             the backward instead of keeping their output, and an attention's projections of a norm's
             output (and the norms of its query and key projections) keep what that output was made of,
-            made again in the backward (``cp_plugin.norms``).
-        tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (none below
-            2048 tokens, else chunks whose hidden layer is a quarter of the size of the block's input).
+            made again in the backward (``cp_plugin.norms``). ``True`` does it for every call of at
+            least 2048 tokens (a rank's share), for the most memory saved; ``"auto"`` (the default) only
+            where the whole sequence is at least 48 times the model's width, where what it makes again
+            costs at most about 5% of a step (``cp_plugin.memory.auto_tiles``); ``False`` never.
+        tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (chunks whose
+            hidden layer is a quarter of the size of the block's input).
         ring_heads_per_pass: at most this many heads go round the ring together (the largest divisor
             of a layer's head count not above it); ``None`` chooses per call the fewest that keep the
             kernels busy (``cp_plugin.attention.ring.heads_per_pass``). The KV blocks in flight, the
@@ -97,7 +100,7 @@ class ParallelConfig:
     inter_node_bandwidth: float | None = None
     gradient_checkpointing: bool = False
     checkpoint_policy: str = "full"
-    tile_feed_forward: bool = False
+    tile_feed_forward: bool | str = AUTO
     tile_tokens: int | None = None
     ring_heads_per_pass: int | None = None
 
@@ -119,8 +122,10 @@ class ParallelConfig:
                 raise ValueError(f"{name}={value!r} must be a number of GB/s > 0, or None for the device's default; "
                                  f"use e.g. parallel.{name}=25")
         for name in ("fsdp", "hsdp", "gradient_checkpointing", "tile_feed_forward"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False (Hydra: parallel.{name}=true)")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "tile_feed_forward" and value == AUTO):
+                also = ", or 'auto'" if name == "tile_feed_forward" else ""
+                raise ValueError(f"{name}={value!r} must be True or False{also} (Hydra: parallel.{name}=true)")
         check_checkpoint_policy(self.checkpoint_policy)
         if self.checkpoint_policy != "full" and not self.gradient_checkpointing:
             raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r} chooses what gradient checkpointing "

@@ -144,7 +144,8 @@ class ContextParallelCore:
         config = self.mesh.config
         conversions = [apply_memory_options(module, gradient_checkpointing=config.gradient_checkpointing,
                                             checkpoint_policy=config.checkpoint_policy,
-                                            tiling=config.tile_feed_forward, tile_tokens=config.tile_tokens)]
+                                            tiling=config.tile_feed_forward, tile_tokens=config.tile_tokens,
+                                            shards=config.cp_degree)]
         if self.mesh.cp_enabled:
             conversions.append(apply_context_parallel(
                 module, self.mesh, cp_plan=self.cp_plan, presharded_inputs=self.presharded_inputs,

@@ -113,7 +113,7 @@ class ContextParallelStrategy(SequenceShards, DDPStrategy):
         hsdp: bool | None = None,
         gradient_checkpointing: bool | None = None,
         checkpoint_policy: str | None = None,
-        tile_feed_forward: bool | None = None,
+        tile_feed_forward: bool | str | None = None,
         tile_tokens: int | None = None,
         ring_heads_per_pass: int | None = None,
         cp_plan: Mapping[str, Plan] | None = None,

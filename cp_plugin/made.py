@@ -19,7 +19,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cp_plugin.compat import tensor_version, view_base
-from cp_plugin.tiling import MIN_TILED_TOKENS, AutocastState, autocast_state, recorded_autocast
+from cp_plugin.tiling import AutocastState, autocast_state, recorded_autocast
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +116,3 @@ class Made:
         if x.storage_offset() != out.storage_offset() or not (x.is_contiguous() and out.is_contiguous()):
             return None
         return dataclasses.replace(made, shape=x.shape, versions=made.versions)
-
-
-def long_enough(x: torch.Tensor, rows: int | None) -> bool:
-    """Whether ``x`` has the tokens (counted over every dimension but the features) from which a call is recomputed:
-    ``rows``, or ``MIN_TILED_TOKENS`` where it is ``None``."""
-    return x.shape[:-1].numel() >= (MIN_TILED_TOKENS if rows is None else rows)

@@ -19,6 +19,8 @@ activation checkpointing and tiling bring down further, and users turn checkpoin
   the backward, which recomputes them, and an attention's projections of a norm's output, norms
   of its projections and a block's products of either with its modulation or gate keep what those
   were made of, made again in the backward (:mod:`cp_plugin.norms`, :mod:`cp_plugin.products`).
+  ``True`` takes every call from ``MIN_TILED_TOKENS`` tokens; ``"auto"`` (the default) only those of
+  a sequence long enough that what tiling makes again is a small part of the step (:func:`auto_tiles`).
 
 Both work with or without context parallelism, so a one-process run can use the same options.
 """
@@ -37,7 +39,7 @@ from cp_plugin.config import check_checkpoint_policy
 from cp_plugin.model import Conversion
 from cp_plugin.norms import recompute_norms
 from cp_plugin.products import keep_products_made
-from cp_plugin.tiling import tile_feed_forward
+from cp_plugin.tiling import MIN_TILED_TOKENS, Tiles, tile_feed_forward, token_width
 
 
 def trained_models(module: torch.nn.Module) -> list[tuple[str, ModelMixin]]:
@@ -92,25 +94,54 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy
 # The tiling option's parts, in the order they are applied, each building on the ones before it.
 TILING_PARTS = ("feed-forward networks in chunks", "normalizations made again", "products made again")
 
+# The whole sequence, in widths of the model, from which ``tile_feed_forward="auto"`` tiles a call.
+AUTO_TILING_WIDTHS = 48
 
-def apply_tiling(module: torch.nn.Module, tile_tokens: int | None, parts: int = len(TILING_PARTS)) -> Conversion:
+
+def auto_tiles(module: torch.nn.Module, tile_tokens: int | None, shards: int) -> Tiles | None:
+    """The calls ``tile_feed_forward="auto"`` takes: those of a rank's share (``shards`` ranks split the sequence) of
+    a sequence of at least :data:`AUTO_TILING_WIDTHS` times the model's width (``cp_plugin.tiling.token_width``); none in a model without feed-forward networks.
+
+    What tiling makes again (a chunk's hidden layer, a norm, a projection) grows with tokens x width x width per
+    rank; the step grows with that and with attention's tokens x sequence x width (each rank's share of the
+    sequence attends to all of it, under Ulysses and the ring alike). So what tiling adds to a step falls as the
+    sequence grows against the width, whatever the model and the split: at 48 widths a step spends at most about 5%
+    more (``benchmarks/results/tiling_auto.md``), while the memory it saves is the same share at any length."""
+    width = token_width(module)
+    if not width:
+        return None  # nothing to chunk
+    sequence = AUTO_TILING_WIDTHS * width
+    return Tiles(tile_tokens, max(MIN_TILED_TOKENS, -(-sequence // shards), tile_tokens or 0))
+
+
+def apply_tiling(module: torch.nn.Module, tiles: Tiles, parts: int = len(TILING_PARTS)) -> Conversion:
     """The tiling option alone: feed-forward networks and inline MLPs in chunks, normalizations recomputed, and
-    the products of what they make kept as what those were made of. ``parts``: only the first that many of
-    :data:`TILING_PARTS`, which ``benchmarks.tiling_parts`` uses to show what each one costs and saves."""
-    conversion = tile_feed_forward(module, tile_tokens)
+    the products of what they make kept as what those were made of, for the calls ``tiles`` takes. ``parts``: only
+    the first that many of :data:`TILING_PARTS`, which ``benchmarks.tiling_parts`` uses to show what each one costs
+    and saves."""
+    conversion = tile_feed_forward(module, tiles)
     if parts > 1:
-        made, producers = recompute_norms(module, conversion, tile_tokens)
+        made, producers = recompute_norms(module, conversion, tiles)
         if parts > 2:
-            keep_products_made(module, conversion, made, producers, tile_tokens)
+            keep_products_made(module, conversion, made, producers, tiles)
     return conversion
 
 
+def tiles_for(module: torch.nn.Module, tiling: bool | str, tile_tokens: int | None, shards: int = 1) -> Tiles | None:
+    """The calls the ``tile_feed_forward`` setting ``tiling`` takes in ``module`` (``None``: none)."""
+    if tiling == "auto":
+        return auto_tiles(module, tile_tokens, shards)
+    return Tiles.every(tile_tokens) if tiling else None
+
+
 def apply_memory_options(
-    module: torch.nn.Module, *, gradient_checkpointing: bool, tiling: bool, tile_tokens: int | None,
-    checkpoint_policy: str = "full",
+    module: torch.nn.Module, *, gradient_checkpointing: bool, tiling: bool | str, tile_tokens: int | None,
+    checkpoint_policy: str = "full", shards: int = 1,
 ) -> Conversion:
-    """Apply the options to ``module``; ``.remove()`` on the result puts it back."""
-    conversion = apply_tiling(module, tile_tokens) if tiling else Conversion()
+    """Apply the options to ``module``, whose sequence ``shards`` ranks split; ``.remove()`` on the result puts it
+    back."""
+    tiles = tiles_for(module, tiling, tile_tokens, shards)
+    conversion = apply_tiling(module, tiles) if tiles is not None else Conversion()
     if gradient_checkpointing:
         enable_checkpointing(module, conversion, checkpoint_policy)
     return conversion

@@ -42,10 +42,10 @@ from diffusers.models import normalization
 from torch.utils.checkpoint import checkpoint
 
 from cp_plugin.compat import forward_is_hooked_only_by, is_symbolic, unviewed
-from cp_plugin.made import Made, long_enough
+from cp_plugin.made import Made
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules, outermost
-from cp_plugin.tiling import INLINE_MLP_BLOCK, linear_layer, recorded_autocast
+from cp_plugin.tiling import INLINE_MLP_BLOCK, Tiles, linear_layer, recorded_autocast
 
 # Normalizations that save a normalized tensor of their input's size for their weight's or modulation's gradient.
 RECOMPUTED_NORMS = (
@@ -143,11 +143,11 @@ class _LinearOfMade(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, *(None,) * ctx.kept
 
 
-def recordable(x: Any, rows: int | None) -> bool:
+def recordable(x: Any, tiles: Tiles) -> bool:
     """Whether a layer's one input ``x`` makes a call whose output is recorded: a tensor of enough tokens, with
     gradients recorded, outside compilation and symbolic sizes."""
     return (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not is_symbolic(x) and long_enough(x, rows))
+            and not is_symbolic(x) and tiles.takes(x))
 
 
 class RecordedProjection(ModelHook):
@@ -155,14 +155,14 @@ class RecordedProjection(ModelHook):
     :class:`_LinearOfMade`, and records the outputs gradients are recorded for (which a norm, or a product with a
     gate, may take)."""
 
-    def __init__(self, made: Made, rows: int | None) -> None:
+    def __init__(self, made: Made, tiles: Tiles) -> None:
         super().__init__()
-        self.made, self.rows = made, rows
+        self.made, self.tiles = made, tiles
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         x = args[0] if len(args) == 1 and not kwargs else None
-        if not recordable(x, self.rows):
+        if not recordable(x, self.tiles):
             return forward(*args, **kwargs)
         source = self.made.source(x)
         if source is None:
@@ -185,15 +185,15 @@ class RecordedAdapter(ModelHook):
     adapter's own linear layers are hooked as any other. Not while a dropout in it draws (made again, it would draw
     another mask)."""
 
-    def __init__(self, made: Made, rows: int | None) -> None:
+    def __init__(self, made: Made, tiles: Tiles) -> None:
         super().__init__()
-        self.made, self.rows = made, rows
+        self.made, self.tiles = made, tiles
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         out = forward(*args, **kwargs)
         x = args[0] if len(args) == 1 and not kwargs else None
-        if recordable(x, self.rows) and not any(isinstance(m, DROPOUT) and m.p > 0 and m.training
+        if recordable(x, self.tiles) and not any(isinstance(m, DROPOUT) and m.p > 0 and m.training
                                                 for m in module.modules()):
             self.made.record(out, forward, (x,), {})
         return out
@@ -204,16 +204,16 @@ class RecomputedNorm(ModelHook):
     recorded for enough tokens; of a recorded linear layer's output, through :class:`_ProjectedNorm`. Records its
     outputs (a layer norm's, which is not recomputed, too)."""
 
-    def __init__(self, rows: int | None, made: Made) -> None:
+    def __init__(self, tiles: Tiles, made: Made) -> None:
         super().__init__()
-        self.rows, self.made = rows, made
+        self.tiles, self.made = tiles, made
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         x = next((a for a in (*args, kwargs.get("hidden_states")) if isinstance(a, torch.Tensor)), None)
         if (x is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or is_symbolic(x)
                 or not forward_is_hooked_only_by(module, RUNS_UNDER)
-                or not long_enough(x, self.rows)):
+                or not self.tiles.takes(x)):
             return forward(*args, **kwargs)
         single = isinstance(module, SINGLE_INPUT_NORMS) and len(args) == 1 and not kwargs
         source = self.made.source(x) if single else None
@@ -228,16 +228,17 @@ class RecomputedNorm(ModelHook):
         return out
 
 
-def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int | None = None
+def recompute_norms(module: torch.nn.Module, conversion: Conversion, tiles: Tiles | None = None
                     ) -> tuple[Made, list[torch.nn.Module]]:
     """Hook every normalization layer of :data:`RECOMPUTED_NORMS` and :data:`RECORDED_NORMS` in ``module`` into
-    ``conversion`` (undone by its ``remove()``); ``rows``: the tokens from which a call is recomputed (``None``:
-    ``MIN_TILED_TOKENS``). Returns the records and the layers that make them (the norms and attention layers)."""
+    ``conversion`` (undone by its ``remove()``); ``tiles``: the calls recomputed and recorded (``None``:
+    :meth:`Tiles.every`). Returns the records and the layers that make them (the norms and attention layers)."""
+    tiles = Tiles.every() if tiles is None else tiles
     made = Made()
     # a norm inside another is recomputed with it
     producers = [sub for _, sub in outermost(module, lambda sub: isinstance(sub, (*RECOMPUTED_NORMS, *RECORDED_NORMS)))]
     for norm in producers:
-        conversion.hook(norm, RecomputedNorm(rows, made), RECOMPUTED_NORM)
+        conversion.hook(norm, RecomputedNorm(tiles, made), RECOMPUTED_NORM)
     attentions = [attn for _, attn in attention_modules(module)]
     layers = {id(sub): sub for attn in attentions for sub in attn.modules()}
     for parent in module.modules():
@@ -247,7 +248,7 @@ def recompute_norms(module: torch.nn.Module, conversion: Conversion, rows: int |
         if not forward_is_hooked_only_by(layer, ()):
             continue
         if type(layer) is torch.nn.Linear:
-            conversion.hook(layer, RecordedProjection(made, rows), RECORDED_PROJECTION)
+            conversion.hook(layer, RecordedProjection(made, tiles), RECORDED_PROJECTION)
         elif linear_layer(layer) is not None:
-            conversion.hook(layer, RecordedAdapter(made, rows), RECORDED_ADAPTER)
+            conversion.hook(layer, RecordedAdapter(made, tiles), RECORDED_ADAPTER)
     return made, producers + attentions

@@ -23,9 +23,10 @@ from diffusers.hooks.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
 from cp_plugin.compat import is_symbolic
-from cp_plugin.made import Made, long_enough
+from cp_plugin.made import Made
 from cp_plugin.model import Conversion
 from cp_plugin.plans import outermost
+from cp_plugin.tiling import Tiles
 
 # The out-of-place products of two tensors, as a block writes them (``a * b``, ``torch.mul``, ``a.mul(b)``).
 PRODUCTS = frozenset({torch.mul, torch.multiply, torch.Tensor.mul, torch.Tensor.multiply, torch.Tensor.__mul__,
@@ -58,19 +59,19 @@ def _plain(x: Any) -> bool:
 
 
 class ProductsOfMade(TorchFunctionMode):
-    """Takes a product of a recorded tensor (of at least ``rows`` tokens) and another that needs a gradient through
+    """Takes a product of a recorded tensor (of tokens ``tiles`` takes) and another that needs a gradient through
     :class:`_ProductOfMade`."""
 
-    def __init__(self, made: Made, rows: int | None) -> None:
+    def __init__(self, made: Made, tiles: Tiles) -> None:
         super().__init__()
-        self.made, self.rows = made, rows
+        self.made, self.tiles = made, tiles
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in PRODUCTS and len(args) == 2 and not kwargs and torch.is_grad_enabled():
             for x, other in (args, args[::-1]):
                 if (_plain(x) and _plain(other) and other.requires_grad and not is_symbolic(x)
-                        and long_enough(x, self.rows) and torch.broadcast_shapes(x.shape, other.shape) == x.shape):
+                        and self.tiles.takes(x) and torch.broadcast_shapes(x.shape, other.shape) == x.shape):
                     source = self.made.source(x)
                     if source is not None:
                         return _ProductOfMade.apply(x, other, source, *source.kept())
@@ -78,22 +79,25 @@ class ProductsOfMade(TorchFunctionMode):
 
 
 class KeepsProductsMade(ModelHook):
-    """Runs a block under :class:`ProductsOfMade` where gradients are recorded."""
+    """Runs a block under :class:`ProductsOfMade` where gradients are recorded and one of its tensor arguments has the
+    tokens ``tiles`` takes (a block of fewer makes no record: its ops run without the mode's look at each)."""
 
-    def __init__(self, made: Made, rows: int | None) -> None:
+    def __init__(self, made: Made, tiles: Tiles) -> None:
         super().__init__()
-        self.made, self.rows = made, rows
+        self.made, self.tiles = made, tiles
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not any(isinstance(a, torch.Tensor) and a.dim() >= 2 and not is_symbolic(a) and self.tiles.takes(a)
+                           for a in (*args, *kwargs.values()))):
             return forward(*args, **kwargs)
-        with ProductsOfMade(self.made, self.rows):
+        with ProductsOfMade(self.made, self.tiles):
             return forward(*args, **kwargs)
 
 
 def keep_products_made(module: torch.nn.Module, conversion: Conversion, made: Made, producers: list[torch.nn.Module],
-                       rows: int | None) -> None:
+                       tiles: Tiles) -> None:
     """Run each block of ``module`` holding one of ``producers`` (the layers whose outputs ``made`` records) under
     :class:`ProductsOfMade`: the outermost modules that are their parents, short of a diffusers model itself (whose
     blocks are what a checkpoint recomputes, each with its hooks)."""
@@ -102,4 +106,4 @@ def keep_products_made(module: torch.nn.Module, conversion: Conversion, made: Ma
                      for sub in model.modules() if not isinstance(sub, ModelMixin)}
     for _, block in outermost(module, lambda sub: id(sub) in inside_models
                               and any(id(child) in ids for child in sub.children())):
-        conversion.hook(block, KeepsProductsMade(made, rows), PRODUCTS_OF_MADE)
+        conversion.hook(block, KeepsProductsMade(made, tiles), PRODUCTS_OF_MADE)

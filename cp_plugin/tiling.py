@@ -72,7 +72,7 @@ from cp_plugin.compat import (
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules, outermost, within
 
-# Tokens below this are not tiled: a chunk's matrix products stay large enough to run at full speed, and a
+# Tokens below this are never tiled: a chunk's matrix products stay large enough to run at full speed, and a
 # sequence this short has a hidden layer too small to be the step's peak.
 MIN_TILED_TOKENS = 2048
 
@@ -134,17 +134,48 @@ def hidden_width(module: torch.nn.Module) -> int:
     return max((m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)), default=0)
 
 
-def chunk_tokens(tokens: int, width: int, hidden: int, rows: int | None) -> int:
-    """Tokens per chunk: ``rows`` if set, else four times as many chunks as the hidden layer is wider than the input,
-    so that one chunk's hidden layer is a quarter of the size of the block's input: the four tensors of that width a
-    chunk's backward holds at once (the hidden layer, its activation and their gradients) stay one input's size (no
-    tiling below ``MIN_TILED_TOKENS``, and no chunk shorter than a quarter of it, which keeps each chunk's matrix
-    products at full speed)."""
-    if rows is not None:
-        return rows
-    if tokens < MIN_TILED_TOKENS or hidden <= width:
-        return tokens
-    return max(-(-tokens // (4 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Which calls the tiling option takes, and in chunks of how many tokens (counted over every leading dimension of
+    a call's input: a sample's tokens times the samples).
+
+    Args:
+        rows: tokens per chunk; ``None`` chooses them per call (:meth:`chunk`).
+        start: the tokens from which a call is taken; shorter ones run as they are.
+    """
+
+    rows: int | None = None
+    start: int = MIN_TILED_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1):
+            raise ValueError(f"tile_tokens={self.rows!r} must be a number of tokens >= 1, or None to choose them per "
+                             "call (Hydra: parallel.tile_tokens=4096)")
+
+    @classmethod
+    def every(cls, rows: int | None = None) -> Tiles:
+        """Every call of at least one chunk: ``rows`` tokens, or ``MIN_TILED_TOKENS`` where they are chosen per
+        call (``tile_feed_forward=True``)."""
+        return cls(rows, MIN_TILED_TOKENS if rows is None else rows)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` (its last dim the features) is long enough to be taken."""
+        return x.shape[:-1].numel() >= self.start
+
+    def chunk(self, tokens: int, width: int, hidden: int) -> int:
+        """Tokens per chunk of a call of ``tokens`` whose hidden layer is ``hidden`` wide for an input ``width`` wide
+        (``tokens`` itself: not tiled). ``rows`` if set, else four times as many chunks as the hidden layer is wider
+        than the input, so that one chunk's hidden layer is a quarter of the size of the block's input: the four
+        tensors of that width a chunk's backward holds at once (the hidden layer, its activation and their
+        gradients) stay one input's size (no chunk shorter than a quarter of ``MIN_TILED_TOKENS``, which keeps each
+        chunk's matrix products at full speed)."""
+        if tokens < self.start:
+            return tokens
+        if self.rows is not None:
+            return self.rows
+        if hidden <= width:
+            return tokens
+        return max(-(-tokens // (4 * math.ceil(hidden / width))), MIN_TILED_TOKENS // 4)
 
 
 # The matrix products a linear layer's forward dispatches to.
@@ -188,9 +219,9 @@ def adapted_output_layer(module: torch.nn.Module) -> torch.nn.Linear | None:
 class TiledFeedForward(ModelHook):
     """Runs a token-wise network over the tokens of its input a chunk at a time, each chunk checkpointed."""
 
-    def __init__(self, rows: int | None) -> None:
+    def __init__(self, tiles: Tiles) -> None:
         super().__init__()
-        self.rows = rows
+        self.tiles = tiles
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.hidden = hidden_width(module)
@@ -204,7 +235,7 @@ class TiledFeedForward(ModelHook):
         if not torch.compiler.is_compiling() and is_symbolic(x):  # the plan's probe: it must see the network whole
             return forward(x)
         tokens, width = x.shape[:-1].numel(), x.shape[-1]
-        rows = chunk_tokens(tokens, width, self.hidden, self.rows)
+        rows = self.tiles.chunk(tokens, width, self.hidden)
         if rows >= tokens:
             return forward(x)
         parts = x.reshape(tokens, width).split(rows)
@@ -522,9 +553,9 @@ class _BesideInlineMlp(ModelHook):
 
     name = "inline_mlp_linear"  # what it is registered as on its layer
 
-    def __init__(self, block: DeferringBlock, rows: int | None) -> None:
+    def __init__(self, block: DeferringBlock, tiles: Tiles) -> None:
         super().__init__()
-        self.block, self.rows = block, rows
+        self.block, self.tiles = block, tiles
 
     def deferred(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Recipe | None:
         """What this layer's one argument stands for, where it may be taken as that (no other hook on the layer)."""
@@ -545,7 +576,7 @@ class DeferredLinear(_BesideInlineMlp):
                 or not forward_is_hooked_only_by(module, {hook_name(self.name)})):
             return forward(*args, **kwargs)
         tokens, layer = x.shape[:-1].numel(), linear_layer(module)
-        if chunk_tokens(tokens, layer.in_features, layer.out_features, self.rows) >= tokens:
+        if self.tiles.chunk(tokens, layer.in_features, layer.out_features) >= tokens:
             return forward(x)  # one chunk: nothing to gain (a modulation's linear layer of one token per sample)
         linear = _Linear(x, module, forward, _Call.now(x), tensor_version(x))
         return mode.defer(linear, linear.sample(), (*x.shape[:-1], layer.out_features))
@@ -562,7 +593,7 @@ class DeferredActivation(_BesideInlineMlp):
         if not isinstance(linear, _Linear):
             return forward(*args, **kwargs)
         x = linear.x
-        rows = chunk_tokens(x.shape[:-1].numel(), x.shape[-1], linear_layer(linear.layer).out_features, self.rows)
+        rows = self.tiles.chunk(x.shape[:-1].numel(), x.shape[-1], linear_layer(linear.layer).out_features)
         with torch.no_grad():
             like = forward(linear.sample())
         return self.block.active.defer(_Activation(linear, forward, rows), like, args[0].shape)
@@ -618,23 +649,19 @@ class ProjectedHidden(_BesideInlineMlp):
         return out.view(*linear.x.shape[:-1], out.shape[-1])
 
 
-def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conversion:
+def tile_feed_forward(module: torch.nn.Module, tiles: Tiles | None = None) -> Conversion:
     """Tile every feed-forward network in ``module`` over its tokens, and recompute its inline MLPs' hidden layers in
     the backward; ``.remove()`` on the result undoes it. Its ``paths``: the networks, and the activations of an
     inline MLP (those whose input turns out, per call, not to be a linear layer's output run as they are).
 
     Args:
         module: a model, or anything holding models.
-        rows: tokens per chunk (counted over every leading dimension of the input); ``None`` chooses
-            them per call: no tiling below ``MIN_TILED_TOKENS`` tokens, else four times as many chunks
-            as the hidden layer is wider than the input.
+        tiles: the calls taken and their chunks (``None``: :meth:`Tiles.every`, chunks chosen per call).
     """
-    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-        raise ValueError(f"tile_tokens={rows!r} must be a number of tokens >= 1, or None to choose them per call "
-                         "(Hydra: tile_tokens=4096)")
+    tiles = Tiles.every() if tiles is None else tiles
     tiling = Conversion()
     for name, sub in feed_forward_networks(module):
-        tiling.hook(sub, TiledFeedForward(rows), "tiled_feed_forward")
+        tiling.hook(sub, TiledFeedForward(tiles), "tiled_feed_forward")
         tiling.paths.append(name)
     blocks: dict[torch.nn.Module, DeferringBlock] = {}
     for name, act, parent in inline_mlps(module):
@@ -645,7 +672,16 @@ def tile_feed_forward(module: torch.nn.Module, rows: int | None = None) -> Conve
                 layer = linear_layer(child)
                 if layer is not None and layer.out_features != layer.in_features:
                     hook = DeferredLinear if layer.out_features > layer.in_features else ProjectedHidden
-                    tiling.hook(child, hook(block, rows), hook.name)
-        tiling.hook(act, DeferredActivation(blocks[parent], rows), DeferredActivation.name)
+                    tiling.hook(child, hook(block, tiles), hook.name)
+        tiling.hook(act, DeferredActivation(blocks[parent], tiles), DeferredActivation.name)
         tiling.paths.append(name)
     return tiling
+
+
+def token_width(module: torch.nn.Module) -> int:
+    """The widest input of the networks the tiling option takes in ``module`` (its feed-forward networks and inline
+    MLPs): the model's width, which its tokens carry through its blocks (0 where it has none)."""
+    firsts = [next(m for m in sub.modules() if isinstance(m, torch.nn.Linear)) for _, sub in feed_forward_networks(module)]
+    firsts += [layer for _, _, parent in inline_mlps(module) for layer in map(linear_layer, parent.children())
+               if layer is not None and layer.out_features > layer.in_features]
+    return max((layer.in_features for layer in firsts), default=0)

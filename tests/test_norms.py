@@ -18,7 +18,7 @@ from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
 from benchmarks.measure import PeakMemory
 from cp_plugin.model import Conversion
 from cp_plugin.norms import recompute_norms
-from cp_plugin.tiling import MIN_TILED_TOKENS
+from cp_plugin.tiling import MIN_TILED_TOKENS, Tiles
 
 
 class _Normed(torch.nn.Module):
@@ -52,7 +52,7 @@ def test_recomputed_norms_are_exact_and_hold_less(rows: int | None) -> None:
     x, emb = torch.randn(2, MIN_TILED_TOKENS, 32), torch.randn(2, 32)
     want, plain = _step(block, x, emb)
     conversion = Conversion()
-    recompute_norms(torch.nn.ModuleDict({"block": block}), conversion, rows)
+    recompute_norms(torch.nn.ModuleDict({"block": block}), conversion, Tiles.every(rows))
     got, recomputed = _step(block, x, emb)
     for tiled, untiled in zip(got, want, strict=True):
         assert tiled.equal(untiled)  # the same ops, run again
@@ -207,7 +207,7 @@ def test_a_token_count_equal_to_the_width_changes_nothing(monkeypatch: pytest.Mo
     for path, function in (("norm", norms._ProjectedNorm), ("linear", norms._LinearOfMade)):
         monkeypatch.setattr(function, "apply", functools.partial(_counted, function.apply, taken, path))
     conversion = Conversion()
-    recompute_norms(block, conversion, rows=16)
+    recompute_norms(block, conversion, Tiles.every(16))
     got, _ = _step(block, x, emb)
     conversion.remove()
     for tiled, untiled in zip(got, want, strict=True):

@@ -19,11 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.measure import PeakMemory
 from cp_plugin import tiling as tiling_module
 from cp_plugin.compat import FakeTensorMode, storage_id
-from cp_plugin.memory import apply_memory_options
+from cp_plugin.memory import AUTO_TILING_WIDTHS, apply_memory_options, auto_tiles
 from cp_plugin.tiling import (
     MIN_TILED_TOKENS,
     TiledFeedForward,
-    chunk_tokens,
+    Tiles,
     feed_forward_networks,
     inline_mlps,
     tile_feed_forward,
@@ -46,7 +46,7 @@ def test_a_tiled_feed_forward_is_exact_and_holds_less(rows: int | None) -> None:
     ff = FeedForward(64, mult=4, activation_fn="gelu-approximate")
     x = torch.randn(2, MIN_TILED_TOKENS, 64)
     out, grad_x, grads, untiled = _step(ff, x)
-    tiling = tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), rows)  # a model holding the network, as a block does
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), Tiles.every(rows))  # a model holding the network, as a block does
     assert tiling.paths == ["ff"]
     tiled_out, tiled_grad_x, tiled_grads, tiled = _step(ff, x)
     torch.testing.assert_close(tiled_out, out, rtol=1e-6, atol=1e-6)
@@ -83,7 +83,7 @@ def test_a_feed_forward_network_of_lora_layers_is_tiled_exactly_without_running_
     for got, want in zip(tiled_grads, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert tiled < 0.45 * untiled, (tiled, untiled)
-    chunks = -(-x.shape[:-1].numel() // chunk_tokens(x.shape[:-1].numel(), 64, 256, None))
+    chunks = -(-x.shape[:-1].numel() // Tiles.every().chunk(x.shape[:-1].numel(), 64, 256))
     assert products.count == 2 * chunks, (products.count, chunks)
 
 
@@ -155,7 +155,7 @@ def test_an_inline_mlp_is_projected_in_chunks_exactly_and_holds_less(
     x = torch.randn(2, MIN_TILED_TOKENS, 32)
     out, grad_x, grads, untiled = _step(block, x)
     assert [name for name, _, _ in inline_mlps(block)] == ["act_mlp", "silu"]  # candidates; silu's input is no output
-    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}), rows)
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"block": block}), Tiles.every(rows))
     projected, original = [], tiling_module._ProjectedHidden
 
     class Counted(original):
@@ -210,7 +210,7 @@ def test_an_inline_mlp_of_lora_layers_is_projected_in_chunks_exactly_and_holds_l
     assert "block.act_mlp" in tiling.paths and not any("proj_" in path for path in tiling.paths)
     with _ProductsWith(block.proj_out.get_base_layer().weight if "proj_out" in adapted else None) as products:
         tiled_out, tiled_grad_x, tiled_grads, tiled = _step(block, x)
-    chunks = -(-x.shape[:-1].numel() // chunk_tokens(x.shape[:-1].numel(), 32, 128, None))
+    chunks = -(-x.shape[:-1].numel() // Tiles.every().chunk(x.shape[:-1].numel(), 32, 128))
     # the output layer's base product: once a chunk forward, once backward (its input's gradient), never again
     assert products.count == (2 * chunks if "proj_out" in adapted else 0), (products.count, chunks)
     torch.testing.assert_close(tiled_out, out, rtol=1e-6, atol=1e-6)
@@ -332,13 +332,49 @@ def test_an_inline_mlp_under_bf16_autocast_recomputes_its_hidden_layer_as_the_fo
 
 
 def test_the_automatic_chunk_tiles_long_sequences_only() -> None:
-    assert chunk_tokens(MIN_TILED_TOKENS - 1, 64, 256, None) == MIN_TILED_TOKENS - 1  # not tiled
-    assert chunk_tokens(16384, 64, 256, None) == 1024  # 16 chunks: each hidden layer a quarter of the input's size
-    assert chunk_tokens(MIN_TILED_TOKENS, 64, 4096, None) == MIN_TILED_TOKENS // 4  # no shorter chunks
-    assert chunk_tokens(8192, 64, 64, None) == 8192  # nothing wider than the input
-    assert chunk_tokens(8192, 64, 256, 100) == 100  # tile_tokens overrides
+    every = Tiles.every()
+    assert every.chunk(MIN_TILED_TOKENS - 1, 64, 256) == MIN_TILED_TOKENS - 1  # not tiled
+    assert every.chunk(16384, 64, 256) == 1024  # 16 chunks: each hidden layer a quarter of the input's size
+    assert every.chunk(MIN_TILED_TOKENS, 64, 4096) == MIN_TILED_TOKENS // 4  # no shorter chunks
+    assert every.chunk(8192, 64, 64) == 8192  # nothing wider than the input
+    assert Tiles.every(100).chunk(8192, 64, 256) == 100  # tile_tokens overrides
+    assert Tiles.every(100).chunk(99, 64, 256) == 99  # a call shorter than one chunk is not cut
+    assert Tiles(100, 4096).chunk(4095, 64, 256) == 4095  # nor one shorter than where tiling starts
     with pytest.raises(ValueError, match=r"tile_tokens=0 must be a number of tokens >= 1"):
-        tile_feed_forward(torch.nn.Linear(2, 2), 0)
+        Tiles.every(0)
+
+
+@pytest.mark.parametrize(("shards", "start"), [(1, AUTO_TILING_WIDTHS * 128), (2, AUTO_TILING_WIDTHS * 64),
+                                               (4, MIN_TILED_TOKENS)])
+def test_auto_tiling_takes_a_sequence_of_48_widths_and_none_shorter(shards: int, start: int) -> None:
+    """``tile_feed_forward="auto"`` (the default) takes a rank's share of a sequence of at least 48 of the model's
+    widths (128 here), split over ``shards`` ranks, never under ``MIN_TILED_TOKENS``: a call one token shorter runs
+    as it is (the untiled peak), one that long holds less."""
+    torch.manual_seed(0)
+    ff = FeedForward(128, mult=4, activation_fn="gelu-approximate")
+    model = torch.nn.ModuleDict({"ff": ff})
+    assert auto_tiles(model, None, shards) == Tiles(None, start)
+    peaks = {}
+    for tokens in (start - 1, start):
+        x = torch.randn(1, tokens, 128)
+        untiled = _step(ff, x)
+        options = apply_memory_options(model, gradient_checkpointing=False, tiling="auto", tile_tokens=None,
+                                       shards=shards)
+        tiled = _step(ff, x)
+        options.remove()
+        torch.testing.assert_close(tiled[0], untiled[0], rtol=1e-6, atol=1e-6)
+        peaks[tokens] = tiled[3] / untiled[3]
+    assert peaks[start - 1] == 1.0 and peaks[start] < 0.6, peaks
+
+
+def test_auto_tiling_reads_the_width_of_a_models_blocks() -> None:
+    """The width is the input of the networks tiling takes (Flux's feed-forward networks and its single-stream blocks'
+    inline MLPs): its inner dim, not the width of its text or its heads."""
+    flux = CASES["flux"].build()
+    width = flux.config.num_attention_heads * flux.config.attention_head_dim
+    assert flux.config.joint_attention_dim != width
+    assert auto_tiles(flux, None, 1) == Tiles(None, max(MIN_TILED_TOKENS, AUTO_TILING_WIDTHS * width))
+    assert auto_tiles(torch.nn.Linear(4, 4), None, 1) is None  # nothing to chunk: no tiling
 
 
 def test_feed_forward_networks_are_found_by_structure_not_name() -> None:
@@ -364,7 +400,7 @@ class _Pool(torch.nn.Module):
 
 
 def test_calls_with_another_input_or_symbolic_sizes_run_whole() -> None:
-    hook = TiledFeedForward(rows=1)
+    hook = TiledFeedForward(Tiles.every(1))
     seen: list[tuple[int, ...]] = []
 
     def forward(*args: torch.Tensor) -> torch.Tensor:
@@ -390,7 +426,7 @@ def test_a_compiled_network_is_tiled_inside_its_graph() -> None:
     ff = FeedForward(32, mult=4)
     x = torch.randn(2, 32, 32)
     want, grad_want, _, _ = _step(ff, x)
-    tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), 8)
+    tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), Tiles.every(8))
     counters.clear()
     compiled = torch.compile(ff, backend="aot_eager")
     got, grad_got, _, _ = _step(compiled, x)
