@@ -85,14 +85,14 @@ def table(records: list[dict[str, Any]], blocks: int, command: str, lora: bool =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", nargs="+", type=int, help="tokens (default: 4096 9216; with --auto 4096 12288)")
+    parser.add_argument("--seq", nargs="+", type=int, help="tokens (default: 4096 9216; with --auto 4096 16384)")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--lora", action="store_true", help="a frozen base with LoRA adapters (tiling_lora.md)")
     parser.add_argument("--auto", action="store_true", help='tile_feed_forward="auto", the default (tiling_auto.md)')
     args = parser.parse_args()
-    args.seq = args.seq or ([4096, 12288] if args.auto else [4096, 9216])
+    args.seq = args.seq or ([4096, 16384] if args.auto else [4096, 9216])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "tiling" + ("_lora" if args.lora else "") + ("_auto" if args.auto else "")
     raw = args.out / f"{stem}.jsonl"

@@ -78,7 +78,7 @@ class ParallelConfig:
             output (and the norms of its query and key projections) keep what that output was made of,
             made again in the backward (``cp_plugin.norms``). ``True`` does it for every call of at
             least 2048 tokens (a rank's share), for the most memory saved; ``"auto"`` (the default) only
-            where the whole sequence is at least 48 times the model's width, where what it makes again
+            where the whole sequence is at least 64 times the model's width, where what it makes again
             costs at most about 5% of a step (``cp_plugin.memory.auto_tiles``); ``False`` never.
         tile_tokens: tokens per chunk of ``tile_feed_forward``; ``None`` chooses per call (chunks whose
             hidden layer is a quarter of the size of the block's input).

@@ -95,7 +95,7 @@ def enable_checkpointing(module: torch.nn.Module, conversion: Conversion, policy
 TILING_PARTS = ("feed-forward networks in chunks", "normalizations made again", "products made again")
 
 # The whole sequence, in widths of the model, from which ``tile_feed_forward="auto"`` tiles a call.
-AUTO_TILING_WIDTHS = 48
+AUTO_TILING_WIDTHS = 64
 
 
 def auto_tiles(module: torch.nn.Module, tile_tokens: int | None, shards: int) -> Tiles | None:
@@ -105,13 +105,13 @@ def auto_tiles(module: torch.nn.Module, tile_tokens: int | None, shards: int) ->
     What tiling makes again (a chunk's hidden layer, a norm, a projection) grows with tokens x width x width per
     rank; the step grows with that and with attention's tokens x sequence x width (each rank's share of the
     sequence attends to all of it, under Ulysses and the ring alike). So what tiling adds to a step falls as the
-    sequence grows against the width, whatever the model and the split: at 48 widths a step spends at most about 5%
+    sequence grows against the width, whatever the model and the split: at 64 widths a step spends at most about 5%
     more (``benchmarks/results/tiling_auto.md``), while the memory it saves is the same share at any length."""
     width = token_width(module)
     if not width:
         return None  # nothing to chunk
     sequence = AUTO_TILING_WIDTHS * width
-    return Tiles(tile_tokens, max(MIN_TILED_TOKENS, -(-sequence // shards), tile_tokens or 0))
+    return Tiles(tile_tokens, max(MIN_TILED_TOKENS, -(-sequence // shards), tile_tokens or 0), width)
 
 
 def apply_tiling(module: torch.nn.Module, tiles: Tiles, parts: int = len(TILING_PARTS)) -> Conversion:

@@ -136,16 +136,19 @@ def hidden_width(module: torch.nn.Module) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Which calls the tiling option takes, and in chunks of how many tokens (counted over every leading dimension of
-    a call's input: a sample's tokens times the samples).
+    """Which calls the tiling option takes, and in chunks of how many tokens.
 
     Args:
         rows: tokens per chunk; ``None`` chooses them per call (:meth:`chunk`).
         start: the tokens from which a call is taken; shorter ones run as they are.
+        width: the model's width, where a call's tokens are its input's elements over it (a tensor of queries split
+            into heads counts its tokens, not its tokens times its heads); ``None``: every leading dimension of the
+            input counts (a sample's tokens times the samples, and times the heads of a split one).
     """
 
     rows: int | None = None
     start: int = MIN_TILED_TOKENS
+    width: int | None = None
 
     def __post_init__(self) -> None:
         if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1):
@@ -160,7 +163,8 @@ class Tiles:
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` (its last dim the features) is long enough to be taken."""
-        return x.shape[:-1].numel() >= self.start
+        tokens = x.numel() // self.width if self.width else x.shape[:-1].numel()
+        return tokens >= self.start
 
     def chunk(self, tokens: int, width: int, hidden: int) -> int:
         """Tokens per chunk of a call of ``tokens`` whose hidden layer is ``hidden`` wide for an input ``width`` wide

@@ -86,12 +86,14 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None,
     case = CASES[case_name]
     model = case.build(seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if memory:
+    if memory or layout is not None:  # context parallel with no options named: the strategy's defaults
         from cp_plugin.memory import apply_memory_options
 
-        options = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": False, "tile_tokens": None,
-                                                 **memory})
-        assert options.paths or not memory.get("tiling"), f"{case_name}: no feed-forward network was tiled"
+        default = "auto" if layout is not None else False  # its hooks in place, taking no call this short
+        cp = 1 if layout is None else layout.get("ring_degree", 1) * layout.get("ulysses_degree", 1)
+        options = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": default,
+                                                 "tile_tokens": None, "shards": cp, **(memory or {})})
+        assert options.paths or memory is None or not memory.get("tiling"), f"{case_name}: no feed-forward network was tiled"
     dp, dp_rank, world = 1, 0, 1
     if layout is not None:
         from cp_plugin import ParallelConfig

@@ -23,6 +23,8 @@ from cp_plugin.config import register_configs
         ({"gradient_checkpointing": True, "checkpoint_policy": "selective"},
          "checkpoint_policy='selective' is not supported; use one of 'full', 'save_attention'"),
         ({"checkpoint_policy": "save_attention"}, "it needs gradient_checkpointing=True .*parallel.gradient_checkpointing"),
+        ({"tile_feed_forward": "long"}, r"tile_feed_forward='long' must be True or False, or 'auto' .*parallel.tile_feed"),
+        ({"tile_tokens": 0}, r"tile_tokens=0 must be an integer >= 1"),
     ],
 )
 def test_invalid_fields_name_the_setting(kwargs: dict, message: str) -> None:
@@ -70,6 +72,11 @@ def test_hydra_structured_schema_type_checks_overrides() -> None:
     assert auto.ring_degree == "auto"
     with pytest.raises(ValueError, match="rotate_method='ring' is not supported"):
         OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.from_dotlist(["rotate_method=ring"])))
+    # tiling is True, False or "auto" (the default)
+    assert OmegaConf.to_object(schema).tile_feed_forward == "auto"
+    for value, expected in (("false", False), ("true", True), ("auto", "auto")):
+        merged = OmegaConf.merge(schema, OmegaConf.from_dotlist([f"tile_feed_forward={value}"]))
+        assert OmegaConf.to_object(merged).tile_feed_forward == expected
 
 
 def test_parallel_group_composes_from_the_config_store() -> None:

@@ -340,20 +340,23 @@ def test_the_automatic_chunk_tiles_long_sequences_only() -> None:
     assert Tiles.every(100).chunk(8192, 64, 256) == 100  # tile_tokens overrides
     assert Tiles.every(100).chunk(99, 64, 256) == 99  # a call shorter than one chunk is not cut
     assert Tiles(100, 4096).chunk(4095, 64, 256) == 4095  # nor one shorter than where tiling starts
+    heads = torch.empty(1, 50, 2, 4)  # 50 tokens of queries in 2 heads of 4
+    assert Tiles(None, 100).takes(heads) and not Tiles(None, 100, width=8).takes(heads)  # 100 rows, 50 tokens
+    assert Tiles(None, 50, width=8).takes(heads)
     with pytest.raises(ValueError, match=r"tile_tokens=0 must be a number of tokens >= 1"):
         Tiles.every(0)
 
 
 @pytest.mark.parametrize(("shards", "start"), [(1, AUTO_TILING_WIDTHS * 128), (2, AUTO_TILING_WIDTHS * 64),
                                                (4, MIN_TILED_TOKENS)])
-def test_auto_tiling_takes_a_sequence_of_48_widths_and_none_shorter(shards: int, start: int) -> None:
-    """``tile_feed_forward="auto"`` (the default) takes a rank's share of a sequence of at least 48 of the model's
+def test_auto_tiling_takes_a_sequence_of_64_widths_and_none_shorter(shards: int, start: int) -> None:
+    """``tile_feed_forward="auto"`` (the default) takes a rank's share of a sequence of at least 64 of the model's
     widths (128 here), split over ``shards`` ranks, never under ``MIN_TILED_TOKENS``: a call one token shorter runs
     as it is (the untiled peak), one that long holds less."""
     torch.manual_seed(0)
     ff = FeedForward(128, mult=4, activation_fn="gelu-approximate")
     model = torch.nn.ModuleDict({"ff": ff})
-    assert auto_tiles(model, None, shards) == Tiles(None, start)
+    assert auto_tiles(model, None, shards) == Tiles(None, start, 128)
     peaks = {}
     for tokens in (start - 1, start):
         x = torch.randn(1, tokens, 128)
@@ -373,7 +376,7 @@ def test_auto_tiling_reads_the_width_of_a_models_blocks() -> None:
     flux = CASES["flux"].build()
     width = flux.config.num_attention_heads * flux.config.attention_head_dim
     assert flux.config.joint_attention_dim != width
-    assert auto_tiles(flux, None, 1) == Tiles(None, max(MIN_TILED_TOKENS, AUTO_TILING_WIDTHS * width))
+    assert auto_tiles(flux, None, 1) == Tiles(None, max(MIN_TILED_TOKENS, AUTO_TILING_WIDTHS * width), width)
     assert auto_tiles(torch.nn.Linear(4, 4), None, 1) is None  # nothing to chunk: no tiling
 
 
