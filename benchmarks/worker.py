@@ -16,10 +16,11 @@ Each layout runs one of two paths, named in its record:
 
 A layout name may end in ``+ckpt`` (the model's own gradient checkpointing), ``+sac`` (checkpointing
 that keeps the attention kernels' outputs: ``checkpoint_policy="save_attention"``) and/or ``+tile``
-(tiled feed-forward networks, ``cp_plugin.tiling``: ``tile_feed_forward=True``) or ``+autotile`` (the default,
-``tile_feed_forward="auto"``; every other layout turns tiling off) and/or ``+lora`` (a frozen base with trained rank-4 LoRA
-adapters on the attention and MLP layers, as a fine-tune has: ``LORA``); ``--blocks N`` gives the model N
-double-stream and N single-stream blocks, so that the inputs each block keeps for the backward count.
+(tiled feed-forward networks, ``cp_plugin.tiling``: ``tile_feed_forward=True``) or ``+autotile`` (the
+default, ``tile_feed_forward="auto"``; every other layout turns tiling off) and/or ``+lora`` (a frozen
+base with trained rank-4 LoRA adapters on the attention and MLP layers, as a fine-tune has: ``LORA``);
+``--blocks N`` gives the model N double-stream and N single-stream blocks, so that the inputs each block
+keeps for the backward count.
 
 ``--search-mib B`` instead searches, per layout, the longest sequence whose measured step peak
 stays within ``B`` MiB on every rank (probing lengths and measuring each; see :func:`search`).
@@ -256,8 +257,9 @@ def run_case(layout: Layout, seq: int, repeats: int, out_dir: Path, timed: bool 
 
 
 def interleaved_tiling(layout: Layout, seq: int, repeats: int) -> dict[str, Any]:
-    """Step times of ``layout`` (a ``+tile`` or ``+autotile`` one) with tiling on and off in turn on one model, ``repeats`` pairs: what
-    a machine's speed drifts by over a run falls on both alike, where separate runs of each would take it as cost."""
+    """Step times of ``layout`` (a ``+tile`` or ``+autotile`` one) with tiling on and off in turn on one model,
+    ``repeats`` pairs: what a machine's speed drifts by over a run falls on both alike, where separate runs of each
+    would take it as cost."""
     model, mesh = build(replace(layout, tiling=False))
     step = step_fn(model, inputs_for(layout, seq, mesh))
     times: dict[str, list[float]] = {"untiled": [], "tiled": []}

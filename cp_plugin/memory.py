@@ -35,7 +35,7 @@ from diffusers import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cp_plugin.compat import ATTENTION_FORWARD_KERNELS, supports_gradient_checkpointing
-from cp_plugin.config import check_checkpoint_policy
+from cp_plugin.config import AUTO, check_checkpoint_policy
 from cp_plugin.model import Conversion
 from cp_plugin.norms import recompute_norms
 from cp_plugin.products import keep_products_made
@@ -100,13 +100,15 @@ AUTO_TILING_WIDTHS = 64
 
 def auto_tiles(module: torch.nn.Module, tile_tokens: int | None, shards: int) -> Tiles | None:
     """The calls ``tile_feed_forward="auto"`` takes: those of a rank's share (``shards`` ranks split the sequence) of
-    a sequence of at least :data:`AUTO_TILING_WIDTHS` times the model's width (``cp_plugin.tiling.token_width``); none in a model without feed-forward networks.
+    a sequence of at least :data:`AUTO_TILING_WIDTHS` times the model's width (``cp_plugin.tiling.token_width``),
+    a call's tokens counted over that width; none in a model without feed-forward networks.
 
     What tiling makes again (a chunk's hidden layer, a norm, a projection) grows with tokens x width x width per
     rank; the step grows with that and with attention's tokens x sequence x width (each rank's share of the
     sequence attends to all of it, under Ulysses and the ring alike). So what tiling adds to a step falls as the
     sequence grows against the width, whatever the model and the split: at 64 widths a step spends at most about 5%
-    more (``benchmarks/results/tiling_auto.md``), while the memory it saves is the same share at any length."""
+    more (``benchmarks/results/tiling_auto.md``), while the share of the peak it saves changes little with the length
+    (``benchmarks/results/tiling.md``)."""
     width = token_width(module)
     if not width:
         return None  # nothing to chunk
@@ -129,7 +131,7 @@ def apply_tiling(module: torch.nn.Module, tiles: Tiles, parts: int = len(TILING_
 
 def tiles_for(module: torch.nn.Module, tiling: bool | str, tile_tokens: int | None, shards: int = 1) -> Tiles | None:
     """The calls the ``tile_feed_forward`` setting ``tiling`` takes in ``module`` (``None``: none)."""
-    if tiling == "auto":
+    if tiling == AUTO:
         return auto_tiles(module, tile_tokens, shards)
     return Tiles.every(tile_tokens) if tiling else None
 

@@ -72,8 +72,8 @@ from cp_plugin.compat import (
 from cp_plugin.model import Conversion, hook_name
 from cp_plugin.plans import attention_modules, outermost, within
 
-# Tokens below this are never tiled: a chunk's matrix products stay large enough to run at full speed, and a
-# sequence this short has a hidden layer too small to be the step's peak.
+# Tokens below this are not tiled where chunks are chosen per call: a chunk's matrix products stay large enough to
+# run at full speed, and a sequence this short has a hidden layer too small to be the step's peak.
 MIN_TILED_TOKENS = 2048
 
 
@@ -685,7 +685,8 @@ def tile_feed_forward(module: torch.nn.Module, tiles: Tiles | None = None) -> Co
 def token_width(module: torch.nn.Module) -> int:
     """The widest input of the networks the tiling option takes in ``module`` (its feed-forward networks and inline
     MLPs): the model's width, which its tokens carry through its blocks (0 where it has none)."""
-    firsts = [next(m for m in sub.modules() if isinstance(m, torch.nn.Linear)) for _, sub in feed_forward_networks(module)]
+    firsts = [next(m for m in sub.modules() if isinstance(m, torch.nn.Linear))
+              for _, sub in feed_forward_networks(module)]
     firsts += [layer for _, _, parent in inline_mlps(module) for layer in map(linear_layer, parent.children())
                if layer is not None and layer.out_features > layer.in_features]
     return max((layer.in_features for layer in firsts), default=0)

@@ -93,7 +93,8 @@ def train(case_name: str, optimizer: str, layout: dict[str, int] | None = None,
         cp = 1 if layout is None else layout.get("ring_degree", 1) * layout.get("ulysses_degree", 1)
         options = apply_memory_options(model, **{"gradient_checkpointing": False, "tiling": default,
                                                  "tile_tokens": None, "shards": cp, **(memory or {})})
-        assert options.paths or memory is None or not memory.get("tiling"), f"{case_name}: no feed-forward network was tiled"
+        tiled = memory is not None and memory.get("tiling")
+        assert options.paths or not tiled, f"{case_name}: no feed-forward network was tiled"
     dp, dp_rank, world = 1, 0, 1
     if layout is not None:
         from cp_plugin import ParallelConfig

@@ -23,7 +23,7 @@ from cp_plugin.config import register_configs
         ({"gradient_checkpointing": True, "checkpoint_policy": "selective"},
          "checkpoint_policy='selective' is not supported; use one of 'full', 'save_attention'"),
         ({"checkpoint_policy": "save_attention"}, "it needs gradient_checkpointing=True .*parallel.gradient_checkpointing"),
-        ({"tile_feed_forward": "long"}, r"tile_feed_forward='long' must be True or False, or 'auto' .*parallel.tile_feed"),
+        ({"tile_feed_forward": "long"}, r"tile_feed_forward='long' must be True or False, or 'auto' .*parallel\.tile"),
         ({"tile_tokens": 0}, r"tile_tokens=0 must be an integer >= 1"),
     ],
 )

@@ -46,7 +46,7 @@ def test_a_tiled_feed_forward_is_exact_and_holds_less(rows: int | None) -> None:
     ff = FeedForward(64, mult=4, activation_fn="gelu-approximate")
     x = torch.randn(2, MIN_TILED_TOKENS, 64)
     out, grad_x, grads, untiled = _step(ff, x)
-    tiling = tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), Tiles.every(rows))  # a model holding the network, as a block does
+    tiling = tile_feed_forward(torch.nn.ModuleDict({"ff": ff}), Tiles.every(rows))  # a model holding it, as a block
     assert tiling.paths == ["ff"]
     tiled_out, tiled_grad_x, tiled_grads, tiled = _step(ff, x)
     torch.testing.assert_close(tiled_out, out, rtol=1e-6, atol=1e-6)
