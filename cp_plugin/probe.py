@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -467,7 +468,9 @@ def _probe(
     fake_args, fake_kwargs = tree_unflatten(fakes, spec)
     grids = ProbeGrid(fake_mode) if grid else contextlib.nullcontext()
     _RECORDING.append(record)
-    layers = _LayerHooks(getattr(forward, "__self__", None), record, whole, fake_mode, localize)
+    # the block whose forward this is, under the hooks diffusers' registry wraps it in (the memory options' hooks:
+    # each wrapper names the forward it wraps as ``__wrapped__``, down to the block's bound method)
+    layers = _LayerHooks(getattr(inspect.unwrap(forward), "__self__", None), record, whole, fake_mode, localize)
     try:
         # Outside the caller's dispatch modes: selective checkpointing would keep the probe's fake attention
         # outputs and count its ops as the block's, and a recompute (which probes nothing) would not match.
